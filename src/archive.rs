@@ -1,0 +1,97 @@
+//! Bootloader archives (`archive.tar.xz`): unpack each regular member into the blob
+//! store under its own sha256, streaming (xz decoder thread → pipe → tar reader), so
+//! memory stays bounded whatever the archive size.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Write};
+
+use sha2::{Digest, Sha256 as Hasher};
+
+use crate::simplestreams::{RelPath, Sha256};
+use crate::store::{ctx, Store};
+
+/// A member stored as a blob.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub path: String,
+    pub sha256: Sha256,
+    pub size: u64,
+}
+
+/// Unpacks the archive blob `archive` into member blobs.
+pub fn unpack(store: &Store, archive: &Sha256) -> anyhow::Result<Vec<Member>> {
+    let path = store.blob_path(archive);
+    let file = ctx(File::open(&path), "cannot open", &path)?;
+    let (reader, mut writer) = ctx(std::io::pipe(), "cannot create pipe for", &path)?;
+    let decoder = std::thread::spawn(move || {
+        let mut input = BufReader::new(file);
+        lzma_rs::xz_decompress(&mut input, &mut writer).map_err(|e| format!("{e:?}"))
+    });
+    let result = unpack_tar(store, reader, &path.display().to_string());
+    let decoded = decoder
+        .join()
+        .map_err(|_| anyhow::anyhow!("xz decoder panicked"))?;
+    let members = result?;
+    if let Err(e) = decoded {
+        anyhow::bail!("{}: not a valid xz archive: {e}", path.display());
+    }
+    Ok(members)
+}
+
+fn unpack_tar(store: &Store, reader: impl Read, name: &str) -> anyhow::Result<Vec<Member>> {
+    let mut out = Vec::new();
+    let mut archive = tar::Archive::new(reader);
+    let entries = archive
+        .entries()
+        .map_err(|e| anyhow::anyhow!("{name}: not a tar archive: {e}"))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| anyhow::anyhow!("{name}: bad tar entry: {e}"))?;
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let raw = entry
+            .path()
+            .map_err(|e| anyhow::anyhow!("{name}: bad member name: {e}"))?
+            .to_string_lossy()
+            .to_string();
+        let Some(member) = RelPath::parse(&raw) else {
+            anyhow::bail!("{name}: unsafe member path {raw:?}");
+        };
+        let mut tmp = tempfile::Builder::new()
+            .prefix("member-")
+            .tempfile_in(store.tmp_dir())?;
+        let mut hasher = Hasher::new();
+        let mut buf = vec![0u8; 256 << 10];
+        let mut size = 0u64;
+        loop {
+            let n = entry
+                .read(&mut buf)
+                .map_err(|e| anyhow::anyhow!("{name}: reading {raw}: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            tmp.write_all(&buf[..n])
+                .map_err(|e| anyhow::anyhow!("{}: {e}", tmp.path().display()))?;
+            size += n as u64;
+        }
+        let digest = Sha256::from_bytes(hasher.finalize().into());
+        if store.has_blob(&digest, Some(size)) {
+            continue_with(&mut out, member, digest, size);
+            continue;
+        }
+        tmp.as_file().sync_all()?;
+        let (_, tmp_path) = tmp.keep()?;
+        store.commit_blob(&tmp_path, &digest)?;
+        continue_with(&mut out, member, digest, size);
+    }
+    Ok(out)
+}
+
+fn continue_with(out: &mut Vec<Member>, member: RelPath, sha256: Sha256, size: u64) {
+    out.push(Member {
+        path: member.to_string(),
+        sha256,
+        size,
+    });
+}

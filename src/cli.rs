@@ -1,0 +1,482 @@
+//! The command line: parsing (clap) and the subcommands that are not the daemon.
+//!
+//! Exit codes: 0 success; 1 the operation failed; 2 bad usage or bad config.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+use crate::config::{self, Selection, Settings};
+use crate::state::{Sources, StoredSelection, StoredSource, SyncState};
+use crate::store::Store;
+use crate::sync::{self, human_bytes, LiveProgress, ProgressMode};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "rackboot",
+    version,
+    about = "Boot server for a rack: verified image sync + TFTP/HTTP"
+)]
+pub struct Cli {
+    /// Config file (else $RACKBOOT_CONFIG, else /etc/rackboot/rackboot.toml).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Sync the selected images from the boot sources now.
+    Sync {
+        /// Print the plan (what would be fetched, kept, dropped) and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Fail at once if another sync is running instead of waiting for it.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Boot sources: read | create key=value… | update ID key=value… | delete ID.
+    #[command(name = "boot-sources")]
+    BootSources {
+        #[arg(value_name = "OP")]
+        op: String,
+        #[arg(value_name = "ARGS")]
+        args: Vec<String>,
+    },
+    /// Selections: read SOURCE | create SOURCE key=value… | update SOURCE ID key=value… | delete SOURCE ID.
+    #[command(name = "boot-source-selections")]
+    BootSourceSelections {
+        #[arg(value_name = "OP")]
+        op: String,
+        #[arg(value_name = "ARGS")]
+        args: Vec<String>,
+    },
+    /// Boot resources: read | is-importing.
+    #[command(name = "boot-resources")]
+    BootResources {
+        #[arg(value_name = "OP")]
+        op: String,
+    },
+    /// What is served and how the last sync went.
+    Status,
+}
+
+/// An error that exits with status 2 (bad usage or bad config).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    UsageError(msg.into()).into()
+}
+
+/// Loads the settings; config problems are usage errors (exit 2).
+pub fn settings(cli: &Cli) -> anyhow::Result<Settings> {
+    let path = config::config_path(cli.config.as_deref());
+    config::load(&path).map_err(|e| usage(e.to_string()))
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let settings = settings(&cli)?;
+    match &cli.command {
+        Command::Sync { dry_run, no_wait } => cmd_sync(&cli, &settings, *dry_run, !*no_wait).await,
+        Command::BootSources { op, args } => cmd_sources(&cli, &settings, op, args),
+        Command::BootSourceSelections { op, args } => cmd_selections(&cli, &settings, op, args),
+        Command::BootResources { op } => cmd_resources(&cli, &settings, op),
+        Command::Status => cmd_status(&cli, &settings),
+    }
+}
+
+async fn cmd_sync(cli: &Cli, settings: &Settings, dry_run: bool, wait: bool) -> anyhow::Result<()> {
+    let opts = sync::Options {
+        dry_run,
+        wait,
+        progress: if cli.json {
+            ProgressMode::Lines
+        } else {
+            ProgressMode::detect()
+        },
+    };
+    let report = sync::run(settings, &opts, Arc::new(LiveProgress::default())).await?;
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    if dry_run {
+        for l in &report.plan {
+            println!("{l}");
+        }
+        for c in &report.changes {
+            println!("{c}");
+        }
+        let fetch: Vec<_> = report.plan.iter().filter(|l| l.starts_with('+')).collect();
+        println!(
+            "dry run: {} of {} files to fetch, {} selected in all; nothing changed",
+            fetch.len(),
+            report.files_total,
+            human_bytes(report.bytes_total)
+        );
+        return Ok(());
+    }
+    let secs = report.elapsed_ms as f64 / 1000.0;
+    if !report.changed {
+        println!(
+            "up to date: generation {} unchanged ({} request{}, {} ms)",
+            report
+                .generation
+                .map(|g| g.to_string())
+                .unwrap_or_else(|| "none".into()),
+            report.requests,
+            if report.requests == 1 { "" } else { "s" },
+            report.elapsed_ms
+        );
+        return Ok(());
+    }
+    for c in &report.changes {
+        println!("{c}");
+    }
+    let rate = if secs > 0.0 {
+        report.bytes_fetched as f64 / secs / (1024.0 * 1024.0)
+    } else {
+        0.0
+    };
+    println!(
+        "synced: generation {} (was {}): {} files, {} selected; fetched {} files, {} in {:.2} s ({:.1} MiB/s); collected {} blobs ({})",
+        report.generation.unwrap_or(0),
+        report.previous_generation.map(|g| g.to_string()).unwrap_or_else(|| "none".into()),
+        report.files_total,
+        human_bytes(report.bytes_total),
+        report.files_fetched,
+        human_bytes(report.bytes_fetched),
+        secs,
+        rate,
+        report.gc_blobs,
+        human_bytes(report.gc_bytes)
+    );
+    Ok(())
+}
+
+/// Parses `key=value` arguments (MAAS CLI style).
+fn kv(args: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    args.iter()
+        .map(|a| {
+            a.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.to_string()))
+                .ok_or_else(|| usage(format!("argument {a:?} is not key=value")))
+        })
+        .collect()
+}
+
+fn list(v: &str) -> Vec<String> {
+    v.split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+fn id_arg(args: &[String], i: usize, what: &str) -> anyhow::Result<u64> {
+    let a = args
+        .get(i)
+        .ok_or_else(|| usage(format!("missing {what}")))?;
+    a.parse()
+        .map_err(|_| usage(format!("{what} {a:?} is not a number")))
+}
+
+fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn apply_source_kv(s: &mut StoredSource, pairs: &[(String, String)]) -> anyhow::Result<()> {
+    for (k, v) in pairs {
+        match k.as_str() {
+            "url" => s.url = v.clone(),
+            "keyring_filename" => s.keyring_filename = (!v.is_empty()).then(|| v.into()),
+            "keyring_data" => s.keyring_data = (!v.is_empty()).then(|| v.clone()),
+            "unsigned" => {
+                s.unsigned = v
+                    .parse()
+                    .map_err(|_| usage(format!("unsigned={v:?}: expected true or false")))?
+            }
+            _ => return Err(usage(format!("unknown boot-source field {k:?}"))),
+        }
+    }
+    config::check_source(&s.config()).map_err(usage)
+}
+
+fn apply_selection_kv(s: &mut Selection, pairs: &[(String, String)]) -> anyhow::Result<()> {
+    for (k, v) in pairs {
+        match k.as_str() {
+            "os" => s.os = v.clone(),
+            "release" => s.release = v.clone(),
+            "arches" => s.arches = list(v),
+            "subarches" => s.subarches = list(v),
+            "labels" => s.labels = list(v),
+            _ => return Err(usage(format!("unknown selection field {k:?}"))),
+        }
+    }
+    if s.release.is_empty() {
+        return Err(usage("a selection needs release=…"));
+    }
+    Ok(())
+}
+
+fn cmd_sources(cli: &Cli, settings: &Settings, op: &str, args: &[String]) -> anyhow::Result<()> {
+    let mut sources = Sources::current(settings)?;
+    match op {
+        "read" => {
+            if cli.json {
+                return print_json(&sources.sources);
+            }
+            for s in &sources.sources {
+                let keyring = s
+                    .keyring_filename
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .or(s
+                        .keyring_data
+                        .as_ref()
+                        .map(|_| "<inline keyring_data>".into()))
+                    .unwrap_or_else(|| "<unsigned>".into());
+                println!(
+                    "{}\t{}\t{}\t{} selections",
+                    s.id,
+                    s.url,
+                    keyring,
+                    s.selections.len()
+                );
+            }
+            return Ok(());
+        }
+        "create" => {
+            let mut s = StoredSource {
+                id: sources.next_source_id(),
+                url: String::new(),
+                keyring_filename: None,
+                keyring_data: None,
+                unsigned: false,
+                selections: vec![],
+            };
+            apply_source_kv(&mut s, &kv(args)?)?;
+            sources.sources.push(s);
+        }
+        "update" => {
+            let id = id_arg(args, 0, "boot source id")?;
+            let pairs = kv(&args[1..])?;
+            let s = sources
+                .sources
+                .iter_mut()
+                .find(|s| s.id == id)
+                .ok_or_else(|| anyhow::anyhow!("no boot source {id}"))?;
+            apply_source_kv(s, &pairs)?;
+        }
+        "delete" => {
+            let id = id_arg(args, 0, "boot source id")?;
+            let before = sources.sources.len();
+            sources.sources.retain(|s| s.id != id);
+            if sources.sources.len() == before {
+                anyhow::bail!("no boot source {id}");
+            }
+        }
+        other => {
+            return Err(usage(format!(
+                "unknown boot-sources operation {other:?} (read, create, update, delete)"
+            )))
+        }
+    }
+    std::fs::create_dir_all(&settings.state_dir)?;
+    sources.save(&settings.state_dir)?;
+    if cli.json {
+        print_json(&sources.sources)
+    } else {
+        println!("saved; the next sync applies it");
+        Ok(())
+    }
+}
+
+fn cmd_selections(cli: &Cli, settings: &Settings, op: &str, args: &[String]) -> anyhow::Result<()> {
+    let mut sources = Sources::current(settings)?;
+    let source_id = id_arg(args, 0, "boot source id")?;
+    let next_id = sources.next_selection_id();
+    let source = sources
+        .sources
+        .iter_mut()
+        .find(|s| s.id == source_id)
+        .ok_or_else(|| anyhow::anyhow!("no boot source {source_id}"))?;
+    match op {
+        "read" => {
+            if cli.json {
+                return print_json(&source.selections);
+            }
+            for s in &source.selections {
+                let sel = &s.selection;
+                println!(
+                    "{}\tos={}\trelease={}\tarches={}\tsubarches={}\tlabels={}",
+                    s.id,
+                    sel.os,
+                    sel.release,
+                    sel.arches.join(","),
+                    sel.subarches.join(","),
+                    sel.labels.join(",")
+                );
+            }
+            return Ok(());
+        }
+        "create" => {
+            let mut sel = Selection {
+                os: "ubuntu".into(),
+                release: String::new(),
+                arches: vec!["*".into()],
+                subarches: vec!["*".into()],
+                labels: vec!["*".into()],
+            };
+            apply_selection_kv(&mut sel, &kv(&args[1..])?)?;
+            source.selections.push(StoredSelection {
+                id: next_id,
+                selection: sel,
+            });
+        }
+        "update" => {
+            let id = id_arg(args, 1, "selection id")?;
+            let pairs = kv(&args[2..])?;
+            let sel = source
+                .selections
+                .iter_mut()
+                .find(|s| s.id == id)
+                .ok_or_else(|| anyhow::anyhow!("no selection {id} in boot source {source_id}"))?;
+            apply_selection_kv(&mut sel.selection, &pairs)?;
+        }
+        "delete" => {
+            let id = id_arg(args, 1, "selection id")?;
+            let before = source.selections.len();
+            source.selections.retain(|s| s.id != id);
+            if source.selections.len() == before {
+                anyhow::bail!("no selection {id} in boot source {source_id}");
+            }
+        }
+        other => {
+            return Err(usage(format!(
+                "unknown boot-source-selections operation {other:?} (read, create, update, delete)"
+            )))
+        }
+    }
+    std::fs::create_dir_all(&settings.state_dir)?;
+    sources.save(&settings.state_dir)?;
+    if !cli.json {
+        println!("saved; the next sync applies it");
+    }
+    Ok(())
+}
+
+fn sync_running(settings: &Settings) -> bool {
+    let store = Store::existing(&settings.state_dir);
+    settings.state_dir.join("lock").exists() && store.lock(false, |_| {}).is_err()
+}
+
+fn cmd_resources(cli: &Cli, settings: &Settings, op: &str) -> anyhow::Result<()> {
+    let store = Store::existing(&settings.state_dir);
+    match op {
+        "read" => {
+            let Some(g) = store.current_generation() else {
+                if cli.json {
+                    return print_json(&json!([]));
+                }
+                println!("no snapshot yet: run `rackboot sync`");
+                return Ok(());
+            };
+            let m = store.read_manifest(g)?;
+            if cli.json {
+                let v: Vec<_> = m
+                    .products
+                    .iter()
+                    .map(|p| {
+                        json!({
+                            "name": p.name,
+                            "product_name": p.product_name,
+                            "version": p.version_name,
+                            "size": p.items.iter().map(|i| i.size).sum::<u64>(),
+                            "items": p.items,
+                            "generation": g,
+                            "synced": m.created,
+                        })
+                    })
+                    .collect();
+                return print_json(&v);
+            }
+            for p in &m.products {
+                let size: u64 = p.items.iter().map(|i| i.size).sum();
+                println!(
+                    "{}\t{}\t{}\t{} items",
+                    p.name,
+                    p.version_name,
+                    human_bytes(size),
+                    p.items.len()
+                );
+            }
+            Ok(())
+        }
+        "is-importing" => {
+            let running = sync_running(settings);
+            if cli.json {
+                print_json(&json!(running))
+            } else {
+                println!("{running}");
+                Ok(())
+            }
+        }
+        other => Err(usage(format!(
+            "unknown boot-resources operation {other:?} (read, is-importing)"
+        ))),
+    }
+}
+
+fn cmd_status(cli: &Cli, settings: &Settings) -> anyhow::Result<()> {
+    let store = Store::existing(&settings.state_dir);
+    let state = SyncState::load(&settings.state_dir)?;
+    let generation = store.current_generation();
+    let manifest = generation.and_then(|g| store.read_manifest(g).ok());
+    let sources = Sources::current(settings)?;
+    let drift = Sources::load(&settings.state_dir)?.and_then(|s| s.differs_from_config(settings));
+    let files = manifest.as_ref().map(|m| m.files.len()).unwrap_or(0);
+    let v = json!({
+        "state_dir": settings.state_dir,
+        "generation": generation,
+        "files": files,
+        "products": manifest.as_ref().map(|m| m.products.len()).unwrap_or(0),
+        "last_success": state.last_success,
+        "sync_running": sync_running(settings),
+        "sources": sources.sources.iter().map(|s| &s.url).collect::<Vec<_>>(),
+        "warning": drift,
+    });
+    if cli.json {
+        return print_json(&v);
+    }
+    println!("state dir:   {}", settings.state_dir.display());
+    match generation {
+        Some(g) => println!("serving:     generation {g} ({files} files)"),
+        None => println!("serving:     nothing yet (no snapshot)"),
+    }
+    println!(
+        "last sync:   {}",
+        state
+            .last_success
+            .map(|t| httpdate::fmt_http_date(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(t)
+            ))
+            .unwrap_or_else(|| "never".into())
+    );
+    println!("sync running: {}", v["sync_running"]);
+    for s in &sources.sources {
+        println!("source {}:    {}", s.id, s.url);
+    }
+    if let Some(w) = drift {
+        println!("warning:     {w}");
+    }
+    Ok(())
+}

@@ -1,0 +1,163 @@
+//! Downloads: stream a payload into `tmp/<digest>.part`, checking size and sha256 as
+//! bytes arrive, and move it into the blob store only once it matches.
+//!
+//! A partial file from an earlier run (crash, kill -9, truncated body, full disk) is
+//! resumed with an HTTP Range request; its bytes are re-hashed first. A file that turns
+//! out too long or with the wrong hash is deleted: nothing unverified leaves `tmp/`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::Path;
+
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256 as Hasher};
+use url::Url;
+
+use crate::simplestreams::Sha256;
+use crate::store::Store;
+use crate::upstream::{FetchError, Fetcher};
+
+/// One payload to fetch.
+#[derive(Clone, Debug)]
+pub struct Job {
+    pub url: Url,
+    pub sha256: Sha256,
+    pub size: u64,
+}
+
+/// Why a download failed; each names the URL or the file.
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error("{url}: truncated body: got {got} of {expected} bytes (kept for resume)")]
+    Truncated {
+        url: String,
+        expected: u64,
+        got: u64,
+    },
+    #[error("{url}: wrong size: more than the {expected} bytes the index lists")]
+    TooLong { url: String, expected: u64 },
+    #[error("{url}: sha256 mismatch: expected {expected}, got {got}")]
+    Hash {
+        url: String,
+        expected: Sha256,
+        got: Sha256,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DownloadError + '_ {
+    move |source| DownloadError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Re-hashes the bytes already in a partial file.
+fn rehash(part: &Path, hasher: &mut Hasher) -> std::io::Result<u64> {
+    let mut f = File::open(part)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(total);
+        }
+        hasher.update(&buf[..n]);
+        total += n as u64;
+    }
+}
+
+/// Fetches `job` into the store. `progress` is called with the bytes of each chunk
+/// written (and once with the resumed prefix). Returns the bytes transferred.
+pub async fn fetch(
+    fetcher: &Fetcher,
+    store: &Store,
+    job: &Job,
+    progress: &(dyn Fn(u64) + Send + Sync),
+) -> Result<u64, DownloadError> {
+    let part = store.part_path(&job.sha256);
+    let url = job.url.to_string();
+    let mut hasher = Hasher::new();
+    let mut have = match fs::metadata(&part) {
+        Ok(m) if m.len() > 0 && m.len() < job.size => {
+            rehash(&part, &mut hasher).map_err(io_err(&part))?
+        }
+        Ok(_) => {
+            fs::remove_file(&part).map_err(io_err(&part))?;
+            0
+        }
+        Err(_) => 0,
+    };
+    let mut body = fetcher.get_payload(&job.url, have).await?;
+    if have > 0 && !body.resumed {
+        // The server ignored the Range: start over.
+        hasher = Hasher::new();
+        have = 0;
+    }
+    if have > 0 {
+        tracing::info!(url = %job.url, offset = have, "resuming partial download");
+        progress(have);
+    }
+    let mut file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(have > 0)
+        .truncate(have == 0)
+        .open(&part)
+        .map_err(io_err(&part))?;
+    let mut got = have;
+    let mut transferred = 0u64;
+    while let Some(chunk) = body.stream.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = file.sync_all();
+                return Err(e.into());
+            }
+        };
+        if got + chunk.len() as u64 > job.size {
+            drop(file);
+            let _ = fs::remove_file(&part);
+            return Err(DownloadError::TooLong {
+                url,
+                expected: job.size,
+            });
+        }
+        file.write_all(&chunk).map_err(io_err(&part))?;
+        hasher.update(&chunk);
+        got += chunk.len() as u64;
+        transferred += chunk.len() as u64;
+        progress(chunk.len() as u64);
+    }
+    file.sync_all().map_err(io_err(&part))?;
+    drop(file);
+    if got < job.size {
+        return Err(DownloadError::Truncated {
+            url,
+            expected: job.size,
+            got,
+        });
+    }
+    let digest = Sha256::from_bytes(hasher.finalize().into());
+    if digest != job.sha256 {
+        let _ = fs::remove_file(&part);
+        return Err(DownloadError::Hash {
+            url,
+            expected: job.sha256,
+            got: digest,
+        });
+    }
+    store
+        .commit_blob(&part, &job.sha256)
+        .map_err(|e| DownloadError::Io {
+            path: part.display().to_string(),
+            source: std::io::Error::other(format!("{e:#}")),
+        })?;
+    Ok(transferred)
+}

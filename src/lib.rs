@@ -1,0 +1,31 @@
+//! rackboot: the boot server of a rack.
+//!
+//! Data flow (modules in pipeline order):
+//! upstream → verify → simplestreams → select → plan → download/archive → store → serve.
+//! `simplestreams`, `select` and `plan` are pure (no I/O, no clock); `sync` drives the
+//! pipeline; the servers only read the published snapshot.
+
+/// Bootloader archive unpacking into the blob store.
+pub mod archive;
+/// The command line.
+pub mod cli;
+/// Configuration file, drop-ins and validated settings.
+pub mod config;
+/// Streaming, resumable, hash-checked downloads into the blob store.
+pub mod download;
+/// Selection + store contents → what to fetch and the snapshot layout (pure).
+pub mod plan;
+/// Boot-source selections → selected products (pure).
+pub mod select;
+/// SimpleStreams documents → domain types (pure).
+pub mod simplestreams;
+/// Sources and sync state files.
+pub mod state;
+/// Blobs, snapshots, `current`, GC and the sync lock.
+pub mod store;
+/// One sync run, end to end.
+pub mod sync;
+/// Fetching metadata and payloads from an upstream mirror (HTTP(S), file://).
+pub mod upstream;
+/// OpenPGP verification; the only producer of `Verified` documents.
+pub mod verify;

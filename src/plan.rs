@@ -1,0 +1,292 @@
+//! Planning (pure): from the selection and what the store already holds to what to
+//! fetch, what the new snapshot contains, and its `maas.meta`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::select::{subarch_dirs, ProductKind, Selected};
+use crate::simplestreams::{Item, Sha256};
+
+/// One product as recorded in a snapshot manifest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestProduct {
+    pub content_id: String,
+    pub product_name: String,
+    pub version_name: String,
+    /// `os/arch/subarch/release/label` for images, `bootloader/<type>/<arch>` for
+    /// bootloaders.
+    pub name: String,
+    pub items: Vec<ManifestItem>,
+    /// Product-level fields as published upstream (release_title, subarches, …).
+    pub fields: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestItem {
+    pub item_name: String,
+    pub ftype: String,
+    /// Path in the upstream stream.
+    pub path: String,
+    pub sha256: Sha256,
+    pub size: u64,
+}
+
+/// An archive to unpack into `dir` of the snapshot (bootloaders).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArchivePlan {
+    pub sha256: Sha256,
+    pub dir: String,
+    pub bootloader_type: String,
+    pub arch: String,
+}
+
+/// What a sync will do.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Unique payloads missing from the store, in selection order.
+    pub fetch: Vec<Item>,
+    /// Payloads the store already holds.
+    pub have: Vec<Item>,
+    /// Snapshot files: served path → blob.
+    pub files: BTreeMap<String, Sha256>,
+    pub archives: Vec<ArchivePlan>,
+    pub products: Vec<ManifestProduct>,
+    /// The `maas.meta` document of the new snapshot (deterministic JSON).
+    pub meta: String,
+}
+
+impl Plan {
+    pub fn fetch_bytes(&self) -> u64 {
+        self.fetch.iter().map(|i| i.size).sum()
+    }
+    pub fn total_bytes(&self) -> u64 {
+        self.fetch_bytes() + self.have.iter().map(|i| i.size).sum::<u64>()
+    }
+}
+
+fn nest(root: &mut Value, keys: &[&str], leaf: Value) {
+    let mut cur = root;
+    for k in keys {
+        cur = cur
+            .as_object_mut()
+            .expect("maas.meta levels are objects")
+            .entry(k.to_string())
+            .or_insert_with(|| json!({}));
+    }
+    *cur = leaf;
+}
+
+/// Builds the plan. `have` tells whether the store holds a blob.
+pub fn plan(selected: &Selected, have: &dyn Fn(&Sha256) -> bool) -> Plan {
+    let mut p = Plan::default();
+    let mut seen = BTreeSet::new();
+    let mut meta = json!({});
+    for product in &selected.products {
+        let field = |k: &str| product.fields.get(k).cloned().unwrap_or_default();
+        let name;
+        match &product.kind {
+            ProductKind::Image(key) => {
+                name = key.to_string();
+                for dir in subarch_dirs(&product.fields) {
+                    for item in &product.items {
+                        let dest = format!(
+                            "{}/{}/{}/{}/{}/{}",
+                            key.os,
+                            key.arch,
+                            dir,
+                            key.release,
+                            key.label,
+                            item.path.file_name()
+                        );
+                        p.files.insert(dest, item.sha256);
+                    }
+                    let kflavor = match field("kflavor") {
+                        k if k.is_empty() => "generic".to_string(),
+                        k => k,
+                    };
+                    nest(
+                        &mut meta,
+                        &[&key.os, &key.arch, &dir, &kflavor, &key.release, &key.label],
+                        json!({
+                            "content_id": product.content_id,
+                            "product_name": product.product_name,
+                            "version_name": product.version_name,
+                            "path": product.items[0].path.as_str(),
+                            "subarches": field("subarches"),
+                            "release_title": field("release_title"),
+                            "release_codename": field("release_codename"),
+                            "support_eol": field("support_eol"),
+                            "kflavor": kflavor,
+                        }),
+                    );
+                }
+            }
+            ProductKind::Bootloader {
+                bootloader_type,
+                os,
+                arch,
+            } => {
+                let dir = format!("bootloader/{bootloader_type}/{arch}");
+                name = dir.clone();
+                for item in &product.items {
+                    p.archives.push(ArchivePlan {
+                        sha256: item.sha256,
+                        dir: dir.clone(),
+                        bootloader_type: bootloader_type.clone(),
+                        arch: arch.clone(),
+                    });
+                }
+                nest(
+                    &mut meta,
+                    &[
+                        os,
+                        arch,
+                        "generic",
+                        "bootloader",
+                        bootloader_type,
+                        &field("label"),
+                    ],
+                    json!({
+                        "content_id": product.content_id,
+                        "product_name": product.product_name,
+                        "version_name": product.version_name,
+                        "path": product.items[0].path.as_str(),
+                        "bootloader-type": bootloader_type,
+                    }),
+                );
+            }
+        }
+        for item in &product.items {
+            if seen.insert(item.sha256) {
+                if have(&item.sha256) {
+                    p.have.push(item.clone());
+                } else {
+                    p.fetch.push(item.clone());
+                }
+            }
+        }
+        p.products.push(ManifestProduct {
+            content_id: product.content_id.clone(),
+            product_name: product.product_name.clone(),
+            version_name: product.version_name.clone(),
+            name,
+            fields: product.fields.clone(),
+            items: product
+                .items
+                .iter()
+                .map(|i| ManifestItem {
+                    item_name: i.item_name.clone(),
+                    ftype: i.ftype.clone(),
+                    path: i.path.to_string(),
+                    sha256: i.sha256,
+                    size: i.size,
+                })
+                .collect(),
+        });
+    }
+    p.meta = serde_json::to_string_pretty(&meta).expect("json values serialise");
+    p
+}
+
+/// Served names of bootloader archive members: (path at the snapshot root, member
+/// path inside the archive). Firmware asks for the final names; archives may carry
+/// either those or Debian's package names.
+pub fn root_links(bootloader_type: &str, arch: &str, members: &[String]) -> Vec<(String, String)> {
+    let has = |m: &str| members.iter().any(|x| x == m);
+    let first = |cands: &[&str]| cands.iter().find(|c| has(c)).map(|c| c.to_string());
+    let mut out = Vec::new();
+    let mut link = |served: &str, member: Option<String>| {
+        if let Some(m) = member {
+            out.push((served.to_string(), m));
+        }
+    };
+    match (bootloader_type, arch) {
+        ("pxe", _) => {
+            for m in members {
+                if !m.contains('/')
+                    && (m.ends_with(".c32") || m.ends_with(".0"))
+                    && m != "pxelinux.0"
+                {
+                    link(m, Some(m.clone()));
+                }
+            }
+            // MAAS serves lpxelinux.0 (HTTP-capable) as pxelinux.0.
+            link("pxelinux.0", first(&["lpxelinux.0", "pxelinux.0"]));
+        }
+        ("uefi", "amd64") => {
+            link(
+                "bootx64.efi",
+                first(&["bootx64.efi", "shimx64.efi.signed", "shimx64.efi"]),
+            );
+            link(
+                "grubx64.efi",
+                first(&["grubx64.efi", "grubnetx64.efi.signed", "grubx64.efi.signed"]),
+            );
+        }
+        ("uefi", "arm64") => {
+            link(
+                "bootaa64.efi",
+                first(&["bootaa64.efi", "shimaa64.efi.signed", "shimaa64.efi"]),
+            );
+            link(
+                "grubaa64.efi",
+                first(&[
+                    "grubaa64.efi",
+                    "grubnetaa64.efi.signed",
+                    "grubaa64.efi.signed",
+                ]),
+            );
+        }
+        ("open-firmware", _) => link("bootppc64.bin", first(&["bootppc64.bin", "grub.elf"])),
+        _ => {}
+    }
+    // GRUB module trees (grub/x86_64-efi/http.mod, …) are served at the root too.
+    for m in members {
+        if m.starts_with("grub/") && !m.ends_with('/') {
+            out.push((m.clone(), m.clone()));
+        }
+    }
+    out.sort();
+    out.dedup_by(|a, b| a.0 == b.0);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_links_map_package_names() {
+        let m = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let amd = root_links(
+            "uefi",
+            "amd64",
+            &m(&[
+                "shimx64.efi.signed",
+                "grubnetx64.efi.signed",
+                "grub/x86_64-efi/http.mod",
+            ]),
+        );
+        assert_eq!(
+            amd,
+            vec![
+                ("bootx64.efi".to_string(), "shimx64.efi.signed".to_string()),
+                (
+                    "grub/x86_64-efi/http.mod".into(),
+                    "grub/x86_64-efi/http.mod".into()
+                ),
+                ("grubx64.efi".into(), "grubnetx64.efi.signed".into()),
+            ]
+        );
+        let pxe = root_links(
+            "pxe",
+            "i386",
+            &m(&["pxelinux.0", "lpxelinux.0", "ldlinux.c32"]),
+        );
+        assert!(pxe.contains(&("pxelinux.0".into(), "lpxelinux.0".into())));
+        assert!(pxe.contains(&("lpxelinux.0".into(), "lpxelinux.0".into())));
+        assert!(pxe.contains(&("ldlinux.c32".into(), "ldlinux.c32".into())));
+    }
+}

@@ -1,0 +1,471 @@
+//! SimpleStreams index and products files (pure: no I/O, no clock).
+//!
+//! Parses `index:1.0` and `products:1.0` documents into domain types and flattens
+//! property inheritance (top level → product → version → item, later wins) so that
+//! every [`Item`] carries its effective record. Only this module knows the JSON shape.
+//! Every `path` is checked here: a document with an absolute path or a `..` segment is
+//! rejected whole.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde_json::{Map, Value};
+
+/// Largest metadata document rackboot accepts (index or products file).
+pub const MAX_METADATA_BYTES: usize = 64 << 20;
+
+/// Errors in a SimpleStreams document. The caller adds the URL.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ParseError {
+    #[error("malformed json: {0}")]
+    Json(String),
+    #[error("expected format {expected:?}, found {found:?}")]
+    Format {
+        expected: &'static str,
+        found: String,
+    },
+    #[error("content_id {found:?} does not match the index entry {expected:?}")]
+    ContentId { expected: String, found: String },
+    #[error("{context}: missing or invalid field {field:?}")]
+    Field {
+        context: String,
+        field: &'static str,
+    },
+    #[error("{context}: unsafe path {path:?}")]
+    UnsafePath { context: String, path: String },
+    #[error("{context}: invalid sha256 {value:?}")]
+    Digest { context: String, value: String },
+}
+
+/// A SHA-256 digest, displayed and parsed as 64 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Sha256([u8; 32]);
+
+impl Sha256 {
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Sha256(bytes)
+    }
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl FromStr for Sha256 {
+    type Err = hex::FromHexError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s.trim(), &mut out)?;
+        Ok(Sha256(out))
+    }
+}
+
+impl fmt::Display for Sha256 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for Sha256 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{self}")
+    }
+}
+
+impl serde::Serialize for Sha256 {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Sha256 {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A relative, normalised path inside a stream (no leading `/`, no `.`/`..` segments).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct RelPath(String);
+
+impl RelPath {
+    /// Checks a path from a stream document. Rejects absolute paths, `..` anywhere,
+    /// backslashes and control characters; repeated `/` and `.` segments are dropped.
+    pub fn parse(path: &str) -> Option<RelPath> {
+        if path.is_empty()
+            || path.starts_with('/')
+            || path.contains('\\')
+            || path.chars().any(char::is_control)
+        {
+            return None;
+        }
+        let mut parts = Vec::new();
+        for seg in path.split('/') {
+            match seg {
+                "" | "." => continue,
+                s if s.starts_with("..") && s.chars().all(|c| c == '.') => return None,
+                s => parts.push(s),
+            }
+        }
+        if parts.is_empty() {
+            return None;
+        }
+        Some(RelPath(parts.join("/")))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    /// The last path segment.
+    pub fn file_name(&self) -> &str {
+        self.0.rsplit('/').next().unwrap_or(&self.0)
+    }
+}
+
+impl fmt::Display for RelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One followed entry of an index.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub content_id: String,
+    pub path: RelPath,
+    /// `products:1.0` or `index:1.0` (nested index).
+    pub format: String,
+}
+
+/// A parsed `index:1.0` document: the entries worth following.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Index {
+    pub updated: Option<String>,
+    pub entries: Vec<IndexEntry>,
+}
+
+/// Flattened string properties of an item (the effective record).
+pub type Props = BTreeMap<String, String>;
+
+/// One payload file of a product version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Item {
+    pub content_id: String,
+    pub product_name: String,
+    pub version_name: String,
+    pub item_name: String,
+    pub ftype: String,
+    pub path: RelPath,
+    pub size: u64,
+    pub sha256: Sha256,
+    /// The flattened record: inherited scalars plus the synthetic name keys.
+    pub props: Props,
+}
+
+impl Item {
+    /// A property of the flattened record (`""` when absent, as sstream filters do).
+    pub fn prop(&self, key: &str) -> &str {
+        self.props.get(key).map(String::as_str).unwrap_or("")
+    }
+}
+
+/// A parsed `products:1.0` document: every item, flattened, in a stable order
+/// (product, version, item name).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Products {
+    pub content_id: String,
+    pub items: Vec<Item>,
+}
+
+fn parse_json(text: &str) -> Result<Map<String, Value>, ParseError> {
+    if text.len() > MAX_METADATA_BYTES {
+        return Err(ParseError::Json(format!(
+            "document is {} bytes, more than the {} byte limit",
+            text.len(),
+            MAX_METADATA_BYTES
+        )));
+    }
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(ParseError::Json("top level is not an object".into())),
+        Err(e) => Err(ParseError::Json(e.to_string())),
+    }
+}
+
+fn check_format(top: &Map<String, Value>, expected: &'static str) -> Result<(), ParseError> {
+    match top.get("format").and_then(Value::as_str) {
+        Some(f) if f == expected => Ok(()),
+        other => Err(ParseError::Format {
+            expected,
+            found: other.unwrap_or("<none>").to_string(),
+        }),
+    }
+}
+
+fn safe_path(context: &str, v: Option<&Value>) -> Result<RelPath, ParseError> {
+    let raw = v.and_then(Value::as_str).ok_or_else(|| ParseError::Field {
+        context: context.to_string(),
+        field: "path",
+    })?;
+    RelPath::parse(raw).ok_or_else(|| ParseError::UnsafePath {
+        context: context.to_string(),
+        path: raw.to_string(),
+    })
+}
+
+/// Parses an `index:1.0` document. Entries of other formats are skipped; a single
+/// unsafe path rejects the whole document.
+pub fn parse_index(text: &str) -> Result<Index, ParseError> {
+    let top = parse_json(text)?;
+    check_format(&top, "index:1.0")?;
+    let index = top
+        .get("index")
+        .and_then(Value::as_object)
+        .ok_or_else(|| ParseError::Field {
+            context: "index".into(),
+            field: "index",
+        })?;
+    let mut entries = Vec::new();
+    for (content_id, entry) in index {
+        let ctx = format!("index entry {content_id}");
+        let entry = entry.as_object().ok_or_else(|| ParseError::Field {
+            context: ctx.clone(),
+            field: "index",
+        })?;
+        // Check every path, followed or not: a hostile index is rejected whole.
+        let path = safe_path(&ctx, entry.get("path"))?;
+        let format = entry.get("format").and_then(Value::as_str).unwrap_or("");
+        if format == "products:1.0" || format == "index:1.0" {
+            entries.push(IndexEntry {
+                content_id: content_id.clone(),
+                path,
+                format: format.to_string(),
+            });
+        }
+    }
+    Ok(Index {
+        updated: top.get("updated").and_then(Value::as_str).map(String::from),
+        entries,
+    })
+}
+
+/// Adds the scalar fields of `obj` to `props` (numbers and bools stringified the way
+/// python-simplestreams does; lists and objects are not inherited).
+fn inherit(props: &mut Props, obj: &Map<String, Value>) {
+    for (k, v) in obj {
+        let s = match v {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            Value::Bool(true) => "True".to_string(),
+            Value::Bool(false) => "False".to_string(),
+            _ => continue,
+        };
+        props.insert(k.clone(), s);
+    }
+}
+
+/// Parses a `products:1.0` document that the index listed under `content_id`.
+pub fn parse_products(text: &str, content_id: &str) -> Result<Products, ParseError> {
+    let top = parse_json(text)?;
+    check_format(&top, "products:1.0")?;
+    let found = top.get("content_id").and_then(Value::as_str).unwrap_or("");
+    if found != content_id {
+        return Err(ParseError::ContentId {
+            expected: content_id.to_string(),
+            found: found.to_string(),
+        });
+    }
+    let mut base = Props::new();
+    inherit(&mut base, &top);
+    let products = top
+        .get("products")
+        .and_then(Value::as_object)
+        .ok_or_else(|| ParseError::Field {
+            context: content_id.to_string(),
+            field: "products",
+        })?;
+    let mut items = Vec::new();
+    for (pname, product) in products {
+        let ctx = format!("product {pname}");
+        let product = product.as_object().ok_or_else(|| ParseError::Field {
+            context: ctx.clone(),
+            field: "products",
+        })?;
+        let mut pprops = base.clone();
+        inherit(&mut pprops, product);
+        let Some(versions) = product.get("versions").and_then(Value::as_object) else {
+            continue; // a product without versions is dropped
+        };
+        for (vname, version) in versions {
+            let vctx = format!("{ctx} version {vname}");
+            let version = version.as_object().ok_or_else(|| ParseError::Field {
+                context: vctx.clone(),
+                field: "versions",
+            })?;
+            let mut vprops = pprops.clone();
+            inherit(&mut vprops, version);
+            let Some(vitems) = version.get("items").and_then(Value::as_object) else {
+                continue;
+            };
+            for (iname, item) in vitems {
+                let ictx = format!("{vctx} item {iname}");
+                let item = item.as_object().ok_or_else(|| ParseError::Field {
+                    context: ictx.clone(),
+                    field: "items",
+                })?;
+                let mut props = vprops.clone();
+                inherit(&mut props, item);
+                props.insert("content_id".into(), content_id.to_string());
+                props.insert("product_name".into(), pname.clone());
+                props.insert("version_name".into(), vname.clone());
+                props.insert("item_name".into(), iname.clone());
+                let path = safe_path(&ictx, item.get("path"))?;
+                let size = item
+                    .get("size")
+                    .and_then(|v| v.as_u64().or_else(|| v.as_str()?.parse().ok()))
+                    .ok_or_else(|| ParseError::Field {
+                        context: ictx.clone(),
+                        field: "size",
+                    })?;
+                let digest = props.get("sha256").ok_or_else(|| ParseError::Field {
+                    context: ictx.clone(),
+                    field: "sha256",
+                })?;
+                let sha256 = digest.parse().map_err(|_| ParseError::Digest {
+                    context: ictx.clone(),
+                    value: digest.clone(),
+                })?;
+                let ftype = props.get("ftype").cloned().ok_or(ParseError::Field {
+                    context: ictx.clone(),
+                    field: "ftype",
+                })?;
+                items.push(Item {
+                    content_id: content_id.to_string(),
+                    product_name: pname.clone(),
+                    version_name: vname.clone(),
+                    item_name: iname.clone(),
+                    ftype,
+                    path,
+                    size,
+                    sha256,
+                    props,
+                });
+            }
+        }
+    }
+    Ok(Products {
+        content_id: content_id.to_string(),
+        items,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DIGEST: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    fn products_doc(path: &str) -> String {
+        format!(
+            r#"{{"format":"products:1.0","content_id":"c","datatype":"image-ids",
+            "arch":"amd64","products":{{"p1":{{"release":"jammy","subarch":"ga-22.04",
+            "versions":{{"20250805":{{"label":"stable","items":{{
+              "boot-kernel":{{"ftype":"boot-kernel","path":"{path}","size":0,"sha256":"{DIGEST}"}},
+              "boot-initrd":{{"ftype":"boot-initrd","path":"a/i","size":"3","sha256":"{DIGEST}","arch":"arm64"}}
+            }}}}}}}}}}}}"#
+        )
+    }
+
+    #[test]
+    fn flattening_inherits_and_item_overrides() {
+        let p = parse_products(&products_doc("a/k"), "c").unwrap();
+        assert_eq!(p.items.len(), 2);
+        let initrd = &p.items[0];
+        assert_eq!(initrd.item_name, "boot-initrd");
+        assert_eq!(initrd.prop("arch"), "arm64", "item field wins");
+        assert_eq!(initrd.size, 3);
+        let kernel = &p.items[1];
+        assert_eq!(kernel.prop("arch"), "amd64", "top-level field inherited");
+        assert_eq!(kernel.prop("release"), "jammy");
+        assert_eq!(kernel.prop("label"), "stable");
+        assert_eq!(kernel.prop("product_name"), "p1");
+        assert_eq!(kernel.prop("version_name"), "20250805");
+        assert_eq!(kernel.prop("content_id"), "c");
+        assert_eq!(kernel.prop("missing"), "");
+        assert_eq!(kernel.sha256.to_string(), DIGEST);
+    }
+
+    #[test]
+    fn unsafe_paths_reject_the_document() {
+        for bad in [
+            "../x",
+            "a/../b",
+            "/etc/passwd",
+            "a/.../b",
+            "a\\\\b",
+            "a\\u0008",
+            "",
+        ] {
+            let err = parse_products(&products_doc(bad), "c").unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ParseError::UnsafePath { .. } | ParseError::Field { .. }
+                ),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn relpath_normalises() {
+        assert_eq!(RelPath::parse("a//b/./c").unwrap().as_str(), "a/b/c");
+        assert_eq!(RelPath::parse("a/b").unwrap().file_name(), "b");
+        assert!(RelPath::parse("./").is_none());
+    }
+
+    #[test]
+    fn index_follows_only_product_formats() {
+        let doc = r#"{"format":"index:1.0","index":{
+            "a":{"format":"products:1.0","path":"streams/v1/a.json"},
+            "b":{"format":"something:1.0","path":"streams/v1/b.json"}}}"#;
+        let idx = parse_index(doc).unwrap();
+        assert_eq!(idx.entries.len(), 1);
+        assert_eq!(idx.entries[0].content_id, "a");
+        let bad = r#"{"format":"index:1.0","index":{"b":{"format":"x","path":"../b.json"}}}"#;
+        assert!(matches!(
+            parse_index(bad),
+            Err(ParseError::UnsafePath { .. })
+        ));
+    }
+
+    #[test]
+    fn wrong_format_and_content_id_and_bad_json() {
+        assert!(matches!(
+            parse_index(r#"{"format":"products:1.0"}"#),
+            Err(ParseError::Format { .. })
+        ));
+        assert!(matches!(
+            parse_products(&products_doc("a/k"), "other"),
+            Err(ParseError::ContentId { .. })
+        ));
+        assert!(matches!(parse_index("{"), Err(ParseError::Json(_))));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        #[test]
+        fn parsers_never_panic(s in ".{0,400}") {
+            let _ = parse_index(&s);
+            let _ = parse_products(&s, "c");
+        }
+
+        #[test]
+        fn relpath_never_escapes(s in "[a-z./\\\\]{0,40}") {
+            if let Some(p) = RelPath::parse(&s) {
+                proptest::prop_assert!(!p.as_str().starts_with('/'));
+                proptest::prop_assert!(p.as_str().split('/').all(|seg| !seg.is_empty() && seg != "." && seg != ".."));
+            }
+        }
+    }
+}

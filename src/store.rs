@@ -1,0 +1,366 @@
+//! The on-disk store under `state_dir`:
+//!
+//! ```text
+//! blobs/sha256/<aa>/<digest>   verified payloads, named by their hash, never modified
+//! snapshots/<gen>/…            immutable trees in the MAAS rack layout (hardlinks to blobs)
+//! snapshots/<gen>.json         the manifest of a snapshot (products, blobs it uses)
+//! current -> snapshots/<gen>   switched by one atomic rename
+//! tmp/                         partial downloads (<digest>.part) and snapshots being built
+//! state.json, sources.json     small state files, written atomically
+//! lock                         flock held by the running sync
+//! ```
+//!
+//! Invariant: nothing outside `tmp/` is ever unverified or half-written.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::plan::ManifestProduct;
+use crate::simplestreams::Sha256;
+
+/// Writes `path` atomically: temp file in the same directory, fsync, rename, fsync
+/// the directory. A crash leaves either the old or the new content.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    fsync_dir(dir)
+}
+
+pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Adds the path to an I/O error so the message names it.
+pub fn ctx<T>(r: io::Result<T>, what: &str, path: &Path) -> anyhow::Result<T> {
+    r.map_err(|e| anyhow::anyhow!("{what} {}: {e}", path.display()))
+}
+
+/// The manifest of one snapshot.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Manifest {
+    pub generation: u64,
+    /// Unix seconds.
+    pub created: u64,
+    pub products: Vec<ManifestProduct>,
+    /// Every served file: path → blob.
+    pub files: BTreeMap<String, Sha256>,
+    /// Every blob the snapshot keeps alive (files, archives, archive members).
+    pub blobs: BTreeSet<Sha256>,
+}
+
+/// Handle on a state directory.
+#[derive(Clone, Debug)]
+pub struct Store {
+    root: PathBuf,
+}
+
+/// An exclusive sync lock; released on drop.
+pub struct SyncLock {
+    _lock: nix::fcntl::Flock<File>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `root`.
+    pub fn open(root: &Path) -> anyhow::Result<Store> {
+        for d in ["blobs/sha256", "snapshots", "tmp"] {
+            let p = root.join(d);
+            ctx(fs::create_dir_all(&p), "cannot create", &p)?;
+        }
+        Ok(Store {
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// Opens an existing store without creating anything (read-only commands).
+    pub fn existing(root: &Path) -> Store {
+        Store {
+            root: root.to_path_buf(),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn blob_path(&self, d: &Sha256) -> PathBuf {
+        let hex = d.to_string();
+        self.root.join("blobs/sha256").join(&hex[..2]).join(hex)
+    }
+
+    /// Whether the store holds the blob with the right size.
+    pub fn has_blob(&self, d: &Sha256, size: Option<u64>) -> bool {
+        match fs::metadata(self.blob_path(d)) {
+            Ok(m) => m.is_file() && size.is_none_or(|s| m.len() == s),
+            Err(_) => false,
+        }
+    }
+
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    /// Where a partial download of `d` lives (resumable across runs).
+    pub fn part_path(&self, d: &Sha256) -> PathBuf {
+        self.tmp_dir().join(format!("{d}.part"))
+    }
+
+    /// Moves a verified, fsynced file into the blob store under its hash.
+    pub fn commit_blob(&self, file: &Path, d: &Sha256) -> anyhow::Result<()> {
+        let dest = self.blob_path(d);
+        let dir = dest.parent().expect("blob paths have a parent");
+        ctx(fs::create_dir_all(dir), "cannot create", dir)?;
+        ctx(fs::rename(file, &dest), "cannot move blob into", &dest)?;
+        ctx(fsync_dir(dir), "cannot sync", dir)
+    }
+
+    /// Removes leftovers of interrupted runs from `tmp/`, keeping resumable `.part`
+    /// files whose digest is still wanted.
+    pub fn clean_tmp(&self, wanted: &BTreeSet<Sha256>) -> anyhow::Result<()> {
+        let tmp = self.tmp_dir();
+        for e in ctx(fs::read_dir(&tmp), "cannot read", &tmp)? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().to_string();
+            let keep = name
+                .strip_suffix(".part")
+                .and_then(|h| h.parse::<Sha256>().ok())
+                .is_some_and(|d| wanted.contains(&d));
+            if !keep {
+                let p = e.path();
+                let r = if e.file_type()?.is_dir() {
+                    fs::remove_dir_all(&p)
+                } else {
+                    fs::remove_file(&p)
+                };
+                ctx(r, "cannot remove", &p)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn current_link(&self) -> PathBuf {
+        self.root.join("current")
+    }
+
+    /// The generation `current` points at, if any.
+    pub fn current_generation(&self) -> Option<u64> {
+        let target = fs::read_link(self.current_link()).ok()?;
+        target.file_name()?.to_str()?.parse().ok()
+    }
+
+    pub fn snapshot_dir(&self, generation: u64) -> PathBuf {
+        self.root.join("snapshots").join(generation.to_string())
+    }
+
+    pub fn manifest_path(&self, generation: u64) -> PathBuf {
+        self.root
+            .join("snapshots")
+            .join(format!("{generation}.json"))
+    }
+
+    pub fn read_manifest(&self, generation: u64) -> anyhow::Result<Manifest> {
+        let p = self.manifest_path(generation);
+        let text = ctx(fs::read(&p), "cannot read", &p)?;
+        serde_json::from_slice(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+    }
+
+    /// Generations present on disk (directories under `snapshots/`).
+    pub fn generations(&self) -> Vec<u64> {
+        let mut gens: Vec<u64> = fs::read_dir(self.root.join("snapshots"))
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        gens.sort_unstable();
+        gens
+    }
+
+    /// The next generation number (never reuses one that exists on disk).
+    pub fn next_generation(&self, recorded: u64) -> u64 {
+        let on_disk = self.generations().last().copied().unwrap_or(0);
+        recorded
+            .max(on_disk)
+            .max(self.current_generation().unwrap_or(0))
+            + 1
+    }
+
+    /// Builds snapshot `generation` from blobs: files are hardlinked, `symlinks` are
+    /// relative links inside the tree, `meta` becomes `maas.meta`. The tree is built
+    /// in `tmp/` and renamed into `snapshots/` only when complete; the manifest is
+    /// written after it.
+    pub fn build_snapshot(
+        &self,
+        manifest: &Manifest,
+        symlinks: &BTreeMap<String, String>,
+        meta: &str,
+    ) -> anyhow::Result<PathBuf> {
+        let build = self
+            .tmp_dir()
+            .join(format!("snapshot-{}", manifest.generation));
+        if build.exists() {
+            ctx(fs::remove_dir_all(&build), "cannot remove", &build)?;
+        }
+        ctx(fs::create_dir_all(&build), "cannot create", &build)?;
+        let mut dirs = BTreeSet::new();
+        for (path, digest) in &manifest.files {
+            let dest = build.join(path);
+            let dir = dest
+                .parent()
+                .expect("snapshot files have a parent")
+                .to_path_buf();
+            if dirs.insert(dir.clone()) {
+                ctx(fs::create_dir_all(&dir), "cannot create", &dir)?;
+            }
+            ctx(
+                fs::hard_link(self.blob_path(digest), &dest),
+                "cannot link",
+                &dest,
+            )?;
+        }
+        for (path, target) in symlinks {
+            let dest = build.join(path);
+            if let Some(dir) = dest.parent() {
+                ctx(fs::create_dir_all(dir), "cannot create", dir)?;
+            }
+            ctx(
+                std::os::unix::fs::symlink(target, &dest),
+                "cannot link",
+                &dest,
+            )?;
+        }
+        let meta_path = build.join("maas.meta");
+        ctx(fs::write(&meta_path, meta), "cannot write", &meta_path)?;
+        // Make the tree durable before it becomes reachable.
+        for dir in dirs.iter().chain(std::iter::once(&build)) {
+            ctx(fsync_dir(dir), "cannot sync", dir)?;
+        }
+        let dest = self.snapshot_dir(manifest.generation);
+        ctx(fs::rename(&build, &dest), "cannot move snapshot to", &dest)?;
+        let snapshots = self.root.join("snapshots");
+        ctx(fsync_dir(&snapshots), "cannot sync", &snapshots)?;
+        let mpath = self.manifest_path(manifest.generation);
+        let json = serde_json::to_vec_pretty(manifest).expect("manifest serialises");
+        ctx(atomic_write(&mpath, &json), "cannot write", &mpath)?;
+        Ok(dest)
+    }
+
+    /// Points `current` at `generation` with one atomic rename.
+    pub fn publish(&self, generation: u64) -> anyhow::Result<()> {
+        let tmp = self.root.join(".current.new");
+        let _ = fs::remove_file(&tmp);
+        let target = format!("snapshots/{generation}");
+        ctx(
+            std::os::unix::fs::symlink(&target, &tmp),
+            "cannot create",
+            &tmp,
+        )?;
+        let link = self.current_link();
+        ctx(fs::rename(&tmp, &link), "cannot switch", &link)?;
+        ctx(fsync_dir(&self.root), "cannot sync", &self.root)
+    }
+
+    /// Removes snapshots other than `keep` and blobs no kept snapshot refers to.
+    /// `extra` names blobs to keep regardless (e.g. those of a sync in flight).
+    pub fn gc(&self, keep: &BTreeSet<u64>, extra: &BTreeSet<Sha256>) -> anyhow::Result<GcStats> {
+        let mut stats = GcStats::default();
+        let mut live: BTreeSet<Sha256> = extra.clone();
+        for g in keep {
+            live.extend(self.read_manifest(*g)?.blobs);
+        }
+        for g in self.generations() {
+            if keep.contains(&g) {
+                continue;
+            }
+            let dir = self.snapshot_dir(g);
+            ctx(fs::remove_dir_all(&dir), "cannot remove", &dir)?;
+            let _ = fs::remove_file(self.manifest_path(g));
+            stats.snapshots += 1;
+        }
+        // Orphaned manifests (a crash between writing the manifest and the tree).
+        for e in fs::read_dir(self.root.join("snapshots"))?.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if let Some(g) = name
+                .strip_suffix(".json")
+                .and_then(|g| g.parse::<u64>().ok())
+            {
+                if !keep.contains(&g) && !self.snapshot_dir(g).exists() {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+        let blobs = self.root.join("blobs/sha256");
+        for sub in ctx(fs::read_dir(&blobs), "cannot read", &blobs)?.flatten() {
+            for f in fs::read_dir(sub.path())?.flatten() {
+                let name = f.file_name().to_string_lossy().to_string();
+                let known = name.parse::<Sha256>().ok();
+                if known.is_some_and(|d| live.contains(&d)) {
+                    continue;
+                }
+                let m = f.metadata()?;
+                ctx(fs::remove_file(f.path()), "cannot remove", &f.path())?;
+                stats.blobs += 1;
+                // Space comes back once no snapshot hardlink remains.
+                if m.nlink() <= 1 {
+                    stats.bytes += m.len();
+                }
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Takes the sync lock. With `wait`, blocks until the running sync finishes
+    /// (calling `on_wait` once first); without it, fails at once.
+    pub fn lock(&self, wait: bool, on_wait: impl FnOnce(&str)) -> anyhow::Result<SyncLock> {
+        use nix::fcntl::{Flock, FlockArg};
+        let path = self.root.join("lock");
+        let open = || {
+            ctx(
+                fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .read(true)
+                    .write(true)
+                    .open(&path),
+                "cannot open",
+                &path,
+            )
+        };
+        let lock = match Flock::lock(open()?, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                let holder = fs::read_to_string(&path).unwrap_or_default();
+                let msg = format!(
+                    "another sync is running (lock {} held by pid {})",
+                    path.display(),
+                    holder.trim()
+                );
+                if !wait {
+                    anyhow::bail!("{msg}");
+                }
+                on_wait(&msg);
+                Flock::lock(open()?, FlockArg::LockExclusive)
+                    .map_err(|(_, e)| anyhow::anyhow!("cannot lock {}: {e}", path.display()))?
+            }
+            Err((_, e)) => anyhow::bail!("cannot lock {}: {e}", path.display()),
+        };
+        let mut f: &File = &lock;
+        let _ = f.set_len(0);
+        let _ = write!(f, "{}", std::process::id());
+        Ok(SyncLock { _lock: lock })
+    }
+}
+
+/// What a GC run removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GcStats {
+    pub snapshots: usize,
+    pub blobs: usize,
+    pub bytes: u64,
+}

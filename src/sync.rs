@@ -1,0 +1,591 @@
+//! One sync run: upstream → verify → select → plan → download → snapshot → publish → gc.
+//!
+//! The run is a reconciler: it takes no input beyond the settings and the state's
+//! sources, never retries internally (the next run is the retry), holds the store
+//! lock for its whole duration, and either publishes a complete new snapshot or
+//! leaves `current` and the store as they were.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use base64::Engine as _;
+use sha2::Digest as _;
+use url::Url;
+
+use crate::config::{Settings, SourceUrl};
+use crate::download::{self, Job};
+use crate::plan::{self, Plan};
+use crate::select::{self, Selected};
+use crate::simplestreams::{self, Products};
+use crate::state::{Sources, StoredSource, SyncState};
+use crate::store::{Manifest, Store};
+use crate::upstream::{Fetched, Fetcher, Validators};
+use crate::verify::{self, Keyring, Verified};
+
+/// How a sync reports progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProgressMode {
+    /// Progress bars (a terminal).
+    Bars,
+    /// Plain log lines.
+    Lines,
+    /// Nothing but the result (the daemon).
+    Quiet,
+}
+
+impl ProgressMode {
+    pub fn detect() -> ProgressMode {
+        if std::io::stderr().is_terminal() {
+            ProgressMode::Bars
+        } else {
+            ProgressMode::Lines
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub dry_run: bool,
+    /// Wait for a running sync instead of failing.
+    pub wait: bool,
+    pub progress: ProgressMode,
+}
+
+/// Live progress of a running sync (read by the daemon's status API).
+#[derive(Debug, Default)]
+pub struct LiveProgress {
+    pub bytes_done: AtomicU64,
+    pub bytes_total: AtomicU64,
+    pub files_done: AtomicU64,
+    pub files_total: AtomicU64,
+}
+
+/// What a sync did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Report {
+    /// Generation served after the run.
+    pub generation: Option<u64>,
+    pub previous_generation: Option<u64>,
+    /// A new snapshot was published.
+    pub changed: bool,
+    /// Metadata requests made (index + products files).
+    pub requests: u64,
+    pub files_fetched: usize,
+    pub bytes_fetched: u64,
+    pub files_total: usize,
+    pub bytes_total: u64,
+    pub elapsed_ms: u64,
+    /// `+ name version`, `- name version`, `~ name old -> new`.
+    pub changes: Vec<String>,
+    pub gc_blobs: usize,
+    pub gc_bytes: u64,
+    pub warnings: Vec<String>,
+    /// Dry run: the plan lines.
+    pub plan: Vec<String>,
+}
+
+/// A source ready to fetch.
+struct Resolved {
+    url: SourceUrl,
+    index_url: Url,
+    keyring: Option<Keyring>,
+    stored: StoredSource,
+}
+
+fn resolve(s: &StoredSource) -> anyhow::Result<Resolved> {
+    let cfg = s.config();
+    crate::config::check_source(&cfg).map_err(|m| anyhow::anyhow!("boot source {}: {m}", s.id))?;
+    let mut url =
+        SourceUrl::parse(&s.url).map_err(|m| anyhow::anyhow!("boot source {}: {m}", s.id))?;
+    if url.rewritten_daily {
+        tracing::warn!(
+            "boot source {}: the daily stream is retired; using {} instead",
+            s.id,
+            url.root
+        );
+    }
+    if s.unsigned && !url.explicit_index {
+        url.index = "streams/v1/index.json".into();
+        url.signed = false;
+    }
+    let keyring = match (&s.keyring_data, &s.keyring_filename) {
+        (Some(data), _) => {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(data.trim())
+                .map_err(|e| {
+                    anyhow::anyhow!("boot source {}: keyring_data is not base64: {e}", s.id)
+                })?;
+            Some(Keyring::from_bytes(
+                &bytes,
+                &format!("keyring_data of boot source {}", s.id),
+            )?)
+        }
+        (None, Some(f)) => Some(Keyring::from_file(f)?),
+        (None, None) => None,
+    };
+    let index_url = url.root.join(&url.index)?;
+    Ok(Resolved {
+        url,
+        index_url,
+        keyring,
+        stored: s.clone(),
+    })
+}
+
+/// A fingerprint of the sources and their keyrings: validators cached under one
+/// key are only reused while it is unchanged.
+fn sources_key(sources: &[StoredSource]) -> String {
+    let mut h = sha2::Sha256::new();
+    h.update(serde_json::to_vec(sources).expect("sources serialise"));
+    for s in sources {
+        if let Some(f) = &s.keyring_filename {
+            h.update(std::fs::read(f).unwrap_or_default());
+        }
+    }
+    hex::encode(h.finalize())
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Verifies (or accepts, for an unsigned source) one metadata document.
+fn trust(src: &Resolved, url: &Url, bytes: Vec<u8>) -> anyhow::Result<Verified<String>> {
+    if src.url.signed {
+        let keyring = src
+            .keyring
+            .as_ref()
+            .expect("check_source guarantees a keyring for signed sources");
+        verify::verify_clearsigned(keyring, &bytes, SystemTime::now())
+            .map_err(|e| anyhow::anyhow!("{url}: signature check failed: {e}"))
+    } else {
+        let text = String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("{url}: not UTF-8"))?;
+        Ok(verify::accept_unsigned(
+            text,
+            crate::verify::UnsignedSource(()),
+        ))
+    }
+}
+
+struct Counter(AtomicU64);
+
+/// Fetches, verifies and parses every products file an index leads to.
+async fn load_products(
+    fetcher: &Fetcher,
+    src: &Resolved,
+    index: Verified<String>,
+    requests: &Counter,
+) -> anyhow::Result<Vec<Verified<Products>>> {
+    let mut out = Vec::new();
+    let mut pending = vec![(src.index_url.clone(), index, 0u32)];
+    while let Some((url, text, depth)) = pending.pop() {
+        let index = text
+            .try_map(|t| simplestreams::parse_index(&t))
+            .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+        for entry in &index.get().entries {
+            let purl = src.url.root.join(entry.path.as_str())?;
+            requests.0.fetch_add(1, Ordering::Relaxed);
+            let Fetched::Body { bytes, .. } = fetcher.get_meta(&purl, None).await? else {
+                anyhow::bail!("{purl}: unexpected 304 for an unconditional request");
+            };
+            let doc = trust(src, &purl, bytes)?;
+            if entry.format == "index:1.0" {
+                if depth >= 2 {
+                    anyhow::bail!("{purl}: indexes nested too deep");
+                }
+                pending.push((purl, doc, depth + 1));
+                continue;
+            }
+            let products = doc
+                .try_map(|t| simplestreams::parse_products(&t, &entry.content_id))
+                .map_err(|e| anyhow::anyhow!("{purl}: {e}"))?;
+            out.push(products);
+        }
+    }
+    Ok(out)
+}
+
+/// Progress display for downloads.
+struct Progress {
+    mode: ProgressMode,
+    bar: Option<indicatif::ProgressBar>,
+    live: Arc<LiveProgress>,
+}
+
+impl Progress {
+    fn new(mode: ProgressMode, files: usize, bytes: u64, live: Arc<LiveProgress>) -> Progress {
+        live.bytes_total.store(bytes, Ordering::Relaxed);
+        live.files_total.store(files as u64, Ordering::Relaxed);
+        live.bytes_done.store(0, Ordering::Relaxed);
+        live.files_done.store(0, Ordering::Relaxed);
+        let bar = (mode == ProgressMode::Bars).then(|| {
+            let b = indicatif::ProgressBar::new(bytes);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            b.set_message(format!("0/{files} files"));
+            b
+        });
+        Progress { mode, bar, live }
+    }
+    fn bytes(&self, n: u64) {
+        self.live.bytes_done.fetch_add(n, Ordering::Relaxed);
+        if let Some(b) = &self.bar {
+            b.inc(n);
+        }
+    }
+    fn file_done(&self, url: &Url, size: u64, elapsed: Duration) {
+        let done = self.live.files_done.fetch_add(1, Ordering::Relaxed) + 1;
+        let total = self.live.files_total.load(Ordering::Relaxed);
+        match (&self.bar, self.mode) {
+            (Some(b), _) => b.set_message(format!("{done}/{total} files")),
+            (None, ProgressMode::Lines) => tracing::info!(
+                "fetched {url} ({}, {:.2} s) [{done}/{total}]",
+                human_bytes(size),
+                elapsed.as_secs_f64()
+            ),
+            _ => {}
+        }
+    }
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// `12.3 MiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn product_changes(old: &Manifest, plan: &Plan) -> Vec<String> {
+    let before: BTreeMap<&str, &str> = old
+        .products
+        .iter()
+        .map(|p| (p.name.as_str(), p.version_name.as_str()))
+        .collect();
+    let after: BTreeMap<&str, &str> = plan
+        .products
+        .iter()
+        .map(|p| (p.name.as_str(), p.version_name.as_str()))
+        .collect();
+    let mut out = Vec::new();
+    for (name, v) in &after {
+        match before.get(name) {
+            None => out.push(format!("+ {name} {v}")),
+            Some(old) if old != v => out.push(format!("~ {name} {old} -> {v}")),
+            _ => {}
+        }
+    }
+    for (name, v) in &before {
+        if !after.contains_key(name) {
+            out.push(format!("- {name} {v}"));
+        }
+    }
+    out
+}
+
+/// Runs one sync. On error nothing that is served has changed.
+pub async fn run(
+    settings: &Settings,
+    opts: &Options,
+    live: Arc<LiveProgress>,
+) -> anyhow::Result<Report> {
+    let started = Instant::now();
+    let store = if opts.dry_run {
+        Store::existing(&settings.state_dir)
+    } else {
+        Store::open(&settings.state_dir)?
+    };
+    let _lock = if opts.dry_run {
+        None
+    } else {
+        Some(store.lock(opts.wait, |msg| {
+            tracing::warn!("{msg}; waiting for it to finish")
+        })?)
+    };
+    let sources = if opts.dry_run {
+        Sources::current(settings)?
+    } else {
+        Sources::load_or_seed(settings)?
+    };
+    let mut state = SyncState::load(&settings.state_dir)?;
+    let resolved: Vec<Resolved> = sources
+        .sources
+        .iter()
+        .map(resolve)
+        .collect::<Result<_, _>>()?;
+    let key = sources_key(&sources.sources);
+    let current = store.current_generation();
+    let reuse_validators = state.sources_key == key && current.is_some();
+    let fetcher = Fetcher::new(settings.sync.timeout)?;
+    let requests = Counter(AtomicU64::new(0));
+    let mut report = Report {
+        generation: current,
+        previous_generation: current,
+        changed: false,
+        requests: 0,
+        files_fetched: 0,
+        bytes_fetched: 0,
+        files_total: 0,
+        bytes_total: 0,
+        elapsed_ms: 0,
+        changes: vec![],
+        gc_blobs: 0,
+        gc_bytes: 0,
+        warnings: vec![],
+        plan: vec![],
+    };
+
+    // 1. Indexes, conditionally: an unchanged upstream costs one request per source.
+    let mut indexes: Vec<Option<(Vec<u8>, Validators)>> = Vec::new();
+    for src in &resolved {
+        let cond = if reuse_validators && !opts.dry_run {
+            state.indexes.get(src.index_url.as_str())
+        } else {
+            None
+        };
+        requests.0.fetch_add(1, Ordering::Relaxed);
+        match fetcher.get_meta(&src.index_url, cond).await? {
+            Fetched::NotModified => indexes.push(None),
+            Fetched::Body { bytes, validators } => indexes.push(Some((bytes, validators))),
+        }
+    }
+    if !indexes.is_empty() && indexes.iter().all(Option::is_none) {
+        report.requests = requests.0.load(Ordering::Relaxed);
+        report.elapsed_ms = started.elapsed().as_millis() as u64;
+        return Ok(report);
+    }
+    for (i, src) in resolved.iter().enumerate() {
+        if indexes[i].is_none() {
+            requests.0.fetch_add(1, Ordering::Relaxed);
+            match fetcher.get_meta(&src.index_url, None).await? {
+                Fetched::Body { bytes, validators } => indexes[i] = Some((bytes, validators)),
+                Fetched::NotModified => anyhow::bail!("{}: unexpected 304", src.index_url),
+            }
+        }
+    }
+
+    // 2. Verify and parse everything before touching the store.
+    let mut per_source = Vec::new();
+    let mut new_validators = BTreeMap::new();
+    for (src, fetched) in resolved.iter().zip(indexes) {
+        let (bytes, validators) = fetched.expect("filled above");
+        let index = trust(src, &src.index_url, bytes)?;
+        let products = load_products(&fetcher, src, index, &requests).await?;
+        new_validators.insert(src.index_url.to_string(), validators);
+        let selections = src
+            .stored
+            .selections
+            .iter()
+            .map(|s| s.selection.clone())
+            .collect();
+        per_source.push((products, selections));
+    }
+    let selected: Selected = select::select(&per_source);
+    for f in &selected.skipped_ftypes {
+        let w = format!("skipping items of unknown ftype {f:?}");
+        tracing::warn!("{w}");
+        report.warnings.push(w);
+    }
+    if selected.products.is_empty() {
+        let w = "the selections match no image in the boot sources".to_string();
+        tracing::warn!("{w}");
+        report.warnings.push(w);
+    }
+    let plan = plan::plan(&selected, &|d| store.has_blob(d, None));
+    report.files_total = plan.fetch.len() + plan.have.len();
+    report.bytes_total = plan.total_bytes();
+    report.requests = requests.0.load(Ordering::Relaxed);
+    let old_manifest = current
+        .and_then(|g| store.read_manifest(g).ok())
+        .unwrap_or_default();
+    report.changes = product_changes(&old_manifest, &plan);
+
+    if opts.dry_run {
+        for item in &plan.fetch {
+            report.plan.push(format!(
+                "+ {} {} {} {} {}",
+                item.product_name,
+                item.version_name,
+                item.item_name,
+                item.path,
+                human_bytes(item.size)
+            ));
+        }
+        for item in &plan.have {
+            report.plan.push(format!(
+                "= {} {} {} {}",
+                item.product_name, item.version_name, item.item_name, item.path
+            ));
+        }
+        report.elapsed_ms = started.elapsed().as_millis() as u64;
+        return Ok(report);
+    }
+
+    // Same selected content as what is served: no snapshot, just remember the
+    // validators so the next run is a single conditional request.
+    let current_meta =
+        current.and_then(|g| std::fs::read_to_string(store.snapshot_dir(g).join("maas.meta")).ok());
+    if current_meta.as_deref() == Some(plan.meta.as_str()) && plan.fetch.is_empty() {
+        state.sources_key = key;
+        state.indexes = new_validators;
+        state.last_success = Some(now_unix());
+        state.save(&settings.state_dir)?;
+        report.elapsed_ms = started.elapsed().as_millis() as u64;
+        return Ok(report);
+    }
+
+    // 3. Download what is missing, in parallel.
+    let wanted: BTreeSet<_> = plan.fetch.iter().map(|i| i.sha256).collect();
+    store.clean_tmp(&wanted)?;
+    let progress = Arc::new(Progress::new(
+        opts.progress,
+        plan.fetch.len(),
+        plan.fetch_bytes(),
+        live,
+    ));
+    let fetcher = Arc::new(fetcher);
+    let store_arc = Arc::new(store.clone());
+    let sem = Arc::new(tokio::sync::Semaphore::new(settings.sync.parallel.get()));
+    let mut tasks = tokio::task::JoinSet::new();
+    let source_of: BTreeMap<_, _> = selected
+        .products
+        .iter()
+        .flat_map(|p| p.items.iter().map(move |i| (i.sha256, p.source)))
+        .collect();
+    for item in &plan.fetch {
+        let src = &resolved[source_of[&item.sha256]];
+        let job = Job {
+            url: src.url.root.join(item.path.as_str())?,
+            sha256: item.sha256,
+            size: item.size,
+        };
+        let (fetcher, store, sem, progress) = (
+            fetcher.clone(),
+            store_arc.clone(),
+            sem.clone(),
+            progress.clone(),
+        );
+        tasks.spawn(async move {
+            let _permit = sem
+                .acquire_owned()
+                .await
+                .expect("semaphore is never closed");
+            let t = Instant::now();
+            let p = progress.clone();
+            let r = download::fetch(&fetcher, &store, &job, &move |n| p.bytes(n)).await;
+            if r.is_ok() {
+                progress.file_done(&job.url, job.size, t.elapsed());
+            }
+            r.map(|n| (n, job.size))
+        });
+    }
+    let mut first_err = None;
+    let mut failed = 0;
+    while let Some(res) = tasks.join_next().await {
+        match res.expect("download tasks do not panic") {
+            Ok((n, _)) => {
+                report.files_fetched += 1;
+                report.bytes_fetched += n;
+            }
+            Err(e) => {
+                failed += 1;
+                if first_err.is_none() {
+                    first_err = Some(e);
+                    // Stop the others: partial files stay in tmp/ for the next run.
+                    tasks.abort_all();
+                }
+            }
+        }
+    }
+    progress.finish();
+    if let Some(e) = first_err {
+        let others = if failed > 1 {
+            format!(" (and {} more failed)", failed - 1)
+        } else {
+            String::new()
+        };
+        return Err(anyhow::anyhow!("{e}{others}"));
+    }
+
+    // 4. Unpack bootloaders, lay out the snapshot, publish it.
+    let mut files = plan.files.clone();
+    let mut symlinks = BTreeMap::new();
+    let mut blobs: BTreeSet<_> = plan
+        .fetch
+        .iter()
+        .chain(&plan.have)
+        .map(|i| i.sha256)
+        .collect();
+    for archive in &plan.archives {
+        let store2 = store.clone();
+        let digest = archive.sha256;
+        let members = tokio::task::spawn_blocking(move || crate::archive::unpack(&store2, &digest))
+            .await
+            .expect("unpack does not panic")
+            .with_context(|| format!("unpacking bootloader archive for {}", archive.dir))?;
+        let names: Vec<String> = members.iter().map(|m| m.path.clone()).collect();
+        for m in &members {
+            blobs.insert(m.sha256);
+            files.insert(format!("{}/{}", archive.dir, m.path), m.sha256);
+        }
+        for (served, member) in plan::root_links(&archive.bootloader_type, &archive.arch, &names) {
+            let m = members
+                .iter()
+                .find(|m| m.path == member)
+                .expect("link names a member");
+            files.entry(served).or_insert(m.sha256);
+        }
+        if archive.bootloader_type == "pxe" {
+            symlinks
+                .entry("syslinux".to_string())
+                .or_insert(archive.dir.clone());
+        }
+    }
+    let generation = store.next_generation(state.generation);
+    let manifest = Manifest {
+        generation,
+        created: now_unix(),
+        products: plan.products.clone(),
+        files,
+        blobs,
+    };
+    store.build_snapshot(&manifest, &symlinks, &plan.meta)?;
+    store.publish(generation)?;
+    state.generation = generation;
+    state.sources_key = key;
+    state.indexes = new_validators;
+    state.last_success = Some(now_unix());
+    state.save(&settings.state_dir)?;
+    let gc = store.gc(&BTreeSet::from([generation]), &BTreeSet::new())?;
+    report.gc_blobs = gc.blobs;
+    report.gc_bytes = gc.bytes;
+    report.generation = Some(generation);
+    report.changed = true;
+    report.elapsed_ms = started.elapsed().as_millis() as u64;
+    Ok(report)
+}

@@ -1,0 +1,314 @@
+//! OpenPGP verification of clearsigned SimpleStreams documents (sequoia-openpgp).
+//!
+//! Only this module can make a [`Verified`] value: either the signed text of a document
+//! whose signature checked out against the source's keyring, or the text of a document
+//! from a source the operator explicitly marked unsigned. Everything downstream
+//! (selection, planning) only ever sees `Verified` documents.
+//!
+//! Policy: the certificates in the keyring may carry SHA-1 self-signatures (the real
+//! `ubuntu-cloudimage-keyring.gpg` keys do), but the signature over the data must use
+//! SHA-256 or stronger. Expired or revoked signing keys are refused.
+
+use std::io::Read;
+use std::path::Path;
+use std::time::SystemTime;
+
+use sequoia_openpgp as openpgp;
+
+use openpgp::cert::CertParser;
+use openpgp::parse::stream::{
+    MessageLayer, MessageStructure, VerificationError, VerificationHelper, VerifierBuilder,
+};
+use openpgp::parse::Parse;
+use openpgp::policy::{HashAlgoSecurity, StandardPolicy};
+use openpgp::types::HashAlgorithm;
+use openpgp::{Cert, KeyHandle};
+
+const CLEARSIGN_HEADER: &[u8] = b"-----BEGIN PGP SIGNED MESSAGE-----";
+
+/// Why a signed document was refused. The caller adds the URL.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("not a clearsigned document (no \"-----BEGIN PGP SIGNED MESSAGE-----\" header)")]
+    NotClearsigned,
+    #[error("signed by an unknown key {0} (not in the keyring)")]
+    UnknownKey(String),
+    #[error("bad signature by key {key}: {reason}")]
+    BadSignature { key: String, reason: String },
+    #[error("signing key {key} is not valid: {reason}")]
+    BadKey { key: String, reason: String },
+    #[error("data signature uses {0}, which is too weak (SHA-256 or stronger required)")]
+    WeakHash(HashAlgorithm),
+    #[error("malformed signature: {0}")]
+    Malformed(String),
+    #[error("signed text is not UTF-8")]
+    NotUtf8,
+}
+
+/// A keyring error (config problem): names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyringError {
+    #[error("cannot read keyring {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("keyring {origin} is not an OpenPGP keyring: {reason}")]
+    Parse { origin: String, reason: String },
+    #[error("keyring {0} holds no certificates")]
+    Empty(String),
+}
+
+/// The certificates trusted for one boot source.
+#[derive(Clone, Debug)]
+pub struct Keyring {
+    certs: Vec<Cert>,
+}
+
+impl Keyring {
+    /// Loads a binary or ASCII-armored keyring file.
+    pub fn from_file(path: &Path) -> Result<Keyring, KeyringError> {
+        let bytes = std::fs::read(path).map_err(|source| KeyringError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Keyring::from_bytes(&bytes, &path.display().to_string())
+    }
+
+    /// Parses keyring bytes; `origin` names them in errors.
+    pub fn from_bytes(bytes: &[u8], origin: &str) -> Result<Keyring, KeyringError> {
+        let parse_err = |e: anyhow::Error| KeyringError::Parse {
+            origin: origin.to_string(),
+            reason: format!("{e:#}"),
+        };
+        let mut certs = Vec::new();
+        for cert in CertParser::from_bytes(bytes).map_err(parse_err)? {
+            certs.push(cert.map_err(parse_err)?);
+        }
+        if certs.is_empty() {
+            return Err(KeyringError::Empty(origin.to_string()));
+        }
+        Ok(Keyring { certs })
+    }
+
+    /// Fingerprints of the certificates, for logs and status.
+    pub fn fingerprints(&self) -> Vec<String> {
+        self.certs
+            .iter()
+            .map(|c| c.fingerprint().to_hex())
+            .collect()
+    }
+
+    /// Number of certificates whose primary key is valid under rackboot's policy now.
+    pub fn usable_certs(&self, now: SystemTime) -> usize {
+        let policy = policy();
+        self.certs
+            .iter()
+            .filter(|c| c.with_policy(&policy, now).is_ok())
+            .count()
+    }
+}
+
+/// A document whose content rackboot may trust: signature verified, or the source
+/// was configured unsigned by the operator.
+#[derive(Clone, Debug)]
+pub struct Verified<T> {
+    inner: T,
+    signer: Option<String>,
+}
+
+impl<T> Verified<T> {
+    pub fn get(&self) -> &T {
+        &self.inner
+    }
+    /// Fingerprint of the key that signed it, `None` for an unsigned source.
+    pub fn signer(&self) -> Option<&str> {
+        self.signer.as_deref()
+    }
+    /// Carries the trust over to a value derived (purely) from the verified one.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Verified<U> {
+        Verified {
+            inner: f(self.inner),
+            signer: self.signer,
+        }
+    }
+    /// Same as [`Verified::map`] for a fallible derivation (parsing).
+    pub fn try_map<U, E>(self, f: impl FnOnce(T) -> Result<U, E>) -> Result<Verified<U>, E> {
+        Ok(Verified {
+            inner: f(self.inner)?,
+            signer: self.signer,
+        })
+    }
+}
+
+/// Marker that the operator configured a source as unsigned; only the config loader
+/// constructs it.
+#[derive(Clone, Copy, Debug)]
+pub struct UnsignedSource(pub(crate) ());
+
+/// Accepts the text of a document from an explicitly unsigned source.
+pub fn accept_unsigned(text: String, _proof: UnsignedSource) -> Verified<String> {
+    Verified {
+        inner: text,
+        signer: None,
+    }
+}
+
+/// sequoia's standard policy, relaxed for SHA-1 only where certificate self-signatures
+/// need it (see the module docs); the data signature is checked separately.
+fn policy() -> StandardPolicy<'static> {
+    let mut p = StandardPolicy::new();
+    p.accept_hash_property(
+        HashAlgorithm::SHA1,
+        HashAlgoSecurity::SecondPreImageResistance,
+    );
+    p.accept_hash_property(HashAlgorithm::SHA1, HashAlgoSecurity::CollisionResistance);
+    p
+}
+
+struct Helper<'a> {
+    certs: &'a [Cert],
+    /// Written by `check`; outlives the verifier, which drops the helper on failure.
+    outcome: &'a mut Option<Result<String, VerifyError>>,
+}
+
+fn key_name(sig: &openpgp::packet::Signature) -> String {
+    sig.get_issuers()
+        .first()
+        .map(|h| h.to_hex())
+        .unwrap_or_else(|| "<no issuer>".to_string())
+}
+
+impl VerificationHelper for Helper<'_> {
+    fn get_certs(&mut self, _ids: &[KeyHandle]) -> openpgp::Result<Vec<Cert>> {
+        Ok(self.certs.to_vec())
+    }
+
+    fn check(&mut self, structure: MessageStructure) -> openpgp::Result<()> {
+        let mut first_error = None;
+        for layer in structure.into_iter() {
+            let MessageLayer::SignatureGroup { results } = layer else {
+                first_error.get_or_insert(VerifyError::Malformed(
+                    "unexpected compression or encryption layer".into(),
+                ));
+                continue;
+            };
+            for result in results {
+                match result {
+                    Ok(good) => {
+                        let algo = good.sig.hash_algo();
+                        if !matches!(
+                            algo,
+                            HashAlgorithm::SHA256
+                                | HashAlgorithm::SHA384
+                                | HashAlgorithm::SHA512
+                                | HashAlgorithm::SHA3_256
+                                | HashAlgorithm::SHA3_512
+                        ) {
+                            first_error.get_or_insert(VerifyError::WeakHash(algo));
+                            continue;
+                        }
+                        *self.outcome = Some(Ok(good.ka.cert().fingerprint().to_hex()));
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        let err = match e {
+                            VerificationError::MissingKey { sig } => {
+                                VerifyError::UnknownKey(key_name(sig))
+                            }
+                            VerificationError::BadSignature { sig, error, .. } => {
+                                VerifyError::BadSignature {
+                                    key: key_name(sig),
+                                    reason: format!("{error:#}"),
+                                }
+                            }
+                            VerificationError::BadKey { sig, error, .. }
+                            | VerificationError::UnboundKey { sig, error, .. } => {
+                                VerifyError::BadKey {
+                                    key: key_name(sig),
+                                    reason: format!("{error:#}"),
+                                }
+                            }
+                            VerificationError::MalformedSignature { error, .. } => {
+                                VerifyError::Malformed(format!("{error:#}"))
+                            }
+                            VerificationError::UnknownSignature { .. } => {
+                                VerifyError::Malformed("unknown signature packet".into())
+                            }
+                            other => VerifyError::Malformed(other.to_string()),
+                        };
+                        first_error.get_or_insert(err);
+                    }
+                }
+            }
+        }
+        let err =
+            first_error.unwrap_or_else(|| VerifyError::Malformed("no signature found".into()));
+        let msg = err.to_string();
+        *self.outcome = Some(Err(err));
+        Err(anyhow::anyhow!(msg))
+    }
+}
+
+/// Verifies a clearsigned document against `keyring` at time `now` and returns the
+/// signed text (never the raw file: text outside the signed part is dropped).
+pub fn verify_clearsigned(
+    keyring: &Keyring,
+    data: &[u8],
+    now: SystemTime,
+) -> Result<Verified<String>, VerifyError> {
+    let start = data
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(0);
+    if !data[start..].starts_with(CLEARSIGN_HEADER) {
+        return Err(VerifyError::NotClearsigned);
+    }
+    let policy = policy();
+    let mut outcome = None;
+    let read = {
+        let helper = Helper {
+            certs: &keyring.certs,
+            outcome: &mut outcome,
+        };
+        VerifierBuilder::from_bytes(data)
+            .and_then(|b| {
+                b.buffer_size(crate::simplestreams::MAX_METADATA_BYTES + (1 << 20))
+                    .with_policy(&policy, Some(now), helper)
+            })
+            .and_then(|mut v| {
+                let mut out = Vec::with_capacity(data.len());
+                v.read_to_end(&mut out)?;
+                Ok(out)
+            })
+    };
+    match (outcome, read) {
+        (Some(Ok(signer)), Ok(text)) => Ok(Verified {
+            inner: String::from_utf8(text).map_err(|_| VerifyError::NotUtf8)?,
+            signer: Some(signer),
+        }),
+        (Some(Err(e)), _) => Err(e),
+        (_, Err(e)) => Err(VerifyError::Malformed(format!("{e:#}"))),
+        (None, Ok(_)) => Err(VerifyError::Malformed("no signature found".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_documents_without_clearsign_header() {
+        let kr = Keyring { certs: vec![] };
+        assert!(matches!(
+            verify_clearsigned(&kr, b"{\"format\":\"index:1.0\"}", SystemTime::now()),
+            Err(VerifyError::NotClearsigned)
+        ));
+    }
+
+    #[test]
+    fn empty_keyring_is_an_error_naming_origin() {
+        let err = Keyring::from_bytes(b"", "inline keyring_data").unwrap_err();
+        assert!(err.to_string().contains("inline keyring_data"), "{err}");
+    }
+}
