@@ -18,9 +18,12 @@ pub struct Member {
     pub size: u64,
 }
 
-/// Unpacks the archive blob `archive` into member blobs.
+/// Unpacks the verified archive `archive` into member payloads, staged in `tmp/` like
+/// downloads (the caller commits them when the sync succeeds).
 pub fn unpack(store: &Store, archive: &Sha256) -> anyhow::Result<Vec<Member>> {
-    let path = store.blob_path(archive);
+    let path = store
+        .verified_path(archive, None)
+        .ok_or_else(|| anyhow::anyhow!("archive {archive} is neither stored nor staged"))?;
     let file = ctx(File::open(&path), "cannot open", &path)?;
     let (reader, mut writer) = ctx(std::io::pipe(), "cannot create pipe for", &path)?;
     let decoder = std::thread::spawn(move || {
@@ -76,22 +79,17 @@ fn unpack_tar(store: &Store, reader: impl Read, name: &str) -> anyhow::Result<Ve
             size += n as u64;
         }
         let digest = Sha256::from_bytes(hasher.finalize().into());
-        if store.has_blob(&digest, Some(size)) {
-            continue_with(&mut out, member, digest, size);
-            continue;
+        if store.verified_path(&digest, Some(size)).is_none() {
+            tmp.as_file().sync_all()?;
+            let staged = store.staged_path(&digest);
+            tmp.persist(&staged)
+                .map_err(|e| anyhow::anyhow!("{}: {}", staged.display(), e.error))?;
         }
-        tmp.as_file().sync_all()?;
-        let (_, tmp_path) = tmp.keep()?;
-        store.commit_blob(&tmp_path, &digest)?;
-        continue_with(&mut out, member, digest, size);
+        out.push(Member {
+            path: member.to_string(),
+            sha256: digest,
+            size,
+        });
     }
     Ok(out)
-}
-
-fn continue_with(out: &mut Vec<Member>, member: RelPath, sha256: Sha256, size: u64) {
-    out.push(Member {
-        path: member.to_string(),
-        sha256,
-        size,
-    });
 }

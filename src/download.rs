@@ -1,5 +1,6 @@
 //! Downloads: stream a payload into `tmp/<digest>.part`, checking size and sha256 as
-//! bytes arrive, and move it into the blob store only once it matches.
+//! bytes arrive; once it matches it becomes `tmp/<digest>.ok` (staged), and the sync
+//! moves staged files into the blob store only when the whole run succeeded.
 //!
 //! A partial file from an earlier run (crash, kill -9, truncated body, full disk) is
 //! resumed with an HTTP Range request; its bytes are re-hashed first. A file that turns
@@ -30,11 +31,13 @@ pub struct Job {
 pub enum DownloadError {
     #[error(transparent)]
     Fetch(#[from] FetchError),
-    #[error("{url}: truncated body: got {got} of {expected} bytes (kept for resume)")]
+    #[error("{url}: truncated body: got {got} of {expected} bytes{cause} (kept for resume)")]
     Truncated {
         url: String,
         expected: u64,
         got: u64,
+        /// `": <transport error>"` when the connection broke, else empty.
+        cause: String,
     },
     #[error("{url}: wrong size: more than the {expected} bytes the index lists")]
     TooLong { url: String, expected: u64 },
@@ -81,6 +84,10 @@ pub async fn fetch(
     job: &Job,
     progress: &(dyn Fn(u64) + Send + Sync),
 ) -> Result<u64, DownloadError> {
+    if store.verified_path(&job.sha256, Some(job.size)).is_some() {
+        progress(job.size);
+        return Ok(0);
+    }
     let part = store.part_path(&job.sha256);
     let url = job.url.to_string();
     let mut hasher = Hasher::new();
@@ -116,9 +123,22 @@ pub async fn fetch(
     while let Some(chunk) = body.stream.next().await {
         let chunk = match chunk {
             Ok(c) => c,
-            Err(e) => {
+            Err(e @ FetchError::Timeout { .. }) => {
                 let _ = file.sync_all();
                 return Err(e.into());
+            }
+            Err(e) => {
+                let _ = file.sync_all();
+                let cause = match &e {
+                    FetchError::Transport { message, .. } => format!(": {message}"),
+                    other => format!(": {other}"),
+                };
+                return Err(DownloadError::Truncated {
+                    url,
+                    expected: job.size,
+                    got,
+                    cause,
+                });
             }
         };
         if got + chunk.len() as u64 > job.size {
@@ -142,6 +162,7 @@ pub async fn fetch(
             url,
             expected: job.size,
             got,
+            cause: String::new(),
         });
     }
     let digest = Sha256::from_bytes(hasher.finalize().into());
@@ -153,11 +174,7 @@ pub async fn fetch(
             got: digest,
         });
     }
-    store
-        .commit_blob(&part, &job.sha256)
-        .map_err(|e| DownloadError::Io {
-            path: part.display().to_string(),
-            source: std::io::Error::other(format!("{e:#}")),
-        })?;
+    let staged = store.staged_path(&job.sha256);
+    fs::rename(&part, &staged).map_err(io_err(&staged))?;
     Ok(transferred)
 }

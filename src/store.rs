@@ -112,6 +112,29 @@ impl Store {
         self.tmp_dir().join(format!("{d}.part"))
     }
 
+    /// Where a verified payload waits until the whole sync succeeds.
+    pub fn staged_path(&self, d: &Sha256) -> PathBuf {
+        self.tmp_dir().join(format!("{d}.ok"))
+    }
+
+    /// A verified copy of `d`: in the blob store, or staged by an earlier (failed) run.
+    pub fn verified_path(&self, d: &Sha256, size: Option<u64>) -> Option<PathBuf> {
+        [self.blob_path(d), self.staged_path(d)]
+            .into_iter()
+            .find(|p| {
+                fs::metadata(p).is_ok_and(|m| m.is_file() && size.is_none_or(|s| m.len() == s))
+            })
+    }
+
+    /// Moves a staged payload into the blob store (no-op if it is already there).
+    pub fn commit_staged(&self, d: &Sha256) -> anyhow::Result<()> {
+        let staged = self.staged_path(d);
+        if staged.exists() {
+            self.commit_blob(&staged, d)?;
+        }
+        Ok(())
+    }
+
     /// Moves a verified, fsynced file into the blob store under its hash.
     pub fn commit_blob(&self, file: &Path, d: &Sha256) -> anyhow::Result<()> {
         let dest = self.blob_path(d);
@@ -122,7 +145,7 @@ impl Store {
     }
 
     /// Removes leftovers of interrupted runs from `tmp/`, keeping resumable `.part`
-    /// files whose digest is still wanted.
+    /// files and verified `.ok` files whose digest is still wanted.
     pub fn clean_tmp(&self, wanted: &BTreeSet<Sha256>) -> anyhow::Result<()> {
         let tmp = self.tmp_dir();
         for e in ctx(fs::read_dir(&tmp), "cannot read", &tmp)? {
@@ -130,6 +153,7 @@ impl Store {
             let name = e.file_name().to_string_lossy().to_string();
             let keep = name
                 .strip_suffix(".part")
+                .or_else(|| name.strip_suffix(".ok"))
                 .and_then(|h| h.parse::<Sha256>().ok())
                 .is_some_and(|d| wanted.contains(&d));
             if !keep {

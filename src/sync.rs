@@ -417,6 +417,7 @@ pub async fn run(
         report.warnings.push(w);
     }
     let plan = plan::plan(&selected, &|d| store.has_blob(d, None));
+    // Payloads verified by an earlier failed run wait in tmp/ and are not refetched.
     report.files_total = plan.fetch.len() + plan.have.len();
     report.bytes_total = plan.total_bytes();
     report.requests = requests.0.load(Ordering::Relaxed);
@@ -507,7 +508,12 @@ pub async fn run(
     let mut first_err = None;
     let mut failed = 0;
     while let Some(res) = tasks.join_next().await {
-        match res.expect("download tasks do not panic") {
+        let res = match res {
+            Ok(r) => r,
+            Err(e) if e.is_cancelled() => continue, // aborted after the first failure
+            Err(e) => anyhow::bail!("download task failed: {e}"),
+        };
+        match res {
             Ok((n, _)) => {
                 report.files_fetched += 1;
                 report.bytes_fetched += n;
@@ -565,6 +571,10 @@ pub async fn run(
                 .entry("syslinux".to_string())
                 .or_insert(archive.dir.clone());
         }
+    }
+    // Everything verified: move staged payloads into the blob store.
+    for d in &blobs {
+        store.commit_staged(d)?;
     }
     let generation = store.next_generation(state.generation);
     let manifest = Manifest {

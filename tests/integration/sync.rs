@@ -1,0 +1,613 @@
+//! `rackboot sync` against a fake signed mirror on 127.0.0.1.
+
+use std::time::Duration;
+
+use sequoia_openpgp::parse::Parse as _;
+use sequoia_openpgp::types::HashAlgorithm;
+
+use crate::harness::*;
+use crate::mirror::*;
+
+const SHA512: Signing = Signing::Signed(HashAlgorithm::SHA512);
+
+/// A mirror with noble amd64 + arm64 images and bootloaders, signed by `key`.
+fn standard(env: &Env, key: &TestKey, version: &str) -> Vec<ProductSpec> {
+    let mut products = vec![
+        image("noble", "amd64", version, 64 << 10),
+        image("noble", "arm64", version, 48 << 10),
+    ];
+    products.extend(bootloaders("20210819.0"));
+    write_stream(&env.mirror, &products, key, SHA512);
+    products
+}
+
+fn setup(arches: &[&str]) -> (Env, TestKey, MirrorServer) {
+    let env = Env::new();
+    let key = TestKey::generate();
+    key.write_keyring(&env.keyring);
+    standard(&env, &key, "20261101");
+    let server = MirrorServer::start(&env.mirror);
+    env.write_config(&server.url(), arches, "");
+    (env, key, server)
+}
+
+/// Every served file equals the upstream item it came from.
+fn assert_current_matches(env: &Env, products: &[ProductSpec], arches: &[&str]) {
+    let cur = env.current();
+    for p in products
+        .iter()
+        .filter(|p| p.fields.get("release").is_some())
+    {
+        let arch = p.fields["arch"].as_str().unwrap();
+        if !arches.contains(&arch) {
+            continue;
+        }
+        let (_, items) = p.versions.iter().next_back().unwrap();
+        for it in items {
+            let name = it.path.rsplit('/').next().unwrap();
+            for sub in ["ga-24.04", "generic"] {
+                let f = cur.join(format!("ubuntu/{arch}/{sub}/noble/stable/{name}"));
+                assert_eq!(file_sha256(&f), sha256_hex(&it.data), "{}", f.display());
+            }
+        }
+    }
+}
+
+#[test]
+fn signed_mirror_syncs_then_noop_is_one_conditional_request() {
+    let (env, key, server) = setup(&["amd64", "arm64"]);
+    let products = standard(&env, &key, "20261101");
+    let out = env.ok(&["sync"]);
+    assert!(out.contains("synced: generation 1"), "{out}");
+    assert_current_matches(&env, &products, &["amd64", "arm64"]);
+    let cur = env.current();
+    // Bootloaders unpacked to the names firmware asks for.
+    assert_eq!(
+        std::fs::read(cur.join("pxelinux.0")).unwrap(),
+        b"lpxelinux-bios-http"
+    );
+    assert_eq!(
+        std::fs::read(cur.join("lpxelinux.0")).unwrap(),
+        b"lpxelinux-bios-http"
+    );
+    assert_eq!(
+        std::fs::read(cur.join("bootx64.efi")).unwrap(),
+        payload(3, 5000)
+    );
+    assert_eq!(
+        std::fs::read(cur.join("grubx64.efi")).unwrap(),
+        payload(4, 6000)
+    );
+    assert_eq!(
+        std::fs::read(cur.join("grub/x86_64-efi/http.mod")).unwrap(),
+        payload(5, 700)
+    );
+    assert_eq!(
+        std::fs::read(cur.join("grubaa64.efi")).unwrap(),
+        payload(6, 6000)
+    );
+    assert_eq!(
+        std::fs::read(cur.join("bootaa64.efi")).unwrap(),
+        payload(7, 5000)
+    );
+    assert_eq!(
+        std::fs::read(cur.join("syslinux/ldlinux.c32")).unwrap(),
+        payload(1, 4000)
+    );
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cur.join("maas.meta")).unwrap()).unwrap();
+    assert_eq!(
+        meta["ubuntu"]["amd64"]["ga-24.04"]["generic"]["noble"]["stable"]["version_name"],
+        "20261101"
+    );
+
+    // Nothing new upstream: one conditional request, no file written.
+    let before = env.fingerprint();
+    let state_mtime = std::fs::metadata(env.state.join("state.json"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    server.clear_log();
+    let out = env.ok(&["sync"]);
+    assert!(
+        out.contains("up to date: generation 1 unchanged (1 request"),
+        "{out}"
+    );
+    let reqs = server.requests();
+    assert_eq!(reqs.len(), 1, "{reqs:?}");
+    assert!(reqs[0].path.ends_with("streams/v1/index.sjson"));
+    assert!(reqs[0].headers.contains_key("if-none-match"), "{reqs:?}");
+    assert_eq!(reqs[0].status, 304);
+    assert_eq!(env.fingerprint(), before);
+    assert_eq!(
+        std::fs::metadata(env.state.join("state.json"))
+            .unwrap()
+            .modified()
+            .unwrap(),
+        state_mtime
+    );
+}
+
+#[test]
+fn new_version_becomes_current_and_unselected_image_is_collected() {
+    let (env, key, _server) = setup(&["amd64", "arm64"]);
+    env.ok(&["sync"]);
+    let old_arm_kernel = file_sha256(
+        &env.current()
+            .join("ubuntu/arm64/ga-24.04/noble/stable/boot-kernel"),
+    );
+
+    // A new version upstream becomes current.
+    let products = standard(&env, &key, "20261120");
+    let out = env.ok(&["sync"]);
+    assert!(out.contains("synced: generation 2 (was 1)"), "{out}");
+    assert!(
+        out.contains("~ ubuntu/amd64/ga-24.04/noble/stable 20261101 -> 20261120"),
+        "{out}"
+    );
+    assert_current_matches(&env, &products, &["amd64", "arm64"]);
+    assert!(
+        !env.state.join("snapshots/1").exists(),
+        "old snapshot collected"
+    );
+
+    // Unselect arm64: it disappears from the next snapshot and its blobs go.
+    let arm_kernel = file_sha256(
+        &env.current()
+            .join("ubuntu/arm64/ga-24.04/noble/stable/boot-kernel"),
+    );
+    assert_ne!(arm_kernel, old_arm_kernel);
+    env.ok(&["boot-source-selections", "update", "1", "1", "arches=amd64"]);
+    let out = env.ok(&["sync"]);
+    assert!(
+        out.contains("- ubuntu/arm64/ga-24.04/noble/stable 20261120"),
+        "{out}"
+    );
+    assert!(out.contains("- bootloader/uefi/arm64"), "{out}");
+    assert!(!env.current().join("ubuntu/arm64").exists());
+    assert!(!env.current().join("grubaa64.efi").exists());
+    assert!(env
+        .current()
+        .join("ubuntu/amd64/generic/noble/stable/boot-kernel")
+        .exists());
+    let blobs = env.blobs();
+    assert!(!blobs.contains(&arm_kernel), "arm64 kernel blob collected");
+    assert!(!blobs.contains(&old_arm_kernel));
+}
+
+#[test]
+fn real_ubuntu_cloudimage_keyring_loads_and_is_usable() {
+    let path = std::path::Path::new("/usr/share/keyrings/ubuntu-cloudimage-keyring.gpg");
+    assert!(
+        path.exists(),
+        "{} is missing: install Debian's ubuntu-keyring (bookworm-backports); .ci/run does",
+        path.display()
+    );
+    let kr = rackboot::verify::Keyring::from_file(path).unwrap();
+    assert_eq!(kr.fingerprints().len(), 2, "{:?}", kr.fingerprints());
+    assert_eq!(kr.usable_certs(std::time::SystemTime::now()), 2);
+    // …which the default policy would not accept:
+    let certs: Vec<sequoia_openpgp::Cert> =
+        sequoia_openpgp::cert::CertParser::from_bytes(&std::fs::read(path).unwrap())
+            .unwrap()
+            .map(|c| c.unwrap())
+            .collect();
+    assert!(certs.iter().all(|c| !valid_under_standard_policy(c)));
+}
+
+#[test]
+fn mirror_signed_by_a_sha1_selfsigned_key_syncs() {
+    let env = Env::new();
+    let key = TestKey::sha1_selfsigned();
+    assert!(
+        !valid_under_standard_policy(&key.cert),
+        "fixture must need the relaxed policy"
+    );
+    key.write_keyring(&env.keyring);
+    let products = standard(&env, &key, "20261101");
+    let server = MirrorServer::start(&env.mirror);
+    env.write_config(&server.url(), &["amd64"], "");
+    env.ok(&["sync"]);
+    assert_current_matches(&env, &products, &["amd64"]);
+}
+
+/// Syncs a good mirror, breaks it with `breakage`, and checks that the next sync fails
+/// with a message containing `expect` and leaves `current` and the store unchanged.
+fn failing_sync_changes_nothing(
+    expect: &str,
+    config_extra: &str,
+    breakage: impl FnOnce(&Env, &TestKey, &MirrorServer),
+) {
+    let env = Env::new();
+    let key = TestKey::generate();
+    key.write_keyring(&env.keyring);
+    standard(&env, &key, "20261101");
+    let server = MirrorServer::start(&env.mirror);
+    env.write_config(&server.url(), &["amd64", "arm64"], config_extra);
+    env.ok(&["sync"]);
+    // Something new upstream, so the failing run has real work to do.
+    breakage(&env, &key, &server);
+    let before = env.fingerprint();
+    let stderr = env.fails(&["sync"], 1);
+    assert!(stderr.contains(expect), "expected {expect:?} in:\n{stderr}");
+    let first = stderr.lines().find(|l| l.contains("error:")).unwrap_or("");
+    assert!(
+        first.contains("http://127.0.0.1") || first.contains(&env.dir.path().display().to_string()),
+        "the first error line names the URL or file: {first}"
+    );
+    assert_eq!(env.fingerprint(), before, "a failed sync changed the store");
+    // The served tree still verifies.
+    assert!(env
+        .current()
+        .join("ubuntu/amd64/generic/noble/stable/boot-kernel")
+        .exists());
+}
+
+fn new_version(env: &Env, key: &TestKey) -> Vec<ProductSpec> {
+    standard(env, key, "20261120")
+}
+
+#[test]
+fn fails_safely_on_unknown_key() {
+    failing_sync_changes_nothing("unknown key", "", |env, _key, _s| {
+        new_version(env, &TestKey::generate());
+    });
+}
+
+#[test]
+fn fails_safely_on_wrong_signature() {
+    // Signed by another key whose certificate is in the keyring under the same
+    // fingerprint is impossible; a signature made over different text is the
+    // realistic "wrong signature": take the signature block of another document.
+    failing_sync_changes_nothing("bad signature", "", |env, key, _s| {
+        new_version(env, key);
+        let idx = env.mirror.join("streams/v1/index.sjson");
+        let other = env
+            .mirror
+            .join("streams/v1/com.ubuntu.maas:stable:v3:download.sjson");
+        let idx_text = String::from_utf8(std::fs::read(&idx).unwrap()).unwrap();
+        let other_text = String::from_utf8(std::fs::read(&other).unwrap()).unwrap();
+        let sig_start = |t: &str| t.find("-----BEGIN PGP SIGNATURE-----").unwrap();
+        let spliced = format!(
+            "{}{}",
+            &idx_text[..sig_start(&idx_text)],
+            &other_text[sig_start(&other_text)..]
+        );
+        std::fs::write(&idx, spliced).unwrap();
+    });
+}
+
+#[test]
+fn fails_safely_on_tampered_index() {
+    failing_sync_changes_nothing("bad signature", "", |env, key, _s| {
+        new_version(env, key);
+        let p = env
+            .mirror
+            .join("streams/v1/com.ubuntu.maas:stable:v3:download.sjson");
+        let text = String::from_utf8(std::fs::read(&p).unwrap()).unwrap();
+        std::fs::write(&p, text.replacen("20261120", "20261121", 1)).unwrap();
+    });
+}
+
+#[test]
+fn fails_safely_on_sha1_data_signature() {
+    failing_sync_changes_nothing("too weak", "", |env, key, _s| {
+        let mut products = vec![image("noble", "amd64", "20261120", 64 << 10)];
+        products.extend(bootloaders("20210819.0"));
+        write_stream(
+            &env.mirror,
+            &products,
+            key,
+            Signing::Signed(HashAlgorithm::SHA1),
+        );
+    });
+}
+
+#[test]
+fn fails_safely_on_unsigned_products_file_in_signed_mode() {
+    failing_sync_changes_nothing("not a clearsigned document", "", |env, key, _s| {
+        new_version(env, key);
+        let dir = env.mirror.join("streams/v1");
+        std::fs::copy(
+            dir.join("com.ubuntu.maas:stable:v3:download.json"),
+            dir.join("com.ubuntu.maas:stable:v3:download.sjson"),
+        )
+        .unwrap();
+    });
+}
+
+fn with_item(env: &Env, key: &TestKey, edit: impl FnOnce(&mut ItemSpec)) {
+    let mut img = image("noble", "amd64", "20261120", 64 << 10);
+    edit(&mut img.versions.values_mut().next().unwrap()[0]);
+    let mut products = vec![img, image("noble", "arm64", "20261101", 48 << 10)];
+    products.extend(bootloaders("20210819.0"));
+    write_stream(&env.mirror, &products, key, SHA512);
+}
+
+#[test]
+fn fails_safely_on_wrong_sha256() {
+    failing_sync_changes_nothing("sha256 mismatch", "", |env, key, _s| {
+        with_item(env, key, |it| {
+            it.listed_sha256 = Some(sha256_hex(b"something else"))
+        });
+    });
+}
+
+#[test]
+fn fails_safely_on_wrong_size() {
+    failing_sync_changes_nothing("wrong size", "", |env, key, _s| {
+        with_item(env, key, |it| {
+            it.listed_size = Some(it.data.len() as u64 - 100)
+        });
+    });
+}
+
+#[test]
+fn fails_safely_on_truncated_body() {
+    failing_sync_changes_nothing("truncated body", "", |env, key, server| {
+        new_version(env, key);
+        server.fault(
+            "20261120/ga-24.04/generic/boot-kernel",
+            Fault::Truncate(1000),
+        );
+    });
+}
+
+#[test]
+fn fails_safely_on_404_and_503() {
+    failing_sync_changes_nothing("HTTP 404", "", |env, key, _s| {
+        new_version(env, key);
+        std::fs::remove_file(env.mirror.join("noble/amd64/20261120/squashfs")).unwrap();
+    });
+    failing_sync_changes_nothing("HTTP 503", "", |env, key, server| {
+        new_version(env, key);
+        server.fault("streams/v1/index.sjson", Fault::Status(503));
+    });
+}
+
+#[test]
+fn fails_safely_on_stalled_upstream() {
+    failing_sync_changes_nothing("timed out", "", |env, key, server| {
+        new_version(env, key);
+        server.fault("20261120/squashfs", Fault::Stall(Duration::from_secs(30)));
+    });
+}
+
+#[test]
+fn fails_safely_on_redirect_to_another_host() {
+    failing_sync_changes_nothing("redirect", "", |env, key, server| {
+        new_version(env, key);
+        server.fault(
+            "20261120/squashfs",
+            Fault::Redirect("http://127.0.0.2:9/elsewhere".into()),
+        );
+    });
+}
+
+#[test]
+fn fails_safely_on_malformed_json() {
+    failing_sync_changes_nothing("malformed json", "", |env, key, _s| {
+        new_version(env, key);
+        let p = env
+            .mirror
+            .join("streams/v1/com.ubuntu.maas:stable:v3:download.sjson");
+        std::fs::write(
+            &p,
+            key.clearsign(b"{\"format\": \"products:1.0\", ", HashAlgorithm::SHA512),
+        )
+        .unwrap();
+    });
+}
+
+#[test]
+fn fails_safely_on_path_escape() {
+    failing_sync_changes_nothing("unsafe path", "", |env, key, _s| {
+        with_item(env, key, |it| it.path = "../../etc/passwd".into());
+    });
+}
+
+#[test]
+fn fails_safely_on_full_disk() {
+    // The state dir on a small tmpfs: the first sync fits, the next one does not.
+    let env = Env::new();
+    std::fs::create_dir_all(&env.state).unwrap();
+    let st = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=1200k",
+            "rackboot-test",
+            &env.state.display().to_string(),
+        ])
+        .status()
+        .unwrap();
+    assert!(
+        st.success(),
+        "mounting a tmpfs needs root (CI runs as root)"
+    );
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(env.state.clone());
+    let key = TestKey::generate();
+    key.write_keyring(&env.keyring);
+    let mut products = vec![image("noble", "amd64", "20261101", 64 << 10)];
+    products.extend(bootloaders("20210819.0"));
+    write_stream(&env.mirror, &products, &key, SHA512);
+    let server = MirrorServer::start(&env.mirror);
+    env.write_config(&server.url(), &["amd64"], "");
+    env.ok(&["sync"]);
+    let mut products = vec![image("noble", "amd64", "20261120", 2 << 20)];
+    products.extend(bootloaders("20210819.0"));
+    write_stream(&env.mirror, &products, &key, SHA512);
+    let before = env.fingerprint();
+    let stderr = env.fails(&["sync"], 1);
+    assert!(stderr.contains("No space left on device"), "{stderr}");
+    assert_eq!(env.fingerprint(), before);
+}
+
+#[test]
+fn kill_9_mid_download_then_resume_with_range() {
+    let env = Env::new();
+    let key = TestKey::generate();
+    key.write_keyring(&env.keyring);
+    let mut products = vec![image("noble", "amd64", "20261101", 8 << 20)];
+    products.extend(bootloaders("20210819.0"));
+    write_stream(&env.mirror, &products, &key, SHA512);
+    let server = MirrorServer::start(&env.mirror);
+    env.write_config(&server.url(), &["amd64"], "");
+    server.fault("20261101/squashfs", Fault::Throttle(2 << 20));
+    let mut child = env
+        .command(&["sync"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let tmp = env.state.join("tmp");
+    let squashfs = products[0].versions.values().next().unwrap()[2].clone();
+    assert_eq!(squashfs.ftype, "squashfs");
+    let part = tmp.join(format!("{}.part", sha256_hex(&squashfs.data)));
+    let part_size = || std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+    wait_until(
+        Duration::from_secs(30),
+        "a partial squashfs download",
+        || part_size() > (1 << 20),
+    );
+    child.kill().unwrap(); // SIGKILL, by PID
+    child.wait().unwrap();
+    assert!(
+        !env.current().exists(),
+        "nothing published by the killed run"
+    );
+    let partial = part_size();
+    assert!(
+        partial > (1 << 20) && partial < squashfs.data.len() as u64,
+        "{partial}"
+    );
+
+    server.clear_faults();
+    server.clear_log();
+    env.ok(&["sync"]);
+    assert_current_matches(&env, &products, &["amd64"]);
+    let ranged: Vec<_> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("squashfs") && r.headers.contains_key("range"))
+        .collect();
+    assert_eq!(
+        ranged.len(),
+        1,
+        "one resumed request: {:?}",
+        server.requests()
+    );
+    assert_eq!(ranged[0].status, 206);
+    let from: u64 = ranged[0].headers["range"]
+        .trim_start_matches("bytes=")
+        .trim_end_matches('-')
+        .parse()
+        .unwrap();
+    assert_eq!(from, partial, "resumed from the partial file's length");
+    assert!(
+        std::fs::read_dir(&tmp).unwrap().next().is_none(),
+        "tmp/ is clean"
+    );
+}
+
+#[test]
+fn concurrent_syncs_never_corrupt() {
+    let (env, key, server) = setup(&["amd64", "arm64"]);
+    let products = standard(&env, &key, "20261101");
+    server.fault("squashfs", Fault::Throttle(1 << 20));
+    let a = env
+        .command(&["sync"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        "the first sync to take the lock",
+        || std::fs::read_to_string(env.state.join("lock")).is_ok_and(|s| !s.trim().is_empty()),
+    );
+    // A second sync with --no-wait says clearly that one is running.
+    let stderr = env.fails(&["sync", "--no-wait"], 1);
+    assert!(stderr.contains("another sync is running"), "{stderr}");
+    // A third waits for the first, then finds nothing to do.
+    let c = env
+        .command(&["sync"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let a = wait_output(a, Duration::from_secs(60));
+    let c = wait_output(c, Duration::from_secs(60));
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+    assert!(
+        String::from_utf8_lossy(&c.stderr).contains("waiting"),
+        "the waiter said it waits"
+    );
+    assert!(String::from_utf8_lossy(&c.stdout).contains("up to date"));
+    assert_current_matches(&env, &products, &["amd64", "arm64"]);
+}
+
+#[test]
+fn dry_run_prints_the_plan_and_writes_nothing() {
+    let (env, _key, _server) = setup(&["amd64"]);
+    let out = env.ok(&["sync", "--dry-run"]);
+    assert!(
+        out.contains("+ com.ubuntu.maas.stable:v3:boot:24.04:amd64:ga-24.04 20261101 boot-kernel"),
+        "{out}"
+    );
+    assert!(out.contains("+ bootloader/pxe/i386 20210819.0"), "{out}");
+    assert!(out.contains("nothing changed"), "{out}");
+    assert!(
+        !env.state.exists(),
+        "dry run created {}",
+        env.state.display()
+    );
+}
+
+#[test]
+fn config_errors_exit_2_naming_the_key_or_file() {
+    let env = Env::new();
+    std::fs::write(&env.config, "[sync]\nintervall = \"5m\"\n").unwrap();
+    let stderr = env.fails(&["sync"], 2);
+    assert!(
+        stderr.contains("intervall") && stderr.contains("rackboot.toml"),
+        "{stderr}"
+    );
+    std::fs::write(
+        &env.config,
+        "[[sources]]\nurl = \"http://127.0.0.1:1/\"\nkeyring_filename = \"/nonexistent/keyring.gpg\"\n",
+    )
+    .unwrap();
+    let stderr = env.fails(&["sync"], 2);
+    assert!(stderr.contains("/nonexistent/keyring.gpg"), "{stderr}");
+    // Drop-ins override the main file.
+    std::fs::write(
+        &env.config,
+        format!("state_dir = \"{}\"\n", env.state.display()),
+    )
+    .unwrap();
+    std::fs::create_dir_all(env.dir.path().join("rackboot.toml.d")).unwrap();
+    std::fs::write(
+        env.dir.path().join("rackboot.toml.d/10-bad.toml"),
+        "[tftp]\nmax_blksize = 9\n",
+    )
+    .unwrap();
+    let stderr = env.fails(&["status"], 2);
+    assert!(stderr.contains("max_blksize"), "{stderr}");
+    // $RACKBOOT_CONFIG is honoured when --config is absent.
+    let out = std::process::Command::new(BIN)
+        .arg("status")
+        .env("RACKBOOT_CONFIG", env.dir.path().join("missing.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
+}
