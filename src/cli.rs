@@ -65,6 +65,8 @@ pub enum Command {
     },
     /// What is served and how the last sync went.
     Status,
+    /// Run the rack service: the periodic sync, TFTP and HTTP.
+    Serve,
 }
 
 /// An error that exits with status 2 (bad usage or bad config).
@@ -90,6 +92,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::BootSourceSelections { op, args } => cmd_selections(&cli, &settings, op, args),
         Command::BootResources { op } => cmd_resources(&cli, &settings, op),
         Command::Status => cmd_status(&cli, &settings),
+        Command::Serve => {
+            let path = config::config_path(cli.config.as_deref());
+            crate::daemon::serve(&path, settings).await
+        }
     }
 }
 
@@ -102,6 +108,7 @@ async fn cmd_sync(cli: &Cli, settings: &Settings, dry_run: bool, wait: bool) -> 
         } else {
             ProgressMode::detect()
         },
+        keep: Default::default(),
     };
     let report = sync::run(settings, &opts, Arc::new(LiveProgress::default())).await?;
     if cli.json {
@@ -193,7 +200,10 @@ fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn apply_source_kv(s: &mut StoredSource, pairs: &[(String, String)]) -> anyhow::Result<()> {
+pub(crate) fn apply_source_kv(
+    s: &mut StoredSource,
+    pairs: &[(String, String)],
+) -> anyhow::Result<()> {
     for (k, v) in pairs {
         match k.as_str() {
             "url" => s.url = v.clone(),
@@ -210,7 +220,10 @@ fn apply_source_kv(s: &mut StoredSource, pairs: &[(String, String)]) -> anyhow::
     config::check_source(&s.config()).map_err(usage)
 }
 
-fn apply_selection_kv(s: &mut Selection, pairs: &[(String, String)]) -> anyhow::Result<()> {
+pub(crate) fn apply_selection_kv(
+    s: &mut Selection,
+    pairs: &[(String, String)],
+) -> anyhow::Result<()> {
     for (k, v) in pairs {
         match k.as_str() {
             "os" => s.os = v.clone(),

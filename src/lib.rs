@@ -5,14 +5,24 @@
 //! `simplestreams`, `select` and `plan` are pure (no I/O, no clock); `sync` drives the
 //! pipeline; the servers only read the published snapshot.
 
+/// The daemon's HTTP routes (API, metrics, re-exported stream, files).
+pub mod api;
 /// Bootloader archive unpacking into the blob store.
 pub mod archive;
+/// What TFTP serves from the current snapshot.
+pub mod bootserve;
 /// The command line.
 pub mod cli;
 /// Configuration file, drop-ins and validated settings.
 pub mod config;
+/// `rackboot serve`: sockets, sync loop, signals.
+pub mod daemon;
 /// Streaming, resumable, hash-checked downloads into the blob store.
 pub mod download;
+/// HTTP server core and static files.
+pub mod http;
+/// `/metrics` (Prometheus text format).
+pub mod metrics;
 /// Selection + store contents → what to fetch and the snapshot layout (pure).
 pub mod plan;
 /// Boot-source selections → selected products (pure).
@@ -25,6 +35,10 @@ pub mod state;
 pub mod store;
 /// One sync run, end to end.
 pub mod sync;
+/// sd_notify, watchdog and socket activation.
+pub mod systemd;
+/// TFTP server: pure protocol engine + tokio driver.
+pub mod tftp;
 /// Fetching metadata and payloads from an upstream mirror (HTTP(S), file://).
 pub mod upstream;
 /// OpenPGP verification; the only producer of `Verified` documents.

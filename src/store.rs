@@ -52,8 +52,13 @@ pub struct Manifest {
     pub products: Vec<ManifestProduct>,
     /// Every served file: path → blob.
     pub files: BTreeMap<String, Sha256>,
-    /// Every blob the snapshot keeps alive (files, archives, archive members).
+    /// Every blob the snapshot keeps alive (files, archives, archive members,
+    /// metadata).
     pub blobs: BTreeSet<Sha256>,
+    /// The first source's metadata documents as fetched (path below the stream root
+    /// → blob), re-exported byte for byte so signatures still verify downstream.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, Sha256>,
 }
 
 /// Handle on a state directory.

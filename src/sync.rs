@@ -53,6 +53,8 @@ pub struct Options {
     /// Wait for a running sync instead of failing.
     pub wait: bool,
     pub progress: ProgressMode,
+    /// Generations still in use (by requests in flight): not collected.
+    pub keep: BTreeSet<u64>,
 }
 
 /// Live progress of a running sync (read by the daemon's status API).
@@ -182,6 +184,7 @@ async fn load_products(
     src: &Resolved,
     index: Verified<String>,
     requests: &Counter,
+    raw: &mut Vec<(String, Vec<u8>)>,
 ) -> anyhow::Result<Vec<Verified<Products>>> {
     let mut out = Vec::new();
     let mut pending = vec![(src.index_url.clone(), index, 0u32)];
@@ -195,7 +198,8 @@ async fn load_products(
             let Fetched::Body { bytes, .. } = fetcher.get_meta(&purl, None).await? else {
                 anyhow::bail!("{purl}: unexpected 304 for an unconditional request");
             };
-            let doc = trust(src, &purl, bytes)?;
+            let doc = trust(src, &purl, bytes.clone())?;
+            raw.push((entry.path.to_string(), bytes));
             if entry.format == "index:1.0" {
                 if depth >= 2 {
                     anyhow::bail!("{purl}: indexes nested too deep");
@@ -392,10 +396,16 @@ pub async fn run(
     // 2. Verify and parse everything before touching the store.
     let mut per_source = Vec::new();
     let mut new_validators = BTreeMap::new();
-    for (src, fetched) in resolved.iter().zip(indexes) {
+    // The first source's metadata, byte for byte, re-exported by the HTTP server.
+    let mut raw_metadata = Vec::new();
+    for (i, (src, fetched)) in resolved.iter().zip(indexes).enumerate() {
         let (bytes, validators) = fetched.expect("filled above");
-        let index = trust(src, &src.index_url, bytes)?;
-        let products = load_products(&fetcher, src, index, &requests).await?;
+        let index = trust(src, &src.index_url, bytes.clone())?;
+        let mut raw = vec![(src.url.index.clone(), bytes)];
+        let products = load_products(&fetcher, src, index, &requests, &mut raw).await?;
+        if i == 0 {
+            raw_metadata = raw;
+        }
         new_validators.insert(src.index_url.to_string(), validators);
         let selections = src
             .stored
@@ -572,6 +582,17 @@ pub async fn run(
                 .or_insert(archive.dir.clone());
         }
     }
+    let mut metadata = BTreeMap::new();
+    for (path, bytes) in &raw_metadata {
+        let d = crate::simplestreams::Sha256::from_bytes(sha2::Sha256::digest(bytes).into());
+        if store.verified_path(&d, None).is_none() {
+            let staged = store.staged_path(&d);
+            crate::store::atomic_write(&staged, bytes)
+                .with_context(|| format!("writing {}", staged.display()))?;
+        }
+        blobs.insert(d);
+        metadata.insert(path.clone(), d);
+    }
     // Everything verified: move staged payloads into the blob store.
     for d in &blobs {
         store.commit_staged(d)?;
@@ -583,6 +604,7 @@ pub async fn run(
         products: plan.products.clone(),
         files,
         blobs,
+        metadata,
     };
     store.build_snapshot(&manifest, &symlinks, &plan.meta)?;
     store.publish(generation)?;
@@ -591,7 +613,14 @@ pub async fn run(
     state.indexes = new_validators;
     state.last_success = Some(now_unix());
     state.save(&settings.state_dir)?;
-    let gc = store.gc(&BTreeSet::from([generation]), &BTreeSet::new())?;
+    let mut keep: BTreeSet<u64> = opts
+        .keep
+        .iter()
+        .copied()
+        .filter(|g| store.manifest_path(*g).exists())
+        .collect();
+    keep.insert(generation);
+    let gc = store.gc(&keep, &BTreeSet::new())?;
     report.gc_blobs = gc.blobs;
     report.gc_bytes = gc.bytes;
     report.generation = Some(generation);

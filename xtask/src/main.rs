@@ -1,1 +1,42 @@
-fn main() {}
+//! `cargo xtask`: the project's tasks beyond `cargo build`, one module each.
+//!
+//! - `test`          fmt check, clippy -D warnings, every test (installs prerequisites)
+//! - `demo`          README command one: a signed demo stream, rackboot syncing it
+//! - `demo-stream D` build the signed demo SimpleStreams tree into D
+
+mod demo;
+mod demo_stream;
+mod prereq;
+mod test;
+
+use std::path::PathBuf;
+
+fn usage() -> ! {
+    eprintln!("usage: cargo xtask <test | demo | demo-stream DIR>");
+    std::process::exit(2);
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(task) = args.first() else { usage() };
+    let rest = &args[1..];
+    match task.as_str() {
+        "test" => test::run(rest),
+        "demo" => demo::run(rest),
+        "demo-stream" => {
+            let Some(dir) = rest.first() else { usage() };
+            let summary = demo_stream::build(&PathBuf::from(dir))?;
+            println!("{summary}");
+            Ok(())
+        }
+        _ => usage(),
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is inside the workspace")
+        .to_path_buf()
+}

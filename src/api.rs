@@ -1,0 +1,431 @@
+//! The daemon's HTTP routes: JSON API under `/api/v1/`, `/metrics`, the re-exported
+//! SimpleStreams tree (`/streams/v1/…` + payloads at their upstream paths), and the
+//! snapshot tree (also under `/images/`, as MAAS serves it).
+//!
+//! Writes need `Authorization: Bearer <token>` with the token from `http.token_file`;
+//! without a token file, write endpoints are off. Errors are JSON: `{"error": "…"}`.
+
+// Handlers return `Err(response)` to short-circuit with the HTTP error to send; it is
+// built once per failed request, so its size does not matter.
+#![allow(clippy::result_large_err)]
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{json, Value};
+
+use crate::daemon::Daemon;
+use crate::http::{full, App, Body, StaticFiles};
+use crate::state::{Sources, StoredSelection, StoredSource};
+
+/// Largest JSON request body accepted.
+const MAX_BODY: usize = 64 << 10;
+
+pub struct Api {
+    d: Arc<Daemon>,
+}
+
+impl Api {
+    pub fn new(d: Arc<Daemon>) -> Api {
+        Api { d }
+    }
+}
+
+fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
+    let mut body = serde_json::to_vec_pretty(v).expect("json serialises");
+    body.push(b'\n');
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .header("cache-control", "no-store")
+        .body(full(Bytes::from(body)))
+        .expect("valid response")
+}
+
+fn error(status: StatusCode, msg: impl std::fmt::Display) -> Response<Body> {
+    json_response(status, &json!({ "error": msg.to_string() }))
+}
+
+impl App for Api {
+    fn call(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send + 'static>> {
+        let d = self.d.clone();
+        Box::pin(async move { route(d, req, peer).await })
+    }
+}
+
+async fn route(d: Arc<Daemon>, req: Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    if let Some(rest) = path.strip_prefix("/api/v1/") {
+        return api(d, req, rest.trim_end_matches('/').to_string()).await;
+    }
+    if path == "/metrics" {
+        return match method {
+            Method::GET | Method::HEAD => crate::metrics::response(&d),
+            _ => error(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
+        };
+    }
+    let Some(snap) = d.current() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no snapshot yet: the first sync has not finished",
+        );
+    };
+    let headers = req.headers().clone();
+    // The re-exported stream: upstream metadata byte for byte, payloads by upstream path.
+    let collapsed = collapse(&path);
+    let rel = collapsed.trim_start_matches('/');
+    let blobs = StaticFiles::new(d.settings().state_dir.join("blobs/sha256"))
+        .counting(d.http_metrics.clone());
+    let blob_rel = |digest: &crate::simplestreams::Sha256| {
+        let hex = digest.to_string();
+        format!("/{}/{}", &hex[..2], hex)
+    };
+    if let Some(digest) = snap.manifest.metadata.get(rel) {
+        return blobs.respond(&method, &headers, &blob_rel(digest)).await;
+    }
+    let static_path = rel.strip_prefix("images/").unwrap_or(rel);
+    let files = StaticFiles::new(snap.dir.clone()).counting(d.http_metrics.clone());
+    let resp = files
+        .respond(&method, &headers, &format!("/{static_path}"))
+        .await;
+    if resp.status() == StatusCode::NOT_FOUND {
+        if let Some(digest) = snap.payloads.get(rel) {
+            return blobs.respond(&method, &headers, &blob_rel(digest)).await;
+        }
+    }
+    resp
+}
+
+fn collapse(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for seg in path.split('/').filter(|s| !s.is_empty()) {
+        out.push('/');
+        out.push_str(seg);
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    out
+}
+
+/// Checks the bearer token for a write. `Err` is the response to send.
+fn authorize(d: &Daemon, req: &Request<Incoming>) -> Result<(), Response<Body>> {
+    let settings = d.settings();
+    let Some(file) = &settings.http.token_file else {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            "write endpoints are disabled: set http.token_file in the config",
+        ));
+    };
+    let token = match std::fs::read_to_string(file) {
+        Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+        Ok(_) => {
+            return Err(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("token file {} is empty", file.display()),
+            ))
+        }
+        Err(e) => {
+            return Err(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot read token file {}: {e}", file.display()),
+            ))
+        }
+    };
+    let given = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(()),
+        Some(_) => Err(error(StatusCode::UNAUTHORIZED, "wrong bearer token")),
+        None => Err(error(
+            StatusCode::UNAUTHORIZED,
+            "missing Authorization: Bearer <token>",
+        )),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn read_json(req: Request<Incoming>) -> Result<Value, Response<Body>> {
+    let limited = http_body_util::Limited::new(req.into_body(), MAX_BODY);
+    let bytes = match limited.collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) => {
+            return Err(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body: {e}"),
+            ))
+        }
+    };
+    if bytes.is_empty() {
+        return Ok(json!({}));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!("request body is not JSON: {e}"),
+        )
+    })
+}
+
+/// JSON object → `key=value` pairs (arrays become comma lists), as the CLI takes them.
+fn pairs(v: &Value) -> Result<Vec<(String, String)>, Response<Body>> {
+    let Some(obj) = v.as_object() else {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "request body must be a JSON object",
+        ));
+    };
+    Ok(obj
+        .iter()
+        .map(|(k, v)| {
+            let s = match v {
+                Value::String(s) => s.clone(),
+                Value::Array(a) => a
+                    .iter()
+                    .map(|x| {
+                        x.as_str()
+                            .map(String::from)
+                            .unwrap_or_else(|| x.to_string())
+                    })
+                    .collect::<Vec<_>>()
+                    .join(","),
+                other => other.to_string(),
+            };
+            (k.clone(), s)
+        })
+        .collect())
+}
+
+fn status_json(d: &Daemon) -> Value {
+    let snap = d.snapshot.borrow().clone();
+    let st = d.status();
+    let live = &d.live;
+    use std::sync::atomic::Ordering::Relaxed;
+    let settings = d.settings();
+    let drift = Sources::load(&settings.state_dir)
+        .ok()
+        .flatten()
+        .and_then(|s| s.differs_from_config(&settings));
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_s": d.started.elapsed().as_secs(),
+        "generation": snap.as_ref().map(|s| s.generation),
+        "snapshot_created": snap.as_ref().map(|s| s.created),
+        "files": snap.as_ref().map(|s| s.manifest.files.len()).unwrap_or(0),
+        "sync": st,
+        "sync_auto": settings.sync.auto,
+        "sync_interval_s": settings.sync.interval.as_secs(),
+        "progress": if st.running { json!({
+            "bytes_done": live.bytes_done.load(Relaxed),
+            "bytes_total": live.bytes_total.load(Relaxed),
+            "files_done": live.files_done.load(Relaxed),
+            "files_total": live.files_total.load(Relaxed),
+        }) } else { Value::Null },
+        "warning": drift,
+    })
+}
+
+fn resources_json(d: &Daemon) -> Value {
+    let Some(snap) = d.snapshot.borrow().clone() else {
+        return json!([]);
+    };
+    Value::Array(
+        snap.manifest
+            .products
+            .iter()
+            .map(|p| {
+                json!({
+                    "name": p.name,
+                    "product_name": p.product_name,
+                    "version": p.version_name,
+                    "size": p.items.iter().map(|i| i.size).sum::<u64>(),
+                    "items": p.items,
+                    "generation": snap.generation,
+                    "synced": snap.created,
+                })
+            })
+            .collect(),
+    )
+}
+
+async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<Body> {
+    let method = req.method().clone();
+    let parts: Vec<&str> = rest.split('/').collect();
+    let settings = d.settings();
+    let read = matches!(method, Method::GET | Method::HEAD);
+    match (parts.as_slice(), read) {
+        (["status"], true) => return json_response(StatusCode::OK, &status_json(&d)),
+        (["resources"], true) => return json_response(StatusCode::OK, &resources_json(&d)),
+        (["sources"], true) => {
+            return match Sources::current(&settings) {
+                Ok(s) => json_response(StatusCode::OK, &json!(s.sources)),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+            }
+        }
+        (["sources", id, "selections"], true) | (["selections", id], true) => {
+            let sources = match Sources::current(&settings) {
+                Ok(s) => s,
+                Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+            };
+            return match sources.sources.iter().find(|s| s.id.to_string() == *id) {
+                Some(s) => json_response(StatusCode::OK, &json!(s.selections)),
+                None => error(StatusCode::NOT_FOUND, format!("no boot source {id}")),
+            };
+        }
+        (["selections"], true) => {
+            let sources = Sources::current(&settings).unwrap_or_default();
+            let all: Vec<Value> = sources
+                .sources
+                .iter()
+                .flat_map(|s| {
+                    s.selections.iter().map(move |sel| {
+                        let mut v = json!(sel);
+                        v["boot_source_id"] = json!(s.id);
+                        v
+                    })
+                })
+                .collect();
+            return json_response(StatusCode::OK, &Value::Array(all));
+        }
+        _ => {}
+    }
+    if read {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no such endpoint /api/v1/{rest}"),
+        );
+    }
+    if let Err(resp) = authorize(&d, &req) {
+        return resp;
+    }
+    match (method, parts.as_slice()) {
+        (Method::POST, ["sync"]) => {
+            d.trigger.notify_one();
+            json_response(StatusCode::ACCEPTED, &json!({"sync": "started"}))
+        }
+        (m, p) => {
+            let body = match read_json(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            match write_sources(&d, &m, p, &body) {
+                Ok(v) => {
+                    d.trigger.notify_one();
+                    json_response(StatusCode::OK, &v)
+                }
+                Err(r) => r,
+            }
+        }
+    }
+}
+
+/// Source and selection writes, with the CLI's semantics.
+fn write_sources(
+    d: &Daemon,
+    m: &Method,
+    p: &[&str],
+    body: &Value,
+) -> Result<Value, Response<Body>> {
+    let settings = d.settings();
+    let internal = |e: anyhow::Error| error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"));
+    let bad = |e: anyhow::Error| error(StatusCode::BAD_REQUEST, format!("{e:#}"));
+    let mut sources = Sources::current(&settings).map_err(internal)?;
+    let find = |sources: &mut Sources, id: &str| -> Result<usize, Response<Body>> {
+        sources
+            .sources
+            .iter()
+            .position(|s| s.id.to_string() == id)
+            .ok_or_else(|| error(StatusCode::NOT_FOUND, format!("no boot source {id}")))
+    };
+    let result = match (m, p) {
+        (&Method::POST, ["sources"]) => {
+            let mut s = StoredSource {
+                id: sources.next_source_id(),
+                url: String::new(),
+                keyring_filename: None,
+                keyring_data: None,
+                unsigned: false,
+                selections: vec![],
+            };
+            crate::cli::apply_source_kv(&mut s, &pairs(body)?).map_err(bad)?;
+            let v = json!(s);
+            sources.sources.push(s);
+            v
+        }
+        (&Method::PUT, ["sources", id]) => {
+            let i = find(&mut sources, id)?;
+            crate::cli::apply_source_kv(&mut sources.sources[i], &pairs(body)?).map_err(bad)?;
+            json!(sources.sources[i])
+        }
+        (&Method::DELETE, ["sources", id]) => {
+            let i = find(&mut sources, id)?;
+            json!(sources.sources.remove(i))
+        }
+        (&Method::POST, ["sources", id, "selections"]) => {
+            let next = sources.next_selection_id();
+            let i = find(&mut sources, id)?;
+            let mut sel = crate::config::Selection {
+                os: "ubuntu".into(),
+                release: String::new(),
+                arches: vec!["*".into()],
+                subarches: vec!["*".into()],
+                labels: vec!["*".into()],
+            };
+            crate::cli::apply_selection_kv(&mut sel, &pairs(body)?).map_err(bad)?;
+            let s = StoredSelection {
+                id: next,
+                selection: sel,
+            };
+            let v = json!(s);
+            sources.sources[i].selections.push(s);
+            v
+        }
+        (&Method::PUT, ["sources", id, "selections", sid]) => {
+            let i = find(&mut sources, id)?;
+            let sel = sources.sources[i]
+                .selections
+                .iter_mut()
+                .find(|s| s.id.to_string() == *sid)
+                .ok_or_else(|| error(StatusCode::NOT_FOUND, format!("no selection {sid}")))?;
+            crate::cli::apply_selection_kv(&mut sel.selection, &pairs(body)?).map_err(bad)?;
+            json!(sel)
+        }
+        (&Method::DELETE, ["sources", id, "selections", sid]) => {
+            let i = find(&mut sources, id)?;
+            let before = sources.sources[i].selections.len();
+            sources.sources[i]
+                .selections
+                .retain(|s| s.id.to_string() != *sid);
+            if sources.sources[i].selections.len() == before {
+                return Err(error(StatusCode::NOT_FOUND, format!("no selection {sid}")));
+            }
+            json!({"deleted": sid})
+        }
+        _ => {
+            return Err(error(
+                StatusCode::NOT_FOUND,
+                format!("no such endpoint {m} /api/v1/{}", p.join("/")),
+            ))
+        }
+    };
+    std::fs::create_dir_all(&settings.state_dir).map_err(|e| internal(e.into()))?;
+    sources.save(&settings.state_dir).map_err(internal)?;
+    Ok(result)
+}

@@ -1,0 +1,466 @@
+//! `rackboot serve`: the long-running rack service.
+//!
+//! Binds (or takes from systemd) the TFTP and HTTP sockets, loads the last good
+//! snapshot and serves it at once, then syncs on start and every `sync.interval`
+//! (with jitter; exponential backoff after failures, never longer than the interval).
+//! Sync and serving meet only through a `watch` channel carrying `Arc<Snapshot>`: a
+//! request resolves the snapshot once and keeps it for its whole life, so a transfer
+//! that started on the old snapshot finishes on it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, Settings};
+use crate::simplestreams::Sha256;
+use crate::store::{Manifest, Store};
+use crate::sync::{self, LiveProgress, ProgressMode};
+use crate::systemd;
+
+/// A published snapshot, as the servers see it.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub generation: u64,
+    /// `state_dir/snapshots/<generation>` (not `current`: a request keeps its tree).
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    /// Upstream item path → blob, for the re-exported stream.
+    pub payloads: BTreeMap<String, Sha256>,
+    /// Unix seconds when it was created.
+    pub created: u64,
+}
+
+impl Snapshot {
+    /// Loads what `current` points at, if anything.
+    pub fn load_current(store: &Store) -> anyhow::Result<Option<Snapshot>> {
+        let Some(generation) = store.current_generation() else {
+            return Ok(None);
+        };
+        let manifest = store.read_manifest(generation)?;
+        let payloads = manifest
+            .products
+            .iter()
+            .flat_map(|p| p.items.iter().map(|i| (i.path.clone(), i.sha256)))
+            .collect();
+        Ok(Some(Snapshot {
+            generation,
+            dir: store.snapshot_dir(generation),
+            created: manifest.created,
+            manifest,
+            payloads,
+        }))
+    }
+}
+
+/// How the periodic sync is doing (the status API and `/metrics` read it).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SyncStatus {
+    pub running: bool,
+    pub runs: u64,
+    pub failures: u64,
+    pub consecutive_failures: u32,
+    pub last_started: Option<u64>,
+    pub last_finished: Option<u64>,
+    /// `"ok"`, `"unchanged"` or `"failed"`.
+    pub last_result: Option<String>,
+    pub last_error: Option<String>,
+    pub last_duration_ms: Option<u64>,
+    pub bytes_fetched_total: u64,
+    pub next_sync: Option<u64>,
+}
+
+/// Everything the servers and the sync loop share.
+pub struct Daemon {
+    pub config_path: PathBuf,
+    settings: RwLock<Arc<Settings>>,
+    pub snapshot: watch::Sender<Option<Arc<Snapshot>>>,
+    pub status: Mutex<SyncStatus>,
+    pub live: Arc<LiveProgress>,
+    pub trigger: Notify,
+    pub tftp_metrics: Arc<crate::tftp::TftpMetrics>,
+    pub http_metrics: Arc<crate::http::HttpMetrics>,
+    pub sync_duration_ms_total: AtomicU64,
+    /// Snapshots handed out to requests; their generations are not collected while
+    /// any request still holds them.
+    handed_out: Mutex<Vec<Weak<Snapshot>>>,
+    pub started: Instant,
+}
+
+impl Daemon {
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings.read().expect("settings lock").clone()
+    }
+
+    /// The snapshot to serve a request from (kept alive by the returned Arc).
+    pub fn current(&self) -> Option<Arc<Snapshot>> {
+        let snap = self.snapshot.borrow().clone()?;
+        let mut handed = self.handed_out.lock().expect("lock");
+        if handed.len() > 64 {
+            handed.retain(|w| w.strong_count() > 0);
+        }
+        if !handed.iter().any(|w| w.as_ptr() == Arc::as_ptr(&snap)) {
+            handed.push(Arc::downgrade(&snap));
+        }
+        Some(snap)
+    }
+
+    /// Generations still in use by requests in flight.
+    pub fn pinned(&self) -> BTreeSet<u64> {
+        let mut handed = self.handed_out.lock().expect("lock");
+        handed.retain(|w| w.strong_count() > 0);
+        handed
+            .iter()
+            .filter_map(|w| w.upgrade().map(|s| s.generation))
+            .collect()
+    }
+
+    pub fn status(&self) -> SyncStatus {
+        self.status.lock().expect("status lock").clone()
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The delay before the next periodic sync: the interval ±10 % jitter after success;
+/// 15 s doubling per consecutive failure after a failure, capped at the interval.
+pub fn next_delay(interval: Duration, consecutive_failures: u32, jitter_unit: f64) -> Duration {
+    if consecutive_failures > 0 {
+        let base = Duration::from_secs(15)
+            .saturating_mul(1u32 << consecutive_failures.saturating_sub(1).min(16));
+        return base.min(interval);
+    }
+    let jitter = interval.as_secs_f64() * 0.1 * (2.0 * jitter_unit - 1.0);
+    Duration::from_secs_f64((interval.as_secs_f64() + jitter).max(1.0))
+}
+
+fn jitter_unit() -> f64 {
+    // Good enough randomness for spreading racks' syncs apart.
+    let n = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
+        ^ std::process::id().wrapping_mul(2654435761);
+    (n % 10_000) as f64 / 10_000.0
+}
+
+/// Runs one sync and records its outcome; publishes a new snapshot to the servers.
+pub async fn sync_once(d: &Daemon) {
+    let settings = d.settings();
+    {
+        let mut st = d.status.lock().expect("lock");
+        st.running = true;
+        st.last_started = Some(now_unix());
+    }
+    systemd::notify("STATUS=syncing images");
+    let opts = sync::Options {
+        dry_run: false,
+        wait: true,
+        progress: ProgressMode::Quiet,
+        keep: d.pinned(),
+    };
+    let t = Instant::now();
+    let result = sync::run(&settings, &opts, d.live.clone()).await;
+    let elapsed = t.elapsed();
+    d.sync_duration_ms_total
+        .fetch_add(elapsed.as_millis() as u64, Ordering::Relaxed);
+    let mut st = d.status.lock().expect("lock");
+    st.running = false;
+    st.runs += 1;
+    st.last_finished = Some(now_unix());
+    st.last_duration_ms = Some(elapsed.as_millis() as u64);
+    match result {
+        Ok(report) => {
+            st.consecutive_failures = 0;
+            st.last_error = None;
+            st.bytes_fetched_total += report.bytes_fetched;
+            st.last_result = Some(if report.changed { "ok" } else { "unchanged" }.into());
+            drop(st);
+            if report.changed {
+                match Snapshot::load_current(&Store::existing(&settings.state_dir)) {
+                    Ok(Some(snap)) => {
+                        tracing::info!(
+                            generation = snap.generation,
+                            bytes = report.bytes_fetched,
+                            "sync published generation {}: {}",
+                            snap.generation,
+                            report.changes.join(", ")
+                        );
+                        d.snapshot.send_replace(Some(Arc::new(snap)));
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::error!("cannot load the new snapshot: {e:#}"),
+                }
+            } else {
+                tracing::info!("sync: up to date ({} ms)", report.elapsed_ms);
+            }
+            let generation = d.snapshot.borrow().as_ref().map(|s| s.generation);
+            systemd::notify(&format!(
+                "STATUS=serving generation {}; last sync ok",
+                generation
+                    .map(|g| g.to_string())
+                    .unwrap_or_else(|| "none".into())
+            ));
+        }
+        Err(e) => {
+            st.failures += 1;
+            st.consecutive_failures += 1;
+            st.last_result = Some("failed".into());
+            st.last_error = Some(format!("{e:#}"));
+            drop(st);
+            tracing::error!("sync failed (still serving the last good snapshot): {e:#}");
+            systemd::notify(&format!("STATUS=last sync failed: {e:#}"));
+        }
+    }
+}
+
+/// The sync loop: once at start, then periodically (when `sync.auto`) and on demand.
+async fn sync_loop(d: Arc<Daemon>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = sync_once(&d) => {}
+        }
+        let settings = d.settings();
+        let failures = d.status().consecutive_failures;
+        let delay = next_delay(settings.sync.interval, failures, jitter_unit());
+        let auto = settings.sync.auto;
+        d.status.lock().expect("lock").next_sync = auto.then(|| now_unix() + delay.as_secs());
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = d.trigger.notified() => {}
+            _ = tokio::time::sleep(delay), if auto => {}
+        }
+    }
+}
+
+/// Binds a UDP socket with SO_REUSEADDR (and IPV6_V6ONLY off for `[::]`).
+fn bind_udp(addr: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
+    std::net::UdpSocket::bind(addr).map_err(|e| anyhow::anyhow!("cannot bind TFTP on {addr}: {e}"))
+}
+
+fn bind_tcp(addr: SocketAddr, what: &str) -> anyhow::Result<std::net::TcpListener> {
+    std::net::TcpListener::bind(addr)
+        .map_err(|e| anyhow::anyhow!("cannot bind {what} on {addr}: {e}"))
+}
+
+/// Runs the daemon until SIGTERM/SIGINT.
+pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+
+    let store = Store::open(&settings.state_dir)?;
+    let snapshot = Snapshot::load_current(&store)?;
+    match &snapshot {
+        Some(s) => tracing::info!(
+            "serving generation {} from {}",
+            s.generation,
+            s.dir.display()
+        ),
+        None => tracing::info!("no snapshot yet: serving nothing until the first sync"),
+    }
+    // Sockets: from systemd, else bound here.
+    let mut udp = Vec::new();
+    let mut tcp = Vec::new();
+    for s in systemd::activated_sockets() {
+        match s {
+            systemd::Activated::Udp(u) => udp.push(u),
+            systemd::Activated::Tcp(t) => tcp.push(t),
+        }
+    }
+    if udp.is_empty() {
+        for a in &settings.tftp.listen {
+            udp.push(bind_udp(*a)?);
+        }
+    }
+    if tcp.is_empty() {
+        for a in &settings.http.listen {
+            tcp.push(bind_tcp(*a, "HTTP")?);
+        }
+    }
+    let (tls_listeners, tls_config) = match &settings.http.tls {
+        Some(t) => {
+            let cfg = crate::http::load_tls(&t.cert, &t.key).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let l = t
+                .listen
+                .iter()
+                .map(|a| bind_tcp(*a, "HTTPS"))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            (l, Some(cfg))
+        }
+        None => (vec![], None),
+    };
+
+    let (tx, _rx) = watch::channel(snapshot.map(Arc::new));
+    let daemon = Arc::new(Daemon {
+        config_path: config_path.to_path_buf(),
+        settings: RwLock::new(Arc::new(settings.clone())),
+        snapshot: tx,
+        status: Mutex::new(SyncStatus::default()),
+        live: Arc::new(LiveProgress::default()),
+        trigger: Notify::new(),
+        tftp_metrics: Arc::new(crate::tftp::TftpMetrics::default()),
+        http_metrics: Arc::new(crate::http::HttpMetrics::default()),
+        sync_duration_ms_total: AtomicU64::new(0),
+        handed_out: Mutex::new(Vec::new()),
+        started: Instant::now(),
+    });
+    let shutdown = CancellationToken::new();
+    let drain = Duration::from_secs(30);
+    let mut tasks = tokio::task::JoinSet::new();
+
+    if !udp.is_empty() {
+        let resolver = Arc::new(crate::bootserve::TftpResolver::new(daemon.clone()));
+        let cfg = crate::tftp::TftpConfig {
+            max_blksize: settings.tftp.max_blksize,
+            max_windowsize: settings.tftp.max_windowsize,
+            max_transfers: settings.tftp.max_transfers,
+            ..Default::default()
+        };
+        let (m, s) = (daemon.tftp_metrics.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            crate::tftp::serve(udp, resolver, cfg, m, s, drain)
+                .await
+                .map_err(|e| anyhow::anyhow!("tftp server: {e}"))
+        });
+    }
+    let app: Arc<dyn crate::http::App> = Arc::new(crate::api::Api::new(daemon.clone()));
+    let limits = crate::http::HttpLimits::default();
+    if !tcp.is_empty() {
+        let (a, s, l, m) = (
+            app.clone(),
+            shutdown.clone(),
+            limits.clone(),
+            daemon.http_metrics.clone(),
+        );
+        tasks.spawn(async move {
+            crate::http::serve(tcp, None, a, l, m, s, drain)
+                .await
+                .map_err(|e| anyhow::anyhow!("http server: {e}"))
+        });
+    }
+    if !tls_listeners.is_empty() {
+        let (a, s, l, m) = (
+            app.clone(),
+            shutdown.clone(),
+            limits.clone(),
+            daemon.http_metrics.clone(),
+        );
+        tasks.spawn(async move {
+            crate::http::serve(tls_listeners, tls_config, a, l, m, s, drain)
+                .await
+                .map_err(|e| anyhow::anyhow!("https server: {e}"))
+        });
+    }
+    {
+        let (d, s) = (daemon.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            sync_loop(d, s).await;
+            Ok(())
+        });
+    }
+    systemd::notify("READY=1");
+    let generation = daemon.snapshot.borrow().as_ref().map(|s| s.generation);
+    systemd::notify(&format!(
+        "STATUS=serving generation {}",
+        generation
+            .map(|g| g.to_string())
+            .unwrap_or_else(|| "none".into())
+    ));
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => reload(&daemon),
+            _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
+                systemd::notify("WATCHDOG=1");
+            }
+            Some(res) = tasks.join_next() => {
+                // A server task ended on its own: that is an error.
+                match res {
+                    Ok(Ok(())) => anyhow::bail!("a server task stopped unexpectedly"),
+                    Ok(Err(e)) => return Err(e),
+                    Err(e) => anyhow::bail!("a server task failed: {e}"),
+                }
+            }
+        }
+    }
+    tracing::info!("stopping: draining transfers (up to {} s)", drain.as_secs());
+    systemd::notify("STOPPING=1");
+    shutdown.cancel();
+    let deadline = tokio::time::sleep(drain + Duration::from_secs(5));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => {
+                tracing::warn!("drain deadline passed; exiting");
+                break;
+            }
+            next = tasks.join_next() => match next {
+                None => break,
+                Some(Ok(Err(e))) => tracing::warn!("while stopping: {e:#}"),
+                Some(_) => {}
+            }
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// SIGHUP: re-read the config; settings that need new sockets are reported.
+fn reload(d: &Daemon) {
+    match config::load(&d.config_path) {
+        Ok(new) => {
+            let old = d.settings();
+            if new.tftp.listen != old.tftp.listen || new.http.listen != old.http.listen {
+                tracing::warn!(
+                    "listen addresses changed in {}: restart rackboot to apply them",
+                    d.config_path.display()
+                );
+            }
+            if new.state_dir != old.state_dir {
+                tracing::warn!(
+                    "state_dir changed in {}: restart rackboot to apply it",
+                    d.config_path.display()
+                );
+            }
+            *d.settings.write().expect("settings lock") = Arc::new(new);
+            tracing::info!("reloaded {}", d.config_path.display());
+            d.trigger.notify_one();
+        }
+        Err(e) => tracing::error!("reload failed, keeping the old config: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_jitter_and_back_off_within_the_interval() {
+        let i = Duration::from_secs(300);
+        assert!((270.0..=330.0).contains(&next_delay(i, 0, 0.0).as_secs_f64()));
+        assert!((270.0..=330.0).contains(&next_delay(i, 0, 0.999).as_secs_f64()));
+        assert_eq!(next_delay(i, 1, 0.5), Duration::from_secs(15));
+        assert_eq!(next_delay(i, 2, 0.5), Duration::from_secs(30));
+        assert_eq!(next_delay(i, 5, 0.5), Duration::from_secs(240));
+        assert_eq!(next_delay(i, 6, 0.5), i);
+        assert_eq!(next_delay(i, 40, 0.5), i);
+        let short = Duration::from_secs(2);
+        assert_eq!(next_delay(short, 3, 0.5), short);
+    }
+}

@@ -1,0 +1,409 @@
+//! Static files from a directory tree: GET/HEAD, a single Range (206/416), strong
+//! ETags with If-None-Match / If-Modified-Since / If-Range, Last-Modified, correct
+//! Content-Type and Content-Length, streamed in large chunks without buffering the file.
+//!
+//! Paths are percent-decoded; repeated `/` and `.` collapse (UEFI HTTP boot asks for
+//! `//grubx64.efi`); any `..` segment, NUL or backslash is a 400; a symlink whose target
+//! leaves the root is a 404, as are directories. The root may itself be a symlink; it is
+//! resolved per request, and an open response keeps streaming the file it opened.
+//! Several ranges in one request get the whole file (200), which RFC 9110 allows.
+
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::Frame;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Response, StatusCode};
+
+use super::{empty, full, Body};
+
+/// Bytes read and sent per body chunk.
+const CHUNK: usize = 512 << 10;
+
+/// Serves files below `root`.
+#[derive(Clone, Debug)]
+pub struct StaticFiles {
+    root: PathBuf,
+    metrics: Option<Arc<super::HttpMetrics>>,
+}
+
+/// Why a request path is refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PathError {
+    /// Malformed or hostile (`..`, NUL, bad escapes): 400.
+    Bad,
+}
+
+/// Percent-decodes and normalises a request path into a relative path.
+pub fn clean_path(raw: &str) -> Result<String, PathError> {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3).ok_or(PathError::Bad)?;
+            let s = std::str::from_utf8(hex).map_err(|_| PathError::Bad)?;
+            out.push(u8::from_str_radix(s, 16).map_err(|_| PathError::Bad)?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    let decoded = String::from_utf8(out).map_err(|_| PathError::Bad)?;
+    if decoded.contains('\0') || decoded.contains('\\') {
+        return Err(PathError::Bad);
+    }
+    let mut parts = Vec::new();
+    for seg in decoded.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => return Err(PathError::Bad),
+            s => parts.push(s),
+        }
+    }
+    Ok(parts.join("/"))
+}
+
+fn content_type(path: &str) -> &'static str {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    let ext = name.rsplit_once('.').map(|(_, e)| e).unwrap_or("");
+    match ext {
+        "json" => "application/json",
+        "sjson" | "txt" | "cfg" | "ipxe" | "lst" | "meta" => "text/plain; charset=utf-8",
+        "html" => "text/html; charset=utf-8",
+        "js" => "text/javascript; charset=utf-8",
+        "css" => "text/css; charset=utf-8",
+        "gpg" => "application/pgp-keys",
+        _ if name.starts_with("grub.cfg") || name.starts_with("ipxe.cfg") => {
+            "text/plain; charset=utf-8"
+        }
+        _ => "application/octet-stream",
+    }
+}
+
+fn etag(meta: &std::fs::Metadata) -> String {
+    format!(
+        "\"{:x}-{:x}-{:x}\"",
+        meta.ino(),
+        meta.len(),
+        meta.mtime_nsec() as u64 ^ ((meta.mtime() as u64) << 20)
+    )
+}
+
+fn status(code: StatusCode, msg: &'static str) -> Response<Body> {
+    Response::builder()
+        .status(code)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(full(msg))
+        .expect("valid response")
+}
+
+/// `Range: bytes=…` → `(start, end_inclusive)`; `Err(())` when unsatisfiable;
+/// `Ok(None)` when absent, malformed or multi-range (serve everything).
+fn parse_range(value: &str, len: u64) -> Result<Option<(u64, u64)>, ()> {
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let Some((a, b)) = spec.split_once('-') else {
+        return Ok(None);
+    };
+    let (a, b) = (a.trim(), b.trim());
+    let range = match (a.is_empty(), b.is_empty()) {
+        (true, true) => return Ok(None),
+        (true, false) => {
+            let Ok(n) = b.parse::<u64>() else {
+                return Ok(None);
+            };
+            if n == 0 || len == 0 {
+                return Err(());
+            }
+            (len.saturating_sub(n), len - 1)
+        }
+        (false, _) => {
+            let Ok(start) = a.parse::<u64>() else {
+                return Ok(None);
+            };
+            let end = if b.is_empty() {
+                u64::MAX
+            } else {
+                match b.parse::<u64>() {
+                    Ok(e) if e >= start => e,
+                    _ => return Ok(None),
+                }
+            };
+            if start >= len {
+                return Err(());
+            }
+            (start, end.min(len - 1))
+        }
+    };
+    Ok(Some(range))
+}
+
+fn etag_matches(list: &str, tag: &str) -> bool {
+    list.split(',')
+        .map(str::trim)
+        .any(|t| t == "*" || t.trim_start_matches("W/") == tag)
+}
+
+impl StaticFiles {
+    pub fn new(root: PathBuf) -> StaticFiles {
+        StaticFiles {
+            root,
+            metrics: None,
+        }
+    }
+
+    /// Counts requests and body bytes actually sent, by file class.
+    pub fn counting(mut self, metrics: Arc<super::HttpMetrics>) -> StaticFiles {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Opens `rel` below the root, refusing anything that resolves outside it.
+    fn open(&self, rel: &str) -> Option<(File, std::fs::Metadata)> {
+        let root = self.root.canonicalize().ok()?;
+        let target = root.join(rel).canonicalize().ok()?;
+        if !target.starts_with(&root) {
+            return None;
+        }
+        let file = File::open(&target).ok()?;
+        let meta = file.metadata().ok()?;
+        meta.is_file().then_some((file, meta))
+    }
+
+    /// The response for a request of `raw_path` (the URI path, still percent-encoded).
+    pub async fn respond(
+        &self,
+        method: &Method,
+        headers: &HeaderMap,
+        raw_path: &str,
+    ) -> Response<Body> {
+        if method != Method::GET && method != Method::HEAD {
+            let mut r = status(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return r;
+        }
+        let Ok(rel) = clean_path(raw_path) else {
+            return status(StatusCode::BAD_REQUEST, "bad path\n");
+        };
+        let this = self.clone();
+        let rel2 = rel.clone();
+        let opened = tokio::task::spawn_blocking(move || this.open(&rel2))
+            .await
+            .ok()
+            .flatten();
+        let Some((file, meta)) = opened else {
+            return status(StatusCode::NOT_FOUND, "not found\n");
+        };
+        self.respond_file(method, headers, &rel, file, &meta)
+    }
+
+    /// The response for an already opened file (also used for generated content
+    /// written to a file).
+    pub fn respond_file(
+        &self,
+        method: &Method,
+        headers: &HeaderMap,
+        rel: &str,
+        file: File,
+        meta: &std::fs::Metadata,
+    ) -> Response<Body> {
+        let len = meta.len();
+        let tag = etag(meta);
+        let modified = meta.modified().unwrap_or(UNIX_EPOCH);
+        let last_modified = httpdate::fmt_http_date(modified);
+        let header_str = |h: header::HeaderName| headers.get(h).and_then(|v| v.to_str().ok());
+        let not_modified = if let Some(inm) = header_str(header::IF_NONE_MATCH) {
+            etag_matches(inm, &tag)
+        } else if let Some(ims) = header_str(header::IF_MODIFIED_SINCE) {
+            httpdate::parse_http_date(ims)
+                .map(|since| {
+                    modified
+                        .duration_since(since)
+                        .map_or(true, |d| d < Duration::from_secs(1))
+                })
+                .unwrap_or(false)
+        } else {
+            false
+        };
+        let mut builder = Response::builder()
+            .header(header::ETAG, &tag)
+            .header(header::LAST_MODIFIED, &last_modified)
+            .header(header::ACCEPT_RANGES, "bytes");
+        if not_modified {
+            return builder
+                .status(StatusCode::NOT_MODIFIED)
+                .body(empty())
+                .expect("valid response");
+        }
+        let range_ok = match header_str(header::IF_RANGE) {
+            None => true,
+            Some(v) if v.starts_with('"') || v.starts_with("W/") => v == tag,
+            Some(v) => httpdate::parse_http_date(v).is_ok_and(|d| {
+                modified
+                    .duration_since(UNIX_EPOCH)
+                    .ok()
+                    .map(|m| m.as_secs())
+                    <= d.duration_since(UNIX_EPOCH).ok().map(|x| x.as_secs())
+            }),
+        };
+        let range = match header_str(header::RANGE).filter(|_| range_ok) {
+            None => None,
+            Some(r) => match parse_range(r, len) {
+                Ok(x) => x,
+                Err(()) => {
+                    return builder
+                        .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                        .header(header::CONTENT_RANGE, format!("bytes */{len}"))
+                        .body(empty())
+                        .expect("valid response");
+                }
+            },
+        };
+        let (start, count) = match range {
+            Some((a, b)) => {
+                builder = builder
+                    .status(StatusCode::PARTIAL_CONTENT)
+                    .header(header::CONTENT_RANGE, format!("bytes {a}-{b}/{len}"));
+                (a, b - a + 1)
+            }
+            None => (0, len),
+        };
+        builder = builder
+            .header(header::CONTENT_TYPE, content_type(rel))
+            .header(header::CONTENT_LENGTH, count);
+        if method == Method::HEAD {
+            return builder.body(empty()).expect("valid response");
+        }
+        let counter = self.metrics.clone().map(|m| {
+            let class = crate::metrics::file_class(rel);
+            m.class_requests[class].fetch_add(1, Ordering::Relaxed);
+            (m, class)
+        });
+        builder
+            .body(file_body(file, start, count, counter))
+            .expect("valid response")
+    }
+}
+
+/// Streams `count` bytes of `file` from `start` with positioned reads.
+pub fn file_body(
+    file: File,
+    start: u64,
+    count: u64,
+    sent: Option<(Arc<super::HttpMetrics>, usize)>,
+) -> Body {
+    BodyExt::boxed(FileBody {
+        file,
+        pos: start,
+        left: count,
+        sent,
+    })
+}
+
+/// A body that reads its file in large chunks as hyper asks for frames. Reads are
+/// page-cache `pread`s of at most 512 KiB, short enough to do inline.
+struct FileBody {
+    file: File,
+    pos: u64,
+    left: u64,
+    sent: Option<(Arc<super::HttpMetrics>, usize)>,
+}
+
+impl hyper::body::Body for FileBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let n = (self.left as usize).min(CHUNK);
+        let mut buf = vec![0u8; n];
+        let r = self.file.read_at(&mut buf, self.pos);
+        std::task::Poll::Ready(Some(match r {
+            Ok(0) => {
+                self.left = 0;
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "file shrank while sending",
+                ))
+            }
+            Ok(k) => {
+                buf.truncate(k);
+                self.pos += k as u64;
+                self.left -= k as u64;
+                if let Some((m, class)) = &self.sent {
+                    m.bytes_sent.fetch_add(k as u64, Ordering::Relaxed);
+                    m.class_bytes[*class].fetch_add(k as u64, Ordering::Relaxed);
+                }
+                Ok(Frame::data(Bytes::from(buf)))
+            }
+            Err(e) => {
+                self.left = 0;
+                Err(e)
+            }
+        }))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.left)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths() {
+        assert_eq!(clean_path("//grubx64.efi").unwrap(), "grubx64.efi");
+        assert_eq!(clean_path("/a/./b//c").unwrap(), "a/b/c");
+        assert_eq!(clean_path("/a%20b").unwrap(), "a b");
+        for bad in [
+            "/../etc/passwd",
+            "/%2e%2e/x",
+            "/%2E%2e/x",
+            "/a/..%2f..%2fetc",
+            "/a%00",
+            "/a\\b",
+            "/%zz",
+            "/%c3%28",
+        ] {
+            assert_eq!(clean_path(bad), Err(PathError::Bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=10-19", 100), Ok(Some((10, 19))));
+        assert_eq!(parse_range("bytes=90-", 100), Ok(Some((90, 99))));
+        assert_eq!(parse_range("bytes=-10", 100), Ok(Some((90, 99))));
+        assert_eq!(parse_range("bytes=-1000", 100), Ok(Some((0, 99))));
+        assert_eq!(parse_range("bytes=50-1000", 100), Ok(Some((50, 99))));
+        assert_eq!(parse_range("bytes=100-", 100), Err(()));
+        assert_eq!(parse_range("bytes=-0", 100), Err(()));
+        assert_eq!(parse_range("bytes=1-2,5-6", 100), Ok(None));
+        assert_eq!(parse_range("items=1-2", 100), Ok(None));
+        assert_eq!(parse_range("bytes=5-2", 100), Ok(None));
+    }
+}

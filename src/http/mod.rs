@@ -1,0 +1,271 @@
+//! HTTP/1.1 server core on hyper: already-bound listeners in, one task per
+//! connection, keep-alive, limits (header size → 431, header read timeout against
+//! slowloris, connection count), optional TLS (rustls), graceful drain on shutdown.
+//! Routing is the `App`'s job; [`files::StaticFiles`] serves a directory tree.
+
+pub mod files;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio_util::sync::CancellationToken;
+
+pub use files::StaticFiles;
+
+/// Response body type of every route.
+pub type Body = BoxBody<Bytes, std::io::Error>;
+
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+/// The routes of a server.
+pub trait App: Send + Sync + 'static {
+    fn call(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send + 'static>>;
+}
+
+/// Connection and request limits.
+#[derive(Clone, Debug)]
+pub struct HttpLimits {
+    /// Larger request heads get 431.
+    pub max_header_bytes: usize,
+    /// A client must send its request head within this time (slowloris guard).
+    pub header_read_timeout: Duration,
+    /// Open connections; beyond it new ones are closed at once.
+    pub max_connections: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_header_bytes: 16 << 10,
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// HTTP counters, exported by `/metrics`.
+#[derive(Debug, Default)]
+pub struct HttpMetrics {
+    pub requests: AtomicU64,
+    pub status_2xx: AtomicU64,
+    pub status_3xx: AtomicU64,
+    pub status_4xx: AtomicU64,
+    pub status_5xx: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub connections_open: AtomicU64,
+    pub connections_rejected: AtomicU64,
+    /// Bytes and requests by file class (`crate::metrics::FILE_CLASSES`).
+    pub class_bytes: [AtomicU64; crate::metrics::FILE_CLASSES.len()],
+    pub class_requests: [AtomicU64; crate::metrics::FILE_CLASSES.len()],
+}
+
+impl HttpMetrics {
+    fn count_status(&self, status: u16) {
+        let c = match status {
+            200..=299 => &self.status_2xx,
+            300..=399 => &self.status_3xx,
+            400..=499 => &self.status_4xx,
+            _ => &self.status_5xx,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A TLS config error names the file.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct TlsError {
+    pub path: String,
+    pub message: String,
+}
+
+/// Loads a PEM certificate chain and private key.
+pub fn load_tls(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let e = |p: &Path, m: String| TlsError {
+        path: p.display().to_string(),
+        message: m,
+    };
+    let cert_pem = std::fs::read(cert).map_err(|x| e(cert, format!("cannot read: {x}")))?;
+    let key_pem = std::fs::read(key).map_err(|x| e(key, format!("cannot read: {x}")))?;
+    let certs = rustls_pemfile::certs(&mut &cert_pem[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|x| e(cert, format!("bad PEM: {x}")))?;
+    if certs.is_empty() {
+        return Err(e(cert, "no certificate in the file".into()));
+    }
+    let key_der = rustls_pemfile::private_key(&mut &key_pem[..])
+        .map_err(|x| e(key, format!("bad PEM: {x}")))?
+        .ok_or_else(|| e(key, "no private key in the file".into()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|x| e(cert, x.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key_der)
+        .map_err(|x| e(key, x.to_string()))?;
+    Ok(Arc::new(cfg))
+}
+
+/// Wraps the app: counts requests and statuses, logs at debug level.
+fn handle(
+    app: Arc<dyn App>,
+    metrics: Arc<HttpMetrics>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> impl std::future::Future<Output = Result<Response<Body>, std::convert::Infallible>> {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    metrics.requests.fetch_add(1, Ordering::Relaxed);
+    let fut = app.call(req, peer);
+    async move {
+        let resp = fut.await;
+        let status = resp.status().as_u16();
+        metrics.count_status(status);
+        tracing::debug!(%peer, %method, %path, status, duration_ms = start.elapsed().as_millis() as u64, "http request");
+        Ok(resp)
+    }
+}
+
+/// Serves `listeners` until `shutdown`; then stops accepting, lets open connections
+/// finish their requests for up to `drain_deadline`, and returns.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve(
+    listeners: Vec<std::net::TcpListener>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    app: Arc<dyn App>,
+    limits: HttpLimits,
+    metrics: Arc<HttpMetrics>,
+    shutdown: CancellationToken,
+    drain_deadline: Duration,
+) -> std::io::Result<()> {
+    let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let mut accept_tasks = tokio::task::JoinSet::new();
+    for l in listeners {
+        l.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(l)?;
+        let addr = listener.local_addr()?;
+        tracing::info!(
+            "listening for {} on {addr}",
+            if acceptor.is_some() { "HTTPS" } else { "HTTP" }
+        );
+        let (app, limits, metrics, shutdown, graceful, slots, acceptor) = (
+            app.clone(),
+            limits.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+            graceful.clone(),
+            slots.clone(),
+            acceptor.clone(),
+        );
+        accept_tasks.spawn(async move {
+            let mut last_warn: Option<Instant> = None;
+            loop {
+                let (stream, peer) = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = listener.accept() => match r {
+                        Ok(x) => x,
+                        Err(e) => {
+                            tracing::warn!("accept on {addr}: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    metrics.connections_rejected.fetch_add(1, Ordering::Relaxed);
+                    if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                        tracing::warn!(
+                            "http connection limit reached ({}), refusing {peer}",
+                            limits.max_connections
+                        );
+                        last_warn = Some(Instant::now());
+                    }
+                    drop(stream);
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let (app, metrics, limits, watcher, acceptor) = (
+                    app.clone(),
+                    metrics.clone(),
+                    limits.clone(),
+                    graceful.watcher(),
+                    acceptor.clone(),
+                );
+                tokio::spawn(async move {
+                    metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+                    let svc = {
+                        let metrics = metrics.clone();
+                        hyper::service::service_fn(move |req| {
+                            handle(app.clone(), metrics.clone(), peer, req)
+                        })
+                    };
+                    let mut builder = hyper::server::conn::http1::Builder::new();
+                    builder
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(limits.header_read_timeout)
+                        .max_buf_size(limits.max_header_bytes.max(8192))
+                        .keep_alive(true);
+                    match acceptor {
+                        Some(acc) => {
+                            let tls = match tokio::time::timeout(
+                                limits.header_read_timeout,
+                                acc.accept(stream),
+                            )
+                            .await
+                            {
+                                Ok(Ok(s)) => s,
+                                _ => {
+                                    metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+                                    return;
+                                }
+                            };
+                            let conn = builder.serve_connection(TokioIo::new(tls), svc);
+                            let _ = watcher.watch(conn).await;
+                        }
+                        None => {
+                            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                            let _ = watcher.watch(conn).await;
+                        }
+                    }
+                    metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+                    drop(permit);
+                });
+            }
+        });
+    }
+    shutdown.cancelled().await;
+    while accept_tasks.join_next().await.is_some() {}
+    // Only the accept loops held the Arc; connections hold watchers.
+    let Ok(graceful) = Arc::try_unwrap(graceful) else {
+        unreachable!("accept loops have ended")
+    };
+    if tokio::time::timeout(drain_deadline, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("http: drain deadline passed with connections still open");
+    }
+    Ok(())
+}

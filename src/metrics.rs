@@ -1,0 +1,279 @@
+//! `/metrics` in the Prometheus/OpenMetrics text format (prometheus-client): TFTP and
+//! HTTP requests and bytes by file class, errors by kind, tsize probes, in-flight
+//! transfers, sync runs/failures/duration/bytes, snapshot generation and age. Values
+//! are read from the servers' atomic counters at scrape time.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use hyper::{Response, StatusCode};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use crate::daemon::Daemon;
+use crate::http::{full, Body};
+
+/// File classes, in the order of the `class_*` counter arrays.
+pub const FILE_CLASSES: [&str; 6] = [
+    "kernel",
+    "initrd",
+    "squashfs",
+    "bootloader",
+    "config",
+    "other",
+];
+
+/// The metrics class of a served path.
+pub fn file_class(path: &str) -> usize {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    if name == "boot-kernel" {
+        0
+    } else if name == "boot-initrd" {
+        1
+    } else if name == "squashfs" {
+        2
+    } else if name.starts_with("grub.cfg")
+        || name.starts_with("ipxe.cfg")
+        || name.ends_with(".ipxe")
+        || name.ends_with(".lst")
+        || path.starts_with("pxelinux.cfg/")
+    {
+        4
+    } else if name.ends_with(".efi")
+        || name.ends_with(".0")
+        || name.ends_with(".c32")
+        || name.ends_with(".mod")
+        || path.starts_with("bootloader/")
+    {
+        3
+    } else {
+        5
+    }
+}
+
+struct DaemonCollector(Arc<Daemon>);
+
+impl std::fmt::Debug for DaemonCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DaemonCollector")
+    }
+}
+
+fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    let c = ConstCounter::new(v);
+    c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt::Result {
+    let g = ConstGauge::new(v);
+    g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+fn labelled_counter(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: &[(&str, u64)],
+) -> std::fmt::Result {
+    let mut fam = e.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Counter,
+    )?;
+    for (l, v) in values {
+        let labels = [(label.to_string(), l.to_string())];
+        ConstCounter::new(*v).encode(fam.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn by_class(counters: &[AtomicU64]) -> Vec<(&'static str, u64)> {
+    FILE_CLASSES
+        .iter()
+        .zip(counters)
+        .map(|(c, v)| (*c, v.load(Relaxed)))
+        .collect()
+}
+
+impl Collector for DaemonCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let d = &self.0;
+        let t = &d.tftp_metrics;
+        let h = &d.http_metrics;
+        labelled_counter(
+            &mut e,
+            "rackboot_tftp_requests",
+            "TFTP transfers started, by file class",
+            "class",
+            &by_class(&t.class_requests),
+        )?;
+        labelled_counter(
+            &mut e,
+            "rackboot_tftp_sent_bytes",
+            "TFTP payload bytes sent, by file class",
+            "class",
+            &by_class(&t.class_bytes),
+        )?;
+        counter(
+            &mut e,
+            "rackboot_tftp_received_requests",
+            "TFTP request packets received",
+            t.requests.load(Relaxed),
+        )?;
+        counter(
+            &mut e,
+            "rackboot_tftp_transfers_ok",
+            "TFTP transfers completed",
+            t.transfers_ok.load(Relaxed),
+        )?;
+        counter(
+            &mut e,
+            "rackboot_tftp_transfers_failed",
+            "TFTP transfers that failed",
+            t.transfers_failed.load(Relaxed),
+        )?;
+        counter(
+            &mut e,
+            "rackboot_tftp_tsize_probes",
+            "TFTP size probes (RRQ, OACK, client ERROR)",
+            t.tsize_probes.load(Relaxed),
+        )?;
+        labelled_counter(
+            &mut e,
+            "rackboot_tftp_errors",
+            "TFTP errors by kind",
+            "kind",
+            &[
+                ("not_found", t.not_found.load(Relaxed)),
+                ("access_violation", t.access_violation.load(Relaxed)),
+                ("illegal_operation", t.illegal_op.load(Relaxed)),
+                ("timeout", t.timeouts.load(Relaxed)),
+                ("aborted", t.aborted.load(Relaxed)),
+                ("busy", t.busy.load(Relaxed)),
+            ],
+        )?;
+        gauge(
+            &mut e,
+            "rackboot_tftp_transfers_in_flight",
+            "TFTP transfers in progress",
+            t.in_flight.load(Relaxed) as i64,
+        )?;
+        labelled_counter(
+            &mut e,
+            "rackboot_http_file_requests",
+            "HTTP file responses, by file class",
+            "class",
+            &by_class(&h.class_requests),
+        )?;
+        labelled_counter(
+            &mut e,
+            "rackboot_http_sent_bytes",
+            "HTTP file body bytes sent, by file class",
+            "class",
+            &by_class(&h.class_bytes),
+        )?;
+        labelled_counter(
+            &mut e,
+            "rackboot_http_responses",
+            "HTTP responses by status class",
+            "code",
+            &[
+                ("2xx", h.status_2xx.load(Relaxed)),
+                ("3xx", h.status_3xx.load(Relaxed)),
+                ("4xx", h.status_4xx.load(Relaxed)),
+                ("5xx", h.status_5xx.load(Relaxed)),
+            ],
+        )?;
+        gauge(
+            &mut e,
+            "rackboot_http_connections_open",
+            "HTTP connections open",
+            h.connections_open.load(Relaxed) as i64,
+        )?;
+        counter(
+            &mut e,
+            "rackboot_http_connections_rejected",
+            "HTTP connections refused at the limit",
+            h.connections_rejected.load(Relaxed),
+        )?;
+        let st = d.status();
+        counter(&mut e, "rackboot_sync_runs", "Sync runs finished", st.runs)?;
+        counter(
+            &mut e,
+            "rackboot_sync_failures",
+            "Sync runs that failed",
+            st.failures,
+        )?;
+        counter(
+            &mut e,
+            "rackboot_sync_fetched_bytes",
+            "Payload bytes fetched by syncs",
+            st.bytes_fetched_total,
+        )?;
+        counter(
+            &mut e,
+            "rackboot_sync_duration_milliseconds",
+            "Time spent syncing",
+            d.sync_duration_ms_total.load(Relaxed),
+        )?;
+        gauge(
+            &mut e,
+            "rackboot_sync_in_progress",
+            "1 while a sync runs",
+            i64::from(st.running),
+        )?;
+        gauge(
+            &mut e,
+            "rackboot_sync_last_success",
+            "1 if the last sync succeeded",
+            i64::from(st.last_result.as_deref().is_some_and(|r| r != "failed")),
+        )?;
+        let snap = d.snapshot.borrow().clone();
+        gauge(
+            &mut e,
+            "rackboot_snapshot_generation",
+            "Generation being served (0: none)",
+            snap.as_ref().map(|s| s.generation as i64).unwrap_or(0),
+        )?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|x| x.as_secs())
+            .unwrap_or(0);
+        gauge(
+            &mut e,
+            "rackboot_snapshot_age_seconds",
+            "Age of the served snapshot (-1: none)",
+            snap.as_ref()
+                .map(|s| now.saturating_sub(s.created) as i64)
+                .unwrap_or(-1),
+        )?;
+        Ok(())
+    }
+}
+
+/// The `/metrics` response.
+pub fn response(d: &Arc<Daemon>) -> Response<Body> {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(DaemonCollector(d.clone())));
+    let mut text = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &registry) {
+        return Response::builder()
+            .status(StatusCode::INTERNAL_SERVER_ERROR)
+            .body(full(format!("cannot encode metrics: {e}\n")))
+            .expect("valid response");
+    }
+    Response::builder()
+        .header(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )
+        .header("cache-control", "no-store")
+        .body(full(Bytes::from(text)))
+        .expect("valid response")
+}

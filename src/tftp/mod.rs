@@ -1,0 +1,18 @@
+//! The TFTP server (read-only): RFC 1350 with options (RFC 2347 OACK, 2348 blksize,
+//! 2349 tsize/timeout, 7440 windowsize), block-number rollover, replies from the
+//! address a request was sent to.
+//!
+//! Written as an I/O-free protocol engine (`packet`, `path`, `engine`: pure) driven by
+//! tokio (`server`). async-tftp was not used: it runs on async-std/async-io rather
+//! than tokio, its handler never learns which local address a request was sent to,
+//! and it binds transfer sockets from the listener address, so a wildcard listener
+//! cannot reply from the address the client talked to.
+
+pub mod engine;
+pub mod packet;
+pub mod path;
+pub mod server;
+
+pub use server::{
+    open_under, serve, DirResolver, OpenError, Resolver, Source, TftpConfig, TftpMetrics,
+};

@@ -1,0 +1,290 @@
+//! TFTP packets (RFC 1350, options RFC 2347): parse and serialise. Pure.
+//!
+//! Parsing never panics: truncated packets, missing NULs, unknown opcodes, bad UTF-8,
+//! floods of options all come back as a [`ParseError`].
+
+/// Opcodes.
+pub const RRQ: u16 = 1;
+pub const WRQ: u16 = 2;
+pub const DATA: u16 = 3;
+pub const ACK: u16 = 4;
+pub const ERROR: u16 = 5;
+pub const OACK: u16 = 6;
+
+/// Most options a request may carry (RFC 2347 has no limit; real clients send ≤ 5).
+pub const MAX_OPTIONS: usize = 32;
+
+/// TFTP error codes.
+pub mod code {
+    pub const NOT_DEFINED: u16 = 0;
+    pub const NOT_FOUND: u16 = 1;
+    pub const ACCESS_VIOLATION: u16 = 2;
+    pub const ILLEGAL_OPERATION: u16 = 4;
+    pub const UNKNOWN_TID: u16 = 5;
+    pub const OPTION_REFUSED: u16 = 8;
+}
+
+/// Transfer mode of a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Octet,
+    Netascii,
+}
+
+/// A read or write request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    pub filename: String,
+    pub mode: Mode,
+    /// Options in the order sent, names lowercased; duplicates dropped (first wins).
+    pub options: Vec<(String, String)>,
+}
+
+/// A parsed packet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Packet<'a> {
+    Rrq(Request),
+    Wrq(Request),
+    Data { block: u16, data: &'a [u8] },
+    Ack { block: u16 },
+    Error { code: u16, message: String },
+    Oack { options: Vec<(String, String)> },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("packet too short")]
+    Short,
+    #[error("unknown opcode {0}")]
+    Opcode(u16),
+    #[error("string not terminated")]
+    Unterminated,
+    #[error("unsupported transfer mode {0:?}")]
+    Mode(String),
+    #[error("more than {MAX_OPTIONS} options")]
+    TooManyOptions,
+    #[error("option {0:?} has no value")]
+    OptionWithoutValue(String),
+}
+
+/// Splits `buf` at NULs into strings (the last one must be terminated too).
+fn strings(buf: &[u8]) -> Result<Vec<String>, ParseError> {
+    if buf.is_empty() {
+        return Err(ParseError::Short);
+    }
+    if *buf.last().expect("non-empty") != 0 {
+        return Err(ParseError::Unterminated);
+    }
+    let parts: Vec<String> = buf[..buf.len() - 1]
+        .split(|b| *b == 0)
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect();
+    if parts.len() > 2 + 2 * MAX_OPTIONS {
+        return Err(ParseError::TooManyOptions);
+    }
+    Ok(parts)
+}
+
+fn options(parts: &[String]) -> Result<Vec<(String, String)>, ParseError> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for pair in parts.chunks(2) {
+        let name = pair[0].to_ascii_lowercase();
+        let Some(value) = pair.get(1) else {
+            return Err(ParseError::OptionWithoutValue(name));
+        };
+        if !out.iter().any(|(n, _)| *n == name) {
+            out.push((name, value.clone()));
+        }
+    }
+    Ok(out)
+}
+
+fn request(body: &[u8]) -> Result<Request, ParseError> {
+    let parts = strings(body)?;
+    if parts.len() < 2 {
+        return Err(ParseError::Unterminated);
+    }
+    let mode = match parts[1].to_ascii_lowercase().as_str() {
+        "octet" => Mode::Octet,
+        "netascii" => Mode::Netascii,
+        other => return Err(ParseError::Mode(other.to_string())),
+    };
+    Ok(Request {
+        filename: parts[0].clone(),
+        mode,
+        options: options(&parts[2..])?,
+    })
+}
+
+/// Parses one datagram.
+pub fn parse(buf: &[u8]) -> Result<Packet<'_>, ParseError> {
+    if buf.len() < 2 {
+        return Err(ParseError::Short);
+    }
+    let op = u16::from_be_bytes([buf[0], buf[1]]);
+    let body = &buf[2..];
+    let block = || -> Result<u16, ParseError> {
+        body.get(..2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+            .ok_or(ParseError::Short)
+    };
+    Ok(match op {
+        RRQ => Packet::Rrq(request(body)?),
+        WRQ => Packet::Wrq(request(body)?),
+        DATA => Packet::Data {
+            block: block()?,
+            data: &body[2..],
+        },
+        ACK => Packet::Ack { block: block()? },
+        ERROR => {
+            let code = block()?;
+            let message = body[2..]
+                .split(|b| *b == 0)
+                .next()
+                .map(|m| String::from_utf8_lossy(m).into_owned())
+                .unwrap_or_default();
+            Packet::Error { code, message }
+        }
+        OACK => {
+            let parts = if body.is_empty() {
+                vec![]
+            } else {
+                strings(body)?
+            };
+            Packet::Oack {
+                options: options(&parts)?,
+            }
+        }
+        other => return Err(ParseError::Opcode(other)),
+    })
+}
+
+/// Writes a DATA header for `block` into `buf[..4]`.
+pub fn data_header(buf: &mut [u8], block: u16) {
+    buf[..2].copy_from_slice(&DATA.to_be_bytes());
+    buf[2..4].copy_from_slice(&block.to_be_bytes());
+}
+
+pub fn ack(block: u16) -> Vec<u8> {
+    let mut v = ACK.to_be_bytes().to_vec();
+    v.extend_from_slice(&block.to_be_bytes());
+    v
+}
+
+pub fn error(code: u16, message: &str) -> Vec<u8> {
+    let mut v = ERROR.to_be_bytes().to_vec();
+    v.extend_from_slice(&code.to_be_bytes());
+    v.extend_from_slice(message.as_bytes());
+    v.push(0);
+    v
+}
+
+pub fn oack(options: &[(String, String)]) -> Vec<u8> {
+    let mut v = OACK.to_be_bytes().to_vec();
+    for (k, val) in options {
+        v.extend_from_slice(k.as_bytes());
+        v.push(0);
+        v.extend_from_slice(val.as_bytes());
+        v.push(0);
+    }
+    v
+}
+
+/// A request packet (for tests and clients).
+pub fn rrq(filename: &str, mode: &str, options: &[(&str, &str)]) -> Vec<u8> {
+    let mut v = RRQ.to_be_bytes().to_vec();
+    for s in [filename, mode] {
+        v.extend_from_slice(s.as_bytes());
+        v.push(0);
+    }
+    for (k, val) in options {
+        v.extend_from_slice(k.as_bytes());
+        v.push(0);
+        v.extend_from_slice(val.as_bytes());
+        v.push(0);
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_options() {
+        let p = rrq(
+            "/grub/grub.cfg",
+            "OCTET",
+            &[("BlkSize", "1468"), ("tsize", "0"), ("blksize", "8")],
+        );
+        let Ok(Packet::Rrq(r)) = parse(&p) else {
+            panic!()
+        };
+        assert_eq!(r.filename, "/grub/grub.cfg");
+        assert_eq!(r.mode, Mode::Octet);
+        assert_eq!(
+            r.options,
+            vec![
+                ("blksize".into(), "1468".into()),
+                ("tsize".into(), "0".into())
+            ]
+        );
+        assert_eq!(
+            parse(&rrq("x", "mail", &[])),
+            Err(ParseError::Mode("mail".into()))
+        );
+        assert_eq!(parse(b"\x00\x01abc"), Err(ParseError::Unterminated));
+        assert_eq!(parse(b"\x00\x09"), Err(ParseError::Opcode(9)));
+        assert_eq!(parse(b"\x00"), Err(ParseError::Short));
+        assert_eq!(parse(b"\x00\x04\x00"), Err(ParseError::Short));
+        let many: Vec<(String, String)> = (0..1000)
+            .map(|i| (format!("o{i}"), "1".to_string()))
+            .collect();
+        let refs: Vec<(&str, &str)> = many.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        assert_eq!(
+            parse(&rrq("x", "octet", &refs)),
+            Err(ParseError::TooManyOptions)
+        );
+    }
+
+    #[test]
+    fn round_trips() {
+        assert_eq!(parse(&ack(65535)), Ok(Packet::Ack { block: 65535 }));
+        assert_eq!(
+            parse(&error(1, "file not found")),
+            Ok(Packet::Error {
+                code: 1,
+                message: "file not found".into()
+            })
+        );
+        let o = vec![("blksize".to_string(), "1468".to_string())];
+        assert_eq!(parse(&oack(&o)), Ok(Packet::Oack { options: o }));
+        let mut d = vec![0u8; 8];
+        data_header(&mut d, 7);
+        d[4..].copy_from_slice(b"abcd");
+        assert_eq!(
+            parse(&d),
+            Ok(Packet::Data {
+                block: 7,
+                data: b"abcd"
+            })
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(5000))]
+        #[test]
+        fn parse_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
+            let _ = parse(&bytes);
+        }
+
+        #[test]
+        fn requests_round_trip(name in "[a-zA-Z0-9/._-]{1,40}", bs in 8u32..65464, ws in 1u32..100) {
+            let (b, w) = (bs.to_string(), ws.to_string());
+            let p = rrq(&name, "octet", &[("blksize", &b), ("windowsize", &w)]);
+            let Ok(Packet::Rrq(r)) = parse(&p) else { panic!("not parsed") };
+            proptest::prop_assert_eq!(r.filename, name);
+            proptest::prop_assert_eq!(r.options, vec![("blksize".to_string(), b), ("windowsize".to_string(), w)]);
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! Prerequisites: Debian packages (native, from bookworm-backports, or foreign-arch
+//! packages downloaded and unpacked without installing) and rustup components, plus
+//! the `cmd` helper that runs a program and names it when it fails.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// Runs a program, echoing its command line; fails naming it and its exit status.
+pub fn cmd(program: &str, args: &[&str]) -> Result<()> {
+    let mut line = args.join(" ");
+    if line.len() > 300 {
+        let cut = (0..=300)
+            .rev()
+            .find(|i| line.is_char_boundary(*i))
+            .unwrap_or(0);
+        line.truncate(cut);
+        line.push_str(" …");
+    }
+    eprintln!("$ {program} {line}");
+    let status = Command::new(program)
+        .args(args)
+        .status()
+        .with_context(|| format!("cannot run {program}"))?;
+    if !status.success() {
+        bail!("{program} {} failed: {status}", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Runs a program and returns its stdout; fails with the tail of its stderr.
+pub fn output(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {program}"))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(5).collect();
+        bail!(
+            "{program} {} failed: {}: {}",
+            args.join(" "),
+            out.status,
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn is_root() -> bool {
+    output("id", &["-u"])
+        .map(|s| s.trim() == "0")
+        .unwrap_or(false)
+}
+
+fn installed(pkg: &str) -> bool {
+    output("dpkg-query", &["-W", "-f=${Status}", pkg])
+        .map(|s| s.contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+static APT_UPDATED: std::sync::Once = std::sync::Once::new();
+
+fn apt_update() -> Result<()> {
+    let mut result = Ok(());
+    APT_UPDATED.call_once(|| result = cmd("apt-get", &["update", "-q"]));
+    result
+}
+
+fn apt_install(pkgs: &[&str], extra: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = pkgs.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing Debian packages: {} (install them as root: apt-get install {})",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    apt_update()?;
+    let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&missing);
+    std::env::set_var("DEBIAN_FRONTEND", "noninteractive");
+    cmd("apt-get", &args)
+}
+
+/// Installs missing Debian packages from the configured suites.
+pub fn ensure_debs(pkgs: &[&str]) -> Result<()> {
+    apt_install(pkgs, &[])
+}
+
+const BACKPORTS_FILE: &str = "/etc/apt/sources.list.d/rackboot-backports.sources";
+
+/// Adds bookworm-backports (same mirror URI as the existing Debian source) if no
+/// configured source has it yet.
+fn ensure_backports_source() -> Result<()> {
+    let mut texts = Vec::new();
+    for dir in ["/etc/apt/sources.list", "/etc/apt/sources.list.d"] {
+        let p = Path::new(dir);
+        if p.is_file() {
+            texts.push(std::fs::read_to_string(p).unwrap_or_default());
+        } else if let Ok(rd) = std::fs::read_dir(p) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                if name.ends_with(".sources") || name.ends_with(".list") {
+                    texts.push(std::fs::read_to_string(e.path()).unwrap_or_default());
+                }
+            }
+        }
+    }
+    if texts.iter().any(|t| t.contains("bookworm-backports")) {
+        return Ok(());
+    }
+    let uri = texts
+        .iter()
+        .flat_map(|t| t.lines())
+        .find_map(|l| {
+            let l = l.trim();
+            if let Some(u) = l.strip_prefix("URIs:") {
+                let u = u.trim();
+                (!u.contains("security")).then(|| u.to_string())
+            } else if l.starts_with("deb ") && !l.contains("security") {
+                l.split_whitespace()
+                    .find(|w| w.starts_with("http"))
+                    .map(String::from)
+            } else {
+                None
+            }
+        })
+        .unwrap_or_else(|| "http://deb.debian.org/debian".into());
+    if !is_root() {
+        bail!("bookworm-backports is not configured; add it (URI {uri}) as root");
+    }
+    std::fs::write(
+        BACKPORTS_FILE,
+        format!(
+            "Types: deb\nURIs: {uri}\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+        ),
+    )
+    .with_context(|| format!("writing {BACKPORTS_FILE}"))?;
+    cmd("apt-get", &["update", "-q"])
+}
+
+/// Installs packages from bookworm-backports (adding the suite when needed).
+pub fn ensure_backports_debs(pkgs: &[&str]) -> Result<()> {
+    if pkgs.iter().all(|p| installed(p)) {
+        return Ok(());
+    }
+    ensure_backports_source()?;
+    apt_install(pkgs, &["-t", "bookworm-backports"])
+}
+
+/// Downloads foreign-architecture packages (never installs them) and unpacks them
+/// into `dest`; the .debs are cached under `target/xtask-cache/debs/<arch>/`.
+pub fn ensure_foreign_debs(arch: &str, pkgs: &[&str], dest: &Path) -> Result<Vec<PathBuf>> {
+    let cache = crate::root().join("target/xtask-cache/debs").join(arch);
+    std::fs::create_dir_all(&cache)?;
+    let have = |pkg: &str| -> Option<PathBuf> {
+        std::fs::read_dir(&cache)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&format!("{pkg}_")) && n.ends_with(".deb"))
+            })
+    };
+    if pkgs.iter().any(|p| have(p).is_none()) {
+        let arches = output("dpkg", &["--print-foreign-architectures"])?;
+        if !arches.lines().any(|l| l.trim() == arch) {
+            cmd("dpkg", &["--add-architecture", arch])?;
+            cmd("apt-get", &["update", "-q"])?;
+        } else {
+            apt_update()?;
+        }
+        let specs: Vec<String> = pkgs.iter().map(|p| format!("{p}:{arch}")).collect();
+        let mut args = vec!["download"];
+        args.extend(specs.iter().map(String::as_str));
+        let status = Command::new("apt-get")
+            .args(&args)
+            .current_dir(&cache)
+            .status()
+            .context("cannot run apt-get download")?;
+        if !status.success() {
+            bail!("apt-get download {} failed: {status}", specs.join(" "));
+        }
+    }
+    std::fs::create_dir_all(dest)?;
+    let mut debs = Vec::new();
+    for p in pkgs {
+        let deb = have(p).with_context(|| format!("{p}:{arch} was not downloaded"))?;
+        cmd(
+            "dpkg-deb",
+            &[
+                "-x",
+                deb.to_str().expect("utf-8"),
+                dest.to_str().expect("utf-8"),
+            ],
+        )?;
+        debs.push(deb);
+    }
+    Ok(debs)
+}
+
+/// Installs rustup components (rustfmt, clippy) when rustup is there.
+pub fn ensure_rustup_components(components: &[&str]) -> Result<()> {
+    let Ok(list) = output("rustup", &["component", "list", "--installed"]) else {
+        return Ok(()); // no rustup: a distro toolchain, nothing to add
+    };
+    for c in components {
+        if !list.lines().any(|l| l.starts_with(c)) {
+            cmd("rustup", &["component", "add", c])?;
+        }
+    }
+    Ok(())
+}
