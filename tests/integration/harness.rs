@@ -205,3 +205,169 @@ pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A running `rackboot serve`; stopped (SIGTERM, then SIGKILL) and reaped on drop.
+pub struct Served {
+    pub child: Option<Child>,
+    pub log: PathBuf,
+    pub tftp: SocketAddr,
+    pub http: SocketAddr,
+}
+
+use std::net::SocketAddr;
+
+impl Env {
+    /// Starts `rackboot serve` (the config must listen on port 0) and waits for its
+    /// listening lines.
+    pub fn serve(&self) -> Served {
+        let log = self.dir.path().join(format!(
+            "serve-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let child = self
+            .command(&["serve"])
+            .env("RACKBOOT_LOG", "info,rackboot=debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut served = Served {
+            child: Some(child),
+            log,
+            tftp: "0.0.0.0:0".parse().unwrap(),
+            http: "0.0.0.0:0".parse().unwrap(),
+        };
+        let find = |text: &str, what: &str| -> Option<SocketAddr> {
+            text.lines()
+                .find_map(|l| l.split(&format!("listening for {what} on ")).nth(1))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|a| a.parse().ok())
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = served.log_text();
+            if let (Some(t), Some(h)) = (find(&text, "TFTP"), find(&text, "HTTP")) {
+                served.tftp = t;
+                served.http = h;
+                return served;
+            }
+            if let Some(status) = served.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("rackboot serve exited with {status}:\n{text}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "rackboot serve did not start:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Served {
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.http, path)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// GET with curl; returns (status, body).
+    pub fn get(&self, path: &str) -> (u16, Vec<u8>) {
+        curl(&[&self.url(path)])
+    }
+
+    /// The daemon's status document.
+    pub fn status(&self) -> serde_json::Value {
+        let (code, body) = self.get("/api/v1/status");
+        assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    /// Waits until the served generation is at least `n`.
+    pub fn wait_generation(&self, n: u64, limit: Duration) {
+        wait_until(limit, &format!("generation {n}"), || {
+            self.status()["generation"].as_u64().is_some_and(|g| g >= n)
+        });
+    }
+
+    /// Sends a signal by PID.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
+    }
+
+    /// Waits for the process to exit; returns its status.
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                self.child = None;
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "rackboot serve did not exit within {limit:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if c.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs curl (with a time limit) and returns (HTTP status, body).
+pub fn curl(args: &[&str]) -> (u16, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let body = dir.path().join("body");
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "60", "-o"])
+        .arg(&body)
+        .args(["-w", "%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl is installed");
+    let code = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    (code, std::fs::read(&body).unwrap_or_default())
+}
+
+/// Runs a client program with a time limit; returns its output.
+pub fn run_client(program: &str, args: &[&str], limit: Duration) -> Output {
+    let child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program} must be installed: {e}"));
+    wait_output(child, limit)
+}

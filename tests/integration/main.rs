@@ -3,4 +3,5 @@
 
 mod harness;
 mod mirror;
+mod serve;
 mod sync;
