@@ -1,7 +1,7 @@
 //! `cargo xtask test`: the README's test command. Installs what the tests need, then
 //! runs the format check, clippy with warnings denied, and every test of the workspace.
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 
 use crate::prereq::{self, cmd};
 
@@ -27,6 +27,43 @@ pub fn run(_args: &[String]) -> Result<()> {
             "warnings",
         ],
     )?;
-    cmd("cargo", &["test", "--workspace", "--no-fail-fast"])?;
+    cargo_test(&["test", "--workspace", "--no-fail-fast"])
+}
+
+/// Runs `cargo test`, passing its output through, and ends with one plain
+/// `N passed, M failed` line totalling every test binary.
+fn cargo_test(args: &[&str]) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    eprintln!("$ cargo {}", args.join(" "));
+    let mut child = Command::new("cargo")
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("cannot run cargo test")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    let count = |line: &str, what: &str| -> u64 {
+        line.split(';')
+            .find_map(|part| part.trim().strip_suffix(what))
+            .and_then(|n| n.trim().rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if line.starts_with("test result:") {
+            passed += count(&line, "passed");
+            failed += count(&line, "failed");
+            ignored += count(&line, "ignored");
+        }
+    }
+    let status = child.wait()?;
+    println!("{passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("cargo test failed: {status}");
+    }
+    if passed == 0 {
+        bail!("cargo test ran no test");
+    }
     Ok(())
 }
