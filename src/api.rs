@@ -80,27 +80,28 @@ async fn route(d: Arc<Daemon>, req: Request<Incoming>, _peer: SocketAddr) -> Res
             "no snapshot yet: the first sync has not finished",
         );
     };
-    let headers = req.headers().clone();
-    // The re-exported stream: upstream metadata byte for byte, payloads by upstream path.
+    let headers = req.headers();
     let collapsed = collapse(&path);
     let rel = collapsed.trim_start_matches('/');
-    let blobs = StaticFiles::new(d.settings().state_dir.join("blobs/sha256"))
-        .counting(d.http_metrics.clone());
-    let blob_rel = |digest: &crate::simplestreams::Sha256| {
+    // The re-exported stream: upstream metadata byte for byte, payloads by upstream path.
+    let blob = |digest: &crate::simplestreams::Sha256| {
         let hex = digest.to_string();
-        format!("/{}/{}", &hex[..2], hex)
+        let files = StaticFiles::new(d.settings().state_dir.join("blobs/sha256"))
+            .counting(d.http_metrics.clone());
+        (files, format!("/{}/{}", &hex[..2], hex))
     };
     if let Some(digest) = snap.manifest.metadata.get(rel) {
-        return blobs.respond(&method, &headers, &blob_rel(digest)).await;
+        let (files, p) = blob(digest);
+        return files.respond(&method, headers, &p).await;
     }
     let static_path = rel.strip_prefix("images/").unwrap_or(rel);
-    let files = StaticFiles::new(snap.dir.clone()).counting(d.http_metrics.clone());
-    let resp = files
-        .respond(&method, &headers, &format!("/{static_path}"))
-        .await;
+    let files =
+        StaticFiles::with_fd(snap.dir.clone(), snap.root.clone()).counting(d.http_metrics.clone());
+    let resp = files.respond(&method, headers, static_path).await;
     if resp.status() == StatusCode::NOT_FOUND {
         if let Some(digest) = snap.payloads.get(rel) {
-            return blobs.respond(&method, &headers, &blob_rel(digest)).await;
+            let (files, p) = blob(digest);
+            return files.respond(&method, headers, &p).await;
         }
     }
     resp

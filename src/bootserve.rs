@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::daemon::Daemon;
-use crate::tftp::{open_under, OpenError, Resolver, Source};
+use std::os::fd::AsFd;
+
+use crate::tftp::{from_beneath, OpenError, Resolver, Source};
 
 pub struct TftpResolver {
     d: Arc<Daemon>,
@@ -22,6 +24,10 @@ impl Resolver for TftpResolver {
         let Some(snap) = self.d.current() else {
             return Err(OpenError::NotFound);
         };
-        open_under(&snap.dir, path)
+        from_beneath(crate::fsutil::open_beneath(
+            snap.root.as_fd(),
+            &snap.dir,
+            path,
+        ))
     }
 }

@@ -34,6 +34,8 @@ pub struct Snapshot {
     pub payloads: BTreeMap<String, Sha256>,
     /// Unix seconds when it was created.
     pub created: u64,
+    /// `dir`, opened once: files are resolved beneath it with one `openat2`.
+    pub root: Arc<std::os::fd::OwnedFd>,
 }
 
 impl Snapshot {
@@ -48,9 +50,15 @@ impl Snapshot {
             .iter()
             .flat_map(|p| p.items.iter().map(|i| (i.path.clone(), i.sha256)))
             .collect();
+        let dir = store.snapshot_dir(generation);
+        let root = Arc::new(
+            crate::fsutil::open_dir(&dir)
+                .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", dir.display()))?,
+        );
         Ok(Some(Snapshot {
             generation,
-            dir: store.snapshot_dir(generation),
+            root,
+            dir,
             created: manifest.created,
             manifest,
             payloads,

@@ -19,6 +19,8 @@ pub mod config;
 pub mod daemon;
 /// Streaming, resumable, hash-checked downloads into the blob store.
 pub mod download;
+/// Opening files below a root without escaping it.
+pub mod fsutil;
 /// HTTP server core and static files.
 pub mod http;
 /// `/metrics` (Prometheus text format).

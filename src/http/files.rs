@@ -30,6 +30,8 @@ const CHUNK: usize = 512 << 10;
 #[derive(Clone, Debug)]
 pub struct StaticFiles {
     root: PathBuf,
+    /// The root opened once (a snapshot); without it the path is opened per request.
+    root_fd: Option<Arc<std::os::fd::OwnedFd>>,
     metrics: Option<Arc<super::HttpMetrics>>,
 }
 
@@ -160,6 +162,16 @@ impl StaticFiles {
     pub fn new(root: PathBuf) -> StaticFiles {
         StaticFiles {
             root,
+            root_fd: None,
+            metrics: None,
+        }
+    }
+
+    /// Resolves below an already opened root directory (`root` names it in errors).
+    pub fn with_fd(root: PathBuf, fd: Arc<std::os::fd::OwnedFd>) -> StaticFiles {
+        StaticFiles {
+            root,
+            root_fd: Some(fd),
             metrics: None,
         }
     }
@@ -172,14 +184,12 @@ impl StaticFiles {
 
     /// Opens `rel` below the root, refusing anything that resolves outside it.
     fn open(&self, rel: &str) -> Option<(File, std::fs::Metadata)> {
-        let root = self.root.canonicalize().ok()?;
-        let target = root.join(rel).canonicalize().ok()?;
-        if !target.starts_with(&root) {
-            return None;
-        }
-        let file = File::open(&target).ok()?;
-        let meta = file.metadata().ok()?;
-        meta.is_file().then_some((file, meta))
+        use std::os::fd::AsFd;
+        let r = match &self.root_fd {
+            Some(fd) => crate::fsutil::open_beneath(fd.as_fd(), &self.root, rel),
+            None => crate::fsutil::open_beneath_path(&self.root, rel),
+        };
+        r.ok()
     }
 
     /// The response for a request of `raw_path` (the URI path, still percent-encoded).

@@ -14,5 +14,6 @@ pub mod path;
 pub mod server;
 
 pub use server::{
-    open_under, serve, DirResolver, OpenError, Resolver, Source, TftpConfig, TftpMetrics,
+    from_beneath, open_under, serve, DirResolver, OpenError, Resolver, Source, TftpConfig,
+    TftpMetrics,
 };

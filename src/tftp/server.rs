@@ -123,28 +123,23 @@ impl Resolver for DirResolver {
 
 /// Opens `rel` under `root`, refusing escapes and non-files.
 pub fn open_under(root: &std::path::Path, rel: &str) -> Result<Source, OpenError> {
-    let root = root.canonicalize().map_err(|_| OpenError::NotFound)?;
-    let target = match root.join(rel).canonicalize() {
-        Ok(t) => t,
-        Err(_) => return Err(OpenError::NotFound),
-    };
-    if !target.starts_with(&root) {
-        return Err(OpenError::AccessDenied);
+    from_beneath(crate::fsutil::open_beneath_path(root, rel))
+}
+
+/// Maps an [`crate::fsutil::open_beneath`] result to what the server sends.
+pub fn from_beneath(
+    r: Result<(File, std::fs::Metadata), crate::fsutil::BeneathError>,
+) -> Result<Source, OpenError> {
+    use crate::fsutil::BeneathError;
+    match r {
+        Ok((file, meta)) => Ok(Source::File {
+            file,
+            len: meta.len(),
+        }),
+        Err(BeneathError::NotFound) => Err(OpenError::NotFound),
+        Err(BeneathError::Denied) => Err(OpenError::AccessDenied),
+        Err(BeneathError::Io(e)) => Err(OpenError::Other(e.to_string())),
     }
-    let file = File::open(&target).map_err(|e| match e.kind() {
-        std::io::ErrorKind::PermissionDenied => OpenError::AccessDenied,
-        _ => OpenError::NotFound,
-    })?;
-    let meta = file
-        .metadata()
-        .map_err(|e| OpenError::Other(e.to_string()))?;
-    if !meta.is_file() {
-        return Err(OpenError::NotFound);
-    }
-    Ok(Source::File {
-        file,
-        len: meta.len(),
-    })
 }
 
 /// Counters exported by `/metrics`.
@@ -370,6 +365,38 @@ async fn bind_reply(local: IpAddr, client: SocketAddr) -> std::io::Result<UdpSoc
     Ok(sock)
 }
 
+/// Reads a file in chunks of many blocks (one `pread` per ~16 KiB instead of one per
+/// block); memory stays bounded per transfer.
+struct ReadAhead {
+    buf: Vec<u8>,
+    /// File offset of `buf[0]`, and how many bytes of `buf` are valid.
+    start: u64,
+    valid: usize,
+}
+
+impl ReadAhead {
+    fn new(blksize: usize) -> ReadAhead {
+        let blocks = (16 << 10) / blksize.max(1);
+        ReadAhead {
+            buf: vec![0u8; blksize * blocks.max(1)],
+            start: 0,
+            valid: 0,
+        }
+    }
+
+    fn read(&mut self, src: &Source, out: &mut [u8], off: u64) -> std::io::Result<usize> {
+        let end = off + out.len() as u64;
+        if off < self.start || end > self.start + self.valid as u64 {
+            self.start = off;
+            self.valid = src.read_at(&mut self.buf, off)?;
+        }
+        let from = (off - self.start) as usize;
+        let n = out.len().min(self.valid.saturating_sub(from));
+        out[..n].copy_from_slice(&self.buf[from..from + n]);
+        Ok(n)
+    }
+}
+
 /// Converts data to netascii on the fly with checkpoints at block starts, so a
 /// retransmitted block is reproduced without rereading from the start.
 struct Netascii {
@@ -581,6 +608,9 @@ async fn transfer(
     let mut t = Transfer::new(size, &negotiated, config.retries, Instant::now());
     let mut buf = vec![0u8; 4 + t.blksize()];
     let mut rbuf = vec![0u8; 1024];
+    let mut ahead = ReadAhead::new(t.blksize());
+    let timer = tokio::time::sleep_until(tokio::time::Instant::from_std(t.deadline()));
+    tokio::pin!(timer);
     let mut actions = t.start(Instant::now());
     let mut sent_bytes = 0u64;
     let mut failed_io = None;
@@ -599,7 +629,7 @@ async fn transfer(
                         let (off, len) = t.block_range(i, size);
                         let r = match &mut netascii {
                             Some(n) => n.read(&source, off, &mut buf[4..4 + len]),
-                            None => source.read_at(&mut buf[4..4 + len], off),
+                            None => ahead.read(&source, &mut buf[4..4 + len], off),
                         };
                         match r {
                             Ok(n) if n == len => {}
@@ -627,6 +657,9 @@ async fn transfer(
             break;
         }
         let deadline = tokio::time::Instant::from_std(t.deadline());
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
         tokio::select! {
             r = sock.recv(&mut rbuf) => match r {
                 Ok(n) => match packet::parse(&rbuf[..n]) {
@@ -637,7 +670,7 @@ async fn transfer(
                 // ICMP port unreachable: the client went away.
                 Err(_) => t.on_error(),
             },
-            _ = tokio::time::sleep_until(deadline) => actions = t.on_timeout(Instant::now()),
+            _ = &mut timer => actions = t.on_timeout(Instant::now()),
         }
         if t.outcome().is_some() && actions.is_empty() {
             break;

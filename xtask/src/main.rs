@@ -3,16 +3,19 @@
 //! - `test`          fmt check, clippy -D warnings, every test (installs prerequisites)
 //! - `demo`          README command one: a signed demo stream, rackboot syncing it
 //! - `demo-stream D` build the signed demo SimpleStreams tree into D
+//! - `bench [tftp|http]` rackboot against tftpd-hpa, atftpd, dnsmasq and nginx
 
+mod bench;
 mod demo;
 mod demo_stream;
 mod prereq;
 mod test;
+mod tftpload;
 
 use std::path::PathBuf;
 
 fn usage() -> ! {
-    eprintln!("usage: cargo xtask <test | demo | demo-stream DIR>");
+    eprintln!("usage: cargo xtask <test | demo | demo-stream DIR | bench [tftp] [http]>");
     std::process::exit(2);
 }
 
@@ -22,6 +25,7 @@ fn main() -> anyhow::Result<()> {
     let rest = &args[1..];
     match task.as_str() {
         "test" => test::run(rest),
+        "bench" => bench::run(rest),
         "demo" => demo::run(rest),
         "demo-stream" => {
             let Some(dir) = rest.first() else { usage() };

@@ -171,8 +171,9 @@ pub fn ensure_foreign_debs(arch: &str, pkgs: &[&str], dest: &Path) -> Result<Vec
             })
     };
     if pkgs.iter().any(|p| have(p).is_none()) {
+        let native = output("dpkg", &["--print-architecture"])?;
         let arches = output("dpkg", &["--print-foreign-architectures"])?;
-        if !arches.lines().any(|l| l.trim() == arch) {
+        if native.trim() != arch && !arches.lines().any(|l| l.trim() == arch) {
             cmd("dpkg", &["--add-architecture", arch])?;
             cmd("apt-get", &["update", "-q"])?;
         } else {
