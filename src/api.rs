@@ -95,6 +95,37 @@ async fn route(d: Arc<Daemon>, req: Request<Incoming>, _peer: SocketAddr) -> Res
         return files.respond(&method, headers, &p).await;
     }
     let static_path = rel.strip_prefix("images/").unwrap_or(rel);
+    // Boot configs rendered per request, with URLs for the host the client used.
+    let here = crate::bootserve::Here {
+        http_authority: headers
+            .get(hyper::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .filter(|h| {
+                !h.is_empty()
+                    && h.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || ".:-[]".contains(c))
+            })
+            .map(String::from)
+            .unwrap_or_else(|| format!("127.0.0.1:{}", d.http_port())),
+    };
+    match crate::bootserve::dynamic(&d, &snap, static_path, req.uri().query(), true, &here) {
+        crate::bootserve::Dynamic::Text(text) => {
+            let len = text.len();
+            let body = if method == Method::HEAD {
+                crate::http::empty()
+            } else {
+                full(text)
+            };
+            return Response::builder()
+                .header("content-type", "text/plain; charset=utf-8")
+                .header("content-length", len)
+                .header("cache-control", "no-store")
+                .body(body)
+                .expect("valid response");
+        }
+        crate::bootserve::Dynamic::NotFound => return error(StatusCode::NOT_FOUND, "not found"),
+        crate::bootserve::Dynamic::Static => {}
+    }
     let files =
         StaticFiles::with_fd(snap.dir.clone(), snap.root.clone()).counting(d.http_metrics.clone());
     let resp = files.respond(&method, headers, static_path).await;
@@ -274,6 +305,44 @@ async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<B
     match (parts.as_slice(), read) {
         (["status"], true) => return json_response(StatusCode::OK, &status_json(&d)),
         (["resources"], true) => return json_response(StatusCode::OK, &resources_json(&d)),
+        (["machines"], true) => {
+            return match crate::machines::load(&settings.state_dir) {
+                Ok(state) => {
+                    let macs: std::collections::BTreeSet<_> = settings
+                        .machines
+                        .keys()
+                        .chain(state.keys())
+                        .copied()
+                        .collect();
+                    let all: serde_json::Map<String, Value> = macs
+                        .iter()
+                        .map(|m| {
+                            (
+                                m.to_string(),
+                                json!(crate::machines::effective(&settings.machines, &state, m)),
+                            )
+                        })
+                        .collect();
+                    json_response(StatusCode::OK, &Value::Object(all))
+                }
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+            }
+        }
+        (["machines", mac], true) => {
+            let Some(mac) = crate::bootcfg::Mac::parse(mac) else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("{mac:?} is not a MAC address"),
+                );
+            };
+            return match crate::machines::load(&settings.state_dir) {
+                Ok(state) => json_response(
+                    StatusCode::OK,
+                    &json!(crate::machines::effective(&settings.machines, &state, &mac)),
+                ),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+            };
+        }
         (["sources"], true) => {
             return match Sources::current(&settings) {
                 Ok(s) => json_response(StatusCode::OK, &json!(s.sources)),
@@ -320,6 +389,41 @@ async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<B
         (Method::POST, ["sync"]) => {
             d.trigger.notify_one();
             json_response(StatusCode::ACCEPTED, &json!({"sync": "started"}))
+        }
+        (m @ (Method::PUT | Method::DELETE), ["machines", mac]) => {
+            let Some(mac) = crate::bootcfg::Mac::parse(mac) else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("{mac:?} is not a MAC address"),
+                );
+            };
+            let body = match read_json(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let mut state = match crate::machines::load(&settings.state_dir) {
+                Ok(s) => s,
+                Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+            };
+            if m == Method::DELETE {
+                state.remove(&mac);
+            } else {
+                let pairs = match pairs(&body) {
+                    Ok(p) => p,
+                    Err(r) => return r,
+                };
+                let entry = state.entry(mac).or_default();
+                if let Err(e) = crate::machines::apply_kv(entry, &pairs) {
+                    return error(StatusCode::BAD_REQUEST, e);
+                }
+            }
+            if let Err(e) = crate::machines::save(&settings.state_dir, &state) {
+                return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"));
+            }
+            json_response(
+                StatusCode::OK,
+                &json!(crate::machines::effective(&settings.machines, &state, &mac)),
+            )
         }
         (m, p) => {
             let body = match read_json(req).await {

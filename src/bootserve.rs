@@ -1,14 +1,299 @@
-//! What the TFTP server serves: files of the snapshot current when the request
-//! arrived (a transfer keeps the file it opened, across snapshot switches).
+//! What a booting machine gets: files of the snapshot current when its request
+//! arrived, and boot configs rendered per request from local state (the snapshot,
+//! `[boot]` and the machine's settings), never a network round trip.
+//!
+//! Dynamic paths (leading `/` optional, MAC in any common spelling):
+//! - `pxelinux.cfg/01-<mac>`, `pxelinux.cfg/default[-…|.…]`: configs for lpxelinux
+//!   (served as `pxelinux.0`, as MAAS does), which fetches kernel and initrd over HTTP;
+//!   under `bootloader/pxe/<arch>/pxelinux.cfg/…` the same for the TFTP-only pxelinux
+//!   kept there, with TFTP paths. Other names pxelinux tries (its UUID, hex IP
+//!   prefixes) are "not found" at once.
+//! - `grub/grub.cfg` (static: chains to the per-MAC file), `grub/grub.cfg-<mac>`,
+//!   `grub/grub.cfg-default[-<arch>]`; a `*.lst` GRUB probes that the snapshot lacks
+//!   is served empty. Over TFTP GRUB loads the kernel by TFTP (Debian's signed GRUB has
+//!   no built-in HTTP and may not load modules under Secure Boot); over HTTP boot, by
+//!   HTTP.
+//! - `ipxe.cfg` (static chain), `ipxe.cfg-<mac>`, `ipxe.cfg-default[-<arch>]`, and over
+//!   HTTP `boot.ipxe?mac=…`.
+//!
+//! A MAC without settings (or an unparseable one) gets the default config; a machine
+//! set to local boot gets a config that boots its disk.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 
-use crate::daemon::Daemon;
-use std::os::fd::AsFd;
-
+use crate::bootcfg::{ephemeral_params, Boot, Grub, ImageBoot, Ipxe, Mac, Pxelinux};
+use crate::daemon::{Daemon, Snapshot};
+use crate::machines::{self, ImageRef};
 use crate::tftp::{from_beneath, OpenError, Resolver, Source};
 
+/// How the loader asking will fetch the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fetch {
+    /// Absolute TFTP paths, pxelinux style (`::/path`).
+    TftpPxelinux,
+    /// TFTP paths relative to GRUB's `$root` (the TFTP server).
+    TftpGrub,
+    /// HTTP URLs.
+    Http,
+}
+
+/// Where this rack answers: the address the request came to and the HTTP port.
+#[derive(Clone, Debug)]
+pub struct Here {
+    /// `host` or `host:port` as a URL authority for HTTP.
+    pub http_authority: String,
+}
+
+impl Here {
+    pub fn from_ip(ip: IpAddr, port: u16) -> Here {
+        let host = match ip {
+            IpAddr::V6(v6) => format!("[{v6}]"),
+            IpAddr::V4(v4) => v4.to_string(),
+        };
+        Here {
+            http_authority: format!("{host}:{port}"),
+        }
+    }
+}
+
+/// The result of looking at a path: a generated file, a definite "not found", or
+/// "not dynamic" (serve from the snapshot).
+pub enum Dynamic {
+    Text(String),
+    NotFound,
+    Static,
+}
+
+const ARCHES: [(&str, &str); 2] = [("amd64", "x86_64"), ("arm64", "arm64")];
+
+fn norm_arch(a: &str) -> &str {
+    match a {
+        "x86_64" | "i386" | "i686" => "amd64",
+        "aarch64" | "arm64" => "arm64",
+        other => other,
+    }
+}
+
+fn exists(snap: &Snapshot, rel: &str) -> bool {
+    crate::fsutil::open_beneath(snap.root.as_fd(), &snap.dir, rel).is_ok()
+}
+
+fn subdirs(snap: &Snapshot, rel: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(snap.dir.join(rel))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Finds the image directory (`os/arch/subarch/release/label`) for `image` on `arch`.
+fn image_dir(snap: &Snapshot, image: &ImageRef, arch: &str) -> Option<String> {
+    if image.arch.as_deref().is_some_and(|a| norm_arch(a) != arch) {
+        return None;
+    }
+    let subarches = match &image.subarch {
+        Some(s) => vec![s.clone()],
+        None => {
+            let mut all = subdirs(snap, &format!("{}/{arch}", image.os));
+            all.sort_by_key(|s| s != "generic");
+            all
+        }
+    };
+    for sub in subarches {
+        let base = format!("{}/{arch}/{sub}/{}", image.os, image.release);
+        let labels = match &image.label {
+            Some(l) => vec![l.clone()],
+            None => {
+                let mut all = subdirs(snap, &base);
+                all.sort_by_key(|l| l != "stable");
+                all
+            }
+        };
+        for label in labels {
+            let dir = format!("{base}/{label}");
+            if exists(snap, &format!("{dir}/boot-kernel")) {
+                return Some(dir);
+            }
+        }
+    }
+    None
+}
+
+/// What `mac` (or a machine without settings, `None`) boots on `arch`.
+fn boot_for(
+    d: &Daemon,
+    snap: &Snapshot,
+    mac: Option<Mac>,
+    arch: &str,
+    fetch: Fetch,
+    here: &Here,
+) -> Option<Boot> {
+    let settings = d.settings();
+    let state = machines::load(&settings.state_dir).unwrap_or_else(|e| {
+        tracing::warn!("{e:#}; using the config's machine settings only");
+        Default::default()
+    });
+    let m = mac
+        .map(|m| machines::effective(&settings.machines, &state, &m))
+        .unwrap_or_default();
+    if m.local_boot == Some(true) {
+        return Some(Boot::LocalDisk);
+    }
+    let image = m.image.as_deref().unwrap_or(&settings.boot.default_image);
+    let image = ImageRef::parse(image).ok()?;
+    let dir = image_dir(snap, &image, arch)?;
+    let http = |f: &str| format!("http://{}/images/{dir}/{f}", here.http_authority);
+    let loc = |f: &str| match fetch {
+        Fetch::Http => http(f),
+        Fetch::TftpPxelinux => format!("::/{dir}/{f}"),
+        Fetch::TftpGrub => format!("/{dir}/{f}"),
+    };
+    let hostname = match mac {
+        Some(m) => format!("rackboot-{}", m.to_string().replace(':', "")),
+        None => "rackboot".into(),
+    };
+    let extra: Vec<&str> = [
+        settings.boot.kernel_params.as_str(),
+        m.kernel_params.as_deref().unwrap_or(""),
+    ]
+    .into_iter()
+    .filter(|s| !s.trim().is_empty())
+    .collect();
+    Some(Boot::Image(ImageBoot {
+        kernel: loc("boot-kernel"),
+        initrd: loc("boot-initrd"),
+        params: ephemeral_params(&http("squashfs"), &hostname, &extra),
+    }))
+}
+
+fn grub_for(
+    d: &Daemon,
+    snap: &Snapshot,
+    mac: Option<Mac>,
+    only: Option<&str>,
+    fetch: Fetch,
+    here: &Here,
+) -> Dynamic {
+    let by_cpu: Vec<(String, Boot)> = ARCHES
+        .iter()
+        .filter(|(arch, _)| only.is_none_or(|o| norm_arch(o) == *arch))
+        .filter_map(|(arch, cpu)| {
+            Some((cpu.to_string(), boot_for(d, snap, mac, arch, fetch, here)?))
+        })
+        .collect();
+    if by_cpu.is_empty() {
+        return Dynamic::NotFound;
+    }
+    Dynamic::Text(Grub { by_cpu }.to_string())
+}
+
+/// Looks at `path` (already cleaned, no leading `/`); `query` is the HTTP query.
+pub fn dynamic(
+    d: &Daemon,
+    snap: &Snapshot,
+    path: &str,
+    query: Option<&str>,
+    over_http: bool,
+    here: &Here,
+) -> Dynamic {
+    // pxelinux
+    let pxe = path
+        .strip_prefix("pxelinux.cfg/")
+        .map(|n| (n, Fetch::Http))
+        .or_else(|| {
+            let rest = path.strip_prefix("bootloader/pxe/")?;
+            let (_, n) = rest.split_once("/pxelinux.cfg/")?;
+            Some((
+                n,
+                if over_http {
+                    Fetch::Http
+                } else {
+                    Fetch::TftpPxelinux
+                },
+            ))
+        });
+    if let Some((name, fetch)) = pxe {
+        let mac = if let Some(m) = name.strip_prefix("01-") {
+            match Mac::parse(m) {
+                Some(mac) => Some(mac),
+                None => return Dynamic::NotFound,
+            }
+        } else if name == "default" || name.starts_with("default-") || name.starts_with("default.")
+        {
+            None
+        } else {
+            return Dynamic::NotFound; // UUID and hex-IP probes
+        };
+        return match boot_for(d, snap, mac, "amd64", fetch, here) {
+            Some(b) => Dynamic::Text(Pxelinux(b).to_string()),
+            None => Dynamic::NotFound,
+        };
+    }
+    // GRUB
+    let grub_fetch = if over_http {
+        Fetch::Http
+    } else {
+        Fetch::TftpGrub
+    };
+    if path == "grub/grub.cfg" {
+        return Dynamic::Text(
+            "set default=\"0\"\nset timeout=0\nconfigfile /grub/grub.cfg-${net_default_mac}\nconfigfile /grub/grub.cfg-default-${grub_cpu}\n".into(),
+        );
+    }
+    if let Some(rest) = path.strip_prefix("grub/grub.cfg-") {
+        if let Some(arch) = rest.strip_prefix("default") {
+            let arch = arch
+                .strip_prefix('-')
+                .map(|a| a.split('-').next().unwrap_or(a));
+            return grub_for(d, snap, None, arch, grub_fetch, here);
+        }
+        // An unknown or malformed MAC gets the default config.
+        return grub_for(d, snap, Mac::parse(rest), None, grub_fetch, here);
+    }
+    if path.starts_with("grub/") && path.ends_with(".lst") && !exists(snap, path) {
+        return Dynamic::Text(String::new());
+    }
+    // iPXE
+    if path == "ipxe.cfg" {
+        return Dynamic::Text(format!(
+            "#!ipxe\nchain http://{h}/ipxe.cfg-${{mac}} ||\nchain http://{h}/ipxe.cfg-default-amd64\n",
+            h = here.http_authority
+        ));
+    }
+    let ipxe_mac = if let Some(rest) = path.strip_prefix("ipxe.cfg-") {
+        Some(
+            rest.strip_prefix("default")
+                .map_or_else(|| Mac::parse(rest), |_| None),
+        )
+    } else if path == "boot.ipxe" {
+        Some(query.and_then(|q| {
+            q.split('&')
+                .find_map(|kv| kv.strip_prefix("mac="))
+                .and_then(|m| Mac::parse(&m.replace("%3A", ":").replace("%3a", ":")))
+        }))
+    } else {
+        None
+    };
+    if let Some(mac) = ipxe_mac {
+        let arch = path
+            .strip_prefix("ipxe.cfg-default-")
+            .map(|a| norm_arch(a.split('-').next().unwrap_or(a)).to_string())
+            .unwrap_or_else(|| "amd64".into());
+        return match boot_for(d, snap, mac, &arch, Fetch::Http, here) {
+            Some(b) => Dynamic::Text(Ipxe(b).to_string()),
+            None => Dynamic::NotFound,
+        };
+    }
+    Dynamic::Static
+}
+
+/// The TFTP side: dynamic configs, else files of the snapshot.
 pub struct TftpResolver {
     d: Arc<Daemon>,
 }
@@ -20,14 +305,19 @@ impl TftpResolver {
 }
 
 impl Resolver for TftpResolver {
-    fn open(&self, path: &str, _client: SocketAddr) -> Result<Source, OpenError> {
+    fn open(&self, path: &str, _client: SocketAddr, local: IpAddr) -> Result<Source, OpenError> {
         let Some(snap) = self.d.current() else {
             return Err(OpenError::NotFound);
         };
-        from_beneath(crate::fsutil::open_beneath(
-            snap.root.as_fd(),
-            &snap.dir,
-            path,
-        ))
+        let here = Here::from_ip(local, self.d.http_port());
+        match dynamic(&self.d, &snap, path, None, false, &here) {
+            Dynamic::Text(t) => Ok(Source::Bytes(t.into())),
+            Dynamic::NotFound => Err(OpenError::NotFound),
+            Dynamic::Static => from_beneath(crate::fsutil::open_beneath(
+                snap.root.as_fd(),
+                &snap.dir,
+                path,
+            )),
+        }
     }
 }

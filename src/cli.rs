@@ -65,6 +65,13 @@ pub enum Command {
     },
     /// What is served and how the last sync went.
     Status,
+    /// Per-machine boot settings: set MAC key=value… | read [MAC] | delete MAC.
+    Machines {
+        #[arg(value_name = "OP")]
+        op: String,
+        #[arg(value_name = "ARGS")]
+        args: Vec<String>,
+    },
     /// Run the rack service: the periodic sync, TFTP and HTTP.
     Serve,
 }
@@ -92,6 +99,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::BootSourceSelections { op, args } => cmd_selections(&cli, &settings, op, args),
         Command::BootResources { op } => cmd_resources(&cli, &settings, op),
         Command::Status => cmd_status(&cli, &settings),
+        Command::Machines { op, args } => cmd_machines(&cli, &settings, op, args),
         Command::Serve => {
             let path = config::config_path(cli.config.as_deref());
             crate::daemon::serve(&path, settings).await
@@ -385,6 +393,84 @@ fn cmd_selections(cli: &Cli, settings: &Settings, op: &str, args: &[String]) -> 
         println!("saved; the next sync applies it");
     }
     Ok(())
+}
+
+fn cmd_machines(cli: &Cli, settings: &Settings, op: &str, args: &[String]) -> anyhow::Result<()> {
+    use crate::bootcfg::Mac;
+    let mac_arg = |i: usize| -> anyhow::Result<Mac> {
+        let a = args.get(i).ok_or_else(|| usage("missing MAC address"))?;
+        Mac::parse(a).ok_or_else(|| usage(format!("{a:?} is not a MAC address")))
+    };
+    let mut state = crate::machines::load(&settings.state_dir)?;
+    match op {
+        "read" => {
+            let macs: Vec<Mac> = match args.first() {
+                Some(_) => vec![mac_arg(0)?],
+                None => settings
+                    .machines
+                    .keys()
+                    .chain(state.keys())
+                    .copied()
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect(),
+            };
+            let all: serde_json::Map<String, serde_json::Value> = macs
+                .iter()
+                .map(|m| {
+                    (
+                        m.to_string(),
+                        json!(crate::machines::effective(&settings.machines, &state, m)),
+                    )
+                })
+                .collect();
+            if cli.json {
+                return print_json(&all);
+            }
+            for (mac, m) in &all {
+                println!(
+                    "{mac}\timage={}\tkernel_params={}\tlocal_boot={}",
+                    m["image"].as_str().unwrap_or("(default)"),
+                    m["kernel_params"].as_str().unwrap_or(""),
+                    m["local_boot"].as_bool().unwrap_or(false)
+                );
+            }
+            Ok(())
+        }
+        "set" => {
+            let mac = mac_arg(0)?;
+            let pairs = kv(&args[1..])?;
+            crate::machines::apply_kv(state.entry(mac).or_default(), &pairs).map_err(usage)?;
+            crate::machines::save(&settings.state_dir, &state)?;
+            if cli.json {
+                print_json(&crate::machines::effective(
+                    &settings.machines,
+                    &state,
+                    &mac,
+                ))
+            } else {
+                println!("saved {mac}; applies to its next boot");
+                Ok(())
+            }
+        }
+        "delete" => {
+            let mac = mac_arg(0)?;
+            if state.remove(&mac).is_none() {
+                anyhow::bail!(
+                    "no settings for {mac} in {}/machines.json",
+                    settings.state_dir.display()
+                );
+            }
+            crate::machines::save(&settings.state_dir, &state)?;
+            if !cli.json {
+                println!("deleted {mac}");
+            }
+            Ok(())
+        }
+        other => Err(usage(format!(
+            "unknown machines operation {other:?} (set, read, delete)"
+        ))),
+    }
 }
 
 fn sync_running(settings: &Settings) -> bool {

@@ -43,6 +43,7 @@ struct RawConfig {
     http: Option<RawHttp>,
     boot: Option<RawBoot>,
     sources: Option<Vec<RawSource>>,
+    machines: Option<BTreeMap<String, crate::machines::Machine>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -112,6 +113,8 @@ pub struct Settings {
     pub boot: BootSettings,
     /// Boot sources from the config file: they seed the state on first start.
     pub sources: Vec<SourceConfig>,
+    /// Per-MAC boot settings from the config (the state's `machines.json` wins).
+    pub machines: BTreeMap<crate::bootcfg::Mac, crate::machines::Machine>,
 }
 
 #[derive(Debug, Clone)]
@@ -363,7 +366,18 @@ fn validate(path: &Path, file: Option<PathBuf>, raw: RawConfig) -> Result<Settin
             .map(|(i, s)| validate_source(s).map_err(|m| err(path, format!("sources[{i}]: {m}"))))
             .collect::<Result<_, _>>()?,
     };
+    let mut machines = BTreeMap::new();
+    for (mac, m) in raw.machines.unwrap_or_default() {
+        let parsed = crate::bootcfg::Mac::parse(&mac)
+            .ok_or_else(|| err(path, format!("machines: {mac:?} is not a MAC address")))?;
+        if let Some(image) = &m.image {
+            crate::machines::ImageRef::parse(image)
+                .map_err(|e| err(path, format!("machines.{mac:?}.image: {e}")))?;
+        }
+        machines.insert(parsed, m);
+    }
     Ok(Settings {
+        machines,
         file,
         state_dir: raw
             .state_dir

@@ -94,6 +94,8 @@ pub struct Daemon {
     pub tftp_metrics: Arc<crate::tftp::TftpMetrics>,
     pub http_metrics: Arc<crate::http::HttpMetrics>,
     pub sync_duration_ms_total: AtomicU64,
+    /// The port of the first HTTP listener (for URLs in boot configs).
+    http_port: std::sync::atomic::AtomicU16,
     /// Snapshots handed out to requests; their generations are not collected while
     /// any request still holds them.
     handed_out: Mutex<Vec<Weak<Snapshot>>>,
@@ -126,6 +128,10 @@ impl Daemon {
             .iter()
             .filter_map(|w| w.upgrade().map(|s| s.generation))
             .collect()
+    }
+
+    pub fn http_port(&self) -> u16 {
+        self.http_port.load(Ordering::Relaxed)
     }
 
     pub fn status(&self) -> SyncStatus {
@@ -319,6 +325,12 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
         tftp_metrics: Arc::new(crate::tftp::TftpMetrics::default()),
         http_metrics: Arc::new(crate::http::HttpMetrics::default()),
         sync_duration_ms_total: AtomicU64::new(0),
+        http_port: std::sync::atomic::AtomicU16::new(
+            tcp.first()
+                .and_then(|l| l.local_addr().ok())
+                .map(|a| a.port())
+                .unwrap_or(5248),
+        ),
         handed_out: Mutex::new(Vec::new()),
         started: Instant::now(),
     });

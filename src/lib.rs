@@ -9,7 +9,9 @@
 pub mod api;
 /// Bootloader archive unpacking into the blob store.
 pub mod archive;
-/// What TFTP serves from the current snapshot.
+/// Typed pxelinux/GRUB/iPXE configs; escaping of outside strings (pure).
+pub mod bootcfg;
+/// What TFTP and HTTP serve: snapshot files and boot configs per request.
 pub mod bootserve;
 /// The command line.
 pub mod cli;
@@ -23,6 +25,8 @@ pub mod download;
 pub mod fsutil;
 /// HTTP server core and static files.
 pub mod http;
+/// Per-MAC boot settings.
+pub mod machines;
 /// `/metrics` (Prometheus text format).
 pub mod metrics;
 /// Selection + store contents → what to fetch and the snapshot layout (pure).

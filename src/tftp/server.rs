@@ -106,7 +106,8 @@ pub enum OpenError {
 
 /// Maps a cleaned relative path to something to send.
 pub trait Resolver: Send + Sync + 'static {
-    fn open(&self, path: &str, client: SocketAddr) -> Result<Source, OpenError>;
+    /// `local` is the address the request was sent to (for URLs in generated files).
+    fn open(&self, path: &str, client: SocketAddr, local: IpAddr) -> Result<Source, OpenError>;
 }
 
 /// Serves a directory; the root may be a symlink (re-resolved per request); symlinks
@@ -116,7 +117,7 @@ pub struct DirResolver {
 }
 
 impl Resolver for DirResolver {
-    fn open(&self, path: &str, _client: SocketAddr) -> Result<Source, OpenError> {
+    fn open(&self, path: &str, _client: SocketAddr, _local: IpAddr) -> Result<Source, OpenError> {
         open_under(&self.root, path)
     }
 }
@@ -527,7 +528,7 @@ async fn serve_request(
         return;
     }
     let span = tracing::info_span!("tftp", %client, path = %req.filename);
-    transfer(sock, req, client, resolver, config, metrics)
+    transfer(sock, req, client, msg.local, resolver, config, metrics)
         .instrument(span)
         .await;
 }
@@ -536,6 +537,7 @@ async fn transfer(
     sock: UdpSocket,
     req: Request,
     client: SocketAddr,
+    local: IpAddr,
     resolver: Arc<dyn Resolver>,
     config: TftpConfig,
     metrics: Arc<TftpMetrics>,
@@ -552,7 +554,7 @@ async fn transfer(
             return;
         }
     };
-    let source = match resolver.open(&path, client) {
+    let source = match resolver.open(&path, client, local) {
         Ok(s) => s,
         Err(OpenError::NotFound) => {
             inc(&metrics.not_found);

@@ -1,6 +1,7 @@
 //! Integration tests: the real `rackboot` binary against fake upstreams and real
 //! clients on 127.0.0.1. All of them build into this one test binary.
 
+mod bootcfg;
 mod harness;
 mod mirror;
 mod serve;

@@ -1,0 +1,223 @@
+//! Boot configs from the running daemon, over TFTP and HTTP, per MAC.
+
+use std::time::Duration;
+
+use sequoia_openpgp::types::HashAlgorithm;
+
+use crate::harness::*;
+use crate::mirror::*;
+
+fn tftp_get(s: &Served, path: &str) -> Option<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("f");
+    let res = run_client(
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "10",
+            "-o",
+            out.to_str().unwrap(),
+            &format!("tftp://{}/{path}", s.tftp),
+        ],
+        Duration::from_secs(20),
+    );
+    if !res.status.success() {
+        eprintln!("curl tftp {path}: {}", String::from_utf8_lossy(&res.stderr));
+        return None;
+    }
+    Some(std::fs::read_to_string(&out).unwrap_or_default())
+}
+
+#[test]
+fn per_mac_configs_defaults_and_local_boot() {
+    let env = Env::new();
+    let key = TestKey::generate();
+    key.write_keyring(&env.keyring);
+    let mut p = vec![
+        image("noble", "amd64", "20261101", 4096),
+        image("noble", "arm64", "20261101", 4096),
+    ];
+    p.extend(bootloaders("20210819.0"));
+    write_stream(
+        &env.mirror,
+        &p,
+        &key,
+        Signing::Signed(HashAlgorithm::SHA512),
+    );
+    let mirror = MirrorServer::start(&env.mirror);
+    env.write_config(
+        &mirror.url(),
+        &["amd64", "arm64"],
+        "auto = false\n[tftp]\nlisten = [\"127.0.0.1:0\"]\n[http]\nlisten = [\"127.0.0.1:0\"]\n[boot]\ndefault_image = \"ubuntu/noble\"\nkernel_params = \"console=ttyS0\"\n[machines.\"52-54-00-00-00-0A\"]\nkernel_params = \"from.config=1\"\n",
+    );
+    let s = env.serve();
+    s.wait_generation(1, Duration::from_secs(60));
+    env.ok(&[
+        "machines",
+        "set",
+        "52:54:00:00:00:01",
+        "kernel_params=rackboot.test=one quoted=\"a b\"",
+    ]);
+    env.ok(&["machines", "set", "52:54:00:00:00:02", "local_boot=true"]);
+    let read = env.ok(&["--json", "machines", "read"]);
+    let v: serde_json::Value = serde_json::from_str(&read).unwrap();
+    assert_eq!(v["52:54:00:00:00:0a"]["kernel_params"], "from.config=1");
+    assert_eq!(
+        v["52:54:00:00:00:01"]["kernel_params"],
+        "rackboot.test=one quoted=\"a b\""
+    );
+
+    // pxelinux over TFTP: per MAC, HTTP URLs for the host:port asked.
+    let cfg = tftp_get(&s, "pxelinux.cfg/01-52-54-00-00-00-01").expect("per-MAC pxelinux config");
+    let http = format!(
+        "http://127.0.0.1:{}/images/ubuntu/amd64/generic/noble/stable/",
+        s.http.port()
+    );
+    assert!(cfg.contains(&format!("KERNEL {http}boot-kernel")), "{cfg}");
+    assert!(cfg.contains(&format!("INITRD {http}boot-initrd")), "{cfg}");
+    assert!(
+        cfg.contains(&format!("root=squash:{http}squashfs")),
+        "{cfg}"
+    );
+    assert!(
+        cfg.contains("console=ttyS0 rackboot.test=one quoted=\"a b\""),
+        "{cfg}"
+    );
+    assert!(cfg.contains("IPAPPEND 2"));
+    // …TFTP paths for the TFTP-only pxelinux under bootloader/pxe/i386/.
+    let cfg = tftp_get(&s, "bootloader/pxe/i386/pxelinux.cfg/01-52-54-00-00-00-01").unwrap();
+    assert!(
+        cfg.contains("KERNEL ::/ubuntu/amd64/generic/noble/stable/boot-kernel"),
+        "{cfg}"
+    );
+    // Unknown MAC and `default`: the default config; UUID / hex IP probes: not found.
+    let cfg = tftp_get(&s, "pxelinux.cfg/01-aa-bb-cc-dd-ee-ff").unwrap();
+    assert!(
+        cfg.contains("console=ttyS0") && !cfg.contains("rackboot.test"),
+        "{cfg}"
+    );
+    assert!(tftp_get(&s, "pxelinux.cfg/default")
+        .unwrap()
+        .contains("KERNEL http://"));
+    assert_eq!(tftp_get(&s, "pxelinux.cfg/C0A80001"), None);
+    assert_eq!(
+        tftp_get(&s, "pxelinux.cfg/8a1c2f6e-0000-4000-8000-525400000001"),
+        None
+    );
+    // Local boot.
+    let cfg = tftp_get(&s, "pxelinux.cfg/01-52-54-00-00-00-02").unwrap();
+    assert!(
+        cfg.contains("KERNEL chain.c32") && cfg.contains("APPEND hd0"),
+        "{cfg}"
+    );
+    // Config-file machine settings apply too.
+    assert!(tftp_get(&s, "pxelinux.cfg/01-52-54-00-00-00-0a")
+        .unwrap()
+        .contains("from.config=1"));
+
+    // GRUB: the static chain, per MAC for both CPUs, TFTP paths over TFTP.
+    let g = tftp_get(&s, "/grub/grub.cfg").unwrap();
+    assert!(
+        g.contains("configfile /grub/grub.cfg-${net_default_mac}"),
+        "{g}"
+    );
+    let g = tftp_get(&s, "/grub/grub.cfg-52:54:00:00:00:01").unwrap();
+    assert!(g.contains("if [ \"$grub_cpu\" = 'x86_64' ]"), "{g}");
+    assert!(g.contains("elif [ \"$grub_cpu\" = 'arm64' ]"), "{g}");
+    assert!(
+        g.contains("linux '/ubuntu/amd64/generic/noble/stable/boot-kernel'"),
+        "{g}"
+    );
+    assert!(
+        g.contains("linux '/ubuntu/arm64/generic/noble/stable/boot-kernel'"),
+        "{g}"
+    );
+    assert!(g.contains("'rackboot.test=one' 'quoted=\"a b\"'"), "{g}");
+    let g = tftp_get(&s, "grub/grub.cfg-default-amd64").unwrap();
+    assert!(g.contains("x86_64") && !g.contains("arm64"), "{g}");
+    assert!(tftp_get(&s, "grub/grub.cfg-52:54:00:00:00:02")
+        .unwrap()
+        .contains("chainloader"));
+    // (curl refuses an OACK with tsize 0, so the empty file is fetched with atftp,
+    // asking for tsize as GRUB does; atftp exits non-zero on a TFTP error.)
+    let dir = tempfile::tempdir().unwrap();
+    let lst = dir.path().join("command.lst");
+    let res = run_client(
+        "atftp",
+        &[
+            "--option",
+            "tsize 0",
+            "-g",
+            "-r",
+            "/grub/x86_64-efi/command.lst",
+            "-l",
+            lst.to_str().unwrap(),
+            "127.0.0.1",
+            &s.tftp.port().to_string(),
+        ],
+        Duration::from_secs(20),
+    );
+    assert!(res.status.success(), "{res:?}");
+    assert_eq!(std::fs::read(&lst).unwrap(), b"");
+    // Over HTTP (UEFI HTTP boot): HTTP paths.
+    let (code, body) = s.get("/grub/grub.cfg-52:54:00:00:00:01");
+    assert_eq!(code, 200);
+    let g = String::from_utf8(body).unwrap();
+    assert!(
+        g.contains(&format!(
+            "linux 'http://127.0.0.1:{}/images/ubuntu/amd64/generic/noble/stable/boot-kernel'",
+            s.http.port()
+        )),
+        "{g}"
+    );
+
+    // iPXE.
+    let (code, body) = s.get("/boot.ipxe?mac=52:54:00:00:00:01");
+    assert_eq!(code, 200);
+    let i = String::from_utf8(body).unwrap();
+    assert!(i.starts_with("#!ipxe\nkernel http://"), "{i}");
+    assert!(
+        i.contains("rackboot.test=one") && i.contains("initrd http://") && i.ends_with("boot\n"),
+        "{i}"
+    );
+    let chain = tftp_get(&s, "ipxe.cfg").unwrap();
+    assert!(
+        chain.contains(&format!(
+            "chain http://127.0.0.1:{}/ipxe.cfg-${{mac}}",
+            s.http.port()
+        )),
+        "{chain}"
+    );
+    let (code, body) = s.get("/ipxe.cfg-52:54:00:00:00:02");
+    assert_eq!(code, 200);
+    assert!(String::from_utf8(body).unwrap().contains("sanboot"));
+
+    // Through the API (with the token off, writes are refused; reads work).
+    let (code, body) = s.get("/api/v1/machines/52-54-00-00-00-01");
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("rackboot.test=one"));
+    assert_eq!(
+        curl(&[
+            "-X",
+            "PUT",
+            "-d",
+            "{}",
+            &s.url("/api/v1/machines/52:54:00:00:00:01")
+        ])
+        .0,
+        403
+    );
+    // Changes apply without a restart; delete returns the machine to the default.
+    env.ok(&["machines", "delete", "52-54-00-00-00-01"]);
+    let cfg = tftp_get(&s, "pxelinux.cfg/01-52-54-00-00-00-01").unwrap();
+    assert!(!cfg.contains("rackboot.test"), "{cfg}");
+    // Bad input is a usage error naming it.
+    let e = env.fails(&["machines", "set", "not-a-mac", "local_boot=true"], 2);
+    assert!(e.contains("not-a-mac"), "{e}");
+    let e = env.fails(
+        &["machines", "set", "52:54:00:00:00:03", "image=../../etc"],
+        2,
+    );
+    assert!(e.contains("image"), "{e}");
+}
