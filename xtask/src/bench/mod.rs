@@ -1,0 +1,347 @@
+//! `cargo xtask bench [tftp] [http] [sync]`: rackboot against its peers, measured in
+//! the same run on loopback, results (Markdown + JSON) written to `bench/results/`.
+//!
+//! A bench stream (unsigned, `file://`) with a 64 MiB kernel, a 4 MiB initrd and a
+//! 200 MiB squashfs is synced by the release binary; the peers serve the very same
+//! snapshot directory.
+//! - tftp: one transfer at windowsize 1 and at windowsize 8 (blksize 1468, atftp
+//!   client), and 200 concurrent clients (4 MiB each, every download checked), against
+//!   tftpd-hpa, dnsmasq and atftpd. Peak RSS of rackboot is read from /proc.
+//! - http: a 200 MiB file (curl, best of 3) and 1000 concurrent keep-alive clients
+//!   (wrk, 5 s) against nginx with sendfile.
+//! - sync: a full sync of the bench stream from a local mirror, and a no-op sync.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+mod http;
+mod tftp;
+use crate::prereq::{self, cmd};
+
+const KERNEL: &str = "bench/amd64/generic/bench/stable/boot-kernel";
+const INITRD: &str = "bench/amd64/generic/bench/stable/boot-initrd";
+const SQUASHFS: &str = "bench/amd64/generic/bench/stable/squashfs";
+
+struct Bench {
+    dir: PathBuf,
+    bin: PathBuf,
+    snapshot: PathBuf,
+    atftpd: PathBuf,
+    results: BTreeMap<String, serde_json::Value>,
+    report: String,
+}
+
+/// A child process killed (by PID, through its handle) on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(program: &Path, args: &[&str]) -> Result<Proc> {
+    let child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {}", program.display()))?;
+    Ok(Proc(child))
+}
+
+fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn free_udp_port() -> Result<u16> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn free_tcp_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn wait_port_udp_ready(port: u16) {
+    // The daemons bind quickly; give them a moment.
+    let _ = port;
+    std::thread::sleep(Duration::from_millis(400));
+}
+
+fn mib_s(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64() / (1024.0 * 1024.0)
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    let all = args.is_empty();
+    let want = |k: &str| all || args.iter().any(|a| a == k);
+    prereq::ensure_debs(&[
+        "atftp",
+        "tftpd-hpa",
+        "dnsmasq-base",
+        "nginx-light",
+        "wrk",
+        "curl",
+    ])?;
+    let root = crate::root();
+    std::env::set_current_dir(&root)?;
+    cmd("cargo", &["build", "--release", "--bin", "rackboot"])?;
+    let dir = root.join("target/bench");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    let atftpd_root = root.join("target/xtask-cache/atftpd");
+    if !atftpd_root.join("usr/sbin/atftpd").exists() {
+        // atftpd and tftpd-hpa conflict as packages: unpack atftpd privately.
+        prereq::ensure_foreign_debs(&native_arch()?, &["atftpd"], &atftpd_root)?;
+    }
+    let mut b = Bench {
+        bin: root.join("target/release/rackboot"),
+        snapshot: PathBuf::new(),
+        atftpd: atftpd_root.join("usr/sbin/atftpd"),
+        dir,
+        results: BTreeMap::new(),
+        report: String::new(),
+    };
+    let stamp = output_stamp();
+    writeln!(b.report, "# rackboot benchmarks ({stamp})\n")?;
+    writeln!(
+        b.report,
+        "Loopback, {} cores; rackboot release build; peers from Debian 12.\n",
+        num_cpus()
+    )?;
+    b.sync_bench()?;
+    if want("tftp") {
+        b.tftp_bench()?;
+    }
+    if want("http") {
+        b.http_bench()?;
+    }
+    let out_dir = root.join("bench/results");
+    std::fs::create_dir_all(&out_dir)?;
+    let md = out_dir.join(format!("{stamp}.md"));
+    std::fs::write(&md, &b.report)?;
+    std::fs::write(
+        out_dir.join(format!("{stamp}.json")),
+        serde_json::to_string_pretty(&b.results)?,
+    )?;
+    println!("{}", b.report);
+    println!("written to {}", md.display());
+    Ok(())
+}
+
+fn native_arch() -> Result<String> {
+    Ok(prereq::output("dpkg", &["--print-architecture"])?
+        .trim()
+        .to_string())
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+fn output_stamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    prereq::output(
+        "date",
+        &["-u", "-d", &format!("@{secs}"), "+%Y%m%dT%H%M%SZ"],
+    )
+    .map(|s| s.trim().to_string())
+    .unwrap_or_else(|_| secs.to_string())
+}
+
+impl Bench {
+    fn rackboot(&self, config: &Path, args: &[&str]) -> Result<Duration> {
+        let t = Instant::now();
+        let mut full = vec!["--config", config.to_str().expect("utf-8")];
+        full.extend_from_slice(args);
+        let out = Command::new(&self.bin).args(&full).output()?;
+        if !out.status.success() {
+            bail!(
+                "rackboot {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(t.elapsed())
+    }
+
+    /// Builds the bench stream, syncs it (timed), and remembers the snapshot dir.
+    fn sync_bench(&mut self) -> Result<()> {
+        let stream = self.dir.join("stream");
+        let items = [
+            ("boot-kernel", "bench/amd64/1/boot-kernel", 64usize << 20),
+            ("boot-initrd", "bench/amd64/1/boot-initrd", 4 << 20),
+            ("squashfs", "bench/amd64/1/squashfs", 200 << 20),
+        ];
+        let mut imap = serde_json::Map::new();
+        let mut total = 0u64;
+        for (i, (name, path, size)) in items.iter().enumerate() {
+            let data = pseudo_random(i as u64 + 7, *size);
+            let p = stream.join(path);
+            std::fs::create_dir_all(p.parent().expect("parent"))?;
+            std::fs::write(&p, &data)?;
+            total += data.len() as u64;
+            imap.insert(
+                name.to_string(),
+                json!({"ftype": name, "path": path, "size": data.len(), "sha256": hex::encode(Sha256::digest(&data))}),
+            );
+        }
+        let products = json!({"format": "products:1.0", "content_id": "bench:v3:download", "products": {
+            "bench:amd64": {"os": "bench", "release": "bench", "arch": "amd64", "subarch": "generic", "label": "stable",
+                "versions": {"1": {"items": imap}}}}});
+        std::fs::create_dir_all(stream.join("streams/v1"))?;
+        std::fs::write(
+            stream.join("streams/v1/bench.json"),
+            serde_json::to_vec(&products)?,
+        )?;
+        std::fs::write(
+            stream.join("streams/v1/index.json"),
+            serde_json::to_vec(
+                &json!({"format": "index:1.0", "index": {"bench:v3:download": {
+                "format": "products:1.0", "path": "streams/v1/bench.json"}}}),
+            )?,
+        )?;
+        let state = self.dir.join("state");
+        let config = self.dir.join("rackboot.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir = \"{}\"\n[sync]\nauto = false\n[[sources]]\nurl = \"file://{}/streams/v1/index.json\"\nunsigned = true\n[[sources.selections]]\nos = \"bench\"\nrelease = \"bench\"\n",
+                state.display(),
+                stream.display()
+            ),
+        )?;
+        // Drop the page cache effect partly: the mirror was just written, so it is warm
+        // for every tool alike.
+        let full = self.rackboot(&config, &["sync"])?;
+        let noop = self.rackboot(&config, &["sync"])?;
+        let mut noops = vec![noop];
+        for _ in 0..4 {
+            noops.push(self.rackboot(&config, &["sync"])?);
+        }
+        noops.sort();
+        self.snapshot = std::fs::canonicalize(state.join("current"))?;
+        writeln!(self.report, "## sync (local mirror, file://)\n")?;
+        writeln!(self.report, "| what | time | throughput |\n|---|---|---|")?;
+        writeln!(
+            self.report,
+            "| full sync, {} MiB, sha256 checked | {:.2} s | {:.0} MiB/s |",
+            total >> 20,
+            full.as_secs_f64(),
+            mib_s(total, full)
+        )?;
+        writeln!(
+            self.report,
+            "| no-op sync (process start to exit, median of 5) | {:.1} ms | |\n",
+            noops[2].as_secs_f64() * 1000.0
+        )?;
+        self.results.insert(
+            "sync".into(),
+            json!({"bytes": total, "full_s": full.as_secs_f64(), "full_mib_s": mib_s(total, full), "noop_ms": noops[2].as_secs_f64() * 1000.0}),
+        );
+        Ok(())
+    }
+
+    fn start_server(&self, which: &str, port: u16) -> Result<Proc> {
+        let root = self.snapshot.to_str().expect("utf-8");
+        let addr = format!("127.0.0.1:{port}");
+        let p = match which {
+            "rackboot" => {
+                let config = self.dir.join("serve.toml");
+                std::fs::write(
+                    &config,
+                    format!(
+                        "state_dir = \"{}\"\n[sync]\nauto = false\n[tftp]\nlisten = [\"{addr}\"]\n[http]\nlisten = [\"127.0.0.1:{}\"]\n[[sources]]\nurl = \"file:///nonexistent/streams/v1/index.json\"\nunsigned = true\n",
+                        self.dir.join("state").display(),
+                        free_tcp_port()?
+                    ),
+                )?;
+                spawn(
+                    &self.bin,
+                    &["--config", config.to_str().expect("utf-8"), "serve"],
+                )?
+            }
+            "tftpd-hpa" => spawn(
+                Path::new("/usr/sbin/in.tftpd"),
+                &["-L", "-l", "-a", &addr, "-u", "root", "-s", root],
+            )?,
+            "atftpd" => spawn(
+                &self.atftpd,
+                &[
+                    "--daemon",
+                    "--no-fork",
+                    "--port",
+                    &port.to_string(),
+                    "--bind-address",
+                    "127.0.0.1",
+                    "--user",
+                    "root",
+                    "--group",
+                    "root",
+                    "--logfile",
+                    "/dev/null",
+                    "--maxthread",
+                    "1000",
+                    root,
+                ],
+            )?,
+            "dnsmasq" => spawn(
+                Path::new("/usr/sbin/dnsmasq"),
+                &[
+                    "--keep-in-foreground",
+                    "--conf-file=/dev/null",
+                    "--port=0",
+                    "--enable-tftp",
+                    &format!("--tftp-root={root}"),
+                    "--listen-address=127.0.0.2",
+                    "--bind-interfaces",
+                    "--tftp-max=1000",
+                    "--user=root",
+                    "--pid-file=",
+                ],
+            )?,
+            _ => bail!("unknown server {which}"),
+        };
+        wait_port_udp_ready(port);
+        Ok(p)
+    }
+}
