@@ -60,11 +60,19 @@ fn installed(pkg: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// apt-get, waiting up to 10 minutes for the dpkg lock that another apt (or a
+/// parallel xtask) may hold instead of failing at once.
+fn apt(args: &[&str]) -> Result<()> {
+    let mut full = vec!["-o", "DPkg::Lock::Timeout=600"];
+    full.extend_from_slice(args);
+    cmd("apt-get", &full)
+}
+
 static APT_UPDATED: std::sync::Once = std::sync::Once::new();
 
 fn apt_update() -> Result<()> {
     let mut result = Ok(());
-    APT_UPDATED.call_once(|| result = cmd("apt-get", &["update", "-q"]));
+    APT_UPDATED.call_once(|| result = apt(&["update", "-q"]));
     result
 }
 
@@ -85,7 +93,7 @@ fn apt_install(pkgs: &[&str], extra: &[&str]) -> Result<()> {
     args.extend_from_slice(extra);
     args.extend_from_slice(&missing);
     std::env::set_var("DEBIAN_FRONTEND", "noninteractive");
-    cmd("apt-get", &args)
+    apt(&args)
 }
 
 /// Installs missing Debian packages from the configured suites.
@@ -142,7 +150,7 @@ fn ensure_backports_source() -> Result<()> {
         ),
     )
     .with_context(|| format!("writing {BACKPORTS_FILE}"))?;
-    cmd("apt-get", &["update", "-q"])
+    apt(&["update", "-q"])
 }
 
 /// Installs packages from bookworm-backports (adding the suite when needed).
@@ -175,7 +183,7 @@ pub fn ensure_foreign_debs(arch: &str, pkgs: &[&str], dest: &Path) -> Result<Vec
         let arches = output("dpkg", &["--print-foreign-architectures"])?;
         if native.trim() != arch && !arches.lines().any(|l| l.trim() == arch) {
             cmd("dpkg", &["--add-architecture", arch])?;
-            cmd("apt-get", &["update", "-q"])?;
+            apt(&["update", "-q"])?;
         } else {
             apt_update()?;
         }
@@ -183,6 +191,7 @@ pub fn ensure_foreign_debs(arch: &str, pkgs: &[&str], dest: &Path) -> Result<Vec
         let mut args = vec!["download"];
         args.extend(specs.iter().map(String::as_str));
         let status = Command::new("apt-get")
+            .args(["-o", "DPkg::Lock::Timeout=600"])
             .args(&args)
             .current_dir(&cache)
             .status()
