@@ -119,18 +119,19 @@ pub fn run(args: &[String]) -> Result<()> {
     let root = crate::root();
     std::env::set_current_dir(&root)?;
     cmd("cargo", &["build", "--release", "--bin", "rackboot"])?;
-    let dir = root.join("target/bench");
+    let target = target_dir(&root);
+    let dir = target.join("bench");
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;
     }
     std::fs::create_dir_all(&dir)?;
-    let atftpd_root = root.join("target/xtask-cache/atftpd");
+    let atftpd_root = target.join("xtask-cache/atftpd");
     if !atftpd_root.join("usr/sbin/atftpd").exists() {
         // atftpd and tftpd-hpa conflict as packages: unpack atftpd privately.
         prereq::ensure_foreign_debs(&native_arch()?, &["atftpd"], &atftpd_root)?;
     }
     let mut b = Bench {
-        bin: root.join("target/release/rackboot"),
+        bin: target.join("release/rackboot"),
         snapshot: PathBuf::new(),
         atftpd: atftpd_root.join("usr/sbin/atftpd"),
         dir,
@@ -162,6 +163,15 @@ pub fn run(args: &[String]) -> Result<()> {
     println!("{}", b.report);
     println!("written to {}", md.display());
     Ok(())
+}
+
+/// Cargo's target directory: `$CARGO_TARGET_DIR` when set (relative to the workspace
+/// root, as cargo reads it), else `<root>/target`.
+fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) if !d.is_empty() => root.join(d),
+        _ => root.join("target"),
+    }
 }
 
 fn native_arch() -> Result<String> {
