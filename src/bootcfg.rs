@@ -96,26 +96,40 @@ pub enum Boot {
     LocalDisk,
 }
 
-/// A kernel + initrd boot. `kernel`/`initrd` are locations the loader can fetch;
-/// `params` are the kernel parameters, each an outside string.
+/// A kernel + initrd boot. `dir` is the image directory in the snapshot
+/// (`os/arch/subarch/release/label`, holding `boot-kernel` and `boot-initrd`);
+/// `params` are kernel command-line words (kernel syntax: a word may carry double
+/// quotes), each an outside string.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ImageBoot {
-    pub kernel: String,
-    pub initrd: String,
+    pub dir: String,
     pub params: Vec<String>,
 }
 
-/// A pxelinux config.
-pub struct Pxelinux(pub Boot);
+impl ImageBoot {
+    fn file(&self, base: &str, name: &str) -> String {
+        format!("{base}{}/{name}", self.dir)
+    }
+}
 
-impl fmt::Display for Pxelinux {
+/// A pxelinux config. `base` prefixes image paths: `http://host:port/images/` for
+/// lpxelinux (kernel and initrd over HTTP), `::/` for plain pxelinux (TFTP, from the
+/// root rather than the directory pxelinux itself was loaded from).
+pub struct Pxelinux<'a> {
+    pub boot: &'a Boot,
+    pub base: &'a str,
+}
+
+impl fmt::Display for Pxelinux<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "DEFAULT execute")?;
         writeln!(f, "LABEL execute")?;
-        match &self.0 {
+        match self.boot {
             Boot::Image(b) => {
-                writeln!(f, "  KERNEL {}", Quote::Pxelinux(&b.kernel))?;
-                writeln!(f, "  INITRD {}", Quote::Pxelinux(&b.initrd))?;
+                let kernel = b.file(self.base, "boot-kernel");
+                let initrd = b.file(self.base, "boot-initrd");
+                writeln!(f, "  KERNEL {}", Quote::Pxelinux(&kernel))?;
+                writeln!(f, "  INITRD {}", Quote::Pxelinux(&initrd))?;
                 write!(f, "  APPEND")?;
                 for p in &b.params {
                     write!(f, " {}", Quote::Pxelinux(p))?;
@@ -131,14 +145,48 @@ impl fmt::Display for Pxelinux {
     }
 }
 
-/// A GRUB menu: one entry per CPU it may run on (`$grub_cpu`), so one per-MAC config
+/// A GRUB menu: one branch per CPU it may run on (`$grub_cpu`), so one per-MAC config
 /// serves whatever architecture the machine turns out to be.
-pub struct Grub {
+///
+/// Image paths: `http` is a GRUB HTTP prefix (`(http,host:port)/images/`), `tftp` a
+/// path prefix on GRUB's TFTP root (`/`). With both (GRUB loaded over TFTP), the
+/// config tries `insmod http` and falls back to TFTP when the module cannot be loaded
+/// (Debian's signed GRUB has no built-in HTTP, and Secure Boot forbids modules).
+pub struct Grub<'a> {
     /// `(grub_cpu, boot)` pairs, e.g. `("x86_64", …)`, `("arm64", …)`.
-    pub by_cpu: Vec<(String, Boot)>,
+    pub by_cpu: &'a [(String, Boot)],
+    pub http: Option<&'a str>,
+    pub tftp: Option<&'a str>,
 }
 
-impl fmt::Display for Grub {
+impl Grub<'_> {
+    fn linux(
+        &self,
+        f: &mut fmt::Formatter<'_>,
+        b: &ImageBoot,
+        base: &str,
+        indent: &str,
+    ) -> fmt::Result {
+        write!(
+            f,
+            "{indent}linux {}",
+            Quote::Grub(&b.file(base, "boot-kernel"))
+        )?;
+        for p in &b.params {
+            // GRUB re-quotes the words it passes to the kernel itself (a word with
+            // spaces gets double quotes), so kernel-level double quotes are dropped.
+            write!(f, " {}", Quote::Grub(&p.replace('"', "")))?;
+        }
+        writeln!(f, " BOOTIF=01-${{net_default_mac}}")?;
+        writeln!(
+            f,
+            "{indent}initrd {}",
+            Quote::Grub(&b.file(base, "boot-initrd"))
+        )
+    }
+}
+
+impl fmt::Display for Grub<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "set default=\"0\"")?;
         writeln!(f, "set timeout=0")?;
@@ -147,14 +195,17 @@ impl fmt::Display for Grub {
             let kw = if i == 0 { "if" } else { "elif" };
             writeln!(f, "  {kw} [ \"$grub_cpu\" = {} ]; then", Quote::Grub(cpu))?;
             match boot {
-                Boot::Image(b) => {
-                    write!(f, "    linux {}", Quote::Grub(&b.kernel))?;
-                    for p in &b.params {
-                        write!(f, " {}", Quote::Grub(p))?;
+                Boot::Image(b) => match (self.http, self.tftp) {
+                    (Some(http), Some(tftp)) => {
+                        writeln!(f, "    if insmod http; then")?;
+                        self.linux(f, b, http, "      ")?;
+                        writeln!(f, "    else")?;
+                        self.linux(f, b, tftp, "      ")?;
+                        writeln!(f, "    fi")?;
                     }
-                    writeln!(f, " BOOTIF=01-${{net_default_mac}}")?;
-                    writeln!(f, "    initrd {}", Quote::Grub(&b.initrd))?;
-                }
+                    (Some(base), None) | (None, Some(base)) => self.linux(f, b, base, "    ")?,
+                    (None, None) => self.linux(f, b, "/", "    ")?,
+                },
                 Boot::LocalDisk => {
                     writeln!(f, "    for efi in /efi/boot/bootx64.efi /efi/boot/bootaa64.efi /efi/ubuntu/shimx64.efi /efi/ubuntu/shimaa64.efi /efi/debian/shimx64.efi /efi/debian/shimaa64.efi; do")?;
                     writeln!(
@@ -173,20 +224,31 @@ impl fmt::Display for Grub {
     }
 }
 
-/// An iPXE script.
-pub struct Ipxe(pub Boot);
+/// An iPXE script; `base` is `http://host:port/images/`.
+pub struct Ipxe<'a> {
+    pub boot: &'a Boot,
+    pub base: &'a str,
+}
 
-impl fmt::Display for Ipxe {
+impl fmt::Display for Ipxe<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "#!ipxe")?;
-        match &self.0 {
+        match self.boot {
             Boot::Image(b) => {
-                write!(f, "kernel {}", Quote::Ipxe(&b.kernel))?;
+                write!(
+                    f,
+                    "kernel {}",
+                    Quote::Ipxe(&b.file(self.base, "boot-kernel"))
+                )?;
                 for p in &b.params {
                     write!(f, " {}", Quote::Ipxe(p))?;
                 }
                 writeln!(f, " BOOTIF=01-${{netX/mac:hexhyp}}")?;
-                writeln!(f, "initrd {}", Quote::Ipxe(&b.initrd))?;
+                writeln!(
+                    f,
+                    "initrd {}",
+                    Quote::Ipxe(&b.file(self.base, "boot-initrd"))
+                )?;
                 writeln!(f, "boot")
             }
             Boot::LocalDisk => {
@@ -199,6 +261,7 @@ impl fmt::Display for Ipxe {
 /// The kernel parameters of an ephemeral boot, as MAAS builds them (without the
 /// cloud-config URL and remote syslog, which need a region), followed by the
 /// configured parameters. `squashfs` is the URL of the image's root filesystem.
+/// The cloud-config snippet is two kernel words, as MAAS writes it.
 pub fn ephemeral_params(squashfs: &str, hostname: &str, extra: &[&str]) -> Vec<String> {
     let mut p: Vec<String> = vec![
         "nomodeset".into(),
@@ -208,7 +271,8 @@ pub fn ephemeral_params(squashfs: &str, hostname: &str, extra: &[&str]) -> Vec<S
         "ip6=off".into(),
         "overlayroot=tmpfs".into(),
         "overlayroot_cfgdisk=disabled".into(),
-        "cc:{'datasource_list': ['MAAS']}end_cc".into(),
+        "cc:{'datasource_list':".into(),
+        "['MAAS']}end_cc".into(),
     ];
     for e in extra {
         p.extend(split_params(e));
@@ -245,16 +309,16 @@ pub fn split_params(s: &str) -> Vec<String> {
 mod tests {
     use super::*;
 
+    const HTTP: &str = "http://10.0.0.1:5248/images/";
+    const GRUB_HTTP: &str = "(http,10.0.0.1:5248)/images/";
+
     fn image() -> Boot {
         Boot::Image(ImageBoot {
-            kernel: "http://10.0.0.1:5248/images/debian/amd64/generic/bookworm/stable/boot-kernel"
-                .into(),
-            initrd: "http://10.0.0.1:5248/images/debian/amd64/generic/bookworm/stable/boot-initrd"
-                .into(),
+            dir: "debian/amd64/generic/bookworm/stable".into(),
             params: ephemeral_params(
                 "http://10.0.0.1:5248/images/debian/amd64/generic/bookworm/stable/squashfs",
                 "rackboot-525400123456",
-                &["console=ttyS0,115200 panic=-1"],
+                &["console=ttyS0,115200 panic=-1 msg=\"a b\""],
             ),
         })
     }
@@ -270,98 +334,224 @@ mod tests {
     }
 
     #[test]
+    fn params_split_like_the_kernel() {
+        assert_eq!(
+            split_params("  a=1  b=\"x y\"\tc "),
+            vec!["a=1", "b=\"x y\"", "c"]
+        );
+    }
+
+    #[test]
     fn pxelinux_snapshot() {
         let want = "DEFAULT execute
 LABEL execute
   KERNEL http://10.0.0.1:5248/images/debian/amd64/generic/bookworm/stable/boot-kernel
   INITRD http://10.0.0.1:5248/images/debian/amd64/generic/bookworm/stable/boot-initrd
-  APPEND nomodeset ro root=squash:http://10.0.0.1:5248/images/debian/amd64/generic/bookworm/stable/squashfs ip=::::rackboot-525400123456:BOOTIF ip6=off overlayroot=tmpfs overlayroot_cfgdisk=disabled cc:{'datasource_list': ['MAAS']}end_cc console=ttyS0,115200 panic=-1
+  APPEND nomodeset ro root=squash:http://10.0.0.1:5248/images/debian/amd64/generic/bookworm/stable/squashfs ip=::::rackboot-525400123456:BOOTIF ip6=off overlayroot=tmpfs overlayroot_cfgdisk=disabled cc:{'datasource_list': ['MAAS']}end_cc console=ttyS0,115200 panic=-1 msg=\"a b\"
   IPAPPEND 2
 ";
-        assert_eq!(Pxelinux(image()).to_string(), want);
+        let boot = image();
         assert_eq!(
-            Pxelinux(Boot::LocalDisk).to_string(),
+            Pxelinux {
+                boot: &boot,
+                base: HTTP
+            }
+            .to_string(),
+            want
+        );
+        let tftp = Pxelinux {
+            boot: &boot,
+            base: "::/",
+        }
+        .to_string();
+        assert!(tftp.contains(
+            "  KERNEL ::/debian/amd64/generic/bookworm/stable/boot-kernel\n  INITRD ::/debian/"
+        ));
+        assert_eq!(
+            Pxelinux {
+                boot: &Boot::LocalDisk,
+                base: HTTP
+            }
+            .to_string(),
             "DEFAULT execute\nLABEL execute\n  KERNEL chain.c32\n  APPEND hd0\n"
         );
     }
 
     #[test]
     fn grub_snapshot() {
+        let by_cpu = [
+            ("x86_64".to_string(), image()),
+            ("arm64".to_string(), Boot::LocalDisk),
+        ];
         let g = Grub {
-            by_cpu: vec![
-                ("x86_64".into(), image()),
-                ("arm64".into(), Boot::LocalDisk),
-            ],
+            by_cpu: &by_cpu,
+            http: Some(GRUB_HTTP),
+            tftp: Some("/"),
         };
-        let want = "set default=\"0\"
+        let want = r#"set default="0"
 set timeout=0
 menuentry 'Ephemeral' {
-  if [ \"$grub_cpu\" = 'x86_64' ]; then
-    linux 'http://10.0.0.1:5248/images/debian/amd64/generic/bookworm/stable/boot-kernel' 'nomodeset' 'ro' 'root=squash:http://10.0.0.1:5248/images/debian/amd64/generic/bookworm/stable/squashfs' 'ip=::::rackboot-525400123456:BOOTIF' 'ip6=off' 'overlayroot=tmpfs' 'overlayroot_cfgdisk=disabled' 'cc:{'\\''datasource_list'\\'': ['\\''MAAS'\\'']}end_cc' 'console=ttyS0,115200' 'panic=-1' BOOTIF=01-${net_default_mac}
-    initrd 'http://10.0.0.1:5248/images/debian/amd64/generic/bookworm/stable/boot-initrd'
-  elif [ \"$grub_cpu\" = 'arm64' ]; then
+  if [ "$grub_cpu" = 'x86_64' ]; then
+    if insmod http; then
+      linux '(http,10.0.0.1:5248)/images/debian/amd64/generic/bookworm/stable/boot-kernel' 'nomodeset' 'ro' 'root=squash:http://10.0.0.1:5248/images/debian/amd64/generic/bookworm/stable/squashfs' 'ip=::::rackboot-525400123456:BOOTIF' 'ip6=off' 'overlayroot=tmpfs' 'overlayroot_cfgdisk=disabled' 'cc:{'\''datasource_list'\'':' '['\''MAAS'\'']}end_cc' 'console=ttyS0,115200' 'panic=-1' 'msg=a b' BOOTIF=01-${net_default_mac}
+      initrd '(http,10.0.0.1:5248)/images/debian/amd64/generic/bookworm/stable/boot-initrd'
+    else
+      linux '/debian/amd64/generic/bookworm/stable/boot-kernel' 'nomodeset' 'ro' 'root=squash:http://10.0.0.1:5248/images/debian/amd64/generic/bookworm/stable/squashfs' 'ip=::::rackboot-525400123456:BOOTIF' 'ip6=off' 'overlayroot=tmpfs' 'overlayroot_cfgdisk=disabled' 'cc:{'\''datasource_list'\'':' '['\''MAAS'\'']}end_cc' 'console=ttyS0,115200' 'panic=-1' 'msg=a b' BOOTIF=01-${net_default_mac}
+      initrd '/debian/amd64/generic/bookworm/stable/boot-initrd'
+    fi
+  elif [ "$grub_cpu" = 'arm64' ]; then
     for efi in /efi/boot/bootx64.efi /efi/boot/bootaa64.efi /efi/ubuntu/shimx64.efi /efi/ubuntu/shimaa64.efi /efi/debian/shimx64.efi /efi/debian/shimaa64.efi; do
       if search --set=root --file $efi; then chainloader $efi; boot; fi
     done
     exit 1
   fi
 }
-";
+"#;
         assert_eq!(g.to_string(), want);
+        // Over HTTP boot: HTTP only, no fallback.
+        let by_cpu = [("x86_64".to_string(), image())];
+        let g = Grub {
+            by_cpu: &by_cpu,
+            http: Some(GRUB_HTTP),
+            tftp: None,
+        }
+        .to_string();
+        assert!(!g.contains("insmod"), "{g}");
+        assert!(
+            g.contains("\n    linux '(http,10.0.0.1:5248)/images/debian/"),
+            "{g}"
+        );
     }
 
     #[test]
     fn ipxe_snapshot() {
         let want = "#!ipxe
-kernel http://10.0.0.1:5248/images/debian/amd64/generic/bookworm/stable/boot-kernel nomodeset ro root=squash:http://10.0.0.1:5248/images/debian/amd64/generic/bookworm/stable/squashfs ip=::::rackboot-525400123456:BOOTIF ip6=off overlayroot=tmpfs overlayroot_cfgdisk=disabled cc:{'datasource_list': ['MAAS']}end_cc console=ttyS0,115200 panic=-1 BOOTIF=01-${netX/mac:hexhyp}
+kernel http://10.0.0.1:5248/images/debian/amd64/generic/bookworm/stable/boot-kernel nomodeset ro root=squash:http://10.0.0.1:5248/images/debian/amd64/generic/bookworm/stable/squashfs ip=::::rackboot-525400123456:BOOTIF ip6=off overlayroot=tmpfs overlayroot_cfgdisk=disabled cc:{'datasource_list': ['MAAS']}end_cc console=ttyS0,115200 panic=-1 msg=\"a b\" BOOTIF=01-${netX/mac:hexhyp}
 initrd http://10.0.0.1:5248/images/debian/amd64/generic/bookworm/stable/boot-initrd
 boot
 ";
-        assert_eq!(Ipxe(image()).to_string(), want);
+        assert_eq!(
+            Ipxe {
+                boot: &image(),
+                base: HTTP
+            }
+            .to_string(),
+            want
+        );
+        assert_eq!(
+            Ipxe {
+                boot: &Boot::LocalDisk,
+                base: HTTP
+            }
+            .to_string(),
+            "#!ipxe\nsanboot --no-describe --drive 0x80 || exit 1\n"
+        );
     }
 
-    /// Undoes GRUB quoting of one word (for the property test): a sequence of
-    /// `'…'` runs (literal) and `\X` escapes.
-    fn grub_unquote(w: &str) -> Option<String> {
-        let mut out = String::new();
-        let mut chars = w.chars();
+    /// A word of GRUB script after lexing: its text, and whether any part of it was
+    /// an unquoted or double-quoted `$` expansion.
+    #[derive(Debug, PartialEq)]
+    struct Word {
+        text: String,
+        expands: bool,
+    }
+
+    fn word(cur: &mut Option<Word>) -> &mut Word {
+        cur.get_or_insert_with(|| Word {
+            text: String::new(),
+            expands: false,
+        })
+    }
+
+    /// Lexes one line of GRUB script the way GRUB's parser does: `'…'` is literal,
+    /// `"…"` allows `\` escapes and `$` expansion, `\X` outside quotes is X, blanks
+    /// separate words, `;` ends a command. Returns None on an unterminated quote.
+    fn grub_words(line: &str) -> Option<Vec<Word>> {
+        let mut words = Vec::new();
+        let mut cur: Option<Word> = None;
+        let mut chars = line.chars();
         while let Some(c) = chars.next() {
             match c {
+                ' ' | '\t' => words.extend(cur.take()),
+                ';' => {
+                    words.extend(cur.take());
+                    words.push(Word {
+                        text: ";".into(),
+                        expands: false,
+                    });
+                }
                 '\'' => loop {
+                    word(&mut cur); // `''` is an empty word
                     match chars.next()? {
                         '\'' => break,
-                        c => out.push(c),
+                        c => word(&mut cur).text.push(c),
                     }
                 },
-                '\\' => out.push(chars.next()?),
-                _ => return None,
+                '"' => loop {
+                    word(&mut cur);
+                    match chars.next()? {
+                        '"' => break,
+                        '\\' => word(&mut cur).text.push(chars.next()?),
+                        '$' => {
+                            let w = word(&mut cur);
+                            w.expands = true;
+                            w.text.push('$');
+                        }
+                        c => word(&mut cur).text.push(c),
+                    }
+                },
+                '\\' => word(&mut cur).text.push(chars.next()?),
+                '$' => {
+                    let w = word(&mut cur);
+                    w.expands = true;
+                    w.text.push('$');
+                }
+                c => word(&mut cur).text.push(c),
             }
         }
-        Some(out)
+        words.extend(cur);
+        Some(words)
     }
 
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
         #[test]
-        fn outside_strings_never_break_out(s in "\\PC{0,30}|[\\x00-\\x7f]{0,30}") {
-            let boot = Boot::Image(ImageBoot { kernel: s.clone(), initrd: s.clone(), params: vec![s.clone(), "x".into()] });
-            // pxelinux: the structure is intact (same lines, same directives).
-            let p = Pxelinux(boot.clone()).to_string();
+        fn outside_strings_never_break_out(s in "\\PC{0,30}|[\\x00-\\x7f]{0,30}", dir in "[ -~]{1,20}") {
+            let boot = Boot::Image(ImageBoot { dir: dir.clone(), params: vec![s.clone(), "x".into()] });
+            let clean = |t: &str| -> String { t.chars().map(|c| if c.is_control() { ' ' } else { c }).collect() };
+
+            // pxelinux: the same lines and directives, whatever the strings.
+            let p = Pxelinux { boot: &boot, base: HTTP }.to_string();
             let lines: Vec<&str> = p.lines().collect();
             proptest::prop_assert_eq!(lines.len(), 6);
-            proptest::prop_assert!(lines[2].starts_with("  KERNEL ") && lines[3].starts_with("  INITRD ") && lines[4].starts_with("  APPEND "));
-            proptest::prop_assert!(lines[4].ends_with(" x"));
-            // GRUB: the word round-trips exactly (control characters aside).
-            let q = Quote::Grub(&s).to_string();
-            let clean: String = s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
-            proptest::prop_assert_eq!(grub_unquote(&q), Some(clean));
-            let g = Grub { by_cpu: vec![("x86_64".into(), boot.clone())] }.to_string();
+            proptest::prop_assert!(lines[2].starts_with("  KERNEL ") && lines[3].starts_with("  INITRD "));
+            proptest::prop_assert!(lines[4].starts_with("  APPEND ") && lines[4].ends_with(" x"));
+            proptest::prop_assert_eq!(lines[5], "  IPAPPEND 2");
+
+            // GRUB: lexed as GRUB does, `linux` gets exactly the kernel path, each
+            // parameter (kernel double quotes dropped) and BOOTIF, and nothing from
+            // outside expands a variable or starts a command.
+            let by_cpu = [("x86_64".to_string(), boot.clone())];
+            let g = Grub { by_cpu: &by_cpu, http: Some(GRUB_HTTP), tftp: None }.to_string();
             proptest::prop_assert_eq!(g.lines().count(), 8);
-            // iPXE: no expansion and no new lines.
-            let i = Ipxe(boot).to_string();
+            let linux = g.lines().nth(4).unwrap();
+            let words = grub_words(linux).expect("balanced quotes");
+            let texts: Vec<&str> = words.iter().map(|w| w.text.as_str()).collect();
+            let kernel = clean(&format!("{GRUB_HTTP}{dir}/boot-kernel"));
+            let param = clean(&s.replace('"', ""));
+            proptest::prop_assert_eq!(
+                texts,
+                vec!["linux", kernel.as_str(), param.as_str(), "x", "BOOTIF=01-${net_default_mac}"]
+            );
+            proptest::prop_assert_eq!(words.iter().filter(|w| w.expands).count(), 1, "only BOOTIF expands");
+
+            // iPXE: no new lines and no `$` expansion but BOOTIF's own.
+            let i = Ipxe { boot: &boot, base: HTTP }.to_string();
             proptest::prop_assert_eq!(i.lines().count(), 4);
-            let kernel_line = i.lines().nth(1).unwrap();
-            proptest::prop_assert_eq!(kernel_line.matches('$').count(), 1, "only BOOTIF's own expansion");
+            for line in i.lines().skip(1) {
+                let own = usize::from(line.starts_with("kernel "));
+                proptest::prop_assert_eq!(line.matches('$').count(), own, "{}", line);
+            }
         }
     }
 }

@@ -28,17 +28,6 @@ use crate::daemon::{Daemon, Snapshot};
 use crate::machines::{self, ImageRef};
 use crate::tftp::{from_beneath, OpenError, Resolver, Source};
 
-/// How the loader asking will fetch the kernel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fetch {
-    /// Absolute TFTP paths, pxelinux style (`::/path`).
-    TftpPxelinux,
-    /// TFTP paths relative to GRUB's `$root` (the TFTP server).
-    TftpGrub,
-    /// HTTP URLs.
-    Http,
-}
-
 /// Where this rack answers: the address the request came to and the HTTP port.
 #[derive(Clone, Debug)]
 pub struct Here {
@@ -55,6 +44,16 @@ impl Here {
         Here {
             http_authority: format!("{host}:{port}"),
         }
+    }
+
+    /// `http://host:port/images/`: where HTTP loaders find image files.
+    pub fn http_images(&self) -> String {
+        format!("http://{}/images/", self.http_authority)
+    }
+
+    /// `(http,host:port)/images/`: the same for GRUB.
+    pub fn grub_http_images(&self) -> String {
+        format!("(http,{})/images/", self.http_authority)
     }
 }
 
@@ -131,7 +130,6 @@ fn boot_for(
     snap: &Snapshot,
     mac: Option<Mac>,
     arch: &str,
-    fetch: Fetch,
     here: &Here,
 ) -> Option<Boot> {
     let settings = d.settings();
@@ -148,12 +146,6 @@ fn boot_for(
     let image = m.image.as_deref().unwrap_or(&settings.boot.default_image);
     let image = ImageRef::parse(image).ok()?;
     let dir = image_dir(snap, &image, arch)?;
-    let http = |f: &str| format!("http://{}/images/{dir}/{f}", here.http_authority);
-    let loc = |f: &str| match fetch {
-        Fetch::Http => http(f),
-        Fetch::TftpPxelinux => format!("::/{dir}/{f}"),
-        Fetch::TftpGrub => format!("/{dir}/{f}"),
-    };
     let hostname = match mac {
         Some(m) => format!("rackboot-{}", m.to_string().replace(':', "")),
         None => "rackboot".into(),
@@ -165,32 +157,39 @@ fn boot_for(
     .into_iter()
     .filter(|s| !s.trim().is_empty())
     .collect();
+    let squashfs = format!("{}{dir}/squashfs", here.http_images());
     Some(Boot::Image(ImageBoot {
-        kernel: loc("boot-kernel"),
-        initrd: loc("boot-initrd"),
-        params: ephemeral_params(&http("squashfs"), &hostname, &extra),
+        params: ephemeral_params(&squashfs, &hostname, &extra),
+        dir,
     }))
 }
 
+/// The GRUB config for `mac` (or the default one) on every CPU it may run on, or
+/// only `only`'s.
 fn grub_for(
     d: &Daemon,
     snap: &Snapshot,
     mac: Option<Mac>,
     only: Option<&str>,
-    fetch: Fetch,
+    over_http: bool,
     here: &Here,
 ) -> Dynamic {
     let by_cpu: Vec<(String, Boot)> = ARCHES
         .iter()
         .filter(|(arch, _)| only.is_none_or(|o| norm_arch(o) == *arch))
-        .filter_map(|(arch, cpu)| {
-            Some((cpu.to_string(), boot_for(d, snap, mac, arch, fetch, here)?))
-        })
+        .filter_map(|(arch, cpu)| Some((cpu.to_string(), boot_for(d, snap, mac, arch, here)?)))
         .collect();
     if by_cpu.is_empty() {
         return Dynamic::NotFound;
     }
-    Dynamic::Text(Grub { by_cpu }.to_string())
+    let http = here.grub_http_images();
+    let grub = Grub {
+        by_cpu: &by_cpu,
+        http: Some(&http),
+        // Loaded over TFTP: fall back to TFTP when `insmod http` fails.
+        tftp: (!over_http).then_some("/"),
+    };
+    Dynamic::Text(grub.to_string())
 }
 
 /// Looks at `path` (already cleaned, no leading `/`); `query` is the HTTP query.
@@ -202,23 +201,25 @@ pub fn dynamic(
     over_http: bool,
     here: &Here,
 ) -> Dynamic {
-    // pxelinux
+    // pxelinux: lpxelinux (`pxelinux.0` at the root) fetches images over HTTP; the
+    // TFTP-only pxelinux under `bootloader/pxe/<arch>/` over TFTP.
+    let http_images = here.http_images();
     let pxe = path
         .strip_prefix("pxelinux.cfg/")
-        .map(|n| (n, Fetch::Http))
+        .map(|n| (n, http_images.as_str()))
         .or_else(|| {
             let rest = path.strip_prefix("bootloader/pxe/")?;
             let (_, n) = rest.split_once("/pxelinux.cfg/")?;
             Some((
                 n,
                 if over_http {
-                    Fetch::Http
+                    http_images.as_str()
                 } else {
-                    Fetch::TftpPxelinux
+                    "::/"
                 },
             ))
         });
-    if let Some((name, fetch)) = pxe {
+    if let Some((name, base)) = pxe {
         let mac = if let Some(m) = name.strip_prefix("01-") {
             match Mac::parse(m) {
                 Some(mac) => Some(mac),
@@ -230,17 +231,12 @@ pub fn dynamic(
         } else {
             return Dynamic::NotFound; // UUID and hex-IP probes
         };
-        return match boot_for(d, snap, mac, "amd64", fetch, here) {
-            Some(b) => Dynamic::Text(Pxelinux(b).to_string()),
+        return match boot_for(d, snap, mac, "amd64", here) {
+            Some(boot) => Dynamic::Text(Pxelinux { boot: &boot, base }.to_string()),
             None => Dynamic::NotFound,
         };
     }
     // GRUB
-    let grub_fetch = if over_http {
-        Fetch::Http
-    } else {
-        Fetch::TftpGrub
-    };
     if path == "grub/grub.cfg" {
         return Dynamic::Text(
             "set default=\"0\"\nset timeout=0\nconfigfile /grub/grub.cfg-${net_default_mac}\nconfigfile /grub/grub.cfg-default-${grub_cpu}\n".into(),
@@ -251,42 +247,50 @@ pub fn dynamic(
             let arch = arch
                 .strip_prefix('-')
                 .map(|a| a.split('-').next().unwrap_or(a));
-            return grub_for(d, snap, None, arch, grub_fetch, here);
+            return grub_for(d, snap, None, arch, over_http, here);
         }
         // An unknown or malformed MAC gets the default config.
-        return grub_for(d, snap, Mac::parse(rest), None, grub_fetch, here);
+        return grub_for(d, snap, Mac::parse(rest), None, over_http, here);
     }
     if path.starts_with("grub/") && path.ends_with(".lst") && !exists(snap, path) {
         return Dynamic::Text(String::new());
     }
-    // iPXE
+    // iPXE: the static chain script passes the MAC and iPXE's build architecture.
     if path == "ipxe.cfg" {
         return Dynamic::Text(format!(
-            "#!ipxe\nchain http://{h}/ipxe.cfg-${{mac}} ||\nchain http://{h}/ipxe.cfg-default-amd64\n",
+            "#!ipxe\nchain http://{h}/ipxe.cfg-${{mac}}?arch=${{buildarch}} ||\nchain http://{h}/ipxe.cfg-default-${{buildarch}}\n",
             h = here.http_authority
         ));
     }
-    let ipxe_mac = if let Some(rest) = path.strip_prefix("ipxe.cfg-") {
-        Some(
-            rest.strip_prefix("default")
-                .map_or_else(|| Mac::parse(rest), |_| None),
-        )
+    let query_arg = |key: &str| -> Option<String> {
+        query?.split('&').find_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            (k == key).then(|| v.replace("%3A", ":").replace("%3a", ":"))
+        })
+    };
+    let ipxe = if let Some(rest) = path.strip_prefix("ipxe.cfg-") {
+        match rest.strip_prefix("default") {
+            Some(arch) => Some((None, arch.strip_prefix('-').map(String::from))),
+            None => Some((Mac::parse(rest), None)),
+        }
     } else if path == "boot.ipxe" {
-        Some(query.and_then(|q| {
-            q.split('&')
-                .find_map(|kv| kv.strip_prefix("mac="))
-                .and_then(|m| Mac::parse(&m.replace("%3A", ":").replace("%3a", ":")))
-        }))
+        Some((query_arg("mac").and_then(|m| Mac::parse(&m)), None))
     } else {
         None
     };
-    if let Some(mac) = ipxe_mac {
-        let arch = path
-            .strip_prefix("ipxe.cfg-default-")
-            .map(|a| norm_arch(a.split('-').next().unwrap_or(a)).to_string())
+    if let Some((mac, arch)) = ipxe {
+        let arch = arch
+            .or_else(|| query_arg("arch"))
+            .map(|a| norm_arch(a.split('-').next().unwrap_or(&a)).to_string())
             .unwrap_or_else(|| "amd64".into());
-        return match boot_for(d, snap, mac, &arch, Fetch::Http, here) {
-            Some(b) => Dynamic::Text(Ipxe(b).to_string()),
+        return match boot_for(d, snap, mac, &arch, here) {
+            Some(boot) => Dynamic::Text(
+                Ipxe {
+                    boot: &boot,
+                    base: &http_images,
+                }
+                .to_string(),
+            ),
             None => Dynamic::NotFound,
         };
     }

@@ -133,7 +133,16 @@ fn per_mac_configs_defaults_and_local_boot() {
         g.contains("linux '/ubuntu/arm64/generic/noble/stable/boot-kernel'"),
         "{g}"
     );
-    assert!(g.contains("'rackboot.test=one' 'quoted=\"a b\"'"), "{g}");
+    // Kernel double quotes become GRUB quoting (GRUB re-quotes for the kernel).
+    assert!(g.contains("'rackboot.test=one' 'quoted=a b'"), "{g}");
+    // Loaded over TFTP: HTTP when `insmod http` works, TFTP otherwise.
+    assert!(
+        g.contains(&format!(
+            "if insmod http; then\n      linux '(http,127.0.0.1:{})/images/ubuntu/amd64/generic/noble/stable/boot-kernel'",
+            s.http.port()
+        )),
+        "{g}"
+    );
     let g = tftp_get(&s, "grub/grub.cfg-default-amd64").unwrap();
     assert!(g.contains("x86_64") && !g.contains("arm64"), "{g}");
     assert!(tftp_get(&s, "grub/grub.cfg-52:54:00:00:00:02")
@@ -166,11 +175,12 @@ fn per_mac_configs_defaults_and_local_boot() {
     let g = String::from_utf8(body).unwrap();
     assert!(
         g.contains(&format!(
-            "linux 'http://127.0.0.1:{}/images/ubuntu/amd64/generic/noble/stable/boot-kernel'",
+            "\n    linux '(http,127.0.0.1:{})/images/ubuntu/amd64/generic/noble/stable/boot-kernel'",
             s.http.port()
         )),
         "{g}"
     );
+    assert!(!g.contains("insmod"), "{g}");
 
     // iPXE.
     let (code, body) = s.get("/boot.ipxe?mac=52:54:00:00:00:01");
@@ -184,10 +194,26 @@ fn per_mac_configs_defaults_and_local_boot() {
     let chain = tftp_get(&s, "ipxe.cfg").unwrap();
     assert!(
         chain.contains(&format!(
-            "chain http://127.0.0.1:{}/ipxe.cfg-${{mac}}",
+            "chain http://127.0.0.1:{}/ipxe.cfg-${{mac}}?arch=${{buildarch}} ||",
             s.http.port()
         )),
         "{chain}"
+    );
+    // The chain passes iPXE's build architecture.
+    let (code, body) = s.get("/ipxe.cfg-52:54:00:00:00:01?arch=arm64");
+    assert_eq!(code, 200);
+    let i = String::from_utf8(body).unwrap();
+    assert!(
+        i.contains("/images/ubuntu/arm64/generic/noble/stable/boot-kernel "),
+        "{i}"
+    );
+    let (code, body) = s.get("/ipxe.cfg-default-x86_64");
+    assert_eq!(code, 200);
+    let i = String::from_utf8(body).unwrap();
+    assert!(
+        i.contains("/images/ubuntu/amd64/generic/noble/stable/boot-kernel ")
+            && !i.contains("rackboot.test"),
+        "{i}"
     );
     let (code, body) = s.get("/ipxe.cfg-52:54:00:00:00:02");
     assert_eq!(code, 200);
