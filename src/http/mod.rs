@@ -226,6 +226,9 @@ pub async fn serve(
                         .timer(TokioTimer::new())
                         .header_read_timeout(limits.header_read_timeout)
                         .max_buf_size(limits.max_header_bytes.max(8192))
+                        // GRUB's http module (and some firmware) match header
+                        // names case-sensitively ("Content-Length: ").
+                        .title_case_headers(true)
                         .keep_alive(true);
                     match acceptor {
                         Some(acc) => {
