@@ -146,12 +146,12 @@ impl Transfer {
     }
 
     /// The first packets to send.
-    pub fn start(&mut self, now: Instant) -> Vec<Action> {
+    pub fn start(&mut self, now: Instant) -> Action {
         self.deadline = now + self.timeout;
         if self.oack {
-            vec![Action::SendOack]
+            Action::SendOack
         } else {
-            vec![self.send_window()]
+            self.send_window()
         }
     }
 
@@ -187,21 +187,21 @@ impl Transfer {
         self.acked
     }
 
-    /// An ACK arrived.
-    pub fn on_ack(&mut self, wire: u16, now: Instant) -> Vec<Action> {
+    /// An ACK arrived. Returns what to send next, if anything.
+    pub fn on_ack(&mut self, wire: u16, now: Instant) -> Option<Action> {
         if self.outcome.is_some() {
-            return vec![];
+            return None;
         }
         // Which index in (acked, sent] has this wire number? (OACK stage: only 0.)
         let index = if self.sent == 0 {
             if wire != 0 || !self.oack {
-                return vec![];
+                return None;
             }
             0
         } else {
             let base = self.acked + 1;
             let Some(i) = (base..=self.sent).find(|i| (*i % 65536) as u16 == wire) else {
-                return vec![]; // stale, duplicate, or never sent: ignore
+                return None; // stale, duplicate, or never sent: ignore
             };
             i
         };
@@ -210,10 +210,10 @@ impl Transfer {
         self.deadline = now + self.timeout;
         if self.acked == self.last {
             self.outcome = Some(Outcome::Ok);
-            return vec![];
+            return None;
         }
         // Full window acknowledged, or a partial ACK: (re)send from acked+1.
-        vec![self.send_window()]
+        Some(self.send_window())
     }
 
     /// The client sent an ERROR packet.
@@ -227,24 +227,26 @@ impl Transfer {
         }
     }
 
-    /// The deadline passed without progress.
-    pub fn on_timeout(&mut self, now: Instant) -> Vec<Action> {
-        if self.outcome.is_some() {
-            return vec![];
-        }
-        if now < self.deadline {
-            return vec![];
+    /// The deadline passed without progress. Returns what to resend, if anything.
+    pub fn on_timeout(&mut self, now: Instant) -> Option<Action> {
+        if self.outcome.is_some() || now < self.deadline {
+            return None;
         }
         self.retries += 1;
         if self.retries > self.max_retries {
             self.outcome = Some(Outcome::Timeout);
-            return vec![];
+            return None;
         }
         self.deadline = now + self.timeout;
         if self.sent == 0 && self.oack {
-            return vec![Action::SendOack];
+            return Some(Action::SendOack);
         }
-        vec![self.send_window()]
+        Some(self.send_window())
+    }
+
+    /// Index of the last block of the transfer.
+    pub fn last(&self) -> u64 {
+        self.last
     }
 }
 
@@ -314,7 +316,7 @@ mod tests {
             &limits(),
         );
         let mut t = Transfer::new(size, &n, 3, now);
-        let mut actions = t.start(now);
+        let mut actions = vec![t.start(now)];
         let mut received = 0u64;
         let mut next = 1u64;
         let mut steps = 0;
@@ -363,29 +365,29 @@ mod tests {
             &l,
         );
         let mut t = Transfer::new(5000, &n, 3, now);
-        assert_eq!(t.start(now), vec![Action::SendOack]);
+        assert_eq!(t.start(now), Action::SendOack);
         t.on_error();
         assert_eq!(t.outcome(), Some(Outcome::TsizeProbe));
 
         let n = negotiate(&opts(&[("windowsize", "4")]), Some(512 * 10), &l);
         let mut t = Transfer::new(512 * 10, &n, 2, now);
-        assert_eq!(t.start(now), vec![Action::SendOack]);
-        assert_eq!(t.on_ack(0, now), vec![Action::Send { from: 1, to: 4 }]);
-        assert_eq!(t.on_ack(9, now), vec![], "ACK for a block never sent");
+        assert_eq!(t.start(now), Action::SendOack);
+        assert_eq!(t.on_ack(0, now), Some(Action::Send { from: 1, to: 4 }));
+        assert_eq!(t.on_ack(9, now), None, "ACK for a block never sent");
         assert_eq!(
             t.on_ack(2, now),
-            vec![Action::Send { from: 3, to: 6 }],
+            Some(Action::Send { from: 3, to: 6 }),
             "partial ACK resends"
         );
-        assert_eq!(t.on_ack(2, now), vec![], "duplicate ACK ignored");
-        assert_eq!(t.on_ack(1, now), vec![], "stale ACK ignored");
+        assert_eq!(t.on_ack(2, now), None, "duplicate ACK ignored");
+        assert_eq!(t.on_ack(1, now), None, "stale ACK ignored");
         let later = now + Duration::from_secs(2);
-        assert_eq!(t.on_timeout(now), vec![], "not yet");
-        assert_eq!(t.on_timeout(later), vec![Action::Send { from: 3, to: 6 }]);
+        assert_eq!(t.on_timeout(now), None, "not yet");
+        assert_eq!(t.on_timeout(later), Some(Action::Send { from: 3, to: 6 }));
         let later = later + Duration::from_secs(2);
-        assert_eq!(t.on_timeout(later), vec![Action::Send { from: 3, to: 6 }]);
+        assert_eq!(t.on_timeout(later), Some(Action::Send { from: 3, to: 6 }));
         let later = later + Duration::from_secs(2);
-        assert_eq!(t.on_timeout(later), vec![]);
+        assert_eq!(t.on_timeout(later), None);
         assert_eq!(t.outcome(), Some(Outcome::Timeout));
     }
 
@@ -418,15 +420,12 @@ mod tests {
             let end = (off + bsz).min(size);
             (off..end).map(|b| (b * 31 % 251) as u8).collect()
         };
-        let push = |acts: Vec<Action>, q: &mut Vec<Option<u64>>| {
-            for a in acts {
-                match a {
-                    Action::SendOack => q.push(None),
-                    Action::Send { from, to } => q.extend((from..=to).map(Some)),
-                }
-            }
+        let push = |act: Option<Action>, q: &mut Vec<Option<u64>>| match act {
+            None => {}
+            Some(Action::SendOack) => q.push(None),
+            Some(Action::Send { from, to }) => q.extend((from..=to).map(Some)),
         };
-        push(t.start(now), &mut to_client);
+        push(Some(t.start(now)), &mut to_client);
         for _ in 0..200_000 {
             if t.outcome().is_some() {
                 break;

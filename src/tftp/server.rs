@@ -5,29 +5,45 @@
 //! its addresses a request was sent to; every transfer then gets one new socket bound
 //! to that address (port 0) and connected to the client, so replies come from the
 //! address the client talked to, as multi-homed racks need. A retransmitted RRQ from
-//! the same client port while its transfer runs is ignored. Memory per transfer is one
-//! buffer of a block plus headers; files are read with `pread`, never loaded whole.
+//! the same client port while its transfer runs is ignored.
+//!
+//! Threads: the listeners run on the caller's runtime and hand each request straight
+//! to one of a few transfer threads (one per core by default, each a current-thread
+//! tokio runtime, the least busy one is picked), so a transfer's wake-ups, reads and
+//! sends stay on one thread and there is no shared queue on the packet path.
+//!
+//! Sending: a transfer keeps one buffer of DATA packets, laid out as they go on the
+//! wire (`[4-byte header][block]` per slot), filled by one `preadv` per window (or per
+//! ~16 KiB of read-ahead in lockstep). A window goes out with one `send` using UDP
+//! GSO (`UDP_SEGMENT`, segment size 4 + blksize) where the kernel allows it, else with
+//! one `sendmmsg`; a transfer whose route refuses GSO (`EINVAL`/`EIO`, e.g. a segment
+//! larger than the link MTU) falls back for the rest of its life. The buffer is at most
+//! 64 KiB (and about one window or 16 KiB otherwise), so memory per transfer is
+//! bounded and files are never loaded whole.
 //!
 //! Netascii requests are converted on the fly as RFC 1350 says (LF → CR LF, CR → CR
 //! NUL); the transfer size is that of the converted data.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
-use std::io::IoSliceMut;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::io::{IoSlice, IoSliceMut};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use nix::sys::socket::{self, sockopt, ControlMessageOwned, MsgFlags, SockaddrStorage};
+use nix::errno::Errno;
+use nix::sys::socket::{
+    self, sockopt, ControlMessage, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage,
+};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
+use tokio_util::task::TaskTracker;
 
 use super::engine::{self, Action, Limits, Outcome, Transfer};
 use super::packet::{self, code, Mode, Packet, Request};
@@ -42,6 +58,10 @@ pub struct TftpConfig {
     pub timeout: Duration,
     pub retries: u32,
     pub max_transfers: usize,
+    /// Transfer threads; 0 = one per core.
+    pub workers: usize,
+    /// Send windows with UDP GSO where the kernel accepts it (else `sendmmsg`).
+    pub segmentation_offload: bool,
 }
 
 impl Default for TftpConfig {
@@ -52,6 +72,8 @@ impl Default for TftpConfig {
             timeout: Duration::from_secs(1),
             retries: 5,
             max_transfers: 4096,
+            workers: 0,
+            segmentation_offload: true,
         }
     }
 }
@@ -73,6 +95,8 @@ impl Source {
             Source::Bytes(b) => b.len() as u64,
         }
     }
+
+    /// Fills `buf` from `off` (short only at the end of the data).
     fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
         match self {
             Source::File { file, .. } => {
@@ -91,6 +115,29 @@ impl Source {
                 let n = buf.len().min(b.len() - start);
                 buf[..n].copy_from_slice(&b[start..start + n]);
                 Ok(n)
+            }
+        }
+    }
+
+    /// Fills the buffers in order from `off` with one `preadv` (may come back short).
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], off: u64) -> std::io::Result<usize> {
+        match self {
+            Source::File { file, .. } => loop {
+                match nix::sys::uio::preadv(file, bufs, off as i64) {
+                    Err(Errno::EINTR) => continue,
+                    r => return r.map_err(std::io::Error::from),
+                }
+            },
+            Source::Bytes(_) => {
+                let mut done = 0;
+                for b in bufs.iter_mut() {
+                    let n = self.read_at(b, off + done as u64)?;
+                    done += n;
+                    if n < b.len() {
+                        break;
+                    }
+                }
+                Ok(done)
             }
         }
     }
@@ -180,7 +227,8 @@ fn unmap(a: SocketAddr) -> SocketAddr {
 struct Received {
     len: usize,
     from: SocketAddr,
-    local: Option<IpAddr>,
+    /// The address the datagram was sent to, and the interface it came in on.
+    local: Option<(IpAddr, u32)>,
 }
 
 fn recv_with_pktinfo(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<Received> {
@@ -198,10 +246,16 @@ fn recv_with_pktinfo(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<Receiv
         for c in msg.cmsgs().map_err(std::io::Error::from)? {
             match c {
                 ControlMessageOwned::Ipv4PacketInfo(pi) => {
-                    local = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(pi.ipi_addr.s_addr))));
+                    local = Some((
+                        IpAddr::V4(Ipv4Addr::from(u32::from_be(pi.ipi_addr.s_addr))),
+                        pi.ipi_ifindex as u32,
+                    ));
                 }
                 ControlMessageOwned::Ipv6PacketInfo(pi) => {
-                    local = Some(IpAddr::V6(Ipv6Addr::from(pi.ipi6_addr.s6_addr)));
+                    local = Some((
+                        IpAddr::V6(Ipv6Addr::from(pi.ipi6_addr.s6_addr)),
+                        pi.ipi6_ifindex,
+                    ));
                 }
                 _ => {}
             }
@@ -228,8 +282,192 @@ fn recv_with_pktinfo(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<Receiv
 struct Incoming {
     request: Result<(bool, Request), String>,
     client: SocketAddr,
+    /// The address the request was sent to (replies come from it).
     local: IpAddr,
+    /// Interface index, for IPv6 link-local addresses.
+    scope: u32,
     listener: SocketAddr,
+}
+
+/// Raises the soft limit on open files to the hard one: every transfer holds a socket
+/// and a file, and the usual soft limit (1024) would cap them near 500.
+fn raise_nofile_limit() {
+    use nix::libc;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let old = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                tracing::debug!(
+                    "tftp: open files limit raised from {old} to {}",
+                    lim.rlim_max
+                );
+            }
+        }
+    }
+}
+
+/// The transfer threads: one current-thread runtime each.
+struct Workers {
+    /// Each thread's runtime and how many transfers run on it.
+    handles: Vec<(tokio::runtime::Handle, AtomicUsize)>,
+    /// Ends the threads (dropping their runtimes cancels what still runs there).
+    stop: CancellationToken,
+}
+
+type Threads = Vec<std::thread::JoinHandle<()>>;
+
+impl Workers {
+    fn start(n: usize) -> std::io::Result<(Workers, Threads)> {
+        let stop = CancellationToken::new();
+        let mut w = Workers {
+            handles: Vec::new(),
+            stop: stop.clone(),
+        };
+        let mut threads = Vec::new();
+        for i in 0..n {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let stop_thread = stop.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("tftp-{i}"))
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = tx.send(Ok(rt.handle().clone()));
+                    rt.block_on(stop_thread.cancelled());
+                    // Dropping the runtime cancels the transfers still running.
+                });
+            let thread = match thread {
+                Ok(t) => t,
+                Err(e) => {
+                    stop.cancel();
+                    return Err(e);
+                }
+            };
+            threads.push(thread);
+            let handle = match rx.recv() {
+                Ok(Ok(h)) => h,
+                Ok(Err(e)) => {
+                    stop.cancel();
+                    return Err(e);
+                }
+                Err(_) => {
+                    stop.cancel();
+                    return Err(std::io::Error::other("a tftp thread did not start"));
+                }
+            };
+            w.handles.push((handle, AtomicUsize::new(0)));
+        }
+        Ok((w, threads))
+    }
+
+    /// The least busy thread.
+    fn pick(&self) -> usize {
+        (0..self.handles.len())
+            .min_by_key(|i| self.handles[*i].1.load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+}
+
+/// What the listeners share: the running transfers and where to start new ones.
+struct Dispatch {
+    resolver: Arc<dyn Resolver>,
+    config: TftpConfig,
+    metrics: Arc<TftpMetrics>,
+    /// (client, listener) of every running transfer.
+    active: Mutex<HashSet<(SocketAddr, SocketAddr)>>,
+    workers: Workers,
+    tracker: TaskTracker,
+    busy_log: Mutex<(Option<Instant>, u64)>,
+}
+
+/// Removes a finished transfer from [`Dispatch`] (also when its task is cancelled).
+struct ActiveGuard {
+    d: Arc<Dispatch>,
+    key: (SocketAddr, SocketAddr),
+    worker: usize,
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.d.active.lock().expect("lock").remove(&self.key);
+        self.d.workers.handles[self.worker]
+            .1
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Dispatch {
+    /// Starts a transfer for `msg` unless it repeats a running one or the limit is hit.
+    fn submit(self: &Arc<Self>, msg: Incoming) {
+        let key = (msg.client, msg.listener);
+        {
+            let mut active = self.active.lock().expect("lock");
+            if active.contains(&key) {
+                return; // a retransmitted RRQ of a running transfer
+            }
+            if active.len() >= self.config.max_transfers {
+                drop(active);
+                self.refuse_busy(&msg);
+                return;
+            }
+            active.insert(key);
+        }
+        let worker = self.workers.pick();
+        let (handle, load) = &self.workers.handles[worker];
+        load.fetch_add(1, Ordering::Relaxed);
+        let guard = ActiveGuard {
+            d: self.clone(),
+            key,
+            worker,
+        };
+        self.tracker.spawn_on(
+            async move {
+                let d = guard.d.clone();
+                serve_request(msg, &d).await;
+                drop(guard);
+            },
+            handle,
+        );
+    }
+
+    fn refuse_busy(&self, msg: &Incoming) {
+        inc(&self.metrics.busy);
+        {
+            let mut log = self.busy_log.lock().expect("lock");
+            log.1 += 1;
+            if log.0.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                tracing::warn!(
+                    client = %msg.client,
+                    "tftp: transfer limit reached ({} running, tftp.max_transfers); refusing {} ({} refused so far)",
+                    self.config.max_transfers,
+                    msg.client,
+                    log.1
+                );
+                log.0 = Some(Instant::now());
+            }
+        }
+        // A short blocking send from a fresh socket on the address the client used.
+        if let Ok(s) = reply_socket_std(msg.local, msg.scope, msg.client) {
+            let _ = s.send(&packet::error(
+                code::NOT_DEFINED,
+                "server busy: transfer limit reached, try again later",
+            ));
+        }
+    }
 }
 
 /// Serves until `shutdown`, then drains transfers for up to `drain_deadline`.
@@ -241,7 +479,24 @@ pub async fn serve(
     shutdown: CancellationToken,
     drain_deadline: Duration,
 ) -> std::io::Result<()> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Incoming>(1024);
+    raise_nofile_limit();
+    let n = match config.workers {
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        n => n,
+    };
+    let (workers, threads) = Workers::start(n)?;
+    let stop = workers.stop.clone();
+    let d = Arc::new(Dispatch {
+        resolver,
+        config,
+        metrics,
+        active: Mutex::default(),
+        workers,
+        tracker: TaskTracker::new(),
+        busy_log: Mutex::default(),
+    });
     let mut listeners = tokio::task::JoinSet::new();
     for s in sockets {
         s.set_nonblocking(true)?;
@@ -254,8 +509,11 @@ pub async fn serve(
             socket::setsockopt(&sock, sockopt::Ipv6RecvPacketInfo, &true)
                 .map_err(std::io::Error::from)?;
         }
+        // Room for a storm of requests (many machines powered on at once); the kernel
+        // caps it at net.core.rmem_max.
+        let _ = socket::setsockopt(&sock, sockopt::RcvBuf, &(4 << 20));
         tracing::info!("listening for TFTP on {addr}");
-        let (tx, shutdown, metrics) = (tx.clone(), shutdown.clone(), metrics.clone());
+        let (d, shutdown) = (d.clone(), shutdown.clone());
         listeners.spawn(async move {
             let mut buf = vec![0u8; 2048];
             loop {
@@ -272,10 +530,10 @@ pub async fn serve(
                     }
                 };
                 let client = unmap(got.from);
-                let local = got
-                    .local
-                    .map(|l| unmap(SocketAddr::new(l, 0)).ip())
-                    .unwrap_or(addr.ip());
+                let (local, scope) = match got.local {
+                    Some((l, scope)) => (unmap(SocketAddr::new(l, 0)).ip(), scope),
+                    None => (addr.ip(), 0),
+                };
                 let request = match packet::parse(&buf[..got.len]) {
                     Ok(Packet::Rrq(r)) => Ok((false, r)),
                     Ok(Packet::Wrq(r)) => Ok((true, r)),
@@ -283,119 +541,69 @@ pub async fn serve(
                     Ok(_) => continue,
                     Err(e) => Err(e.to_string()),
                 };
-                inc(&metrics.requests);
-                let msg = Incoming {
+                inc(&d.metrics.requests);
+                d.submit(Incoming {
                     request,
                     client,
                     local,
+                    scope,
                     listener: addr,
-                };
-                if tx.send(msg).await.is_err() {
-                    return;
-                }
+                });
             }
         });
     }
-    drop(tx);
-    let active: Arc<Mutex<HashSet<(SocketAddr, SocketAddr)>>> = Arc::default();
-    let mut transfers = tokio::task::JoinSet::new();
-    let mut last_busy_warn: Option<Instant> = None;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            Some(_) = transfers.join_next(), if !transfers.is_empty() => {}
-            msg = rx.recv() => {
-                let Some(msg) = msg else { break };
-                let key = (msg.client, msg.listener);
-                if !active.lock().expect("lock").insert(key) {
-                    continue; // a retransmitted RRQ of a running transfer
-                }
-                if transfers.len() >= config.max_transfers {
-                    active.lock().expect("lock").remove(&key);
-                    inc(&metrics.busy);
-                    if last_busy_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                        tracing::warn!("tftp transfer limit reached ({}), refusing {}", config.max_transfers, msg.client);
-                        last_busy_warn = Some(Instant::now());
-                    }
-                    let local = msg.local;
-                    tokio::spawn(async move {
-                        if let Ok(s) = bind_reply(local, msg.client).await {
-                            let _ = s.send(&packet::error(code::NOT_DEFINED, "server busy")).await;
-                        }
-                    });
-                    continue;
-                }
-                let guard = ActiveGuard { set: active.clone(), key };
-                let (resolver, config, metrics) = (resolver.clone(), config.clone(), metrics.clone());
-                transfers.spawn(async move {
-                    let _guard = guard;
-                    serve_request(msg, resolver, config, metrics).await;
-                });
-            }
-        }
-    }
+    shutdown.cancelled().await;
     listeners.abort_all();
-    if !transfers.is_empty() {
-        tracing::info!("tftp: draining {} transfers", transfers.len());
-        let drain = async { while transfers.join_next().await.is_some() {} };
-        if tokio::time::timeout(drain_deadline, drain).await.is_err() {
+    while listeners.join_next().await.is_some() {}
+    d.tracker.close();
+    let running = d.tracker.len();
+    if running > 0 {
+        tracing::info!("tftp: draining {running} transfers");
+        if tokio::time::timeout(drain_deadline, d.tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 "tftp: drain deadline passed; aborting {} transfers",
-                transfers.len()
+                d.tracker.len()
             );
-            transfers.abort_all();
         }
     }
+    stop.cancel();
+    drop(d);
+    // The threads end once their runtimes are dropped; wait for them off the async
+    // threads.
+    let _ = tokio::task::spawn_blocking(move || {
+        for t in threads {
+            let _ = t.join();
+        }
+    })
+    .await;
     Ok(())
 }
 
-struct ActiveGuard {
-    set: Arc<Mutex<HashSet<(SocketAddr, SocketAddr)>>>,
-    key: (SocketAddr, SocketAddr),
-}
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.set.lock().expect("lock").remove(&self.key);
-    }
-}
-
-async fn bind_reply(local: IpAddr, client: SocketAddr) -> std::io::Result<UdpSocket> {
-    let sock = UdpSocket::bind(SocketAddr::new(local, 0)).await?;
-    sock.connect(client).await?;
+fn reply_socket_std(
+    local: IpAddr,
+    scope: u32,
+    client: SocketAddr,
+) -> std::io::Result<std::net::UdpSocket> {
+    let bind = match local {
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => {
+            SocketAddr::V6(SocketAddrV6::new(v6, 0, 0, scope))
+        }
+        ip => SocketAddr::new(ip, 0),
+    };
+    let sock = std::net::UdpSocket::bind(bind)?;
+    sock.connect(client)?;
     Ok(sock)
 }
 
-/// Reads a file in chunks of many blocks (one `pread` per ~16 KiB instead of one per
-/// block); memory stays bounded per transfer.
-struct ReadAhead {
-    buf: Vec<u8>,
-    /// File offset of `buf[0]`, and how many bytes of `buf` are valid.
-    start: u64,
-    valid: usize,
-}
-
-impl ReadAhead {
-    fn new(blksize: usize) -> ReadAhead {
-        let blocks = (16 << 10) / blksize.max(1);
-        ReadAhead {
-            buf: vec![0u8; blksize * blocks.max(1)],
-            start: 0,
-            valid: 0,
-        }
-    }
-
-    fn read(&mut self, src: &Source, out: &mut [u8], off: u64) -> std::io::Result<usize> {
-        let end = off + out.len() as u64;
-        if off < self.start || end > self.start + self.valid as u64 {
-            self.start = off;
-            self.valid = src.read_at(&mut self.buf, off)?;
-        }
-        let from = (off - self.start) as usize;
-        let n = out.len().min(self.valid.saturating_sub(from));
-        out[..n].copy_from_slice(&self.buf[from..from + n]);
-        Ok(n)
-    }
+/// A socket for one transfer: bound to the address the client talked to, connected
+/// to the client, registered with the current (transfer thread's) runtime.
+fn reply_socket(local: IpAddr, scope: u32, client: SocketAddr) -> std::io::Result<UdpSocket> {
+    let sock = reply_socket_std(local, scope, client)?;
+    sock.set_nonblocking(true)?;
+    UdpSocket::from_std(sock)
 }
 
 /// Converts data to netascii on the fly with checkpoints at block starts, so a
@@ -488,14 +696,261 @@ impl Netascii {
     }
 }
 
-async fn serve_request(
-    msg: Incoming,
-    resolver: Arc<dyn Resolver>,
-    config: TftpConfig,
-    metrics: Arc<TftpMetrics>,
-) {
+/// Lockstep read-ahead: in windows smaller than this, the buffer holds several
+/// windows, so a `preadv` serves several round trips.
+const READ_AHEAD: usize = 16 << 10;
+/// Most bytes a transfer buffers (one GSO send is at most 64 KiB anyway).
+const MAX_BUFFER: usize = 64 << 10;
+/// Most datagrams per `sendmmsg` and segments per GSO send (Linux's UDP_MAX_SEGMENTS
+/// is 64 on older kernels), and slots per buffer.
+const MAX_SEGMENTS: usize = 64;
+/// Largest UDP payload (IPv4); one GSO send carries at most this much.
+const MAX_UDP_PAYLOAD: usize = 65507;
+
+/// Whether this kernel knows UDP GSO (`UDP_SEGMENT`, Linux 4.18), asked once.
+fn gso_supported(sock: &UdpSocket) -> bool {
+    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SUPPORTED.get_or_init(|| {
+        let ok = socket::getsockopt(sock, sockopt::UdpGsoSegment).is_ok();
+        if !ok {
+            tracing::info!("tftp: no UDP GSO in this kernel; windows go out with sendmmsg");
+        }
+        ok
+    })
+}
+
+/// DATA packets of consecutive blocks as they go on the wire: slot `k` holds block
+/// `first + k` as `[DATA header][data]`.
+struct Window {
+    buf: Vec<u8>,
+    /// 4 + blksize.
+    slot: usize,
+    /// Capacity in slots.
+    cap: usize,
+    /// Block index of slot 0 (0 = nothing buffered).
+    first: u64,
+    filled: usize,
+}
+
+impl Window {
+    fn new(blksize: usize, windowsize: usize) -> Window {
+        let slot = 4 + blksize;
+        let window = slot * windowsize.max(1);
+        let want = if window >= READ_AHEAD {
+            window
+        } else {
+            window * (READ_AHEAD / window)
+        };
+        let cap = (want.min(MAX_BUFFER) / slot).clamp(1, MAX_SEGMENTS);
+        Window {
+            buf: vec![0u8; cap * slot],
+            slot,
+            cap,
+            first: 0,
+            filled: 0,
+        }
+    }
+
+    /// Makes blocks from `from` on (up to `to`) available, reading ahead when it has
+    /// to read; returns the byte range in `buf` of the consecutive packets it has
+    /// starting with block `from` (at least one), and how many packets that is.
+    fn fill(
+        &mut self,
+        from: u64,
+        to: u64,
+        t: &Transfer,
+        size: u64,
+        src: &Source,
+        netascii: Option<&mut Netascii>,
+    ) -> std::io::Result<(std::ops::Range<usize>, usize)> {
+        let have = self.first != 0 && from >= self.first && from < self.first + self.filled as u64;
+        if !have {
+            let count = (t.last() - from + 1).min(self.cap as u64) as usize;
+            self.first = from;
+            self.filled = 0;
+            self.read(from, count, t, size, src, netascii)?;
+            self.filled = count;
+        }
+        let k = (from - self.first) as usize;
+        let end_block = to.min(self.first + self.filled as u64 - 1);
+        let n = (end_block - from + 1) as usize;
+        let last_len = t.block_range(end_block, size).1;
+        let start = k * self.slot;
+        let end = (k + n - 1) * self.slot + 4 + last_len;
+        Ok((start..end, n))
+    }
+
+    /// Reads blocks `from .. from + count` into slots `0..count` and writes headers.
+    fn read(
+        &mut self,
+        from: u64,
+        count: usize,
+        t: &Transfer,
+        size: u64,
+        src: &Source,
+        netascii: Option<&mut Netascii>,
+    ) -> std::io::Result<()> {
+        let slot = self.slot;
+        let len = |k: usize| t.block_range(from + k as u64, size).1;
+        let slots = self.buf[..count * slot].chunks_mut(slot);
+        if let Some(n) = netascii {
+            for (k, s) in slots.enumerate() {
+                let (off, l) = t.block_range(from + k as u64, size);
+                if n.read(src, off, &mut s[4..4 + l])? != l {
+                    return Err(std::io::Error::other("file shrank during the transfer"));
+                }
+            }
+        } else {
+            let want: usize = (0..count).map(len).sum();
+            let off = t.block_range(from, size).0;
+            let mut iov: Vec<IoSliceMut<'_>> = slots
+                .enumerate()
+                .map(|(k, s)| IoSliceMut::new(&mut s[4..4 + len(k)]))
+                .collect();
+            let got = src.read_vectored_at(&mut iov, off)?;
+            drop(iov);
+            if got < want {
+                // Short read (rare): finish slot by slot.
+                let mut done = 0;
+                for k in 0..count {
+                    let l = len(k);
+                    let have = got.saturating_sub(done).min(l);
+                    if have < l {
+                        let s = &mut self.buf[k * slot + 4 + have..k * slot + 4 + l];
+                        if src.read_at(s, off + (done + have) as u64)? != l - have {
+                            return Err(std::io::Error::other("file shrank during the transfer"));
+                        }
+                    }
+                    done += l;
+                }
+            }
+        }
+        for k in 0..count {
+            let wire = ((from + k as u64) % 65536) as u16;
+            packet::data_header(&mut self.buf[k * slot..k * slot + 4], wire);
+        }
+        Ok(())
+    }
+}
+
+/// How a transfer puts several packets on the wire.
+struct Sender {
+    /// Send consecutive packets as one GSO datagram (`UDP_SEGMENT` per send, so
+    /// single packets such as the OACK are never split).
+    gso: bool,
+}
+
+/// Errors with which the kernel refuses a GSO send that a plain send would pass:
+/// segment larger than the route's MTU, no checksum offload, IPsec, …
+fn gso_refused(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error().map(Errno::from_raw),
+        Some(Errno::EINVAL | Errno::EIO | Errno::EMSGSIZE | Errno::EOPNOTSUPP | Errno::ENOPROTOOPT)
+    )
+}
+
+impl Sender {
+    fn new(sock: &UdpSocket, windowsize: u16, allowed: bool) -> Sender {
+        Sender {
+            gso: allowed && windowsize > 1 && gso_supported(sock),
+        }
+    }
+
+    /// Sends `data`: consecutive packets of `segment` bytes, the last one possibly
+    /// shorter.
+    async fn send(
+        &mut self,
+        sock: &UdpSocket,
+        mut data: &[u8],
+        segment: usize,
+    ) -> std::io::Result<()> {
+        if data.len() <= segment {
+            sock.send(data).await?;
+            return Ok(());
+        }
+        let per_send = (MAX_UDP_PAYLOAD / segment).clamp(1, MAX_SEGMENTS) * segment;
+        while !data.is_empty() {
+            if self.gso {
+                let n = data.len().min(per_send);
+                match send_gso(sock, &data[..n], segment as u16).await {
+                    Ok(()) => {
+                        data = &data[n..];
+                        continue;
+                    }
+                    Err(e) if gso_refused(&e) => {
+                        self.gso = false;
+                        tracing::debug!("tftp: GSO refused ({e}); this transfer uses sendmmsg");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            let sent = send_mmsg(sock, data, segment).await?;
+            data = &data[sent..];
+        }
+        Ok(())
+    }
+}
+
+/// One `sendmsg` with `UDP_SEGMENT`: the kernel cuts `data` into datagrams of
+/// `segment` bytes (the last one may be shorter).
+async fn send_gso(sock: &UdpSocket, data: &[u8], segment: u16) -> std::io::Result<()> {
+    loop {
+        sock.writable().await?;
+        let r = sock.try_io(Interest::WRITABLE, || {
+            socket::sendmsg::<SockaddrStorage>(
+                sock.as_raw_fd(),
+                &[IoSlice::new(data)],
+                &[ControlMessage::UdpGsoSegments(&segment)],
+                MsgFlags::empty(),
+                None,
+            )
+            .map_err(std::io::Error::from)
+        });
+        match r {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            r => return r.map(|_| ()),
+        }
+    }
+}
+
+/// One `sendmmsg` of up to [`MAX_SEGMENTS`] packets from `data`; returns the bytes of
+/// the packets sent (at least one).
+async fn send_mmsg(sock: &UdpSocket, data: &[u8], segment: usize) -> std::io::Result<usize> {
+    loop {
+        sock.writable().await?;
+        match sock.try_io(Interest::WRITABLE, || sendmmsg_now(sock, data, segment)) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
+}
+
+fn sendmmsg_now(sock: &UdpSocket, data: &[u8], segment: usize) -> std::io::Result<usize> {
+    let packets: Vec<[IoSlice<'_>; 1]> = data
+        .chunks(segment)
+        .take(MAX_SEGMENTS)
+        .map(|p| [IoSlice::new(p)])
+        .collect();
+    let addrs: Vec<Option<SockaddrStorage>> = vec![None; packets.len()];
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(packets.len(), None);
+    let no_cmsgs: [ControlMessage<'_>; 0] = [];
+    let count = socket::sendmmsg(
+        sock.as_raw_fd(),
+        &mut headers,
+        &packets,
+        &addrs,
+        no_cmsgs,
+        MsgFlags::empty(),
+    )
+    .map_err(std::io::Error::from)?
+    .count();
+    Ok(packets[..count].iter().map(|p| p[0].len()).sum())
+}
+
+async fn serve_request(msg: Incoming, d: &Dispatch) {
     let client = msg.client;
-    let sock = match bind_reply(msg.local, client).await {
+    let metrics = &d.metrics;
+    let sock = match reply_socket(msg.local, msg.scope, client) {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(%client, "tftp: cannot open a reply socket on {}: {e}", msg.local);
@@ -528,9 +983,7 @@ async fn serve_request(
         return;
     }
     let span = tracing::info_span!("tftp", %client, path = %req.filename);
-    transfer(sock, req, client, msg.local, resolver, config, metrics)
-        .instrument(span)
-        .await;
+    transfer(sock, req, client, msg.local, d, &span).await;
 }
 
 async fn transfer(
@@ -538,10 +991,10 @@ async fn transfer(
     req: Request,
     client: SocketAddr,
     local: IpAddr,
-    resolver: Arc<dyn Resolver>,
-    config: TftpConfig,
-    metrics: Arc<TftpMetrics>,
+    d: &Dispatch,
+    span: &tracing::Span,
 ) {
+    let (config, metrics) = (&d.config, &d.metrics);
     let started = Instant::now();
     let path = match super::path::clean(&req.filename) {
         Ok(p) => p,
@@ -550,18 +1003,18 @@ async fn transfer(
             let _ = sock
                 .send(&packet::error(code::ACCESS_VIOLATION, &e.to_string()))
                 .await;
-            tracing::info!(outcome = "denied", "tftp: {e}");
+            span.in_scope(|| tracing::info!(outcome = "denied", "tftp: {e}"));
             return;
         }
     };
-    let source = match resolver.open(&path, client, local) {
+    let source = match d.resolver.open(&path, client, local) {
         Ok(s) => s,
         Err(OpenError::NotFound) => {
             inc(&metrics.not_found);
             let _ = sock
                 .send(&packet::error(code::NOT_FOUND, "file not found"))
                 .await;
-            tracing::debug!(outcome = "not-found", "tftp: file not found");
+            span.in_scope(|| tracing::debug!(outcome = "not-found", "tftp: file not found"));
             return;
         }
         Err(OpenError::AccessDenied) => {
@@ -569,13 +1022,13 @@ async fn transfer(
             let _ = sock
                 .send(&packet::error(code::ACCESS_VIOLATION, "access denied"))
                 .await;
-            tracing::info!(outcome = "denied", "tftp: access denied");
+            span.in_scope(|| tracing::info!(outcome = "denied", "tftp: access denied"));
             return;
         }
         Err(OpenError::Other(m)) => {
             inc(&metrics.transfers_failed);
             let _ = sock.send(&packet::error(code::NOT_DEFINED, &m)).await;
-            tracing::warn!(outcome = "error", "tftp: {m}");
+            span.in_scope(|| tracing::warn!(outcome = "error", "tftp: {m}"));
             return;
         }
     };
@@ -586,7 +1039,9 @@ async fn transfer(
                 let _ = sock
                     .send(&packet::error(code::NOT_DEFINED, "read error"))
                     .await;
-                tracing::warn!(outcome = "error", "tftp: reading for netascii: {e}");
+                span.in_scope(|| {
+                    tracing::warn!(outcome = "error", "tftp: reading for netascii: {e}")
+                });
                 return;
             }
         }
@@ -608,50 +1063,46 @@ async fn transfer(
     inc(&metrics.class_requests[class]);
     metrics.in_flight.fetch_add(1, Ordering::Relaxed);
     let mut t = Transfer::new(size, &negotiated, config.retries, Instant::now());
-    let mut buf = vec![0u8; 4 + t.blksize()];
-    let mut rbuf = vec![0u8; 1024];
-    let mut ahead = ReadAhead::new(t.blksize());
+    let segment = 4 + t.blksize();
+    let mut window = Window::new(t.blksize(), usize::from(negotiated.windowsize));
+    let mut sender = Sender::new(&sock, negotiated.windowsize, config.segmentation_offload);
+    let mut rbuf = [0u8; 516];
     let timer = tokio::time::sleep_until(tokio::time::Instant::from_std(t.deadline()));
     tokio::pin!(timer);
-    let mut actions = t.start(Instant::now());
+    let mut next = Some(t.start(Instant::now()));
     let mut sent_bytes = 0u64;
     let mut failed_io = None;
-    'run: loop {
-        for a in actions.drain(..) {
-            match a {
-                Action::SendOack => {
-                    let o = packet::oack(negotiated.oack.as_deref().unwrap_or(&[]));
-                    if let Err(e) = sock.send(&o).await {
-                        failed_io = Some(e);
-                        break 'run;
-                    }
+    loop {
+        match next.take() {
+            None => {}
+            Some(Action::SendOack) => {
+                let o = packet::oack(negotiated.oack.as_deref().unwrap_or(&[]));
+                if let Err(e) = sock.send(&o).await {
+                    failed_io = Some(e);
+                    break;
                 }
-                Action::Send { from, to } => {
-                    for i in from..=to {
-                        let (off, len) = t.block_range(i, size);
-                        let r = match &mut netascii {
-                            Some(n) => n.read(&source, off, &mut buf[4..4 + len]),
-                            None => ahead.read(&source, &mut buf[4..4 + len], off),
-                        };
-                        match r {
-                            Ok(n) if n == len => {}
-                            Ok(_) => {
-                                failed_io =
-                                    Some(std::io::Error::other("file shrank during the transfer"));
-                                break 'run;
-                            }
-                            Err(e) => {
-                                failed_io = Some(e);
-                                break 'run;
-                            }
-                        }
-                        packet::data_header(&mut buf, (i % 65536) as u16);
-                        if let Err(e) = sock.send(&buf[..4 + len]).await {
+            }
+            Some(Action::Send { from, to }) => {
+                let mut i = from;
+                while i <= to {
+                    let r = window.fill(i, to, &t, size, &source, netascii.as_mut());
+                    let (range, n) = match r {
+                        Ok(x) => x,
+                        Err(e) => {
                             failed_io = Some(e);
-                            break 'run;
+                            break;
                         }
-                        sent_bytes += len as u64;
+                    };
+                    let bytes = range.len() - 4 * n;
+                    if let Err(e) = sender.send(&sock, &window.buf[range], segment).await {
+                        failed_io = Some(e);
+                        break;
                     }
+                    sent_bytes += bytes as u64;
+                    i += n as u64;
+                }
+                if failed_io.is_some() {
+                    break;
                 }
             }
         }
@@ -663,31 +1114,31 @@ async fn transfer(
             timer.as_mut().reset(deadline);
         }
         tokio::select! {
+            biased;
             r = sock.recv(&mut rbuf) => match r {
                 Ok(n) => match packet::parse(&rbuf[..n]) {
-                    Ok(Packet::Ack { block }) => actions = t.on_ack(block, Instant::now()),
+                    Ok(Packet::Ack { block }) => next = t.on_ack(block, Instant::now()),
                     Ok(Packet::Error { .. }) => t.on_error(),
                     _ => {} // junk from the client: ignore
                 },
                 // ICMP port unreachable: the client went away.
                 Err(_) => t.on_error(),
             },
-            _ = &mut timer => actions = t.on_timeout(Instant::now()),
+            _ = &mut timer => next = t.on_timeout(Instant::now()),
         }
-        if t.outcome().is_some() && actions.is_empty() {
+        if t.outcome().is_some() && next.is_none() {
             break;
         }
     }
     metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
     metrics.bytes_sent.fetch_add(sent_bytes, Ordering::Relaxed);
     metrics.class_bytes[class].fetch_add(sent_bytes, Ordering::Relaxed);
-    let outcome = match (failed_io, t.outcome()) {
-        (Some(e), _) => {
+    let outcome = match (&failed_io, t.outcome()) {
+        (Some(_), _) => {
             inc(&metrics.transfers_failed);
             let _ = sock
                 .send(&packet::error(code::NOT_DEFINED, "read error"))
                 .await;
-            tracing::warn!("tftp: transfer failed: {e}");
             "error"
         }
         (None, Some(Outcome::Ok)) => {
@@ -709,14 +1160,19 @@ async fn transfer(
             "timeout"
         }
     };
-    tracing::info!(
-        blksize = negotiated.blksize,
-        windowsize = negotiated.windowsize,
-        bytes = sent_bytes,
-        duration_ms = started.elapsed().as_millis() as u64,
-        outcome,
-        "tftp transfer"
-    );
+    span.in_scope(|| {
+        if let Some(e) = &failed_io {
+            tracing::warn!("tftp: transfer failed: {e}");
+        }
+        tracing::info!(
+            blksize = negotiated.blksize,
+            windowsize = negotiated.windowsize,
+            bytes = sent_bytes,
+            duration_ms = started.elapsed().as_millis() as u64,
+            outcome,
+            "tftp transfer"
+        );
+    });
 }
 
 #[cfg(test)]
@@ -740,6 +1196,206 @@ mod tests {
             out[b] = buf;
         }
         out.concat()
+    }
+
+    /// A minimal RFC 7440 client: RRQ with `opts`, ACK 0 after an OACK, ACK after
+    /// every full window, on a gap and at the end. Returns the file and checks that
+    /// every packet came from one transfer port.
+    fn fetch(server: SocketAddr, name: &str, opts: &[(&str, &str)]) -> Vec<u8> {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        sock.send_to(&packet::rrq(name, "octet", opts), server)
+            .unwrap();
+        let (mut bs, mut ws) = (512usize, 1u64);
+        let mut buf = vec![0u8; 70000];
+        let mut out = Vec::new();
+        let (mut expect, mut in_window) = (1u64, 0u64);
+        let mut peer = None;
+        for _ in 0..10_000_000 {
+            let (n, from) = sock.recv_from(&mut buf).expect("a packet within 5 s");
+            assert!(peer.is_none_or(|p| p == from), "packets from two ports");
+            peer = Some(from);
+            let Ok(pkt) = packet::parse(&buf[..n]) else {
+                panic!(
+                    "bad packet of {n} bytes after block {expect}: {:?}",
+                    &buf[..n.min(32)]
+                );
+            };
+            match pkt {
+                Packet::Oack { options } => {
+                    for (k, v) in options {
+                        match k.as_str() {
+                            "blksize" => bs = v.parse().unwrap(),
+                            "windowsize" => ws = v.parse().unwrap(),
+                            _ => {}
+                        }
+                    }
+                    sock.send_to(&packet::ack(0), from).unwrap();
+                }
+                Packet::Data { block, data } => {
+                    if block == (expect % 65536) as u16 {
+                        out.extend_from_slice(data);
+                        in_window += 1;
+                        if data.len() < bs {
+                            sock.send_to(&packet::ack(block), from).unwrap();
+                            return out;
+                        }
+                        expect += 1;
+                        if in_window == ws {
+                            in_window = 0;
+                            sock.send_to(&packet::ack(block), from).unwrap();
+                        }
+                    } else if block != ((expect - 1) % 65536) as u16 {
+                        in_window = 0;
+                        sock.send_to(&packet::ack(((expect - 1) % 65536) as u16), from)
+                            .unwrap();
+                    }
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        panic!("no end");
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u32).wrapping_mul(2654435761).to_be_bytes()[0] ^ seed)
+            .collect()
+    }
+
+    /// Runs the server on 127.0.0.1 over a temp dir holding `files`.
+    fn start(
+        files: &[(&str, Vec<u8>)],
+        config: TftpConfig,
+    ) -> (
+        SocketAddr,
+        CancellationToken,
+        tempfile::TempDir,
+        std::thread::JoinHandle<()>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, data) in files {
+            std::fs::write(dir.path().join(name), data).unwrap();
+        }
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = sock.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let (root, s) = (dir.path().to_path_buf(), stop.clone());
+        let th = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(serve(
+                    vec![sock],
+                    Arc::new(DirResolver { root }),
+                    config,
+                    Arc::default(),
+                    s,
+                    Duration::from_secs(1),
+                ))
+                .unwrap();
+        });
+        (addr, stop, dir, th)
+    }
+
+    #[test]
+    fn windows_with_gso_and_with_sendmmsg_arrive_whole() {
+        let sizes = [0usize, 1, 511, 512, 8192 * 3, 300_001];
+        let files: Vec<(String, Vec<u8>)> = sizes
+            .iter()
+            .map(|n| (format!("f{n}"), pattern(*n, *n as u8)))
+            .collect();
+        let refs: Vec<(&str, Vec<u8>)> =
+            files.iter().map(|(a, b)| (a.as_str(), b.clone())).collect();
+        for gso in [true, false] {
+            let config = TftpConfig {
+                max_blksize: 8192,
+                segmentation_offload: gso,
+                ..TftpConfig::default()
+            };
+            let (addr, stop, _dir, th) = start(&refs, config);
+            for (name, want) in &files {
+                for bs in ["512", "1468", "8192"] {
+                    for ws in ["1", "4", "16", "64"] {
+                        let got = fetch(addr, name, &[("blksize", bs), ("windowsize", ws)]);
+                        assert!(
+                            got == *want,
+                            "{name} bs {bs} ws {ws} gso {gso}: {} bytes",
+                            got.len()
+                        );
+                    }
+                }
+            }
+            // Plain RFC 1350 (no options) too.
+            assert_eq!(fetch(addr, "f300001", &[]), files[5].1);
+            stop.cancel();
+            th.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn block_numbers_roll_over_in_windows() {
+        // 70 000 blocks of 8 bytes: the wire numbers wrap past 65535 to 0.
+        let data = pattern(70_000 * 8 + 5, 3);
+        let (addr, stop, _dir, th) = start(&[("big", data.clone())], TftpConfig::default());
+        assert!(fetch(addr, "big", &[("blksize", "8"), ("windowsize", "64")]) == data);
+        stop.cancel();
+        th.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_route_that_refuses_gso_falls_back_to_sendmmsg() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        tx.connect(rx.local_addr().unwrap()).await.unwrap();
+        let segment = 1472;
+        let mut s = Sender::new(&tx, 8, true);
+        assert!(s.gso, "loopback takes GSO");
+        // Checksums off (SO_NO_CHECK): the kernel refuses GSO with EINVAL, as it does
+        // for a segment bigger than the route's MTU (blksize 8192 on a 1500-byte link).
+        let one: nix::libc::c_int = 1;
+        // SAFETY: setsockopt on a socket we own with a c_int option value.
+        let r = unsafe {
+            nix::libc::setsockopt(
+                tx.as_raw_fd(),
+                nix::libc::SOL_SOCKET,
+                nix::libc::SO_NO_CHECK,
+                (&one as *const nix::libc::c_int).cast(),
+                std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0);
+        let data = pattern(segment * 2 + 100, 9);
+        s.send(&tx, &data, segment).await.unwrap();
+        assert!(!s.gso, "GSO off for the rest of the transfer");
+        let mut buf = [0u8; 2000];
+        for chunk in data.chunks(segment) {
+            let n = rx.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..n], chunk);
+        }
+    }
+
+    #[test]
+    fn window_buffer_is_bounded_and_reads_ahead_in_lockstep() {
+        for (bs, ws) in [
+            (512, 1),
+            (1468, 1),
+            (1468, 8),
+            (1468, 64),
+            (8192, 64),
+            (65464, 64),
+            (8, 64),
+        ] {
+            let w = Window::new(bs, ws);
+            assert!(w.buf.len() <= MAX_BUFFER.max(4 + bs), "{bs}/{ws}");
+            assert!(w.cap >= 1 && w.cap <= MAX_SEGMENTS);
+        }
+        assert_eq!(Window::new(1468, 1).cap, (16 << 10) / 1472);
+        assert_eq!(Window::new(1468, 8).cap, 8, "one window per read");
+        assert_eq!(Window::new(512, 4).cap, 28, "whole windows of read-ahead");
     }
 
     #[test]
