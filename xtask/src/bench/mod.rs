@@ -4,9 +4,10 @@
 //! A bench stream (unsigned, `file://`) with a 64 MiB kernel, a 4 MiB initrd and a
 //! 200 MiB squashfs is synced by the release binary; the peers serve the very same
 //! snapshot directory.
-//! - tftp: one transfer at windowsize 1 and at windowsize 8 (blksize 1468, atftp
-//!   client), and 200 concurrent clients (4 MiB each, every download checked), against
-//!   tftpd-hpa, dnsmasq and atftpd. Peak RSS of rackboot is read from /proc.
+//! - tftp: one transfer at windowsize 1 and at windowsize 8 (blksize 1468), and 200
+//!   and 1000 concurrent clients (4 MiB each, every download checked), against
+//!   tftpd-hpa, dnsmasq and atftpd, with the atftp client and with xtask's own load
+//!   generator. Peak RSS of rackboot is read from /proc.
 //! - http: a 200 MiB file (curl, best of 3) and 1000 concurrent keep-alive clients
 //!   (wrk, 5 s) against nginx with sendfile.
 //! - sync: a full sync of the bench stream from a local mirror, and a no-op sync.
@@ -32,6 +33,8 @@ const SQUASHFS: &str = "bench/amd64/generic/bench/stable/squashfs";
 struct Bench {
     dir: PathBuf,
     bin: PathBuf,
+    /// The release-built xtask binary (for `--loadgen`).
+    xtask: PathBuf,
     snapshot: PathBuf,
     atftpd: PathBuf,
     results: BTreeMap<String, serde_json::Value>,
@@ -106,6 +109,10 @@ fn peak_rss_kib(pid: u32) -> u64 {
 }
 
 pub fn run(args: &[String]) -> Result<()> {
+    if args.first().is_some_and(|a| a == "--loadgen") {
+        // The TFTP load generator, run as its own optimised process by `tftp_bench`.
+        return crate::tftpload::cli(&args[1..]);
+    }
     let all = args.is_empty();
     let want = |k: &str| all || args.iter().any(|a| a == k);
     prereq::ensure_debs(&[
@@ -119,6 +126,10 @@ pub fn run(args: &[String]) -> Result<()> {
     let root = crate::root();
     std::env::set_current_dir(&root)?;
     cmd("cargo", &["build", "--release", "--bin", "rackboot"])?;
+    if want("tftp") {
+        // The load generator runs optimised, whatever profile `cargo xtask` used.
+        cmd("cargo", &["build", "--release", "--package", "xtask"])?;
+    }
     let target = target_dir(&root);
     let dir = target.join("bench");
     if dir.exists() {
@@ -132,6 +143,7 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     let mut b = Bench {
         bin: target.join("release/rackboot"),
+        xtask: target.join("release/xtask"),
         snapshot: PathBuf::new(),
         atftpd: atftpd_root.join("usr/sbin/atftpd"),
         dir,

@@ -1,6 +1,38 @@
-//! TFTP: rackboot against tftpd-hpa, atftpd and dnsmasq.
+//! TFTP: rackboot against tftpd-hpa, atftpd and dnsmasq, each measured with two clients
+//! in the same run:
+//! - the atftp client (a real, widely used client; one process per download), and
+//! - xtask's own load generator (`crate::tftpload`, run as an optimised process; the
+//!   same client code for every server, every download's size and sha256 checked).
+//!
+//! Cases: one 64 MiB transfer at windowsize 1 and at windowsize 8 (blksize 1468, best
+//! of 3), and 200 and 1000 concurrent clients fetching a 4 MiB file (blksize 1468,
+//! windowsize 1, aggregate throughput = bytes of correct downloads / wall time).
 
 use super::*;
+
+/// One server's results with one client kind.
+#[derive(Clone, Debug, Default)]
+struct Row {
+    ws1: f64,
+    ws8: f64,
+    c200: f64,
+    f200: usize,
+    c1000: f64,
+    f1000: usize,
+}
+
+impl Row {
+    fn json(&self) -> serde_json::Value {
+        json!({"ws1_mib_s": self.ws1, "ws8_mib_s": self.ws8,
+               "clients200_mib_s": self.c200, "clients200_failures": self.f200,
+               "clients1000_mib_s": self.c1000, "clients1000_failures": self.f1000})
+    }
+}
+
+/// Where atftp writes its downloads (tmpfs, so the disk is not measured).
+const SHM: &str = "/dev/shm/rackboot-bench";
+
+const SERVERS: [&str; 4] = ["rackboot", "tftpd-hpa", "atftpd", "dnsmasq"];
 
 impl Bench {
     /// One atftp download; returns the time taken.
@@ -36,175 +68,246 @@ impl Bench {
         Ok(d)
     }
 
+    /// `clients` concurrent atftp processes fetching `path` (`len` bytes, sha256
+    /// `want`); returns (aggregate MiB/s of correct downloads, failures).
+    fn atftp_swarm(
+        &self,
+        host: &str,
+        port: u16,
+        clients: usize,
+        path: &str,
+        len: u64,
+        want: &str,
+    ) -> Result<(f64, usize)> {
+        let shm = Path::new(SHM);
+        let t = Instant::now();
+        let mut kids = Vec::new();
+        for i in 0..clients {
+            let out = shm.join(format!("c{i}"));
+            let child = Command::new("timeout")
+                .args([
+                    "300",
+                    "atftp",
+                    "--get",
+                    "-r",
+                    path,
+                    "-l",
+                    out.to_str().expect("utf-8"),
+                    "--option",
+                    "blksize 1468",
+                    host,
+                    &port.to_string(),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?;
+            kids.push((Proc(child), out));
+        }
+        let mut failures = 0;
+        for (mut c, out) in kids {
+            let ok = c.0.wait()?.success()
+                && std::fs::read(&out)
+                    .map(|d| hex::encode(Sha256::digest(&d)) == want)
+                    .unwrap_or(false);
+            if !ok {
+                failures += 1;
+            }
+            let _ = std::fs::remove_file(&out);
+        }
+        let wall = t.elapsed();
+        Ok((mib_s(len * (clients - failures) as u64, wall), failures))
+    }
+
+    /// Runs the load generator process; returns its JSON answer.
+    fn loadgen(&self, args: &[String]) -> Result<serde_json::Value> {
+        let mut full = vec!["bench".to_string(), "--loadgen".to_string()];
+        full.extend_from_slice(args);
+        let out = Command::new("timeout")
+            .arg("900")
+            .arg(&self.xtask)
+            .args(&full)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("cannot run {}", self.xtask.display()))?;
+        if !out.status.success() {
+            bail!(
+                "load generator {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Best of 3 single downloads with the load generator; returns MiB/s.
+    fn loadgen_single(&self, addr: &str, ws: u16, len: u64, want: &str) -> Result<f64> {
+        let mut best = 0f64;
+        for _ in 0..3 {
+            let v = self.loadgen(&[
+                "single".into(),
+                addr.into(),
+                KERNEL.into(),
+                "1468".into(),
+                ws.to_string(),
+            ])?;
+            if v["bytes"].as_u64() != Some(len) || v["sha256"].as_str() != Some(want) {
+                bail!("{addr}: the load generator got a wrong file: {v}");
+            }
+            let secs = v["secs"].as_f64().context("secs")?;
+            best = best.max(len as f64 / secs / (1024.0 * 1024.0));
+        }
+        Ok(best)
+    }
+
+    /// `clients` concurrent downloads with the load generator; returns (MiB/s of correct
+    /// downloads, failures).
+    fn loadgen_swarm(
+        &self,
+        addr: &str,
+        clients: usize,
+        len: u64,
+        want: &str,
+    ) -> Result<(f64, usize)> {
+        let v = self.loadgen(&[
+            "swarm".into(),
+            addr.into(),
+            INITRD.into(),
+            "1468".into(),
+            "1".into(),
+            clients.to_string(),
+            len.to_string(),
+            want.into(),
+        ])?;
+        let failed = v["failed"].as_u64().context("failed")? as usize;
+        if failed > 0 {
+            eprintln!(
+                "{addr}: {failed} of {clients} downloads failed: {}",
+                v["errors"]
+            );
+        }
+        let bytes = v["bytes"].as_u64().context("bytes")?;
+        let secs = v["secs"].as_f64().context("secs")?;
+        Ok((bytes as f64 / secs / (1024.0 * 1024.0), failed))
+    }
+
     pub(super) fn tftp_bench(&mut self) -> Result<()> {
         let size = std::fs::metadata(self.snapshot.join(KERNEL))?.len();
         let small = std::fs::metadata(self.snapshot.join(INITRD))?.len();
         let want_small = hex::encode(Sha256::digest(std::fs::read(self.snapshot.join(INITRD))?));
-        let shm = PathBuf::from("/dev/shm/rackboot-bench");
+        let want_big = hex::encode(Sha256::digest(std::fs::read(self.snapshot.join(KERNEL))?));
+        let shm = PathBuf::from(SHM);
         let _ = std::fs::remove_dir_all(&shm);
         std::fs::create_dir_all(&shm)?;
-        let mut rows = Vec::new();
-        let mut fast_rows: Vec<(&str, f64, f64, f64, usize)> = Vec::new();
+        let mut atftp_rows: Vec<(&str, Row)> = Vec::new();
+        let mut fast_rows: Vec<(&str, Row)> = Vec::new();
         let mut json_rows = serde_json::Map::new();
-        for server in ["rackboot", "tftpd-hpa", "atftpd", "dnsmasq"] {
+        let mut rss_kib = 0;
+        for server in SERVERS {
             let (host, port) = if server == "dnsmasq" {
                 ("127.0.0.2", 69)
             } else {
                 ("127.0.0.1", free_udp_port()?)
             };
             let proc = self.start_server(server, port)?;
+            eprintln!("tftp bench: {server}");
+            let addr = format!("{host}:{port}");
+
             let out = shm.join("single");
-            let best = |ws: u16| -> Result<Duration> {
+            let best = |ws: u16| -> Result<f64> {
                 let mut times = vec![];
                 for _ in 0..3 {
                     times.push(self.atftp(host, port, KERNEL, ws, &out)?);
+                    let got = hex::encode(Sha256::digest(std::fs::read(&out)?));
+                    if got != want_big {
+                        bail!("{server}: atftp got a wrong file");
+                    }
                 }
                 times.sort();
-                Ok(times[0])
+                Ok(mib_s(size, times[0]))
             };
-            let ws1 = best(1)?;
-            let ws8 = best(8)?;
-            // 200 concurrent clients, every download verified.
-            let clients = 200;
-            let t = Instant::now();
-            let mut kids = Vec::new();
-            for i in 0..clients {
-                let out = shm.join(format!("c{i}"));
-                let child = Command::new("timeout")
-                    .args([
-                        "120",
-                        "atftp",
-                        "--get",
-                        "-r",
-                        INITRD,
-                        "-l",
-                        out.to_str().expect("utf-8"),
-                        "--option",
-                        "blksize 1468",
-                        host,
-                        &port.to_string(),
-                    ])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()?;
-                kids.push((child, out));
-            }
-            let mut failures = 0;
-            for (mut c, out) in kids {
-                let ok = c.wait()?.success()
-                    && std::fs::read(&out)
-                        .map(|d| hex::encode(Sha256::digest(&d)) == want_small)
-                        .unwrap_or(false);
-                if !ok {
-                    failures += 1;
-                }
-                let _ = std::fs::remove_file(&out);
-            }
-            let wall = t.elapsed();
-            let agg = mib_s(small * clients as u64, wall);
-            // The same measurements with the fast load generator (one process).
-            let addr: std::net::SocketAddr = format!("{host}:{port}").parse()?;
-            let want_big = hex::encode(Sha256::digest(std::fs::read(self.snapshot.join(KERNEL))?));
-            let fast = |ws: u16| -> Result<Duration> {
-                let mut best = Duration::MAX;
-                for _ in 0..3 {
-                    let t = Instant::now();
-                    let (n, sha) = crate::tftpload::download(addr, KERNEL, 1468, ws)?;
-                    if n != size || sha != want_big {
-                        bail!("{server}: load generator got a wrong file");
-                    }
-                    best = best.min(t.elapsed());
-                }
-                Ok(best)
+            let mut a = Row {
+                ws1: best(1)?,
+                ws8: best(8)?,
+                ..Row::default()
             };
-            let (f1, f8) = (fast(1)?, fast(8)?);
-            let mut fast_failures = 0;
-            let t = Instant::now();
-            let handles: Vec<_> = (0..clients)
-                .map(|_| {
-                    std::thread::spawn(move || crate::tftpload::download(addr, INITRD, 1468, 1))
-                })
-                .collect();
-            for h in handles {
-                match h.join() {
-                    Ok(Ok((_, sha))) if sha == want_small => {}
-                    _ => fast_failures += 1,
-                }
-            }
-            let fast_agg = mib_s(small * clients as u64, t.elapsed());
-            let rss = if server == "rackboot" {
-                peak_rss_kib(proc.0.id())
-            } else {
-                0
+            (a.c200, a.f200) = self.atftp_swarm(host, port, 200, INITRD, small, &want_small)?;
+            (a.c1000, a.f1000) = self.atftp_swarm(host, port, 1000, INITRD, small, &want_small)?;
+
+            let mut f = Row {
+                ws1: self.loadgen_single(&addr, 1, size, &want_big)?,
+                ws8: self.loadgen_single(&addr, 8, size, &want_big)?,
+                ..Row::default()
             };
+            (f.c200, f.f200) = self.loadgen_swarm(&addr, 200, small, &want_small)?;
+            (f.c1000, f.f1000) = self.loadgen_swarm(&addr, 1000, small, &want_small)?;
+
+            if server == "rackboot" {
+                rss_kib = peak_rss_kib(proc.0.id());
+            }
             drop(proc);
-            rows.push((
-                server,
-                mib_s(size, ws1),
-                mib_s(size, ws8),
-                agg,
-                failures,
-                rss,
-            ));
-            fast_rows.push((
-                server,
-                mib_s(size, f1),
-                mib_s(size, f8),
-                fast_agg,
-                fast_failures,
-            ));
             json_rows.insert(
                 server.into(),
-                json!({"atftp": {"ws1_mib_s": mib_s(size, ws1), "ws8_mib_s": mib_s(size, ws8), "clients200_mib_s": agg, "clients200_failures": failures},
-                       "loadgen": {"ws1_mib_s": mib_s(size, f1), "ws8_mib_s": mib_s(size, f8), "clients200_mib_s": fast_agg, "clients200_failures": fast_failures},
-                       "peak_rss_kib": rss}),
+                json!({"atftp": a.json(), "loadgen": f.json(),
+                       "peak_rss_kib": if server == "rackboot" { Some(rss_kib) } else { None }}),
             );
+            atftp_rows.push((server, a));
+            fast_rows.push((server, f));
         }
         let _ = std::fs::remove_dir_all(&shm);
-        let get = |name: &str| rows.iter().find(|r| r.0 == name).expect("measured");
-        let rb = get("rackboot");
+
         writeln!(
             self.report,
-            "## TFTP ({} MiB file, blksize 1468, atftp client, best of 3; 200 clients × {} MiB)\n",
+            "## TFTP ({} MiB file, blksize 1468, best of 3; 200 and 1000 concurrent clients × {} MiB, windowsize 1)\n",
             size >> 20,
             small >> 20
         )?;
-        writeln!(self.report, "| server | windowsize 1 | windowsize 8 | 200 clients aggregate | failed transfers |\n|---|---|---|---|---|")?;
-        for r in &rows {
-            writeln!(
-                self.report,
-                "| {} | {:.1} MiB/s | {:.1} MiB/s | {:.1} MiB/s | {} |",
-                r.0, r.1, r.2, r.3, r.4
-            )?;
-        }
         writeln!(
             self.report,
-            "\nratios: ws=1 rackboot/tftpd-hpa {:.2}x (goal ≥ 1); ws=8 rackboot/atftpd {:.2}x (goal ≥ 1.5); 200 clients rackboot/tftpd-hpa {:.2}x (goal ≥ 1.5); rackboot peak RSS {:.1} MiB\n",
-            rb.1 / get("tftpd-hpa").1,
-            rb.2 / get("atftpd").2,
-            rb.3 / get("tftpd-hpa").3,
-            rb.5 as f64 / 1024.0
+            "rackboot peak RSS over the whole TFTP run (including 1000 clients): {:.1} MiB (goal < 64 MiB)\n",
+            rss_kib as f64 / 1024.0
         )?;
-        let fget = |name: &str| fast_rows.iter().find(|r| r.0 == name).expect("measured");
-        let fr = fget("rackboot");
-        writeln!(self.report, "Same servers with `xtask`'s own TFTP load generator (one process; 200 clients are 200 threads), so the client is not the bottleneck the atftp client is:\n")?;
-        writeln!(self.report, "| server | windowsize 1 | windowsize 8 | 200 clients aggregate | failed transfers |\n|---|---|---|---|---|")?;
-        for r in &fast_rows {
-            writeln!(
-                self.report,
-                "| {} | {:.1} MiB/s | {:.1} MiB/s | {:.1} MiB/s | {} |",
-                r.0, r.1, r.2, r.3, r.4
-            )?;
-        }
+        writeln!(self.report, "### atftp client (one process per download)\n")?;
         writeln!(
             self.report,
-            "\nratios: ws=1 rackboot/tftpd-hpa {:.2}x (goal ≥ 1); ws=8 rackboot/atftpd {:.2}x (goal ≥ 1.5); 200 clients rackboot/tftpd-hpa {:.2}x (goal ≥ 1.5)\n",
-            fr.1 / fget("tftpd-hpa").1,
-            fr.2 / fget("atftpd").2,
-            fr.3 / fget("tftpd-hpa").3,
+            "The atftp client is the bottleneck at high rates (one process per download, \
+             a syscall and a `select` per block, and it writes the file), so these numbers \
+             understate the faster servers; the load-generator table below is the one the \
+             goals are judged on.\n"
         )?;
+        table(&mut self.report, &atftp_rows)?;
+        writeln!(
+            self.report,
+            "### xtask load generator (one optimised process: a blocking socket for single transfers, one epoll thread for the concurrent clients; the same client for every server)\n"
+        )?;
+        table(&mut self.report, &fast_rows)?;
         self.results
             .insert("tftp".into(), serde_json::Value::Object(json_rows));
         Ok(())
     }
+}
+
+/// Writes one results table and its ratio line.
+fn table(out: &mut String, rows: &[(&str, Row)]) -> Result<()> {
+    writeln!(
+        out,
+        "| server | windowsize 1 | windowsize 8 | 200 clients | 1000 clients | failed (200 / 1000) |\n|---|---|---|---|---|---|"
+    )?;
+    for (name, r) in rows {
+        writeln!(
+            out,
+            "| {name} | {:.1} MiB/s | {:.1} MiB/s | {:.1} MiB/s | {:.1} MiB/s | {} / {} |",
+            r.ws1, r.ws8, r.c200, r.c1000, r.f200, r.f1000
+        )?;
+    }
+    let get = |n: &str| &rows.iter().find(|r| r.0 == n).expect("measured").1;
+    let (rb, hpa, at) = (get("rackboot"), get("tftpd-hpa"), get("atftpd"));
+    writeln!(
+        out,
+        "\nratios: ws=1 rackboot/tftpd-hpa {:.2}x (goal ≥ 1); ws=8 rackboot/atftpd {:.2}x (goal ≥ 1.5); 200 clients rackboot/tftpd-hpa {:.2}x (goal ≥ 1.5); 1000 clients rackboot/tftpd-hpa {:.2}x (goal ≥ 1.5); rackboot failures {} (goal 0)\n",
+        rb.ws1 / hpa.ws1,
+        rb.ws8 / at.ws8,
+        rb.c200 / hpa.c200,
+        rb.c1000 / hpa.c1000,
+        rb.f200 + rb.f1000,
+    )?;
+    Ok(())
 }
