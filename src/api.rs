@@ -90,25 +90,22 @@ async fn route(d: Arc<Daemon>, req: Request<Incoming>, _peer: SocketAddr) -> Res
             .counting(d.http_metrics.clone());
         (files, format!("/{}/{}", &hex[..2], hex))
     };
-    if let Some(digest) = snap.manifest.metadata.get(rel) {
+    // Lookups by name use the percent-decoded path (iPXE sends `%3A` for `:`).
+    let decoded = crate::http::files::clean_path(&path).unwrap_or_default();
+    if let Some(digest) = snap.manifest.metadata.get(decoded.as_str()) {
         let (files, p) = blob(digest);
         return files.respond(&method, headers, &p).await;
     }
     let static_path = rel.strip_prefix("images/").unwrap_or(rel);
     // Boot configs rendered per request, with URLs for the host the client used.
-    let here = crate::bootserve::Here {
-        http_authority: headers
+    let here = crate::bootserve::Here::from_host(
+        headers
             .get(hyper::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .filter(|h| {
-                !h.is_empty()
-                    && h.chars()
-                        .all(|c| c.is_ascii_alphanumeric() || ".:-[]".contains(c))
-            })
-            .map(String::from)
-            .unwrap_or_else(|| format!("127.0.0.1:{}", d.http_port())),
-    };
-    match crate::bootserve::dynamic(&d, &snap, static_path, req.uri().query(), true, &here) {
+            .and_then(|h| h.to_str().ok()),
+        d.http_port(),
+    );
+    let dynamic_path = decoded.strip_prefix("images/").unwrap_or(&decoded);
+    match crate::bootserve::dynamic(&d, &snap, dynamic_path, req.uri().query(), true, &here) {
         crate::bootserve::Dynamic::Text(text) => {
             let len = text.len();
             let body = if method == Method::HEAD {

@@ -41,8 +41,13 @@ pub fn unpack(store: &Store, archive: &Sha256) -> anyhow::Result<Vec<Member>> {
     Ok(members)
 }
 
+/// Members are written unsynced to temporary files; once the archive is read, one
+/// `syncfs` makes them all durable and only then do they get their staged (trusted)
+/// names, so a crash never leaves a staged name over unwritten data.
 fn unpack_tar(store: &Store, reader: impl Read, name: &str) -> anyhow::Result<Vec<Member>> {
     let mut out = Vec::new();
+    // Closed temporary files (deleted on drop unless persisted).
+    let mut pending: Vec<(tempfile::TempPath, Sha256)> = Vec::new();
     let mut archive = tar::Archive::new(reader);
     let entries = archive
         .entries()
@@ -79,17 +84,25 @@ fn unpack_tar(store: &Store, reader: impl Read, name: &str) -> anyhow::Result<Ve
             size += n as u64;
         }
         let digest = Sha256::from_bytes(hasher.finalize().into());
-        if store.verified_path(&digest, Some(size)).is_none() {
-            tmp.as_file().sync_all()?;
-            let staged = store.staged_path(&digest);
-            tmp.persist(&staged)
-                .map_err(|e| anyhow::anyhow!("{}: {}", staged.display(), e.error))?;
+        if store.verified_path(&digest, Some(size)).is_none()
+            && !pending.iter().any(|(_, d)| *d == digest)
+        {
+            pending.push((tmp.into_temp_path(), digest));
         }
         out.push(Member {
             path: member.to_string(),
             sha256: digest,
             size,
         });
+    }
+    if !pending.is_empty() {
+        let tmp_dir = store.tmp_dir();
+        ctx(crate::store::sync_fs(&tmp_dir), "cannot sync", &tmp_dir)?;
+        for (tmp, digest) in pending {
+            let staged = store.staged_path(&digest);
+            tmp.persist(&staged)
+                .map_err(|e| anyhow::anyhow!("{}: {}", staged.display(), e.error))?;
+        }
     }
     Ok(out)
 }

@@ -46,6 +46,32 @@ impl Here {
         }
     }
 
+    /// From an HTTP request's `Host` header. A header without a port gets `port` (the
+    /// one rackboot listens on): GRUB's http module sends the bare host name whatever
+    /// the port. A missing or odd header gives `127.0.0.1:port`.
+    pub fn from_host(host: Option<&str>, port: u16) -> Here {
+        let Some(host) = host.filter(|h| {
+            !h.is_empty()
+                && h.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ".:-[]".contains(c))
+        }) else {
+            return Here {
+                http_authority: format!("127.0.0.1:{port}"),
+            };
+        };
+        let has_port = match host.rfind(']') {
+            Some(end) => host[end..].contains(':'),
+            None => host.contains(':'),
+        };
+        Here {
+            http_authority: if has_port {
+                host.to_string()
+            } else {
+                format!("{host}:{port}")
+            },
+        }
+    }
+
     /// `http://host:port/images/`: where HTTP loaders find image files.
     pub fn http_images(&self) -> String {
         format!("http://{}/images/", self.http_authority)
@@ -323,5 +349,22 @@ impl Resolver for TftpResolver {
                 path,
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authority_from_the_host_header() {
+        let a = |h: Option<&str>| Here::from_host(h, 5248).http_authority;
+        assert_eq!(a(Some("10.0.0.1:8080")), "10.0.0.1:8080");
+        assert_eq!(a(Some("10.0.0.1")), "10.0.0.1:5248", "GRUB sends no port");
+        assert_eq!(a(Some("[fd00::1]")), "[fd00::1]:5248");
+        assert_eq!(a(Some("[fd00::1]:80")), "[fd00::1]:80");
+        assert_eq!(a(Some("rack.example")), "rack.example:5248");
+        assert_eq!(a(Some("evil/\"x")), "127.0.0.1:5248");
+        assert_eq!(a(None), "127.0.0.1:5248");
     }
 }

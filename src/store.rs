@@ -38,6 +38,15 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Flushes everything written to the filesystem holding `path` (data and directory
+/// entries) with one `syncfs`: how a batch of files (archive members, blob renames,
+/// a snapshot tree) becomes durable without one fsync per file.
+pub fn sync_fs(path: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = File::open(path)?;
+    nix::unistd::syncfs(f.as_raw_fd()).map_err(io::Error::from)
+}
+
 /// Adds the path to an I/O error so the message names it.
 pub fn ctx<T>(r: io::Result<T>, what: &str, path: &Path) -> anyhow::Result<T> {
     r.map_err(|e| anyhow::anyhow!("{what} {}: {e}", path.display()))
@@ -131,22 +140,27 @@ impl Store {
             })
     }
 
-    /// Moves a staged payload into the blob store (no-op if it is already there).
-    pub fn commit_staged(&self, d: &Sha256) -> anyhow::Result<()> {
-        let staged = self.staged_path(d);
-        if staged.exists() {
-            self.commit_blob(&staged, d)?;
+    /// Moves staged payloads (durable already) into the blob store, then makes the new
+    /// names durable with one `syncfs`. Digests already in the store are skipped.
+    pub fn commit_staged<'a>(
+        &self,
+        digests: impl IntoIterator<Item = &'a Sha256>,
+    ) -> anyhow::Result<()> {
+        let mut moved = false;
+        for d in digests {
+            let staged = self.staged_path(d);
+            if staged.exists() {
+                let dest = self.blob_path(d);
+                let dir = dest.parent().expect("blob paths have a parent");
+                ctx(fs::create_dir_all(dir), "cannot create", dir)?;
+                ctx(fs::rename(&staged, &dest), "cannot move blob into", &dest)?;
+                moved = true;
+            }
+        }
+        if moved {
+            ctx(sync_fs(&self.root), "cannot sync", &self.root)?;
         }
         Ok(())
-    }
-
-    /// Moves a verified, fsynced file into the blob store under its hash.
-    pub fn commit_blob(&self, file: &Path, d: &Sha256) -> anyhow::Result<()> {
-        let dest = self.blob_path(d);
-        let dir = dest.parent().expect("blob paths have a parent");
-        ctx(fs::create_dir_all(dir), "cannot create", dir)?;
-        ctx(fs::rename(file, &dest), "cannot move blob into", &dest)?;
-        ctx(fsync_dir(dir), "cannot sync", dir)
     }
 
     /// Removes leftovers of interrupted runs from `tmp/`, keeping resumable `.part`
@@ -267,9 +281,7 @@ impl Store {
         let meta_path = build.join("maas.meta");
         ctx(fs::write(&meta_path, meta), "cannot write", &meta_path)?;
         // Make the tree durable before it becomes reachable.
-        for dir in dirs.iter().chain(std::iter::once(&build)) {
-            ctx(fsync_dir(dir), "cannot sync", dir)?;
-        }
+        ctx(sync_fs(&build), "cannot sync", &build)?;
         let dest = self.snapshot_dir(manifest.generation);
         ctx(fs::rename(&build, &dest), "cannot move snapshot to", &dest)?;
         let snapshots = self.root.join("snapshots");

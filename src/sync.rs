@@ -594,9 +594,7 @@ pub async fn run(
         metadata.insert(path.clone(), d);
     }
     // Everything verified: move staged payloads into the blob store.
-    for d in &blobs {
-        store.commit_staged(d)?;
-    }
+    store.commit_staged(&blobs)?;
     let generation = store.next_generation(state.generation);
     let manifest = Manifest {
         generation,

@@ -207,6 +207,15 @@ fn per_mac_configs_defaults_and_local_boot() {
         i.contains("/images/ubuntu/arm64/generic/noble/stable/boot-kernel "),
         "{i}"
     );
+    // iPXE percent-encodes the `:` of `${mac}` in URLs.
+    let (code, body) = s.get("/ipxe.cfg-52%3A54%3A00%3A00%3A00%3A01?arch=i386");
+    assert_eq!(code, 200);
+    let i = String::from_utf8(body).unwrap();
+    assert!(
+        i.contains("/images/ubuntu/amd64/generic/noble/stable/boot-kernel ")
+            && i.contains("rackboot.test=one"),
+        "{i}"
+    );
     let (code, body) = s.get("/ipxe.cfg-default-x86_64");
     assert_eq!(code, 200);
     let i = String::from_utf8(body).unwrap();

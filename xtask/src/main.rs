@@ -4,10 +4,12 @@
 //! - `demo`          README command one: a signed demo stream, rackboot syncing it
 //! - `demo-stream D` build the signed demo SimpleStreams tree into D
 //! - `bench [tftp|http]` rackboot against tftpd-hpa, atftpd, dnsmasq and nginx
+//! - `netboot [MODE…]` QEMU VMs (BIOS, UEFI amd64/arm64, iPXE) netboot from rackboot
 
 mod bench;
 mod demo;
 mod demo_stream;
+mod netboot;
 mod prereq;
 mod test;
 mod tftpload;
@@ -15,7 +17,7 @@ mod tftpload;
 use std::path::PathBuf;
 
 fn usage() -> ! {
-    eprintln!("usage: cargo xtask <test | demo | demo-stream DIR | bench [tftp] [http]>");
+    eprintln!("usage: cargo xtask <test | demo | demo-stream DIR | bench [tftp] [http] | netboot [MODE...] [--keep]>");
     std::process::exit(2);
 }
 
@@ -27,6 +29,7 @@ fn main() -> anyhow::Result<()> {
         "test" => test::run(rest),
         "bench" => bench::run(rest),
         "demo" => demo::run(rest),
+        "netboot" => netboot::run(rest),
         "demo-stream" => {
             let Some(dir) = rest.first() else { usage() };
             let summary = demo_stream::build(&PathBuf::from(dir))?;

@@ -1,5 +1,6 @@
-//! `cargo xtask test`: the README's test command. Installs what the tests need, then
-//! runs the format check, clippy with warnings denied, and every test of the workspace.
+//! `cargo xtask test [--quick]`: the README's test command. Installs what the tests
+//! need, then runs the format check, clippy with warnings denied, every test of the
+//! workspace, and the QEMU netboot harness (all modes; `--quick` leaves it out).
 
 use anyhow::{bail, Context, Result};
 
@@ -8,7 +9,8 @@ use crate::prereq::{self, cmd};
 /// Debian packages the test suite drives (real clients, fixtures, firmware).
 pub const TEST_DEBS: &[&str] = &["curl", "gnupg", "atftp", "tftp-hpa", "xz-utils", "cpio"];
 
-pub fn run(_args: &[String]) -> Result<()> {
+pub fn run(args: &[String]) -> Result<()> {
+    let quick = args.iter().any(|a| a == "--quick");
     let root = crate::root();
     prereq::ensure_debs(TEST_DEBS)?;
     // The real Ubuntu cloud-image keyring comes from bookworm-backports.
@@ -27,7 +29,23 @@ pub fn run(_args: &[String]) -> Result<()> {
             "warnings",
         ],
     )?;
-    cargo_test(&["test", "--workspace", "--no-fail-fast"])
+    let tests = cargo_test(&["test", "--workspace", "--no-fail-fast"]);
+    // Real firmware booting from rackboot (runs even when a test failed, so one run
+    // shows everything that is wrong).
+    let netboot = if quick {
+        Ok(())
+    } else {
+        crate::netboot::run(&[])
+    };
+    let failures: Vec<String> = [tests.err(), netboot.err()]
+        .into_iter()
+        .flatten()
+        .map(|e| format!("{e:#}"))
+        .collect();
+    if !failures.is_empty() {
+        bail!("{}", failures.join("; "));
+    }
+    Ok(())
 }
 
 /// Runs `cargo test`, passing its output through, and ends with one plain

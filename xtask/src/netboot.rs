@@ -1,0 +1,786 @@
+//! `cargo xtask netboot [MODE...] [--keep]`: real firmware boots from rackboot.
+//!
+//! In a private network namespace (`rbnb-<pid>`): a bridge with the rack's address,
+//! one tap per VM, dnsmasq as DHCP only (boot file by client architecture, option 93;
+//! the HTTP boot URL and vendor class `HTTPClient` for HTTP-boot clients), tcpdump,
+//! and the real rackboot binary serving the signed demo stream on TFTP 69 and HTTP
+//! 5248. Every VM has its own MAC, set up with `rackboot machines set` to a kernel
+//! parameter that only that MAC gets; its initramfs prints the marker line with
+//! `/proc/cmdline`, and the mode passes when that line carries the parameter.
+//!
+//! Modes:
+//! - `bios-tftp`       SeaBIOS PXE → pxelinux.0 (TFTP only) → kernel/initrd over TFTP
+//! - `bios-http`       SeaBIOS PXE → lpxelinux.0 → kernel/initrd over HTTP
+//! - `ipxe`            the NIC's iPXE → `ipxe.cfg` (TFTP) → per-MAC script over HTTP
+//! - `uefi-amd64-tftp` OVMF PXE → shim → signed GRUB → `insmod http` → HTTP
+//! - `uefi-amd64-http` OVMF HTTP boot → GRUB (HTTP) → kernel/initrd over HTTP
+//! - `uefi-arm64-tftp` AAVMF PXE → shim → signed GRUB → kernel/initrd
+//! - `uefi-arm64-http` AAVMF HTTP boot → GRUB (HTTP) → kernel/initrd over HTTP
+//!
+//! KVM is used for amd64 when a short probe boot reaches the marker with it; TCG
+//! otherwise (arm64 is always TCG here). Every wait has a timeout. Serial logs,
+//! rackboot's and dnsmasq's logs and a pcap stay under `target/netboot/` when a mode
+//! fails (or with `--keep`). The namespace and every process are removed on every
+//! exit path: processes by PID (and by parent-death signal if xtask itself dies),
+//! the namespace by name, and stale namespaces of dead runs at the next start.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::demo_stream::MARKER;
+use crate::prereq::{self, cmd, output};
+
+/// The rack's address on the bridge, and the DHCP range for the VMs.
+const RACK_IP: &str = "10.77.0.1";
+const HTTP_PORT: u16 = 5248;
+
+/// Packages the harness drives (QEMU from bookworm-backports: the machine's
+/// qemu-utils comes from there and conflicts with bookworm's qemu-system-common).
+const DEBS: &[&str] = &[
+    "ovmf",
+    "qemu-efi-aarch64",
+    "ipxe-qemu",
+    "seabios",
+    "dnsmasq-base",
+    "iproute2",
+    "tcpdump",
+    "util-linux",
+];
+const BACKPORTS_DEBS: &[&str] = &["qemu-system-x86", "qemu-system-arm"];
+
+/// How long one VM may take to reach its marker (TCG on 2 cores, two VMs at once).
+const MODE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long the KVM probe may take.
+const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(45);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Firmware {
+    SeaBios,
+    Ovmf,
+    Aavmf,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Mode {
+    name: &'static str,
+    firmware: Firmware,
+    /// UEFI HTTP boot (PXE disabled in the firmware, so it goes straight to HTTP).
+    http_boot: bool,
+    /// A dnsmasq tag for this VM's MAC (for the BIOS modes that share client arch 0).
+    tag: Option<&'static str>,
+    what: &'static str,
+}
+
+const MODES: &[Mode] = &[
+    Mode {
+        name: "bios-tftp",
+        firmware: Firmware::SeaBios,
+        http_boot: false,
+        tag: Some("pxetftp"),
+        what: "BIOS PXE, pxelinux.0, kernel over TFTP",
+    },
+    Mode {
+        name: "bios-http",
+        firmware: Firmware::SeaBios,
+        http_boot: false,
+        tag: None,
+        what: "BIOS PXE, lpxelinux.0, kernel over HTTP",
+    },
+    Mode {
+        name: "ipxe",
+        firmware: Firmware::SeaBios,
+        http_boot: false,
+        tag: Some("ipxemode"),
+        what: "iPXE chainload: ipxe.cfg, per-MAC script over HTTP",
+    },
+    Mode {
+        name: "uefi-amd64-tftp",
+        firmware: Firmware::Ovmf,
+        http_boot: false,
+        tag: None,
+        what: "OVMF PXE, shim + signed GRUB over TFTP",
+    },
+    Mode {
+        name: "uefi-amd64-http",
+        firmware: Firmware::Ovmf,
+        http_boot: true,
+        tag: None,
+        what: "OVMF UEFI HTTP boot, GRUB over HTTP",
+    },
+    Mode {
+        name: "uefi-arm64-tftp",
+        firmware: Firmware::Aavmf,
+        http_boot: false,
+        tag: None,
+        what: "AAVMF PXE, shim + signed GRUB over TFTP",
+    },
+    Mode {
+        name: "uefi-arm64-http",
+        firmware: Firmware::Aavmf,
+        http_boot: true,
+        tag: None,
+        what: "AAVMF UEFI HTTP boot, GRUB over HTTP",
+    },
+];
+
+/// A child process killed by PID on drop; with a parent-death signal so it also dies
+/// when xtask does.
+struct Proc {
+    child: Child,
+    what: String,
+}
+
+impl Proc {
+    fn spawn(what: &str, program: &str, args: &[&str], log: &Path) -> Result<Proc> {
+        let out =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let child = Command::new("setpriv")
+            .args(["--pdeathsig", "KILL", "--", program])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("cannot start {what} ({program})"))?;
+        Ok(Proc {
+            child,
+            what: what.to_string(),
+        })
+    }
+
+    /// Whether it has exited (and how).
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// The private network namespace, deleted (with its bridge and taps) on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn create(name: &str) -> Result<Netns> {
+        cmd("ip", &["netns", "add", name])?;
+        let ns = Netns {
+            name: name.to_string(),
+        };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        ns.ip(&["link", "add", "br0", "type", "bridge"])?;
+        ns.ip(&["addr", "add", &format!("{RACK_IP}/24"), "dev", "br0"])?;
+        ns.ip(&["link", "set", "br0", "up"])?;
+        Ok(ns)
+    }
+
+    fn ip(&self, args: &[&str]) -> Result<()> {
+        let mut full = vec!["netns", "exec", &self.name, "ip"];
+        full.extend_from_slice(args);
+        cmd("ip", &full)
+    }
+
+    fn add_tap(&self, tap: &str) -> Result<()> {
+        self.ip(&["tuntap", "add", tap, "mode", "tap"])?;
+        self.ip(&["link", "set", tap, "master", "br0"])?;
+        self.ip(&["link", "set", tap, "up"])
+    }
+
+    /// Starts `program` inside the namespace.
+    fn spawn(&self, what: &str, program: &str, args: &[&str], log: &Path) -> Result<Proc> {
+        let mut full = vec![
+            "netns",
+            "exec",
+            &self.name,
+            "setpriv",
+            "--pdeathsig",
+            "KILL",
+            "--",
+            program,
+        ];
+        full.extend_from_slice(args);
+        let out =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let child = Command::new("ip")
+            .args(&full)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("cannot start {what} ({program}) in {}", self.name))?;
+        Ok(Proc {
+            child,
+            what: what.to_string(),
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Deletes namespaces left by runs whose xtask process is gone.
+fn sweep_stale_namespaces() {
+    let Ok(list) = output("ip", &["netns", "list"]) else {
+        return;
+    };
+    for line in list.lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        if let Some(pid) = name.strip_prefix("rbnb-") {
+            if pid.parse::<u32>().is_ok() && !Path::new(&format!("/proc/{pid}")).exists() {
+                eprintln!("removing the stale namespace {name}");
+                let _ = Command::new("ip").args(["netns", "del", name]).status();
+            }
+        }
+    }
+}
+
+/// One look at `path`: `Some(Ok(line))` once a line holds `needle`, `Some(Err)` when
+/// a failure pattern shows up, the process exited or `limit` passed since `started`,
+/// `None` to keep waiting.
+fn poll_line(
+    path: &Path,
+    needle: &str,
+    fail: &[&str],
+    proc: &mut Proc,
+    started: Instant,
+    limit: Duration,
+) -> Option<Result<String>> {
+    let read = || String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned();
+    let found = |text: &str| {
+        text.lines()
+            .find(|l| l.contains(needle))
+            .map(|l| l.trim().to_string())
+    };
+    let text = read();
+    if let Some(line) = found(&text) {
+        return Some(Ok(line));
+    }
+    if let Some(f) = fail.iter().find(|f| text.contains(*f)) {
+        return Some(Err(anyhow::anyhow!("{} printed {f:?}", proc.what)));
+    }
+    if let Some(status) = proc.exited() {
+        // One last read: the line may have landed as it exited.
+        return Some(found(&read()).ok_or_else(|| {
+            anyhow::anyhow!("{} exited ({status}) before printing {needle:?}", proc.what)
+        }));
+    }
+    if started.elapsed() > limit {
+        return Some(Err(anyhow::anyhow!(
+            "{} did not print {needle:?} within {} s",
+            proc.what,
+            limit.as_secs()
+        )));
+    }
+    None
+}
+
+/// Waits (bounded by `limit`) for a line holding `needle` in `path`.
+fn wait_for_line(
+    path: &Path,
+    needle: &str,
+    fail: &[&str],
+    proc: &mut Proc,
+    limit: Duration,
+) -> Result<String> {
+    let started = Instant::now();
+    loop {
+        if let Some(r) = poll_line(path, needle, fail, proc, started, limit) {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn mac_of(i: usize) -> String {
+    format!("52:54:00:77:00:{:02x}", i + 1)
+}
+
+fn dnsmasq_config(dir: &Path, macs: &[(Mode, String)]) -> String {
+    let mut c = String::new();
+    let http = format!("http://{RACK_IP}:{HTTP_PORT}");
+    let _ = write!(
+        c,
+        "port=0
+interface=br0
+bind-interfaces
+log-facility=-
+log-dhcp
+dhcp-range=10.77.0.100,10.77.0.200,255.255.255.0,1h
+dhcp-leasefile={leases}
+dhcp-match=set:bios,option:client-arch,0
+dhcp-match=set:efi64,option:client-arch,7
+dhcp-match=set:efi64,option:client-arch,9
+dhcp-match=set:efiarm,option:client-arch,11
+dhcp-match=set:efi64http,option:client-arch,16
+dhcp-match=set:efiarmhttp,option:client-arch,19
+dhcp-userclass=set:ipxe,iPXE
+dhcp-boot=tag:bios,tag:!pxetftp,tag:!ipxemode,pxelinux.0,,{RACK_IP}
+dhcp-boot=tag:bios,tag:pxetftp,bootloader/pxe/i386/pxelinux.0,,{RACK_IP}
+dhcp-boot=tag:ipxe,tag:ipxemode,ipxe.cfg,,{RACK_IP}
+dhcp-boot=tag:efi64,bootx64.efi,,{RACK_IP}
+dhcp-boot=tag:efiarm,bootaa64.efi,,{RACK_IP}
+dhcp-option-force=tag:efi64http,60,HTTPClient
+dhcp-boot=tag:efi64http,{http}/bootloader/uefi/amd64/grubhttpx64.efi
+dhcp-option-force=tag:efiarmhttp,60,HTTPClient
+dhcp-boot=tag:efiarmhttp,{http}/bootloader/uefi/arm64/grubhttpaa64.efi
+",
+        leases = dir.join("dnsmasq.leases").display(),
+    );
+    for (mode, mac) in macs {
+        if let Some(tag) = mode.tag {
+            let _ = writeln!(c, "dhcp-host={mac},set:{tag}");
+        }
+    }
+    c
+}
+
+fn rackboot_config(stream: &Path, state: &Path) -> String {
+    format!(
+        r#"state_dir = "{state}"
+
+[sync]
+auto = false
+
+[tftp]
+listen = ["{RACK_IP}:69"]
+
+[http]
+listen = ["{RACK_IP}:{HTTP_PORT}"]
+
+[boot]
+default_image = "debian/bookworm"
+kernel_params = "panic=-1"
+
+[[sources]]
+url = "file://{stream}/"
+keyring_filename = "{stream}/keyring.gpg"
+
+[[sources.selections]]
+os = "debian"
+release = "bookworm"
+arches = ["amd64", "arm64"]
+"#,
+        state = state.display(),
+        stream = stream.display(),
+    )
+}
+
+/// The QEMU command line of a mode (run inside the namespace).
+fn qemu_args(
+    mode: &Mode,
+    mac: &str,
+    tap: &str,
+    serial: &Path,
+    vars: &Path,
+    kvm: bool,
+) -> (String, Vec<String>) {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |v: &[&str]| a.extend(v.iter().map(|s| s.to_string()));
+    let nic_rom = match mode.firmware {
+        // SeaBIOS boots through the NIC's iPXE option ROM; UEFI firmware uses its
+        // own virtio-net driver and network stack.
+        Firmware::SeaBios => String::new(),
+        _ => ",romfile=".to_string(),
+    };
+    let accel = if kvm { "kvm" } else { "tcg" };
+    let program = match mode.firmware {
+        Firmware::SeaBios => {
+            push(&[
+                "-machine",
+                &format!("pc,accel={accel}"),
+                "-m",
+                "512",
+                "-boot",
+                "n",
+            ]);
+            "qemu-system-x86_64"
+        }
+        Firmware::Ovmf => {
+            push(&["-machine", &format!("q35,accel={accel}"), "-m", "1024"]);
+            push(&[
+                "-drive",
+                "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+            ]);
+            push(&[
+                "-drive",
+                &format!("if=pflash,format=raw,file={}", vars.display()),
+            ]);
+            "qemu-system-x86_64"
+        }
+        Firmware::Aavmf => {
+            push(&["-machine", "virt,accel=tcg", "-cpu", "max", "-m", "1024"]);
+            push(&[
+                "-drive",
+                "if=pflash,format=raw,readonly=on,file=/usr/share/AAVMF/AAVMF_CODE.fd",
+            ]);
+            push(&[
+                "-drive",
+                &format!("if=pflash,format=raw,file={}", vars.display()),
+            ]);
+            "qemu-system-aarch64"
+        }
+    };
+    if mode.http_boot {
+        push(&["-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=n"]);
+        push(&["-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=n"]);
+    }
+    push(&[
+        "-nographic",
+        "-no-reboot",
+        "-monitor",
+        "none",
+        "-serial",
+        &format!("file:{}", serial.display()),
+        "-netdev",
+        &format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
+        "-device",
+        &format!("virtio-net-pci,netdev=n0,mac={mac}{nic_rom}"),
+    ]);
+    (program.to_string(), a)
+}
+
+/// Whether KVM boots a guest here: a direct kernel boot of the demo kernel and
+/// initramfs must reach the marker (on this machine kind /dev/kvm exists but guests
+/// hang, so the device alone proves nothing).
+fn kvm_works(snapshot: &Path, dir: &Path) -> bool {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        return false;
+    }
+    let img = snapshot.join("debian/amd64/generic/bookworm/stable");
+    let serial = dir.join("kvm-probe.serial");
+    let (kernel, initrd) = (img.join("boot-kernel"), img.join("boot-initrd"));
+    let args = [
+        "-machine",
+        "pc,accel=kvm",
+        "-m",
+        "512",
+        "-nographic",
+        "-no-reboot",
+        "-monitor",
+        "none",
+        "-serial",
+        &format!("file:{}", serial.display()),
+        "-net",
+        "none",
+        "-kernel",
+        kernel.to_str().unwrap_or(""),
+        "-initrd",
+        initrd.to_str().unwrap_or(""),
+        "-append",
+        "console=ttyS0,115200 panic=-1",
+    ];
+    let Ok(mut p) = Proc::spawn(
+        "KVM probe",
+        "qemu-system-x86_64",
+        &args,
+        &dir.join("kvm-probe.log"),
+    ) else {
+        return false;
+    };
+    let ok = wait_for_line(&serial, MARKER, &[], &mut p, KVM_PROBE_TIMEOUT).is_ok();
+    drop(p);
+    ok
+}
+
+struct Outcome {
+    mode: Mode,
+    accel: &'static str,
+    result: Result<(Duration, String)>,
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    let keep = args.iter().any(|a| a == "--keep");
+    let wanted: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    for w in &wanted {
+        if !MODES.iter().any(|m| m.name == *w) {
+            bail!(
+                "unknown netboot mode {w:?} (modes: {})",
+                MODES.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
+            );
+        }
+    }
+    let modes: Vec<Mode> = MODES
+        .iter()
+        .filter(|m| wanted.is_empty() || wanted.contains(&m.name))
+        .copied()
+        .collect();
+
+    prereq::ensure_debs(DEBS)?;
+    prereq::ensure_backports_debs(BACKPORTS_DEBS)?;
+    sweep_stale_namespaces();
+
+    let root = crate::root();
+    let base = root.join("target/netboot");
+    std::fs::create_dir_all(&base)?;
+    let dir = base.join(format!("run-{}", std::process::id()));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    let stream = base.join("stream");
+    let summary = crate::demo_stream::build(&stream)?;
+    eprintln!("{summary}");
+    std::env::set_current_dir(&root)?;
+    cmd("cargo", &["build", "--bin", "rackboot"])?;
+    let bin = root.join("target/debug/rackboot");
+    let bin = bin.to_str().context("utf-8 path")?.to_string();
+
+    let state = dir.join("state");
+    let config = dir.join("rackboot.toml");
+    std::fs::write(&config, rackboot_config(&stream, &state))?;
+    let config = config.to_str().context("utf-8 path")?.to_string();
+    let rb = |args: &[&str]| -> Result<()> {
+        let mut full = vec!["--config", config.as_str()];
+        full.extend_from_slice(args);
+        cmd(&bin, &full)
+    };
+    rb(&["sync"])?;
+
+    // A parameter only each VM's MAC gets: the marker must carry it.
+    let token = format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+            ^ u64::from(std::process::id())
+    );
+    let macs: Vec<(Mode, String)> = modes
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (*m, mac_of(i)))
+        .collect();
+    let mut expected = Vec::new();
+    for (mode, mac) in &macs {
+        let console = match mode.firmware {
+            Firmware::Aavmf => "console=ttyAMA0",
+            _ => "console=ttyS0,115200",
+        };
+        let param = format!("rackboot.netboot={}-{token}", mode.name);
+        rb(&[
+            "machines",
+            "set",
+            mac,
+            &format!("kernel_params={console} {param}"),
+        ])?;
+        expected.push(param);
+    }
+
+    let kvm = kvm_works(&state.join("current"), &dir);
+    eprintln!(
+        "KVM: {}",
+        if kvm {
+            "works, used for amd64"
+        } else {
+            "not usable, TCG for all"
+        }
+    );
+
+    let ns = Netns::create(&format!("rbnb-{}", std::process::id()))?;
+    let _tcpdump = ns.spawn(
+        "tcpdump",
+        "tcpdump",
+        &[
+            "-i",
+            "br0",
+            "-U",
+            "-s",
+            "512",
+            "-w",
+            dir.join("netboot.pcap").to_str().context("utf-8")?,
+        ],
+        &dir.join("tcpdump.log"),
+    )?;
+    let mut serve = ns.spawn(
+        "rackboot serve",
+        &bin,
+        &["--config", &config, "serve"],
+        &dir.join("rackboot.log"),
+    )?;
+    wait_for_line(
+        &dir.join("rackboot.log"),
+        "listening for HTTP",
+        &[],
+        &mut serve,
+        Duration::from_secs(30),
+    )?;
+    std::fs::write(dir.join("dnsmasq.conf"), dnsmasq_config(&dir, &macs))?;
+    let mut dnsmasq = ns.spawn(
+        "dnsmasq",
+        "dnsmasq",
+        &[
+            "--keep-in-foreground",
+            &format!("--conf-file={}", dir.join("dnsmasq.conf").display()),
+        ],
+        &dir.join("dnsmasq.log"),
+    )?;
+    wait_for_line(
+        &dir.join("dnsmasq.log"),
+        "DHCP, sockets bound",
+        &[],
+        &mut dnsmasq,
+        Duration::from_secs(30),
+    )?;
+
+    // Two VMs at a time (the machine has two cores); the next starts as one ends.
+    const PARALLEL: usize = 2;
+    struct Vm {
+        mode: Mode,
+        param: String,
+        serial: std::path::PathBuf,
+        proc: Proc,
+        started: Instant,
+        accel: &'static str,
+    }
+    let mut queue = macs.iter().zip(&expected).enumerate();
+    let mut running: Vec<Vm> = Vec::new();
+    let mut outcomes: Vec<Outcome> = Vec::new();
+    loop {
+        while running.len() < PARALLEL {
+            let Some((i, ((mode, mac), param))) = queue.next() else {
+                break;
+            };
+            let tap = format!("tap{i}");
+            ns.add_tap(&tap)?;
+            let serial = dir.join(format!("{}.serial", mode.name));
+            let vars = dir.join(format!("{}.vars.fd", mode.name));
+            match mode.firmware {
+                Firmware::Ovmf => {
+                    std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).map(|_| ())?
+                }
+                Firmware::Aavmf => {
+                    std::fs::copy("/usr/share/AAVMF/AAVMF_VARS.fd", &vars).map(|_| ())?
+                }
+                Firmware::SeaBios => {}
+            }
+            let use_kvm = kvm && mode.firmware != Firmware::Aavmf;
+            let (program, args) = qemu_args(mode, mac, &tap, &serial, &vars, use_kvm);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            eprintln!("starting {} ({}), MAC {mac}", mode.name, mode.what);
+            let proc = ns.spawn(
+                mode.name,
+                &program,
+                &args,
+                &dir.join(format!("{}.qemu.log", mode.name)),
+            )?;
+            running.push(Vm {
+                mode: *mode,
+                param: param.clone(),
+                serial,
+                proc,
+                started: Instant::now(),
+                accel: if use_kvm { "kvm" } else { "tcg" },
+            });
+        }
+        if running.is_empty() {
+            break;
+        }
+        let mut still = Vec::new();
+        for mut vm in running {
+            let fail = ["grub>", "Kernel panic", "No bootable device"];
+            match poll_line(
+                &vm.serial,
+                MARKER,
+                &fail,
+                &mut vm.proc,
+                vm.started,
+                MODE_TIMEOUT,
+            ) {
+                None => still.push(vm),
+                Some(r) => {
+                    let t = vm.started.elapsed();
+                    let result = r.and_then(|line| {
+                        if line.contains(&vm.param) {
+                            Ok((t, line))
+                        } else {
+                            bail!("the marker line lacks {:?}: {line}", vm.param)
+                        }
+                    });
+                    match &result {
+                        Ok((t, _)) => {
+                            eprintln!("{}: marker after {:.1} s", vm.mode.name, t.as_secs_f64())
+                        }
+                        Err(e) => eprintln!("{}: FAILED: {e:#}", vm.mode.name),
+                    }
+                    outcomes.push(Outcome {
+                        mode: vm.mode,
+                        accel: vm.accel,
+                        result,
+                    });
+                }
+            }
+        }
+        running = still;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(dnsmasq);
+    drop(serve);
+    drop(_tcpdump);
+    drop(ns);
+
+    let mut report = String::new();
+    writeln!(
+        report,
+        "| mode | boot path | accel | result | time to marker |"
+    )?;
+    writeln!(report, "|---|---|---|---|---|")?;
+    for o in &outcomes {
+        let (res, t) = match &o.result {
+            Ok((t, _)) => ("ok".to_string(), format!("{:.1} s", t.as_secs_f64())),
+            Err(e) => (format!("FAILED: {e:#}"), "-".into()),
+        };
+        writeln!(
+            report,
+            "| {} | {} | {} | {res} | {t} |",
+            o.mode.name, o.mode.what, o.accel
+        )?;
+    }
+    println!("\n{report}");
+    std::fs::write(base.join("report.md"), &report)?;
+    let failed: Vec<&str> = outcomes
+        .iter()
+        .filter(|o| o.result.is_err())
+        .map(|o| o.mode.name)
+        .collect();
+    if failed.is_empty() {
+        if !keep {
+            std::fs::remove_dir_all(&dir)?;
+        } else {
+            println!("logs kept in {}", dir.display());
+        }
+        println!("netboot: {} modes reached their marker", outcomes.len());
+        Ok(())
+    } else {
+        bail!(
+            "netboot: {} failed ({}); serial logs, rackboot.log, dnsmasq.log and netboot.pcap are in {}",
+            failed.len(),
+            failed.join(", "),
+            dir.display()
+        )
+    }
+}
