@@ -611,3 +611,93 @@ fn config_errors_exit_2_naming_the_key_or_file() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
 }
+
+/// A MAAS region's `images-stream` (classic rack sync source): unsigned
+/// `…/MAAS/images-stream/streams/v1/index.json`, content id `maas:v2:download`,
+/// products named `maas:boot:<os>:<arch>:<subarch>:<series>`, bootloaders with the
+/// bootloader type as their series and subarch `generic`, item paths
+/// `<os>/<arch>/<subarch>/<series>/<version>/<file>`.
+#[test]
+fn maas_region_images_stream_syncs_unsigned() {
+    let env = Env::new();
+    let key = TestKey::generate();
+    let region = env.mirror.join("MAAS/images-stream");
+    let mut products = Vec::new();
+    for arch in ["amd64", "arm64"] {
+        let mut p = image("noble", arch, "20261101", 32 << 10);
+        p.content_id = "maas:v2:download".into();
+        p.name = format!("maas:boot:ubuntu:{arch}:ga-24.04:noble");
+        p.fields.insert("title".into(), "Ubuntu 24.04 LTS".into());
+        for items in p.versions.values_mut() {
+            for it in items.iter_mut() {
+                let file = it.path.rsplit('/').next().unwrap().to_string();
+                it.path = format!("ubuntu/{arch}/ga-24.04/noble/20261101/{file}");
+            }
+        }
+        products.push(p);
+    }
+    for mut b in bootloaders("20210819.0") {
+        let btype = b.fields["bootloader-type"].as_str().unwrap().to_string();
+        let (os, arch) = (
+            b.fields["os"].as_str().unwrap().to_string(),
+            b.fields["arch"].as_str().unwrap().to_string(),
+        );
+        b.content_id = "maas:v2:download".into();
+        b.name = format!("maas:boot:{os}:{arch}:generic:{btype}");
+        b.fields.insert("subarch".into(), "generic".into());
+        b.fields.insert("release".into(), btype.clone().into());
+        for items in b.versions.values_mut() {
+            for it in items.iter_mut() {
+                let file = it.path.rsplit('/').next().unwrap().to_string();
+                it.path = format!("{os}/{arch}/generic/{btype}/20210819.0/{file}");
+            }
+        }
+        products.push(b);
+    }
+    write_stream(&region, &products, &key, SHA512);
+    let server = MirrorServer::start(&env.mirror);
+    std::fs::write(
+        &env.config,
+        format!(
+            r#"state_dir = "{state}"
+
+[[sources]]
+url = "{url}MAAS/images-stream/streams/v1/index.json"
+unsigned = true
+
+[[sources.selections]]
+os = "ubuntu"
+release = "noble"
+arches = ["amd64", "arm64"]
+"#,
+            state = env.state.display(),
+            url = server.url()
+        ),
+    )
+    .unwrap();
+    let out = env.ok(&["sync"]);
+    assert!(out.contains("synced: generation 1"), "{out}");
+    // (The first two products are the images; the region gives bootloaders a release.)
+    assert_current_matches(&env, &products[..2], &["amd64", "arm64"]);
+    let cur = env.current();
+    assert_eq!(
+        std::fs::read(cur.join("pxelinux.0")).unwrap(),
+        b"lpxelinux-bios-http"
+    );
+    assert_eq!(
+        std::fs::read(cur.join("bootx64.efi")).unwrap(),
+        payload(3, 5000)
+    );
+    // Unsigned: the plain index was read, never the .sjson.
+    let paths: Vec<String> = server.requests().iter().map(|r| r.path.clone()).collect();
+    assert!(
+        paths.iter().any(|p| p.ends_with("/streams/v1/index.json")),
+        "{paths:?}"
+    );
+    assert!(!paths.iter().any(|p| p.ends_with(".sjson")), "{paths:?}");
+    // And the no-op sync stays one conditional request.
+    server.clear_log();
+    let out = env.ok(&["sync"]);
+    assert!(out.contains("up to date"), "{out}");
+    assert_eq!(server.requests().len(), 1);
+}
