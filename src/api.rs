@@ -98,12 +98,14 @@ async fn route(d: Arc<Daemon>, req: Request<Incoming>, _peer: SocketAddr) -> Res
     }
     let static_path = rel.strip_prefix("images/").unwrap_or(rel);
     // Boot configs rendered per request, with URLs for the host the client used.
-    let here = crate::bootserve::Here::from_host(
-        headers
-            .get(hyper::header::HOST)
-            .and_then(|h| h.to_str().ok()),
-        d.http_port(),
-    );
+    let host = headers
+        .get(hyper::header::HOST)
+        .and_then(|h| h.to_str().ok());
+    let port = match host.and_then(crate::bootserve::host_ip) {
+        Some(ip) => d.http_port_for(ip),
+        None => d.http_port_for(std::net::Ipv4Addr::UNSPECIFIED.into()),
+    };
+    let here = crate::bootserve::Here::from_host(host, port);
     let dynamic_path = decoded.strip_prefix("images/").unwrap_or(&decoded);
     match crate::bootserve::dynamic(&d, &snap, dynamic_path, req.uri().query(), true, &here) {
         crate::bootserve::Dynamic::Text(text) => {

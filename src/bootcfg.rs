@@ -258,24 +258,44 @@ impl fmt::Display for Ipxe<'_> {
     }
 }
 
+/// What the ephemeral kernel command line depends on.
+pub struct Ephemeral<'a> {
+    /// URL of the image's root filesystem.
+    pub squashfs: &'a str,
+    pub hostname: &'a str,
+    /// The rack answered over IPv6: the initramfs configures IPv6 by DHCP instead.
+    pub ipv6: bool,
+    /// `os` and `release` of the image (Ubuntu before jammy gets `apparmor=0`).
+    pub os: &'a str,
+    pub release: &'a str,
+}
+
 /// The kernel parameters of an ephemeral boot, as MAAS builds them (without the
 /// cloud-config URL and remote syslog, which need a region), followed by the
-/// configured parameters. `squashfs` is the URL of the image's root filesystem.
-/// The cloud-config snippet is two kernel words, as MAAS writes it.
-pub fn ephemeral_params(squashfs: &str, hostname: &str, extra: &[&str]) -> Vec<String> {
+/// configured parameters. The cloud-config snippet is two kernel words, as MAAS
+/// writes it.
+pub fn ephemeral_params(e: &Ephemeral<'_>, extra: &[&str]) -> Vec<String> {
     let mut p: Vec<String> = vec![
         "nomodeset".into(),
         "ro".into(),
-        format!("root=squash:{squashfs}"),
-        format!("ip=::::{hostname}:BOOTIF"),
-        "ip6=off".into(),
+        format!("root=squash:{}", e.squashfs),
+    ];
+    if e.ipv6 {
+        p.extend(["ip=off".into(), "ip6=dhcp".into()]);
+    } else {
+        p.extend([format!("ip=::::{}:BOOTIF", e.hostname), "ip6=off".into()]);
+    }
+    p.extend([
         "overlayroot=tmpfs".into(),
         "overlayroot_cfgdisk=disabled".into(),
         "cc:{'datasource_list':".into(),
         "['MAAS']}end_cc".into(),
-    ];
-    for e in extra {
-        p.extend(split_params(e));
+    ]);
+    if e.os == "ubuntu" && ["precise", "trusty", "xenial", "bionic", "focal"].contains(&e.release) {
+        p.push("apparmor=0".into());
+    }
+    for x in extra {
+        p.extend(split_params(x));
     }
     p
 }
@@ -316,8 +336,14 @@ mod tests {
         Boot::Image(ImageBoot {
             dir: "debian/amd64/generic/bookworm/stable".into(),
             params: ephemeral_params(
-                "http://10.0.0.1:5248/images/debian/amd64/generic/bookworm/stable/squashfs",
-                "rackboot-525400123456",
+                &Ephemeral {
+                    squashfs:
+                        "http://10.0.0.1:5248/images/debian/amd64/generic/bookworm/stable/squashfs",
+                    hostname: "rackboot-525400123456",
+                    ipv6: false,
+                    os: "debian",
+                    release: "bookworm",
+                },
                 &["console=ttyS0,115200 panic=-1 msg=\"a b\""],
             ),
         })
@@ -331,6 +357,25 @@ mod tests {
         assert_eq!(Mac::parse("5254.00ab.cdef"), Some(m));
         assert_eq!(Mac::parse("52:54:00:ab:cd"), None);
         assert_eq!(Mac::parse("zz:54:00:ab:cd:ef"), None);
+    }
+
+    #[test]
+    fn ipv6_racks_and_old_ubuntu() {
+        let e = |ipv6, release| Ephemeral {
+            squashfs: "http://[fd00::1]:5248/images/x/squashfs",
+            hostname: "h",
+            ipv6,
+            os: "ubuntu",
+            release,
+        };
+        let p = ephemeral_params(&e(true, "focal"), &[]);
+        assert!(p.iter().any(|w| w == "ip=off") && p.iter().any(|w| w == "ip6=dhcp"));
+        assert!(!p.iter().any(|w| w.starts_with("ip=::::")));
+        assert!(p.iter().any(|w| w == "apparmor=0"));
+        let p = ephemeral_params(&e(false, "noble"), &["x=1"]);
+        assert!(p.iter().any(|w| w == "ip=::::h:BOOTIF") && p.iter().any(|w| w == "ip6=off"));
+        assert!(!p.iter().any(|w| w == "apparmor=0"));
+        assert_eq!(p.last().map(String::as_str), Some("x=1"));
     }
 
     #[test]

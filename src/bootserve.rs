@@ -23,7 +23,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::sync::Arc;
 
-use crate::bootcfg::{ephemeral_params, Boot, Grub, ImageBoot, Ipxe, Mac, Pxelinux};
+use crate::bootcfg::{ephemeral_params, Boot, Ephemeral, Grub, ImageBoot, Ipxe, Mac, Pxelinux};
 use crate::daemon::{Daemon, Snapshot};
 use crate::machines::{self, ImageRef};
 use crate::tftp::{from_beneath, OpenError, Resolver, Source};
@@ -81,6 +81,14 @@ impl Here {
     pub fn grub_http_images(&self) -> String {
         format!("(http,{})/images/", self.http_authority)
     }
+}
+
+/// The IP address in a `Host` header (`10.0.0.1:5248`, `[fd00::1]`), if it is one.
+pub fn host_ip(host: &str) -> Option<IpAddr> {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next()?.parse().ok();
+    }
+    host.split(':').next()?.parse().ok()
 }
 
 /// The result of looking at a path: a generated file, a definite "not found", or
@@ -185,7 +193,16 @@ fn boot_for(
     .collect();
     let squashfs = format!("{}{dir}/squashfs", here.http_images());
     Some(Boot::Image(ImageBoot {
-        params: ephemeral_params(&squashfs, &hostname, &extra),
+        params: ephemeral_params(
+            &Ephemeral {
+                squashfs: &squashfs,
+                hostname: &hostname,
+                ipv6: here.http_authority.starts_with('['),
+                os: &image.os,
+                release: &image.release,
+            },
+            &extra,
+        ),
         dir,
     }))
 }
@@ -339,7 +356,7 @@ impl Resolver for TftpResolver {
         let Some(snap) = self.d.current() else {
             return Err(OpenError::NotFound);
         };
-        let here = Here::from_ip(local, self.d.http_port());
+        let here = Here::from_ip(local, self.d.http_port_for(local));
         match dynamic(&self.d, &snap, path, None, false, &here) {
             Dynamic::Text(t) => Ok(Source::Bytes(t.into())),
             Dynamic::NotFound => Err(OpenError::NotFound),
@@ -366,5 +383,8 @@ mod tests {
         assert_eq!(a(Some("rack.example")), "rack.example:5248");
         assert_eq!(a(Some("evil/\"x")), "127.0.0.1:5248");
         assert_eq!(a(None), "127.0.0.1:5248");
+        assert_eq!(host_ip("10.0.0.1:80"), Some("10.0.0.1".parse().unwrap()));
+        assert_eq!(host_ip("[fd00::1]:80"), Some("fd00::1".parse().unwrap()));
+        assert_eq!(host_ip("rack.example"), None);
     }
 }

@@ -94,8 +94,8 @@ pub struct Daemon {
     pub tftp_metrics: Arc<crate::tftp::TftpMetrics>,
     pub http_metrics: Arc<crate::http::HttpMetrics>,
     pub sync_duration_ms_total: AtomicU64,
-    /// The port of the first HTTP listener (for URLs in boot configs).
-    http_port: std::sync::atomic::AtomicU16,
+    /// The HTTP listeners' addresses (for URLs in boot configs).
+    http_addrs: Vec<SocketAddr>,
     /// Snapshots handed out to requests; their generations are not collected while
     /// any request still holds them.
     handed_out: Mutex<Vec<Weak<Snapshot>>>,
@@ -130,8 +130,18 @@ impl Daemon {
             .collect()
     }
 
-    pub fn http_port(&self) -> u16 {
-        self.http_port.load(Ordering::Relaxed)
+    /// The HTTP port to name in URLs for a client that reached us at `local`: that of
+    /// the listener on `local` itself, else of a wildcard listener of its family, else
+    /// the first listener's (5248 with none).
+    pub fn http_port_for(&self, local: std::net::IpAddr) -> u16 {
+        let on = |f: &dyn Fn(&SocketAddr) -> bool| {
+            self.http_addrs.iter().find(|a| f(a)).map(|a| a.port())
+        };
+        on(&|a| a.ip() == local)
+            .or_else(|| on(&|a| a.ip().is_unspecified() && a.is_ipv6() == local.is_ipv6()))
+            .or_else(|| on(&|a| a.ip().is_unspecified()))
+            .or_else(|| self.http_addrs.first().map(|a| a.port()))
+            .unwrap_or(5248)
     }
 
     pub fn status(&self) -> SyncStatus {
@@ -325,12 +335,7 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
         tftp_metrics: Arc::new(crate::tftp::TftpMetrics::default()),
         http_metrics: Arc::new(crate::http::HttpMetrics::default()),
         sync_duration_ms_total: AtomicU64::new(0),
-        http_port: std::sync::atomic::AtomicU16::new(
-            tcp.first()
-                .and_then(|l| l.local_addr().ok())
-                .map(|a| a.port())
-                .unwrap_or(5248),
-        ),
+        http_addrs: tcp.iter().filter_map(|l| l.local_addr().ok()).collect(),
         handed_out: Mutex::new(Vec::new()),
         started: Instant::now(),
     });

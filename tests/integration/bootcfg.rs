@@ -8,6 +8,11 @@ use crate::harness::*;
 use crate::mirror::*;
 
 fn tftp_get(s: &Served, path: &str) -> Option<String> {
+    tftp_get_at(&s.tftp.to_string(), path)
+}
+
+/// Fetches `path` with curl from the TFTP server at `authority` (`host:port`).
+fn tftp_get_at(authority: &str, path: &str) -> Option<String> {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("f");
     let res = run_client(
@@ -18,7 +23,7 @@ fn tftp_get(s: &Served, path: &str) -> Option<String> {
             "10",
             "-o",
             out.to_str().unwrap(),
-            &format!("tftp://{}/{path}", s.tftp),
+            &format!("tftp://{authority}/{path}"),
         ],
         Duration::from_secs(20),
     );
@@ -29,8 +34,9 @@ fn tftp_get(s: &Served, path: &str) -> Option<String> {
     Some(std::fs::read_to_string(&out).unwrap_or_default())
 }
 
-#[test]
-fn per_mac_configs_defaults_and_local_boot() {
+/// A rack with noble amd64 + arm64 images and bootloaders, synced and serving;
+/// `listen` is the `[tftp]`/`[http]` listen list.
+fn rack(listen: &str, extra: &str) -> (Env, MirrorServer, Served) {
     let env = Env::new();
     let key = TestKey::generate();
     key.write_keyring(&env.keyring);
@@ -49,10 +55,19 @@ fn per_mac_configs_defaults_and_local_boot() {
     env.write_config(
         &mirror.url(),
         &["amd64", "arm64"],
-        "auto = false\n[tftp]\nlisten = [\"127.0.0.1:0\"]\n[http]\nlisten = [\"127.0.0.1:0\"]\n[boot]\ndefault_image = \"ubuntu/noble\"\nkernel_params = \"console=ttyS0\"\n[machines.\"52-54-00-00-00-0A\"]\nkernel_params = \"from.config=1\"\n",
+        &format!("auto = false\n[tftp]\nlisten = {listen}\n[http]\nlisten = {listen}\n[boot]\ndefault_image = \"ubuntu/noble\"\nkernel_params = \"console=ttyS0\"\n{extra}"),
     );
     let s = env.serve();
     s.wait_generation(1, Duration::from_secs(60));
+    (env, mirror, s)
+}
+
+#[test]
+fn per_mac_configs_defaults_and_local_boot() {
+    let (env, _mirror, s) = rack(
+        "[\"127.0.0.1:0\"]",
+        "[machines.\"52-54-00-00-00-0A\"]\nkernel_params = \"from.config=1\"\n",
+    );
     env.ok(&[
         "machines",
         "set",
@@ -255,4 +270,48 @@ fn per_mac_configs_defaults_and_local_boot() {
         2,
     );
     assert!(e.contains("image"), "{e}");
+}
+
+#[test]
+fn ipv6_and_host_without_port_name_the_right_address() {
+    let (_env, _mirror, s) = rack("[\"127.0.0.1:0\", \"[::1]:0\"]", "");
+    let log = s.log_text();
+    let v6 = |what: &str| -> String {
+        log.lines()
+            .filter_map(|l| l.split(&format!("listening for {what} on ")).nth(1))
+            .find(|a| a.starts_with("[::1]"))
+            .unwrap_or_else(|| panic!("no IPv6 {what} listener in {log}"))
+            .trim()
+            .to_string()
+    };
+    let (tftp6, http6) = (v6("TFTP"), v6("HTTP"));
+    // Over TFTP on ::1: URLs name [::1] and the IPv6 listener's HTTP port; the
+    // initramfs is told to configure IPv6.
+    let cfg = tftp_get_at(&tftp6, "pxelinux.cfg/default").expect("config over IPv6");
+    assert!(
+        cfg.contains(&format!("KERNEL http://{http6}/images/ubuntu/amd64/")),
+        "{cfg}"
+    );
+    assert!(cfg.contains(" ip=off ip6=dhcp "), "{cfg}");
+    // Over HTTP on ::1 the Host header decides.
+    let (code, body) = curl(&[&format!("http://{http6}/ipxe.cfg-default-amd64")]);
+    assert_eq!(code, 200);
+    let i = String::from_utf8(body).unwrap();
+    assert!(i.contains(&format!("kernel http://{http6}/images/")), "{i}");
+    // GRUB sends Host without a port: the listener's port is used.
+    let (code, body) = curl(&[
+        "-H",
+        "Host: 10.9.8.7",
+        &s.url("/grub/grub.cfg-default-amd64"),
+    ]);
+    assert_eq!(code, 200);
+    let g = String::from_utf8(body).unwrap();
+    assert!(
+        g.contains(&format!(
+            "linux '(http,10.9.8.7:{})/images/ubuntu/amd64/",
+            s.http.port()
+        )),
+        "{g}"
+    );
+    assert!(g.contains("'ip=::::rackboot:BOOTIF'"), "{g}");
 }
