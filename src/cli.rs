@@ -74,6 +74,39 @@ pub enum Command {
     },
     /// Run the rack service: the periodic sync, TFTP and HTTP.
     Serve,
+    /// Mirror a SimpleStreams source into a directory, as sstream-mirror does
+    /// (needs no config). FILTER: key=value, key!=value, key~regex, key!~regex.
+    Mirror {
+        /// Stream root or index URL (http, https, file).
+        #[arg(value_name = "SOURCE")]
+        source: String,
+        /// Output directory.
+        #[arg(value_name = "DEST")]
+        dest: PathBuf,
+        #[arg(value_name = "FILTER")]
+        filters: Vec<String>,
+        /// Keep only the N greatest versions of each product.
+        #[arg(long, value_name = "N")]
+        max: Option<usize>,
+        /// Keep versions the source no longer lists (up to --max).
+        #[arg(long)]
+        keep: bool,
+        /// A progress bar.
+        #[arg(long)]
+        progress: bool,
+        /// Print what would change and write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Keyring to verify a signed (.sjson) source with.
+        #[arg(long, value_name = "FILE")]
+        keyring: Option<PathBuf>,
+        /// Read a signed source without checking signatures.
+        #[arg(long, short = 'U')]
+        no_verify: bool,
+        /// Parallel downloads.
+        #[arg(long, default_value_t = 4)]
+        parallel: usize,
+    },
 }
 
 /// An error that exits with status 2 (bad usage or bad config).
@@ -92,6 +125,9 @@ pub fn settings(cli: &Cli) -> anyhow::Result<Settings> {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Mirror { .. } = &cli.command {
+        return cmd_mirror(&cli).await;
+    }
     let settings = settings(&cli)?;
     match &cli.command {
         Command::Sync { dry_run, no_wait } => cmd_sync(&cli, &settings, *dry_run, !*no_wait).await,
@@ -104,7 +140,63 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let path = config::config_path(cli.config.as_deref());
             crate::daemon::serve(&path, settings).await
         }
+        Command::Mirror { .. } => unreachable!("dispatched above"),
     }
+}
+
+async fn cmd_mirror(cli: &Cli) -> anyhow::Result<()> {
+    let Command::Mirror {
+        source,
+        dest,
+        filters,
+        max,
+        keep,
+        progress,
+        dry_run,
+        keyring,
+        no_verify,
+        parallel,
+    } = &cli.command
+    else {
+        unreachable!("called for mirror only")
+    };
+    if *keep && max.is_none() {
+        return Err(usage("--keep needs --max N"));
+    }
+    let filters = filters
+        .iter()
+        .map(|f| f.parse::<crate::mirror::Filter>().map_err(usage))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let opts = crate::mirror::Options {
+        source: source.clone(),
+        dest: dest.clone(),
+        filters,
+        max: *max,
+        keep: *keep,
+        dry_run: *dry_run,
+        progress: *progress,
+        keyring: keyring.clone(),
+        no_verify: *no_verify,
+        parallel: *parallel,
+        timeout: std::time::Duration::from_secs(60),
+    };
+    let report = crate::mirror::run(&opts).await?;
+    if cli.json {
+        return print_json(&report);
+    }
+    if !dry_run {
+        println!(
+            "mirrored {} into {}: {} files ({}) fetched, {} removed, {} metadata files, {} ms",
+            source,
+            dest.display(),
+            report.fetched_files,
+            human_bytes(report.fetched_bytes),
+            report.removed_files,
+            report.metadata_files,
+            report.elapsed_ms
+        );
+    }
+    Ok(())
 }
 
 async fn cmd_sync(cli: &Cli, settings: &Settings, dry_run: bool, wait: bool) -> anyhow::Result<()> {

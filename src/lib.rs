@@ -29,6 +29,8 @@ pub mod http;
 pub mod machines;
 /// `/metrics` (Prometheus text format).
 pub mod metrics;
+/// `rackboot mirror`: sstream-mirror's job (filters, --max, byte-identical metadata).
+pub mod mirror;
 /// Selection + store contents → what to fetch and the snapshot layout (pure).
 pub mod plan;
 /// Boot-source selections → selected products (pure).

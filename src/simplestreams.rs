@@ -264,8 +264,94 @@ fn inherit(props: &mut Props, obj: &Map<String, Value>) {
     }
 }
 
-/// Parses a `products:1.0` document that the index listed under `content_id`.
-pub fn parse_products(text: &str, content_id: &str) -> Result<Products, ParseError> {
+/// An item as listed, flattened, before any field but its path is required (what a
+/// mirror copies; [`parse_products`] turns these into [`Item`]s).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawItem {
+    pub product_name: String,
+    pub version_name: String,
+    pub item_name: String,
+    pub path: RelPath,
+    /// The flattened record, synthetic keys included.
+    pub props: Props,
+}
+
+impl RawItem {
+    /// A flattened field, `""` when absent.
+    pub fn prop(&self, key: &str) -> &str {
+        self.props.get(key).map(String::as_str).unwrap_or("")
+    }
+
+    fn context(&self) -> String {
+        format!(
+            "product {} version {} item {}",
+            self.product_name, self.version_name, self.item_name
+        )
+    }
+
+    /// The listed size, if any.
+    pub fn size(&self) -> Result<Option<u64>, ParseError> {
+        match self.props.get("size") {
+            None => Ok(None),
+            Some(v) => v.parse().map(Some).map_err(|_| ParseError::Field {
+                context: self.context(),
+                field: "size",
+            }),
+        }
+    }
+
+    /// The strongest listed checksum: sha512, else sha256, else md5 (as
+    /// python-simplestreams prefers them). An item with none is an error.
+    pub fn checksum(&self) -> Result<Checksum, ParseError> {
+        for (field, len, make) in [
+            ("sha512", 64, Checksum::Sha512 as fn(Vec<u8>) -> Checksum),
+            ("sha256", 32, Checksum::Sha256 as fn(Vec<u8>) -> Checksum),
+            ("md5", 16, Checksum::Md5 as fn(Vec<u8>) -> Checksum),
+        ] {
+            if let Some(v) = self.props.get(field) {
+                return match hex::decode(v) {
+                    Ok(b) if b.len() == len => Ok(make(b)),
+                    _ => Err(ParseError::Digest {
+                        context: self.context(),
+                        value: v.clone(),
+                    }),
+                };
+            }
+        }
+        Err(ParseError::Field {
+            context: self.context(),
+            field: "sha512/sha256/md5",
+        })
+    }
+}
+
+/// A payload checksum as listed (raw digest bytes).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Checksum {
+    Sha512(Vec<u8>),
+    Sha256(Vec<u8>),
+    Md5(Vec<u8>),
+}
+
+impl Checksum {
+    pub fn algorithm(&self) -> &'static str {
+        match self {
+            Checksum::Sha512(_) => "sha512",
+            Checksum::Sha256(_) => "sha256",
+            Checksum::Md5(_) => "md5",
+        }
+    }
+
+    pub fn digest(&self) -> &[u8] {
+        match self {
+            Checksum::Sha512(d) | Checksum::Sha256(d) | Checksum::Md5(d) => d,
+        }
+    }
+}
+
+/// Parses a `products:1.0` document that the index listed under `content_id` into
+/// flattened raw items. A single unsafe path rejects the whole document.
+pub fn parse_raw_items(text: &str, content_id: &str) -> Result<Vec<RawItem>, ParseError> {
     let top = parse_json(text)?;
     check_format(&top, "products:1.0")?;
     let found = top.get("content_id").and_then(Value::as_str).unwrap_or("");
@@ -319,39 +405,52 @@ pub fn parse_products(text: &str, content_id: &str) -> Result<Products, ParseErr
                 props.insert("product_name".into(), pname.clone());
                 props.insert("version_name".into(), vname.clone());
                 props.insert("item_name".into(), iname.clone());
-                let path = safe_path(&ictx, item.get("path"))?;
-                let size = item
-                    .get("size")
-                    .and_then(|v| v.as_u64().or_else(|| v.as_str()?.parse().ok()))
-                    .ok_or_else(|| ParseError::Field {
-                        context: ictx.clone(),
-                        field: "size",
-                    })?;
-                let digest = props.get("sha256").ok_or_else(|| ParseError::Field {
-                    context: ictx.clone(),
-                    field: "sha256",
-                })?;
-                let sha256 = digest.parse().map_err(|_| ParseError::Digest {
-                    context: ictx.clone(),
-                    value: digest.clone(),
-                })?;
-                let ftype = props.get("ftype").cloned().ok_or(ParseError::Field {
-                    context: ictx.clone(),
-                    field: "ftype",
-                })?;
-                items.push(Item {
-                    content_id: content_id.to_string(),
+                items.push(RawItem {
                     product_name: pname.clone(),
                     version_name: vname.clone(),
                     item_name: iname.clone(),
-                    ftype,
-                    path,
-                    size,
-                    sha256,
+                    path: safe_path(&ictx, item.get("path"))?,
                     props,
                 });
             }
         }
+    }
+    Ok(items)
+}
+
+/// Parses a `products:1.0` document that the index listed under `content_id`; every
+/// item must list its size, sha256 and ftype (the rack's store is sha256-addressed).
+pub fn parse_products(text: &str, content_id: &str) -> Result<Products, ParseError> {
+    let mut items = Vec::new();
+    for raw in parse_raw_items(text, content_id)? {
+        let ictx = raw.context();
+        let size = raw.size()?.ok_or_else(|| ParseError::Field {
+            context: ictx.clone(),
+            field: "size",
+        })?;
+        let digest = raw.props.get("sha256").ok_or_else(|| ParseError::Field {
+            context: ictx.clone(),
+            field: "sha256",
+        })?;
+        let sha256 = digest.parse().map_err(|_| ParseError::Digest {
+            context: ictx.clone(),
+            value: digest.clone(),
+        })?;
+        let ftype = raw.props.get("ftype").cloned().ok_or(ParseError::Field {
+            context: ictx,
+            field: "ftype",
+        })?;
+        items.push(Item {
+            content_id: content_id.to_string(),
+            product_name: raw.product_name,
+            version_name: raw.version_name,
+            item_name: raw.item_name,
+            ftype,
+            path: raw.path,
+            size,
+            sha256,
+            props: raw.props,
+        });
     }
     Ok(Products {
         content_id: content_id.to_string(),

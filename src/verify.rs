@@ -154,6 +154,31 @@ pub fn accept_unsigned(text: String, _proof: UnsignedSource) -> Verified<String>
     }
 }
 
+/// The text of a clearsigned document *without checking its signature* (what
+/// `rackboot mirror --no-verify` asks for): it must still start with the clearsign
+/// header; armor headers are skipped and dash-escaped lines (`- -…`) unescaped.
+pub fn clearsigned_text(data: &[u8]) -> Result<String, VerifyError> {
+    let text = std::str::from_utf8(data).map_err(|_| VerifyError::NotUtf8)?;
+    let mut lines = text.trim_start().lines();
+    if lines.next().map(str::trim_end) != Some("-----BEGIN PGP SIGNED MESSAGE-----") {
+        return Err(VerifyError::NotClearsigned);
+    }
+    // Armor headers ("Hash: SHA512") end at the first empty line.
+    for line in lines.by_ref() {
+        if line.trim_end().is_empty() {
+            break;
+        }
+    }
+    let mut body = Vec::new();
+    for line in lines {
+        if line.trim_end() == "-----BEGIN PGP SIGNATURE-----" {
+            return Ok(body.join("\n"));
+        }
+        body.push(line.strip_prefix("- ").unwrap_or(line));
+    }
+    Err(VerifyError::Malformed("no signature block".into()))
+}
+
 /// sequoia's standard policy, relaxed for SHA-1 only where certificate self-signatures
 /// need it (see the module docs); the data signature is checked separately.
 fn policy() -> StandardPolicy<'static> {
@@ -296,6 +321,20 @@ pub fn verify_clearsigned(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clearsigned_text_without_verification() {
+        let doc = b"-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA512\n\n{\"a\":\n- -1}\n-----BEGIN PGP SIGNATURE-----\nxx\n-----END PGP SIGNATURE-----\n";
+        assert_eq!(clearsigned_text(doc).unwrap(), "{\"a\":\n-1}");
+        assert!(matches!(
+            clearsigned_text(b"{}"),
+            Err(VerifyError::NotClearsigned)
+        ));
+        assert!(matches!(
+            clearsigned_text(b"-----BEGIN PGP SIGNED MESSAGE-----\n\n{}\n"),
+            Err(VerifyError::Malformed(_))
+        ));
+    }
 
     #[test]
     fn refuses_documents_without_clearsign_header() {

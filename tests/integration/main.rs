@@ -4,5 +4,6 @@
 mod bootcfg;
 mod harness;
 mod mirror;
+mod mirror_cmd;
 mod serve;
 mod sync;
