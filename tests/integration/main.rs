@@ -6,3 +6,4 @@ mod harness;
 mod mirror;
 mod serve;
 mod sync;
+mod tftp;
