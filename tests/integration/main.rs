@@ -3,6 +3,7 @@
 
 mod bootcfg;
 mod harness;
+mod http;
 mod mirror;
 mod serve;
 mod sync;
