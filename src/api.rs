@@ -94,7 +94,7 @@ async fn route(d: Arc<Daemon>, req: Request<Incoming>, _peer: SocketAddr) -> Res
     let decoded = crate::http::files::clean_path(&path).unwrap_or_default();
     if let Some(digest) = snap.manifest.metadata.get(decoded.as_str()) {
         let (files, p) = blob(digest);
-        return files.respond(&method, headers, &p).await;
+        return files.respond_as(&method, headers, &p, Some(rel)).await;
     }
     let static_path = rel.strip_prefix("images/").unwrap_or(rel);
     // Boot configs rendered per request, with URLs for the host the client used.
@@ -125,13 +125,15 @@ async fn route(d: Arc<Daemon>, req: Request<Incoming>, _peer: SocketAddr) -> Res
         crate::bootserve::Dynamic::NotFound => return error(StatusCode::NOT_FOUND, "not found"),
         crate::bootserve::Dynamic::Static => {}
     }
-    let files =
-        StaticFiles::with_fd(snap.dir.clone(), snap.root.clone()).counting(d.http_metrics.clone());
+    // The body keeps the snapshot: its generation is not collected while it is sent.
+    let files = StaticFiles::with_fd(snap.dir.clone(), snap.root.clone())
+        .counting(d.http_metrics.clone())
+        .keeping(snap.clone());
     let resp = files.respond(&method, headers, static_path).await;
     if resp.status() == StatusCode::NOT_FOUND {
         if let Some(digest) = snap.payloads.get(rel) {
             let (files, p) = blob(digest);
-            return files.respond(&method, headers, &p).await;
+            return files.respond_as(&method, headers, &p, Some(rel)).await;
         }
     }
     resp
@@ -254,12 +256,21 @@ fn status_json(d: &Daemon) -> Value {
         .ok()
         .flatten()
         .and_then(|s| s.differs_from_config(&settings));
+    let sources = Sources::current(&settings).unwrap_or_default();
+    let last_success = crate::state::SyncState::load(&settings.state_dir)
+        .ok()
+        .and_then(|s| s.last_success);
     json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_s": d.started.elapsed().as_secs(),
+        "state_dir": settings.state_dir,
         "generation": snap.as_ref().map(|s| s.generation),
         "snapshot_created": snap.as_ref().map(|s| s.created),
         "files": snap.as_ref().map(|s| s.manifest.files.len()).unwrap_or(0),
+        "products": snap.as_ref().map(|s| s.manifest.products.len()).unwrap_or(0),
+        "last_success": last_success,
+        "sources": sources.sources.iter().map(|s| &s.url).collect::<Vec<_>>(),
+        "sync_running": st.running,
         "sync": st,
         "sync_auto": settings.sync.auto,
         "sync_interval_s": settings.sync.interval.as_secs(),

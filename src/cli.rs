@@ -63,8 +63,14 @@ pub enum Command {
         #[arg(value_name = "OP")]
         op: String,
     },
-    /// What is served and how the last sync went.
-    Status,
+    /// What is served and how the last sync went, from the running daemon's API
+    /// (from the state directory when the daemon cannot be reached).
+    Status {
+        /// The daemon's HTTP address (default: the first `http.listen` address of
+        /// the config, with a wildcard address replaced by loopback).
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
+    },
     /// Per-machine boot settings: set MAC key=value… | read [MAC] | delete MAC.
     Machines {
         #[arg(value_name = "OP")]
@@ -134,7 +140,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::BootSources { op, args } => cmd_sources(&cli, &settings, op, args),
         Command::BootSourceSelections { op, args } => cmd_selections(&cli, &settings, op, args),
         Command::BootResources { op } => cmd_resources(&cli, &settings, op),
-        Command::Status => cmd_status(&cli, &settings),
+        Command::Status { url } => cmd_status(&cli, &settings, url.as_deref()).await,
         Command::Machines { op, args } => cmd_machines(&cli, &settings, op, args),
         Command::Serve => {
             let path = config::config_path(cli.config.as_deref());
@@ -627,47 +633,189 @@ fn cmd_resources(cli: &Cli, settings: &Settings, op: &str) -> anyhow::Result<()>
     }
 }
 
-fn cmd_status(cli: &Cli, settings: &Settings) -> anyhow::Result<()> {
+/// Where `rackboot status` finds the daemon: `--url`, else the first HTTP listen
+/// address of the config (a wildcard address means this host: loopback).
+fn daemon_url(settings: &Settings, url: Option<&str>) -> anyhow::Result<url::Url> {
+    if let Some(u) = url {
+        let parsed = url::Url::parse(u).map_err(|e| usage(format!("--url {u:?}: {e}")))?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
+            return Err(usage(format!("--url {u:?}: not an http(s) URL")));
+        }
+        return Ok(parsed);
+    }
+    let Some(addr) = settings.http.listen.first() else {
+        return Err(usage(
+            "http.listen is empty in the config: pass --url to reach the daemon",
+        ));
+    };
+    let mut addr = *addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    url::Url::parse(&format!("http://{addr}/")).map_err(|e| anyhow::anyhow!("{addr}: {e}"))
+}
+
+/// The daemon's `/api/v1/status` document.
+async fn fetch_status(base: &url::Url) -> anyhow::Result<serde_json::Value> {
+    let url = base.join("api/v1/status")?;
+    let client = reqwest::Client::builder()
+        .user_agent(concat!("rackboot/", env!("CARGO_PKG_VERSION")))
+        .timeout(std::time::Duration::from_secs(5))
+        .no_proxy()
+        .build()?;
+    let resp = client.get(url.clone()).send().await.map_err(|e| {
+        // reqwest's own text repeats the URL; the innermost cause says why.
+        let mut cause: &dyn std::error::Error = &e;
+        while let Some(next) = cause.source() {
+            cause = next;
+        }
+        anyhow::anyhow!("{url}: {cause}")
+    })?;
+    let status = resp.status();
+    let body = resp
+        .bytes()
+        .await
+        .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+    if !status.is_success() {
+        let msg = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(String::from))
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).trim().to_string());
+        anyhow::bail!("{url}: HTTP {status}: {msg}");
+    }
+    serde_json::from_slice(&body)
+        .map_err(|e| anyhow::anyhow!("{url}: not a rackboot status document: {e}"))
+}
+
+fn unix_date(t: &serde_json::Value) -> String {
+    t.as_u64()
+        .map(|t| httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t)))
+        .unwrap_or_else(|| "never".into())
+}
+
+/// The status from the state directory alone (no daemon).
+fn offline_status(settings: &Settings) -> anyhow::Result<serde_json::Value> {
     let store = Store::existing(&settings.state_dir);
     let state = SyncState::load(&settings.state_dir)?;
     let generation = store.current_generation();
     let manifest = generation.and_then(|g| store.read_manifest(g).ok());
     let sources = Sources::current(settings)?;
     let drift = Sources::load(&settings.state_dir)?.and_then(|s| s.differs_from_config(settings));
-    let files = manifest.as_ref().map(|m| m.files.len()).unwrap_or(0);
-    let v = json!({
+    Ok(json!({
         "state_dir": settings.state_dir,
         "generation": generation,
-        "files": files,
+        "snapshot_created": manifest.as_ref().map(|m| m.created),
+        "files": manifest.as_ref().map(|m| m.files.len()).unwrap_or(0),
         "products": manifest.as_ref().map(|m| m.products.len()).unwrap_or(0),
         "last_success": state.last_success,
         "sync_running": sync_running(settings),
         "sources": sources.sources.iter().map(|s| &s.url).collect::<Vec<_>>(),
         "warning": drift,
-    });
+    }))
+}
+
+async fn cmd_status(cli: &Cli, settings: &Settings, url: Option<&str>) -> anyhow::Result<()> {
+    let base = daemon_url(settings, url)?;
+    let mut v = match fetch_status(&base).await {
+        Ok(mut v) => {
+            v["daemon"] = json!({"url": base.as_str(), "running": true});
+            v
+        }
+        Err(e) => {
+            let mut v = offline_status(settings)?;
+            v["daemon"] =
+                json!({"url": base.as_str(), "running": false, "error": format!("{e:#}")});
+            v
+        }
+    };
+    if v.get("sources").is_none() {
+        v["sources"] = json!([]);
+    }
     if cli.json {
         return print_json(&v);
     }
-    println!("state dir:   {}", settings.state_dir.display());
-    match generation {
-        Some(g) => println!("serving:     generation {g} ({files} files)"),
-        None => println!("serving:     nothing yet (no snapshot)"),
+    let daemon = &v["daemon"];
+    if daemon["running"] == true {
+        println!(
+            "daemon:       running at {} (rackboot {}, up {} s)",
+            base,
+            v["version"].as_str().unwrap_or("?"),
+            v["uptime_s"]
+        );
+    } else {
+        println!(
+            "daemon:       not reachable: {}",
+            daemon["error"].as_str().unwrap_or("?")
+        );
     }
-    println!(
-        "last sync:   {}",
-        state
-            .last_success
-            .map(|t| httpdate::fmt_http_date(
-                std::time::UNIX_EPOCH + std::time::Duration::from_secs(t)
-            ))
-            .unwrap_or_else(|| "never".into())
-    );
-    println!("sync running: {}", v["sync_running"]);
-    for s in &sources.sources {
-        println!("source {}:    {}", s.id, s.url);
+    println!("state dir:    {}", v["state_dir"].as_str().unwrap_or("?"));
+    match v["generation"].as_u64() {
+        Some(g) => println!(
+            "serving:      generation {g} ({} files, {} products, built {})",
+            v["files"],
+            v["products"],
+            unix_date(&v["snapshot_created"])
+        ),
+        None => println!("serving:      nothing yet (no snapshot)"),
     }
-    if let Some(w) = drift {
-        println!("warning:     {w}");
+    println!("last success: {}", unix_date(&v["last_success"]));
+    let sync = &v["sync"];
+    if sync.is_object() {
+        println!(
+            "last sync:    {} at {}{}",
+            sync["last_result"].as_str().unwrap_or("none yet"),
+            unix_date(&sync["last_finished"]),
+            sync["last_duration_ms"]
+                .as_u64()
+                .map(|ms| format!(" ({ms} ms)"))
+                .unwrap_or_default()
+        );
+        if let Some(err) = sync["last_error"].as_str() {
+            println!("last error:   {err}");
+        }
+        println!(
+            "syncs:        {} runs, {} failed, {} fetched",
+            sync["runs"],
+            sync["failures"],
+            human_bytes(sync["bytes_fetched_total"].as_u64().unwrap_or(0))
+        );
+        if v["sync_auto"] == false {
+            println!("auto sync:    paused (sync.auto = false; POST /api/v1/sync to sync)");
+        } else {
+            println!(
+                "auto sync:    every {} s, next at {}",
+                v["sync_interval_s"],
+                unix_date(&sync["next_sync"])
+            );
+        }
+    }
+    let progress = &v["progress"];
+    if progress.is_object() {
+        println!(
+            "sync running: yes, {} of {} files, {} of {}",
+            progress["files_done"],
+            progress["files_total"],
+            human_bytes(progress["bytes_done"].as_u64().unwrap_or(0)),
+            human_bytes(progress["bytes_total"].as_u64().unwrap_or(0))
+        );
+    } else {
+        println!(
+            "sync running: {}",
+            if v["sync_running"] == true {
+                "yes"
+            } else {
+                "no"
+            }
+        );
+    }
+    for (i, s) in v["sources"].as_array().into_iter().flatten().enumerate() {
+        println!("source {}:     {}", i + 1, s.as_str().unwrap_or("?"));
+    }
+    if let Some(w) = v["warning"].as_str() {
+        println!("warning:      {w}");
     }
     Ok(())
 }

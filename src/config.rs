@@ -72,6 +72,8 @@ struct RawHttp {
     tls_listen: Option<Vec<String>>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    max_connections: Option<usize>,
+    header_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -140,6 +142,10 @@ pub struct HttpSettings {
     pub listen: Vec<SocketAddr>,
     pub token_file: Option<PathBuf>,
     pub tls: Option<TlsSettings>,
+    /// Open connections (plain and TLS together); more are closed at once.
+    pub max_connections: usize,
+    /// Time a client has to send a request head (slowloris guard).
+    pub header_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -352,6 +358,15 @@ fn validate(path: &Path, file: Option<PathBuf>, raw: RawConfig) -> Result<Settin
         )?,
         token_file: http.token_file,
         tls,
+        max_connections: match http.max_connections.unwrap_or(10_000) {
+            0 => return Err(err(path, "http.max_connections: must be at least 1")),
+            n => n,
+        },
+        header_timeout: dur(
+            "http.header_timeout",
+            http.header_timeout,
+            Duration::from_secs(10),
+        )?,
     };
     let boot = raw.boot.unwrap_or_default();
     let boot = BootSettings {

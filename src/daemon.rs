@@ -359,33 +359,40 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
         });
     }
     let app: Arc<dyn crate::http::App> = Arc::new(crate::api::Api::new(daemon.clone()));
-    let limits = crate::http::HttpLimits::default();
-    if !tcp.is_empty() {
-        let (a, s, l, m) = (
-            app.clone(),
-            shutdown.clone(),
-            limits.clone(),
-            daemon.http_metrics.clone(),
-        );
+    let limits = crate::http::HttpLimits {
+        header_read_timeout: settings.http.header_timeout,
+        max_connections: settings.http.max_connections,
+        ..Default::default()
+    };
+    let http_listeners: Vec<crate::http::Listener> = tcp
+        .into_iter()
+        .map(|socket| crate::http::Listener { socket, tls: None })
+        .chain(
+            tls_listeners
+                .into_iter()
+                .map(|socket| crate::http::Listener {
+                    socket,
+                    tls: tls_config.clone(),
+                }),
+        )
+        .collect();
+    if !http_listeners.is_empty() {
+        let (s, m) = (shutdown.clone(), daemon.http_metrics.clone());
         tasks.spawn(async move {
-            crate::http::serve(tcp, None, a, l, m, s, drain)
+            crate::http::serve(http_listeners, app, limits, m, s, drain)
                 .await
                 .map_err(|e| anyhow::anyhow!("http server: {e}"))
         });
     }
-    if !tls_listeners.is_empty() {
-        let (a, s, l, m) = (
-            app.clone(),
-            shutdown.clone(),
-            limits.clone(),
-            daemon.http_metrics.clone(),
-        );
-        tasks.spawn(async move {
-            crate::http::serve(tls_listeners, tls_config, a, l, m, s, drain)
-                .await
-                .map_err(|e| anyhow::anyhow!("https server: {e}"))
-        });
-    }
+    // The sockets are bound and the last snapshot (or none) is loaded: ready, before
+    // the first sync can report anything.
+    let generation = daemon.snapshot.borrow().as_ref().map(|s| s.generation);
+    systemd::notify(&format!(
+        "READY=1\nSTATUS=serving generation {}",
+        generation
+            .map(|g| g.to_string())
+            .unwrap_or_else(|| "none".into())
+    ));
     {
         let (d, s) = (daemon.clone(), shutdown.clone());
         tasks.spawn(async move {
@@ -393,14 +400,6 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
             Ok(())
         });
     }
-    systemd::notify("READY=1");
-    let generation = daemon.snapshot.borrow().as_ref().map(|s| s.generation);
-    systemd::notify(&format!(
-        "STATUS=serving generation {}",
-        generation
-            .map(|g| g.to_string())
-            .unwrap_or_else(|| "none".into())
-    ));
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

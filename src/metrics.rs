@@ -1,7 +1,7 @@
 //! `/metrics` in the Prometheus/OpenMetrics text format (prometheus-client): TFTP and
 //! HTTP requests and bytes by file class, errors by kind, tsize probes, in-flight
-//! transfers, sync runs/failures/duration/bytes, snapshot generation and age. Values
-//! are read from the servers' atomic counters at scrape time.
+//! transfers, HTTP connections, sync runs/failures/duration/bytes, snapshot generation
+//! and age. Values are read from the servers' atomic counters at scrape time.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -164,6 +164,12 @@ impl Collector for DaemonCollector {
             "TFTP transfers in progress",
             t.in_flight.load(Relaxed) as i64,
         )?;
+        counter(
+            &mut e,
+            "rackboot_http_requests",
+            "HTTP requests answered (every path)",
+            h.requests.load(Relaxed),
+        )?;
         labelled_counter(
             &mut e,
             "rackboot_http_file_requests",
@@ -189,6 +195,24 @@ impl Collector for DaemonCollector {
                 ("4xx", h.status_4xx.load(Relaxed)),
                 ("5xx", h.status_5xx.load(Relaxed)),
             ],
+        )?;
+        let kinds: Vec<(&str, u64)> = crate::http::HTTP_ERROR_KINDS
+            .iter()
+            .zip(&h.errors)
+            .map(|(k, v)| (*k, v.load(Relaxed)))
+            .collect();
+        labelled_counter(
+            &mut e,
+            "rackboot_http_errors",
+            "HTTP errors by kind: error responses, and connections hyper ended (header_too_large is a 431, header_timeout a slow or silent client)",
+            "kind",
+            &kinds,
+        )?;
+        gauge(
+            &mut e,
+            "rackboot_http_transfers_in_flight",
+            "HTTP file bodies being sent",
+            h.transfers_in_flight.load(Relaxed) as i64,
         )?;
         gauge(
             &mut e,

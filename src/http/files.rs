@@ -27,12 +27,22 @@ use super::{empty, full, Body};
 const CHUNK: usize = 512 << 10;
 
 /// Serves files below `root`.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct StaticFiles {
     root: PathBuf,
     /// The root opened once (a snapshot); without it the path is opened per request.
     root_fd: Option<Arc<std::os::fd::OwnedFd>>,
     metrics: Option<Arc<super::HttpMetrics>>,
+    /// Held by every response body (e.g. the snapshot the files belong to).
+    keep: Option<Arc<dyn std::any::Any + Send + Sync>>,
+}
+
+impl std::fmt::Debug for StaticFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StaticFiles")
+            .field("root", &self.root)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a request path is refused.
@@ -164,6 +174,7 @@ impl StaticFiles {
             root,
             root_fd: None,
             metrics: None,
+            keep: None,
         }
     }
 
@@ -173,12 +184,19 @@ impl StaticFiles {
             root,
             root_fd: Some(fd),
             metrics: None,
+            keep: None,
         }
     }
 
     /// Counts requests and body bytes actually sent, by file class.
     pub fn counting(mut self, metrics: Arc<super::HttpMetrics>) -> StaticFiles {
         self.metrics = Some(metrics);
+        self
+    }
+
+    /// Keeps `what` alive until every body this serves has been sent or dropped.
+    pub fn keeping(mut self, what: Arc<dyn std::any::Any + Send + Sync>) -> StaticFiles {
+        self.keep = Some(what);
         self
     }
 
@@ -199,6 +217,18 @@ impl StaticFiles {
         headers: &HeaderMap,
         raw_path: &str,
     ) -> Response<Body> {
+        self.respond_as(method, headers, raw_path, None).await
+    }
+
+    /// Like [`StaticFiles::respond`], with the Content-Type and metrics class taken
+    /// from `name` (e.g. a blob served under the name it has upstream).
+    pub async fn respond_as(
+        &self,
+        method: &Method,
+        headers: &HeaderMap,
+        raw_path: &str,
+        name: Option<&str>,
+    ) -> Response<Body> {
         if method != Method::GET && method != Method::HEAD {
             let mut r = status(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
             r.headers_mut()
@@ -208,16 +238,12 @@ impl StaticFiles {
         let Ok(rel) = clean_path(raw_path) else {
             return status(StatusCode::BAD_REQUEST, "bad path\n");
         };
-        let this = self.clone();
-        let rel2 = rel.clone();
-        let opened = tokio::task::spawn_blocking(move || this.open(&rel2))
-            .await
-            .ok()
-            .flatten();
-        let Some((file, meta)) = opened else {
+        // Inline, like the reads: one openat2 + fstat of a tree that lives in the page
+        // cache costs microseconds, far less than a hop to the blocking pool.
+        let Some((file, meta)) = self.open(&rel) else {
             return status(StatusCode::NOT_FOUND, "not found\n");
         };
-        self.respond_file(method, headers, &rel, file, &meta)
+        self.respond_file(method, headers, name.unwrap_or(&rel), file, &meta)
     }
 
     /// The response for an already opened file (also used for generated content
@@ -303,33 +329,53 @@ impl StaticFiles {
             (m, class)
         });
         builder
-            .body(file_body(file, start, count, counter))
+            .body(file_body(file, start, count, counter, self.keep.clone()))
             .expect("valid response")
     }
 }
 
-/// Streams `count` bytes of `file` from `start` with positioned reads.
+/// Streams `count` bytes of `file` from `start`: with `sendfile` on a plain-TCP
+/// connection (see [`super::sendfile`]), else with large positioned reads.
+/// `keep` is held until the body is dropped (e.g. the snapshot the file belongs to).
 pub fn file_body(
     file: File,
     start: u64,
     count: u64,
     sent: Option<(Arc<super::HttpMetrics>, usize)>,
+    keep: Option<Arc<dyn std::any::Any + Send + Sync>>,
 ) -> Body {
+    if let Some((m, _)) = &sent {
+        m.transfers_in_flight.fetch_add(1, Ordering::Relaxed);
+    }
     BodyExt::boxed(FileBody {
-        file,
+        file: Arc::new(file),
         pos: start,
         left: count,
         sent,
+        _keep: keep,
     })
 }
 
-/// A body that reads its file in large chunks as hyper asks for frames. Reads are
-/// page-cache `pread`s of at most 512 KiB, short enough to do inline.
+/// Files at least this large go out with `sendfile`; smaller ones are read and
+/// written with the headers in one `writev`, which costs fewer system calls.
+const SENDFILE_MIN: u64 = 32 << 10;
+
+/// A body that sends its file as hyper asks for frames. Reads are page-cache
+/// `pread`s of at most 512 KiB, short enough to do inline.
 struct FileBody {
-    file: File,
+    file: Arc<File>,
     pos: u64,
     left: u64,
     sent: Option<(Arc<super::HttpMetrics>, usize)>,
+    _keep: Option<Arc<dyn std::any::Any + Send + Sync>>,
+}
+
+impl Drop for FileBody {
+    fn drop(&mut self) {
+        if let Some((m, _)) = &self.sent {
+            m.transfers_in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl hyper::body::Body for FileBody {
@@ -342,6 +388,17 @@ impl hyper::body::Body for FileBody {
     ) -> std::task::Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         if self.left == 0 {
             return std::task::Poll::Ready(None);
+        }
+        if self.left >= SENDFILE_MIN {
+            let n = self.left.min(super::sendfile::MAX_SEGMENT as u64);
+            let segment =
+                super::sendfile::Segment::new(self.file.clone(), self.pos, n, self.sent.clone());
+            if super::sendfile::enqueue(segment).is_ok() {
+                self.pos += n;
+                self.left -= n;
+                let frame = Bytes::from_static(&super::sendfile::placeholder()[..n as usize]);
+                return std::task::Poll::Ready(Some(Ok(Frame::data(frame))));
+            }
         }
         let n = (self.left as usize).min(CHUNK);
         let mut buf = vec![0u8; n];

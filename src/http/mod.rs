@@ -4,6 +4,7 @@
 //! Routing is the `App`'s job; [`files::StaticFiles`] serves a directory tree.
 
 pub mod files;
+pub mod sendfile;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -73,10 +74,34 @@ pub struct HttpMetrics {
     pub bytes_sent: AtomicU64,
     pub connections_open: AtomicU64,
     pub connections_rejected: AtomicU64,
+    /// File bodies being sent.
+    pub transfers_in_flight: AtomicU64,
+    /// Errors by kind (`HTTP_ERROR_KINDS`).
+    pub errors: [AtomicU64; HTTP_ERROR_KINDS.len()],
     /// Bytes and requests by file class (`crate::metrics::FILE_CLASSES`).
     pub class_bytes: [AtomicU64; crate::metrics::FILE_CLASSES.len()],
     pub class_requests: [AtomicU64; crate::metrics::FILE_CLASSES.len()],
 }
+
+/// Kinds of HTTP errors, in the order of `HttpMetrics::errors`: error responses of
+/// the routes, then connection-level failures that hyper answers or closes itself.
+pub const HTTP_ERROR_KINDS: [&str; 10] = [
+    "bad_request",
+    "unauthorized",
+    "not_found",
+    "range_not_satisfiable",
+    "other_4xx",
+    "server_error",
+    "header_too_large",
+    "header_timeout",
+    "malformed",
+    "connection",
+];
+
+const ERR_TOO_LARGE: usize = 6;
+const ERR_TIMEOUT: usize = 7;
+const ERR_MALFORMED: usize = 8;
+const ERR_CONNECTION: usize = 9;
 
 impl HttpMetrics {
     fn count_status(&self, status: u16) {
@@ -87,6 +112,30 @@ impl HttpMetrics {
             _ => &self.status_5xx,
         };
         c.fetch_add(1, Ordering::Relaxed);
+        let kind = match status {
+            400 => 0,
+            401 | 403 => 1,
+            404 => 2,
+            416 => 3,
+            402..=499 => 4,
+            500.. => 5,
+            _ => return,
+        };
+        self.errors[kind].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a connection that hyper ended with an error.
+    fn count_connection_error(&self, e: &hyper::Error) {
+        let kind = if e.is_parse_too_large() {
+            ERR_TOO_LARGE
+        } else if e.is_timeout() {
+            ERR_TIMEOUT
+        } else if e.is_parse() || e.is_parse_status() {
+            ERR_MALFORMED
+        } else {
+            ERR_CONNECTION
+        };
+        self.errors[kind].fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -146,12 +195,25 @@ fn handle(
     }
 }
 
+/// A bound listening socket, plain or TLS.
+pub struct Listener {
+    pub socket: std::net::TcpListener,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// What every connection task needs.
+#[derive(Clone)]
+struct Shared {
+    app: Arc<dyn App>,
+    limits: HttpLimits,
+    metrics: Arc<HttpMetrics>,
+}
+
 /// Serves `listeners` until `shutdown`; then stops accepting, lets open connections
-/// finish their requests for up to `drain_deadline`, and returns.
-#[allow(clippy::too_many_arguments)]
+/// finish their requests for up to `drain_deadline`, and returns. The connection
+/// limit counts plain and TLS connections together.
 pub async fn serve(
-    listeners: Vec<std::net::TcpListener>,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    listeners: Vec<Listener>,
     app: Arc<dyn App>,
     limits: HttpLimits,
     metrics: Arc<HttpMetrics>,
@@ -160,24 +222,26 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let shared = Shared {
+        app,
+        limits,
+        metrics,
+    };
     let mut accept_tasks = tokio::task::JoinSet::new();
     for l in listeners {
-        l.set_nonblocking(true)?;
-        let listener = tokio::net::TcpListener::from_std(l)?;
+        l.socket.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(l.socket)?;
         let addr = listener.local_addr()?;
+        let acceptor = l.tls.map(tokio_rustls::TlsAcceptor::from);
         tracing::info!(
             "listening for {} on {addr}",
             if acceptor.is_some() { "HTTPS" } else { "HTTP" }
         );
-        let (app, limits, metrics, shutdown, graceful, slots, acceptor) = (
-            app.clone(),
-            limits.clone(),
-            metrics.clone(),
+        let (shared, shutdown, graceful, slots) = (
+            shared.clone(),
             shutdown.clone(),
             graceful.clone(),
             slots.clone(),
-            acceptor.clone(),
         );
         accept_tasks.spawn(async move {
             let mut last_warn: Option<Instant> = None;
@@ -194,11 +258,14 @@ pub async fn serve(
                     },
                 };
                 let Ok(permit) = slots.clone().try_acquire_owned() else {
-                    metrics.connections_rejected.fetch_add(1, Ordering::Relaxed);
+                    shared
+                        .metrics
+                        .connections_rejected
+                        .fetch_add(1, Ordering::Relaxed);
                     if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
                         tracing::warn!(
                             "http connection limit reached ({}), refusing {peer}",
-                            limits.max_connections
+                            shared.limits.max_connections
                         );
                         last_warn = Some(Instant::now());
                     }
@@ -206,53 +273,13 @@ pub async fn serve(
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                let (app, metrics, limits, watcher, acceptor) = (
-                    app.clone(),
-                    metrics.clone(),
-                    limits.clone(),
-                    graceful.watcher(),
-                    acceptor.clone(),
-                );
+                let (shared, watcher, acceptor) =
+                    (shared.clone(), graceful.watcher(), acceptor.clone());
                 tokio::spawn(async move {
-                    metrics.connections_open.fetch_add(1, Ordering::Relaxed);
-                    let svc = {
-                        let metrics = metrics.clone();
-                        hyper::service::service_fn(move |req| {
-                            handle(app.clone(), metrics.clone(), peer, req)
-                        })
-                    };
-                    let mut builder = hyper::server::conn::http1::Builder::new();
-                    builder
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(limits.header_read_timeout)
-                        .max_buf_size(limits.max_header_bytes.max(8192))
-                        // GRUB's http module (and some firmware) match header
-                        // names case-sensitively ("Content-Length: ").
-                        .title_case_headers(true)
-                        .keep_alive(true);
-                    match acceptor {
-                        Some(acc) => {
-                            let tls = match tokio::time::timeout(
-                                limits.header_read_timeout,
-                                acc.accept(stream),
-                            )
-                            .await
-                            {
-                                Ok(Ok(s)) => s,
-                                _ => {
-                                    metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
-                                    return;
-                                }
-                            };
-                            let conn = builder.serve_connection(TokioIo::new(tls), svc);
-                            let _ = watcher.watch(conn).await;
-                        }
-                        None => {
-                            let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                            let _ = watcher.watch(conn).await;
-                        }
-                    }
-                    metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+                    let m = shared.metrics.clone();
+                    m.connections_open.fetch_add(1, Ordering::Relaxed);
+                    connection(shared, stream, peer, acceptor, watcher).await;
+                    m.connections_open.fetch_sub(1, Ordering::Relaxed);
                     drop(permit);
                 });
             }
@@ -271,4 +298,62 @@ pub async fn serve(
         tracing::warn!("http: drain deadline passed with connections still open");
     }
     Ok(())
+}
+
+/// Serves one connection to its end (TLS handshake first when `acceptor` is set).
+async fn connection(
+    shared: Shared,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
+    let Shared {
+        app,
+        limits,
+        metrics,
+    } = shared;
+    let svc = {
+        let metrics = metrics.clone();
+        hyper::service::service_fn(move |req| handle(app.clone(), metrics.clone(), peer, req))
+    };
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        // Queue body frames instead of copying them: sendfile relies on seeing each
+        // frame's own memory (see `sendfile`).
+        .writev(true)
+        .keep_alive(true);
+    let result = match acceptor {
+        Some(acc) => {
+            let tls =
+                match tokio::time::timeout(limits.header_read_timeout, acc.accept(stream)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, "TLS handshake failed: {e}");
+                        metrics.errors[ERR_CONNECTION].fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        metrics.errors[ERR_TIMEOUT].fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                };
+            let conn = builder.serve_connection(TokioIo::new(tls), svc);
+            watcher.watch(conn).await
+        }
+        None => {
+            let pending = Arc::new(sendfile::Pending::default());
+            let io = sendfile::SendfileStream::new(stream, pending.clone());
+            let conn = builder.serve_connection(TokioIo::new(io), svc);
+            sendfile::scope(pending, watcher.watch(conn)).await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, "http connection: {e}");
+        metrics.count_connection_error(&e);
+    }
 }

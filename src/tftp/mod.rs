@@ -13,6 +13,22 @@ pub mod packet;
 pub mod path;
 pub mod server;
 
+/// Proptest settings for the fuzz-style properties: `cases` by default (bounded, so CI
+/// time stays bounded), or `RACKBOOT_FUZZ_CASES` for a longer local run.
+#[cfg(test)]
+pub(crate) fn fuzz_config(cases: u32) -> proptest::prelude::ProptestConfig {
+    let cases = std::env::var("RACKBOOT_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(cases);
+    proptest::prelude::ProptestConfig {
+        cases,
+        // Shrinking is for debugging a failure, not for CI time.
+        max_shrink_iters: 2048,
+        ..proptest::prelude::ProptestConfig::default()
+    }
+}
+
 pub use server::{
     from_beneath, open_under, serve, DirResolver, OpenError, Resolver, Source, TftpConfig,
     TftpMetrics,

@@ -159,6 +159,51 @@ pub fn parse(buf: &[u8]) -> Result<Packet<'_>, ParseError> {
     })
 }
 
+impl Packet<'_> {
+    /// The packet on the wire. For any packet [`parse`] returned, parsing this gives
+    /// the same packet back.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        match self {
+            Packet::Rrq(r) | Packet::Wrq(r) => {
+                let op = if matches!(self, Packet::Rrq(_)) {
+                    RRQ
+                } else {
+                    WRQ
+                };
+                let mode = match r.mode {
+                    Mode::Octet => "octet",
+                    Mode::Netascii => "netascii",
+                };
+                let mut v = op.to_be_bytes().to_vec();
+                for s in [r.filename.as_str(), mode] {
+                    v.extend_from_slice(s.as_bytes());
+                    v.push(0);
+                }
+                put_options(&mut v, &r.options);
+                v
+            }
+            Packet::Data { block, data } => {
+                let mut v = vec![0u8; 4 + data.len()];
+                data_header(&mut v, *block);
+                v[4..].copy_from_slice(data);
+                v
+            }
+            Packet::Ack { block } => ack(*block),
+            Packet::Error { code, message } => error(*code, message),
+            Packet::Oack { options } => oack(options),
+        }
+    }
+}
+
+fn put_options(v: &mut Vec<u8>, options: &[(String, String)]) {
+    for (k, val) in options {
+        v.extend_from_slice(k.as_bytes());
+        v.push(0);
+        v.extend_from_slice(val.as_bytes());
+        v.push(0);
+    }
+}
+
 /// Writes a DATA header for `block` into `buf[..4]`.
 pub fn data_header(buf: &mut [u8], block: u16) {
     buf[..2].copy_from_slice(&DATA.to_be_bytes());
@@ -181,12 +226,7 @@ pub fn error(code: u16, message: &str) -> Vec<u8> {
 
 pub fn oack(options: &[(String, String)]) -> Vec<u8> {
     let mut v = OACK.to_be_bytes().to_vec();
-    for (k, val) in options {
-        v.extend_from_slice(k.as_bytes());
-        v.push(0);
-        v.extend_from_slice(val.as_bytes());
-        v.push(0);
-    }
+    put_options(&mut v, options);
     v
 }
 
@@ -271,11 +311,123 @@ mod tests {
         );
     }
 
-    proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(5000))]
+    use proptest::prelude::*;
+
+    /// Strings as they appear in packets: no NUL (it ends them), anything else,
+    /// including non-ASCII and control characters.
+    fn field() -> impl Strategy<Value = String> {
+        "[^\\x00]{0,24}"
+    }
+
+    /// Options in parsed (canonical) form: lowercase names, first of each name only.
+    fn options(max: usize) -> impl Strategy<Value = Vec<(String, String)>> {
+        proptest::collection::vec(("[a-z0-9_]{0,12}", field()), 0..=max).prop_map(|v| {
+            let mut out: Vec<(String, String)> = Vec::new();
+            for (k, val) in v {
+                if !out.iter().any(|(n, _)| *n == k) {
+                    out.push((k, val));
+                }
+            }
+            out
+        })
+    }
+
+    fn request() -> impl Strategy<Value = Request> {
+        (field(), any::<bool>(), options(MAX_OPTIONS)).prop_map(|(filename, octet, options)| {
+            Request {
+                filename,
+                mode: if octet { Mode::Octet } else { Mode::Netascii },
+                options,
+            }
+        })
+    }
+
+    /// Datagrams that look like TFTP: a known or unknown opcode, then NUL-separated
+    /// fields (sometimes unterminated), sometimes more than the option limit.
+    fn tftp_like() -> impl Strategy<Value = Vec<u8>> {
+        (
+            0u16..9,
+            proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..12), 0..80),
+            any::<bool>(),
+        )
+            .prop_map(|(op, fields, terminate)| {
+                let mut v = op.to_be_bytes().to_vec();
+                for (i, f) in fields.iter().enumerate() {
+                    v.extend(f.iter().filter(|b| **b != 0));
+                    if terminate || i + 1 < fields.len() {
+                        v.push(0);
+                    }
+                }
+                v
+            })
+    }
+
+    proptest! {
+        #![proptest_config(crate::tftp::fuzz_config(20_000))]
+
         #[test]
-        fn parse_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
+        fn parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..1200)) {
             let _ = parse(&bytes);
+        }
+
+        /// Whatever parses, serialises back to something that parses the same.
+        #[test]
+        fn parsed_packets_round_trip(bytes in prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..600),
+            tftp_like(),
+        ]) {
+            if let Ok(p) = parse(&bytes) {
+                let again = p.to_bytes();
+                prop_assert_eq!(parse(&again), Ok(p));
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(crate::tftp::fuzz_config(5_000))]
+
+        /// Every packet the builders make parses back to itself.
+        #[test]
+        fn built_packets_round_trip(
+            req in request(),
+            block in any::<u16>(),
+            data in proptest::collection::vec(any::<u8>(), 0..1500),
+            code in any::<u16>(),
+            message in field(),
+            oack_opts in options(MAX_OPTIONS),
+        ) {
+            let packets = [
+                Packet::Rrq(req.clone()),
+                Packet::Wrq(req.clone()),
+                Packet::Data { block, data: &data },
+                Packet::Ack { block },
+                Packet::Error { code, message: message.clone() },
+                Packet::Oack { options: oack_opts.clone() },
+            ];
+            for p in packets {
+                let bytes = p.to_bytes();
+                prop_assert_eq!(parse(&bytes), Ok(p.clone()));
+            }
+            // The dedicated builders agree with `to_bytes`.
+            prop_assert_eq!(ack(block), Packet::Ack { block }.to_bytes());
+            prop_assert_eq!(error(code, &message), Packet::Error { code, message: message.clone() }.to_bytes());
+            let refs: Vec<(&str, &str)> = req.options.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+            let mode = if req.mode == Mode::Octet { "octet" } else { "netascii" };
+            prop_assert_eq!(rrq(&req.filename, mode, &refs), Packet::Rrq(req.clone()).to_bytes());
+        }
+
+    }
+
+    proptest! {
+        #![proptest_config(crate::tftp::fuzz_config(256))]
+
+        /// More options than the limit is an error, never a panic or a huge allocation.
+        #[test]
+        fn option_floods_are_refused(n in (MAX_OPTIONS + 1)..2000) {
+            let many: Vec<(String, String)> = (0..n).map(|i| (format!("o{i}"), "1".to_string())).collect();
+            let refs: Vec<(&str, &str)> = many.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+            let bytes = rrq("x", "octet", &refs);
+            prop_assert_eq!(parse(&bytes), Err(ParseError::TooManyOptions));
         }
 
         #[test]
@@ -283,8 +435,8 @@ mod tests {
             let (b, w) = (bs.to_string(), ws.to_string());
             let p = rrq(&name, "octet", &[("blksize", &b), ("windowsize", &w)]);
             let Ok(Packet::Rrq(r)) = parse(&p) else { panic!("not parsed") };
-            proptest::prop_assert_eq!(r.filename, name);
-            proptest::prop_assert_eq!(r.options, vec![("blksize".to_string(), b), ("windowsize".to_string(), w)]);
+            prop_assert_eq!(r.filename, name);
+            prop_assert_eq!(r.options, vec![("blksize".to_string(), b), ("windowsize".to_string(), w)]);
         }
     }
 }

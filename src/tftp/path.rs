@@ -54,15 +54,93 @@ mod tests {
         assert_eq!(clean("a\0b"), Err(PathError::Control));
     }
 
-    proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(5000))]
+    use proptest::prelude::*;
+
+    /// Names built from the pieces that matter (separators of both kinds, `.` and
+    /// `..`, case, non-ASCII, control characters), plus arbitrary strings.
+    fn name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            proptest::collection::vec(
+                prop_oneof![
+                    Just("/".to_string()),
+                    Just("\\".to_string()),
+                    Just("//".to_string()),
+                    Just(".".to_string()),
+                    Just("..".to_string()),
+                    Just("...".to_string()),
+                    Just("..a".to_string()),
+                    Just("grub".to_string()),
+                    Just("Grub.CFG".to_string()),
+                    Just("é".to_string()),
+                    Just(" ".to_string()),
+                    "[\\x00-\\x1f\\x7f]",
+                    "[a-zA-Z0-9._-]{1,6}",
+                ],
+                0..16,
+            )
+            .prop_map(|v| v.concat()),
+            any::<String>(),
+            "[a-z./\\\\\\x00-\\x1f]{0,40}",
+        ]
+    }
+
+    /// The segments a name has once `\` counts as `/`, empty and `.` ones dropped.
+    fn segments(s: &str) -> Vec<&str> {
+        s.split(['/', '\\'])
+            .filter(|seg| !seg.is_empty() && *seg != ".")
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(crate::tftp::fuzz_config(20_000))]
+
         #[test]
-        fn never_escapes(s in "[a-z./\\\\\\x00-\\x1f]{0,40}") {
+        fn never_escapes(s in name()) {
             if let Ok(p) = clean(&s) {
-                proptest::prop_assert!(!p.starts_with('/'));
-                proptest::prop_assert!(!p.contains('\\'));
-                proptest::prop_assert!(p.split('/').all(|seg| !seg.is_empty() && seg != "." && seg != ".."));
+                prop_assert!(!p.is_empty());
+                prop_assert!(!p.starts_with('/'), "absolute: {p:?}");
+                prop_assert!(!p.contains('\\'), "backslash: {p:?}");
+                prop_assert!(!p.chars().any(char::is_control), "control: {p:?}");
+                prop_assert!(
+                    p.split('/').all(|seg| !seg.is_empty() && seg != "." && seg != ".."),
+                    "bad segment in {p:?}"
+                );
             }
+        }
+
+        #[test]
+        fn a_dotdot_segment_is_always_refused(s in name()) {
+            if segments(&s).contains(&"..") {
+                prop_assert!(clean(&s).is_err());
+            }
+        }
+
+        /// Segments come out as sent (case, bytes), only separators are normalised.
+        #[test]
+        fn keeps_segments_and_normalises_separators(s in name()) {
+            match clean(&s) {
+                Ok(p) => prop_assert_eq!(p.split('/').collect::<Vec<_>>(), segments(&s)),
+                Err(PathError::Empty) => prop_assert!(segments(&s).is_empty()),
+                Err(PathError::Escape) => prop_assert!(segments(&s).contains(&"..")),
+                Err(PathError::Control) => prop_assert!(s.chars().any(char::is_control)),
+            }
+        }
+
+        #[test]
+        fn idempotent(s in name()) {
+            if let Ok(p) = clean(&s) {
+                prop_assert_eq!(clean(&p), Ok(p.clone()));
+            }
+        }
+
+        /// `\` is `/`; leading, repeated and `.` separators change nothing.
+        #[test]
+        fn separator_spellings_are_equivalent(s in name()) {
+            let want = clean(&s);
+            prop_assert_eq!(clean(&s.replace('\\', "/")), want.clone());
+            prop_assert_eq!(clean(&s.replace('/', "//")), want.clone());
+            prop_assert_eq!(clean(&format!("/{s}")), want.clone());
+            prop_assert_eq!(clean(&format!("\\\\./{s}")), want);
         }
     }
 }

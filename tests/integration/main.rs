@@ -3,7 +3,9 @@
 
 mod bootcfg;
 mod harness;
+mod http;
 mod mirror;
 mod mirror_cmd;
 mod serve;
 mod sync;
+mod tftp;

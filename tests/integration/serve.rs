@@ -10,23 +10,23 @@ use sequoia_openpgp::types::HashAlgorithm;
 use crate::harness::*;
 use crate::mirror::*;
 
-const SHA512: Signing = Signing::Signed(HashAlgorithm::SHA512);
+pub const SHA512: Signing = Signing::Signed(HashAlgorithm::SHA512);
 
-const LISTEN: &str = "[tftp]\nlisten = [\"127.0.0.1:0\"]\n[http]\nlisten = [\"127.0.0.1:0\"]\n";
+pub const LISTEN: &str = "[tftp]\nlisten = [\"127.0.0.1:0\"]\n[http]\nlisten = [\"127.0.0.1:0\"]\n";
 
-fn products(version: &str, kernel_size: usize) -> Vec<ProductSpec> {
+pub fn products(version: &str, kernel_size: usize) -> Vec<ProductSpec> {
     let mut p = vec![image("noble", "amd64", version, kernel_size)];
     p.extend(bootloaders("20210819.0"));
     p
 }
 
-struct Rack {
-    env: Env,
-    key: TestKey,
-    mirror: MirrorServer,
+pub struct Rack {
+    pub env: Env,
+    pub key: TestKey,
+    pub mirror: MirrorServer,
 }
 
-fn rack(kernel_size: usize, sync_extra: &str, extra: &str) -> Rack {
+pub fn rack(kernel_size: usize, sync_extra: &str, extra: &str) -> Rack {
     let env = Env::new();
     let key = TestKey::generate();
     key.write_keyring(&env.keyring);
@@ -45,9 +45,9 @@ fn rack(kernel_size: usize, sync_extra: &str, extra: &str) -> Rack {
     Rack { env, key, mirror }
 }
 
-const KERNEL: &str = "/ubuntu/amd64/generic/noble/stable/boot-kernel";
+pub const KERNEL: &str = "/ubuntu/amd64/generic/noble/stable/boot-kernel";
 
-fn kernel_of(version: &str, size: usize) -> Vec<u8> {
+pub fn kernel_of(version: &str, size: usize) -> Vec<u8> {
     image("noble", "amd64", version, size)
         .versions
         .into_values()

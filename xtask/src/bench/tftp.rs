@@ -138,24 +138,31 @@ impl Bench {
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
-    /// Best of 3 single downloads with the load generator; returns MiB/s.
-    fn loadgen_single(&self, addr: &str, ws: u16, len: u64, want: &str) -> Result<f64> {
+    /// Best of 3 single downloads with the load generator; returns MiB/s (0 if all
+    /// three failed).
+    fn loadgen_single(&self, addr: &str, ws: u16, len: u64, want: &str) -> f64 {
         let mut best = 0f64;
         for _ in 0..3 {
-            let v = self.loadgen(&[
-                "single".into(),
-                addr.into(),
-                KERNEL.into(),
-                "1468".into(),
-                ws.to_string(),
-            ])?;
-            if v["bytes"].as_u64() != Some(len) || v["sha256"].as_str() != Some(want) {
-                bail!("{addr}: the load generator got a wrong file: {v}");
+            let r = self
+                .loadgen(&[
+                    "single".into(),
+                    addr.into(),
+                    KERNEL.into(),
+                    "1468".into(),
+                    ws.to_string(),
+                ])
+                .and_then(|v| {
+                    if v["bytes"].as_u64() != Some(len) || v["sha256"].as_str() != Some(want) {
+                        bail!("{addr}: the load generator got a wrong file: {v}");
+                    }
+                    v["secs"].as_f64().context("secs")
+                });
+            match r {
+                Ok(secs) => best = best.max(len as f64 / secs / (1024.0 * 1024.0)),
+                Err(e) => eprintln!("{e:#}"),
             }
-            let secs = v["secs"].as_f64().context("secs")?;
-            best = best.max(len as f64 / secs / (1024.0 * 1024.0));
         }
-        Ok(best)
+        best
     }
 
     /// `clients` concurrent downloads with the load generator; returns (MiB/s of correct
@@ -207,43 +214,57 @@ impl Bench {
             } else {
                 ("127.0.0.1", free_udp_port()?)
             };
-            let proc = self.start_server(server, port)?;
-            eprintln!("tftp bench: {server}");
             let addr = format!("{host}:{port}");
-
+            // A fresh server for each group of cases, so one that falls over (atftpd
+            // aborts past 1024 descriptors) only fails its own cases.
+            let mut rss = |p: &Proc| {
+                if server == "rackboot" {
+                    rss_kib = rss_kib.max(peak_rss_kib(p.0.id()));
+                }
+            };
+            eprintln!("tftp bench: {server}, atftp client");
             let out = shm.join("single");
-            let best = |ws: u16| -> Result<f64> {
-                let mut times = vec![];
+            let best = |ws: u16| -> f64 {
+                let mut best = 0f64;
                 for _ in 0..3 {
-                    times.push(self.atftp(host, port, KERNEL, ws, &out)?);
-                    let got = hex::encode(Sha256::digest(std::fs::read(&out)?));
-                    if got != want_big {
-                        bail!("{server}: atftp got a wrong file");
+                    let r = self.atftp(host, port, KERNEL, ws, &out).and_then(|d| {
+                        let got = hex::encode(Sha256::digest(std::fs::read(&out)?));
+                        if got != want_big {
+                            bail!("{server}: atftp got a wrong file");
+                        }
+                        Ok(d)
+                    });
+                    match r {
+                        Ok(d) => best = best.max(mib_s(size, d)),
+                        Err(e) => eprintln!("{server}: {e:#}"),
                     }
                 }
-                times.sort();
-                Ok(mib_s(size, times[0]))
+                best
             };
-            let mut a = Row {
-                ws1: best(1)?,
-                ws8: best(8)?,
-                ..Row::default()
-            };
+            let mut a = Row::default();
+            let p = self.start_server(server, port)?;
+            (a.ws1, a.ws8) = (best(1), best(8));
             (a.c200, a.f200) = self.atftp_swarm(host, port, 200, INITRD, small, &want_small)?;
+            rss(&p);
+            drop(p);
+            let p = self.start_server(server, port)?;
             (a.c1000, a.f1000) = self.atftp_swarm(host, port, 1000, INITRD, small, &want_small)?;
+            rss(&p);
+            drop(p);
 
-            let mut f = Row {
-                ws1: self.loadgen_single(&addr, 1, size, &want_big)?,
-                ws8: self.loadgen_single(&addr, 8, size, &want_big)?,
-                ..Row::default()
-            };
+            eprintln!("tftp bench: {server}, load generator");
+            let mut f = Row::default();
+            let p = self.start_server(server, port)?;
+            f.ws1 = self.loadgen_single(&addr, 1, size, &want_big);
+            f.ws8 = self.loadgen_single(&addr, 8, size, &want_big);
             (f.c200, f.f200) = self.loadgen_swarm(&addr, 200, small, &want_small)?;
+            rss(&p);
+            drop(p);
+            let p = self.start_server(server, port)?;
             (f.c1000, f.f1000) = self.loadgen_swarm(&addr, 1000, small, &want_small)?;
+            rss(&p);
+            drop(p);
 
-            if server == "rackboot" {
-                rss_kib = peak_rss_kib(proc.0.id());
-            }
-            drop(proc);
             json_rows.insert(
                 server.into(),
                 json!({"atftp": a.json(), "loadgen": f.json(),
@@ -268,10 +289,10 @@ impl Bench {
         writeln!(self.report, "### atftp client (one process per download)\n")?;
         writeln!(
             self.report,
-            "The atftp client is the bottleneck at high rates (one process per download, \
-             a syscall and a `select` per block, and it writes the file), so these numbers \
-             understate the faster servers; the load-generator table below is the one the \
-             goals are judged on.\n"
+            "The atftp client is the bottleneck at high rates (one process per download; \
+             a `pselect6`, a `recvmsg` and a `sendto` per block, and it writes the file), so \
+             these numbers understate the faster servers; the load-generator table below \
+             measures the servers.\n"
         )?;
         table(&mut self.report, &atftp_rows)?;
         writeln!(
@@ -291,11 +312,23 @@ fn table(out: &mut String, rows: &[(&str, Row)]) -> Result<()> {
         out,
         "| server | windowsize 1 | windowsize 8 | 200 clients | 1000 clients | failed (200 / 1000) |\n|---|---|---|---|---|---|"
     )?;
+    let rate = |v: f64| {
+        if v > 0.0 {
+            format!("{v:.1} MiB/s")
+        } else {
+            "failed".to_string()
+        }
+    };
     for (name, r) in rows {
         writeln!(
             out,
-            "| {name} | {:.1} MiB/s | {:.1} MiB/s | {:.1} MiB/s | {:.1} MiB/s | {} / {} |",
-            r.ws1, r.ws8, r.c200, r.c1000, r.f200, r.f1000
+            "| {name} | {} | {} | {} | {} | {} / {} |",
+            rate(r.ws1),
+            rate(r.ws8),
+            rate(r.c200),
+            rate(r.c1000),
+            r.f200,
+            r.f1000
         )?;
     }
     let get = |n: &str| &rows.iter().find(|r| r.0 == n).expect("measured").1;

@@ -1,0 +1,454 @@
+//! `rackboot serve` over TFTP where the address matters: IPv6, several listen
+//! addresses and wildcard listeners (replies must come from the address the client
+//! talked to), the transfer limit, and retransmitted RRQs.
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use rackboot::tftp::packet::{self, Packet};
+use sequoia_openpgp::types::HashAlgorithm;
+
+use crate::harness::*;
+use crate::mirror::*;
+
+const KERNEL: &str = "/ubuntu/amd64/generic/noble/stable/boot-kernel";
+const KERNEL_SIZE: usize = 3 << 20;
+const VERSION: &str = "20261101";
+
+/// A synced rack (kernel of `KERNEL_SIZE`) whose config has `listen` as the TFTP
+/// addresses and `tftp_extra` in its `[tftp]` table; serving, generation 1 published.
+struct Rack {
+    // Field order is drop order: stop the daemon before its files go.
+    served: Served,
+    _mirror: MirrorServer,
+    _env: Env,
+}
+
+fn rack(listen: &[&str], tftp_extra: &str) -> Rack {
+    let env = Env::new();
+    let key = TestKey::generate();
+    key.write_keyring(&env.keyring);
+    let mut products = vec![image("noble", "amd64", VERSION, KERNEL_SIZE)];
+    products.extend(bootloaders("20210819.0"));
+    write_stream(
+        &env.mirror,
+        &products,
+        &key,
+        Signing::Signed(HashAlgorithm::SHA512),
+    );
+    let mirror = MirrorServer::start(&env.mirror);
+    let listen = listen
+        .iter()
+        .map(|a| format!("\"{a}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    env.write_config(
+        &mirror.url(),
+        &["amd64"],
+        &format!(
+            "auto = false\n[tftp]\nlisten = [{listen}]\n{tftp_extra}\n[http]\nlisten = [\"127.0.0.1:0\"]\n"
+        ),
+    );
+    let served = env.serve();
+    served.wait_generation(1, Duration::from_secs(60));
+    Rack {
+        served,
+        _mirror: mirror,
+        _env: env,
+    }
+}
+
+fn kernel_sha() -> String {
+    let p = image("noble", "amd64", VERSION, KERNEL_SIZE);
+    sha256_hex(&p.versions.into_values().next().unwrap()[0].data)
+}
+
+/// Every TFTP address the daemon logged, once `n` of them are there.
+fn tftp_addrs(s: &Served, n: usize) -> Vec<SocketAddr> {
+    let mut addrs = vec![];
+    wait_until(Duration::from_secs(10), "the TFTP listening lines", || {
+        addrs = s
+            .log_text()
+            .lines()
+            .filter_map(|l| l.split("listening for TFTP on ").nth(1))
+            .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+            .collect();
+        addrs.len() >= n
+    });
+    addrs
+}
+
+fn metric(s: &Served, line_start: &str) -> u64 {
+    let (code, body) = s.get("/metrics");
+    assert_eq!(code, 200);
+    let text = String::from_utf8(body).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no metric {line_start:?} in\n{text}"))
+}
+
+/// A raw client socket on `local` (port 0) with a read timeout.
+fn client(local: &str, timeout: Duration) -> UdpSocket {
+    let s = UdpSocket::bind(local).unwrap();
+    s.set_read_timeout(Some(timeout)).unwrap();
+    s
+}
+
+/// Sends an RRQ for `name` to `server` and returns the first reply and where it came
+/// from.
+fn first_reply(
+    sock: &UdpSocket,
+    server: SocketAddr,
+    name: &str,
+    opts: &[(&str, &str)],
+) -> (Vec<u8>, SocketAddr) {
+    sock.send_to(&packet::rrq(name, "octet", opts), server)
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, from) = sock
+        .recv_from(&mut buf)
+        .unwrap_or_else(|e| panic!("no reply from {server}: {e}"));
+    (buf[..n].to_vec(), from)
+}
+
+/// Finishes a download the server has answered (OACK or DATA 1 in `first`, from the
+/// transfer port `peer`) as an RFC 7440 client; `poke` runs once, after the first
+/// window. Returns the file; fails on a packet from any other port.
+fn finish_download(
+    sock: &UdpSocket,
+    first: Vec<u8>,
+    peer: SocketAddr,
+    mut poke: impl FnMut(),
+) -> Vec<u8> {
+    let (mut bs, mut ws) = (512usize, 1u64);
+    let mut out = Vec::new();
+    let (mut expect, mut in_window) = (1u64, 0u64);
+    let mut pending = Some(first);
+    let mut buf = [0u8; 70000];
+    let mut poked = false;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let pkt = match pending.take() {
+            Some(p) => p,
+            None => {
+                let (n, from) = sock
+                    .recv_from(&mut buf)
+                    .expect("a packet within the timeout");
+                assert_eq!(from, peer, "a packet from a second transfer port");
+                buf[..n].to_vec()
+            }
+        };
+        match packet::parse(&pkt).expect("a TFTP packet") {
+            Packet::Oack { options } => {
+                assert!(expect == 1, "an OACK in the middle of the transfer");
+                for (k, v) in options {
+                    match k.as_str() {
+                        "blksize" => bs = v.parse().unwrap(),
+                        "windowsize" => ws = v.parse().unwrap(),
+                        _ => {}
+                    }
+                }
+                sock.send_to(&packet::ack(0), peer).unwrap();
+            }
+            Packet::Data { block, data } => {
+                if block == (expect % 65536) as u16 {
+                    out.extend_from_slice(data);
+                    in_window += 1;
+                    if data.len() < bs {
+                        sock.send_to(&packet::ack(block), peer).unwrap();
+                        return out;
+                    }
+                    expect += 1;
+                    if in_window == ws {
+                        in_window = 0;
+                        if !poked {
+                            poked = true;
+                            poke();
+                        }
+                        sock.send_to(&packet::ack(block), peer).unwrap();
+                    }
+                } else if block != ((expect - 1) % 65536) as u16 {
+                    in_window = 0;
+                    sock.send_to(&packet::ack(((expect - 1) % 65536) as u16), peer)
+                        .unwrap();
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    panic!("download did not finish within 60 s");
+}
+
+#[test]
+fn ipv6_with_real_clients() {
+    let r = rack(&["[::1]:0"], "");
+    let s = &r.served;
+    assert_eq!(s.tftp.ip(), "::1".parse::<IpAddr>().unwrap());
+    let want = kernel_sha();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("k");
+    let o = out.to_str().unwrap();
+    let url = format!("tftp://[::1]:{}{KERNEL}", s.tftp.port());
+    for bs in ["512", "1468"] {
+        let _ = std::fs::remove_file(&out);
+        let res = run_client(
+            "curl",
+            &[
+                "-s",
+                "--max-time",
+                "60",
+                "--tftp-blksize",
+                bs,
+                "-o",
+                o,
+                &url,
+            ],
+            Duration::from_secs(70),
+        );
+        assert!(
+            res.status.success(),
+            "curl over ::1, blksize {bs}: {}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+        assert_eq!(file_sha256(&out), want, "curl over ::1, blksize {bs}");
+    }
+    // tftp-hpa exits 0 even on a TFTP error: the contents are what counts.
+    let _ = std::fs::remove_file(&out);
+    let port = s.tftp.port().to_string();
+    let res = run_client(
+        "tftp",
+        &["-6", "::1", &port, "-m", "binary", "-c", "get", KERNEL, o],
+        Duration::from_secs(70),
+    );
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert_eq!(file_sha256(&out), want, "tftp-hpa over ::1");
+    // Windowed, from a raw socket: every packet comes from ::1, one transfer port.
+    let sock = client("[::1]:0", Duration::from_secs(5));
+    let (first, peer) = first_reply(
+        &sock,
+        s.tftp,
+        KERNEL,
+        &[("blksize", "1468"), ("windowsize", "8")],
+    );
+    assert_eq!(peer.ip(), s.tftp.ip());
+    assert_eq!(
+        sha256_hex(&finish_download(&sock, first, peer, || {})),
+        want
+    );
+}
+
+#[test]
+fn replies_come_from_the_address_the_client_talked_to() {
+    let want = kernel_sha();
+    // Two specific addresses.
+    let r = rack(&["127.0.0.1:0", "127.0.0.2:0"], "");
+    let addrs = tftp_addrs(&r.served, 2);
+    for ip in ["127.0.0.1", "127.0.0.2"] {
+        let server = *addrs
+            .iter()
+            .find(|a| a.ip().to_string() == ip)
+            .unwrap_or_else(|| panic!("no listener on {ip}: {addrs:?}"));
+        let sock = client("127.0.0.1:0", Duration::from_secs(5));
+        let (first, peer) = first_reply(&sock, server, KERNEL, &[("blksize", "1468")]);
+        assert_eq!(
+            peer.ip().to_string(),
+            ip,
+            "reply to a request sent to {server}"
+        );
+        assert_ne!(peer.port(), server.port(), "a transfer gets its own port");
+        assert_eq!(
+            sha256_hex(&finish_download(&sock, first, peer, || {})),
+            want
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("k");
+    let second = addrs
+        .iter()
+        .find(|a| a.ip().to_string() == "127.0.0.2")
+        .unwrap();
+    let res = run_client(
+        "curl",
+        &[
+            "-s",
+            "--max-time",
+            "60",
+            "-o",
+            out.to_str().unwrap(),
+            &format!("tftp://{second}{KERNEL}"),
+        ],
+        Duration::from_secs(70),
+    );
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert_eq!(file_sha256(&out), want);
+    drop(r);
+
+    // Wildcard listeners: the reply address comes from IP_PKTINFO / IPV6_PKTINFO, so
+    // it is whichever local address the request was sent to (IPv4 on the dual-stack
+    // socket arrives as a mapped address and must still be answered from IPv4).
+    let r = rack(&["0.0.0.0:0", "[::]:0"], "");
+    let addrs = tftp_addrs(&r.served, 2);
+    let v4 = addrs.iter().find(|a| a.is_ipv4()).unwrap().port();
+    let v6 = addrs.iter().find(|a| a.is_ipv6()).unwrap().port();
+    let dual_stack = std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only")
+        .map(|s| s.trim() == "0")
+        .unwrap_or(false);
+    let mut cases = vec![
+        ("127.0.0.1:0", "127.0.0.2", v4),
+        ("127.0.0.1:0", "127.0.0.3", v4),
+        ("[::1]:0", "::1", v6),
+    ];
+    if dual_stack {
+        cases.push(("127.0.0.1:0", "127.0.0.3", v6));
+    }
+    for (from, to, port) in cases {
+        let server = SocketAddr::new(to.parse().unwrap(), port);
+        let sock = client(from, Duration::from_secs(5));
+        let (first, peer) = first_reply(
+            &sock,
+            server,
+            KERNEL,
+            &[("blksize", "1468"), ("windowsize", "4")],
+        );
+        assert_eq!(
+            peer.ip(),
+            server.ip(),
+            "reply to a request sent to {server}"
+        );
+        assert_eq!(
+            sha256_hex(&finish_download(&sock, first, peer, || {})),
+            want
+        );
+    }
+}
+
+#[test]
+fn the_transfer_limit_refuses_clearly_and_recovers() {
+    let r = rack(&["127.0.0.1:0"], "max_transfers = 2");
+    let s = &r.served;
+    // Two clients that get DATA 1 and never acknowledge it hold both slots.
+    let mut hogs = vec![];
+    for _ in 0..2 {
+        let sock = client("127.0.0.1:0", Duration::from_secs(5));
+        let (first, peer) = first_reply(&sock, s.tftp, KERNEL, &[]);
+        assert_eq!(&first[..4], &[0, 3, 0, 1], "DATA 1");
+        hogs.push((sock, peer));
+    }
+    // A third one is told, and the log says why.
+    let third = client("127.0.0.1:0", Duration::from_secs(5));
+    let (reply, _) = first_reply(&third, s.tftp, KERNEL, &[]);
+    let Ok(Packet::Error { code, message }) = packet::parse(&reply) else {
+        panic!("expected an ERROR, got {:?}", &reply[..reply.len().min(16)]);
+    };
+    assert_eq!(code, 0);
+    assert!(
+        message.contains("busy") && message.contains("limit"),
+        "{message}"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the transfer-limit log line",
+        || s.log_text().contains("transfer limit reached"),
+    );
+    assert!(
+        s.log_text().contains("tftp.max_transfers"),
+        "the line names the setting"
+    );
+    assert_eq!(metric(s, "rackboot_tftp_errors_total{kind=\"busy\"}"), 1);
+    // The holders were not disturbed: the server still retransmits DATA 1 to them.
+    let mut buf = [0u8; 2048];
+    for (sock, peer) in &hogs {
+        let (n, from) = sock.recv_from(&mut buf).expect("DATA 1 again");
+        assert_eq!((&buf[..4], from), (&[0u8, 3, 0, 1][..], *peer));
+        assert_eq!(n, 516);
+    }
+    // They give up (ERROR to the transfer port): the slots free at once.
+    for (sock, peer) in &hogs {
+        sock.send_to(b"\x00\x05\x00\x00client gone\x00", peer)
+            .unwrap();
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "the aborted transfers to end",
+        || {
+            metric(s, "rackboot_tftp_transfers_in_flight") == 0
+                && metric(s, "rackboot_tftp_errors_total{kind=\"aborted\"}") == 2
+        },
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("k");
+    let res = run_client(
+        "curl",
+        &[
+            "-s",
+            "--max-time",
+            "60",
+            "-o",
+            out.to_str().unwrap(),
+            &format!("tftp://{}{KERNEL}", s.tftp),
+        ],
+        Duration::from_secs(70),
+    );
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert_eq!(file_sha256(&out), kernel_sha());
+    assert_eq!(metric(s, "rackboot_tftp_errors_total{kind=\"busy\"}"), 1);
+}
+
+#[test]
+fn a_retransmitted_rrq_does_not_start_a_second_transfer() {
+    let r = rack(&["127.0.0.1:0"], "");
+    let s = &r.served;
+    let want = kernel_sha();
+    let opts = [("blksize", "1468"), ("windowsize", "4"), ("tsize", "0")];
+    let rrq = packet::rrq(KERNEL, "octet", &opts);
+    let sock = client("127.0.0.1:0", Duration::from_secs(3));
+    // The RRQ goes out twice back to back (a client that retransmits early).
+    sock.send_to(&rrq, s.tftp).unwrap();
+    sock.send_to(&rrq, s.tftp).unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, peer) = sock.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..2], &[0, 6], "OACK");
+    // Nothing else arrives before we answer: no second OACK, from any port (the
+    // server resends only after its 1 s timeout).
+    sock.set_read_timeout(Some(Duration::from_millis(400)))
+        .unwrap();
+    let mut other = [0u8; 2048];
+    if let Ok((m, from)) = sock.recv_from(&mut other) {
+        panic!("a second answer from {from}: {:?}", &other[..m.min(16)]);
+    }
+    sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    // And once more in the middle of the transfer.
+    let got = finish_download(&sock, buf[..n].to_vec(), peer, || {
+        sock.send_to(&rrq, s.tftp).unwrap();
+    });
+    assert_eq!(sha256_hex(&got), want);
+    wait_until(
+        Duration::from_secs(10),
+        "the transfer to be counted",
+        || metric(s, "rackboot_tftp_transfers_ok_total") == 1,
+    );
+    assert_eq!(metric(s, "rackboot_tftp_received_requests_total"), 3);
+    assert_eq!(
+        metric(s, "rackboot_tftp_requests_total{class=\"kernel\"}"),
+        1
+    );
+    // Once it is over, the same port may ask again: that is a new transfer.
+    let (first, peer2) = first_reply(&sock, s.tftp, KERNEL, &opts);
+    assert_ne!(peer2, peer, "a new transfer port");
+    assert_eq!(
+        sha256_hex(&finish_download(&sock, first, peer2, || {})),
+        want
+    );
+}
