@@ -286,25 +286,31 @@ pub fn human_bytes(n: u64) -> String {
 }
 
 fn product_changes(old: &Manifest, plan: &Plan) -> Vec<String> {
-    let before: BTreeMap<&str, &str> = old
-        .products
-        .iter()
-        .map(|p| (p.name.as_str(), p.version_name.as_str()))
-        .collect();
-    let after: BTreeMap<&str, &str> = plan
-        .products
-        .iter()
-        .map(|p| (p.name.as_str(), p.version_name.as_str()))
-        .collect();
+    // name → (version, item digests)
+    let view =
+        |products: &[crate::plan::ManifestProduct]| -> BTreeMap<String, (String, Vec<String>)> {
+            products
+                .iter()
+                .map(|p| {
+                    let digests = p.items.iter().map(|i| i.sha256.to_string()).collect();
+                    (p.name.clone(), (p.version_name.clone(), digests))
+                })
+                .collect()
+        };
+    let (before, after) = (view(&old.products), view(&plan.products));
     let mut out = Vec::new();
-    for (name, v) in &after {
+    for (name, (v, items)) in &after {
         match before.get(name) {
             None => out.push(format!("+ {name} {v}")),
-            Some(old) if old != v => out.push(format!("~ {name} {old} -> {v}")),
+            Some((old, _)) if old != v => out.push(format!("~ {name} {old} -> {v}")),
+            // Same version name, other bytes: upstream republished it.
+            Some((_, old_items)) if old_items != items => {
+                out.push(format!("~ {name} {v} (republished with other content)"))
+            }
             _ => {}
         }
     }
-    for (name, v) in &before {
+    for (name, (v, _)) in &before {
         if !after.contains_key(name) {
             out.push(format!("- {name} {v}"));
         }

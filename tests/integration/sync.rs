@@ -701,3 +701,35 @@ arches = ["amd64", "arm64"]
     assert!(out.contains("up to date"), "{out}");
     assert_eq!(server.requests().len(), 1);
 }
+
+/// Upstream republishing a version under the same name with other bytes is picked
+/// up (the index changed, the files differ) and reported as such.
+#[test]
+fn republished_version_is_synced_and_reported() {
+    let (env, key, _server) = setup(&["amd64"]);
+    env.ok(&["sync"]);
+    let mut products = vec![
+        image("noble", "amd64", "20261101", 64 << 10),
+        image("noble", "arm64", "20261101", 48 << 10),
+    ];
+    products.extend(bootloaders("20210819.0"));
+    let kernel = &mut products[0].versions.get_mut("20261101").unwrap()[0];
+    kernel.data = payload(99, 70_000);
+    let want = sha256_hex(&kernel.data);
+    write_stream(&env.mirror, &products, &key, SHA512);
+    let out = env.ok(&["sync"]);
+    assert!(out.contains("synced: generation 2"), "{out}");
+    assert!(
+        out.contains(
+            "~ ubuntu/amd64/ga-24.04/noble/stable 20261101 (republished with other content)"
+        ),
+        "{out}"
+    );
+    assert_eq!(
+        file_sha256(
+            &env.current()
+                .join("ubuntu/amd64/ga-24.04/noble/stable/boot-kernel")
+        ),
+        want
+    );
+}
