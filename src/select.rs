@@ -298,6 +298,78 @@ pub fn select(sources: &[(Vec<Verified<Products>>, Vec<Selection>)]) -> Selected
     out
 }
 
+/// One image a boot source offers (its latest version), for the Images page and
+/// `boot-resources`: what could be selected, and whether the selections take it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CatalogEntry {
+    /// Index of the source (0-based, in source order).
+    pub source: usize,
+    pub os: String,
+    pub release: String,
+    pub arch: String,
+    pub subarch: String,
+    pub label: String,
+    pub version: String,
+    /// `release_title` (e.g. `24.04 LTS`), else the release.
+    pub title: String,
+    /// Bytes of the items a rack downloads (kernel, initrd, dtb, squashfs).
+    pub size: u64,
+    pub selected: bool,
+}
+
+/// Every image of the verified sources with whether the selections take it.
+pub fn catalog(sources: &[(Vec<Verified<Products>>, Vec<Selection>)]) -> Vec<CatalogEntry> {
+    let mut out = Vec::new();
+    for (source, (products, selections)) in sources.iter().enumerate() {
+        let mut grouped: BTreeMap<(&str, &str), BTreeMap<&str, Vec<&Item>>> = BTreeMap::new();
+        for p in products {
+            for item in &p.get().items {
+                if IMAGE_FTYPES.contains(&item.ftype.as_str()) {
+                    grouped
+                        .entry((item.content_id.as_str(), item.product_name.as_str()))
+                        .or_default()
+                        .entry(item.version_name.as_str())
+                        .or_default()
+                        .push(item);
+                }
+            }
+        }
+        for versions in grouped.values() {
+            let Some((version, items)) = latest(versions) else {
+                continue;
+            };
+            let Some(key) = image_key(items[0]) else {
+                continue;
+            };
+            let fields = product_fields(items[0]);
+            let aliases = subarch_dirs(&fields);
+            let title = fields
+                .get("release_title")
+                .cloned()
+                .unwrap_or_else(|| key.release.clone());
+            out.push(CatalogEntry {
+                source,
+                selected: selections
+                    .iter()
+                    .any(|s| selection_matches(s, &key, &aliases)),
+                os: key.os,
+                release: key.release,
+                arch: key.arch,
+                subarch: key.subarch,
+                label: key.label,
+                version: version.to_string(),
+                title,
+                size: items.iter().map(|i| i.size).sum(),
+            });
+        }
+    }
+    out.sort_by(|a, b| {
+        (a.source, &a.os, &a.release, &a.arch, &a.subarch, &a.label)
+            .cmp(&(b.source, &b.os, &b.release, &b.arch, &b.subarch, &b.label))
+    });
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,6 +455,35 @@ mod tests {
             names,
             vec!["p:22.04:arm64:hwe-22.04", "b:grub-efi:uefi:arm64"]
         );
+    }
+
+    #[test]
+    fn catalog_lists_every_image_with_its_selection() {
+        let p = parse_products(&doc(), "c").unwrap();
+        let v = crate::verify::accept_unsigned(String::new(), crate::verify::UnsignedSource(()))
+            .map(|_| p);
+        let c = catalog(&[(vec![v], vec![sel("jammy", &["amd64"], &["*"])])]);
+        let got: Vec<(&str, &str, &str, u64, bool)> = c
+            .iter()
+            .map(|e| {
+                (
+                    e.arch.as_str(),
+                    e.subarch.as_str(),
+                    e.version.as_str(),
+                    e.size,
+                    e.selected,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("amd64", "ga-22.04", "20250805", 2, true),
+                ("arm64", "hwe-22.04", "20250805", 1, false),
+            ],
+            "bootloaders are not listed; versions with only a manifest do not count"
+        );
+        assert_eq!(c[0].title, "jammy");
     }
 
     #[test]

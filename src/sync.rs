@@ -158,6 +158,15 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
+/// Every image the sources offer and whether it is selected (`select::catalog`),
+/// written after each successful sync that read the upstream.
+pub const CATALOG_FILE: &str = "catalog.json";
+
+fn write_catalog(settings: &Settings, json: &[u8]) -> anyhow::Result<()> {
+    let p = settings.state_dir.join(CATALOG_FILE);
+    crate::store::atomic_write(&p, json).with_context(|| format!("cannot write {}", p.display()))
+}
+
 /// Verifies (or accepts, for an unsigned source) one metadata document.
 fn trust(src: &Resolved, url: &Url, bytes: Vec<u8>) -> anyhow::Result<Verified<String>> {
     if src.url.signed {
@@ -350,7 +359,10 @@ pub async fn run(
         .collect::<Result<_, _>>()?;
     let key = sources_key(&sources.sources);
     let current = store.current_generation();
-    let reuse_validators = state.sources_key == key && current.is_some();
+    // (Without a catalog, read the upstream whole once to write one.)
+    let reuse_validators = state.sources_key == key
+        && current.is_some()
+        && settings.state_dir.join(CATALOG_FILE).exists();
     let fetcher = Fetcher::new(settings.sync.timeout)?;
     let requests = Counter(AtomicU64::new(0));
     let mut report = Report {
@@ -422,6 +434,7 @@ pub async fn run(
         per_source.push((products, selections));
     }
     let selected: Selected = select::select(&per_source);
+    let catalog = serde_json::to_vec_pretty(&select::catalog(&per_source))?;
     for f in &selected.skipped_ftypes {
         let w = format!("skipping items of unknown ftype {f:?}");
         tracing::warn!("{w}");
@@ -468,6 +481,7 @@ pub async fn run(
     let current_meta =
         current.and_then(|g| std::fs::read_to_string(store.snapshot_dir(g).join("maas.meta")).ok());
     if current_meta.as_deref() == Some(plan.meta.as_str()) && plan.fetch.is_empty() {
+        write_catalog(settings, &catalog)?;
         state.sources_key = key;
         state.indexes = new_validators;
         state.last_success = Some(now_unix());
@@ -612,6 +626,7 @@ pub async fn run(
     };
     store.build_snapshot(&manifest, &symlinks, &plan.meta)?;
     store.publish(generation)?;
+    write_catalog(settings, &catalog)?;
     state.generation = generation;
     state.sources_key = key;
     state.indexes = new_validators;

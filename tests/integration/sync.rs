@@ -101,6 +101,34 @@ fn signed_mirror_syncs_then_noop_is_one_conditional_request() {
         "20261101"
     );
 
+    // The catalog: every image the source offers, with its selection.
+    let catalog: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(env.state.join("catalog.json")).unwrap()).unwrap();
+    let entries: Vec<(String, bool)> = catalog
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                format!(
+                    "{}/{}/{}/{}",
+                    e["os"].as_str().unwrap(),
+                    e["release"].as_str().unwrap(),
+                    e["arch"].as_str().unwrap(),
+                    e["version"].as_str().unwrap()
+                ),
+                e["selected"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        entries,
+        vec![
+            ("ubuntu/noble/amd64/20261101".to_string(), true),
+            ("ubuntu/noble/arm64/20261101".to_string(), true)
+        ]
+    );
+
     // Nothing new upstream: one conditional request, no file written.
     let before = env.fingerprint();
     let state_mtime = std::fs::metadata(env.state.join("state.json"))
