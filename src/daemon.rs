@@ -477,6 +477,21 @@ fn reload(d: &Daemon) {
                     d.config_path.display()
                 );
             }
+            let tls = |s: &Settings| {
+                s.http
+                    .tls
+                    .as_ref()
+                    .map(|t| (t.listen.clone(), t.cert.clone(), t.key.clone()))
+            };
+            if tls(&new) != tls(&old)
+                || new.http.max_connections != old.http.max_connections
+                || new.http.header_timeout != old.http.header_timeout
+            {
+                tracing::warn!(
+                    "HTTP TLS or limits changed in {}: restart rackboot to apply them",
+                    d.config_path.display()
+                );
+            }
             if new.state_dir != old.state_dir {
                 tracing::warn!(
                     "state_dir changed in {}: restart rackboot to apply it",
