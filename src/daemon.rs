@@ -278,10 +278,31 @@ fn bind_tcp(addr: SocketAddr, what: &str) -> anyhow::Result<std::net::TcpListene
         .map_err(|e| anyhow::anyhow!("cannot bind {what} on {addr}: {e}"))
 }
 
+/// Raises the soft open-files limit to the hard one: every HTTP connection and every
+/// file being sent holds a descriptor, and systemd's default soft limit is 1024.
+fn raise_open_files_limit() {
+    use nix::libc;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain system calls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let old = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                tracing::debug!("open files limit raised from {old} to {}", lim.rlim_max);
+            }
+        }
+    }
+}
+
 /// Runs the daemon until SIGTERM/SIGINT.
 pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
 
+    raise_open_files_limit();
     let store = Store::open(&settings.state_dir)?;
     let snapshot = Snapshot::load_current(&store)?;
     match &snapshot {
@@ -453,6 +474,21 @@ fn reload(d: &Daemon) {
             if new.tftp.listen != old.tftp.listen || new.http.listen != old.http.listen {
                 tracing::warn!(
                     "listen addresses changed in {}: restart rackboot to apply them",
+                    d.config_path.display()
+                );
+            }
+            let tls = |s: &Settings| {
+                s.http
+                    .tls
+                    .as_ref()
+                    .map(|t| (t.listen.clone(), t.cert.clone(), t.key.clone()))
+            };
+            if tls(&new) != tls(&old)
+                || new.http.max_connections != old.http.max_connections
+                || new.http.header_timeout != old.http.header_timeout
+            {
+                tracing::warn!(
+                    "HTTP TLS or limits changed in {}: restart rackboot to apply them",
                     d.config_path.display()
                 );
             }

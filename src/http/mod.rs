@@ -181,16 +181,24 @@ fn handle(
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> impl std::future::Future<Output = Result<Response<Body>, std::convert::Infallible>> {
-    let start = Instant::now();
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
+    // What the debug log line needs, only when it is on.
+    let log = tracing::enabled!(tracing::Level::DEBUG).then(|| {
+        (
+            Instant::now(),
+            req.method().clone(),
+            req.uri().path().to_string(),
+        )
+    });
     metrics.requests.fetch_add(1, Ordering::Relaxed);
     let fut = app.call(req, peer);
     async move {
         let resp = fut.await;
         let status = resp.status().as_u16();
         metrics.count_status(status);
-        tracing::debug!(%peer, %method, %path, status, duration_ms = start.elapsed().as_millis() as u64, "http request");
+        if let Some((start, method, path)) = log {
+            let duration_ms = start.elapsed().as_millis() as u64;
+            tracing::debug!(%peer, %method, %path, status, duration_ms, "http request");
+        }
         Ok(resp)
     }
 }
@@ -227,6 +235,7 @@ pub async fn serve(
         limits,
         metrics,
     };
+    let workers = Workers::start(&shared);
     let mut accept_tasks = tokio::task::JoinSet::new();
     for l in listeners {
         l.socket.set_nonblocking(true)?;
@@ -237,11 +246,12 @@ pub async fn serve(
             "listening for {} on {addr}",
             if acceptor.is_some() { "HTTPS" } else { "HTTP" }
         );
-        let (shared, shutdown, graceful, slots) = (
+        let (shared, shutdown, graceful, slots, workers) = (
             shared.clone(),
             shutdown.clone(),
             graceful.clone(),
             slots.clone(),
+            workers.clone(),
         );
         accept_tasks.spawn(async move {
             let mut last_warn: Option<Instant> = None;
@@ -273,15 +283,25 @@ pub async fn serve(
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                let (shared, watcher, acceptor) =
-                    (shared.clone(), graceful.watcher(), acceptor.clone());
-                tokio::spawn(async move {
-                    let m = shared.metrics.clone();
-                    m.connections_open.fetch_add(1, Ordering::Relaxed);
-                    connection(shared, stream, peer, acceptor, watcher).await;
-                    m.connections_open.fetch_sub(1, Ordering::Relaxed);
-                    drop(permit);
-                });
+                // The stream leaves this runtime's reactor for its worker's.
+                let stream = match stream.into_std() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::debug!(%peer, "cannot hand the connection over: {e}");
+                        continue;
+                    }
+                };
+                let accepted = Accepted {
+                    stream,
+                    peer,
+                    acceptor: acceptor.clone(),
+                    watcher: graceful.watcher(),
+                    permit,
+                };
+                if let Err(accepted) = workers.send(accepted) {
+                    // No worker thread: serve it on this runtime.
+                    tokio::spawn(accepted.run(shared.clone()));
+                }
             }
         });
     }
@@ -298,6 +318,94 @@ pub async fn serve(
         tracing::warn!("http: drain deadline passed with connections still open");
     }
     Ok(())
+}
+
+/// An accepted connection on its way to a worker thread.
+struct Accepted {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Accepted {
+    /// Serves the connection on the current runtime.
+    async fn run(self, shared: Shared) {
+        let Ok(stream) = tokio::net::TcpStream::from_std(self.stream) else {
+            return;
+        };
+        let m = shared.metrics.clone();
+        m.connections_open.fetch_add(1, Ordering::Relaxed);
+        connection(shared, stream, self.peer, self.acceptor, self.watcher).await;
+        m.connections_open.fetch_sub(1, Ordering::Relaxed);
+        drop(self.permit);
+    }
+}
+
+/// Connection threads, one per core, each with a single-threaded runtime: a
+/// connection lives on one thread from accept to close, with no work-stealing and
+/// no cross-thread wake-ups. Accepted connections are dealt out round-robin. When
+/// the accept loops end (shutdown), a worker serves what it has to the end.
+#[derive(Clone)]
+struct Workers {
+    senders: Arc<Vec<tokio::sync::mpsc::UnboundedSender<Accepted>>>,
+    next: Arc<AtomicU64>,
+}
+
+impl Workers {
+    fn start(shared: &Shared) -> Workers {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut senders = Vec::new();
+        for i in 0..n {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Accepted>();
+            let shared = shared.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("http-{i}"))
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            tracing::error!("http worker {i}: cannot start a runtime: {e}");
+                            return;
+                        }
+                    };
+                    rt.block_on(async move {
+                        let tracker = tokio_util::task::TaskTracker::new();
+                        while let Some(accepted) = rx.recv().await {
+                            tracker.spawn(accepted.run(shared.clone()));
+                        }
+                        tracker.close();
+                        tracker.wait().await;
+                    });
+                });
+            match spawned {
+                Ok(_) => senders.push(tx),
+                Err(e) => tracing::warn!("http worker {i}: cannot start a thread: {e}"),
+            }
+        }
+        Workers {
+            senders: Arc::new(senders),
+            next: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Hands `accepted` to the next worker; gives it back when none is running.
+    fn send(&self, accepted: Accepted) -> Result<(), Accepted> {
+        let n = self.senders.len();
+        let mut accepted = accepted;
+        for _ in 0..n {
+            let i = self.next.fetch_add(1, Ordering::Relaxed) as usize % n;
+            match self.senders[i].send(accepted) {
+                Ok(()) => return Ok(()),
+                Err(back) => accepted = back.0,
+            }
+        }
+        Err(accepted)
+    }
 }
 
 /// Serves one connection to its end (TLS handshake first when `acceptor` is set).

@@ -268,3 +268,94 @@ impl AsyncWrite for SendfileStream {
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A connected loopback pair: (server side wrapped, client side).
+    async fn pair() -> (SendfileStream, Arc<Pending>, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        let pending = Arc::new(Pending::default());
+        (
+            SendfileStream::new(server, pending.clone()),
+            pending,
+            client,
+        )
+    }
+
+    fn file_of(data: &[u8]) -> Arc<File> {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(data).unwrap();
+        Arc::new(f)
+    }
+
+    fn queue(p: &Pending, seg: Segment) {
+        p.0.lock().unwrap().push_back(seg);
+    }
+
+    #[tokio::test]
+    async fn placeholders_become_the_queued_file_ranges() {
+        let data: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (mut server, pending, mut client) = pair().await;
+        let file = file_of(&data);
+        queue(&pending, Segment::new(file.clone(), 10, 1000, None));
+        queue(&pending, Segment::new(file, 3000, 500, None));
+        let span = placeholder();
+        // Headers, then two body frames, as hyper hands them over.
+        let mut parts: Vec<&[u8]> = vec![b"HEAD", &span[..1000], b"mid", &span[..500]];
+        let mut sent = 0;
+        while !parts.is_empty() {
+            let bufs: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+            let mut n = server.write_vectored(&bufs).await.unwrap();
+            assert!(n > 0);
+            sent += n;
+            while n > 0 {
+                let k = n.min(parts[0].len());
+                parts[0] = &parts[0][k..];
+                n -= k;
+                if parts[0].is_empty() {
+                    parts.remove(0);
+                }
+            }
+        }
+        assert_eq!(sent, 4 + 1000 + 3 + 500);
+        assert!(pending.0.lock().unwrap().is_empty());
+        let mut got = vec![0u8; sent];
+        client.read_exact(&mut got).await.unwrap();
+        let mut want = b"HEAD".to_vec();
+        want.extend_from_slice(&data[10..1010]);
+        want.extend_from_slice(b"mid");
+        want.extend_from_slice(&data[3000..3500]);
+        assert_eq!(got, want);
+    }
+
+    #[tokio::test]
+    async fn a_placeholder_out_of_step_fails_instead_of_sending() {
+        let (mut server, pending, _client) = pair().await;
+        let span = placeholder();
+        // Nothing queued.
+        let e = server.write(&span[..100]).await.unwrap_err();
+        assert!(e.to_string().contains("out of step"), "{e}");
+        // Queued 100 bytes, but the slice claims 5 were already sent.
+        queue(&pending, Segment::new(file_of(&[1; 100]), 0, 100, None));
+        let e = server.write(&span[5..100]).await.unwrap_err();
+        assert!(e.to_string().contains("out of step"), "{e}");
+        // Right start, wrong length.
+        let e = server.write(&span[..60]).await.unwrap_err();
+        assert!(e.to_string().contains("out of step"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn bodies_queue_only_inside_a_connection_scope() {
+        let seg = || Segment::new(file_of(b"x"), 0, 1, None);
+        assert!(enqueue(seg()).is_err(), "no connection: read and copy");
+        let pending = Arc::new(Pending::default());
+        scope(pending.clone(), async { assert!(enqueue(seg()).is_ok()) }).await;
+        assert_eq!(pending.0.lock().unwrap().len(), 1);
+    }
+}

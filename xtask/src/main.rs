@@ -5,10 +5,14 @@
 //! - `demo-stream D` build the signed demo SimpleStreams tree into D
 //! - `bench [tftp|http]` rackboot against tftpd-hpa, atftpd, dnsmasq and nginx
 //! - `netboot [MODE…]` QEMU VMs (BIOS, UEFI amd64/arm64, iPXE) netboot from rackboot
+//! - `dist`          static, stripped musl binaries for x86_64 and aarch64, checked
+//! - `image [--check]` the bootable appliance disk image (mmdebstrap), booted in QEMU
 
 mod bench;
 mod demo;
 mod demo_stream;
+mod dist;
+mod image;
 mod netboot;
 mod prereq;
 mod test;
@@ -17,7 +21,7 @@ mod tftpload;
 use std::path::PathBuf;
 
 fn usage() -> ! {
-    eprintln!("usage: cargo xtask <test | demo | demo-stream DIR | bench [tftp] [http] | netboot [MODE...] [--keep]>");
+    eprintln!("usage: cargo xtask <test | demo | demo-stream DIR | bench [tftp] [http] | netboot [MODE...] [--keep] | dist [--no-smoke] | image [--check | --no-check]>");
     std::process::exit(2);
 }
 
@@ -30,6 +34,8 @@ fn main() -> anyhow::Result<()> {
         "bench" => bench::run(rest),
         "demo" => demo::run(rest),
         "netboot" => netboot::run(rest),
+        "dist" => dist::run(rest),
+        "image" => image::run(rest),
         "demo-stream" => {
             let Some(dir) = rest.first() else { usage() };
             let summary = demo_stream::build(&PathBuf::from(dir))?;

@@ -229,3 +229,24 @@ pub fn ensure_rustup_components(components: &[&str]) -> Result<()> {
     }
     Ok(())
 }
+
+/// Adds rustup targets (the musl targets of `cargo xtask dist`) that are missing.
+pub fn ensure_rustup_targets(targets: &[&str]) -> Result<()> {
+    let list = output("rustup", &["target", "list", "--installed"])
+        .context("rustup is needed to add the musl targets")?;
+    for t in targets {
+        if !list.lines().any(|l| l.trim() == *t) {
+            cmd("rustup", &["target", "add", t])?;
+        }
+    }
+    Ok(())
+}
+
+/// Cargo's target directory: `$CARGO_TARGET_DIR` when set (relative to the workspace
+/// root, as cargo reads it), else `<root>/target`.
+pub fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) if !d.is_empty() => root.join(d),
+        _ => root.join("target"),
+    }
+}

@@ -130,7 +130,7 @@ pub fn run(args: &[String]) -> Result<()> {
         // The load generator runs optimised, whatever profile `cargo xtask` used.
         cmd("cargo", &["build", "--release", "--package", "xtask"])?;
     }
-    let target = target_dir(&root);
+    let target = prereq::target_dir(&root);
     let dir = target.join("bench");
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;
@@ -175,15 +175,6 @@ pub fn run(args: &[String]) -> Result<()> {
     println!("{}", b.report);
     println!("written to {}", md.display());
     Ok(())
-}
-
-/// Cargo's target directory: `$CARGO_TARGET_DIR` when set (relative to the workspace
-/// root, as cargo reads it), else `<root>/target`.
-fn target_dir(root: &Path) -> PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(d) if !d.is_empty() => root.join(d),
-        _ => root.join("target"),
-    }
 }
 
 fn native_arch() -> Result<String> {

@@ -1,0 +1,756 @@
+//! `cargo xtask image [--check | --no-check]`: the rackboot appliance disk image.
+//!
+//! Builds `<target dir>/image/rackboot-appliance-amd64.img` from the definition in
+//! `images/appliance/` (package list, dpkg excludes, files, GRUB configs) with its
+//! `build.sh`: mmdebstrap (Debian 12 from the package mirror), the static x86_64
+//! binary from `cargo xtask dist` at /usr/bin/rackboot, the unit, sysusers.d,
+//! tmpfiles.d and default config from `systemd/`, systemd-networkd DHCP, serial
+//! console on ttyS0, and a GPT disk with a shim + signed GRUB ESP and an ext4 root,
+//! written without mounts or loop devices. Then (unless `--no-check`) it checks the
+//! image; `--check` checks the image already built (building it when missing).
+//!
+//! The check boots a sparse copy of the image, enlarged to 4 GiB, in QEMU (q35, OVMF,
+//! virtio disk and NIC, user-mode networking with a hostfwd to the appliance's HTTP
+//! port 5248). KVM is tried first and dropped for TCG when the kernel does not print
+//! its banner within a short limit (on this machine kind /dev/kvm exists but guests
+//! hang). The appliance keeps its shipped config (images.maas.io) plus one drop-in
+//! written into the copy with debugfs, which points its source at a rackboot on this
+//! host (the dist binary serving the signed demo stream on loopback, reached from the
+//! guest as 10.0.2.2) — so the appliance really syncs, as its own user under the
+//! sandboxed unit, through the re-exported stream. The check waits (every wait
+//! bounded) for `/api/v1/status` to answer through the hostfwd (boot time), for the
+//! first sync, fetches a kernel and compares its sha256 with the upstream's, fetches
+//! `/metrics`, waits past the unit's WatchdogSec with the same process, then powers
+//! the VM off over the QEMU monitor and requires a clean stop (rackboot stopped,
+//! "reboot: Power down"). Afterwards the copy's partition table and filesystem must
+//! have grown over the 4 GiB (systemd-repart + x-systemd.growfs). QEMU and the host
+//! rackboot are killed by PID on every exit path.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+
+use crate::dist::{self, Guard};
+use crate::prereq::{self, cmd, output};
+
+const IMAGE_NAME: &str = "rackboot-appliance-amd64.img";
+/// The appliance's HTTP port (systemd/rackboot.toml).
+const GUEST_HTTP_PORT: u16 = 5248;
+/// The size the check's copy of the image is grown to before booting.
+const CHECK_DISK_BYTES: u64 = 4 << 30;
+
+/// Host tools for the build.
+const BUILD_DEBS: &[&str] = &[
+    "mmdebstrap",
+    "debian-archive-keyring",
+    "dosfstools",
+    "mtools",
+    "e2fsprogs",
+    "fdisk",
+    "shim-signed",
+    "grub-efi-amd64-signed",
+];
+/// Host tools for the check (QEMU from bookworm-backports: the machine's qemu-utils
+/// comes from there and conflicts with bookworm's qemu-system-common).
+const CHECK_DEBS: &[&str] = &["ovmf", "curl", "e2fsprogs", "fdisk", "util-linux"];
+const CHECK_BACKPORTS_DEBS: &[&str] = &["qemu-system-x86"];
+
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// The whole build script (mmdebstrap fetches a few hundred MiB).
+const BUILD_TIMEOUT: Duration = Duration::from_secs(40 * 60);
+/// KVM must get the kernel to print its banner within this.
+const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(60);
+/// From QEMU start until /api/v1/status answers (TCG on 2 cores, OVMF, first boot).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+/// From the first answer until the first sync has published a snapshot.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(600);
+/// The unit's WatchdogSec plus a margin: the daemon must still be the same process.
+const WATCHDOG_WAIT: Duration = Duration::from_secs(75);
+/// From `system_powerdown` until QEMU exits.
+const POWERDOWN_TIMEOUT: Duration = Duration::from_secs(180);
+
+fn image_dir() -> PathBuf {
+    prereq::target_dir(&crate::root()).join("image")
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    let mut check_only = false;
+    let mut no_check = false;
+    for a in args {
+        match a.as_str() {
+            "--check" => check_only = true,
+            "--no-check" => no_check = true,
+            _ => bail!(
+                "unknown image argument {a:?} (usage: cargo xtask image [--check | --no-check])"
+            ),
+        }
+    }
+    let dir = image_dir();
+    std::fs::create_dir_all(&dir)?;
+    let image = dir.join(IMAGE_NAME);
+    let mut report = String::new();
+    writeln!(report, "# rackboot appliance image\n")?;
+    if !check_only || !image.exists() {
+        let built = build(&image)?;
+        writeln!(report, "{built}")?;
+    } else {
+        writeln!(report, "image: {} (already built)", image.display())?;
+    }
+    if !no_check {
+        let checked = check(&image)?;
+        writeln!(report, "{checked}")?;
+    }
+    std::fs::write(dir.join("report.md"), &report)?;
+    println!("\n{report}");
+    Ok(())
+}
+
+/// Runs a child to completion, bounded by `limit` (the child's group is killed on
+/// timeout or any early return).
+fn run_bounded(g: &mut Guard, limit: Duration) -> Result<std::process::ExitStatus> {
+    let started = Instant::now();
+    loop {
+        if let Some(s) = g.child.try_wait()? {
+            return Ok(s);
+        }
+        if started.elapsed() > limit {
+            // SIGTERM first: mmdebstrap unmounts what it mounted in the chroot.
+            let _ = g.terminate(Duration::from_secs(30));
+            bail!("{} did not finish within {} s", g.what, limit.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Unmounts whatever is still mounted below `dir` (a killed mmdebstrap leaves its
+/// chroot's /proc, /sys and /dev mounts).
+fn unmount_below(dir: &Path) {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return;
+    };
+    let prefix = dir.to_string_lossy().to_string();
+    let mut points: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|p| p.starts_with(&prefix))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        eprintln!("unmounting the leftover {p}");
+        let _ = Command::new("umount").args(["--lazy", p]).status();
+    }
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// Builds the image with `images/appliance/build.sh`; returns the report lines.
+fn build(image: &Path) -> Result<String> {
+    prereq::ensure_debs(BUILD_DEBS)?;
+    let bin = dist::build_x86_64()?;
+    let root = crate::root();
+    let dir = image_dir();
+    let work = dir.join("work");
+    let log = dir.join("build.log");
+    eprintln!(
+        "building {} with images/appliance/build.sh (log: {})",
+        image.display(),
+        log.display()
+    );
+    let started = Instant::now();
+    let script = root.join("images/appliance/build.sh");
+    let mut g = {
+        let mut c = Command::new("setpriv");
+        c.args(["--pdeathsig", "KILL", "--"]).arg(&script);
+        c.env("RACKBOOT_BIN", &bin)
+            .env("OUT", image)
+            .env("WORK", &work);
+        spawn_logged(c, "images/appliance/build.sh", &log)?
+    };
+    let status = run_bounded(&mut g, BUILD_TIMEOUT);
+    drop(g);
+    unmount_below(&work);
+    let status = status?;
+    let elapsed = started.elapsed();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    if !status.success() {
+        let tail: Vec<&str> = text.lines().rev().take(30).collect();
+        bail!(
+            "images/appliance/build.sh failed ({status}); the end of {}:\n{}",
+            log.display(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    let summary = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("kernel="))
+        .unwrap_or("")
+        .to_string();
+    let field = |k: &str| -> Option<u64> {
+        summary
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .and_then(|v| v.parse().ok())
+    };
+    std::fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
+    let meta = std::fs::metadata(image)?;
+    let allocated = std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
+    let mut r = String::new();
+    writeln!(r, "| image | value |\n|---|---|")?;
+    writeln!(r, "| file | `{}` |", image.display())?;
+    writeln!(
+        r,
+        "| size | {} bytes ({:.0} MiB), {:.0} MiB allocated (sparse) |",
+        meta.len(),
+        mib(meta.len()),
+        mib(allocated)
+    )?;
+    if let (Some(rootfs), Some(fs)) = (field("rootfs_mib"), field("root_fs_mib")) {
+        writeln!(
+            r,
+            "| root tree / filesystem | {rootfs} MiB in a {fs} MiB ext4 |"
+        )?;
+    }
+    writeln!(
+        r,
+        "| kernel | {} |",
+        summary
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("kernel="))
+            .unwrap_or("?")
+    )?;
+    writeln!(r, "| build time | {:.0} s |", elapsed.as_secs_f64())?;
+    eprintln!(
+        "built {} in {:.0} s",
+        image.display(),
+        elapsed.as_secs_f64()
+    );
+    Ok(r)
+}
+
+fn spawn_logged(mut c: Command, what: &str, log: &Path) -> Result<Guard> {
+    use std::os::unix::process::CommandExt as _;
+    let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let child = c
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot start {what}"))?;
+    Ok(Guard {
+        child,
+        what: what.to_string(),
+    })
+}
+
+fn sha256_bytes(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+/// A free TCP port on loopback (bound and released; QEMU binds it right after).
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// GET with curl, bounded; `None` when it does not answer 2xx.
+fn http_get(url: &str, max_time_s: u32) -> Option<Vec<u8>> {
+    let out = Command::new("curl")
+        .args(["-sf", "--max-time", &max_time_s.to_string(), url])
+        .output()
+        .ok()?;
+    out.status.success().then_some(out.stdout)
+}
+
+/// Byte offset and size of partition `n` (1-based) of a disk image, from sfdisk.
+fn partition(disk: &Path, n: usize) -> Result<(u64, u64)> {
+    let json = output("sfdisk", &["--json", disk.to_str().context("utf-8 path")?])?;
+    let v: serde_json::Value = serde_json::from_str(&json).context("parsing sfdisk --json")?;
+    let p = &v["partitiontable"]["partitions"][n - 1];
+    let (Some(start), Some(size)) = (p["start"].as_u64(), p["size"].as_u64()) else {
+        bail!("{} has no partition {n}", disk.display());
+    };
+    Ok((start * 512, size * 512))
+}
+
+/// The ext4 root filesystem's size in bytes (block count × block size), read with
+/// dumpe2fs at the partition's offset.
+fn ext4_bytes(disk: &Path, offset: u64) -> Result<u64> {
+    let dev = format!("{}?offset={offset}", disk.display());
+    let text = output("dumpe2fs", &["-h", &dev])?;
+    let get = |k: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    match (get("Block count:"), get("Block size:")) {
+        (Some(c), Some(s)) => Ok(c * s),
+        _ => bail!("dumpe2fs -h {dev} printed no block count"),
+    }
+}
+
+/// Writes files into the ext4 root of `disk` (no mount): `(host file, directory in
+/// the image, name)`, each root-owned, mode 0644.
+fn debugfs_write(disk: &Path, offset: u64, files: &[(&Path, &str, &str)]) -> Result<()> {
+    let mut script = String::new();
+    for (host, dir, name) in files {
+        writeln!(script, "cd {dir}")?;
+        writeln!(script, "write {} {name}", host.display())?;
+        writeln!(script, "sif {name} mode 0100644")?;
+        writeln!(script, "sif {name} uid 0")?;
+        writeln!(script, "sif {name} gid 0")?;
+    }
+    let cmds = disk.with_extension("debugfs");
+    std::fs::write(&cmds, script)?;
+    let dev = format!("{}?offset={offset}", disk.display());
+    let out = output(
+        "debugfs",
+        &["-w", "-f", cmds.to_str().context("utf-8")?, &dev],
+    )?;
+    // debugfs reports failures on stdout and still exits 0: read it back instead.
+    for (host, dir, name) in files {
+        let path = format!("{dir}/{name}");
+        let back = output("debugfs", &["-R", &format!("cat {path}"), &dev])?;
+        if back.as_bytes() != std::fs::read(host)?.as_slice() {
+            bail!(
+                "debugfs did not write {path} into {}: {out}",
+                disk.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The serial log so far, lossy, without terminal escape sequences (systemd and GRUB
+/// colour and position their output: `Started \x1b[0;1;39mrackboot.service`).
+fn serial_text(path: &Path) -> String {
+    let raw = String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned();
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' && chars.peek() == Some(&'[') {
+            chars.next();
+            // Parameters and intermediates, then one final byte in @..~.
+            for d in chars.by_ref() {
+                if ('@'..='~').contains(&d) {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Lines of the serial log that say the boot or the unit went wrong.
+const SERIAL_FAILURES: &[&str] = &[
+    "Kernel panic",
+    "grub>",
+    "You are in emergency mode",
+    "Failed to start rackboot.service",
+    "rackboot.service: Watchdog timeout",
+    "rackboot.service: Failed with result",
+    "rackboot.service: Main process exited",
+];
+
+struct Vm {
+    qemu: Guard,
+    qemu_log: PathBuf,
+    serial: PathBuf,
+    monitor: PathBuf,
+    accel: &'static str,
+    started: Instant,
+}
+
+impl Vm {
+    fn start(dir: &Path, disk: &Path, fwd: u16, kvm: bool) -> Result<Vm> {
+        let accel = if kvm { "kvm" } else { "tcg" };
+        let serial = dir.join(format!("serial-{accel}.log"));
+        let monitor = dir.join(format!("monitor-{accel}.sock"));
+        let _ = std::fs::remove_file(&monitor);
+        let vars = dir.join("OVMF_VARS.fd");
+        std::fs::copy(OVMF_VARS, &vars).with_context(|| format!("copying {OVMF_VARS}"))?;
+        let args: Vec<String> = vec![
+            "-machine".into(),
+            format!("q35,accel={accel}"),
+            "-smp".into(),
+            "2".into(),
+            "-m".into(),
+            "1024".into(),
+            "-drive".into(),
+            format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"),
+            "-drive".into(),
+            format!("if=pflash,format=raw,file={}", vars.display()),
+            "-drive".into(),
+            format!("if=virtio,format=raw,file={}", disk.display()),
+            "-netdev".into(),
+            format!("user,id=n0,hostfwd=tcp:127.0.0.1:{fwd}-:{GUEST_HTTP_PORT}"),
+            "-device".into(),
+            "virtio-net-pci,netdev=n0,romfile=".into(),
+            "-nographic".into(),
+            "-no-reboot".into(),
+            "-serial".into(),
+            format!("file:{}", serial.display()),
+            "-monitor".into(),
+            format!("unix:{},server=on,wait=off", monitor.display()),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        eprintln!("$ qemu-system-x86_64 {}", args.join(" "));
+        let qemu_log = dir.join(format!("qemu-{accel}.log"));
+        let qemu = Guard::spawn(
+            &format!("QEMU ({accel})"),
+            "qemu-system-x86_64",
+            &args,
+            &qemu_log,
+        )?;
+        Ok(Vm {
+            qemu,
+            qemu_log,
+            serial,
+            monitor,
+            accel,
+            started: Instant::now(),
+        })
+    }
+
+    /// Fails when QEMU exited or the serial log shows a failure.
+    fn healthy(&mut self) -> Result<()> {
+        let text = serial_text(&self.serial);
+        if let Some(f) = SERIAL_FAILURES.iter().find(|f| text.contains(*f)) {
+            bail!(
+                "the appliance's console printed {f:?} ({}); see {}",
+                self.accel,
+                self.serial.display()
+            );
+        }
+        // A KVM that cannot run the guest stops it with this and waits forever.
+        let qemu_text = std::fs::read_to_string(&self.qemu_log).unwrap_or_default();
+        if qemu_text.contains("KVM internal error") {
+            bail!(
+                "QEMU reported a KVM internal error; see {}",
+                self.qemu_log.display()
+            );
+        }
+        if let Some(s) = self.qemu.child.try_wait()? {
+            bail!(
+                "QEMU ({}) exited ({s}); see {}",
+                self.accel,
+                self.serial.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Polls `f` every second until it yields, bounded by `limit`; fails when the VM
+    /// fails first.
+    fn wait_for<T>(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        mut f: impl FnMut(&mut Vm) -> Option<T>,
+    ) -> Result<T> {
+        let started = Instant::now();
+        loop {
+            self.healthy()?;
+            if let Some(v) = f(self) {
+                return Ok(v);
+            }
+            if started.elapsed() > limit {
+                bail!(
+                    "{what}: not within {} s ({}); see {}",
+                    limit.as_secs(),
+                    self.accel,
+                    self.serial.display()
+                );
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+
+    /// ACPI power button through the monitor; waits (bounded) for QEMU to exit.
+    fn power_down(&mut self) -> Result<Duration> {
+        let started = Instant::now();
+        let mut sock = std::os::unix::net::UnixStream::connect(&self.monitor)
+            .with_context(|| format!("connecting to {}", self.monitor.display()))?;
+        sock.write_all(b"system_powerdown\n")?;
+        loop {
+            if self.qemu.child.try_wait()?.is_some() {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > POWERDOWN_TIMEOUT {
+                bail!(
+                    "the appliance did not power off within {} s of system_powerdown; see {}",
+                    POWERDOWN_TIMEOUT.as_secs(),
+                    self.serial.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+/// Boots the check copy with KVM; keeps the VM if the kernel prints its banner in
+/// time, else kills it and boots with TCG.
+fn boot(dir: &Path, disk: &Path, fwd: u16) -> Result<Vm> {
+    let kvm_usable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if kvm_usable {
+        let mut vm = Vm::start(dir, disk, fwd, true)?;
+        let r = vm.wait_for("KVM probe: the kernel banner", KVM_PROBE_TIMEOUT, |vm| {
+            serial_text(&vm.serial)
+                .contains("Linux version")
+                .then_some(())
+        });
+        match r {
+            Ok(()) => {
+                eprintln!("KVM works: the kernel started; continuing with KVM");
+                return Ok(vm);
+            }
+            Err(e) => eprintln!("KVM not usable ({e:#}); booting again with TCG"),
+        }
+    } else {
+        eprintln!("no usable /dev/kvm; booting with TCG");
+    }
+    Vm::start(dir, disk, fwd, false)
+}
+
+/// The status JSON's `uptime_s` and `generation`.
+fn status(fwd: u16) -> Option<(u64, Option<u64>)> {
+    let body = http_get(&format!("http://127.0.0.1:{fwd}/api/v1/status"), 5)?;
+    let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    Some((v["uptime_s"].as_u64()?, v["generation"].as_u64()))
+}
+
+/// Boots the image and checks it serves; returns the report lines.
+fn check(image: &Path) -> Result<String> {
+    prereq::ensure_debs(CHECK_DEBS)?;
+    prereq::ensure_backports_debs(CHECK_BACKPORTS_DEBS)?;
+    let bin = dist::build_x86_64()?;
+    let dir = image_dir().join("check");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::create_dir_all(&dir)?;
+
+    // The upstream: the dist binary serving the signed demo stream on loopback.
+    let stream = crate::demo_stream::build(&image_dir().join("check-stream"))?;
+    let up_state = dir.join("upstream-state");
+    let up_config = dir.join("upstream.toml");
+    std::fs::write(
+        &up_config,
+        dist::loopback_config(&stream.dir, &up_state, "\"amd64\""),
+    )?;
+    let up_config = up_config.to_str().context("utf-8 path")?;
+    let bin_s = bin.to_str().context("utf-8 path")?;
+    cmd(bin_s, &["--config", up_config, "sync"])?;
+    let up_log = dir.join("upstream.log");
+    let mut upstream = Guard::spawn(
+        "rackboot serve (upstream on the host)",
+        bin_s,
+        &["--config", up_config, "serve"],
+        &up_log,
+    )?;
+    let up_http = dist::wait_for_log(
+        &mut upstream,
+        &up_log,
+        "listening for HTTP on",
+        Duration::from_secs(30),
+    )?;
+    let up_port = up_http
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse::<u16>().ok())
+        .with_context(|| format!("no port in {up_http:?}"))?;
+    let kernel_path = "images/debian/amd64/generic/bookworm/stable/boot-kernel";
+    let want = http_get(&format!("http://{up_http}/{kernel_path}"), 60)
+        .context("the host rackboot does not serve the demo kernel")?;
+    let want_sha = sha256_bytes(&want);
+
+    // The check's copy: sparse, grown to 4 GiB, one config drop-in.
+    let disk = dir.join("appliance.img");
+    cmd(
+        "cp",
+        &[
+            "--sparse=always",
+            image.to_str().context("utf-8")?,
+            disk.to_str().context("utf-8")?,
+        ],
+    )?;
+    let image_bytes = std::fs::metadata(image)?.len();
+    let (root_off, root_size_before) = partition(&disk, 2)?;
+    let keyring = stream.dir.join("keyring.gpg");
+    let dropin = dir.join("50-check.toml");
+    std::fs::write(
+        &dropin,
+        format!(
+            "# Written by `cargo xtask image --check`: sync from the rackboot on the build host.\n\
+             [boot]\ndefault_image = \"debian/bookworm\"\n\n\
+             [[sources]]\nurl = \"http://10.0.2.2:{up_port}/\"\n\
+             keyring_filename = \"/etc/rackboot/check-keyring.gpg\"\n\n\
+             [[sources.selections]]\nos = \"debian\"\nrelease = \"bookworm\"\narches = [\"amd64\"]\n"
+        ),
+    )?;
+    debugfs_write(
+        &disk,
+        root_off,
+        &[
+            (&dropin, "/etc/rackboot/rackboot.toml.d", "50-check.toml"),
+            (&keyring, "/etc/rackboot", "check-keyring.gpg"),
+        ],
+    )?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)?
+        .set_len(CHECK_DISK_BYTES)?;
+
+    let fwd = free_port()?;
+    let mut vm = boot(&dir, &disk, fwd)?;
+    let base = format!("http://127.0.0.1:{fwd}");
+
+    let first = vm.wait_for(
+        "the appliance answering /api/v1/status",
+        BOOT_TIMEOUT,
+        |_| status(fwd),
+    )?;
+    let to_serving = vm.started.elapsed();
+    eprintln!(
+        "the appliance answers /api/v1/status after {:.1} s ({}), rackboot up {} s",
+        to_serving.as_secs_f64(),
+        vm.accel,
+        first.0
+    );
+    for needle in ["Started rackboot.service", "rackboot login:"] {
+        vm.wait_for(
+            &format!("{needle:?} on the serial console"),
+            Duration::from_secs(60),
+            |vm| serial_text(&vm.serial).contains(needle).then_some(()),
+        )?;
+    }
+    let metrics = http_get(&format!("{base}/metrics"), 10)
+        .context("the appliance does not answer /metrics")?;
+    if metrics.is_empty() {
+        bail!("the appliance's /metrics is empty");
+    }
+
+    let sync_started = Instant::now();
+    let (uptime, generation) = vm.wait_for(
+        "the appliance's first sync from the host",
+        SYNC_TIMEOUT,
+        |_| {
+            let (u, g) = status(fwd)?;
+            g.map(|g| (u, g))
+        },
+    )?;
+    let sync_time = sync_started.elapsed();
+    let got = http_get(&format!("{base}/{kernel_path}"), 120)
+        .context("the appliance does not serve the kernel it synced")?;
+    let got_sha = sha256_bytes(&got);
+    if got_sha != want_sha {
+        bail!("the kernel served by the appliance has sha256 {got_sha}, the upstream's {want_sha}");
+    }
+    eprintln!(
+        "the appliance synced (generation {generation}) and serves the kernel ({} bytes, sha256 matches)",
+        got.len()
+    );
+
+    // Past WatchdogSec with the same process (a restart would reset uptime_s).
+    let mut previous = uptime;
+    let survived = vm.wait_for(
+        "rackboot running past its WatchdogSec",
+        WATCHDOG_WAIT + Duration::from_secs(60),
+        |_| {
+            let (u, _) = status(fwd)?;
+            if u < previous {
+                // Reported as a failure below.
+                return Some(Err(anyhow::anyhow!(
+                    "rackboot restarted: uptime went from {previous} s to {u} s"
+                )));
+            }
+            previous = u;
+            (u >= WATCHDOG_WAIT.as_secs()).then_some(Ok(u))
+        },
+    )??;
+
+    let shutdown = vm.power_down()?;
+    let text = serial_text(&vm.serial);
+    for needle in ["Stopped rackboot.service", "reboot: Power down"] {
+        if !text.contains(needle) {
+            bail!(
+                "the appliance's shutdown did not print {needle:?}; see {}",
+                vm.serial.display()
+            );
+        }
+    }
+    drop(upstream);
+
+    let (_, root_size_after) = partition(&disk, 2)?;
+    let fs_after = ext4_bytes(&disk, root_off)?;
+    if root_size_after <= root_size_before || fs_after + (64 << 20) < root_size_after {
+        bail!(
+            "the root did not grow over the disk: partition {root_size_before} → {root_size_after} bytes, filesystem {fs_after} bytes"
+        );
+    }
+
+    let mut r = String::new();
+    writeln!(
+        r,
+        "\n| check (QEMU q35 + OVMF, {}) | result |\n|---|---|",
+        vm.accel
+    )?;
+    writeln!(
+        r,
+        "| power-on to `/api/v1/status` answering through the hostfwd | {:.1} s |",
+        to_serving.as_secs_f64()
+    )?;
+    writeln!(
+        r,
+        "| rackboot.service started (Type=notify), serial login on ttyS0 | ok |"
+    )?;
+    writeln!(
+        r,
+        "| first sync from the host's rackboot (re-exported signed demo stream) | {:.1} s after the first answer, generation {generation} |",
+        sync_time.as_secs_f64()
+    )?;
+    writeln!(
+        r,
+        "| kernel fetched from the appliance | {} bytes, sha256 matches the upstream |",
+        got.len()
+    )?;
+    writeln!(r, "| `/metrics` | {} bytes |", metrics.len())?;
+    writeln!(
+        r,
+        "| same rackboot process past WatchdogSec=60s | uptime {survived} s |"
+    )?;
+    writeln!(
+        r,
+        "| ACPI power-off, rackboot stopped cleanly | {:.1} s |",
+        shutdown.as_secs_f64()
+    )?;
+    writeln!(
+        r,
+        "| root grown at first boot (image {:.0} MiB, disk {:.0} MiB) | partition {:.0} → {:.0} MiB, ext4 {:.0} MiB |",
+        mib(image_bytes),
+        mib(CHECK_DISK_BYTES),
+        mib(root_size_before),
+        mib(root_size_after),
+        mib(fs_after)
+    )?;
+    std::fs::remove_file(&disk)?;
+    eprintln!("image check passed; logs in {}", dir.display());
+    Ok(r)
+}
