@@ -273,9 +273,17 @@ fn bind_udp(addr: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
     std::net::UdpSocket::bind(addr).map_err(|e| anyhow::anyhow!("cannot bind TFTP on {addr}: {e}"))
 }
 
+/// Binds a TCP listener with a long accept queue: a rack of machines powered on
+/// together connects at once (std's queue of 128 drops SYNs beyond it, and a dropped
+/// SYN costs the client a second).
 fn bind_tcp(addr: SocketAddr, what: &str) -> anyhow::Result<std::net::TcpListener> {
-    std::net::TcpListener::bind(addr)
-        .map_err(|e| anyhow::anyhow!("cannot bind {what} on {addr}: {e}"))
+    let l = std::net::TcpListener::bind(addr)
+        .map_err(|e| anyhow::anyhow!("cannot bind {what} on {addr}: {e}"))?;
+    // listen(2) again on a listening socket only changes its queue length.
+    if let Err(e) = nix::sys::socket::listen(&l, nix::sys::socket::Backlog::MAXCONN) {
+        tracing::warn!("{what} on {addr}: cannot lengthen the accept queue: {e}");
+    }
+    Ok(l)
 }
 
 /// Raises the soft open-files limit to the hard one: every HTTP connection and every
