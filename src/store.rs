@@ -376,12 +376,10 @@ impl Store {
         let lock = match Flock::lock(open()?, FlockArg::LockExclusiveNonblock) {
             Ok(l) => l,
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-                let holder = fs::read_to_string(&path).unwrap_or_default();
-                let msg = format!(
-                    "another sync is running (lock {} held by pid {})",
-                    path.display(),
-                    holder.trim()
-                );
+                let holder = lock_holder(&path)
+                    .map(|pid| format!("held by pid {pid}"))
+                    .unwrap_or_else(|| "held".into());
+                let msg = format!("another sync is running (lock {} {holder})", path.display());
                 if !wait {
                     anyhow::bail!("{msg}");
                 }
@@ -391,11 +389,24 @@ impl Store {
             }
             Err((_, e)) => anyhow::bail!("cannot lock {}: {e}", path.display()),
         };
-        let mut f: &File = &lock;
-        let _ = f.set_len(0);
-        let _ = write!(f, "{}", std::process::id());
+        // Nothing is written to the lock file: a sync with nothing to do writes no
+        // file at all (the holder is found through /proc/locks instead).
         Ok(SyncLock { _lock: lock })
     }
+}
+
+/// The PID holding the flock on `path`, from `/proc/locks` (matched by inode).
+fn lock_holder(path: &Path) -> Option<u32> {
+    let ino = fs::metadata(path).ok()?.ino();
+    let locks = fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|l| {
+        // "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let (kind, pid, dev_ino) = (f.get(1)?, f.get(4)?, f.get(5)?);
+        (*kind == "FLOCK" && dev_ino.rsplit(':').next()?.parse::<u64>().ok()? == ino)
+            .then(|| pid.parse().ok())
+            .flatten()
+    })
 }
 
 /// What a GC run removed.

@@ -136,11 +136,28 @@ fn signed_mirror_syncs_then_noop_is_one_conditional_request() {
         .modified()
         .unwrap();
     server.clear_log();
+    std::thread::sleep(Duration::from_millis(20));
+    let since = std::time::SystemTime::now();
     let out = env.ok(&["sync"]);
     assert!(
         out.contains("up to date: generation 1 unchanged (1 request"),
         "{out}"
     );
+    // No file at all was written (lock file and catalog included).
+    fn newer(dir: &std::path::Path, since: std::time::SystemTime, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let meta = std::fs::symlink_metadata(e.path()).unwrap();
+            if meta.modified().unwrap() > since {
+                out.push(e.path().display().to_string());
+            }
+            if meta.is_dir() {
+                newer(&e.path(), since, out);
+            }
+        }
+    }
+    let mut written = Vec::new();
+    newer(&env.state, since, &mut written);
+    assert!(written.is_empty(), "a no-op sync wrote {written:?}");
     let reqs = server.requests();
     assert_eq!(reqs.len(), 1, "{reqs:?}");
     assert!(reqs[0].path.ends_with("streams/v1/index.sjson"));
@@ -556,14 +573,38 @@ fn concurrent_syncs_never_corrupt() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    // The lock is an flock on state_dir/lock (visible in /proc/locks by inode).
+    let locked = || {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(meta) = std::fs::metadata(env.state.join("lock")) else {
+            return false;
+        };
+        let ino = format!(":{}", meta.ino());
+        std::fs::read_to_string("/proc/locks")
+            .unwrap()
+            .lines()
+            .any(|l| {
+                l.contains("FLOCK")
+                    && l.split_whitespace()
+                        .nth(5)
+                        .is_some_and(|d| d.ends_with(&ino))
+            })
+    };
     wait_until(
         Duration::from_secs(20),
         "the first sync to take the lock",
-        || std::fs::read_to_string(env.state.join("lock")).is_ok_and(|s| !s.trim().is_empty()),
+        locked,
     );
-    // A second sync with --no-wait says clearly that one is running.
+    // A second sync with --no-wait says clearly that one is running, and which.
     let stderr = env.fails(&["sync", "--no-wait"], 1);
-    assert!(stderr.contains("another sync is running"), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "another sync is running (lock {} held by pid {})",
+            env.state.join("lock").display(),
+            a.id()
+        )),
+        "{stderr}"
+    );
     // A third waits for the first, then finds nothing to do.
     let c = env
         .command(&["sync"])

@@ -10,7 +10,8 @@
 //!   generator. Peak RSS of rackboot is read from /proc.
 //! - http: a 200 MiB file (curl, best of 3) and 1000 concurrent keep-alive clients
 //!   (wrk, 5 s) against nginx with sendfile.
-//! - sync: a full sync of the bench stream from a local mirror, and a no-op sync.
+//! - sync: a full sync of the bench stream from a local mirror (file:// and http), and
+//!   a no-op sync, against sstream-mirror (python-simplestreams from PyPI).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -23,6 +24,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 mod http;
+mod sync;
 mod tftp;
 use crate::prereq::{self, cmd};
 
@@ -215,83 +217,6 @@ impl Bench {
             );
         }
         Ok(t.elapsed())
-    }
-
-    /// Builds the bench stream, syncs it (timed), and remembers the snapshot dir.
-    fn sync_bench(&mut self) -> Result<()> {
-        let stream = self.dir.join("stream");
-        let items = [
-            ("boot-kernel", "bench/amd64/1/boot-kernel", 64usize << 20),
-            ("boot-initrd", "bench/amd64/1/boot-initrd", 4 << 20),
-            ("squashfs", "bench/amd64/1/squashfs", 200 << 20),
-        ];
-        let mut imap = serde_json::Map::new();
-        let mut total = 0u64;
-        for (i, (name, path, size)) in items.iter().enumerate() {
-            let data = pseudo_random(i as u64 + 7, *size);
-            let p = stream.join(path);
-            std::fs::create_dir_all(p.parent().expect("parent"))?;
-            std::fs::write(&p, &data)?;
-            total += data.len() as u64;
-            imap.insert(
-                name.to_string(),
-                json!({"ftype": name, "path": path, "size": data.len(), "sha256": hex::encode(Sha256::digest(&data))}),
-            );
-        }
-        let products = json!({"format": "products:1.0", "content_id": "bench:v3:download", "products": {
-            "bench:amd64": {"os": "bench", "release": "bench", "arch": "amd64", "subarch": "generic", "label": "stable",
-                "versions": {"1": {"items": imap}}}}});
-        std::fs::create_dir_all(stream.join("streams/v1"))?;
-        std::fs::write(
-            stream.join("streams/v1/bench.json"),
-            serde_json::to_vec(&products)?,
-        )?;
-        std::fs::write(
-            stream.join("streams/v1/index.json"),
-            serde_json::to_vec(
-                &json!({"format": "index:1.0", "index": {"bench:v3:download": {
-                "format": "products:1.0", "path": "streams/v1/bench.json"}}}),
-            )?,
-        )?;
-        let state = self.dir.join("state");
-        let config = self.dir.join("rackboot.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "state_dir = \"{}\"\n[sync]\nauto = false\n[[sources]]\nurl = \"file://{}/streams/v1/index.json\"\nunsigned = true\n[[sources.selections]]\nos = \"bench\"\nrelease = \"bench\"\n",
-                state.display(),
-                stream.display()
-            ),
-        )?;
-        // Drop the page cache effect partly: the mirror was just written, so it is warm
-        // for every tool alike.
-        let full = self.rackboot(&config, &["sync"])?;
-        let noop = self.rackboot(&config, &["sync"])?;
-        let mut noops = vec![noop];
-        for _ in 0..4 {
-            noops.push(self.rackboot(&config, &["sync"])?);
-        }
-        noops.sort();
-        self.snapshot = std::fs::canonicalize(state.join("current"))?;
-        writeln!(self.report, "## sync (local mirror, file://)\n")?;
-        writeln!(self.report, "| what | time | throughput |\n|---|---|---|")?;
-        writeln!(
-            self.report,
-            "| full sync, {} MiB, sha256 checked | {:.2} s | {:.0} MiB/s |",
-            total >> 20,
-            full.as_secs_f64(),
-            mib_s(total, full)
-        )?;
-        writeln!(
-            self.report,
-            "| no-op sync (process start to exit, median of 5) | {:.1} ms | |\n",
-            noops[2].as_secs_f64() * 1000.0
-        )?;
-        self.results.insert(
-            "sync".into(),
-            json!({"bytes": total, "full_s": full.as_secs_f64(), "full_mib_s": mib_s(total, full), "noop_ms": noops[2].as_secs_f64() * 1000.0}),
-        );
-        Ok(())
     }
 
     fn start_server(&self, which: &str, port: u16) -> Result<Proc> {
