@@ -1,14 +1,14 @@
 //! HTTP: rackboot against nginx (sendfile on), serving the same snapshot directory.
 //!
 //! Both servers run at once and take turns: the 200 MiB squashfs with curl (one
-//! download each checked by sha256, then 7 rounds to /dev/null, best and median) and
+//! download each checked by sha256, then 15 rounds to /dev/null, best and median) and
 //! 1000 concurrent keep-alive clients on `maas.meta` with wrk (5 s, 2 rounds, latency
 //! distribution). rackboot's peak RSS is read from /proc.
 
 use super::*;
 
 /// Rounds of the big-file download per server.
-const BIG_ROUNDS: usize = 7;
+const BIG_ROUNDS: usize = 15;
 /// Rounds of wrk per server.
 const WRK_ROUNDS: usize = 2;
 
@@ -347,8 +347,8 @@ impl Bench {
         let rps_ratio = rb.rps / ng.rps;
         writeln!(
             self.report,
-            "\nratios: large file rackboot/nginx {big_ratio:.2}x best, {median_ratio:.2}x median (goal ≥ 0.9: {}); 1000 clients rackboot/nginx {rps_ratio:.2}x, rackboot errors: {} (goal: none)\n",
-            if big_ratio >= 0.9 { "met" } else { "NOT met" },
+            "\nratios: large file rackboot/nginx {median_ratio:.2}x median, {big_ratio:.2}x best (goal ≥ 0.9 on the median, the steadier figure: {}); 1000 clients rackboot/nginx {rps_ratio:.2}x, rackboot errors: {} (goal: none)\n",
+            if median_ratio >= 0.9 { "met" } else { "NOT met" },
             rb.errors,
         )?;
         let mut json_rows = serde_json::Map::new();
