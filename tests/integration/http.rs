@@ -1087,3 +1087,69 @@ fn an_old_snapshot_is_kept_while_a_transfer_holds_it_and_collected_after() {
     assert!(!snapshots.join("1").exists(), "generation 1 is collected");
     assert_eq!(s.get(KERNEL).1, kernel_of("20261215", size));
 }
+
+#[test]
+fn sigterm_exits_zero_when_the_drain_deadline_passes_with_a_transfer_stuck() {
+    let r = rack(8 << 20, "auto = false", "");
+    let mut s = r.env.serve();
+    s.wait_generation(1, Duration::from_secs(60));
+    // A client that asks for the kernel and never reads: its transfer cannot finish.
+    let mut stalled = TcpStream::connect(s.http).unwrap();
+    stalled
+        .write_all(format!("GET {KERNEL} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .unwrap();
+    wait_until(Duration::from_secs(20), "the transfer to start", || {
+        metric(&metrics(&s), "rackboot_http_transfers_in_flight") == 1.0
+    });
+    s.signal(Signal::SIGTERM);
+    // The drain deadline is 30 s; then rackboot gives up on it and exits 0.
+    let status = s.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "{status}\n{}", s.log_text());
+    let log = s.log_text();
+    assert!(log.contains("drain deadline passed"), "{log}");
+    assert!(log.contains("stopped"), "{log}");
+    drop(stalled);
+}
+
+#[test]
+fn status_shows_a_sync_in_progress_and_how_far_it_got() {
+    let r = rack_with_token(1 << 20, "auto = false", "");
+    let s = r.env.serve();
+    s.wait_generation(1, Duration::from_secs(60));
+    assert!(s.status()["progress"].is_null());
+    // The next version's kernel comes slowly (about 5 s).
+    r.mirror.fault("boot-kernel", Fault::Throttle(200_000));
+    write_stream(
+        &r.env.mirror,
+        &products("20261120", 1 << 20),
+        &r.key,
+        SHA512,
+    );
+    assert_eq!(post_sync(&s).0, 202);
+    let mut st = serde_json::Value::Null;
+    wait_until(
+        Duration::from_secs(30),
+        "a sync in progress with bytes done",
+        || {
+            st = s.status();
+            st["progress"]["bytes_done"].as_u64().unwrap_or(0) > 0
+        },
+    );
+    assert_eq!(st["sync"]["running"], true, "{st}");
+    assert_eq!(st["sync_running"], true, "{st}");
+    let p = &st["progress"];
+    assert!(p["bytes_total"].as_u64().unwrap() >= 1 << 20, "{st}");
+    assert!(p["files_total"].as_u64().unwrap() >= 1, "{st}");
+    assert!(
+        p["bytes_done"].as_u64().unwrap() < p["bytes_total"].as_u64().unwrap(),
+        "{st}"
+    );
+    // The CLI shows it too.
+    let human = r.env.ok(&["status", "--url", &s.url("/")]);
+    assert!(human.contains("sync running: yes, "), "{human}");
+    s.wait_generation(2, Duration::from_secs(60));
+    let st = s.status();
+    assert!(st["progress"].is_null(), "{st}");
+    assert_eq!(st["sync"]["running"], false);
+    assert_eq!(st["sync"]["last_result"], "ok");
+}
