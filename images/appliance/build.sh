@@ -40,10 +40,13 @@ packages=$(sed 's/#.*//' "$here/packages.txt" | xargs | tr ' ' ,)
 step "mmdebstrap bookworm: $packages"
 # bookworm-backports only for what bookworm lacks (ubuntu-keyring): its default
 # priority (100) keeps every other package on bookworm.
+# The initramfs settings go in before the kernel package builds its first initramfs.
 mmdebstrap --variant=apt --format=directory \
     --aptopt='APT::Install-Recommends "false"' \
     --dpkgopt="$here/dpkg.cfg" \
     --include="$packages" \
+    --setup-hook='mkdir -p "$1/etc/initramfs-tools/conf.d"' \
+    --setup-hook="copy-in $here/rootfs/etc/initramfs-tools/conf.d/rackboot.conf /etc/initramfs-tools/conf.d" \
     bookworm "$rootfs" \
     "deb $MIRROR bookworm main" \
     "deb $MIRROR bookworm-updates main" \

@@ -300,10 +300,22 @@ fn ext4_bytes(disk: &Path, offset: u64) -> Result<u64> {
     }
 }
 
-/// Writes files into the ext4 root of `disk` (no mount): `(host file, directory in
-/// the image, name)`, each root-owned, mode 0644.
-fn debugfs_write(disk: &Path, offset: u64, files: &[(&Path, &str, &str)]) -> Result<()> {
+/// Writes files into the ext4 root of `disk` (no mount): first the directories
+/// `dirs` (mode 0755), then `(host file, directory in the image, name)`, each
+/// root-owned, mode 0644.
+fn debugfs_write(
+    disk: &Path,
+    offset: u64,
+    dirs: &[&str],
+    files: &[(&Path, &str, &str)],
+) -> Result<()> {
     let mut script = String::new();
+    for dir in dirs {
+        writeln!(script, "mkdir {dir}")?;
+        writeln!(script, "sif {dir} mode 040755")?;
+        writeln!(script, "sif {dir} uid 0")?;
+        writeln!(script, "sif {dir} gid 0")?;
+    }
     for (host, dir, name) in files {
         writeln!(script, "cd {dir}")?;
         writeln!(script, "write {} {name}", host.display())?;
@@ -318,17 +330,23 @@ fn debugfs_write(disk: &Path, offset: u64, files: &[(&Path, &str, &str)]) -> Res
         "debugfs",
         &["-w", "-f", cmds.to_str().context("utf-8")?, &dev],
     )?;
-    // debugfs reports failures on stdout and still exits 0: read it back instead.
+    // debugfs reports failures on stdout and still exits 0: read each file back.
+    let back = disk.with_extension("readback");
     for (host, dir, name) in files {
         let path = format!("{dir}/{name}");
-        let back = output("debugfs", &["-R", &format!("cat {path}"), &dev])?;
-        if back.as_bytes() != std::fs::read(host)?.as_slice() {
+        let _ = std::fs::remove_file(&back);
+        output(
+            "debugfs",
+            &["-R", &format!("dump {path} {}", back.display()), &dev],
+        )?;
+        if std::fs::read(&back).ok() != Some(std::fs::read(host)?) {
             bail!(
                 "debugfs did not write {path} into {}: {out}",
                 disk.display()
             );
         }
     }
+    let _ = std::fs::remove_file(&back);
     Ok(())
 }
 
@@ -357,6 +375,7 @@ fn serial_text(path: &Path) -> String {
 /// Lines of the serial log that say the boot or the unit went wrong.
 const SERIAL_FAILURES: &[&str] = &[
     "Kernel panic",
+    "fsck not present",
     "grub>",
     "You are in emergency mode",
     "Failed to start rackboot.service",
@@ -605,12 +624,24 @@ fn check(image: &Path) -> Result<String> {
              [[sources.selections]]\nos = \"debian\"\nrelease = \"bookworm\"\narches = [\"amd64\"]\n"
         ),
     )?;
+    // The journal on the serial console too, so the log shows what rackboot said.
+    let journald = dir.join("50-check-console.conf");
+    std::fs::write(
+        &journald,
+        "# Written by `cargo xtask image --check`.\n[Journal]\nForwardToConsole=yes\nTTYPath=/dev/ttyS0\nMaxLevelConsole=info\n",
+    )?;
     debugfs_write(
         &disk,
         root_off,
+        &["/etc/systemd/journald.conf.d"],
         &[
             (&dropin, "/etc/rackboot/rackboot.toml.d", "50-check.toml"),
             (&keyring, "/etc/rackboot", "check-keyring.gpg"),
+            (
+                &journald,
+                "/etc/systemd/journald.conf.d",
+                "50-check-console.conf",
+            ),
         ],
     )?;
     std::fs::OpenOptions::new()
@@ -634,7 +665,14 @@ fn check(image: &Path) -> Result<String> {
         vm.accel,
         first.0
     );
-    for needle in ["Started rackboot.service", "rackboot login:"] {
+    // Started (after READY=1), the privileged ports bound as the rackboot user through
+    // the unit's ambient CAP_NET_BIND_SERVICE, and a login prompt on the serial console.
+    for needle in [
+        "Started rackboot.service",
+        "listening for TFTP on [::]:69",
+        "listening for HTTP on [::]:5248",
+        "rackboot login:",
+    ] {
         vm.wait_for(
             &format!("{needle:?} on the serial console"),
             Duration::from_secs(60),
@@ -719,7 +757,7 @@ fn check(image: &Path) -> Result<String> {
     )?;
     writeln!(
         r,
-        "| rackboot.service started (Type=notify), serial login on ttyS0 | ok |"
+        "| rackboot.service started (Type=notify), TFTP on [::]:69 and HTTP on [::]:5248 as user rackboot, serial login on ttyS0 | ok |"
     )?;
     writeln!(
         r,
