@@ -1,4 +1,4 @@
-//! The TFTP server: drives [`super::engine::Transfer`] with tokio.
+//! The TFTP server: drives [`super::engine::Transfer`] over UDP sockets.
 //!
 //! Listeners are already-bound UDP sockets (IPv4 and/or IPv6, several addresses).
 //! Each receives with `IP_PKTINFO` / `IPV6_RECVPKTINFO`, so the server knows which of
@@ -7,14 +7,18 @@
 //! address the client talked to, as multi-homed racks need. A retransmitted RRQ from
 //! the same client port while its transfer runs is ignored.
 //!
-//! Threads: the listeners run on the caller's runtime and hand each request straight
-//! to one of a few transfer threads (one per core by default, each a current-thread
-//! tokio runtime, the least busy one is picked), so a transfer's wake-ups, reads and
-//! sends stay on one thread and there is no shared queue on the packet path.
+//! Threads: the listeners run on the caller's tokio runtime and hand each request
+//! straight to one of a few transfer threads (one per core by default; the least busy
+//! one), each a plain level-triggered epoll loop over its transfers' sockets with a heap
+//! of retransmission deadlines. A lockstep block then costs one wake-up, one `recv` and
+//! one `send`, with no task scheduling on the packet path. (The same transfers driven
+//! by tokio current-thread runtimes measured ~8% slower in lockstep and ~20% lower in
+//! aggregate with 200 clients on loopback.)
 //!
 //! Sending: a transfer keeps one buffer of DATA packets, laid out as they go on the
 //! wire (`[4-byte header][block]` per slot), filled by one `preadv` per window (or per
-//! ~16 KiB of read-ahead in lockstep). A window goes out with one `send` using UDP
+//! ~16 KiB of read-ahead in lockstep), read right after the previous window went out so
+//! the read overlaps the client's turn. A window goes out with one `send` using UDP
 //! GSO (`UDP_SEGMENT`, segment size 4 + blksize) where the kernel allows it, else with
 //! one `sendmmsg`; a transfer whose route refuses GSO (`EINVAL`/`EIO`, e.g. a segment
 //! larger than the link MTU) falls back for the rest of its life. The buffer is at most
@@ -24,26 +28,28 @@
 //! Netascii requests are converted on the fly as RFC 1350 says (LF → CR LF, CR → CR
 //! NUL); the transfer size is that of the converted data.
 
-use std::collections::{BTreeMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashSet};
 use std::fs::File;
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use nix::errno::Errno;
+use nix::libc;
 use nix::sys::socket::{
     self, sockopt, ControlMessage, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage,
 };
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use super::engine::{self, Action, Limits, Outcome, Transfer};
 use super::packet::{self, code, Mode, Packet, Request};
@@ -292,7 +298,6 @@ struct Incoming {
 /// Raises the soft limit on open files to the hard one: every transfer holds a socket
 /// and a file, and the usual soft limit (1024) would cap them near 500.
 fn raise_nofile_limit() {
-    use nix::libc;
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -312,89 +317,85 @@ fn raise_nofile_limit() {
     }
 }
 
-/// The transfer threads: one current-thread runtime each.
-struct Workers {
-    /// Each thread's runtime and how many transfers run on it.
-    handles: Vec<(tokio::runtime::Handle, AtomicUsize)>,
-    /// Ends the threads (dropping their runtimes cancels what still runs there).
-    stop: CancellationToken,
-}
+/// epoll (level-triggered), through the C library: nix's wrapper needs a crate feature
+/// this build does not enable.
+struct Epoll(OwnedFd);
 
-type Threads = Vec<std::thread::JoinHandle<()>>;
-
-impl Workers {
-    fn start(n: usize) -> std::io::Result<(Workers, Threads)> {
-        let stop = CancellationToken::new();
-        let mut w = Workers {
-            handles: Vec::new(),
-            stop: stop.clone(),
-        };
-        let mut threads = Vec::new();
-        for i in 0..n {
-            let (tx, rx) = std::sync::mpsc::channel();
-            let stop_thread = stop.clone();
-            let thread = std::thread::Builder::new()
-                .name(format!("tftp-{i}"))
-                .spawn(move || {
-                    let rt = match tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                    {
-                        Ok(rt) => rt,
-                        Err(e) => {
-                            let _ = tx.send(Err(e));
-                            return;
-                        }
-                    };
-                    let _ = tx.send(Ok(rt.handle().clone()));
-                    rt.block_on(stop_thread.cancelled());
-                    // Dropping the runtime cancels the transfers still running.
-                });
-            let thread = match thread {
-                Ok(t) => t,
-                Err(e) => {
-                    stop.cancel();
-                    return Err(e);
-                }
-            };
-            threads.push(thread);
-            let handle = match rx.recv() {
-                Ok(Ok(h)) => h,
-                Ok(Err(e)) => {
-                    stop.cancel();
-                    return Err(e);
-                }
-                Err(_) => {
-                    stop.cancel();
-                    return Err(std::io::Error::other("a tftp thread did not start"));
-                }
-            };
-            w.handles.push((handle, AtomicUsize::new(0)));
+impl Epoll {
+    fn new() -> std::io::Result<Epoll> {
+        // SAFETY: plain syscall; a non-negative result is a fresh descriptor we own.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
         }
-        Ok((w, threads))
+        // SAFETY: see above.
+        Ok(Epoll(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
-    /// The least busy thread.
-    fn pick(&self) -> usize {
-        (0..self.handles.len())
-            .min_by_key(|i| self.handles[*i].1.load(Ordering::Relaxed))
-            .unwrap_or(0)
+    fn ctl(&self, op: i32, fd: RawFd, events: u32, data: u64) -> std::io::Result<()> {
+        let mut ev = libc::epoll_event { events, u64: data };
+        // SAFETY: `ev` is a valid epoll_event for the duration of the call.
+        if unsafe { libc::epoll_ctl(self.0.as_raw_fd(), op, fd, &mut ev) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout_ms` (-1: no limit); returns how many events were filled in.
+    fn wait(&self, events: &mut [libc::epoll_event], timeout_ms: i32) -> std::io::Result<usize> {
+        // SAFETY: the kernel writes at most `events.len()` entries into `events`.
+        let n = unsafe {
+            libc::epoll_wait(
+                self.0.as_raw_fd(),
+                events.as_mut_ptr(),
+                events.len() as i32,
+                timeout_ms,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            return if e.kind() == std::io::ErrorKind::Interrupted {
+                Ok(0)
+            } else {
+                Err(e)
+            };
+        }
+        Ok(n as usize)
     }
 }
 
-/// What the listeners share: the running transfers and where to start new ones.
+/// One transfer thread, as the listeners see it.
+struct Worker {
+    /// Requests handed over and not yet picked up.
+    queue: Mutex<Vec<Job>>,
+    /// Written to after a push to `queue` (or to stop): wakes the thread's epoll.
+    wake: UnixDatagram,
+    /// Transfers running on it.
+    load: AtomicUsize,
+}
+
+/// A request on its way to a transfer thread, with its place in the active set.
+struct Job {
+    msg: Incoming,
+    guard: ActiveGuard,
+}
+
+/// What the listeners and the transfer threads share.
 struct Dispatch {
     resolver: Arc<dyn Resolver>,
     config: TftpConfig,
     metrics: Arc<TftpMetrics>,
     /// (client, listener) of every running transfer.
     active: Mutex<HashSet<(SocketAddr, SocketAddr)>>,
-    workers: Workers,
-    tracker: TaskTracker,
+    workers: Vec<Worker>,
+    /// Set when the transfer threads must end (whatever still runs is dropped).
+    stop: AtomicBool,
+    /// Signalled when the last running transfer ends (for the drain).
+    idle: tokio::sync::Notify,
     busy_log: Mutex<(Option<Instant>, u64)>,
 }
 
-/// Removes a finished transfer from [`Dispatch`] (also when its task is cancelled).
+/// Removes a finished transfer from [`Dispatch`], however it ends.
 struct ActiveGuard {
     d: Arc<Dispatch>,
     key: (SocketAddr, SocketAddr),
@@ -403,10 +404,17 @@ struct ActiveGuard {
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.d.active.lock().expect("lock").remove(&self.key);
-        self.d.workers.handles[self.worker]
-            .1
+        let empty = {
+            let mut active = self.d.active.lock().expect("lock");
+            active.remove(&self.key);
+            active.is_empty()
+        };
+        self.d.workers[self.worker]
+            .load
             .fetch_sub(1, Ordering::Relaxed);
+        if empty {
+            self.d.idle.notify_one();
+        }
     }
 }
 
@@ -426,22 +434,25 @@ impl Dispatch {
             }
             active.insert(key);
         }
-        let worker = self.workers.pick();
-        let (handle, load) = &self.workers.handles[worker];
-        load.fetch_add(1, Ordering::Relaxed);
+        let worker = (0..self.workers.len())
+            .min_by_key(|i| self.workers[*i].load.load(Ordering::Relaxed))
+            .unwrap_or(0);
+        let w = &self.workers[worker];
+        w.load.fetch_add(1, Ordering::Relaxed);
         let guard = ActiveGuard {
             d: self.clone(),
             key,
             worker,
         };
-        self.tracker.spawn_on(
-            async move {
-                let d = guard.d.clone();
-                serve_request(msg, &d).await;
-                drop(guard);
-            },
-            handle,
-        );
+        let was_empty = {
+            let mut q = w.queue.lock().expect("lock");
+            q.push(Job { msg, guard });
+            q.len() == 1
+        };
+        if was_empty {
+            // A full socket buffer means a wake-up is pending anyway.
+            let _ = w.wake.send(&[1]);
+        }
     }
 
     fn refuse_busy(&self, msg: &Incoming) {
@@ -460,8 +471,8 @@ impl Dispatch {
                 log.0 = Some(Instant::now());
             }
         }
-        // A short blocking send from a fresh socket on the address the client used.
-        if let Ok(s) = reply_socket_std(msg.local, msg.scope, msg.client) {
+        // A short non-blocking send from a fresh socket on the address the client used.
+        if let Ok(s) = reply_socket(msg.local, msg.scope, msg.client) {
             let _ = s.send(&packet::error(
                 code::NOT_DEFINED,
                 "server busy: transfer limit reached, try again later",
@@ -486,17 +497,50 @@ pub async fn serve(
             .unwrap_or(1),
         n => n,
     };
-    let (workers, threads) = Workers::start(n)?;
-    let stop = workers.stop.clone();
+    let mut workers = Vec::new();
+    let mut wake_rx = Vec::new();
+    for _ in 0..n {
+        let (tx, rx) = UnixDatagram::pair()?;
+        tx.set_nonblocking(true)?;
+        rx.set_nonblocking(true)?;
+        workers.push(Worker {
+            queue: Mutex::default(),
+            wake: tx,
+            load: AtomicUsize::new(0),
+        });
+        wake_rx.push(rx);
+    }
     let d = Arc::new(Dispatch {
         resolver,
         config,
         metrics,
         active: Mutex::default(),
         workers,
-        tracker: TaskTracker::new(),
+        stop: AtomicBool::new(false),
+        idle: tokio::sync::Notify::new(),
         busy_log: Mutex::default(),
     });
+    let mut threads = Vec::new();
+    for (i, rx) in wake_rx.into_iter().enumerate() {
+        let ep = Epoll::new()?;
+        ep.ctl(
+            libc::EPOLL_CTL_ADD,
+            rx.as_raw_fd(),
+            libc::EPOLLIN as u32,
+            WAKE,
+        )?;
+        let d2 = d.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("tftp-{i}"))
+            .spawn(move || run_worker(d2, i, ep, rx));
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                stop_workers(&d);
+                return Err(e);
+            }
+        }
+    }
     let mut listeners = tokio::task::JoinSet::new();
     for s in sockets {
         s.set_nonblocking(true)?;
@@ -555,24 +599,26 @@ pub async fn serve(
     shutdown.cancelled().await;
     listeners.abort_all();
     while listeners.join_next().await.is_some() {}
-    d.tracker.close();
-    let running = d.tracker.len();
+    let running = d.active.lock().expect("lock").len();
     if running > 0 {
         tracing::info!("tftp: draining {running} transfers");
-        if tokio::time::timeout(drain_deadline, d.tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "tftp: drain deadline passed; aborting {} transfers",
-                d.tracker.len()
-            );
+        let deadline = tokio::time::Instant::now() + drain_deadline;
+        loop {
+            let notified = d.idle.notified();
+            if d.active.lock().expect("lock").is_empty() {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                tracing::warn!(
+                    "tftp: drain deadline passed; aborting {} transfers",
+                    d.active.lock().expect("lock").len()
+                );
+                break;
+            }
         }
     }
-    stop.cancel();
+    stop_workers(&d);
     drop(d);
-    // The threads end once their runtimes are dropped; wait for them off the async
-    // threads.
     let _ = tokio::task::spawn_blocking(move || {
         for t in threads {
             let _ = t.join();
@@ -582,7 +628,16 @@ pub async fn serve(
     Ok(())
 }
 
-fn reply_socket_std(
+fn stop_workers(d: &Dispatch) {
+    d.stop.store(true, Ordering::SeqCst);
+    for w in &d.workers {
+        let _ = w.wake.send(&[0]);
+    }
+}
+
+/// Binds a socket to the address the client talked to (port 0), connects it to the
+/// client and makes it non-blocking: one per transfer, so replies come from there.
+fn reply_socket(
     local: IpAddr,
     scope: u32,
     client: SocketAddr,
@@ -595,15 +650,113 @@ fn reply_socket_std(
     };
     let sock = std::net::UdpSocket::bind(bind)?;
     sock.connect(client)?;
+    sock.set_nonblocking(true)?;
     Ok(sock)
 }
 
-/// A socket for one transfer: bound to the address the client talked to, connected
-/// to the client, registered with the current (transfer thread's) runtime.
-fn reply_socket(local: IpAddr, scope: u32, client: SocketAddr) -> std::io::Result<UdpSocket> {
-    let sock = reply_socket_std(local, scope, client)?;
-    sock.set_nonblocking(true)?;
-    UdpSocket::from_std(sock)
+/// epoll data of a transfer thread's wake-up socket (other values are slot numbers).
+const WAKE: u64 = u64::MAX;
+
+/// A transfer thread: its transfers live in slots of `xfers`; epoll says which
+/// socket is readable (or writable again), a heap of deadlines says whose timer is due.
+fn run_worker(d: Arc<Dispatch>, me: usize, ep: Epoll, wake: UnixDatagram) {
+    let mut xfers: Vec<Option<Xfer>> = Vec::new();
+    let mut generation: Vec<u64> = Vec::new();
+    let mut free: Vec<usize> = Vec::new();
+    let mut timers: BinaryHeap<Reverse<(Instant, usize, u64)>> = BinaryHeap::new();
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+    let mut rbuf = [0u8; 516];
+    while !d.stop.load(Ordering::SeqCst) {
+        let timeout = timers.peek().map_or(-1, |Reverse((when, _, _))| {
+            let left = when.saturating_duration_since(Instant::now());
+            // Round up: waking before the deadline would only mean waiting again.
+            left.as_millis().min(60_000) as i32 + i32::from(left.subsec_nanos() % 1_000_000 != 0)
+        });
+        let n = match ep.wait(&mut events, timeout) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!("tftp: epoll_wait: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let now = Instant::now();
+        for ev in &events[..n] {
+            let (data, flags) = (ev.u64, ev.events);
+            if data == WAKE {
+                let mut b = [0u8; 64];
+                while wake.recv(&mut b).is_ok() {}
+                let jobs = std::mem::take(&mut *d.workers[me].queue.lock().expect("lock"));
+                for job in jobs {
+                    let slot = free.pop().unwrap_or_else(|| {
+                        xfers.push(None);
+                        generation.push(0);
+                        xfers.len() - 1
+                    });
+                    generation[slot] += 1;
+                    match Xfer::start(job, &d, now, &ep, slot) {
+                        Some(x) if !x.done() => {
+                            timers.push(Reverse((x.t.deadline(), slot, generation[slot])));
+                            xfers[slot] = Some(x);
+                        }
+                        Some(x) => {
+                            x.finish(&d);
+                            free.push(slot);
+                        }
+                        None => free.push(slot),
+                    }
+                }
+                continue;
+            }
+            let slot = data as usize;
+            let Some(x) = xfers.get_mut(slot).and_then(Option::as_mut) else {
+                continue;
+            };
+            if flags & libc::EPOLLOUT as u32 != 0 {
+                x.on_writable(&ep);
+            }
+            if flags & (libc::EPOLLIN | libc::EPOLLERR) as u32 != 0 {
+                x.on_readable(now, &mut rbuf, &ep);
+            }
+            if x.done() {
+                if let Some(x) = xfers[slot].take() {
+                    x.finish(&d);
+                }
+                free.push(slot);
+            }
+        }
+        // Due timers; an entry whose transfer moved its deadline on is re-queued.
+        while let Some(&Reverse((when, slot, gen))) = timers.peek() {
+            if when > now {
+                break;
+            }
+            timers.pop();
+            if generation.get(slot) != Some(&gen) {
+                continue;
+            }
+            let Some(x) = xfers.get_mut(slot).and_then(Option::as_mut) else {
+                continue;
+            };
+            let due = x.t.deadline();
+            if due > now {
+                timers.push(Reverse((due, slot, gen)));
+                continue;
+            }
+            x.on_timeout(now, &ep);
+            if x.done() {
+                if let Some(x) = xfers[slot].take() {
+                    x.finish(&d);
+                }
+                free.push(slot);
+            } else {
+                timers.push(Reverse((x.t.deadline(), slot, gen)));
+            }
+        }
+    }
+    // Stopping: whatever still runs ends here (dropping a transfer frees its place).
+    for x in xfers.into_iter().flatten() {
+        x.finish(&d);
+    }
 }
 
 /// Converts data to netascii on the fly with checkpoints at block starts, so a
@@ -708,7 +861,7 @@ const MAX_SEGMENTS: usize = 64;
 const MAX_UDP_PAYLOAD: usize = 65507;
 
 /// Whether this kernel knows UDP GSO (`UDP_SEGMENT`, Linux 4.18), asked once.
-fn gso_supported(sock: &UdpSocket) -> bool {
+fn gso_supported(sock: &std::net::UdpSocket) -> bool {
     static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *SUPPORTED.get_or_init(|| {
         let ok = socket::getsockopt(sock, sockopt::UdpGsoSegment).is_ok();
@@ -833,13 +986,6 @@ impl Window {
     }
 }
 
-/// How a transfer puts several packets on the wire.
-struct Sender {
-    /// Send consecutive packets as one GSO datagram (`UDP_SEGMENT` per send, so
-    /// single packets such as the OACK are never split).
-    gso: bool,
-}
-
 /// Errors with which the kernel refuses a GSO send that a plain send would pass:
 /// segment larger than the route's MTU, no checksum offload, IPsec, …
 fn gso_refused(e: &std::io::Error) -> bool {
@@ -849,83 +995,46 @@ fn gso_refused(e: &std::io::Error) -> bool {
     )
 }
 
-impl Sender {
-    fn new(sock: &UdpSocket, windowsize: u16, allowed: bool) -> Sender {
-        Sender {
-            gso: allowed && windowsize > 1 && gso_supported(sock),
-        }
+/// Sends a prefix of `data` (consecutive packets of `segment` bytes, the last one
+/// possibly shorter) without blocking: one plain `send` for a single packet, else one
+/// GSO `sendmsg` (while `gso` holds; a refusal turns it off) or one `sendmmsg`.
+/// Returns how many bytes (whole packets, at least one) went out, or `WouldBlock`.
+fn send_some(
+    sock: &std::net::UdpSocket,
+    data: &[u8],
+    segment: usize,
+    gso: &mut bool,
+) -> std::io::Result<usize> {
+    if data.len() <= segment {
+        return sock.send(data).map(|_| data.len());
     }
-
-    /// Sends `data`: consecutive packets of `segment` bytes, the last one possibly
-    /// shorter.
-    async fn send(
-        &mut self,
-        sock: &UdpSocket,
-        mut data: &[u8],
-        segment: usize,
-    ) -> std::io::Result<()> {
-        if data.len() <= segment {
-            sock.send(data).await?;
-            return Ok(());
-        }
+    if *gso {
         let per_send = (MAX_UDP_PAYLOAD / segment).clamp(1, MAX_SEGMENTS) * segment;
-        while !data.is_empty() {
-            if self.gso {
-                let n = data.len().min(per_send);
-                match send_gso(sock, &data[..n], segment as u16).await {
-                    Ok(()) => {
-                        data = &data[n..];
-                        continue;
-                    }
-                    Err(e) if gso_refused(&e) => {
-                        self.gso = false;
-                        tracing::debug!("tftp: GSO refused ({e}); this transfer uses sendmmsg");
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            let sent = send_mmsg(sock, data, segment).await?;
-            data = &data[sent..];
-        }
-        Ok(())
-    }
-}
-
-/// One `sendmsg` with `UDP_SEGMENT`: the kernel cuts `data` into datagrams of
-/// `segment` bytes (the last one may be shorter).
-async fn send_gso(sock: &UdpSocket, data: &[u8], segment: u16) -> std::io::Result<()> {
-    loop {
-        sock.writable().await?;
-        let r = sock.try_io(Interest::WRITABLE, || {
-            socket::sendmsg::<SockaddrStorage>(
-                sock.as_raw_fd(),
-                &[IoSlice::new(data)],
-                &[ControlMessage::UdpGsoSegments(&segment)],
-                MsgFlags::empty(),
-                None,
-            )
-            .map_err(std::io::Error::from)
-        });
+        let n = data.len().min(per_send);
+        let seg = segment as u16;
+        let r = socket::sendmsg::<SockaddrStorage>(
+            sock.as_raw_fd(),
+            &[IoSlice::new(&data[..n])],
+            &[ControlMessage::UdpGsoSegments(&seg)],
+            MsgFlags::empty(),
+            None,
+        )
+        .map_err(std::io::Error::from);
         match r {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            r => return r.map(|_| ()),
+            Ok(_) => return Ok(n),
+            Err(e) if gso_refused(&e) => {
+                *gso = false;
+                tracing::debug!("tftp: GSO refused ({e}); this transfer uses sendmmsg");
+            }
+            Err(e) => return Err(e),
         }
     }
+    sendmmsg_now(sock, data, segment)
 }
 
 /// One `sendmmsg` of up to [`MAX_SEGMENTS`] packets from `data`; returns the bytes of
 /// the packets sent (at least one).
-async fn send_mmsg(sock: &UdpSocket, data: &[u8], segment: usize) -> std::io::Result<usize> {
-    loop {
-        sock.writable().await?;
-        match sock.try_io(Interest::WRITABLE, || sendmmsg_now(sock, data, segment)) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            r => return r,
-        }
-    }
-}
-
-fn sendmmsg_now(sock: &UdpSocket, data: &[u8], segment: usize) -> std::io::Result<usize> {
+fn sendmmsg_now(sock: &std::net::UdpSocket, data: &[u8], segment: usize) -> std::io::Result<usize> {
     let packets: Vec<[IoSlice<'_>; 1]> = data
         .chunks(segment)
         .take(MAX_SEGMENTS)
@@ -947,232 +1056,344 @@ fn sendmmsg_now(sock: &UdpSocket, data: &[u8], segment: usize) -> std::io::Resul
     Ok(packets[..count].iter().map(|p| p[0].len()).sum())
 }
 
-async fn serve_request(msg: Incoming, d: &Dispatch) {
-    let client = msg.client;
-    let metrics = &d.metrics;
-    let sock = match reply_socket(msg.local, msg.scope, client) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(%client, "tftp: cannot open a reply socket on {}: {e}", msg.local);
-            return;
-        }
-    };
-    let (is_write, req) = match msg.request {
-        Ok(r) => r,
-        Err(e) => {
-            inc(&metrics.illegal_op);
-            let _ = sock
-                .send(&packet::error(
-                    code::ILLEGAL_OPERATION,
-                    &format!("malformed request: {e}"),
-                ))
-                .await;
-            tracing::info!(%client, error = %e, "tftp: malformed request");
-            return;
-        }
-    };
-    if is_write {
-        inc(&metrics.access_violation);
-        let _ = sock
-            .send(&packet::error(
-                code::ACCESS_VIOLATION,
-                "server is read-only",
-            ))
-            .await;
-        tracing::info!(%client, path = %req.filename, "tftp: write request refused");
-        return;
-    }
-    let span = tracing::info_span!("tftp", %client, path = %req.filename);
-    transfer(sock, req, client, msg.local, d, &span).await;
+/// One running transfer on a transfer thread.
+struct Xfer {
+    sock: std::net::UdpSocket,
+    /// Its epoll data.
+    slot: usize,
+    t: Transfer,
+    size: u64,
+    source: Source,
+    netascii: Option<Netascii>,
+    window: Window,
+    /// Windows go out with UDP GSO (until the route refuses it).
+    gso: bool,
+    negotiated: engine::Negotiated,
+    /// What could not be sent yet (the socket buffer was full): resumed when the
+    /// socket is writable, replaced by whatever the engine asks for next.
+    pending: Option<Action>,
+    /// EPOLLOUT is registered.
+    want_write: bool,
+    sent_bytes: u64,
+    failed: Option<std::io::Error>,
+    class: usize,
+    started: Instant,
+    span: tracing::Span,
+    _guard: ActiveGuard,
 }
 
-async fn transfer(
-    sock: UdpSocket,
-    req: Request,
-    client: SocketAddr,
-    local: IpAddr,
-    d: &Dispatch,
-    span: &tracing::Span,
-) {
-    let (config, metrics) = (&d.config, &d.metrics);
-    let started = Instant::now();
-    let path = match super::path::clean(&req.filename) {
-        Ok(p) => p,
-        Err(e) => {
-            inc(&metrics.access_violation);
-            let _ = sock
-                .send(&packet::error(code::ACCESS_VIOLATION, &e.to_string()))
-                .await;
-            span.in_scope(|| tracing::info!(outcome = "denied", "tftp: {e}"));
-            return;
-        }
-    };
-    let source = match d.resolver.open(&path, client, local) {
-        Ok(s) => s,
-        Err(OpenError::NotFound) => {
-            inc(&metrics.not_found);
-            let _ = sock
-                .send(&packet::error(code::NOT_FOUND, "file not found"))
-                .await;
-            span.in_scope(|| tracing::debug!(outcome = "not-found", "tftp: file not found"));
-            return;
-        }
-        Err(OpenError::AccessDenied) => {
-            inc(&metrics.access_violation);
-            let _ = sock
-                .send(&packet::error(code::ACCESS_VIOLATION, "access denied"))
-                .await;
-            span.in_scope(|| tracing::info!(outcome = "denied", "tftp: access denied"));
-            return;
-        }
-        Err(OpenError::Other(m)) => {
-            inc(&metrics.transfers_failed);
-            let _ = sock.send(&packet::error(code::NOT_DEFINED, &m)).await;
-            span.in_scope(|| tracing::warn!(outcome = "error", "tftp: {m}"));
-            return;
-        }
-    };
-    let mut netascii = if req.mode == Mode::Netascii {
-        match Netascii::new(&source) {
-            Ok(n) => Some(n),
+impl Xfer {
+    /// Answers the request: an error and `None`, or a running transfer whose first
+    /// packet (OACK or DATA) went out.
+    fn start(job: Job, d: &Dispatch, now: Instant, ep: &Epoll, slot: usize) -> Option<Xfer> {
+        let Job { msg, guard } = job;
+        let metrics = &d.metrics;
+        let client = msg.client;
+        let sock = match reply_socket(msg.local, msg.scope, client) {
+            Ok(s) => s,
             Err(e) => {
-                let _ = sock
-                    .send(&packet::error(code::NOT_DEFINED, "read error"))
-                    .await;
-                span.in_scope(|| {
-                    tracing::warn!(outcome = "error", "tftp: reading for netascii: {e}")
-                });
-                return;
+                tracing::warn!(%client, "tftp: cannot open a reply socket on {}: {e}", msg.local);
+                return None;
             }
+        };
+        // Error replies are single small datagrams on a fresh socket: they go out.
+        let refuse = |code: u16, text: &str| {
+            let _ = sock.send(&packet::error(code, text));
+        };
+        let (is_write, req) = match msg.request {
+            Ok(r) => r,
+            Err(e) => {
+                inc(&metrics.illegal_op);
+                refuse(code::ILLEGAL_OPERATION, &format!("malformed request: {e}"));
+                tracing::info!(%client, error = %e, "tftp: malformed request");
+                return None;
+            }
+        };
+        if is_write {
+            inc(&metrics.access_violation);
+            refuse(code::ACCESS_VIOLATION, "server is read-only");
+            tracing::info!(%client, path = %req.filename, "tftp: write request refused");
+            return None;
         }
-    } else {
-        None
-    };
-    let size = netascii
-        .as_ref()
-        .map(|n| n.size)
-        .unwrap_or_else(|| source.len());
-    let limits = Limits {
-        max_blksize: config.max_blksize,
-        max_windowsize: config.max_windowsize,
-        default_timeout: config.timeout,
-        max_retries: config.retries,
-    };
-    let negotiated = engine::negotiate(&req.options, Some(size), &limits);
-    let class = file_class(&path);
-    inc(&metrics.class_requests[class]);
-    metrics.in_flight.fetch_add(1, Ordering::Relaxed);
-    let mut t = Transfer::new(size, &negotiated, config.retries, Instant::now());
-    let segment = 4 + t.blksize();
-    let mut window = Window::new(t.blksize(), usize::from(negotiated.windowsize));
-    let mut sender = Sender::new(&sock, negotiated.windowsize, config.segmentation_offload);
-    let mut rbuf = [0u8; 516];
-    let timer = tokio::time::sleep_until(tokio::time::Instant::from_std(t.deadline()));
-    tokio::pin!(timer);
-    let mut next = Some(t.start(Instant::now()));
-    let mut sent_bytes = 0u64;
-    let mut failed_io = None;
-    loop {
-        match next.take() {
-            None => {}
-            Some(Action::SendOack) => {
-                let o = packet::oack(negotiated.oack.as_deref().unwrap_or(&[]));
-                if let Err(e) = sock.send(&o).await {
-                    failed_io = Some(e);
-                    break;
+        let span = tracing::info_span!("tftp", %client, path = %req.filename);
+        let path = match super::path::clean(&req.filename) {
+            Ok(p) => p,
+            Err(e) => {
+                inc(&metrics.access_violation);
+                refuse(code::ACCESS_VIOLATION, &e.to_string());
+                span.in_scope(|| tracing::info!(outcome = "denied", "tftp: {e}"));
+                return None;
+            }
+        };
+        let source = match d.resolver.open(&path, client, msg.local) {
+            Ok(s) => s,
+            Err(OpenError::NotFound) => {
+                inc(&metrics.not_found);
+                refuse(code::NOT_FOUND, "file not found");
+                span.in_scope(|| tracing::debug!(outcome = "not-found", "tftp: file not found"));
+                return None;
+            }
+            Err(OpenError::AccessDenied) => {
+                inc(&metrics.access_violation);
+                refuse(code::ACCESS_VIOLATION, "access denied");
+                span.in_scope(|| tracing::info!(outcome = "denied", "tftp: access denied"));
+                return None;
+            }
+            Err(OpenError::Other(m)) => {
+                inc(&metrics.transfers_failed);
+                refuse(code::NOT_DEFINED, &m);
+                span.in_scope(|| tracing::warn!(outcome = "error", "tftp: {m}"));
+                return None;
+            }
+        };
+        let netascii = if req.mode == Mode::Netascii {
+            match Netascii::new(&source) {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    refuse(code::NOT_DEFINED, "read error");
+                    span.in_scope(|| {
+                        tracing::warn!(outcome = "error", "tftp: reading for netascii: {e}")
+                    });
+                    return None;
                 }
             }
-            Some(Action::Send { from, to }) => {
-                let mut i = from;
-                while i <= to {
-                    let r = window.fill(i, to, &t, size, &source, netascii.as_mut());
-                    let (range, n) = match r {
-                        Ok(x) => x,
-                        Err(e) => {
-                            failed_io = Some(e);
-                            break;
-                        }
-                    };
-                    let bytes = range.len() - 4 * n;
-                    if let Err(e) = sender.send(&sock, &window.buf[range], segment).await {
-                        failed_io = Some(e);
-                        break;
-                    }
-                    sent_bytes += bytes as u64;
-                    i += n as u64;
-                }
-                if failed_io.is_some() {
-                    break;
-                }
+        } else {
+            None
+        };
+        let size = netascii
+            .as_ref()
+            .map(|n| n.size)
+            .unwrap_or_else(|| source.len());
+        let config = &d.config;
+        let limits = Limits {
+            max_blksize: config.max_blksize,
+            max_windowsize: config.max_windowsize,
+            default_timeout: config.timeout,
+            max_retries: config.retries,
+        };
+        let negotiated = engine::negotiate(&req.options, Some(size), &limits);
+        if let Err(e) = ep.ctl(
+            libc::EPOLL_CTL_ADD,
+            sock.as_raw_fd(),
+            libc::EPOLLIN as u32,
+            slot as u64,
+        ) {
+            refuse(code::NOT_DEFINED, "server error");
+            span.in_scope(|| tracing::warn!(outcome = "error", "tftp: epoll: {e}"));
+            return None;
+        }
+        let class = file_class(&path);
+        inc(&metrics.class_requests[class]);
+        metrics.in_flight.fetch_add(1, Ordering::Relaxed);
+        let mut t = Transfer::new(size, &negotiated, config.retries, now);
+        let first = t.start(now);
+        let gso = config.segmentation_offload && negotiated.windowsize > 1 && gso_supported(&sock);
+        let mut x = Xfer {
+            window: Window::new(t.blksize(), usize::from(negotiated.windowsize)),
+            sock,
+            slot,
+            t,
+            size,
+            source,
+            netascii,
+            gso,
+            negotiated,
+            pending: None,
+            want_write: false,
+            sent_bytes: 0,
+            failed: None,
+            class,
+            started: now,
+            span,
+            _guard: guard,
+        };
+        x.act(first, ep);
+        Some(x)
+    }
+
+    fn done(&self) -> bool {
+        self.failed.is_some() || self.t.outcome().is_some()
+    }
+
+    /// Sends what the engine asked for, as far as the socket takes it.
+    fn act(&mut self, a: Action, ep: &Epoll) {
+        self.pending = None;
+        match self.send(a) {
+            Ok(rest) => self.pending = rest,
+            Err(e) => self.failed = Some(e),
+        }
+        let want = self.pending.is_some();
+        if want != self.want_write {
+            let events = if want {
+                (libc::EPOLLIN | libc::EPOLLOUT) as u32
+            } else {
+                libc::EPOLLIN as u32
+            };
+            match ep.ctl(
+                libc::EPOLL_CTL_MOD,
+                self.sock.as_raw_fd(),
+                events,
+                self.slot as u64,
+            ) {
+                Ok(()) => self.want_write = want,
+                Err(e) => self.failed = Some(e),
             }
-        }
-        if t.outcome().is_some() {
-            break;
-        }
-        let deadline = tokio::time::Instant::from_std(t.deadline());
-        if timer.deadline() != deadline {
-            timer.as_mut().reset(deadline);
-        }
-        tokio::select! {
-            biased;
-            r = sock.recv(&mut rbuf) => match r {
-                Ok(n) => match packet::parse(&rbuf[..n]) {
-                    Ok(Packet::Ack { block }) => next = t.on_ack(block, Instant::now()),
-                    Ok(Packet::Error { .. }) => t.on_error(),
-                    _ => {} // junk from the client: ignore
-                },
-                // ICMP port unreachable: the client went away.
-                Err(_) => t.on_error(),
-            },
-            _ = &mut timer => next = t.on_timeout(Instant::now()),
-        }
-        if t.outcome().is_some() && next.is_none() {
-            break;
         }
     }
-    metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
-    metrics.bytes_sent.fetch_add(sent_bytes, Ordering::Relaxed);
-    metrics.class_bytes[class].fetch_add(sent_bytes, Ordering::Relaxed);
-    let outcome = match (&failed_io, t.outcome()) {
-        (Some(_), _) => {
-            inc(&metrics.transfers_failed);
-            let _ = sock
-                .send(&packet::error(code::NOT_DEFINED, "read error"))
-                .await;
-            "error"
+
+    /// Returns what is left when the socket buffer fills up.
+    fn send(&mut self, a: Action) -> std::io::Result<Option<Action>> {
+        let would_block = |e: &std::io::Error| e.kind() == std::io::ErrorKind::WouldBlock;
+        match a {
+            Action::SendOack => {
+                let o = packet::oack(self.negotiated.oack.as_deref().unwrap_or(&[]));
+                match self.sock.send(&o) {
+                    Ok(_) => Ok(None),
+                    Err(e) if would_block(&e) => Ok(Some(a)),
+                    Err(e) => Err(e),
+                }
+            }
+            Action::Send { from, to } => {
+                let segment = 4 + self.t.blksize();
+                let mut i = from;
+                while i <= to {
+                    let (range, _) = self.window.fill(
+                        i,
+                        to,
+                        &self.t,
+                        self.size,
+                        &self.source,
+                        self.netascii.as_mut(),
+                    )?;
+                    let sent = match send_some(
+                        &self.sock,
+                        &self.window.buf[range],
+                        segment,
+                        &mut self.gso,
+                    ) {
+                        Ok(n) => n,
+                        Err(e) if would_block(&e) => return Ok(Some(Action::Send { from: i, to })),
+                        Err(e) => return Err(e),
+                    };
+                    let packets = sent.div_ceil(segment);
+                    self.sent_bytes += (sent - 4 * packets) as u64;
+                    i += packets as u64;
+                }
+                // Read what comes next now, while the client works on this window,
+                // rather than after its ACK (the read then costs no latency). A
+                // failure here shows again when the blocks are really needed.
+                if to < self.t.last() {
+                    let _ = self.window.fill(
+                        to + 1,
+                        to + 1,
+                        &self.t,
+                        self.size,
+                        &self.source,
+                        self.netascii.as_mut(),
+                    );
+                }
+                Ok(None)
+            }
         }
-        (None, Some(Outcome::Ok)) => {
-            inc(&metrics.transfers_ok);
-            "ok"
+    }
+
+    /// One datagram from the client (level-triggered epoll reports the next one).
+    fn on_readable(&mut self, now: Instant, buf: &mut [u8], ep: &Epoll) {
+        match self.sock.recv(buf) {
+            Ok(n) => match packet::parse(&buf[..n]) {
+                Ok(Packet::Ack { block }) => {
+                    if let Some(a) = self.t.on_ack(block, now) {
+                        self.act(a, ep);
+                    }
+                }
+                Ok(Packet::Error { .. }) => self.t.on_error(),
+                _ => {} // junk from the client: ignore
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            // ICMP port unreachable: the client went away.
+            Err(_) => self.t.on_error(),
         }
-        (None, Some(Outcome::TsizeProbe)) => {
-            inc(&metrics.tsize_probes);
-            "tsize-probe"
+    }
+
+    fn on_writable(&mut self, ep: &Epoll) {
+        match self.pending.take() {
+            Some(a) => self.act(a, ep),
+            None => {
+                if ep
+                    .ctl(
+                        libc::EPOLL_CTL_MOD,
+                        self.sock.as_raw_fd(),
+                        libc::EPOLLIN as u32,
+                        self.slot as u64,
+                    )
+                    .is_ok()
+                {
+                    self.want_write = false;
+                }
+            }
         }
-        (None, Some(Outcome::Aborted)) => {
-            inc(&metrics.aborted);
-            inc(&metrics.transfers_failed);
-            "aborted"
+    }
+
+    fn on_timeout(&mut self, now: Instant, ep: &Epoll) {
+        if let Some(a) = self.t.on_timeout(now) {
+            self.act(a, ep);
         }
-        (None, Some(Outcome::Timeout)) | (None, None) => {
-            inc(&metrics.timeouts);
-            inc(&metrics.transfers_failed);
-            "timeout"
-        }
-    };
-    span.in_scope(|| {
-        if let Some(e) = &failed_io {
-            tracing::warn!("tftp: transfer failed: {e}");
-        }
-        tracing::info!(
-            blksize = negotiated.blksize,
-            windowsize = negotiated.windowsize,
-            bytes = sent_bytes,
-            duration_ms = started.elapsed().as_millis() as u64,
-            outcome,
-            "tftp transfer"
-        );
-    });
+    }
+
+    /// Counts and logs the outcome (the place in the active set goes with `self`).
+    fn finish(self, d: &Dispatch) {
+        let metrics = &d.metrics;
+        metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+        metrics
+            .bytes_sent
+            .fetch_add(self.sent_bytes, Ordering::Relaxed);
+        metrics.class_bytes[self.class].fetch_add(self.sent_bytes, Ordering::Relaxed);
+        let outcome = match (&self.failed, self.t.outcome()) {
+            (Some(_), _) => {
+                inc(&metrics.transfers_failed);
+                let _ = self
+                    .sock
+                    .send(&packet::error(code::NOT_DEFINED, "read error"));
+                "error"
+            }
+            (None, Some(Outcome::Ok)) => {
+                inc(&metrics.transfers_ok);
+                "ok"
+            }
+            (None, Some(Outcome::TsizeProbe)) => {
+                inc(&metrics.tsize_probes);
+                "tsize-probe"
+            }
+            (None, Some(Outcome::Aborted)) => {
+                inc(&metrics.aborted);
+                inc(&metrics.transfers_failed);
+                "aborted"
+            }
+            (None, Some(Outcome::Timeout)) => {
+                inc(&metrics.timeouts);
+                inc(&metrics.transfers_failed);
+                "timeout"
+            }
+            // Still running: the server is stopping.
+            (None, None) => {
+                inc(&metrics.transfers_failed);
+                "stopped"
+            }
+        };
+        self.span.in_scope(|| {
+            if let Some(e) = &self.failed {
+                tracing::warn!("tftp: transfer failed: {e}");
+            }
+            tracing::info!(
+                blksize = self.negotiated.blksize,
+                windowsize = self.negotiated.windowsize,
+                bytes = self.sent_bytes,
+                duration_ms = self.started.elapsed().as_millis() as u64,
+                outcome,
+                "tftp transfer"
+            );
+        });
+    }
 }
 
 #[cfg(test)]
@@ -1345,15 +1566,27 @@ mod tests {
         th.join().unwrap();
     }
 
-    #[tokio::test]
-    async fn a_route_that_refuses_gso_falls_back_to_sendmmsg() {
+    #[test]
+    fn a_route_that_refuses_gso_falls_back_to_sendmmsg() {
         let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let tx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        tx.connect(rx.local_addr().unwrap()).await.unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.connect(rx.local_addr().unwrap()).unwrap();
         let segment = 1472;
-        let mut s = Sender::new(&tx, 8, true);
-        assert!(s.gso, "loopback takes GSO");
+        assert!(gso_supported(&tx), "loopback takes GSO");
+        // GSO works: three packets in one send.
+        let mut gso = true;
+        let data = pattern(segment * 2 + 100, 7);
+        assert_eq!(
+            send_some(&tx, &data, segment, &mut gso).unwrap(),
+            data.len()
+        );
+        assert!(gso);
+        let mut buf = [0u8; 2000];
+        for chunk in data.chunks(segment) {
+            let n = rx.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..n], chunk);
+        }
         // Checksums off (SO_NO_CHECK): the kernel refuses GSO with EINVAL, as it does
         // for a segment bigger than the route's MTU (blksize 8192 on a 1500-byte link).
         let one: nix::libc::c_int = 1;
@@ -1369,9 +1602,11 @@ mod tests {
         };
         assert_eq!(r, 0);
         let data = pattern(segment * 2 + 100, 9);
-        s.send(&tx, &data, segment).await.unwrap();
-        assert!(!s.gso, "GSO off for the rest of the transfer");
-        let mut buf = [0u8; 2000];
+        assert_eq!(
+            send_some(&tx, &data, segment, &mut gso).unwrap(),
+            data.len()
+        );
+        assert!(!gso, "GSO off for the rest of the transfer");
         for chunk in data.chunks(segment) {
             let n = rx.recv(&mut buf).unwrap();
             assert_eq!(&buf[..n], chunk);
