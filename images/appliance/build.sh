@@ -28,6 +28,12 @@ GRUB=/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed
 
 step() { echo "== $*" >&2; }
 
+# `cargo xtask image` starts this script as the leader of its own process group, with
+# SIGTERM as its parent-death signal: pass a SIGTERM or SIGINT on to the whole group
+# (mmdebstrap then unmounts what it mounted in the chroot). Long steps run in the
+# background + `wait` so the trap runs at once.
+trap 'trap - TERM INT; kill -TERM 0 2>/dev/null; exit 143' TERM INT
+
 for f in "$RACKBOOT_BIN" "$SHIM" "$MOKMANAGER" "$GRUB"; do
     [ -f "$f" ] || { echo "build.sh: $f is missing" >&2; exit 1; }
 done
@@ -51,7 +57,8 @@ mmdebstrap --variant=apt --format=directory \
     "deb $MIRROR bookworm main" \
     "deb $MIRROR bookworm-updates main" \
     "deb $SECURITY_MIRROR bookworm-security main" \
-    "deb $MIRROR bookworm-backports main"
+    "deb $MIRROR bookworm-backports main" &
+wait $!
 
 step "rackboot, its unit, sysusers.d, tmpfiles.d and default config"
 install -m 0755 "$RACKBOOT_BIN" "$rootfs/usr/bin/rackboot"
@@ -127,6 +134,7 @@ dd if="$esp" of="$tmp" bs=1M seek=1 conv=notrunc,sparse status=none
 # GRUB 2.06 reads neither orphan_file nor metadata_csum_seed: leave them off.
 mkfs.ext4 -q -F -L rackboot-root -U "$root_uuid" -b 4096 -T default \
     -O ^orphan_file,^metadata_csum_seed \
-    -E offset=$((root_start * 512)) -d "$rootfs" "$tmp" "${root_mib}M"
+    -E offset=$((root_start * 512)) -d "$rootfs" "$tmp" "${root_mib}M" &
+wait $!
 mv "$tmp" "$OUT"
 echo "kernel=$kver root_uuid=$root_uuid rootfs_mib=$used_mib root_fs_mib=$root_mib root_offset=$((root_start * 512)) image_bytes=$total"

@@ -168,8 +168,10 @@ fn build(image: &Path) -> Result<String> {
     let started = Instant::now();
     let script = root.join("images/appliance/build.sh");
     let mut g = {
+        // SIGTERM when xtask dies: the script passes it on to its group (mmdebstrap
+        // unmounts its chroot's filesystems on it).
         let mut c = Command::new("setpriv");
-        c.args(["--pdeathsig", "KILL", "--"]).arg(&script);
+        c.args(["--pdeathsig", "TERM", "--"]).arg(&script);
         c.env("RACKBOOT_BIN", &bin)
             .env("OUT", image)
             .env("WORK", &work);
