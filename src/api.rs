@@ -74,6 +74,12 @@ async fn route(d: Arc<Daemon>, req: Request<Incoming>, _peer: SocketAddr) -> Res
             _ => error(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
         };
     }
+    if path == "/" || path == "/index.html" {
+        return match method {
+            Method::GET | Method::HEAD => images_page(&d, method == Method::HEAD),
+            _ => error(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
+        };
+    }
     let Some(snap) = d.current() else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -284,6 +290,53 @@ fn status_json(d: &Daemon) -> Value {
     })
 }
 
+/// The catalog the last sync that read the upstream wrote (`[]` before that).
+fn catalog(d: &Daemon) -> Vec<crate::select::CatalogEntry> {
+    let p = d.settings().state_dir.join(crate::sync::CATALOG_FILE);
+    std::fs::read(&p)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// The Images page.
+fn images_page(d: &Daemon, head: bool) -> Response<Body> {
+    let settings = d.settings();
+    let snap = d.snapshot.borrow().clone();
+    let status = d.status();
+    let sources = Sources::current(&settings).unwrap_or_default();
+    let catalog = catalog(d);
+    let html = crate::web::render(&crate::web::Page {
+        version: env!("CARGO_PKG_VERSION"),
+        generation: snap.as_ref().map(|s| s.generation),
+        snapshot_created: snap.as_ref().map(|s| s.created),
+        status: &status,
+        sync_auto: settings.sync.auto,
+        sources: &sources.sources,
+        catalog: &catalog,
+        resources: snap
+            .as_ref()
+            .map(|s| s.manifest.products.as_slice())
+            .unwrap_or(&[]),
+        writes_enabled: settings.http.token_file.is_some(),
+    });
+    let len = html.len();
+    Response::builder()
+        .header("content-type", "text/html; charset=utf-8")
+        .header("content-length", len)
+        .header("cache-control", "no-store")
+        .header(
+            "content-security-policy",
+            "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
+        )
+        .body(if head {
+            crate::http::empty()
+        } else {
+            full(html)
+        })
+        .expect("valid response")
+}
+
 fn resources_json(d: &Daemon) -> Value {
     let Some(snap) = d.snapshot.borrow().clone() else {
         return json!([]);
@@ -315,6 +368,7 @@ async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<B
     match (parts.as_slice(), read) {
         (["status"], true) => return json_response(StatusCode::OK, &status_json(&d)),
         (["resources"], true) => return json_response(StatusCode::OK, &resources_json(&d)),
+        (["catalog"], true) => return json_response(StatusCode::OK, &json!(catalog(&d))),
         (["machines"], true) => {
             return match crate::machines::load(&settings.state_dir) {
                 Ok(state) => {
@@ -511,6 +565,37 @@ fn write_sources(
             let v = json!(s);
             sources.sources[i].selections.push(s);
             v
+        }
+        (&Method::PUT, ["sources", id, "selections"]) => {
+            // Replaces all of the source's selections (the Images page's "Save
+            // selection"): a JSON array of objects with the selection keys.
+            let Some(list) = body.as_array() else {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "expected a JSON array of selections",
+                ));
+            };
+            let i = find(&mut sources, id)?;
+            let mut next = sources.next_selection_id();
+            let mut new = Vec::new();
+            for (n, item) in list.iter().enumerate() {
+                let mut sel = crate::config::Selection {
+                    os: "ubuntu".into(),
+                    release: String::new(),
+                    arches: vec!["*".into()],
+                    subarches: vec!["*".into()],
+                    labels: vec!["*".into()],
+                };
+                crate::cli::apply_selection_kv(&mut sel, &pairs(item)?)
+                    .map_err(|e| error(StatusCode::BAD_REQUEST, format!("selection {n}: {e:#}")))?;
+                new.push(StoredSelection {
+                    id: next,
+                    selection: sel,
+                });
+                next += 1;
+            }
+            sources.sources[i].selections = new;
+            json!(sources.sources[i].selections)
         }
         (&Method::PUT, ["sources", id, "selections", sid]) => {
             let i = find(&mut sources, id)?;

@@ -51,3 +51,5 @@ pub mod tftp;
 pub mod upstream;
 /// OpenPGP verification; the only producer of `Verified` documents.
 pub mod verify;
+/// The Images page (server-rendered HTML, pure).
+pub mod web;

@@ -9,3 +9,4 @@ mod mirror_cmd;
 mod serve;
 mod sync;
 mod tftp;
+mod web;

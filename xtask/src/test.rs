@@ -7,7 +7,18 @@ use anyhow::{bail, Context, Result};
 use crate::prereq::{self, cmd};
 
 /// Debian packages the test suite drives (real clients, fixtures, firmware).
-pub const TEST_DEBS: &[&str] = &["curl", "gnupg", "atftp", "tftp-hpa", "xz-utils", "cpio"];
+pub const TEST_DEBS: &[&str] = &[
+    "curl",
+    "gnupg",
+    "atftp",
+    "tftp-hpa",
+    "xz-utils",
+    "cpio",
+    "openssl",
+    // The Images page test drives a real headless Chromium.
+    "chromium",
+    "chromium-driver",
+];
 
 pub fn run(args: &[String]) -> Result<()> {
     let quick = args.iter().any(|a| a == "--quick");

@@ -1,0 +1,373 @@
+//! The Images page (`GET /`), like MAAS's: what the boot sources offer and which of it
+//! is selected (with a checkbox per architecture), what is synced and served, the
+//! sync's status and progress, "Save selection" and "Sync now".
+//!
+//! Plain server-rendered HTML and a little JavaScript, no build step. Rendering is
+//! pure: [`render`] takes a [`Page`] model and returns the document. Every string
+//! from outside (stream fields, URLs, errors) goes through [`esc`], the one place
+//! that escapes HTML. Writes go through the JSON API with the bearer token the
+//! operator types into the page (kept in the tab's sessionStorage only).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+
+use crate::daemon::SyncStatus;
+use crate::plan::ManifestProduct;
+use crate::select::CatalogEntry;
+use crate::state::StoredSource;
+
+/// Everything the page shows.
+pub struct Page<'a> {
+    pub version: &'a str,
+    pub generation: Option<u64>,
+    pub snapshot_created: Option<u64>,
+    pub status: &'a SyncStatus,
+    pub sync_auto: bool,
+    pub sources: &'a [StoredSource],
+    pub catalog: &'a [CatalogEntry],
+    pub resources: &'a [ManifestProduct],
+    /// Whether the API accepts writes (a token file is configured).
+    pub writes_enabled: bool,
+}
+
+/// Escapes text for HTML element content and double-quoted attribute values.
+pub fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn when(unix: Option<u64>) -> String {
+    match unix {
+        Some(t) => {
+            httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t))
+        }
+        None => "never".into(),
+    }
+}
+
+fn status_line(p: &Page) -> String {
+    let serving = match p.generation {
+        Some(g) => format!(
+            "serving generation {g} (since {})",
+            when(p.snapshot_created)
+        ),
+        None => "nothing served yet: the first sync has not finished".into(),
+    };
+    let last = match (&p.status.last_result, &p.status.last_error) {
+        (Some(r), Some(e)) => format!("last sync {r} at {}: {e}", when(p.status.last_finished)),
+        (Some(r), None) => format!("last sync {r} at {}", when(p.status.last_finished)),
+        _ => "no sync finished since start".into(),
+    };
+    format!("{serving}; {last}")
+}
+
+const STYLE: &str = "body{font-family:sans-serif;margin:2em;max-width:72em}\
+table{border-collapse:collapse;margin:.5em 0 1.5em}\
+th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left}\
+th{background:#f0f0f0}td.n{text-align:right}\
+#progress{width:24em}.err{color:#b00}.ok{color:#070}\
+button{margin-right:.5em}";
+
+/// The page's script: polls the status, saves selections, starts a sync.
+const SCRIPT: &str = r#"
+const tokenField = document.getElementById('token');
+tokenField.value = sessionStorage.getItem('rackboot-token') || '';
+tokenField.addEventListener('input', () => sessionStorage.setItem('rackboot-token', tokenField.value));
+const message = document.getElementById('message');
+function say(text, ok) { message.textContent = text; message.className = ok ? 'ok' : 'err'; }
+async function call(method, path, body) {
+  const headers = {'Authorization': 'Bearer ' + tokenField.value};
+  if (body !== undefined) headers['Content-Type'] = 'application/json';
+  const r = await fetch('/api/v1/' + path, {method, headers, body: body === undefined ? undefined : JSON.stringify(body)});
+  const text = await r.text();
+  let data = null;
+  try { data = JSON.parse(text); } catch (e) {}
+  if (!r.ok) throw new Error((data && data.error) || (r.status + ' ' + r.statusText));
+  return data;
+}
+document.getElementById('save').addEventListener('click', async () => {
+  const bySource = {};
+  for (const box of document.querySelectorAll('input.arch')) {
+    const s = box.dataset.source;
+    bySource[s] = bySource[s] || {};
+    const key = box.dataset.os + '/' + box.dataset.release;
+    bySource[s][key] = bySource[s][key] || {os: box.dataset.os, release: box.dataset.release, arches: []};
+    if (box.checked) bySource[s][key].arches.push(box.dataset.arch);
+  }
+  try {
+    for (const [source, rows] of Object.entries(bySource)) {
+      const selections = Object.values(rows).filter(r => r.arches.length > 0);
+      await call('PUT', 'sources/' + source + '/selections', selections);
+    }
+    say('Selection saved; the next sync applies it.', true);
+  } catch (e) { say('Saving the selection failed: ' + e.message, false); }
+});
+document.getElementById('sync').addEventListener('click', async () => {
+  try { await call('POST', 'sync'); say('Sync started.', true); }
+  catch (e) { say('Starting a sync failed: ' + e.message, false); }
+});
+const shown = document.body.dataset.generation;
+async function poll() {
+  try {
+    const r = await fetch('/api/v1/status');
+    const s = await r.json();
+    const bar = document.getElementById('progress');
+    const running = document.getElementById('running');
+    if (s.sync_running && s.progress) {
+      bar.max = s.progress.bytes_total || 1; bar.value = s.progress.bytes_done;
+      bar.hidden = false;
+      running.textContent = 'sync running: ' + s.progress.files_done + '/' + s.progress.files_total + ' files';
+    } else { bar.hidden = true; running.textContent = s.sync_running ? 'sync running' : 'idle'; }
+    if (String(s.generation) !== shown && s.generation !== null) location.reload();
+  } catch (e) {}
+  setTimeout(poll, 2000);
+}
+poll();
+"#;
+
+/// Renders the page.
+pub fn render(p: &Page) -> String {
+    let mut h = String::new();
+    let generation = p.generation.map(|g| g.to_string()).unwrap_or_default();
+    let _ = write!(
+        h,
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>rackboot: images</title><style>{STYLE}</style></head>\n<body data-generation=\"{}\">\n<h1>Images</h1>\n",
+        esc(&generation)
+    );
+    let _ = writeln!(
+        h,
+        "<p id=\"status\">{}</p>\n<p><span id=\"running\">{}</span> <progress id=\"progress\" hidden></progress></p>",
+        esc(&status_line(p)),
+        if p.status.running { "sync running" } else { "idle" }
+    );
+    let auto = if p.sync_auto {
+        "Images sync automatically every few minutes."
+    } else {
+        "Automatic sync is paused (sync.auto = false)."
+    };
+    let _ = writeln!(h, "<p>{auto}</p>");
+    if p.writes_enabled {
+        let _ = writeln!(
+            h,
+            "<p><label>API token <input id=\"token\" type=\"password\" autocomplete=\"off\"></label></p>"
+        );
+    } else {
+        let _ = writeln!(
+            h,
+            "<p>Changes are off: set <code>http.token_file</code> to allow them.<input id=\"token\" type=\"hidden\"></p>"
+        );
+    }
+    let _ = writeln!(
+        h,
+        "<p><button id=\"save\">Save selection</button><button id=\"sync\">Sync now</button> <span id=\"message\"></span></p>"
+    );
+
+    // Catalog entries name their source by its position in the source list.
+    for (i, src) in p.sources.iter().enumerate() {
+        let _ = writeln!(h, "<h2>Boot source {}: {}</h2>", src.id, esc(&src.url));
+        let entries: Vec<&CatalogEntry> = p.catalog.iter().filter(|e| e.source == i).collect();
+        if entries.is_empty() {
+            let _ = writeln!(
+                h,
+                "<p>No images listed yet: they appear after a sync has read this source.</p>"
+            );
+            continue;
+        }
+        let arches: BTreeSet<&str> = entries.iter().map(|e| e.arch.as_str()).collect();
+        // (os, release) → (title, version, arch → selected)
+        let mut rows: BTreeMap<(&str, &str), (&str, &str, BTreeMap<&str, bool>)> = BTreeMap::new();
+        for e in &entries {
+            let row = rows.entry((e.os.as_str(), e.release.as_str())).or_insert((
+                e.title.as_str(),
+                e.version.as_str(),
+                BTreeMap::new(),
+            ));
+            if e.version.as_str() > row.1 {
+                row.1 = e.version.as_str();
+            }
+            let sel = row.2.entry(e.arch.as_str()).or_insert(false);
+            *sel |= e.selected;
+        }
+        let _ = write!(h, "<table class=\"catalog\" data-source=\"{}\"><tr><th>OS</th><th>Release</th><th>Title</th>", src.id);
+        for a in &arches {
+            let _ = write!(h, "<th>{}</th>", esc(a));
+        }
+        let _ = writeln!(h, "<th>Latest version</th></tr>");
+        for ((os, release), (title, version, by_arch)) in &rows {
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td>{}</td>",
+                esc(os),
+                esc(release),
+                esc(title)
+            );
+            for a in &arches {
+                match by_arch.get(a) {
+                    Some(selected) => {
+                        let _ = write!(
+                            h,
+                            "<td><input type=\"checkbox\" class=\"arch\" data-source=\"{}\" data-os=\"{}\" data-release=\"{}\" data-arch=\"{}\" aria-label=\"{} {} {}\"{}></td>",
+                            src.id,
+                            esc(os),
+                            esc(release),
+                            esc(a),
+                            esc(os),
+                            esc(release),
+                            esc(a),
+                            if *selected { " checked" } else { "" }
+                        );
+                    }
+                    None => h.push_str("<td></td>"),
+                }
+            }
+            let _ = writeln!(h, "<td>{}</td></tr>", esc(version));
+        }
+        h.push_str("</table>\n");
+    }
+
+    let _ = writeln!(h, "<h2>Synced and served</h2>");
+    if p.resources.is_empty() {
+        let _ = writeln!(h, "<p>Nothing yet.</p>");
+    } else {
+        let _ = writeln!(
+            h,
+            "<table id=\"resources\"><tr><th>Resource</th><th>Version</th><th>Size</th><th>Files</th></tr>"
+        );
+        for r in p.resources {
+            let size: u64 = r.items.iter().map(|i| i.size).sum();
+            let _ = writeln!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
+                esc(&r.name),
+                esc(&r.version_name),
+                esc(&crate::sync::human_bytes(size)),
+                r.items.len()
+            );
+        }
+        h.push_str("</table>\n");
+    }
+    let _ = write!(
+        h,
+        "<p>rackboot {}; <a href=\"/api/v1/status\">status</a>, <a href=\"/metrics\">metrics</a></p>\n<script>{SCRIPT}</script>\n</body></html>\n",
+        esc(p.version)
+    );
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(arch: &str, release: &str, selected: bool) -> CatalogEntry {
+        CatalogEntry {
+            source: 0,
+            os: "ubuntu".into(),
+            release: release.into(),
+            arch: arch.into(),
+            subarch: "ga-24.04".into(),
+            label: "stable".into(),
+            version: "20261101".into(),
+            title: "24.04 LTS".into(),
+            size: 1,
+            selected,
+        }
+    }
+
+    fn source() -> StoredSource {
+        StoredSource {
+            id: 1,
+            url: "http://mirror/<x>".into(),
+            keyring_filename: None,
+            keyring_data: None,
+            unsigned: false,
+            selections: vec![],
+        }
+    }
+
+    #[test]
+    fn checkboxes_follow_the_selection_and_outside_strings_are_escaped() {
+        let mut hostile = entry("arm64", "noble\"><script>alert(1)</script>", false);
+        hostile.title = "<b>x</b>".into();
+        let catalog = vec![
+            entry("amd64", "noble", true),
+            entry("arm64", "noble", false),
+            hostile,
+        ];
+        let status = SyncStatus {
+            last_result: Some("failed".into()),
+            last_error: Some("http://x/<y>: 503".into()),
+            last_finished: Some(0),
+            ..Default::default()
+        };
+        let sources = [source()];
+        let html = render(&Page {
+            version: "0.1.0",
+            generation: Some(3),
+            snapshot_created: Some(0),
+            status: &status,
+            sync_auto: true,
+            sources: &sources,
+            catalog: &catalog,
+            resources: &[],
+            writes_enabled: true,
+        });
+        assert!(html.contains("data-os=\"ubuntu\" data-release=\"noble\" data-arch=\"amd64\" aria-label=\"ubuntu noble amd64\" checked>"), "{html}");
+        assert!(
+            html.contains(
+                "data-release=\"noble\" data-arch=\"arm64\" aria-label=\"ubuntu noble arm64\">"
+            ),
+            "{html}"
+        );
+        assert!(!html.contains("<script>alert"), "{html}");
+        assert!(html.contains("noble&quot;&gt;&lt;script&gt;alert(1)&lt;/script&gt;"));
+        assert!(html.contains("&lt;b&gt;x&lt;/b&gt;"));
+        assert!(html.contains("Boot source 1: http://mirror/&lt;x&gt;"));
+        assert!(
+            html.contains(
+                "last sync failed at Thu, 01 Jan 1970 00:00:00 GMT: http://x/&lt;y&gt;: 503"
+            ),
+            "{html}"
+        );
+        assert!(html.contains("data-generation=\"3\""));
+        // Exactly one script element: the page's own.
+        assert_eq!(html.matches("<script>").count(), 1);
+    }
+
+    #[test]
+    fn no_token_file_means_no_token_field() {
+        let status = SyncStatus::default();
+        let html = render(&Page {
+            version: "0.1.0",
+            generation: None,
+            snapshot_created: None,
+            status: &status,
+            sync_auto: false,
+            sources: &[source()],
+            catalog: &[],
+            resources: &[],
+            writes_enabled: false,
+        });
+        assert!(html.contains("Changes are off"));
+        assert!(html.contains("Automatic sync is paused"));
+        assert!(html.contains("nothing served yet"));
+        assert!(html.contains("No images listed yet"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn escaped_text_has_no_markup(s in "\\PC{0,40}") {
+            let e = esc(&s);
+            proptest::prop_assert!(!e.contains('<') && !e.contains('>') && !e.contains('"') && !e.contains('\''));
+        }
+    }
+}
