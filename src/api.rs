@@ -576,9 +576,9 @@ fn write_sources(
                 ));
             };
             let i = find(&mut sources, id)?;
-            let mut next = sources.next_selection_id();
+            let first = sources.next_selection_id();
             let mut new = Vec::new();
-            for (n, item) in list.iter().enumerate() {
+            for (next, (n, item)) in (first..).zip(list.iter().enumerate()) {
                 let mut sel = crate::config::Selection {
                     os: "ubuntu".into(),
                     release: String::new(),
@@ -592,7 +592,6 @@ fn write_sources(
                     id: next,
                     selection: sel,
                 });
-                next += 1;
             }
             sources.sources[i].selections = new;
             json!(sources.sources[i].selections)

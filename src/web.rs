@@ -184,8 +184,9 @@ pub fn render(p: &Page) -> String {
             continue;
         }
         let arches: BTreeSet<&str> = entries.iter().map(|e| e.arch.as_str()).collect();
-        // (os, release) → (title, version, arch → selected)
-        let mut rows: BTreeMap<(&str, &str), (&str, &str, BTreeMap<&str, bool>)> = BTreeMap::new();
+        // (os, release) → (title, latest version, arch → selected)
+        type Row<'r> = (&'r str, &'r str, BTreeMap<&'r str, bool>);
+        let mut rows: BTreeMap<(&str, &str), Row> = BTreeMap::new();
         for e in &entries {
             let row = rows.entry((e.os.as_str(), e.release.as_str())).or_insert((
                 e.title.as_str(),
