@@ -1,7 +1,7 @@
 //! HTTP: rackboot against nginx (sendfile on), serving the same snapshot directory.
 //!
 //! Both servers run at once and take turns: the 200 MiB squashfs with curl (one
-//! download each checked by sha256, then 15 rounds to /dev/null, best and median) and
+//! download each checked by sha256, then 15 rounds to /dev/null, who goes first alternating; best and median) and
 //! 1000 concurrent keep-alive clients on `maas.meta` with wrk (5 s, 2 rounds, latency
 //! distribution). rackboot's peak RSS is read from /proc.
 
@@ -165,19 +165,29 @@ impl Bench {
         })
     }
 
-    /// One checked download: a fast wrong answer is worth nothing.
+    /// One checked download: a fast wrong answer is worth nothing. Hashed as it
+    /// streams from curl (no file written: writeback would disturb the timed runs).
     fn http_check(&self, server: &str, url: &str, want_sha: &str) -> Result<()> {
-        let check = self.dir.join("http-check");
-        let o = Command::new("curl")
-            .args(["-sf", "--max-time", "60", "-o"])
-            .arg(&check)
-            .arg(url)
-            .status()?;
-        if !o.success() {
-            bail!("{server}: curl {url} failed: {o}");
+        use std::io::Read;
+        let mut child = Command::new("curl")
+            .args(["-sf", "--max-time", "60", url])
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut out = child.stdout.take().expect("piped");
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = out.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
         }
-        let got = sha256_file(&check)?;
-        std::fs::remove_file(&check)?;
+        let status = child.wait()?;
+        if !status.success() {
+            bail!("{server}: curl {url} failed: {status}");
+        }
+        let got = hex::encode(h.finalize());
         if got != want_sha {
             bail!("{server}: {url} has sha256 {got}, want {want_sha}");
         }
@@ -264,16 +274,24 @@ impl Bench {
         for (name, url) in names.iter().zip(&urls) {
             self.http_check(name, url, &want_sha)?;
         }
+        // Who goes first alternates from round to round.
+        let order = |round: usize| {
+            if round.is_multiple_of(2) {
+                [0, 1]
+            } else {
+                [1, 0]
+            }
+        };
         let mut runs = [Vec::new(), Vec::new()];
-        for _ in 0..BIG_ROUNDS {
-            for (i, name) in names.iter().enumerate() {
-                runs[i].push(self.http_big_run(name, &urls[i], big)?);
+        for round in 0..BIG_ROUNDS {
+            for i in order(round) {
+                runs[i].push(self.http_big_run(names[i], &urls[i], big)?);
             }
         }
         let mut wrks: [Vec<Wrk>; 2] = [Vec::new(), Vec::new()];
-        for _ in 0..WRK_ROUNDS {
-            for (i, name) in names.iter().enumerate() {
-                wrks[i].push(self.http_wrk(name, ports[i])?);
+        for round in 0..WRK_ROUNDS {
+            for i in order(round) {
+                wrks[i].push(self.http_wrk(names[i], ports[i])?);
             }
         }
         let rss = peak_rss_kib(procs[0].pid());
