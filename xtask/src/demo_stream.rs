@@ -370,12 +370,30 @@ struct Product {
 pub fn build(out: &Path) -> Result<Summary> {
     let started = Instant::now();
     prereq::ensure_debs(NATIVE_DEBS)?;
-    let cache = crate::root().join("target/xtask-cache");
-    let work = cache.join("demo-work");
+    let cache = prereq::target_dir(&crate::root()).join("xtask-cache");
+    // A work directory of this process's own (demo, netboot, dist and image may build
+    // a stream at the same time), removed however the build ends; those of dead
+    // processes are swept.
+    for e in fs::read_dir(&cache).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = name.strip_prefix("demo-work-") {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    let work = cache.join(format!("demo-work-{}", std::process::id()));
     if work.exists() {
         fs::remove_dir_all(&work)?;
     }
     fs::create_dir_all(&work)?;
+    struct RemoveOnDrop(PathBuf);
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = RemoveOnDrop(work.clone());
     let arm64 = work.join("arm64-root");
     prereq::ensure_foreign_debs("arm64", ARM64_DEBS, &arm64)?;
 

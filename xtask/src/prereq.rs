@@ -165,7 +165,9 @@ pub fn ensure_backports_debs(pkgs: &[&str]) -> Result<()> {
 /// Downloads foreign-architecture packages (never installs them) and unpacks them
 /// into `dest`; the .debs are cached under `target/xtask-cache/debs/<arch>/`.
 pub fn ensure_foreign_debs(arch: &str, pkgs: &[&str], dest: &Path) -> Result<Vec<PathBuf>> {
-    let cache = crate::root().join("target/xtask-cache/debs").join(arch);
+    let cache = target_dir(&crate::root())
+        .join("xtask-cache/debs")
+        .join(arch);
     std::fs::create_dir_all(&cache)?;
     let have = |pkg: &str| -> Option<PathBuf> {
         std::fs::read_dir(&cache)
