@@ -454,6 +454,13 @@ async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<B
             d.trigger.notify_one();
             json_response(StatusCode::ACCEPTED, &json!({"sync": "started"}))
         }
+        (Method::POST, ["sync", "stop"]) => match d.sync_stop.lock().expect("lock").as_ref() {
+            Some(stop) => {
+                stop.cancel();
+                json_response(StatusCode::ACCEPTED, &json!({"sync": "stopping"}))
+            }
+            None => error(StatusCode::CONFLICT, "no sync is running"),
+        },
         (m @ (Method::PUT | Method::DELETE), ["machines", mac]) => {
             let Some(mac) = crate::bootcfg::Mac::parse(mac) else {
                 return error(

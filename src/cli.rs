@@ -57,11 +57,17 @@ pub enum Command {
         #[arg(value_name = "ARGS")]
         args: Vec<String>,
     },
-    /// Boot resources: read | is-importing.
+    /// Boot resources: read | import | is-importing | stop-import. `import` and
+    /// `stop-import` ask the running daemon (its API, with the token of
+    /// http.token_file); without a daemon, `import` syncs here and `stop-import` stops
+    /// the `rackboot sync` that holds the lock.
     #[command(name = "boot-resources")]
     BootResources {
         #[arg(value_name = "OP")]
         op: String,
+        /// The daemon's base URL (default: from http.listen in the config).
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
     },
     /// What is served and how the last sync went, from the running daemon's API
     /// (from the state directory when the daemon cannot be reached).
@@ -139,7 +145,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sync { dry_run, no_wait } => cmd_sync(&cli, &settings, *dry_run, !*no_wait).await,
         Command::BootSources { op, args } => cmd_sources(&cli, &settings, op, args),
         Command::BootSourceSelections { op, args } => cmd_selections(&cli, &settings, op, args),
-        Command::BootResources { op } => cmd_resources(&cli, &settings, op),
+        Command::BootResources { op, url } => {
+            cmd_resources(&cli, &settings, op, url.as_deref()).await
+        }
         Command::Status { url } => cmd_status(&cli, &settings, url.as_deref()).await,
         Command::Machines { op, args } => cmd_machines(&cli, &settings, op, args),
         Command::Serve => {
@@ -215,6 +223,7 @@ async fn cmd_sync(cli: &Cli, settings: &Settings, dry_run: bool, wait: bool) -> 
             ProgressMode::detect()
         },
         keep: Default::default(),
+        stop: None,
     };
     let report = sync::run(settings, &opts, Arc::new(LiveProgress::default())).await?;
     if cli.json {
@@ -576,7 +585,12 @@ fn sync_running(settings: &Settings) -> bool {
     settings.state_dir.join("lock").exists() && store.lock(false, |_| {}).is_err()
 }
 
-fn cmd_resources(cli: &Cli, settings: &Settings, op: &str) -> anyhow::Result<()> {
+async fn cmd_resources(
+    cli: &Cli,
+    settings: &Settings,
+    op: &str,
+    url: Option<&str>,
+) -> anyhow::Result<()> {
     let store = Store::existing(&settings.state_dir);
     match op {
         "read" => {
@@ -627,8 +641,74 @@ fn cmd_resources(cli: &Cli, settings: &Settings, op: &str) -> anyhow::Result<()>
                 Ok(())
             }
         }
+        "import" => {
+            let base = daemon_url(settings, url)?;
+            if fetch_status(&base).await.is_err() {
+                // No daemon to ask: import here, as `rackboot sync` does.
+                return cmd_sync(cli, settings, false, true).await;
+            }
+            let v = daemon_call(
+                &base,
+                reqwest::Method::POST,
+                "api/v1/sync",
+                &api_token(settings)?,
+            )
+            .await?;
+            if cli.json {
+                return print_json(&v);
+            }
+            println!(
+                "import started by the daemon at {base}; `rackboot status` shows its progress"
+            );
+            Ok(())
+        }
+        "stop-import" => {
+            let base = daemon_url(settings, url)?;
+            if fetch_status(&base).await.is_ok() {
+                let token = api_token(settings)?;
+                let stopped =
+                    match daemon_call(&base, reqwest::Method::POST, "api/v1/sync/stop", &token)
+                        .await
+                    {
+                        Ok(_) => true,
+                        Err(e) if format!("{e:#}").contains("HTTP 409") => false,
+                        Err(e) => return Err(e),
+                    };
+                if cli.json {
+                    return print_json(&json!({ "stopped": stopped }));
+                }
+                println!(
+                    "{}",
+                    if stopped {
+                        "stopping the daemon's import"
+                    } else {
+                        "no import is running"
+                    }
+                );
+                return Ok(());
+            }
+            // No daemon: stop the `rackboot sync` holding the lock, if any.
+            let holder = Store::existing(&settings.state_dir).lock_holder();
+            if let Some(pid) = holder {
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGTERM,
+                )
+                .map_err(|e| anyhow::anyhow!("cannot stop the sync of pid {pid}: {e}"))?;
+            }
+            if cli.json {
+                return print_json(&json!({ "stopped": holder.is_some() }));
+            }
+            match holder {
+                Some(pid) => println!(
+                    "stopped the sync of pid {pid} (its downloads are kept for the next run)"
+                ),
+                None => println!("no import is running"),
+            }
+            Ok(())
+        }
         other => Err(usage(format!(
-            "unknown boot-resources operation {other:?} (read, is-importing)"
+            "unknown boot-resources operation {other:?} (read, import, is-importing, stop-import)"
         ))),
     }
 }
@@ -660,13 +740,40 @@ fn daemon_url(settings: &Settings, url: Option<&str>) -> anyhow::Result<url::Url
 
 /// The daemon's `/api/v1/status` document.
 async fn fetch_status(base: &url::Url) -> anyhow::Result<serde_json::Value> {
-    let url = base.join("api/v1/status")?;
+    daemon_call(base, reqwest::Method::GET, "api/v1/status", "").await
+}
+
+/// The bearer token for API writes, from `http.token_file`.
+fn api_token(settings: &Settings) -> anyhow::Result<String> {
+    let Some(path) = &settings.http.token_file else {
+        return Err(usage(
+            "http.token_file is not set: the daemon's API takes no writes without it",
+        ));
+    };
+    let token = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read the API token {}: {e}", path.display()))?;
+    Ok(token.trim().to_string())
+}
+
+/// One request to the daemon's API (with a bearer token unless `token` is empty);
+/// its JSON answer, or an error naming the URL, the status and the daemon's message.
+async fn daemon_call(
+    base: &url::Url,
+    method: reqwest::Method,
+    path: &str,
+    token: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let url = base.join(path)?;
     let client = reqwest::Client::builder()
         .user_agent(concat!("rackboot/", env!("CARGO_PKG_VERSION")))
         .timeout(std::time::Duration::from_secs(5))
         .no_proxy()
         .build()?;
-    let resp = client.get(url.clone()).send().await.map_err(|e| {
+    let mut req = client.request(method, url.clone());
+    if !token.is_empty() {
+        req = req.bearer_auth(token);
+    }
+    let resp = req.send().await.map_err(|e| {
         // reqwest's own text repeats the URL; the innermost cause says why.
         let mut cause: &dyn std::error::Error = &e;
         while let Some(next) = cause.source() {
@@ -687,7 +794,7 @@ async fn fetch_status(base: &url::Url) -> anyhow::Result<serde_json::Value> {
         anyhow::bail!("{url}: HTTP {status}: {msg}");
     }
     serde_json::from_slice(&body)
-        .map_err(|e| anyhow::anyhow!("{url}: not a rackboot status document: {e}"))
+        .map_err(|e| anyhow::anyhow!("{url}: not a rackboot API document: {e}"))
 }
 
 fn unix_date(t: &serde_json::Value) -> String {

@@ -91,6 +91,8 @@ pub struct Daemon {
     pub status: Mutex<SyncStatus>,
     pub live: Arc<LiveProgress>,
     pub trigger: Notify,
+    /// Stops the sync in progress, if any (`POST /api/v1/sync/stop`).
+    pub sync_stop: Mutex<Option<CancellationToken>>,
     pub tftp_metrics: Arc<crate::tftp::TftpMetrics>,
     pub http_metrics: Arc<crate::http::HttpMetrics>,
     pub sync_duration_ms_total: AtomicU64,
@@ -187,14 +189,18 @@ pub async fn sync_once(d: &Daemon) {
         st.last_started = Some(now_unix());
     }
     systemd::notify("STATUS=syncing images");
+    let stop = tokio_util::sync::CancellationToken::new();
+    *d.sync_stop.lock().expect("lock") = Some(stop.clone());
     let opts = sync::Options {
         dry_run: false,
         wait: true,
         progress: ProgressMode::Quiet,
         keep: d.pinned(),
+        stop: Some(stop),
     };
     let t = Instant::now();
     let result = sync::run(&settings, &opts, d.live.clone()).await;
+    *d.sync_stop.lock().expect("lock") = None;
     let elapsed = t.elapsed();
     d.sync_duration_ms_total
         .fetch_add(elapsed.as_millis() as u64, Ordering::Relaxed);
@@ -361,6 +367,7 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
         status: Mutex::new(SyncStatus::default()),
         live: Arc::new(LiveProgress::default()),
         trigger: Notify::new(),
+        sync_stop: Mutex::new(None),
         tftp_metrics: Arc::new(crate::tftp::TftpMetrics::default()),
         http_metrics: Arc::new(crate::http::HttpMetrics::default()),
         sync_duration_ms_total: AtomicU64::new(0),

@@ -395,6 +395,13 @@ impl Store {
     }
 }
 
+impl Store {
+    /// The PID of the process running a sync (holding the lock), if any.
+    pub fn lock_holder(&self) -> Option<u32> {
+        lock_holder(&self.root.join("lock"))
+    }
+}
+
 /// The PID holding the flock on `path`, from `/proc/locks` (matched by inode).
 fn lock_holder(path: &Path) -> Option<u32> {
     let ino = fs::metadata(path).ok()?.ino();

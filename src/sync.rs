@@ -55,6 +55,10 @@ pub struct Options {
     pub progress: ProgressMode,
     /// Generations still in use (by requests in flight): not collected.
     pub keep: BTreeSet<u64>,
+    /// Cancelled to stop the run (`boot-resources stop-import`): downloads are
+    /// abandoned (partial files stay in `tmp/` for the next run) and nothing is
+    /// published. Checked while downloading and between the later steps.
+    pub stop: Option<tokio_util::sync::CancellationToken>,
 }
 
 /// Live progress of a running sync (read by the daemon's status API).
@@ -537,7 +541,20 @@ pub async fn run(
     }
     let mut first_err = None;
     let mut failed = 0;
-    while let Some(res) = tasks.join_next().await {
+    let stop = opts.stop.clone().unwrap_or_default();
+    loop {
+        let res = tokio::select! {
+            res = tasks.join_next() => match res {
+                Some(r) => r,
+                None => break,
+            },
+            _ = stop.cancelled() => {
+                tasks.abort_all();
+                while tasks.join_next().await.is_some() {}
+                progress.finish();
+                anyhow::bail!("stopped by request (partial downloads are kept for the next run)");
+            }
+        };
         let res = match res {
             Ok(r) => r,
             Err(e) if e.is_cancelled() => continue, // aborted after the first failure
@@ -566,6 +583,10 @@ pub async fn run(
             String::new()
         };
         return Err(anyhow::anyhow!("{e}{others}"));
+    }
+
+    if stop.is_cancelled() {
+        anyhow::bail!("stopped by request (downloads are kept for the next run)");
     }
 
     // 4. Unpack bootloaders, lay out the snapshot, publish it.

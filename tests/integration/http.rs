@@ -17,17 +17,17 @@ use crate::harness::*;
 use crate::mirror::*;
 use crate::serve::{kernel_of, products, rack, Rack, KERNEL, SHA512};
 
-const TOKEN: &str = "t0ken-for-tests";
+pub const TOKEN: &str = "t0ken-for-tests";
 
 /// Replaces `from` with `to` in the rack's config.
-fn edit_config(env: &Env, from: &str, to: &str) {
+pub fn edit_config(env: &Env, from: &str, to: &str) {
     let text = std::fs::read_to_string(&env.config).unwrap();
     assert!(text.contains(from), "{from:?} not in the config:\n{text}");
     std::fs::write(&env.config, text.replace(from, to)).unwrap();
 }
 
 /// A rack whose API takes writes with [`TOKEN`]; `http_extra` goes into `[http]`.
-fn rack_with_token(kernel_size: usize, sync_extra: &str, http_extra: &str) -> Rack {
+pub fn rack_with_token(kernel_size: usize, sync_extra: &str, http_extra: &str) -> Rack {
     let r = rack(
         kernel_size,
         sync_extra,
@@ -39,7 +39,7 @@ fn rack_with_token(kernel_size: usize, sync_extra: &str, http_extra: &str) -> Ra
     r
 }
 
-fn post_sync(s: &Served) -> (u16, Vec<u8>) {
+pub fn post_sync(s: &Served) -> (u16, Vec<u8>) {
     curl(&[
         "-X",
         "POST",

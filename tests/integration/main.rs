@@ -4,6 +4,7 @@
 mod bootcfg;
 mod harness;
 mod http;
+mod import;
 mod mirror;
 mod mirror_cmd;
 mod serve;
