@@ -602,6 +602,27 @@ mod tests {
     }
 
     #[test]
+    fn http_limits_default_parse_and_are_checked() {
+        let src =
+            "[[sources]]\nurl = \"http://127.0.0.1/streams/v1/index.json\"\nunsigned = true\n";
+        let p = Path::new("c.toml");
+        let s = from_str(p, src).unwrap();
+        assert_eq!(s.http.max_connections, 10_000);
+        assert_eq!(s.http.header_timeout, Duration::from_secs(10));
+        let s = from_str(
+            p,
+            &format!("[http]\nmax_connections = 64\nheader_timeout = \"3s\"\n{src}"),
+        )
+        .unwrap();
+        assert_eq!(s.http.max_connections, 64);
+        assert_eq!(s.http.header_timeout, Duration::from_secs(3));
+        let e = from_str(p, &format!("[http]\nmax_connections = 0\n{src}")).unwrap_err();
+        assert!(e.to_string().contains("http.max_connections"), "{e}");
+        let e = from_str(p, &format!("[http]\nheader_timeout = \"soon\"\n{src}")).unwrap_err();
+        assert!(e.to_string().contains("http.header_timeout"), "{e}");
+    }
+
+    #[test]
     fn example_configs_parse() {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/rackboot.toml");
         let text = std::fs::read_to_string(&p).unwrap();
