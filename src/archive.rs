@@ -1,6 +1,6 @@
 //! Bootloader archives (`archive.tar.xz`): unpack each regular member into the blob
-//! store under its own sha256, streaming (xz decoder thread → pipe → tar reader), so
-//! memory stays bounded whatever the archive size.
+//! store under its own sha256, streaming (xz decoder → tar reader), so memory stays
+//! bounded whatever the archive size.
 
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
@@ -25,20 +25,33 @@ pub fn unpack(store: &Store, archive: &Sha256) -> anyhow::Result<Vec<Member>> {
         .verified_path(archive, None)
         .ok_or_else(|| anyhow::anyhow!("archive {archive} is neither stored nor staged"))?;
     let file = ctx(File::open(&path), "cannot open", &path)?;
-    let (reader, mut writer) = ctx(std::io::pipe(), "cannot create pipe for", &path)?;
-    let decoder = std::thread::spawn(move || {
-        let mut input = BufReader::new(file);
-        lzma_rs::xz_decompress(&mut input, &mut writer).map_err(|e| format!("{e:?}"))
-    });
-    let result = unpack_tar(store, reader, &path.display().to_string());
-    let decoded = decoder
-        .join()
-        .map_err(|_| anyhow::anyhow!("xz decoder panicked"))?;
-    let members = result?;
-    if let Err(e) = decoded {
-        anyhow::bail!("{}: not a valid xz archive: {e}", path.display());
+    let name = path.display().to_string();
+    let xz = lzma_rust2::XZReader::new(BufReader::with_capacity(256 << 10, file), true);
+    unpack_tar(
+        store,
+        XzErrors {
+            inner: xz,
+            name: name.clone(),
+        },
+        &name,
+    )
+}
+
+/// Names the archive in the decoder's errors ("not a valid xz archive").
+struct XzErrors<R> {
+    inner: R,
+    name: String,
+}
+
+impl<R: Read> Read for XzErrors<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("{}: not a valid xz archive: {e}", self.name),
+            )
+        })
     }
-    Ok(members)
 }
 
 /// Members are written unsynced to temporary files; once the archive is read, one

@@ -124,9 +124,10 @@ pub fn tar_xz(members: &[(&str, Vec<u8>)]) -> Vec<u8> {
         tar.append_data(&mut h, name, &data[..]).unwrap();
     }
     let raw = tar.into_inner().unwrap();
-    let mut out = Vec::new();
-    lzma_rs::xz_compress(&mut &raw[..], &mut out).unwrap();
-    out
+    let mut xz =
+        lzma_rust2::XZWriter::new(Vec::new(), lzma_rust2::XZOptions::with_preset(6)).unwrap();
+    std::io::Write::write_all(&mut xz, &raw).unwrap();
+    xz.finish().unwrap()
 }
 
 /// One item of a product version.
