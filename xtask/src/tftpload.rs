@@ -5,9 +5,10 @@
 //! hashed (sha256) as it arrives and checked against the expected size and digest.
 //!
 //! - [`download`]: one transfer on a blocking socket (lowest latency for lockstep).
-//! - [`swarm`]: many concurrent transfers driven by one thread with epoll, so the
-//!   client costs two syscalls per packet and no context switch; 1000 clients do not
-//!   need 1000 threads.
+//! - [`swarm`]: many concurrent transfers driven by a level-triggered epoll loop (one
+//!   `recv` per event; one thread unless asked for more), so the client costs about
+//!   two syscalls per packet and no context switch; 1000 clients do not need 1000
+//!   threads.
 //!
 //! The bench runs it as a separate, optimised process (`xtask bench --loadgen …`, see
 //! [`cli`]) so its speed does not depend on how `cargo xtask` itself was built.
@@ -231,6 +232,8 @@ pub struct Swarm {
     /// Bytes of the downloads that arrived whole and correct.
     pub bytes: u64,
     pub elapsed: Duration,
+    /// `epoll_wait` calls (how bursty the server's answers were).
+    pub waits: u64,
     /// The first few failure reasons.
     pub errors: Vec<String>,
 }
@@ -262,43 +265,98 @@ pub struct Spec<'a> {
     pub windowsize: u16,
 }
 
-/// `clients` concurrent downloads from one thread; each must have `want_len` bytes with
-/// sha256 `want_sha`.
+/// `clients` concurrent downloads spread over `threads` threads (each its own epoll
+/// loop, all starting together); each download must have `want_len` bytes with sha256
+/// `want_sha`.
 pub fn swarm(
+    spec: &Spec,
+    clients: usize,
+    threads: usize,
+    want_len: u64,
+    want_sha: &str,
+    limit: Duration,
+) -> Result<Swarm> {
+    let threads = threads.clamp(1, clients.max(1));
+    let start = std::sync::Barrier::new(threads);
+    let parts: Vec<Result<Swarm>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|i| {
+                let share = clients / threads + usize::from(i < clients % threads);
+                let start = &start;
+                scope.spawn(move || swarm_one(spec, share, want_len, want_sha, limit, start))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| bail!("a load thread panicked")))
+            .collect()
+    });
+    let mut total = Swarm {
+        ok: 0,
+        failed: 0,
+        bytes: 0,
+        elapsed: Duration::ZERO,
+        waits: 0,
+        errors: vec![],
+    };
+    for p in parts {
+        let p = p?;
+        total.ok += p.ok;
+        total.failed += p.failed;
+        total.bytes += p.bytes;
+        total.elapsed = total.elapsed.max(p.elapsed);
+        total.waits += p.waits;
+        total.errors.extend(p.errors);
+    }
+    total.errors.truncate(5);
+    Ok(total)
+}
+
+/// One thread's share of a swarm; the clock starts when every thread is ready.
+fn swarm_one(
     spec: &Spec,
     clients: usize,
     want_len: u64,
     want_sha: &str,
     limit: Duration,
+    start: &std::sync::Barrier,
 ) -> Result<Swarm> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    // SAFETY: plain syscalls on descriptors we own; the event buffers outlive the calls.
-    let ep = unsafe { sys::epoll_create1(sys::EPOLL_CLOEXEC) };
-    if ep < 0 {
-        return Err(std::io::Error::last_os_error()).context("epoll_create1");
-    }
-    let ep = unsafe { OwnedFd::from_raw_fd(ep) };
-    let mut all = Vec::with_capacity(clients);
-    for i in 0..clients {
-        let c = Client::new(spec.server, spec.path, spec.blksize, spec.windowsize)?;
-        c.sock.set_nonblocking(true)?;
-        let mut ev = sys::EpollEvent {
-            events: sys::EPOLLIN,
-            data: i as u64,
-        };
-        let r = unsafe {
-            sys::epoll_ctl(
-                ep.as_raw_fd(),
-                sys::EPOLL_CTL_ADD,
-                c.sock.as_raw_fd(),
-                &mut ev,
-            )
-        };
-        if r < 0 {
-            return Err(std::io::Error::last_os_error()).context("epoll_ctl");
+    let setup = || -> Result<(OwnedFd, Vec<Client>)> {
+        // SAFETY: plain syscalls on descriptors we own; the event buffers outlive the
+        // calls.
+        let ep = unsafe { sys::epoll_create1(sys::EPOLL_CLOEXEC) };
+        if ep < 0 {
+            return Err(std::io::Error::last_os_error()).context("epoll_create1");
         }
-        all.push(c);
-    }
+        let ep = unsafe { OwnedFd::from_raw_fd(ep) };
+        let mut all = Vec::with_capacity(clients);
+        for i in 0..clients {
+            let c = Client::new(spec.server, spec.path, spec.blksize, spec.windowsize)?;
+            c.sock.set_nonblocking(true)?;
+            let mut ev = sys::EpollEvent {
+                events: sys::EPOLLIN,
+                data: i as u64,
+            };
+            let r = unsafe {
+                sys::epoll_ctl(
+                    ep.as_raw_fd(),
+                    sys::EPOLL_CTL_ADD,
+                    c.sock.as_raw_fd(),
+                    &mut ev,
+                )
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error()).context("epoll_ctl");
+            }
+            all.push(c);
+        }
+        Ok((ep, all))
+    };
+    let ready = setup();
+    // Every thread passes the barrier, also one whose setup failed.
+    start.wait();
+    let (ep, mut all) = ready?;
     let started = Instant::now();
     for c in &mut all {
         c.start()?;
@@ -307,6 +365,7 @@ pub fn swarm(
     let mut buf = vec![0u8; 65536];
     let mut events = vec![sys::EpollEvent { events: 0, data: 0 }; 256];
     let mut last_sweep = Instant::now();
+    let mut waits = 0u64;
     while running > 0 {
         if started.elapsed() > limit {
             break;
@@ -319,6 +378,7 @@ pub fn swarm(
                 100,
             )
         };
+        waits += 1;
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
@@ -330,19 +390,17 @@ pub fn swarm(
             let i = ev.data as usize;
             let c = &mut all[i];
             let was_running = matches!(c.state, State::Running);
-            loop {
-                match c.sock.recv_from(&mut buf) {
-                    Ok((len, from)) => {
-                        if let Err(e) = c.on_packet(&buf[..len], from) {
-                            c.fail(e.to_string());
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(e) => {
+            // One datagram per event: epoll is level-triggered and reports the socket
+            // again if more are queued, which saves a `recv` that would only say
+            // EAGAIN after every block.
+            match c.sock.recv_from(&mut buf) {
+                Ok((len, from)) => {
+                    if let Err(e) = c.on_packet(&buf[..len], from) {
                         c.fail(e.to_string());
-                        break;
                     }
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => c.fail(e.to_string()),
             }
             if was_running && !matches!(c.state, State::Running) {
                 running -= 1;
@@ -368,6 +426,7 @@ pub fn swarm(
         failed: 0,
         bytes: 0,
         elapsed,
+        waits,
         errors: vec![],
     };
     for c in all {
@@ -395,7 +454,8 @@ pub fn swarm(
 }
 
 /// `xtask bench --loadgen single ADDR PATH BLKSIZE WINDOWSIZE` and
-/// `xtask bench --loadgen swarm ADDR PATH BLKSIZE WINDOWSIZE CLIENTS LEN SHA256`:
+/// `xtask bench --loadgen swarm ADDR PATH BLKSIZE WINDOWSIZE CLIENTS LEN SHA256 [THREADS]`
+/// (one client thread unless given):
 /// runs and prints one JSON line (times measured here, without process start-up).
 pub fn cli(args: &[String]) -> Result<()> {
     let arg = |i: usize| -> Result<&str> {
@@ -422,9 +482,19 @@ pub fn cli(args: &[String]) -> Result<()> {
                 blksize: bs,
                 windowsize: ws,
             };
-            let s = swarm(&spec, clients, len, arg(7)?, Duration::from_secs(600))?;
+            // One thread by default: on a small machine it leaves the other cores to
+            // the server (a second client thread competes with it).
+            let threads = args.get(8).map_or(Ok(1), |t| t.parse())?;
+            let s = swarm(
+                &spec,
+                clients,
+                threads,
+                len,
+                arg(7)?,
+                Duration::from_secs(600),
+            )?;
             serde_json::json!({"ok": s.ok, "failed": s.failed, "bytes": s.bytes,
-                "secs": s.elapsed.as_secs_f64(), "errors": s.errors})
+                "secs": s.elapsed.as_secs_f64(), "epoll_waits": s.waits, "errors": s.errors})
         }
         other => bail!("unknown loadgen mode {other}"),
     };

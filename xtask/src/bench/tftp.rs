@@ -4,35 +4,74 @@
 //! - xtask's own load generator (`crate::tftpload`, run as an optimised process; the
 //!   same client code for every server, every download's size and sha256 checked).
 //!
-//! Cases: one 64 MiB transfer at windowsize 1 and at windowsize 8 (blksize 1468, best
-//! of 3), and 200 and 1000 concurrent clients fetching a 4 MiB file (blksize 1468,
-//! windowsize 1, aggregate throughput = bytes of correct downloads / wall time).
+//! Cases: one 64 MiB transfer at windowsize 1 and at windowsize 8 (blksize 1468), and
+//! 200 and 1000 concurrent clients fetching a 4 MiB file (blksize 1468, windowsize 1,
+//! aggregate throughput = bytes of correct downloads / wall time).
+//!
+//! The servers take turns: every round of a case runs each server once, each on a
+//! freshly started process (so one that falls over only fails its own run), and the
+//! tables show the median of the rounds (best in brackets). On a small shared machine
+//! the load of the moment swings single runs by ±15%; turns spread it over all servers.
 
 use super::*;
-
-/// One server's results with one client kind.
-#[derive(Clone, Debug, Default)]
-struct Row {
-    ws1: f64,
-    ws8: f64,
-    c200: f64,
-    f200: usize,
-    c1000: f64,
-    f1000: usize,
-}
-
-impl Row {
-    fn json(&self) -> serde_json::Value {
-        json!({"ws1_mib_s": self.ws1, "ws8_mib_s": self.ws8,
-               "clients200_mib_s": self.c200, "clients200_failures": self.f200,
-               "clients1000_mib_s": self.c1000, "clients1000_failures": self.f1000})
-    }
-}
 
 /// Where atftp writes its downloads (tmpfs, so the disk is not measured).
 const SHM: &str = "/dev/shm/rackboot-bench";
 
 const SERVERS: [&str; 4] = ["rackboot", "tftpd-hpa", "atftpd", "dnsmasq"];
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Client {
+    Atftp,
+    Loadgen,
+}
+
+#[derive(Clone, Copy)]
+enum Case {
+    /// One download of the big file at this windowsize.
+    Single(u16),
+    /// This many concurrent downloads of the small file.
+    Swarm(usize),
+}
+
+const CASES: [(Case, &str, usize); 4] = [
+    (Case::Single(1), "windowsize 1", 5),
+    (Case::Single(8), "windowsize 8", 5),
+    (Case::Swarm(200), "200 clients", 3),
+    (Case::Swarm(1000), "1000 clients", 2),
+];
+
+/// The runs of one case for one server and client: MiB/s per round (0 = failed run)
+/// and failed downloads.
+#[derive(Clone, Debug, Default)]
+struct Cell {
+    runs: Vec<f64>,
+    failures: usize,
+}
+
+impl Cell {
+    fn median(&self) -> f64 {
+        let mut v = self.runs.clone();
+        v.sort_by(f64::total_cmp);
+        match v.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        }
+    }
+
+    fn best(&self) -> f64 {
+        self.runs.iter().copied().fold(0.0, f64::max)
+    }
+}
+
+/// What a case needs to know about the files.
+struct Files {
+    big: u64,
+    big_sha: String,
+    small: u64,
+    small_sha: String,
+}
 
 impl Bench {
     /// One atftp download; returns the time taken.
@@ -138,209 +177,223 @@ impl Bench {
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
-    /// Best of 3 single downloads with the load generator; returns MiB/s (0 if all
-    /// three failed).
-    fn loadgen_single(&self, addr: &str, ws: u16, len: u64, want: &str) -> f64 {
-        let mut best = 0f64;
-        for _ in 0..3 {
-            let r = self
+    /// One run of `case` with `client` against a server at `host:port`: (MiB/s of
+    /// correct downloads, failed downloads).
+    fn tftp_run(
+        &self,
+        client: Client,
+        case: Case,
+        host: &str,
+        port: u16,
+        f: &Files,
+    ) -> (f64, usize) {
+        let addr = format!("{host}:{port}");
+        let r: Result<(f64, usize)> = match (client, case) {
+            (Client::Atftp, Case::Single(ws)) => {
+                let out = Path::new(SHM).join("single");
+                self.atftp(host, port, KERNEL, ws, &out).and_then(|d| {
+                    let got = hex::encode(Sha256::digest(std::fs::read(&out)?));
+                    if got != f.big_sha {
+                        bail!("{addr}: atftp got a wrong file");
+                    }
+                    Ok((mib_s(f.big, d), 0))
+                })
+            }
+            (Client::Atftp, Case::Swarm(n)) => {
+                self.atftp_swarm(host, port, n, INITRD, f.small, &f.small_sha)
+            }
+            (Client::Loadgen, Case::Single(ws)) => self
                 .loadgen(&[
                     "single".into(),
-                    addr.into(),
+                    addr.clone(),
                     KERNEL.into(),
                     "1468".into(),
                     ws.to_string(),
                 ])
                 .and_then(|v| {
-                    if v["bytes"].as_u64() != Some(len) || v["sha256"].as_str() != Some(want) {
+                    if v["bytes"].as_u64() != Some(f.big)
+                        || v["sha256"].as_str() != Some(&f.big_sha)
+                    {
                         bail!("{addr}: the load generator got a wrong file: {v}");
                     }
-                    v["secs"].as_f64().context("secs")
-                });
-            match r {
-                Ok(secs) => best = best.max(len as f64 / secs / (1024.0 * 1024.0)),
-                Err(e) => eprintln!("{e:#}"),
+                    let secs = v["secs"].as_f64().context("secs")?;
+                    Ok((f.big as f64 / secs / (1024.0 * 1024.0), 0))
+                }),
+            (Client::Loadgen, Case::Swarm(n)) => self
+                .loadgen(&[
+                    "swarm".into(),
+                    addr.clone(),
+                    INITRD.into(),
+                    "1468".into(),
+                    "1".into(),
+                    n.to_string(),
+                    f.small.to_string(),
+                    f.small_sha.clone(),
+                ])
+                .and_then(|v| {
+                    let failed = v["failed"].as_u64().context("failed")? as usize;
+                    if failed > 0 {
+                        eprintln!("{addr}: {failed} of {n} downloads failed: {}", v["errors"]);
+                    }
+                    let bytes = v["bytes"].as_u64().context("bytes")?;
+                    let secs = v["secs"].as_f64().context("secs")?;
+                    Ok((bytes as f64 / secs / (1024.0 * 1024.0), failed))
+                }),
+        };
+        match r {
+            Ok(x) => x,
+            Err(e) => {
+                eprintln!("{e:#}");
+                let failed = match case {
+                    Case::Single(_) => 1,
+                    Case::Swarm(n) => n,
+                };
+                (0.0, failed)
             }
         }
-        best
-    }
-
-    /// `clients` concurrent downloads with the load generator; returns (MiB/s of correct
-    /// downloads, failures).
-    fn loadgen_swarm(
-        &self,
-        addr: &str,
-        clients: usize,
-        len: u64,
-        want: &str,
-    ) -> Result<(f64, usize)> {
-        let v = self.loadgen(&[
-            "swarm".into(),
-            addr.into(),
-            INITRD.into(),
-            "1468".into(),
-            "1".into(),
-            clients.to_string(),
-            len.to_string(),
-            want.into(),
-        ])?;
-        let failed = v["failed"].as_u64().context("failed")? as usize;
-        if failed > 0 {
-            eprintln!(
-                "{addr}: {failed} of {clients} downloads failed: {}",
-                v["errors"]
-            );
-        }
-        let bytes = v["bytes"].as_u64().context("bytes")?;
-        let secs = v["secs"].as_f64().context("secs")?;
-        Ok((bytes as f64 / secs / (1024.0 * 1024.0), failed))
     }
 
     pub(super) fn tftp_bench(&mut self) -> Result<()> {
-        let size = std::fs::metadata(self.snapshot.join(KERNEL))?.len();
-        let small = std::fs::metadata(self.snapshot.join(INITRD))?.len();
-        let want_small = hex::encode(Sha256::digest(std::fs::read(self.snapshot.join(INITRD))?));
-        let want_big = hex::encode(Sha256::digest(std::fs::read(self.snapshot.join(KERNEL))?));
-        let shm = PathBuf::from(SHM);
-        let _ = std::fs::remove_dir_all(&shm);
-        std::fs::create_dir_all(&shm)?;
-        let mut atftp_rows: Vec<(&str, Row)> = Vec::new();
-        let mut fast_rows: Vec<(&str, Row)> = Vec::new();
-        let mut json_rows = serde_json::Map::new();
-        let mut rss_kib = 0;
+        let files = Files {
+            big: std::fs::metadata(self.snapshot.join(KERNEL))?.len(),
+            big_sha: hex::encode(Sha256::digest(std::fs::read(self.snapshot.join(KERNEL))?)),
+            small: std::fs::metadata(self.snapshot.join(INITRD))?.len(),
+            small_sha: hex::encode(Sha256::digest(std::fs::read(self.snapshot.join(INITRD))?)),
+        };
+        let _ = std::fs::remove_dir_all(SHM);
+        std::fs::create_dir_all(SHM)?;
+        let mut ports = BTreeMap::new();
         for server in SERVERS {
-            let (host, port) = if server == "dnsmasq" {
+            let at = if server == "dnsmasq" {
                 ("127.0.0.2", 69)
             } else {
                 ("127.0.0.1", free_udp_port()?)
             };
-            let addr = format!("{host}:{port}");
-            // A fresh server for each group of cases, so one that falls over (atftpd
-            // aborts past 1024 descriptors) only fails its own cases.
-            let mut rss = |p: &Proc| {
-                if server == "rackboot" {
-                    rss_kib = rss_kib.max(peak_rss_kib(p.0.id()));
-                }
-            };
-            eprintln!("tftp bench: {server}, atftp client");
-            let out = shm.join("single");
-            let best = |ws: u16| -> f64 {
-                let mut best = 0f64;
-                for _ in 0..3 {
-                    let r = self.atftp(host, port, KERNEL, ws, &out).and_then(|d| {
-                        let got = hex::encode(Sha256::digest(std::fs::read(&out)?));
-                        if got != want_big {
-                            bail!("{server}: atftp got a wrong file");
+            ports.insert(server, at);
+        }
+        // cells[client][case][server]
+        let mut cells: BTreeMap<(u8, usize, &str), Cell> = BTreeMap::new();
+        let mut rss_kib = 0;
+        for (ci, (case, name, rounds)) in CASES.iter().enumerate() {
+            for round in 0..*rounds {
+                for client in [Client::Atftp, Client::Loadgen] {
+                    for server in SERVERS {
+                        let (host, port) = ports[server];
+                        eprintln!(
+                            "tftp bench: {name}, round {}, {}, {server}",
+                            round + 1,
+                            if client == Client::Atftp {
+                                "atftp"
+                            } else {
+                                "load generator"
+                            }
+                        );
+                        let p = self.start_server(server, port)?;
+                        let (rate, failed) = self.tftp_run(client, *case, host, port, &files);
+                        if server == "rackboot" {
+                            rss_kib = rss_kib.max(peak_rss_kib(p.0.id()));
                         }
-                        Ok(d)
-                    });
-                    match r {
-                        Ok(d) => best = best.max(mib_s(size, d)),
-                        Err(e) => eprintln!("{server}: {e:#}"),
+                        drop(p);
+                        let cell = cells.entry((client as u8, ci, server)).or_default();
+                        cell.runs.push(rate);
+                        cell.failures += failed;
                     }
                 }
-                best
-            };
-            let mut a = Row::default();
-            let p = self.start_server(server, port)?;
-            (a.ws1, a.ws8) = (best(1), best(8));
-            (a.c200, a.f200) = self.atftp_swarm(host, port, 200, INITRD, small, &want_small)?;
-            rss(&p);
-            drop(p);
-            let p = self.start_server(server, port)?;
-            (a.c1000, a.f1000) = self.atftp_swarm(host, port, 1000, INITRD, small, &want_small)?;
-            rss(&p);
-            drop(p);
-
-            eprintln!("tftp bench: {server}, load generator");
-            let mut f = Row::default();
-            let p = self.start_server(server, port)?;
-            f.ws1 = self.loadgen_single(&addr, 1, size, &want_big);
-            f.ws8 = self.loadgen_single(&addr, 8, size, &want_big);
-            (f.c200, f.f200) = self.loadgen_swarm(&addr, 200, small, &want_small)?;
-            rss(&p);
-            drop(p);
-            let p = self.start_server(server, port)?;
-            (f.c1000, f.f1000) = self.loadgen_swarm(&addr, 1000, small, &want_small)?;
-            rss(&p);
-            drop(p);
-
-            json_rows.insert(
-                server.into(),
-                json!({"atftp": a.json(), "loadgen": f.json(),
-                       "peak_rss_kib": if server == "rackboot" { Some(rss_kib) } else { None }}),
-            );
-            atftp_rows.push((server, a));
-            fast_rows.push((server, f));
+            }
         }
-        let _ = std::fs::remove_dir_all(&shm);
+        let _ = std::fs::remove_dir_all(SHM);
 
         writeln!(
             self.report,
-            "## TFTP ({} MiB file, blksize 1468, best of 3; 200 and 1000 concurrent clients × {} MiB, windowsize 1)\n",
-            size >> 20,
-            small >> 20
+            "## TFTP ({} MiB file, blksize 1468; 200 and 1000 concurrent clients × {} MiB, windowsize 1)\n",
+            files.big >> 20,
+            files.small >> 20
         )?;
         writeln!(
             self.report,
-            "rackboot peak RSS over the whole TFTP run (including 1000 clients): {:.1} MiB (goal < 64 MiB)\n",
+            "Servers take turns; each cell is the median of its rounds ({}), best in brackets; ratios are of medians.\n",
+            CASES
+                .iter()
+                .map(|(_, n, r)| format!("{n}: {r}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )?;
+        writeln!(
+            self.report,
+            "rackboot peak RSS (the largest of its processes, including 1000 clients): {:.1} MiB (goal < 64 MiB)\n",
             rss_kib as f64 / 1024.0
         )?;
-        writeln!(self.report, "### atftp client (one process per download)\n")?;
-        writeln!(
-            self.report,
-            "The atftp client is the bottleneck at high rates (one process per download; \
-             a `pselect6`, a `recvmsg` and a `sendto` per block, and it writes the file), so \
-             these numbers understate the faster servers; the load-generator table below \
-             measures the servers.\n"
-        )?;
-        table(&mut self.report, &atftp_rows)?;
-        writeln!(
-            self.report,
-            "### xtask load generator (one optimised process: a blocking socket for single transfers, one epoll thread for the concurrent clients; the same client for every server)\n"
-        )?;
-        table(&mut self.report, &fast_rows)?;
+        let mut json_tables = serde_json::Map::new();
+        for client in [Client::Atftp, Client::Loadgen] {
+            if client == Client::Atftp {
+                writeln!(self.report, "### atftp client (one process per download)\n")?;
+                writeln!(
+                    self.report,
+                    "The atftp client is the bottleneck at high rates (one process per download; \
+                     a `pselect6`, a `recvmsg` and a `sendto` per block, and it writes the file), \
+                     so these numbers understate the faster servers; the load-generator table \
+                     below measures the servers.\n"
+                )?;
+            } else {
+                writeln!(
+                    self.report,
+                    "### xtask load generator (one optimised process: a blocking socket for single transfers, one epoll thread for the concurrent clients, leaving the other core to the server; the same client for every server)\n\nThe one client thread saturates its core at about 400 MiB/s on this machine, so concurrent-client cells near that measure the client as much as the server.\n"
+                )?;
+            }
+            let get = |ci: usize, server: &str| cells[&(client as u8, ci, server)].clone();
+            writeln!(
+                self.report,
+                "| server | {} | failed (200 / 1000) |\n|---|---|---|---|---|---|",
+                CASES.iter().map(|c| c.1).collect::<Vec<_>>().join(" | ")
+            )?;
+            let mut json_rows = serde_json::Map::new();
+            for server in SERVERS {
+                let mut line = format!("| {server} |");
+                let mut js = serde_json::Map::new();
+                for (ci, (_, name, _)) in CASES.iter().enumerate() {
+                    let c = get(ci, server);
+                    if c.median() > 0.0 {
+                        write!(line, " {:.1} MiB/s ({:.1}) |", c.median(), c.best())?;
+                    } else {
+                        write!(line, " failed |")?;
+                    }
+                    js.insert(
+                        name.to_string(),
+                        json!({"median_mib_s": c.median(), "runs_mib_s": c.runs, "failures": c.failures}),
+                    );
+                }
+                write!(
+                    line,
+                    " {} / {} |",
+                    get(2, server).failures,
+                    get(3, server).failures
+                )?;
+                writeln!(self.report, "{line}")?;
+                json_rows.insert(server.into(), serde_json::Value::Object(js));
+            }
+            let m = |ci: usize, server: &str| get(ci, server).median();
+            writeln!(
+                self.report,
+                "\nratios: ws=1 rackboot/tftpd-hpa {:.2}x (goal ≥ 1); ws=8 rackboot/atftpd {:.2}x (goal ≥ 1.5); 200 clients rackboot/tftpd-hpa {:.2}x (goal ≥ 1.5); 1000 clients rackboot/tftpd-hpa {:.2}x (goal ≥ 1.5); rackboot failed downloads {} (goal 0)\n",
+                m(0, "rackboot") / m(0, "tftpd-hpa"),
+                m(1, "rackboot") / m(1, "atftpd"),
+                m(2, "rackboot") / m(2, "tftpd-hpa"),
+                m(3, "rackboot") / m(3, "tftpd-hpa"),
+                (0..4).map(|ci| get(ci, "rackboot").failures).sum::<usize>(),
+            )?;
+            json_tables.insert(
+                if client == Client::Atftp {
+                    "atftp"
+                } else {
+                    "loadgen"
+                }
+                .into(),
+                serde_json::Value::Object(json_rows),
+            );
+        }
+        json_tables.insert("rackboot_peak_rss_kib".into(), json!(rss_kib));
         self.results
-            .insert("tftp".into(), serde_json::Value::Object(json_rows));
+            .insert("tftp".into(), serde_json::Value::Object(json_tables));
         Ok(())
     }
-}
-
-/// Writes one results table and its ratio line.
-fn table(out: &mut String, rows: &[(&str, Row)]) -> Result<()> {
-    writeln!(
-        out,
-        "| server | windowsize 1 | windowsize 8 | 200 clients | 1000 clients | failed (200 / 1000) |\n|---|---|---|---|---|---|"
-    )?;
-    let rate = |v: f64| {
-        if v > 0.0 {
-            format!("{v:.1} MiB/s")
-        } else {
-            "failed".to_string()
-        }
-    };
-    for (name, r) in rows {
-        writeln!(
-            out,
-            "| {name} | {} | {} | {} | {} | {} / {} |",
-            rate(r.ws1),
-            rate(r.ws8),
-            rate(r.c200),
-            rate(r.c1000),
-            r.f200,
-            r.f1000
-        )?;
-    }
-    let get = |n: &str| &rows.iter().find(|r| r.0 == n).expect("measured").1;
-    let (rb, hpa, at) = (get("rackboot"), get("tftpd-hpa"), get("atftpd"));
-    writeln!(
-        out,
-        "\nratios: ws=1 rackboot/tftpd-hpa {:.2}x (goal ≥ 1); ws=8 rackboot/atftpd {:.2}x (goal ≥ 1.5); 200 clients rackboot/tftpd-hpa {:.2}x (goal ≥ 1.5); 1000 clients rackboot/tftpd-hpa {:.2}x (goal ≥ 1.5); rackboot failures {} (goal 0)\n",
-        rb.ws1 / hpa.ws1,
-        rb.ws8 / at.ws8,
-        rb.c200 / hpa.c200,
-        rb.c1000 / hpa.c1000,
-        rb.f200 + rb.f1000,
-    )?;
-    Ok(())
 }
