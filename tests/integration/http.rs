@@ -1117,8 +1117,8 @@ fn status_shows_a_sync_in_progress_and_how_far_it_got() {
     let s = r.env.serve();
     s.wait_generation(1, Duration::from_secs(60));
     assert!(s.status()["progress"].is_null());
-    // The next version's kernel comes slowly (about 5 s).
-    r.mirror.fault("boot-kernel", Fault::Throttle(200_000));
+    // The next version's kernel comes slowly (about 10 s: room for a loaded machine).
+    r.mirror.fault("boot-kernel", Fault::Throttle(100_000));
     write_stream(
         &r.env.mirror,
         &products("20261120", 1 << 20),
