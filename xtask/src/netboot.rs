@@ -500,8 +500,7 @@ fn kvm_works(snapshot: &Path, dir: &Path) -> bool {
     ) else {
         return false;
     };
-    let fail = ["KVM internal error", "emulation failure"];
-    let ok = wait_for_line(&serial, MARKER, &fail, &mut p, KVM_PROBE_TIMEOUT).is_ok();
+    let ok = wait_for_line(&serial, MARKER, &[], &mut p, KVM_PROBE_TIMEOUT).is_ok();
     drop(p);
     ok
 }
