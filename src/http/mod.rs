@@ -433,6 +433,10 @@ async fn connection(
         // Queue body frames instead of copying them: sendfile relies on seeing each
         // frame's own memory (see `sendfile`).
         .writev(true)
+        // GRUB's http module matches header names case-sensitively
+        // ("Content-Length: "); without its length it waits for the body to end
+        // and hangs on a keep-alive connection.
+        .title_case_headers(true)
         .keep_alive(true);
     let result = match acceptor {
         Some(acc) => {

@@ -928,6 +928,39 @@ fn keep_alive_symlinks_out_and_more_hostile_paths() {
 }
 
 #[test]
+fn header_names_are_title_case_as_grub_matches_them() {
+    // GRUB 2.06's http module looks for "Content-Length: " byte for byte; a
+    // lower-case name leaves it waiting for the end of a keep-alive body forever.
+    let r = rack(64 << 10, "auto = false", "");
+    let s = r.env.serve();
+    s.wait_generation(1, Duration::from_secs(60));
+    let mut c = TcpStream::connect(s.http).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    // What GRUB sends: a file from the snapshot, then a dynamic config, one connection.
+    for (path, want) in [
+        (KERNEL, Some(kernel_of("20261101", 64 << 10))),
+        ("/grub/grub.cfg", None),
+    ] {
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: GRUB 2.06-13+deb12u2\r\nRange: bytes=0-\r\n\r\n"
+        );
+        c.write_all(req.as_bytes()).unwrap();
+        let (head, body) = read_response(&mut c);
+        assert!(
+            head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.1 206"),
+            "{path}: {head}"
+        );
+        for name in ["Content-Length: ", "Content-Type: "] {
+            assert!(head.contains(&format!("\r\n{name}")), "{path}: {head}");
+        }
+        match want {
+            Some(bytes) => assert_eq!(body, bytes, "{path}"),
+            None => assert!(String::from_utf8_lossy(&body).contains("configfile"), "{path}"),
+        }
+    }
+}
+
+#[test]
 fn conditional_requests_and_head_on_every_kind_of_answer() {
     let r = rack(64 << 10, "auto = false", "");
     let s = r.env.serve();
