@@ -955,7 +955,10 @@ fn header_names_are_title_case_as_grub_matches_them() {
         }
         match want {
             Some(bytes) => assert_eq!(body, bytes, "{path}"),
-            None => assert!(String::from_utf8_lossy(&body).contains("configfile"), "{path}"),
+            None => assert!(
+                String::from_utf8_lossy(&body).contains("configfile"),
+                "{path}"
+            ),
         }
     }
 }

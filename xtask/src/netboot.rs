@@ -732,7 +732,15 @@ pub fn run(args: &[String]) -> Result<()> {
                         Ok((t, _)) => {
                             eprintln!("{}: marker after {:.1} s", vm.mode.name, t.as_secs_f64())
                         }
-                        Err(e) => eprintln!("{}: FAILED: {e:#}", vm.mode.name),
+                        Err(e) => {
+                            eprintln!("{}: FAILED: {e:#}", vm.mode.name);
+                            // CI keeps only the output: show where the boot stopped.
+                            eprintln!(
+                                "--- last lines of {} ---\n{}\n---",
+                                vm.serial.display(),
+                                readable_tail(&vm.serial, 25)
+                            );
+                        }
                     }
                     outcomes.push(Outcome {
                         mode: vm.mode,
@@ -790,4 +798,34 @@ pub fn run(args: &[String]) -> Result<()> {
             dir.display()
         )
     }
+}
+
+/// The last `lines` lines of a serial log, with terminal escape sequences and
+/// other control bytes removed (firmware and GRUB draw with them).
+fn readable_tail(path: &Path, lines: usize) -> String {
+    let raw = std::fs::read(path).unwrap_or_default();
+    let mut text = String::with_capacity(raw.len());
+    let mut bytes = raw.iter().copied().peekable();
+    while let Some(b) = bytes.next() {
+        match b {
+            0x1b => {
+                // CSI: ESC [ parameters final-byte; other escapes: ESC + one byte.
+                if bytes.next_if_eq(&b'[').is_some() {
+                    for c in bytes.by_ref() {
+                        if (0x40..=0x7e).contains(&c) {
+                            break;
+                        }
+                    }
+                } else {
+                    bytes.next();
+                }
+            }
+            b'\n' => text.push('\n'),
+            b'\r' => text.push('\n'),
+            0x20..=0x7e => text.push(b as char),
+            _ => {}
+        }
+    }
+    let kept: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    kept[kept.len().saturating_sub(lines)..].join("\n")
 }
