@@ -246,23 +246,23 @@ pub fn dynamic(
 ) -> Dynamic {
     // pxelinux: lpxelinux (`pxelinux.0` at the root) fetches images over HTTP; the
     // TFTP-only pxelinux under `bootloader/pxe/<arch>/` over TFTP.
-    let http_images = here.http_images();
     let pxe = path
         .strip_prefix("pxelinux.cfg/")
-        .map(|n| (n, http_images.as_str()))
+        .map(|n| (n, true))
         .or_else(|| {
             let rest = path.strip_prefix("bootloader/pxe/")?;
             let (_, n) = rest.split_once("/pxelinux.cfg/")?;
-            Some((
-                n,
-                if over_http {
-                    http_images.as_str()
-                } else {
-                    "::/"
-                },
-            ))
+            Some((n, over_http))
         });
-    if let Some((name, base)) = pxe {
+    if let Some((name, images_over_http)) = pxe {
+        // Built only here: every other request passes through this function too.
+        let http_images;
+        let base = if images_over_http {
+            http_images = here.http_images();
+            http_images.as_str()
+        } else {
+            "::/"
+        };
         let mac = if let Some(m) = name.strip_prefix("01-") {
             match Mac::parse(m) {
                 Some(mac) => Some(mac),
@@ -330,7 +330,7 @@ pub fn dynamic(
             Some(boot) => Dynamic::Text(
                 Ipxe {
                     boot: &boot,
-                    base: &http_images,
+                    base: &here.http_images(),
                 }
                 .to_string(),
             ),
