@@ -200,14 +200,25 @@ impl StaticFiles {
         self
     }
 
-    /// Opens `rel` below the root, refusing anything that resolves outside it.
-    fn open(&self, rel: &str) -> Option<(File, std::fs::Metadata)> {
+    /// Opens `rel` below the root, refusing anything that resolves outside it. Below
+    /// an opened root (an immutable snapshot) small files stay open in a per-thread
+    /// cache (see [`open_files`]).
+    fn open(&self, rel: &str) -> Option<(Arc<File>, std::fs::Metadata)> {
         use std::os::fd::AsFd;
-        let r = match &self.root_fd {
-            Some(fd) => crate::fsutil::open_beneath(fd.as_fd(), &self.root, rel),
-            None => crate::fsutil::open_beneath_path(&self.root, rel),
-        };
-        r.ok()
+        match &self.root_fd {
+            Some(fd) => {
+                if let Some(hit) = open_files::get(fd, rel) {
+                    return Some(hit);
+                }
+                let (file, meta) = crate::fsutil::open_beneath(fd.as_fd(), &self.root, rel).ok()?;
+                let file = Arc::new(file);
+                open_files::put(fd, rel, &file, &meta);
+                Some((file, meta))
+            }
+            None => crate::fsutil::open_beneath_path(&self.root, rel)
+                .ok()
+                .map(|(f, m)| (Arc::new(f), m)),
+        }
     }
 
     /// The response for a request of `raw_path` (the URI path, still percent-encoded).
@@ -246,14 +257,13 @@ impl StaticFiles {
         self.respond_file(method, headers, name.unwrap_or(&rel), file, &meta)
     }
 
-    /// The response for an already opened file (also used for generated content
-    /// written to a file).
+    /// The response for an already opened file.
     pub fn respond_file(
         &self,
         method: &Method,
         headers: &HeaderMap,
         rel: &str,
-        file: File,
+        file: Arc<File>,
         meta: &std::fs::Metadata,
     ) -> Response<Body> {
         let len = meta.len();
@@ -338,7 +348,7 @@ impl StaticFiles {
 /// connection (see [`super::sendfile`]), else with large positioned reads.
 /// `keep` is held until the body is dropped (e.g. the snapshot the file belongs to).
 pub fn file_body(
-    file: File,
+    file: Arc<File>,
     start: u64,
     count: u64,
     sent: Option<(Arc<super::HttpMetrics>, usize)>,
@@ -348,7 +358,7 @@ pub fn file_body(
         m.transfers_in_flight.fetch_add(1, Ordering::Relaxed);
     }
     BodyExt::boxed(FileBody {
-        file: Arc::new(file),
+        file,
         pos: start,
         left: count,
         sent,
@@ -434,6 +444,75 @@ impl hyper::body::Body for FileBody {
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         hyper::body::SizeHint::with_exact(self.left)
+    }
+}
+
+/// Small files of immutable trees (snapshots), kept open per thread: a hit saves the
+/// `openat2`, `statx` and `close` of a request, half its system calls. Snapshot files
+/// never change (a sync publishes a new tree), so an open file is as good as a fresh
+/// open. The cache belongs to one root at a time, known by a weak reference (which
+/// also keeps its address from being reused): a request below another root (the next
+/// generation) empties it, and so does the periodic check once the root's snapshot is
+/// gone. Only files up to `MAX_SIZE` are kept, at most `MAX_ENTRIES` of them, so what
+/// a thread holds open is bounded in descriptors and in the space of collected files.
+pub mod open_files {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+    use std::fs::File;
+    use std::os::fd::OwnedFd;
+    use std::sync::{Arc, Weak};
+
+    pub const MAX_ENTRIES: usize = 128;
+    pub const MAX_SIZE: u64 = 1 << 20;
+
+    #[derive(Default)]
+    struct Cache {
+        root: Weak<OwnedFd>,
+        files: HashMap<String, (Arc<File>, std::fs::Metadata)>,
+    }
+
+    thread_local! {
+        static CACHE: RefCell<Cache> = RefCell::new(Cache::default());
+    }
+
+    fn same_root(c: &Cache, root: &Arc<OwnedFd>) -> bool {
+        std::ptr::eq(c.root.as_ptr(), Arc::as_ptr(root))
+    }
+
+    pub fn get(root: &Arc<OwnedFd>, rel: &str) -> Option<(Arc<File>, std::fs::Metadata)> {
+        CACHE.with_borrow(|c| {
+            if !same_root(c, root) {
+                return None;
+            }
+            c.files.get(rel).map(|(f, m)| (f.clone(), m.clone()))
+        })
+    }
+
+    pub fn put(root: &Arc<OwnedFd>, rel: &str, file: &Arc<File>, meta: &std::fs::Metadata) {
+        if !meta.is_file() || meta.len() > MAX_SIZE {
+            return;
+        }
+        CACHE.with_borrow_mut(|c| {
+            if !same_root(c, root) {
+                c.files.clear();
+                c.root = Arc::downgrade(root);
+            }
+            if c.files.len() >= MAX_ENTRIES {
+                c.files.clear();
+            }
+            c.files
+                .insert(rel.to_string(), (file.clone(), meta.clone()));
+        })
+    }
+
+    /// Lets go of everything once the root's snapshot is gone (no longer served, and
+    /// no response sending from it).
+    pub fn release_if_orphaned() {
+        CACHE.with_borrow_mut(|c| {
+            if c.root.strong_count() == 0 && !c.files.is_empty() {
+                *c = Cache::default();
+            }
+        })
     }
 }
 

@@ -374,6 +374,15 @@ impl Workers {
                         }
                     };
                     rt.block_on(async move {
+                        // Files of a generation no longer served are let go of
+                        // within seconds, even when no request comes.
+                        tokio::spawn(async {
+                            let mut tick = tokio::time::interval(Duration::from_secs(5));
+                            loop {
+                                tick.tick().await;
+                                files::open_files::release_if_orphaned();
+                            }
+                        });
                         let tracker = tokio_util::task::TaskTracker::new();
                         while let Some(accepted) = rx.recv().await {
                             tracker.spawn(accepted.run(shared.clone()));
