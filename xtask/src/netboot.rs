@@ -664,14 +664,15 @@ pub fn run(args: &[String]) -> Result<()> {
         started: Instant,
         accel: &'static str,
     }
-    let mut queue = macs.iter().zip(&expected).enumerate();
+    let mut queue = 0..macs.len();
     let mut running: Vec<Vm> = Vec::new();
     let mut outcomes: Vec<Outcome> = Vec::new();
     loop {
         while running.len() < PARALLEL {
-            let Some((i, ((mode, mac), param))) = queue.next() else {
+            let Some(i) = queue.next() else {
                 break;
             };
+            let ((mode, mac), param) = (&macs[i], &expected[i]);
             let tap = format!("tap{i}");
             ns.add_tap(&tap)?;
             let serial = dir.join(format!("{}.serial", mode.name));
@@ -709,7 +710,12 @@ pub fn run(args: &[String]) -> Result<()> {
         }
         let mut still = Vec::new();
         for mut vm in running {
-            let fail = ["grub>", "Kernel panic", "No bootable device"];
+            let fail = [
+                "grub>",
+                "Kernel panic",
+                "No bootable device",
+                "Failed to boot both default and fallback entries",
+            ];
             match poll_line(
                 &vm.serial,
                 MARKER,
