@@ -5,6 +5,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// mimalloc instead of the C library's allocator: musl's (the static release binary)
+/// made small HTTP requests 40% slower than glibc's, and mimalloc beats both.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = match rackboot::cli::Cli::try_parse() {
         Ok(c) => c,

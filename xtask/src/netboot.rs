@@ -38,6 +38,8 @@ use crate::prereq::{self, cmd, output};
 /// The rack's address on the bridge, and the DHCP range for the VMs.
 const RACK_IP: &str = "10.77.0.1";
 const HTTP_PORT: u16 = 5248;
+/// The bridge's MAC (locally administered), set so that it never changes.
+const BRIDGE_MAC: &str = "02:77:00:00:00:01";
 
 /// Packages the harness drives (QEMU from bookworm-backports: the machine's
 /// qemu-utils comes from there and conflicts with bookworm's qemu-system-common).
@@ -181,7 +183,13 @@ impl Netns {
             name: name.to_string(),
         };
         ns.ip(&["link", "set", "lo", "up"])?;
-        ns.ip(&["link", "add", "br0", "type", "bridge"])?;
+        // A fixed MAC: a bridge without one takes the lowest MAC of its ports, so
+        // adding the next VM's tap could change the rack's MAC under a VM that has
+        // it in its ARP cache; that VM's packets (GRUB's ACKs mid-kernel) then go to
+        // the old MAC and are dropped, and its download stalls.
+        ns.ip(&[
+            "link", "add", "br0", "address", BRIDGE_MAC, "type", "bridge",
+        ])?;
         ns.ip(&["addr", "add", &format!("{RACK_IP}/24"), "dev", "br0"])?;
         ns.ip(&["link", "set", "br0", "up"])?;
         Ok(ns)
