@@ -144,9 +144,23 @@ impl SendfileStream {
         };
         loop {
             ready!(self.stream.poll_write_ready(cx))?;
+            // A short count means the socket buffer is full: report it to tokio as
+            // WouldBlock too (from inside `try_io`, so an edge that arrives meanwhile
+            // is not lost), and the next call waits for room instead of sending the
+            // few bytes that drained since (nginx does the same; half the calls).
+            let mut short = 0;
             let r = self.stream.try_io(Interest::WRITABLE, || {
-                sendfile(self.stream.as_raw_fd(), file.as_raw_fd(), offset, count)
+                let n = sendfile(self.stream.as_raw_fd(), file.as_raw_fd(), offset, count)?;
+                if n > 0 && n < count {
+                    short = n;
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(n)
             });
+            let r = match r {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && short > 0 => Ok(short),
+                r => r,
+            };
             match r {
                 Ok(0) => {
                     return Poll::Ready(Err(io::Error::new(
