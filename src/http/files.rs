@@ -179,6 +179,8 @@ impl StaticFiles {
     }
 
     /// Resolves below an already opened root directory (`root` names it in errors).
+    /// The tree must not change while it is served (a snapshot): its small files are
+    /// kept open between requests (see [`open_files`]).
     pub fn with_fd(root: PathBuf, fd: Arc<std::os::fd::OwnedFd>) -> StaticFiles {
         StaticFiles {
             root,
