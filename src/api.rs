@@ -557,14 +557,7 @@ fn write_sources(
         (&Method::POST, ["sources", id, "selections"]) => {
             let next = sources.next_selection_id();
             let i = find(&mut sources, id)?;
-            let mut sel = crate::config::Selection {
-                os: "ubuntu".into(),
-                release: String::new(),
-                arches: vec!["*".into()],
-                subarches: vec!["*".into()],
-                labels: vec!["*".into()],
-            };
-            crate::cli::apply_selection_kv(&mut sel, &pairs(body)?).map_err(bad)?;
+            let sel = crate::cli::selection_from_kv(&pairs(body)?).map_err(bad)?;
             let s = StoredSelection {
                 id: next,
                 selection: sel,
@@ -586,14 +579,7 @@ fn write_sources(
             let first = sources.next_selection_id();
             let mut new = Vec::new();
             for (next, (n, item)) in (first..).zip(list.iter().enumerate()) {
-                let mut sel = crate::config::Selection {
-                    os: "ubuntu".into(),
-                    release: String::new(),
-                    arches: vec!["*".into()],
-                    subarches: vec!["*".into()],
-                    labels: vec!["*".into()],
-                };
-                crate::cli::apply_selection_kv(&mut sel, &pairs(item)?)
+                let sel = crate::cli::selection_from_kv(&pairs(item)?)
                     .map_err(|e| error(StatusCode::BAD_REQUEST, format!("selection {n}: {e:#}")))?;
                 new.push(StoredSelection {
                     id: next,

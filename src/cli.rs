@@ -335,6 +335,20 @@ pub(crate) fn apply_source_kv(
     config::check_source(&s.config()).map_err(usage)
 }
 
+/// A new selection made from `key=value` pairs over MAAS's defaults (ubuntu, every
+/// arch, subarch and label; the release must be given).
+pub(crate) fn selection_from_kv(pairs: &[(String, String)]) -> anyhow::Result<Selection> {
+    let mut sel = Selection {
+        os: "ubuntu".into(),
+        release: String::new(),
+        arches: vec!["*".into()],
+        subarches: vec!["*".into()],
+        labels: vec!["*".into()],
+    };
+    apply_selection_kv(&mut sel, pairs)?;
+    Ok(sel)
+}
+
 pub(crate) fn apply_selection_kv(
     s: &mut Selection,
     pairs: &[(String, String)],
@@ -457,14 +471,7 @@ fn cmd_selections(cli: &Cli, settings: &Settings, op: &str, args: &[String]) -> 
             return Ok(());
         }
         "create" => {
-            let mut sel = Selection {
-                os: "ubuntu".into(),
-                release: String::new(),
-                arches: vec!["*".into()],
-                subarches: vec!["*".into()],
-                labels: vec!["*".into()],
-            };
-            apply_selection_kv(&mut sel, &kv(&args[1..])?)?;
+            let sel = selection_from_kv(&kv(&args[1..])?)?;
             source.selections.push(StoredSelection {
                 id: next_id,
                 selection: sel,
