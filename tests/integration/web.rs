@@ -42,6 +42,12 @@ fn free_port() -> u16 {
 
 /// One WebDriver command through curl; returns the response's `value`.
 fn wd(method: &str, url: &str, body: Option<Value>) -> Value {
+    wd_result(method, url, body).unwrap_or_else(|e| panic!("WebDriver {method} {url}: {e}"))
+}
+
+/// One WebDriver command; a WebDriver error (stale element, no such element…) is
+/// returned as the error's `value`, so a caller that polls a reloading page can retry.
+fn wd_result(method: &str, url: &str, body: Option<Value>) -> Result<Value, Value> {
     let mut args = vec![
         "-s".to_string(),
         "--max-time".into(),
@@ -68,11 +74,19 @@ fn wd(method: &str, url: &str, body: Option<Value>) -> Value {
         )
     });
     let value = v["value"].clone();
-    assert!(
-        value.get("error").is_none(),
-        "WebDriver {method} {url}: {value}"
-    );
-    value
+    match value.get("error") {
+        None => Ok(value),
+        Some(_) => Err(value),
+    }
+}
+
+/// The errors of an element that the page replaced or has not drawn yet: the page
+/// reloads itself when a new generation is served, so a poll can race with it.
+fn is_reload_race(e: &Value) -> bool {
+    matches!(
+        e["error"].as_str(),
+        Some("stale element reference" | "no such element")
+    )
 }
 
 impl Driver {
@@ -162,11 +176,34 @@ impl Session<'_> {
             Some(json!({ "text": text })),
         );
     }
-    /// Polls `css`'s text until `pred` holds (bounded).
+    /// `css`'s text, or `None` while the page is being replaced under it.
+    fn text_during_reload(&self, css: &str) -> Option<String> {
+        let found = wd_result(
+            "POST",
+            &self.url("/element"),
+            Some(json!({"using": "css selector", "value": css})),
+        );
+        let e = match found {
+            Ok(v) => v
+                .as_object()
+                .and_then(|o| o.values().next())
+                .and_then(Value::as_str)
+                .unwrap_or_else(|| panic!("no element {css}: {v}"))
+                .to_string(),
+            Err(e) if is_reload_race(&e) => return None,
+            Err(e) => panic!("WebDriver find {css}: {e}"),
+        };
+        match wd_result("GET", &self.url(&format!("/element/{e}/text")), None) {
+            Ok(v) => Some(v.as_str().unwrap_or_default().to_string()),
+            Err(e) if is_reload_race(&e) => None,
+            Err(e) => panic!("WebDriver text of {css}: {e}"),
+        }
+    }
+    /// Polls `css`'s text until `pred` holds (bounded); the page may reload meanwhile.
     fn wait_text(&self, css: &str, what: &str, pred: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let t = self.text(css);
+            let t = self.text_during_reload(css).unwrap_or_default();
             if pred(&t) {
                 return t;
             }
