@@ -263,6 +263,16 @@ fn sweep_stale_namespaces() {
 /// One look at `path`: `Some(Ok(line))` once a line holds `needle`, `Some(Err)` when
 /// a failure pattern shows up, the process exited or `limit` passed since `started`,
 /// `None` to keep waiting.
+/// The first line of `text` holding `needle`, trimmed. With `whole_only`, a last line
+/// without its newline does not count: a VM's serial file grows a few bytes at a time
+/// under TCG, and a line read before its end is missing the end.
+fn line_with(text: &str, needle: &str, whole_only: bool) -> Option<String> {
+    text.split_inclusive('\n')
+        .filter(|l| !whole_only || l.ends_with('\n'))
+        .find(|l| l.contains(needle))
+        .map(|l| l.trim().to_string())
+}
+
 fn poll_line(
     path: &Path,
     needle: &str,
@@ -272,13 +282,9 @@ fn poll_line(
     limit: Duration,
 ) -> Option<Result<String>> {
     let read = || String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned();
-    let found = |text: &str| {
-        text.lines()
-            .find(|l| l.contains(needle))
-            .map(|l| l.trim().to_string())
-    };
+    let found = |text: &str, whole_only: bool| line_with(text, needle, whole_only);
     let text = read();
-    if let Some(line) = found(&text) {
+    if let Some(line) = found(&text, true) {
         return Some(Ok(line));
     }
     if let Some(f) = fail.iter().find(|f| text.contains(*f)) {
@@ -286,7 +292,7 @@ fn poll_line(
     }
     if let Some(status) = proc.exited() {
         // One last read: the line may have landed as it exited.
-        return Some(found(&read()).ok_or_else(|| {
+        return Some(found(&read(), false).ok_or_else(|| {
             anyhow::anyhow!("{} exited ({status}) before printing {needle:?}", proc.what)
         }));
     }
@@ -842,4 +848,25 @@ fn readable_tail(path: &Path, lines: usize) -> String {
     }
     let kept: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     kept[kept.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::line_with;
+
+    #[test]
+    fn a_marker_line_counts_once_it_has_its_newline() {
+        let partial = "boot\r\nRACKBOOT-MARKER cmdline=ro ip6=";
+        assert_eq!(line_with(partial, "RACKBOOT-MARKER", true), None);
+        // After the VM exits, what is there is all there will be.
+        assert_eq!(
+            line_with(partial, "RACKBOOT-MARKER", false).as_deref(),
+            Some("RACKBOOT-MARKER cmdline=ro ip6=")
+        );
+        let whole = "boot\r\nRACKBOOT-MARKER cmdline=ro ip6=off x=1\r\n[ 3.1] reboot";
+        assert_eq!(
+            line_with(whole, "RACKBOOT-MARKER", true).as_deref(),
+            Some("RACKBOOT-MARKER cmdline=ro ip6=off x=1")
+        );
+    }
 }
