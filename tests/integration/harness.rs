@@ -240,8 +240,10 @@ impl Env {
             tftp: "0.0.0.0:0".parse().unwrap(),
             http: "0.0.0.0:0".parse().unwrap(),
         };
+        // Whole lines only: a line read before its newline could end mid-port.
         let find = |text: &str, what: &str| -> Option<SocketAddr> {
-            text.lines()
+            text.split_inclusive('\n')
+                .filter(|l| l.ends_with('\n'))
                 .find_map(|l| l.split(&format!("listening for {what} on ")).nth(1))
                 .and_then(|rest| rest.split_whitespace().next())
                 .and_then(|a| a.parse().ok())
