@@ -228,85 +228,52 @@ pub async fn serve(
     shutdown: CancellationToken,
     drain_deadline: Duration,
 ) -> std::io::Result<()> {
-    let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
-    let shared = Shared {
-        app,
-        limits,
-        metrics,
-    };
-    let workers = Workers::start(&shared);
-    let mut accept_tasks = tokio::task::JoinSet::new();
+    let mut ports = Vec::new();
     for l in listeners {
         l.socket.set_nonblocking(true)?;
-        let listener = tokio::net::TcpListener::from_std(l.socket)?;
-        let addr = listener.local_addr()?;
+        let addr = l.socket.local_addr()?;
         let acceptor = l.tls.map(tokio_rustls::TlsAcceptor::from);
         tracing::info!(
             "listening for {} on {addr}",
             if acceptor.is_some() { "HTTPS" } else { "HTTP" }
         );
-        let (shared, shutdown, graceful, slots, workers) = (
-            shared.clone(),
-            shutdown.clone(),
-            graceful.clone(),
-            slots.clone(),
-            workers.clone(),
-        );
-        accept_tasks.spawn(async move {
-            let mut last_warn: Option<Instant> = None;
-            loop {
-                let (stream, peer) = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    r = listener.accept() => match r {
-                        Ok(x) => x,
-                        Err(e) => {
-                            tracing::warn!("accept on {addr}: {e}");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                };
-                let Ok(permit) = slots.clone().try_acquire_owned() else {
-                    shared
-                        .metrics
-                        .connections_rejected
-                        .fetch_add(1, Ordering::Relaxed);
-                    if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                        tracing::warn!(
-                            "http connection limit reached ({}), refusing {peer}",
-                            shared.limits.max_connections
-                        );
-                        last_warn = Some(Instant::now());
-                    }
-                    drop(stream);
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                // The stream leaves this runtime's reactor for its worker's.
-                let stream = match stream.into_std() {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::debug!(%peer, "cannot hand the connection over: {e}");
-                        continue;
-                    }
-                };
-                let accepted = Accepted {
-                    stream,
-                    peer,
-                    acceptor: acceptor.clone(),
-                    watcher: graceful.watcher(),
-                    permit,
-                };
-                if let Err(accepted) = workers.send(accepted) {
-                    // No worker thread: serve it on this runtime.
-                    tokio::spawn(accepted.run(shared.clone()));
-                }
-            }
+        ports.push(Port {
+            socket: l.socket,
+            addr,
+            acceptor,
         });
     }
+    let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let accept = Accept {
+        shared: Shared {
+            app,
+            limits,
+            metrics,
+        },
+        slots,
+        graceful: graceful.clone(),
+        shutdown: shutdown.clone(),
+        last_warn: Arc::new(std::sync::Mutex::new(None)),
+    };
+    // Every accept loop holds a sender; all of them gone means no loop is left.
+    let (alive, mut loops_left) = tokio::sync::mpsc::channel::<()>(1);
+    if !workers::start(&ports, &accept, &alive) {
+        // No worker thread: accept and serve on this runtime.
+        let tracker = tokio_util::task::TaskTracker::new();
+        for port in &ports {
+            let listener = port.listen()?;
+            let (accept, alive, tracker) = (accept.clone(), alive.clone(), tracker.clone());
+            tokio::spawn(async move {
+                accept.run(&listener, &tracker).await;
+                drop(accept);
+                drop(alive);
+            });
+        }
+    }
+    drop((alive, accept));
     shutdown.cancelled().await;
-    while accept_tasks.join_next().await.is_some() {}
+    while loops_left.recv().await.is_some() {}
     // Only the accept loops held the Arc; connections hold watchers.
     let Ok(graceful) = Arc::try_unwrap(graceful) else {
         unreachable!("accept loops have ended")
@@ -320,100 +287,182 @@ pub async fn serve(
     Ok(())
 }
 
-/// An accepted connection on its way to a worker thread.
-struct Accepted {
-    stream: std::net::TcpStream,
-    peer: SocketAddr,
+/// A listening socket and what its connections start with.
+struct Port {
+    socket: std::net::TcpListener,
+    addr: SocketAddr,
     acceptor: Option<tokio_rustls::TlsAcceptor>,
-    watcher: hyper_util::server::graceful::Watcher,
-    permit: tokio::sync::OwnedSemaphorePermit,
 }
 
-impl Accepted {
-    /// Serves the connection on the current runtime.
-    async fn run(self, shared: Shared) {
-        let Ok(stream) = tokio::net::TcpStream::from_std(self.stream) else {
-            return;
-        };
-        let m = shared.metrics.clone();
-        m.connections_open.fetch_add(1, Ordering::Relaxed);
-        connection(shared, stream, self.peer, self.acceptor, self.watcher).await;
-        m.connections_open.fetch_sub(1, Ordering::Relaxed);
-        drop(self.permit);
+/// One of a port's accept loops: the listener on the current runtime.
+struct Listening {
+    listener: tokio::net::TcpListener,
+    addr: SocketAddr,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl Port {
+    /// The socket (shared with the other threads' loops) on this thread's runtime.
+    fn listen(&self) -> std::io::Result<Listening> {
+        Ok(Listening {
+            listener: tokio::net::TcpListener::from_std(self.socket.try_clone()?)?,
+            addr: self.addr,
+            acceptor: self.acceptor.clone(),
+        })
     }
 }
 
-/// Connection threads, one per core, each with a single-threaded runtime: a
-/// connection lives on one thread from accept to close, with no work-stealing and
-/// no cross-thread wake-ups. Accepted connections are dealt out round-robin. When
-/// the accept loops end (shutdown), a worker serves what it has to the end.
+/// What an accept loop needs; shared by all of them.
 #[derive(Clone)]
-struct Workers {
-    senders: Arc<Vec<tokio::sync::mpsc::UnboundedSender<Accepted>>>,
-    next: Arc<AtomicU64>,
+struct Accept {
+    shared: Shared,
+    /// The connection limit.
+    slots: Arc<tokio::sync::Semaphore>,
+    graceful: Arc<hyper_util::server::graceful::GracefulShutdown>,
+    shutdown: CancellationToken,
+    /// When the limit was last logged (once per 10 s at most).
+    last_warn: Arc<std::sync::Mutex<Option<Instant>>>,
 }
 
-impl Workers {
-    fn start(shared: &Shared) -> Workers {
+impl Accept {
+    /// Accepts connections on `l` and serves each on the current thread, until
+    /// shutdown.
+    async fn run(&self, l: &Listening, connections: &tokio_util::task::TaskTracker) {
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                r = l.listener.accept() => match r {
+                    // (A connection another thread took first is not an error:
+                    // tokio waits for the next one.)
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!("accept on {}: {e}", l.addr);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+                self.shared
+                    .metrics
+                    .connections_rejected
+                    .fetch_add(1, Ordering::Relaxed);
+                let mut last = self.last_warn.lock().expect("warn lock");
+                if last.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                    tracing::warn!(
+                        "http connection limit reached ({}), refusing {peer}",
+                        self.shared.limits.max_connections
+                    );
+                    *last = Some(Instant::now());
+                }
+                drop(stream);
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let (shared, acceptor, watcher) = (
+                self.shared.clone(),
+                l.acceptor.clone(),
+                self.graceful.watcher(),
+            );
+            connections.spawn(async move {
+                let m = shared.metrics.clone();
+                m.connections_open.fetch_add(1, Ordering::Relaxed);
+                connection(shared, stream, peer, acceptor, watcher).await;
+                m.connections_open.fetch_sub(1, Ordering::Relaxed);
+                drop(permit);
+            });
+        }
+    }
+}
+
+/// Connection threads, one per core, each with a single-threaded runtime that
+/// accepts on every listener itself and serves what it accepted: a connection lives
+/// on the thread whose accept woke up for it, from accept to close, with no hand-over
+/// between threads, no work-stealing and no cross-thread wake-ups.
+mod workers {
+    use super::*;
+
+    /// Starts the threads; false when none could be started.
+    pub(super) fn start(
+        ports: &[Port],
+        accept: &Accept,
+        alive: &tokio::sync::mpsc::Sender<()>,
+    ) -> bool {
         let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mut senders = Vec::new();
+        let mut started = 0;
         for i in 0..n {
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Accepted>();
-            let shared = shared.clone();
+            let listeners: std::io::Result<Vec<_>> =
+                ports.iter().map(|p| p.socket.try_clone()).collect();
+            let listeners = match listeners {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!("http worker {i}: cannot share the listeners: {e}");
+                    continue;
+                }
+            };
+            let ports: Vec<Port> = listeners
+                .into_iter()
+                .zip(ports)
+                .map(|(socket, p)| Port {
+                    socket,
+                    addr: p.addr,
+                    acceptor: p.acceptor.clone(),
+                })
+                .collect();
+            let (accept, alive) = (accept.clone(), alive.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("http-{i}"))
-                .spawn(move || {
-                    let rt = match tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                    {
-                        Ok(rt) => rt,
-                        Err(e) => {
-                            tracing::error!("http worker {i}: cannot start a runtime: {e}");
-                            return;
-                        }
-                    };
-                    rt.block_on(async move {
-                        // Files of a generation no longer served are let go of
-                        // within seconds, even when no request comes.
-                        tokio::spawn(async {
-                            let mut tick = tokio::time::interval(Duration::from_secs(5));
-                            loop {
-                                tick.tick().await;
-                                files::open_files::release_if_orphaned();
-                            }
-                        });
-                        let tracker = tokio_util::task::TaskTracker::new();
-                        while let Some(accepted) = rx.recv().await {
-                            tracker.spawn(accepted.run(shared.clone()));
-                        }
-                        tracker.close();
-                        tracker.wait().await;
-                    });
-                });
+                .spawn(move || run(i, ports, accept, alive));
             match spawned {
-                Ok(_) => senders.push(tx),
+                Ok(_) => started += 1,
                 Err(e) => tracing::warn!("http worker {i}: cannot start a thread: {e}"),
             }
         }
-        Workers {
-            senders: Arc::new(senders),
-            next: Arc::new(AtomicU64::new(0)),
-        }
+        started > 0
     }
 
-    /// Hands `accepted` to the next worker; gives it back when none is running.
-    fn send(&self, accepted: Accepted) -> Result<(), Accepted> {
-        let n = self.senders.len();
-        let mut accepted = accepted;
-        for _ in 0..n {
-            let i = self.next.fetch_add(1, Ordering::Relaxed) as usize % n;
-            match self.senders[i].send(accepted) {
-                Ok(()) => return Ok(()),
-                Err(back) => accepted = back.0,
+    /// One worker thread: its accept loops, then the connections it still serves.
+    fn run(i: usize, ports: Vec<Port>, accept: Accept, alive: tokio::sync::mpsc::Sender<()>) {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!("http worker {i}: cannot start a runtime: {e}");
+                return;
             }
-        }
-        Err(accepted)
+        };
+        rt.block_on(async move {
+            // Files of a generation no longer served are let go of within seconds,
+            // even when no request comes.
+            tokio::spawn(async {
+                let mut tick = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tick.tick().await;
+                    files::open_files::release_if_orphaned();
+                }
+            });
+            let connections = tokio_util::task::TaskTracker::new();
+            let mut loops = tokio::task::JoinSet::new();
+            for port in &ports {
+                match port.listen() {
+                    Ok(l) => {
+                        let (accept, connections) = (accept.clone(), connections.clone());
+                        loops.spawn(async move { accept.run(&l, &connections).await });
+                    }
+                    Err(e) => {
+                        tracing::warn!("http worker {i}: cannot listen on {}: {e}", port.addr)
+                    }
+                }
+            }
+            while loops.join_next().await.is_some() {}
+            // The loops are done: let go of the shared state before saying so.
+            drop(accept);
+            drop(alive);
+            connections.close();
+            connections.wait().await;
+        });
     }
 }
 
