@@ -38,6 +38,7 @@ fn err(file: &Path, message: impl Into<String>) -> ConfigError {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     state_dir: Option<PathBuf>,
+    drain_timeout: Option<String>,
     sync: Option<RawSync>,
     tftp: Option<RawTftp>,
     http: Option<RawHttp>,
@@ -109,6 +110,8 @@ pub struct Settings {
     /// The main config file that was read (`None` when it does not exist).
     pub file: Option<PathBuf>,
     pub state_dir: PathBuf,
+    /// On SIGTERM, how long transfers in progress may still run.
+    pub drain_timeout: Duration,
     pub sync: SyncSettings,
     pub tftp: TftpSettings,
     pub http: HttpSettings,
@@ -302,6 +305,7 @@ fn validate(path: &Path, file: Option<PathBuf>, raw: RawConfig) -> Result<Settin
             },
         }
     };
+    let drain_timeout = dur("drain_timeout", raw.drain_timeout, Duration::from_secs(30))?;
     let sync = SyncSettings {
         interval: dur("sync.interval", sync.interval, Duration::from_secs(300))?,
         auto: sync.auto.unwrap_or(true),
@@ -397,6 +401,7 @@ fn validate(path: &Path, file: Option<PathBuf>, raw: RawConfig) -> Result<Settin
         state_dir: raw
             .state_dir
             .unwrap_or_else(|| PathBuf::from("/var/lib/rackboot")),
+        drain_timeout,
         sync,
         tftp,
         http,
@@ -607,6 +612,7 @@ mod tests {
             "[[sources]]\nurl = \"http://127.0.0.1/streams/v1/index.json\"\nunsigned = true\n";
         let p = Path::new("c.toml");
         let s = from_str(p, src).unwrap();
+        assert_eq!(s.drain_timeout, Duration::from_secs(30));
         assert_eq!(s.http.max_connections, 10_000);
         assert_eq!(s.http.header_timeout, Duration::from_secs(10));
         let s = from_str(
@@ -620,6 +626,10 @@ mod tests {
         assert!(e.to_string().contains("http.max_connections"), "{e}");
         let e = from_str(p, &format!("[http]\nheader_timeout = \"soon\"\n{src}")).unwrap_err();
         assert!(e.to_string().contains("http.header_timeout"), "{e}");
+        let s = from_str(p, &format!("drain_timeout = \"2m\"\n{src}")).unwrap();
+        assert_eq!(s.drain_timeout, Duration::from_secs(120));
+        let e = from_str(p, &format!("drain_timeout = \"never\"\n{src}")).unwrap_err();
+        assert!(e.to_string().contains("drain_timeout"), "{e}");
     }
 
     #[test]

@@ -376,7 +376,7 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
         started: Instant::now(),
     });
     let shutdown = CancellationToken::new();
-    let drain = Duration::from_secs(30);
+    let drain = settings.drain_timeout;
     let mut tasks = tokio::task::JoinSet::new();
 
     if !udp.is_empty() {
@@ -504,6 +504,19 @@ fn reload(d: &Daemon) {
             {
                 tracing::warn!(
                     "HTTP TLS or limits changed in {}: restart rackboot to apply them",
+                    d.config_path.display()
+                );
+            }
+            let tftp = |s: &Settings| {
+                (
+                    s.tftp.max_blksize,
+                    s.tftp.max_windowsize,
+                    s.tftp.max_transfers,
+                )
+            };
+            if tftp(&new) != tftp(&old) || new.drain_timeout != old.drain_timeout {
+                tracing::warn!(
+                    "TFTP limits or drain_timeout changed in {}: restart rackboot to apply them",
                     d.config_path.display()
                 );
             }
