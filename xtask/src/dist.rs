@@ -106,9 +106,8 @@ pub fn prerequisites(targets: &[&Target]) -> Result<()> {
     prereq::ensure_debs(DEBS)
 }
 
-/// Builds one target with the `dist` profile and copies it to
-/// `<target dir>/dist/rackboot-<version>-<arch>`; returns that path.
-pub fn build(t: &Target, version: &str) -> Result<PathBuf> {
+/// Builds one target with the `dist` profile; returns where cargo left the binary.
+pub fn cargo_build(t: &Target) -> Result<PathBuf> {
     let root = crate::root();
     std::env::set_current_dir(&root)?;
     let started = Instant::now();
@@ -130,9 +129,15 @@ pub fn build(t: &Target, version: &str) -> Result<PathBuf> {
         t.triple,
         started.elapsed().as_secs_f64()
     );
-    let built = prereq::target_dir(&root)
+    Ok(prereq::target_dir(&root)
         .join(t.triple)
-        .join("dist/rackboot");
+        .join("dist/rackboot"))
+}
+
+/// Builds one target with the `dist` profile and copies it to
+/// `<target dir>/dist/rackboot-<version>-<arch>`; returns that path.
+pub fn build(t: &Target, version: &str) -> Result<PathBuf> {
+    let built = cargo_build(t)?;
     let dir = dist_dir();
     std::fs::create_dir_all(&dir)?;
     let out = dir.join(format!("rackboot-{version}-{}", t.arch));

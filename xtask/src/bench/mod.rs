@@ -2,7 +2,7 @@
 //! the same run on loopback, results (Markdown + JSON) written to `bench/results/`.
 //!
 //! A bench stream (unsigned, `file://`) with a 64 MiB kernel, a 4 MiB initrd and a
-//! 200 MiB squashfs is synced by the release binary; the peers serve the very same
+//! 200 MiB squashfs is synced by the shipped binary (static musl, `dist` profile); the peers serve the very same
 //! snapshot directory.
 //! - tftp: one transfer at windowsize 1 and at windowsize 8 (blksize 1468), and 200
 //!   and 1000 concurrent clients (4 MiB each, every download checked), against
@@ -128,7 +128,14 @@ pub fn run(args: &[String]) -> Result<()> {
     ])?;
     let root = crate::root();
     std::env::set_current_dir(&root)?;
-    cmd("cargo", &["build", "--release", "--bin", "rackboot"])?;
+    // The binary that ships: static musl, `dist` profile (fat LTO, mimalloc).
+    let shipped = match std::env::consts::ARCH {
+        "x86_64" => &crate::dist::X86_64,
+        "aarch64" => &crate::dist::AARCH64,
+        other => bail!("no release target for this machine's architecture {other}"),
+    };
+    crate::dist::prerequisites(&[shipped])?;
+    let bin = crate::dist::cargo_build(shipped)?;
     if want("tftp") {
         // The load generator runs optimised, whatever profile `cargo xtask` used.
         cmd("cargo", &["build", "--release", "--package", "xtask"])?;
@@ -145,7 +152,7 @@ pub fn run(args: &[String]) -> Result<()> {
         prereq::ensure_foreign_debs(&native_arch()?, &["atftpd"], &atftpd_root)?;
     }
     let mut b = Bench {
-        bin: target.join("release/rackboot"),
+        bin,
         xtask: target.join("release/xtask"),
         snapshot: PathBuf::new(),
         atftpd: atftpd_root.join("usr/sbin/atftpd"),
@@ -157,8 +164,9 @@ pub fn run(args: &[String]) -> Result<()> {
     writeln!(b.report, "# rackboot benchmarks ({stamp})\n")?;
     writeln!(
         b.report,
-        "Loopback, {} cores; rackboot release build; peers from Debian 12.\n",
-        num_cpus()
+        "Loopback, {} cores; rackboot as shipped ({}, `dist` profile); peers from Debian 12.\n",
+        num_cpus(),
+        shipped.triple
     )?;
     b.sync_bench()?;
     if want("tftp") {
