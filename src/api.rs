@@ -338,26 +338,10 @@ fn images_page(d: &Daemon, head: bool) -> Response<Body> {
 }
 
 fn resources_json(d: &Daemon) -> Value {
-    let Some(snap) = d.snapshot.borrow().clone() else {
-        return json!([]);
-    };
-    Value::Array(
-        snap.manifest
-            .products
-            .iter()
-            .map(|p| {
-                json!({
-                    "name": p.name,
-                    "product_name": p.product_name,
-                    "version": p.version_name,
-                    "size": p.items.iter().map(|i| i.size).sum::<u64>(),
-                    "items": p.items,
-                    "generation": snap.generation,
-                    "synced": snap.created,
-                })
-            })
-            .collect(),
-    )
+    match d.snapshot.borrow().as_ref() {
+        Some(snap) => snap.manifest.resources_json(),
+        None => json!([]),
+    }
 }
 
 async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<Body> {

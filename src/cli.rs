@@ -610,22 +610,7 @@ async fn cmd_resources(
             };
             let m = store.read_manifest(g)?;
             if cli.json {
-                let v: Vec<_> = m
-                    .products
-                    .iter()
-                    .map(|p| {
-                        json!({
-                            "name": p.name,
-                            "product_name": p.product_name,
-                            "version": p.version_name,
-                            "size": p.items.iter().map(|i| i.size).sum::<u64>(),
-                            "items": p.items,
-                            "generation": g,
-                            "synced": m.created,
-                        })
-                    })
-                    .collect();
-                return print_json(&v);
+                return print_json(&m.resources_json());
             }
             for p in &m.products {
                 let size: u64 = p.items.iter().map(|i| i.size).sum();

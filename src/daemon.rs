@@ -292,22 +292,14 @@ fn bind_tcp(addr: SocketAddr, what: &str) -> anyhow::Result<std::net::TcpListene
     Ok(l)
 }
 
-/// Raises the soft open-files limit to the hard one: every HTTP connection and every
-/// file being sent holds a descriptor, and systemd's default soft limit is 1024.
+/// Raises the soft open-files limit to the hard one: every HTTP connection, every
+/// TFTP transfer and every file being sent holds a descriptor, and systemd's default
+/// soft limit is 1024 (TFTP transfers would stop near 500).
 fn raise_open_files_limit() {
-    use nix::libc;
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain system calls on a local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            let old = lim.rlim_cur;
-            lim.rlim_cur = lim.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
-                tracing::debug!("open files limit raised from {old} to {}", lim.rlim_max);
-            }
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+            tracing::debug!("open files limit raised from {soft} to {hard}");
         }
     }
 }

@@ -70,6 +70,27 @@ pub struct Manifest {
     pub metadata: BTreeMap<String, Sha256>,
 }
 
+impl Manifest {
+    /// The snapshot's products as the API's `resources` and `boot-resources read
+    /// --json` list them.
+    pub fn resources_json(&self) -> serde_json::Value {
+        self.products
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "name": p.name,
+                    "product_name": p.product_name,
+                    "version": p.version_name,
+                    "size": p.items.iter().map(|i| i.size).sum::<u64>(),
+                    "items": p.items,
+                    "generation": self.generation,
+                    "synced": self.created,
+                })
+            })
+            .collect()
+    }
+}
+
 /// Handle on a state directory.
 #[derive(Clone, Debug)]
 pub struct Store {

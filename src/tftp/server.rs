@@ -295,28 +295,6 @@ struct Incoming {
     listener: SocketAddr,
 }
 
-/// Raises the soft limit on open files to the hard one: every transfer holds a socket
-/// and a file, and the usual soft limit (1024) would cap them near 500.
-fn raise_nofile_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls on a local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            let old = lim.rlim_cur;
-            lim.rlim_cur = lim.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
-                tracing::debug!(
-                    "tftp: open files limit raised from {old} to {}",
-                    lim.rlim_max
-                );
-            }
-        }
-    }
-}
-
 /// epoll (level-triggered), through the C library: nix's wrapper needs a crate feature
 /// this build does not enable.
 struct Epoll(OwnedFd);
@@ -481,7 +459,9 @@ impl Dispatch {
     }
 }
 
-/// Serves until `shutdown`, then drains transfers for up to `drain_deadline`.
+/// Serves until `shutdown`, then drains transfers for up to `drain_deadline`. Every
+/// transfer holds a socket and a file: the caller raises the open-files limit
+/// (`daemon::serve` does, before binding).
 pub async fn serve(
     sockets: Vec<std::net::UdpSocket>,
     resolver: Arc<dyn Resolver>,
@@ -490,7 +470,6 @@ pub async fn serve(
     shutdown: CancellationToken,
     drain_deadline: Duration,
 ) -> std::io::Result<()> {
-    raise_nofile_limit();
     let n = match config.workers {
         0 => std::thread::available_parallelism()
             .map(|n| n.get())
