@@ -373,6 +373,10 @@ fn http_semantics_with_curl() {
         .unwrap()
         .iter()
         .any(|p| p["name"] == "ubuntu/amd64/ga-24.04/noble/stable"));
+    // The CLI reads the same document from the state directory.
+    let cli: serde_json::Value =
+        serde_json::from_str(&r.env.ok(&["boot-resources", "read", "--json"])).unwrap();
+    assert_eq!(cli, res);
     let (code, body) = s.get("/api/v1/sources");
     assert_eq!(code, 200);
     assert!(String::from_utf8_lossy(&body).contains(&r.mirror.url()));
