@@ -279,17 +279,10 @@ fn bind_udp(addr: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
     std::net::UdpSocket::bind(addr).map_err(|e| anyhow::anyhow!("cannot bind TFTP on {addr}: {e}"))
 }
 
-/// Binds a TCP listener with a long accept queue: a rack of machines powered on
-/// together connects at once (std's queue of 128 drops SYNs beyond it, and a dropped
-/// SYN costs the client a second).
-fn bind_tcp(addr: SocketAddr, what: &str) -> anyhow::Result<std::net::TcpListener> {
-    let l = std::net::TcpListener::bind(addr)
-        .map_err(|e| anyhow::anyhow!("cannot bind {what} on {addr}: {e}"))?;
-    // listen(2) again on a listening socket only changes its queue length.
-    if let Err(e) = nix::sys::socket::listen(&l, nix::sys::socket::Backlog::MAXCONN) {
-        tracing::warn!("{what} on {addr}: cannot lengthen the accept queue: {e}");
-    }
-    Ok(l)
+/// Binds a TCP listening address as one socket per HTTP connection thread.
+fn bind_tcp(addr: SocketAddr, what: &str) -> anyhow::Result<Vec<std::net::TcpListener>> {
+    crate::http::bind_group(addr, crate::http::worker_count())
+        .map_err(|e| anyhow::anyhow!("cannot bind {what} on {addr}: {e}"))
 }
 
 /// Raises the soft open-files limit to the hard one: every HTTP connection, every
@@ -325,7 +318,8 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
     for s in systemd::activated_sockets() {
         match s {
             systemd::Activated::Udp(u) => udp.push(u),
-            systemd::Activated::Tcp(t) => tcp.push(t),
+            // Every connection thread accepts on a socket systemd passed.
+            systemd::Activated::Tcp(t) => tcp.push(vec![t]),
         }
     }
     if udp.is_empty() {
@@ -363,7 +357,10 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
         tftp_metrics: Arc::new(crate::tftp::TftpMetrics::default()),
         http_metrics: Arc::new(crate::http::HttpMetrics::default()),
         sync_duration_ms_total: AtomicU64::new(0),
-        http_addrs: tcp.iter().filter_map(|l| l.local_addr().ok()).collect(),
+        http_addrs: tcp
+            .iter()
+            .filter_map(|group| group.first()?.local_addr().ok())
+            .collect(),
         handed_out: Mutex::new(Vec::new()),
         started: Instant::now(),
     });
@@ -394,12 +391,12 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
     };
     let http_listeners: Vec<crate::http::Listener> = tcp
         .into_iter()
-        .map(|socket| crate::http::Listener { socket, tls: None })
+        .map(|sockets| crate::http::Listener { sockets, tls: None })
         .chain(
             tls_listeners
                 .into_iter()
-                .map(|socket| crate::http::Listener {
-                    socket,
+                .map(|sockets| crate::http::Listener {
+                    sockets,
                     tls: tls_config.clone(),
                 }),
         )

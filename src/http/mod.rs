@@ -203,10 +203,52 @@ fn handle(
     }
 }
 
-/// A bound listening socket, plain or TLS.
+/// A listening address, plain or TLS.
 pub struct Listener {
-    pub socket: std::net::TcpListener,
+    /// Either one socket per connection thread (an SO_REUSEPORT group from
+    /// [`bind_group`]), or one socket that every thread accepts on (one passed by
+    /// systemd).
+    pub sockets: Vec<std::net::TcpListener>,
     pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// How many connection threads serve HTTP: one per core.
+pub fn worker_count() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Binds `addr` as `n` listening sockets of one SO_REUSEPORT group, each with a long
+/// accept queue (a rack of machines powered on together connects at once; std's
+/// queue of 128 drops SYNs beyond it, and a dropped SYN costs the client a second).
+///
+/// The kernel deals connections out over the group, and a connection wakes only the
+/// thread owning its socket. With one socket shared by all threads every thread wakes
+/// for every connection and the first to run takes it; with a local client that is
+/// the client's own CPU, and the two then take turns on one core (perf sched showed
+/// it; 0.86x nginx on a 200 MiB download, against 1.0x with one wake-up).
+///
+/// Binding first without SO_REUSEPORT keeps "address in use" an error: a group would
+/// otherwise quietly share the port with another rackboot of the same user.
+pub fn bind_group(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    drop(std::net::TcpListener::bind(addr)?);
+    let mut at = addr;
+    let mut group = Vec::with_capacity(n.max(1));
+    for _ in 0..n.max(1) {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(at),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        s.set_reuse_address(true)?;
+        s.set_reuse_port(true)?;
+        s.bind(&at.into())?;
+        s.listen(nix::libc::SOMAXCONN)?;
+        let l = std::net::TcpListener::from(s);
+        // Port 0: the others join the port the first one got.
+        at = l.local_addr()?;
+        group.push(l);
+    }
+    Ok(group)
 }
 
 /// What every connection task needs.
@@ -230,18 +272,24 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let mut ports = Vec::new();
     for l in listeners {
-        l.socket.set_nonblocking(true)?;
-        let addr = l.socket.local_addr()?;
         let acceptor = l.tls.map(tokio_rustls::TlsAcceptor::from);
-        tracing::info!(
-            "listening for {} on {addr}",
-            if acceptor.is_some() { "HTTPS" } else { "HTTP" }
-        );
-        ports.push(Port {
-            socket: l.socket,
-            addr,
-            acceptor,
-        });
+        let shared = l.sockets.len() == 1;
+        for (index, socket) in l.sockets.into_iter().enumerate() {
+            socket.set_nonblocking(true)?;
+            let addr = socket.local_addr()?;
+            if index == 0 {
+                tracing::info!(
+                    "listening for {} on {addr}",
+                    if acceptor.is_some() { "HTTPS" } else { "HTTP" }
+                );
+            }
+            ports.push(Port {
+                socket,
+                addr,
+                acceptor: acceptor.clone(),
+                owner: (!shared).then_some(index),
+            });
+        }
     }
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
@@ -258,10 +306,11 @@ pub async fn serve(
     };
     // Every accept loop holds a sender; all of them gone means no loop is left.
     let (alive, mut loops_left) = tokio::sync::mpsc::channel::<()>(1);
-    if !workers::start(&ports, &accept, &alive) {
-        // No worker thread: accept and serve on this runtime.
+    let orphans = workers::start(&ports, &accept, &alive);
+    if !orphans.is_empty() {
+        // Sockets whose thread could not start: accept and serve on this runtime.
         let tracker = tokio_util::task::TaskTracker::new();
-        for port in &ports {
+        for port in orphans {
             let listener = port.listen()?;
             let (accept, alive, tracker) = (accept.clone(), alive.clone(), tracker.clone());
             tokio::spawn(async move {
@@ -292,6 +341,9 @@ struct Port {
     socket: std::net::TcpListener,
     addr: SocketAddr,
     acceptor: Option<tokio_rustls::TlsAcceptor>,
+    /// Its index in an SO_REUSEPORT group (the thread `owner % threads` accepts on
+    /// it), or `None` for a socket every thread accepts on.
+    owner: Option<usize>,
 }
 
 /// One of a port's accept loops: the listener on the current runtime.
@@ -302,6 +354,20 @@ struct Listening {
 }
 
 impl Port {
+    fn try_clone(&self) -> std::io::Result<Port> {
+        Ok(Port {
+            socket: self.socket.try_clone()?,
+            addr: self.addr,
+            acceptor: self.acceptor.clone(),
+            owner: self.owner,
+        })
+    }
+
+    /// Whether thread `i` of `n` accepts on this socket.
+    fn served_by(&self, i: usize, n: usize) -> bool {
+        self.owner.is_none_or(|o| o % n == i)
+    }
+
     /// The socket (shared with the other threads' loops) on this thread's runtime.
     fn listen(&self) -> std::io::Result<Listening> {
         Ok(Listening {
@@ -376,49 +442,51 @@ impl Accept {
 }
 
 /// Connection threads, one per core, each with a single-threaded runtime that
-/// accepts on every listener itself and serves what it accepted: a connection lives
-/// on the thread whose accept woke up for it, from accept to close, with no hand-over
+/// accepts on its sockets itself and serves what it accepted: a connection lives on
+/// the thread whose accept woke up for it, from accept to close, with no hand-over
 /// between threads, no work-stealing and no cross-thread wake-ups.
 mod workers {
     use super::*;
 
-    /// Starts the threads; false when none could be started.
+    /// Starts the threads, each with its sockets; returns the sockets left without
+    /// a thread (all of them when none could be started).
     pub(super) fn start(
         ports: &[Port],
         accept: &Accept,
         alive: &tokio::sync::mpsc::Sender<()>,
-    ) -> bool {
-        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    ) -> Vec<Port> {
+        let n = worker_count();
+        let mut orphans = Vec::new();
         let mut started = 0;
         for i in 0..n {
-            let listeners: std::io::Result<Vec<_>> =
-                ports.iter().map(|p| p.socket.try_clone()).collect();
-            let listeners = match listeners {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::warn!("http worker {i}: cannot share the listeners: {e}");
-                    continue;
-                }
-            };
-            let ports: Vec<Port> = listeners
-                .into_iter()
-                .zip(ports)
-                .map(|(socket, p)| Port {
-                    socket,
-                    addr: p.addr,
-                    acceptor: p.acceptor.clone(),
-                })
+            let mine: std::io::Result<Vec<Port>> = ports
+                .iter()
+                .filter(|p| p.served_by(i, n))
+                .map(Port::try_clone)
                 .collect();
-            let (accept, alive) = (accept.clone(), alive.clone());
-            let spawned = std::thread::Builder::new()
-                .name(format!("http-{i}"))
-                .spawn(move || run(i, ports, accept, alive));
+            let spawned = mine.and_then(|mine| {
+                let (accept, alive) = (accept.clone(), alive.clone());
+                std::thread::Builder::new()
+                    .name(format!("http-{i}"))
+                    .spawn(move || run(i, mine, accept, alive))
+            });
             match spawned {
                 Ok(_) => started += 1,
-                Err(e) => tracing::warn!("http worker {i}: cannot start a thread: {e}"),
+                Err(e) => {
+                    tracing::warn!("http worker {i}: cannot start: {e}");
+                    orphans.extend(
+                        ports
+                            .iter()
+                            .filter(|p| p.owner.is_some() && p.served_by(i, n))
+                            .filter_map(|p| p.try_clone().ok()),
+                    );
+                }
             }
         }
-        started > 0
+        if started == 0 {
+            return ports.iter().filter_map(|p| p.try_clone().ok()).collect();
+        }
+        orphans
     }
 
     /// One worker thread: its accept loops, then the connections it still serves.

@@ -666,3 +666,27 @@ fn tftp_100_mib_with_blksize_512_rolls_over() {
     );
     assert_eq!(file_sha256(&out), sha256_hex(&want));
 }
+
+#[test]
+fn a_second_rackboot_on_the_same_http_port_is_refused_by_name() {
+    let first = rack(64 << 10, "auto = false", "");
+    let s = first.env.serve();
+    s.wait_generation(1, Duration::from_secs(60));
+    // The first one's HTTP sockets share their port among its own threads
+    // (SO_REUSEPORT); another process binding it must still fail, by name.
+    let second = rack(64 << 10, "auto = false", "");
+    crate::http::edit_config(
+        &second.env,
+        "[http]\nlisten = [\"127.0.0.1:0\"]",
+        &format!("[http]\nlisten = [\"{}\"]", s.http),
+    );
+    let err = second.env.fails(&["serve"], 1);
+    assert!(
+        err.contains(&format!("cannot bind HTTP on {}", s.http)),
+        "{err}"
+    );
+    // The first one serves on, every connection answered.
+    for _ in 0..20 {
+        assert_eq!(s.get(KERNEL).0, 200);
+    }
+}
