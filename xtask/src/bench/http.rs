@@ -17,6 +17,8 @@ struct Row {
     server: &'static str,
     big_mib_s: f64,
     big_median: f64,
+    /// The median with the server on CPU 1 and curl on CPU 0 (`None` on one core).
+    pinned_median: Option<f64>,
     big_runs: Vec<f64>,
     rps: f64,
     rps_runs: Vec<f64>,
@@ -194,9 +196,24 @@ impl Bench {
         Ok(())
     }
 
-    /// One timed download of the big file to /dev/null (size checked), in MiB/s.
-    fn http_big_run(&self, server: &str, url: &str, want_len: u64) -> Result<f64> {
-        let o = Command::new("curl")
+    /// One timed download of the big file to /dev/null (size checked), in MiB/s;
+    /// curl runs on `cpu` when given.
+    fn http_big_run(
+        &self,
+        server: &str,
+        url: &str,
+        want_len: u64,
+        cpu: Option<usize>,
+    ) -> Result<f64> {
+        let mut c = match cpu {
+            Some(cpu) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", &cpu.to_string(), "curl"]);
+                c
+            }
+            None => Command::new("curl"),
+        };
+        let o = c
             .args([
                 "-sf",
                 "--max-time",
@@ -285,7 +302,25 @@ impl Bench {
         let mut runs = [Vec::new(), Vec::new()];
         for round in 0..BIG_ROUNDS {
             for i in order(round) {
-                runs[i].push(self.http_big_run(names[i], &urls[i], big)?);
+                runs[i].push(self.http_big_run(names[i], &urls[i], big, None)?);
+            }
+        }
+        // On loopback the scheduler's placement of the server next to curl (or
+        // not) moves a run by a third; pinned alike, both servers are measured on
+        // their own core with curl on another.
+        let mut pinned = [Vec::new(), Vec::new()];
+        if num_cpus() >= 2 {
+            for p in &procs {
+                pin_tree(p.pid(), "1")?;
+            }
+            for round in 0..BIG_ROUNDS {
+                for i in order(round) {
+                    pinned[i].push(self.http_big_run(names[i], &urls[i], big, Some(0))?);
+                }
+            }
+            let all = format!("0-{}", num_cpus() - 1);
+            for p in &procs {
+                pin_tree(p.pid(), &all)?;
             }
         }
         let mut wrks: [Vec<Wrk>; 2] = [Vec::new(), Vec::new()];
@@ -312,6 +347,7 @@ impl Bench {
                     server: names[i],
                     big_mib_s: runs[i].iter().copied().fold(0.0, f64::max),
                     big_median: median(&runs[i]),
+                    pinned_median: (!pinned[i].is_empty()).then(|| median(&pinned[i])),
                     big_runs: runs[i].clone(),
                     rps: best.rps,
                     rps_runs: wrks[i].iter().map(|w| w.rps).collect(),
@@ -329,12 +365,12 @@ impl Bench {
         let (rb, ng) = (&rows[0], &rows[1]);
         writeln!(
             self.report,
-            "## HTTP ({} MiB file with curl: each server checked by sha256 once, then {BIG_ROUNDS} rounds taking turns; 1000 keep-alive connections with wrk -t 2 -c 1000, 5 s, {WRK_ROUNDS} rounds taking turns)\n",
+            "## HTTP ({} MiB file with curl: each server checked by sha256 once, then {BIG_ROUNDS} rounds taking turns, then {BIG_ROUNDS} more with every server thread on CPU 1 and curl on CPU 0; 1000 keep-alive connections with wrk -t 2 -c 1000, 5 s, {WRK_ROUNDS} rounds taking turns)\n",
             big >> 20
         )?;
         writeln!(
             self.report,
-            "| server | large file best | median | runs (MiB/s) | 1000 clients best | runs (req/s) | latency avg | p99 | errors | peak RSS |\n|---|---|---|---|---|---|---|---|---|---|"
+            "| server | large file best | median | runs (MiB/s) | pinned median | 1000 clients best | runs (req/s) | latency avg | p99 | errors | peak RSS |\n|---|---|---|---|---|---|---|---|---|---|---|"
         )?;
         let list = |v: &[f64]| {
             v.iter()
@@ -345,11 +381,14 @@ impl Bench {
         for r in &rows {
             writeln!(
                 self.report,
-                "| {} | {:.0} MiB/s | {:.0} MiB/s | {} | {:.0} req/s | {} | {} | {} | {} | {} |",
+                "| {} | {:.0} MiB/s | {:.0} MiB/s | {} | {} | {:.0} req/s | {} | {} | {} | {} | {} |",
                 r.server,
                 r.big_mib_s,
                 r.big_median,
                 list(&r.big_runs),
+                r.pinned_median
+                    .map(|m| format!("{m:.0} MiB/s"))
+                    .unwrap_or_else(|| "-".into()),
                 r.rps,
                 list(&r.rps_runs),
                 r.latency_avg,
@@ -363,10 +402,14 @@ impl Bench {
         let big_ratio = rb.big_mib_s / ng.big_mib_s;
         let median_ratio = rb.big_median / ng.big_median;
         let rps_ratio = rb.rps / ng.rps;
+        let pinned_ratio = rb.pinned_median.zip(ng.pinned_median).map(|(r, n)| r / n);
         writeln!(
             self.report,
-            "\nratios: large file rackboot/nginx {median_ratio:.2}x median, {big_ratio:.2}x best (goal ≥ 0.9 on the median, the steadier figure: {}); 1000 clients rackboot/nginx {rps_ratio:.2}x, rackboot errors: {} (goal: none)\n",
+            "\nratios: large file rackboot/nginx {median_ratio:.2}x median, {big_ratio:.2}x best (goal ≥ 0.9 on the median, the steadier figure: {}); {}1000 clients rackboot/nginx {rps_ratio:.2}x, rackboot errors: {} (goal: none)\n",
             if median_ratio >= 0.9 { "met" } else { "NOT met" },
+            pinned_ratio
+                .map(|r| format!("pinned (servers on CPU 1, curl on CPU 0) {r:.2}x median; "))
+                .unwrap_or_default(),
             rb.errors,
         )?;
         let mut json_rows = serde_json::Map::new();
@@ -377,6 +420,7 @@ impl Bench {
                     "big_file_mib_s": r.big_mib_s,
                     "big_file_median_mib_s": r.big_median,
                     "runs_mib_s": r.big_runs,
+                    "big_file_pinned_median_mib_s": r.pinned_median,
                     "wrk_1000_rps": r.rps,
                     "wrk_1000_runs_rps": r.rps_runs,
                     "wrk_latency_avg": r.latency_avg,
@@ -389,10 +433,37 @@ impl Bench {
         json_rows.insert("big_file_ratio".into(), json!(big_ratio));
         json_rows.insert("big_file_median_ratio".into(), json!(median_ratio));
         json_rows.insert("wrk_1000_ratio".into(), json!(rps_ratio));
+        json_rows.insert("big_file_pinned_median_ratio".into(), json!(pinned_ratio));
         self.results
             .insert("http".into(), serde_json::Value::Object(json_rows));
         Ok(())
     }
+}
+
+/// Puts every thread of `pid` and of its child processes (nginx's workers) on
+/// `cpus` (a taskset list).
+fn pin_tree(pid: u32, cpus: &str) -> Result<()> {
+    let children = std::fs::read_dir(format!("/proc/{pid}/task"))?
+        .filter_map(|t| t.ok())
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .collect::<Vec<_>>();
+    for p in std::iter::once(pid).chain(children) {
+        let out = Command::new("taskset")
+            .args(["-a", "-p", "-c", cpus, &p.to_string()])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "taskset -a -p -c {cpus} {p}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn median(v: &[f64]) -> f64 {

@@ -8,7 +8,8 @@
 //!   and 1000 concurrent clients (4 MiB each, every download checked), against
 //!   tftpd-hpa, dnsmasq and atftpd, with the atftp client and with xtask's own load
 //!   generator. Peak RSS of rackboot is read from /proc.
-//! - http: a 200 MiB file (curl, 15 interleaved rounds, median and best) and 1000
+//! - http: a 200 MiB file (curl, 15 interleaved rounds, median and best; 15 more
+//!   with the servers pinned to CPU 1 and curl to CPU 0) and 1000
 //!   concurrent keep-alive clients (wrk, 5 s, 2 rounds) against nginx with sendfile,
 //!   both running at once; rackboot's peak RSS.
 //! - sync: a full sync of the bench stream from a local mirror (file:// and http), and
