@@ -150,8 +150,10 @@ impl fmt::Display for Pxelinux<'_> {
 ///
 /// Image paths: `http` is a GRUB HTTP prefix (`(http,host:port)/images/`), `tftp` a
 /// path prefix on GRUB's TFTP root (`/`). With both (GRUB loaded over TFTP), the
-/// config tries `insmod http` and falls back to TFTP when the module cannot be loaded
-/// (Debian's signed GRUB has no built-in HTTP, and Secure Boot forbids modules).
+/// config loads the `http` module and fetches over HTTP, except under Secure Boot:
+/// there GRUB is locked down (`$lockdown` is `y`) and loads no modules (the signed
+/// GRUBs have no built-in HTTP), so it fetches over TFTP. The test cannot be
+/// `if insmod http`: GRUB 2.06's `insmod` prints its error and returns success.
 pub struct Grub<'a> {
     /// `(grub_cpu, boot)` pairs, e.g. `("x86_64", …)`, `("arm64", …)`.
     pub by_cpu: &'a [(String, Boot)],
@@ -197,10 +199,11 @@ impl fmt::Display for Grub<'_> {
             match boot {
                 Boot::Image(b) => match (self.http, self.tftp) {
                     (Some(http), Some(tftp)) => {
-                        writeln!(f, "    if insmod http; then")?;
-                        self.linux(f, b, http, "      ")?;
-                        writeln!(f, "    else")?;
+                        writeln!(f, "    if [ \"$lockdown\" = y ]; then")?;
                         self.linux(f, b, tftp, "      ")?;
+                        writeln!(f, "    else")?;
+                        writeln!(f, "      insmod http")?;
+                        self.linux(f, b, http, "      ")?;
                         writeln!(f, "    fi")?;
                     }
                     (Some(base), None) | (None, Some(base)) => self.linux(f, b, base, "    ")?,
@@ -437,12 +440,13 @@ LABEL execute
 set timeout=0
 menuentry 'Ephemeral' {
   if [ "$grub_cpu" = 'x86_64' ]; then
-    if insmod http; then
-      linux '(http,10.0.0.1:5248)/images/debian/amd64/generic/bookworm/stable/boot-kernel' 'nomodeset' 'ro' 'root=squash:http://10.0.0.1:5248/images/debian/amd64/generic/bookworm/stable/squashfs' 'ip=::::rackboot-525400123456:BOOTIF' 'ip6=off' 'overlayroot=tmpfs' 'overlayroot_cfgdisk=disabled' 'cc:{'\''datasource_list'\'':' '['\''MAAS'\'']}end_cc' 'console=ttyS0,115200' 'panic=-1' 'msg=a b' BOOTIF=01-${net_default_mac}
-      initrd '(http,10.0.0.1:5248)/images/debian/amd64/generic/bookworm/stable/boot-initrd'
-    else
+    if [ "$lockdown" = y ]; then
       linux '/debian/amd64/generic/bookworm/stable/boot-kernel' 'nomodeset' 'ro' 'root=squash:http://10.0.0.1:5248/images/debian/amd64/generic/bookworm/stable/squashfs' 'ip=::::rackboot-525400123456:BOOTIF' 'ip6=off' 'overlayroot=tmpfs' 'overlayroot_cfgdisk=disabled' 'cc:{'\''datasource_list'\'':' '['\''MAAS'\'']}end_cc' 'console=ttyS0,115200' 'panic=-1' 'msg=a b' BOOTIF=01-${net_default_mac}
       initrd '/debian/amd64/generic/bookworm/stable/boot-initrd'
+    else
+      insmod http
+      linux '(http,10.0.0.1:5248)/images/debian/amd64/generic/bookworm/stable/boot-kernel' 'nomodeset' 'ro' 'root=squash:http://10.0.0.1:5248/images/debian/amd64/generic/bookworm/stable/squashfs' 'ip=::::rackboot-525400123456:BOOTIF' 'ip6=off' 'overlayroot=tmpfs' 'overlayroot_cfgdisk=disabled' 'cc:{'\''datasource_list'\'':' '['\''MAAS'\'']}end_cc' 'console=ttyS0,115200' 'panic=-1' 'msg=a b' BOOTIF=01-${net_default_mac}
+      initrd '(http,10.0.0.1:5248)/images/debian/amd64/generic/bookworm/stable/boot-initrd'
     fi
   elif [ "$grub_cpu" = 'arm64' ]; then
     for efi in /efi/boot/bootx64.efi /efi/boot/bootaa64.efi /efi/ubuntu/shimx64.efi /efi/ubuntu/shimaa64.efi /efi/debian/shimx64.efi /efi/debian/shimaa64.efi; do

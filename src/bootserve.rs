@@ -229,7 +229,7 @@ fn grub_for(
     let grub = Grub {
         by_cpu: &by_cpu,
         http: Some(&http),
-        // Loaded over TFTP: fall back to TFTP when `insmod http` fails.
+        // Loaded over TFTP: TFTP again when Secure Boot forbids the http module.
         tftp: (!over_http).then_some("/"),
     };
     Dynamic::Text(grub.to_string())

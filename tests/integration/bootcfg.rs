@@ -150,10 +150,17 @@ fn per_mac_configs_defaults_and_local_boot() {
     );
     // Kernel double quotes become GRUB quoting (GRUB re-quotes for the kernel).
     assert!(g.contains("'rackboot.test=one' 'quoted=a b'"), "{g}");
-    // Loaded over TFTP: HTTP when `insmod http` works, TFTP otherwise.
+    // Loaded over TFTP: HTTP after `insmod http`, TFTP under Secure Boot (locked
+    // down, GRUB loads no modules).
+    assert!(
+        g.contains(
+            "    if [ \"$lockdown\" = y ]; then\n      linux '/ubuntu/amd64/generic/noble/stable/boot-kernel'"
+        ),
+        "{g}"
+    );
     assert!(
         g.contains(&format!(
-            "if insmod http; then\n      linux '(http,127.0.0.1:{})/images/ubuntu/amd64/generic/noble/stable/boot-kernel'",
+            "    else\n      insmod http\n      linux '(http,127.0.0.1:{})/images/ubuntu/amd64/generic/noble/stable/boot-kernel'",
             s.http.port()
         )),
         "{g}"

@@ -13,6 +13,10 @@
 //! - `bios-http`       SeaBIOS PXE → lpxelinux.0 → kernel/initrd over HTTP
 //! - `ipxe`            the NIC's iPXE → `ipxe.cfg` (TFTP) → per-MAC script over HTTP
 //! - `uefi-amd64-tftp` OVMF PXE → shim → signed GRUB → `insmod http` → HTTP
+//! - `uefi-amd64-secureboot` OVMF with Secure Boot on (Microsoft keys) → PXE → the
+//!   Microsoft-signed shim → Debian-signed GRUB (locked down, no modules: the config
+//!   keeps kernel/initrd on TFTP) → the Debian-signed kernel, which must say
+//!   "Secure boot enabled"
 //! - `uefi-amd64-http` OVMF HTTP boot → GRUB (HTTP) → kernel/initrd over HTTP
 //! - `uefi-arm64-tftp` AAVMF PXE → shim → signed GRUB → kernel/initrd
 //! - `uefi-arm64-http` AAVMF HTTP boot → GRUB (HTTP) → kernel/initrd over HTTP
@@ -38,6 +42,12 @@ use crate::prereq::{self, cmd, output};
 /// The rack's address on the bridge, and the DHCP range for the VMs.
 const RACK_IP: &str = "10.77.0.1";
 const HTTP_PORT: u16 = 5248;
+/// OVMF built with Secure Boot, and variables with Secure Boot on and the Microsoft
+/// keys enrolled (Debian's `ovmf`).
+const OVMF_SECBOOT_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd";
+const OVMF_SECBOOT_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd";
+/// What the kernel prints when the firmware booted it with Secure Boot on.
+const SECURE_BOOT_LINE: &str = "Secure boot enabled";
 /// The bridge's MAC (locally administered), set so that it never changes.
 const BRIDGE_MAC: &str = "02:77:00:00:00:01";
 
@@ -74,6 +84,8 @@ struct Mode {
     firmware: Firmware,
     /// UEFI HTTP boot (PXE disabled in the firmware, so it goes straight to HTTP).
     http_boot: bool,
+    /// UEFI Secure Boot on, with the Microsoft keys enrolled (as shipped PCs have).
+    secure_boot: bool,
     /// A dnsmasq tag for this VM's MAC (for the BIOS modes that share client arch 0).
     tag: Option<&'static str>,
     what: &'static str,
@@ -84,6 +96,7 @@ const MODES: &[Mode] = &[
         name: "bios-tftp",
         firmware: Firmware::SeaBios,
         http_boot: false,
+        secure_boot: false,
         tag: Some("pxetftp"),
         what: "BIOS PXE, pxelinux.0, kernel over TFTP",
     },
@@ -91,6 +104,7 @@ const MODES: &[Mode] = &[
         name: "bios-http",
         firmware: Firmware::SeaBios,
         http_boot: false,
+        secure_boot: false,
         tag: None,
         what: "BIOS PXE, lpxelinux.0, kernel over HTTP",
     },
@@ -98,6 +112,7 @@ const MODES: &[Mode] = &[
         name: "ipxe",
         firmware: Firmware::SeaBios,
         http_boot: false,
+        secure_boot: false,
         tag: Some("ipxemode"),
         what: "iPXE chainload: ipxe.cfg, per-MAC script over HTTP",
     },
@@ -105,13 +120,23 @@ const MODES: &[Mode] = &[
         name: "uefi-amd64-tftp",
         firmware: Firmware::Ovmf,
         http_boot: false,
+        secure_boot: false,
         tag: None,
         what: "OVMF PXE, shim + signed GRUB over TFTP",
+    },
+    Mode {
+        name: "uefi-amd64-secureboot",
+        firmware: Firmware::Ovmf,
+        http_boot: false,
+        secure_boot: true,
+        tag: None,
+        what: "OVMF PXE with Secure Boot on: MS-signed shim, signed GRUB, signed kernel",
     },
     Mode {
         name: "uefi-amd64-http",
         firmware: Firmware::Ovmf,
         http_boot: true,
+        secure_boot: false,
         tag: None,
         what: "OVMF UEFI HTTP boot, GRUB over HTTP",
     },
@@ -119,6 +144,7 @@ const MODES: &[Mode] = &[
         name: "uefi-arm64-tftp",
         firmware: Firmware::Aavmf,
         http_boot: false,
+        secure_boot: false,
         tag: None,
         what: "AAVMF PXE, shim + signed GRUB over TFTP",
     },
@@ -126,6 +152,7 @@ const MODES: &[Mode] = &[
         name: "uefi-arm64-http",
         firmware: Firmware::Aavmf,
         http_boot: true,
+        secure_boot: false,
         tag: None,
         what: "AAVMF UEFI HTTP boot, GRUB over HTTP",
     },
@@ -427,6 +454,26 @@ fn qemu_args(
             ]);
             "qemu-system-x86_64"
         }
+        Firmware::Ovmf if mode.secure_boot => {
+            // The Secure Boot build of OVMF keeps its variables in SMM.
+            push(&[
+                "-machine",
+                &format!("q35,smm=on,accel={accel}"),
+                "-m",
+                "1024",
+                "-global",
+                "driver=cfi.pflash01,property=secure,value=on",
+            ]);
+            push(&[
+                "-drive",
+                &format!("if=pflash,format=raw,readonly=on,file={OVMF_SECBOOT_CODE}"),
+            ]);
+            push(&[
+                "-drive",
+                &format!("if=pflash,format=raw,file={}", vars.display()),
+            ]);
+            "qemu-system-x86_64"
+        }
         Firmware::Ovmf => {
             push(&["-machine", &format!("q35,accel={accel}"), "-m", "1024"]);
             push(&[
@@ -692,6 +739,9 @@ pub fn run(args: &[String]) -> Result<()> {
             let serial = dir.join(format!("{}.serial", mode.name));
             let vars = dir.join(format!("{}.vars.fd", mode.name));
             match mode.firmware {
+                Firmware::Ovmf if mode.secure_boot => {
+                    std::fs::copy(OVMF_SECBOOT_VARS, &vars).map(|_| ())?
+                }
                 Firmware::Ovmf => {
                     std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).map(|_| ())?
                 }
@@ -742,11 +792,16 @@ pub fn run(args: &[String]) -> Result<()> {
                 Some(r) => {
                     let t = vm.started.elapsed();
                     let result = r.and_then(|line| {
-                        if line.contains(&vm.param) {
-                            Ok((t, line))
-                        } else {
+                        if !line.contains(&vm.param) {
                             bail!("the marker line lacks {:?}: {line}", vm.param)
                         }
+                        if vm.mode.secure_boot {
+                            let serial = std::fs::read(&vm.serial).unwrap_or_default();
+                            if !String::from_utf8_lossy(&serial).contains(SECURE_BOOT_LINE) {
+                                bail!("the kernel did not say {SECURE_BOOT_LINE:?}");
+                            }
+                        }
+                        Ok((t, line))
                     });
                     match &result {
                         Ok((t, _)) => {
