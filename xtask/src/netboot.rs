@@ -19,6 +19,7 @@
 //!   "Secure boot enabled"
 //! - `uefi-amd64-http` OVMF HTTP boot → GRUB (HTTP) → kernel/initrd over HTTP
 //! - `uefi-arm64-tftp` AAVMF PXE → shim → signed GRUB → kernel/initrd
+//! - `uefi-arm64-secureboot` the same chain on AAVMF with Secure Boot on
 //! - `uefi-arm64-http` AAVMF HTTP boot → GRUB (HTTP) → kernel/initrd over HTTP
 //!
 //! KVM is used for amd64 when a short probe boot reaches the marker with it; TCG
@@ -46,6 +47,9 @@ const HTTP_PORT: u16 = 5248;
 /// keys enrolled (Debian's `ovmf`).
 const OVMF_SECBOOT_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd";
 const OVMF_SECBOOT_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd";
+/// The same for arm64 (Debian's `qemu-efi-aarch64`; no SMM there).
+const AAVMF_SECBOOT_CODE: &str = "/usr/share/AAVMF/AAVMF_CODE.ms.fd";
+const AAVMF_SECBOOT_VARS: &str = "/usr/share/AAVMF/AAVMF_VARS.ms.fd";
 /// What the kernel prints when the firmware booted it with Secure Boot on.
 const SECURE_BOOT_LINE: &str = "Secure boot enabled";
 /// The bridge's MAC (locally administered), set so that it never changes.
@@ -147,6 +151,14 @@ const MODES: &[Mode] = &[
         secure_boot: false,
         tag: None,
         what: "AAVMF PXE, shim + signed GRUB over TFTP",
+    },
+    Mode {
+        name: "uefi-arm64-secureboot",
+        firmware: Firmware::Aavmf,
+        http_boot: false,
+        secure_boot: true,
+        tag: None,
+        what: "AAVMF PXE with Secure Boot on: MS-signed shim, signed GRUB, signed kernel",
     },
     Mode {
         name: "uefi-arm64-http",
@@ -488,9 +500,14 @@ fn qemu_args(
         }
         Firmware::Aavmf => {
             push(&["-machine", "virt,accel=tcg", "-cpu", "max", "-m", "1024"]);
+            let code = if mode.secure_boot {
+                AAVMF_SECBOOT_CODE
+            } else {
+                "/usr/share/AAVMF/AAVMF_CODE.fd"
+            };
             push(&[
                 "-drive",
-                "if=pflash,format=raw,readonly=on,file=/usr/share/AAVMF/AAVMF_CODE.fd",
+                &format!("if=pflash,format=raw,readonly=on,file={code}"),
             ]);
             push(&[
                 "-drive",
@@ -744,6 +761,9 @@ pub fn run(args: &[String]) -> Result<()> {
                 }
                 Firmware::Ovmf => {
                     std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).map(|_| ())?
+                }
+                Firmware::Aavmf if mode.secure_boot => {
+                    std::fs::copy(AAVMF_SECBOOT_VARS, &vars).map(|_| ())?
                 }
                 Firmware::Aavmf => {
                     std::fs::copy("/usr/share/AAVMF/AAVMF_VARS.fd", &vars).map(|_| ())?
