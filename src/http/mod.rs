@@ -307,6 +307,9 @@ pub async fn serve(
     // Every accept loop holds a sender; all of them gone means no loop is left.
     let (alive, mut loops_left) = tokio::sync::mpsc::channel::<()>(1);
     let orphans = workers::start(&ports, &accept, &alive);
+    // The loops hold their own descriptors: a socket closes when its last loop ends,
+    // so nothing waits in an accept queue that no one reads while connections drain.
+    drop(ports);
     if !orphans.is_empty() {
         // Sockets whose thread could not start: accept and serve on this runtime.
         let tracker = tokio_util::task::TaskTracker::new();
@@ -368,12 +371,12 @@ impl Port {
         self.owner.is_none_or(|o| o % n == i)
     }
 
-    /// The socket (shared with the other threads' loops) on this thread's runtime.
-    fn listen(&self) -> std::io::Result<Listening> {
+    /// The socket on the current thread's runtime.
+    fn listen(self) -> std::io::Result<Listening> {
         Ok(Listening {
-            listener: tokio::net::TcpListener::from_std(self.socket.try_clone()?)?,
+            listener: tokio::net::TcpListener::from_std(self.socket)?,
             addr: self.addr,
-            acceptor: self.acceptor.clone(),
+            acceptor: self.acceptor,
         })
     }
 }
@@ -464,12 +467,7 @@ mod workers {
                 .filter(|p| p.served_by(i, n))
                 .map(Port::try_clone)
                 .collect();
-            let spawned = mine.and_then(|mine| {
-                let (accept, alive) = (accept.clone(), alive.clone());
-                std::thread::Builder::new()
-                    .name(format!("http-{i}"))
-                    .spawn(move || run(i, mine, accept, alive))
-            });
+            let spawned = mine.and_then(|mine| spawn(i, mine, accept.clone(), alive.clone()));
             match spawned {
                 Ok(_) => started += 1,
                 Err(e) => {
@@ -489,18 +487,44 @@ mod workers {
         orphans
     }
 
+    /// Starts thread `i` with its sockets; returns once its runtime runs (or could
+    /// not be built).
+    fn spawn(
+        i: usize,
+        ports: Vec<Port>,
+        accept: Accept,
+        alive: tokio::sync::mpsc::Sender<()>,
+    ) -> std::io::Result<()> {
+        let (ready, started_up) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name(format!("http-{i}"))
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                match rt {
+                    Ok(rt) => {
+                        let _ = ready.send(Ok(()));
+                        run(i, rt, ports, accept, alive)
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                    }
+                }
+            })?;
+        started_up
+            .recv()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the thread ended")))
+    }
+
     /// One worker thread: its accept loops, then the connections it still serves.
-    fn run(i: usize, ports: Vec<Port>, accept: Accept, alive: tokio::sync::mpsc::Sender<()>) {
-        let rt = match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => rt,
-            Err(e) => {
-                tracing::error!("http worker {i}: cannot start a runtime: {e}");
-                return;
-            }
-        };
+    fn run(
+        i: usize,
+        rt: tokio::runtime::Runtime,
+        ports: Vec<Port>,
+        accept: Accept,
+        alive: tokio::sync::mpsc::Sender<()>,
+    ) {
         rt.block_on(async move {
             // Files of a generation no longer served are let go of within seconds,
             // even when no request comes.
@@ -513,15 +537,14 @@ mod workers {
             });
             let connections = tokio_util::task::TaskTracker::new();
             let mut loops = tokio::task::JoinSet::new();
-            for port in &ports {
+            for port in ports {
+                let addr = port.addr;
                 match port.listen() {
                     Ok(l) => {
                         let (accept, connections) = (accept.clone(), connections.clone());
                         loops.spawn(async move { accept.run(&l, &connections).await });
                     }
-                    Err(e) => {
-                        tracing::warn!("http worker {i}: cannot listen on {}: {e}", port.addr)
-                    }
+                    Err(e) => tracing::error!("http worker {i}: cannot listen on {addr}: {e}"),
                 }
             }
             while loops.join_next().await.is_some() {}

@@ -1189,7 +1189,7 @@ fn small_files_kept_open_follow_the_generation_and_are_let_go_of() {
 #[test]
 fn sigterm_exits_zero_when_the_drain_deadline_passes_with_a_transfer_stuck() {
     let r = rack(8 << 20, "auto = false", "");
-    edit_config(&r.env, "[sync]", "drain_timeout = \"2s\"\n\n[sync]");
+    edit_config(&r.env, "[sync]", "drain_timeout = \"4s\"\n\n[sync]");
     let mut s = r.env.serve();
     s.wait_generation(1, Duration::from_secs(60));
     // A client that asks for the kernel and never reads: its transfer cannot finish.
@@ -1201,12 +1201,29 @@ fn sigterm_exits_zero_when_the_drain_deadline_passes_with_a_transfer_stuck() {
         metric(&metrics(&s), "rackboot_http_transfers_in_flight") == 1.0
     });
     s.signal(Signal::SIGTERM);
-    // After drain_timeout (2 s here, 30 s by default) rackboot gives up on it and
+    // While it drains, new connections are refused at once, not left waiting in
+    // an accept queue that no one reads any more.
+    let mut refused = false;
+    for _ in 0..40 {
+        match TcpStream::connect_timeout(&s.http, Duration::from_millis(500)) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                refused = true;
+                break;
+            }
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    assert!(refused, "connections still accepted while draining");
+    assert!(
+        s.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "refused because it had already exited, not while draining"
+    );
+    // After drain_timeout (4 s here, 30 s by default) rackboot gives up on it and
     // exits 0; well before the default would have passed.
     let status = s.wait_exit(Duration::from_secs(20));
     assert!(status.success(), "{status}\n{}", s.log_text());
     let log = s.log_text();
-    assert!(log.contains("draining transfers (up to 2 s)"), "{log}");
+    assert!(log.contains("draining transfers (up to 4 s)"), "{log}");
     assert!(log.contains("drain deadline passed"), "{log}");
     assert!(log.contains("stopped"), "{log}");
     drop(stalled);
