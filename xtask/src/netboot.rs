@@ -43,13 +43,6 @@ use crate::prereq::{self, cmd, output};
 /// The rack's address on the bridge, and the DHCP range for the VMs.
 const RACK_IP: &str = "10.77.0.1";
 const HTTP_PORT: u16 = 5248;
-/// OVMF built with Secure Boot, and variables with Secure Boot on and the Microsoft
-/// keys enrolled (Debian's `ovmf`).
-const OVMF_SECBOOT_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd";
-const OVMF_SECBOOT_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd";
-/// The same for arm64 (Debian's `qemu-efi-aarch64`; no SMM there).
-const AAVMF_SECBOOT_CODE: &str = "/usr/share/AAVMF/AAVMF_CODE.ms.fd";
-const AAVMF_SECBOOT_VARS: &str = "/usr/share/AAVMF/AAVMF_VARS.ms.fd";
 /// What the kernel prints when the firmware booted it with Secure Boot on.
 const SECURE_BOOT_LINE: &str = "Secure boot enabled";
 /// The bridge's MAC (locally administered), set so that it never changes.
@@ -436,6 +429,31 @@ arches = ["amd64", "arm64"]
     )
 }
 
+/// A UEFI mode's firmware image and the template of its variable store (Debian's
+/// `ovmf` and `qemu-efi-aarch64`). With Secure Boot: the Secure Boot build, and
+/// variables with Secure Boot on and the Microsoft keys enrolled.
+fn uefi_files(mode: &Mode) -> Option<(&'static str, &'static str)> {
+    Some(match (mode.firmware, mode.secure_boot) {
+        (Firmware::SeaBios, _) => return None,
+        (Firmware::Ovmf, false) => (
+            "/usr/share/OVMF/OVMF_CODE_4M.fd",
+            "/usr/share/OVMF/OVMF_VARS_4M.fd",
+        ),
+        (Firmware::Ovmf, true) => (
+            "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd",
+            "/usr/share/OVMF/OVMF_VARS_4M.ms.fd",
+        ),
+        (Firmware::Aavmf, false) => (
+            "/usr/share/AAVMF/AAVMF_CODE.fd",
+            "/usr/share/AAVMF/AAVMF_VARS.fd",
+        ),
+        (Firmware::Aavmf, true) => (
+            "/usr/share/AAVMF/AAVMF_CODE.ms.fd",
+            "/usr/share/AAVMF/AAVMF_VARS.ms.fd",
+        ),
+    })
+}
+
 /// The QEMU command line of a mode (run inside the namespace).
 fn qemu_args(
     mode: &Mode,
@@ -466,56 +484,32 @@ fn qemu_args(
             ]);
             "qemu-system-x86_64"
         }
-        Firmware::Ovmf if mode.secure_boot => {
-            // The Secure Boot build of OVMF keeps its variables in SMM.
-            push(&[
-                "-machine",
-                &format!("q35,smm=on,accel={accel}"),
-                "-m",
-                "1024",
-                "-global",
-                "driver=cfi.pflash01,property=secure,value=on",
-            ]);
-            push(&[
-                "-drive",
-                &format!("if=pflash,format=raw,readonly=on,file={OVMF_SECBOOT_CODE}"),
-            ]);
-            push(&[
-                "-drive",
-                &format!("if=pflash,format=raw,file={}", vars.display()),
-            ]);
-            "qemu-system-x86_64"
-        }
         Firmware::Ovmf => {
-            push(&["-machine", &format!("q35,accel={accel}"), "-m", "1024"]);
-            push(&[
-                "-drive",
-                "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
-            ]);
-            push(&[
-                "-drive",
-                &format!("if=pflash,format=raw,file={}", vars.display()),
-            ]);
+            if mode.secure_boot {
+                // The Secure Boot build of OVMF keeps its variables in SMM.
+                push(&["-machine", &format!("q35,smm=on,accel={accel}")]);
+                push(&["-global", "driver=cfi.pflash01,property=secure,value=on"]);
+            } else {
+                push(&["-machine", &format!("q35,accel={accel}")]);
+            }
+            push(&["-m", "1024"]);
             "qemu-system-x86_64"
         }
         Firmware::Aavmf => {
             push(&["-machine", "virt,accel=tcg", "-cpu", "max", "-m", "1024"]);
-            let code = if mode.secure_boot {
-                AAVMF_SECBOOT_CODE
-            } else {
-                "/usr/share/AAVMF/AAVMF_CODE.fd"
-            };
-            push(&[
-                "-drive",
-                &format!("if=pflash,format=raw,readonly=on,file={code}"),
-            ]);
-            push(&[
-                "-drive",
-                &format!("if=pflash,format=raw,file={}", vars.display()),
-            ]);
             "qemu-system-aarch64"
         }
     };
+    if let Some((code, _)) = uefi_files(mode) {
+        push(&[
+            "-drive",
+            &format!("if=pflash,format=raw,readonly=on,file={code}"),
+        ]);
+        push(&[
+            "-drive",
+            &format!("if=pflash,format=raw,file={}", vars.display()),
+        ]);
+    }
     if mode.http_boot {
         push(&["-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=n"]);
         push(&["-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=n"]);
@@ -755,20 +749,8 @@ pub fn run(args: &[String]) -> Result<()> {
             ns.add_tap(&tap)?;
             let serial = dir.join(format!("{}.serial", mode.name));
             let vars = dir.join(format!("{}.vars.fd", mode.name));
-            match mode.firmware {
-                Firmware::Ovmf if mode.secure_boot => {
-                    std::fs::copy(OVMF_SECBOOT_VARS, &vars).map(|_| ())?
-                }
-                Firmware::Ovmf => {
-                    std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).map(|_| ())?
-                }
-                Firmware::Aavmf if mode.secure_boot => {
-                    std::fs::copy(AAVMF_SECBOOT_VARS, &vars).map(|_| ())?
-                }
-                Firmware::Aavmf => {
-                    std::fs::copy("/usr/share/AAVMF/AAVMF_VARS.fd", &vars).map(|_| ())?
-                }
-                Firmware::SeaBios => {}
+            if let Some((_, template)) = uefi_files(mode) {
+                std::fs::copy(template, &vars)?;
             }
             let use_kvm = kvm && mode.firmware != Firmware::Aavmf;
             let (program, args) = qemu_args(mode, mac, &tap, &serial, &vars, use_kvm);
