@@ -315,11 +315,13 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
     // Sockets: from systemd, else bound here.
     let mut udp = Vec::new();
     let mut tcp = Vec::new();
+    let mut https = Vec::new();
     for s in systemd::activated_sockets() {
         match s {
             systemd::Activated::Udp(u) => udp.push(u),
             // Every connection thread accepts on a socket systemd passed.
             systemd::Activated::Tcp(t) => tcp.push(vec![t]),
+            systemd::Activated::Https(t) => https.push(vec![t]),
         }
     }
     if udp.is_empty() {
@@ -335,13 +337,16 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
     let (tls_listeners, tls_config) = match &settings.http.tls {
         Some(t) => {
             let cfg = crate::http::load_tls(&t.cert, &t.key).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let l = t
-                .listen
-                .iter()
-                .map(|a| bind_tcp(*a, "HTTPS"))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            (l, Some(cfg))
+            if https.is_empty() {
+                for a in &t.listen {
+                    https.push(bind_tcp(*a, "HTTPS")?);
+                }
+            }
+            (https, Some(cfg))
         }
+        None if !https.is_empty() => anyhow::bail!(
+            "systemd passed a socket named https, but http.tls_cert and http.tls_key are not set"
+        ),
         None => (vec![], None),
     };
 

@@ -1,6 +1,6 @@
 //! systemd integration without libsystemd: `sd_notify` over `$NOTIFY_SOCKET`, the
 //! watchdog period from `$WATCHDOG_USEC`, and sockets passed by socket activation
-//! (`$LISTEN_FDS`). A failed notify is logged, never fatal.
+//! (`$LISTEN_FDS`, `$LISTEN_FDNAMES`). A failed notify is logged, never fatal.
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
@@ -47,6 +47,9 @@ pub fn watchdog_interval() -> Option<Duration> {
 pub enum Activated {
     Udp(std::net::UdpSocket),
     Tcp(std::net::TcpListener),
+    /// A stream socket named `https` (`FileDescriptorName=https` in the socket unit):
+    /// served with TLS.
+    Https(std::net::TcpListener),
 }
 
 /// Takes the sockets passed with socket activation (fds 3…), if any are for us.
@@ -62,17 +65,26 @@ pub fn activated_sockets() -> Vec<Activated> {
     if !for_us || count <= 0 {
         return vec![];
     }
+    // The names are colon-separated, one per descriptor, when the unit sets them.
+    let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
+        .map(|n| n.split(':').map(str::to_string).collect())
+        .unwrap_or_default();
     // SAFETY-free alternative is not available: systemd hands us raw descriptors.
     std::env::remove_var("LISTEN_FDS");
     std::env::remove_var("LISTEN_PID");
+    std::env::remove_var("LISTEN_FDNAMES");
     let mut out = Vec::new();
-    for fd in 3..3 + count {
+    for (i, fd) in (3..3 + count).enumerate() {
+        let https = names.get(i).is_some_and(|n| n == "https");
         // SAFETY: systemd passes these descriptors to this process, open and owned
         // by nobody else; we take ownership exactly once.
         let owned = unsafe { OwnedFd::from_raw_fd(fd) };
         let kind = nix::sys::socket::getsockopt(&owned, nix::sys::socket::sockopt::SockType);
         match kind {
             Ok(nix::sys::socket::SockType::Datagram) => out.push(Activated::Udp(owned.into())),
+            Ok(nix::sys::socket::SockType::Stream) if https => {
+                out.push(Activated::Https(owned.into()))
+            }
             Ok(nix::sys::socket::SockType::Stream) => out.push(Activated::Tcp(owned.into())),
             other => tracing::warn!("ignoring passed fd {fd} of socket type {other:?}"),
         }

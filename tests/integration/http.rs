@@ -417,10 +417,66 @@ fn systemd_notify_ready_status_after_every_sync_watchdog_and_stopping() {
     );
 }
 
+/// `rackboot serve` started the way systemd starts it with socket activation: `fds`
+/// become descriptors 3, 4, … with `$LISTEN_FDS` (and `$LISTEN_FDNAMES` when `names`
+/// is given); stderr goes to `log`.
+fn spawn_activated(
+    env: &Env,
+    fds: &[std::os::fd::RawFd],
+    names: Option<&str>,
+    notify: Option<&Path>,
+    log: &Path,
+) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    let names = names
+        .map(|n| format!(" LISTEN_FDNAMES={n}"))
+        .unwrap_or_default();
+    // LISTEN_PID must be the daemon's own PID: a shell sets it and execs rackboot.
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!(
+            "export LISTEN_PID=$$ LISTEN_FDS={}{names}; exec {BIN} --config {} serve",
+            fds.len(),
+            env.config.display()
+        ))
+        .env("RACKBOOT_LOG", "info,rackboot=debug")
+        .env_remove("RACKBOOT_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    if let Some(n) = notify {
+        cmd.env("NOTIFY_SOCKET", n);
+    }
+    let fds = fds.to_vec();
+    // SAFETY: between fork and exec only fcntl, dup2 and close run (all
+    // async-signal-safe). The sockets are first copied above 100 so that placing
+    // them at 3, 4, … cannot overwrite one with another; dup2 leaves the targets
+    // without close-on-exec, so they reach rackboot.
+    unsafe {
+        cmd.pre_exec(move || {
+            use nix::libc;
+            let mut high = [0; 8];
+            for (h, fd) in high.iter_mut().zip(&fds) {
+                *h = libc::fcntl(*fd, libc::F_DUPFD, 100);
+                if *h < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (to, from) in (3..).zip(&high[..fds.len()]) {
+                if libc::dup2(*from, to) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(*from);
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().unwrap()
+}
+
 #[test]
 fn socket_activation_serves_on_the_passed_sockets() {
     use std::os::fd::AsRawFd;
-    use std::os::unix::process::CommandExt;
 
     let r = rack(64 << 10, "auto = false", "");
     let mut n = Notify::bind(r.env.dir.path());
@@ -428,43 +484,16 @@ fn socket_activation_serves_on_the_passed_sockets() {
     let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let tftp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let (http_addr, tftp_addr) = (http.local_addr().unwrap(), tftp.local_addr().unwrap());
-    let (http_fd, tftp_fd) = (http.as_raw_fd(), tftp.as_raw_fd());
-    // LISTEN_PID must be the daemon's own PID: a shell sets it and execs rackboot.
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg(format!(
-            "export LISTEN_PID=$$ LISTEN_FDS=2; exec {BIN} --config {} serve",
-            r.env.config.display()
-        ))
-        .env("RACKBOOT_LOG", "info,rackboot=debug")
-        .env("NOTIFY_SOCKET", &n.path)
-        .env_remove("RACKBOOT_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-    // SAFETY: between fork and exec only fcntl, dup2 and close run (all
-    // async-signal-safe). The sockets are first copied above 100 so that placing
-    // them at 3 and 4 cannot overwrite one with the other; dup2 leaves the targets
-    // without close-on-exec, so they reach rackboot.
-    unsafe {
-        cmd.pre_exec(move || {
-            use nix::libc;
-            let high = [
-                libc::fcntl(http_fd, libc::F_DUPFD, 100),
-                libc::fcntl(tftp_fd, libc::F_DUPFD, 100),
-            ];
-            for (from, to) in high.into_iter().zip([3, 4]) {
-                if from < 0 || libc::dup2(from, to) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                libc::close(from);
-            }
-            Ok(())
-        });
-    }
     let log = r.env.dir.path().join("activated.log");
-    cmd.stderr(std::fs::File::create(&log).unwrap());
+    let child = spawn_activated(
+        &r.env,
+        &[http.as_raw_fd(), tftp.as_raw_fd()],
+        None,
+        Some(&n.path),
+        &log,
+    );
     let s = Served {
-        child: Some(cmd.spawn().unwrap()),
+        child: Some(child),
         log,
         tftp: tftp_addr,
         http: http_addr,
@@ -515,6 +544,73 @@ fn socket_activation_serves_on_the_passed_sockets() {
     );
     // The config's own listen addresses (port 0) were not bound as well.
     assert_eq!(text.matches("listening for HTTP on").count(), 1, "{text}");
+}
+
+#[test]
+fn socket_activation_serves_tls_on_a_socket_named_https() {
+    use std::os::fd::AsRawFd;
+
+    let r = rack(64 << 10, "auto = false", "TLS\n");
+    let (cert, key) = self_signed(r.env.dir.path());
+    edit_config(
+        &r.env,
+        "TLS\n",
+        &format!(
+            "tls_listen = [\"127.0.0.1:0\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+    );
+    // Two stream sockets: the unit names the second `https`.
+    let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let https = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (http_addr, https_addr) = (http.local_addr().unwrap(), https.local_addr().unwrap());
+    let log = r.env.dir.path().join("activated-tls.log");
+    let child = spawn_activated(
+        &r.env,
+        &[http.as_raw_fd(), https.as_raw_fd()],
+        Some("http:https"),
+        None,
+        &log,
+    );
+    let s = Served {
+        child: Some(child),
+        log,
+        tftp: "127.0.0.1:9".parse().unwrap(),
+        http: http_addr,
+    };
+    drop((http, https));
+    s.wait_generation(1, Duration::from_secs(60));
+    let want = kernel_of("20261101", 64 << 10);
+    let (code, body) = curl(&[
+        "--cacert",
+        cert.to_str().unwrap(),
+        &format!("https://{https_addr}{KERNEL}"),
+    ]);
+    assert_eq!((code, sha256_hex(&body)), (200, sha256_hex(&want)));
+    assert_eq!(s.get(KERNEL), (200, want), "plain HTTP on the other socket");
+    let text = s.log_text();
+    assert!(
+        text.contains(&format!("listening for HTTPS on {https_addr}")),
+        "{text}"
+    );
+    // The config's tls_listen (port 0) was not bound as well.
+    assert_eq!(text.matches("listening for HTTPS on").count(), 1, "{text}");
+
+    // A socket named https without a certificate configured is a clear error.
+    let plain = rack(64 << 10, "auto = false", "");
+    let lone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let log = plain.env.dir.path().join("activated-no-tls.log");
+    let child = spawn_activated(&plain.env, &[lone.as_raw_fd()], Some("https"), None, &log);
+    let status = wait_output(child, Duration::from_secs(30)).status;
+    assert_eq!(status.code(), Some(1));
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        err.contains(
+            "systemd passed a socket named https, but http.tls_cert and http.tls_key are not set"
+        ),
+        "{err}"
+    );
 }
 
 #[test]
