@@ -175,9 +175,10 @@ fn self_signed(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     (cert, key)
 }
 
-#[test]
-fn tls_listener_serves_files_and_the_api_with_the_configured_certificate() {
-    let r = rack(1 << 20, "auto = false", "TLS\n");
+/// A rack with a TLS listener on 127.0.0.1:0 and a fresh self-signed certificate
+/// (returned, for `curl --cacert`).
+fn rack_with_tls(kernel_size: usize) -> (Rack, std::path::PathBuf) {
+    let r = rack(kernel_size, "auto = false", "TLS\n");
     let (cert, key) = self_signed(r.env.dir.path());
     edit_config(
         &r.env,
@@ -188,6 +189,12 @@ fn tls_listener_serves_files_and_the_api_with_the_configured_certificate() {
             key.display()
         ),
     );
+    (r, cert)
+}
+
+#[test]
+fn tls_listener_serves_files_and_the_api_with_the_configured_certificate() {
+    let (r, cert) = rack_with_tls(1 << 20);
     let (s, addrs) = spawn_serve(&r.env, &["TFTP", "HTTP", "HTTPS"], |_| {});
     s.wait_generation(1, Duration::from_secs(60));
     let https = |p: &str| format!("https://{}{p}", addrs[2]);
@@ -550,17 +557,7 @@ fn socket_activation_serves_on_the_passed_sockets() {
 fn socket_activation_serves_tls_on_a_socket_named_https() {
     use std::os::fd::AsRawFd;
 
-    let r = rack(64 << 10, "auto = false", "TLS\n");
-    let (cert, key) = self_signed(r.env.dir.path());
-    edit_config(
-        &r.env,
-        "TLS\n",
-        &format!(
-            "tls_listen = [\"127.0.0.1:0\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
-            cert.display(),
-            key.display()
-        ),
-    );
+    let (r, cert) = rack_with_tls(64 << 10);
     // Two stream sockets: the unit names the second `https`.
     let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let https = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
