@@ -613,7 +613,7 @@ async fn cmd_resources(
                 return print_json(&m.resources_json());
             }
             for p in &m.products {
-                let size: u64 = p.items.iter().map(|i| i.size).sum();
+                let size = p.size();
                 println!(
                     "{}\t{}\t{}\t{} items",
                     p.name,

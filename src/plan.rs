@@ -23,6 +23,13 @@ pub struct ManifestProduct {
     pub fields: BTreeMap<String, String>,
 }
 
+impl ManifestProduct {
+    /// The bytes of all its files.
+    pub fn size(&self) -> u64 {
+        self.items.iter().map(|i| i.size).sum()
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ManifestItem {
     pub item_name: String,

@@ -81,7 +81,7 @@ impl Manifest {
                     "name": p.name,
                     "product_name": p.product_name,
                     "version": p.version_name,
-                    "size": p.items.iter().map(|i| i.size).sum::<u64>(),
+                    "size": p.size(),
                     "items": p.items,
                     "generation": self.generation,
                     "synced": self.created,

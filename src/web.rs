@@ -245,7 +245,7 @@ pub fn render(p: &Page) -> String {
             "<table id=\"resources\"><tr><th>Resource</th><th>Version</th><th>Size</th><th>Files</th></tr>"
         );
         for r in p.resources {
-            let size: u64 = r.items.iter().map(|i| i.size).sum();
+            let size = r.size();
             let _ = writeln!(
                 h,
                 "<tr><td>{}</td><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
