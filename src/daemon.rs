@@ -185,6 +185,7 @@ pub async fn sync_once(d: &Daemon) {
     let settings = d.settings();
     {
         let mut st = d.status.lock().expect("lock");
+        d.live.reset();
         st.running = true;
         st.last_started = Some(now_unix());
     }

@@ -70,6 +70,21 @@ pub struct LiveProgress {
     pub files_total: AtomicU64,
 }
 
+impl LiveProgress {
+    /// Nothing done of nothing: a sync that starts must not show the last one's
+    /// figures until its plan sets the totals.
+    pub fn reset(&self) {
+        for n in [
+            &self.bytes_done,
+            &self.bytes_total,
+            &self.files_done,
+            &self.files_total,
+        ] {
+            n.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
 /// What a sync did.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Report {

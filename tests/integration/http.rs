@@ -1328,8 +1328,10 @@ fn status_shows_a_sync_in_progress_and_how_far_it_got() {
     let s = r.env.serve();
     s.wait_generation(1, Duration::from_secs(60));
     assert!(s.status()["progress"].is_null());
-    // The next version's kernel comes slowly (about 10 s: room for a loaded machine).
+    // The next version's kernel comes slowly (about 10 s: room for a loaded machine),
+    // and so does its index (a second or two before the plan exists).
     r.mirror.fault("boot-kernel", Fault::Throttle(100_000));
+    r.mirror.fault("index.sjson", Fault::Throttle(1_000));
     write_stream(
         &r.env.mirror,
         &products("20261120", 1 << 20),
@@ -1337,7 +1339,17 @@ fn status_shows_a_sync_in_progress_and_how_far_it_got() {
         SHA512,
     );
     assert_eq!(post_sync(&s).0, 202);
+    // From its start the sync shows its own progress, not the last sync's figures.
     let mut st = serde_json::Value::Null;
+    wait_until(Duration::from_secs(10), "the sync to start", || {
+        st = s.status();
+        st["sync_running"] == true
+    });
+    let p = &st["progress"];
+    assert!(
+        p["bytes_total"] == 0 || p["bytes_done"] != p["bytes_total"],
+        "the last sync's progress: {st}"
+    );
     wait_until(
         Duration::from_secs(30),
         "a sync in progress with bytes done",
