@@ -54,6 +54,7 @@ struct RawSync {
     auto: Option<bool>,
     parallel: Option<usize>,
     timeout: Option<String>,
+    deadline: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -130,6 +131,9 @@ pub struct SyncSettings {
     pub parallel: NonZeroUsize,
     /// How long an upstream may stay silent (connect, headers, or between body chunks).
     pub timeout: Duration,
+    /// The longest a whole sync run may take (metadata, downloads, unpacking);
+    /// past it the run fails and nothing is published.
+    pub deadline: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -312,6 +316,11 @@ fn validate(path: &Path, file: Option<PathBuf>, raw: RawConfig) -> Result<Settin
         parallel: NonZeroUsize::new(sync.parallel.unwrap_or(4))
             .ok_or_else(|| err(path, "sync.parallel: must be at least 1"))?,
         timeout: dur("sync.timeout", sync.timeout, Duration::from_secs(30))?,
+        deadline: dur(
+            "sync.deadline",
+            sync.deadline,
+            Duration::from_secs(2 * 3600),
+        )?,
     };
     let tftp = raw.tftp.unwrap_or_default();
     let max_blksize = tftp.max_blksize.unwrap_or(1468);

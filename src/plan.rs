@@ -49,13 +49,29 @@ pub struct ArchivePlan {
     pub arch: String,
 }
 
+/// A payload and the source it is fetched from: its path is only meaningful below
+/// that source's root (two sources may carry the same bytes under other paths).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedItem {
+    /// Index of the source (as given to `select`).
+    pub source: usize,
+    pub item: Item,
+}
+
+impl std::ops::Deref for PlannedItem {
+    type Target = Item;
+    fn deref(&self) -> &Item {
+        &self.item
+    }
+}
+
 /// What a sync will do.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     /// Unique payloads missing from the store, in selection order.
-    pub fetch: Vec<Item>,
+    pub fetch: Vec<PlannedItem>,
     /// Payloads the store already holds.
-    pub have: Vec<Item>,
+    pub have: Vec<PlannedItem>,
     /// Snapshot files: served path → blob.
     pub files: BTreeMap<String, Sha256>,
     pub archives: Vec<ArchivePlan>,
@@ -167,10 +183,14 @@ pub fn plan(selected: &Selected, have: &dyn Fn(&Sha256) -> bool) -> Plan {
         }
         for item in &product.items {
             if seen.insert(item.sha256) {
+                let planned = PlannedItem {
+                    source: product.source,
+                    item: item.clone(),
+                };
                 if have(&item.sha256) {
-                    p.have.push(item.clone());
+                    p.have.push(planned);
                 } else {
-                    p.fetch.push(item.clone());
+                    p.fetch.push(planned);
                 }
             }
         }

@@ -133,7 +133,12 @@ pub fn subarch_dirs(fields: &BTreeMap<String, String>) -> Vec<String> {
 
 fn image_key(item: &Item) -> Option<ImageKey> {
     let release = item.prop("release");
-    if release.is_empty() || !item.prop("bootloader-type").is_empty() {
+    // Every part names a directory of the rack layout: none may be empty.
+    if release.is_empty()
+        || item.prop("arch").is_empty()
+        || item.prop("label").is_empty()
+        || !item.prop("bootloader-type").is_empty()
+    {
         return None;
     }
     let os = match item.prop("os") {
@@ -213,6 +218,9 @@ pub fn select(sources: &[(Vec<Verified<Products>>, Vec<Selection>)]) -> Selected
             let fields = product_fields(first);
             let btype = first.prop("bootloader-type");
             if !btype.is_empty() {
+                if first.prop("arch").is_empty() {
+                    continue; // no directory to unpack it into
+                }
                 let items: Vec<Item> = items
                     .iter()
                     .filter(|i| BOOTLOADER_FTYPES.contains(&i.ftype.as_str()))

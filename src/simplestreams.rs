@@ -3,8 +3,10 @@
 //! Parses `index:1.0` and `products:1.0` documents into domain types and flattens
 //! property inheritance (top level → product → version → item, later wins) so that
 //! every [`Item`] carries its effective record. Only this module knows the JSON shape.
-//! Every `path` is checked here: a document with an absolute path or a `..` segment is
-//! rejected whole.
+//! Every upstream string that becomes part of a local path or a URL is checked here,
+//! once: item and index `path`s become [`RelPath`]s, content ids and the fields the
+//! rack layout is built from ([`PATH_FIELDS`]) must be [`Segment`]s. A document with
+//! one unsafe value is rejected whole, naming the product and the field.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -14,6 +16,39 @@ use serde_json::{Map, Value};
 
 /// Largest metadata document rackboot accepts (index or products file).
 pub const MAX_METADATA_BYTES: usize = 64 << 20;
+/// Most metadata documents (indexes and products files) read from one source in a run.
+pub const MAX_METADATA_DOCS: usize = 256;
+/// Most bytes of metadata documents read from one source in a run (they are held in
+/// memory until the run ends).
+pub const MAX_METADATA_TOTAL: usize = 256 << 20;
+
+/// Counts the metadata documents of one source against [`MAX_METADATA_DOCS`] and
+/// [`MAX_METADATA_TOTAL`].
+#[derive(Debug, Default)]
+pub struct MetadataBudget {
+    docs: usize,
+    bytes: usize,
+}
+
+impl MetadataBudget {
+    /// Adds a document of `len` bytes; the error says which bound it crossed.
+    pub fn add(&mut self, len: usize) -> Result<(), String> {
+        self.docs += 1;
+        self.bytes = self.bytes.saturating_add(len);
+        if self.docs > MAX_METADATA_DOCS {
+            return Err(format!(
+                "more than {MAX_METADATA_DOCS} metadata documents (index and products files)"
+            ));
+        }
+        if self.bytes > MAX_METADATA_TOTAL {
+            return Err(format!(
+                "metadata documents total more than {} MiB",
+                MAX_METADATA_TOTAL >> 20
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// Errors in a SimpleStreams document. The caller adds the URL.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -32,8 +67,14 @@ pub enum ParseError {
         context: String,
         field: &'static str,
     },
-    #[error("{context}: unsafe path {path:?}")]
+    #[error("{context}: unsafe path {path:?} (must be relative, without `.`, `..`, empty segments, a scheme, `%`, `?`, `#`, `\\` or control characters)")]
     UnsafePath { context: String, path: String },
+    #[error("{context}: unsafe {field} {value:?} (must be 1-{max} of A-Z a-z 0-9 . _ + ~ -, not `.` or `..`)", max = MAX_SEGMENT)]
+    UnsafeField {
+        context: String,
+        field: String,
+        value: String,
+    },
     #[error("{context}: invalid sha256 {value:?}")]
     Digest { context: String, value: String },
 }
@@ -85,33 +126,93 @@ impl<'de> serde::Deserialize<'de> for Sha256 {
     }
 }
 
-/// A relative, normalised path inside a stream (no leading `/`, no `.`/`..` segments).
+/// Longest [`Segment`] (a file name on every filesystem rackboot runs on).
+pub const MAX_SEGMENT: usize = 255;
+/// Longest [`RelPath`].
+pub const MAX_PATH: usize = 1024;
+
+/// Item fields the rack layout (`os/arch/subarch/release/label`, bootloader
+/// directories, `maas.meta` keys) is built from: each must be a [`Segment`].
+pub const PATH_FIELDS: &[&str] = &[
+    "os",
+    "arch",
+    "subarch",
+    "release",
+    "label",
+    "bootloader-type",
+    "kflavor",
+];
+
+/// One path component taken from upstream: 1-255 of `[A-Za-z0-9._+~-]`, not `.` or
+/// `..` (content ids may also hold `:`). Joined below a directory it names an entry of
+/// that directory and nothing else.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct Segment(String);
+
+impl Segment {
+    fn check(s: &str, extra: &[char]) -> Option<Segment> {
+        let ok = !s.is_empty()
+            && s.len() <= MAX_SEGMENT
+            && !s.chars().all(|c| c == '.')
+            && s.chars().all(|c| {
+                c.is_ascii_alphanumeric()
+                    || matches!(c, '.' | '_' | '+' | '~' | '-')
+                    || extra.contains(&c)
+            });
+        ok.then(|| Segment(s.to_string()))
+    }
+
+    /// A path component (os, arch, release, label, …).
+    pub fn parse(s: &str) -> Option<Segment> {
+        Segment::check(s, &[])
+    }
+
+    /// A content id (`com.ubuntu.maas:stable:v3:download`): a segment that may hold `:`.
+    pub fn parse_id(s: &str) -> Option<Segment> {
+        Segment::check(s, &[':'])
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Segment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A relative path inside a stream or a tree: `/`-separated segments, none empty or all
+/// dots (`.`, `..`), no scheme-like first segment (`file:`), no `%`, `?`, `#` (a URL
+/// would read them as escapes, query or fragment), `\\`, NUL or control
+/// characters; at most [`MAX_PATH`] bytes. Joined below a directory or a stream root
+/// it stays below it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct RelPath(String);
 
 impl RelPath {
-    /// Checks a path from a stream document. Rejects absolute paths, `..` anywhere,
-    /// backslashes and control characters; repeated `/` and `.` segments are dropped.
+    /// Checks a path from upstream (a document, an archive member, a record); `None`
+    /// when it is unsafe. Nothing is normalised away: an odd path is refused.
     pub fn parse(path: &str) -> Option<RelPath> {
         if path.is_empty()
-            || path.starts_with('/')
-            || path.contains('\\')
-            || path.chars().any(char::is_control)
+            || path.len() > MAX_PATH
+            || path
+                .chars()
+                .any(|c| c.is_control() || matches!(c, '\\' | '%' | '?' | '#'))
         {
             return None;
         }
-        let mut parts = Vec::new();
-        for seg in path.split('/') {
-            match seg {
-                "" | "." => continue,
-                s if s.starts_with("..") && s.chars().all(|c| c == '.') => return None,
-                s => parts.push(s),
+        for (i, seg) in path.split('/').enumerate() {
+            if seg.is_empty() || seg.chars().all(|c| c == '.') || seg.len() > MAX_SEGMENT {
+                return None;
+            }
+            // `file:x`, `http:`: a URL join would read a scheme.
+            if i == 0 && seg.contains(':') {
+                return None;
             }
         }
-        if parts.is_empty() {
-            return None;
-        }
-        Some(RelPath(parts.join("/")))
+        Some(RelPath(path.to_string()))
     }
     pub fn as_str(&self) -> &str {
         &self.0
@@ -119,6 +220,10 @@ impl RelPath {
     /// The last path segment.
     pub fn file_name(&self) -> &str {
         self.0.rsplit('/').next().unwrap_or(&self.0)
+    }
+    /// The segments, each non-empty and neither `.` nor `..`.
+    pub fn segments(&self) -> impl Iterator<Item = &str> {
+        self.0.split('/')
     }
 }
 
@@ -228,6 +333,14 @@ pub fn parse_index(text: &str) -> Result<Index, ParseError> {
     let mut entries = Vec::new();
     for (content_id, entry) in index {
         let ctx = format!("index entry {content_id}");
+        // A mirror names a file after it (`.data/<content_id>`).
+        if Segment::parse_id(content_id).is_none() {
+            return Err(ParseError::UnsafeField {
+                context: "index".into(),
+                field: "content_id".into(),
+                value: content_id.clone(),
+            });
+        }
         let entry = entry.as_object().ok_or_else(|| ParseError::Field {
             context: ctx.clone(),
             field: "index",
@@ -418,8 +531,27 @@ pub fn parse_raw_items(text: &str, content_id: &str) -> Result<Vec<RawItem>, Par
     Ok(items)
 }
 
+/// Checks the fields the rack layout is built from ([`PATH_FIELDS`]): each, when
+/// set, must be a [`Segment`].
+pub fn check_path_fields(context: &str, props: &Props) -> Result<(), ParseError> {
+    for field in PATH_FIELDS {
+        match props.get(*field) {
+            Some(v) if !v.is_empty() && Segment::parse(v).is_none() => {
+                return Err(ParseError::UnsafeField {
+                    context: context.to_string(),
+                    field: field.to_string(),
+                    value: v.clone(),
+                })
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Parses a `products:1.0` document that the index listed under `content_id`; every
-/// item must list its size, sha256 and ftype (the rack's store is sha256-addressed).
+/// item must list its size, sha256 and ftype (the rack's store is sha256-addressed),
+/// and its [`PATH_FIELDS`] must be [`Segment`]s.
 pub fn parse_products(text: &str, content_id: &str) -> Result<Products, ParseError> {
     let mut items = Vec::new();
     for raw in parse_raw_items(text, content_id)? {
@@ -437,9 +569,10 @@ pub fn parse_products(text: &str, content_id: &str) -> Result<Products, ParseErr
             value: digest.clone(),
         })?;
         let ftype = raw.props.get("ftype").cloned().ok_or(ParseError::Field {
-            context: ictx,
+            context: ictx.clone(),
             field: "ftype",
         })?;
+        check_path_fields(&ictx, &raw.props)?;
         items.push(Item {
             content_id: content_id.to_string(),
             product_name: raw.product_name,
@@ -517,10 +650,96 @@ mod tests {
     }
 
     #[test]
-    fn relpath_normalises() {
-        assert_eq!(RelPath::parse("a//b/./c").unwrap().as_str(), "a/b/c");
+    fn relpath_is_strict() {
         assert_eq!(RelPath::parse("a/b").unwrap().file_name(), "b");
-        assert!(RelPath::parse("./").is_none());
+        assert_eq!(
+            RelPath::parse("bootloaders/uefi/amd64/20210819.0/grub2-signed.tar.xz")
+                .unwrap()
+                .as_str(),
+            "bootloaders/uefi/amd64/20210819.0/grub2-signed.tar.xz"
+        );
+        assert!(
+            RelPath::parse("a/b:c").is_some(),
+            "a colon past the first segment"
+        );
+        for bad in [
+            "./",
+            "a//b",
+            "a/./c",
+            "a/",
+            "/tmp/x",
+            "../../x",
+            "a/..",
+            "file:/etc/passwd",
+            "file:etc/passwd",
+            "http://other/x",
+            "//other/x",
+            "a/%2e%2e/b",
+            "a?b",
+            "a#b",
+            "a\\b",
+            "a\0b",
+        ] {
+            assert!(RelPath::parse(bad).is_none(), "{bad:?}");
+        }
+        assert!(RelPath::parse(&"a/".repeat(600)).is_none(), "too long");
+    }
+
+    #[test]
+    fn segments() {
+        for good in [
+            "ubuntu",
+            "ga-22.04",
+            "hwe-22.04-lowlatency",
+            "a+b~c_d",
+            "a..b",
+        ] {
+            assert!(Segment::parse(good).is_some(), "{good:?}");
+        }
+        for bad in [
+            "", ".", "..", "...", "a/b", "/x", "../../x", "file:", "a b", "a\0", "é",
+        ] {
+            assert!(Segment::parse(bad).is_none(), "{bad:?}");
+        }
+        assert!(Segment::parse(&"a".repeat(256)).is_none());
+        assert!(Segment::parse_id("com.ubuntu.maas:stable:v3:download").is_some());
+        assert!(Segment::parse_id("../x").is_none());
+        assert!(Segment::parse_id("/x").is_none());
+    }
+
+    fn field_doc(field: &str, value: &str) -> String {
+        let mut doc: Value = serde_json::from_str(&products_doc("a/k")).unwrap();
+        doc["products"]["p1"]["versions"]["20250805"]["items"]["boot-kernel"][field] =
+            Value::String(value.into());
+        doc.to_string()
+    }
+
+    #[test]
+    fn unsafe_path_fields_reject_the_document_naming_the_field() {
+        for field in PATH_FIELDS {
+            for bad in ["../../x", "/tmp/x", ".", "..", "a/b", "file:/etc/passwd"] {
+                let err = parse_products(&field_doc(field, bad), "c").unwrap_err();
+                let msg = err.to_string();
+                assert!(
+                    matches!(&err, ParseError::UnsafeField { field: f, .. } if f == field),
+                    "{field}={bad}: {msg}"
+                );
+                assert!(msg.contains("product p1") && msg.contains(field), "{msg}");
+            }
+            assert!(parse_products(&field_doc(field, "ok-1.0"), "c").is_ok());
+        }
+        // The mirror copies items as listed: it forms no path from these fields.
+        assert!(parse_raw_items(&field_doc("label", "../x"), "c").is_ok());
+    }
+
+    #[test]
+    fn unsafe_content_id_rejects_the_index() {
+        for bad in ["../../x", "/tmp/x", "..", "a/b"] {
+            let doc = serde_json::json!({"format": "index:1.0", "index": {
+                bad: {"format": "products:1.0", "path": "streams/v1/a.json"}}});
+            let err = parse_index(&doc.to_string()).unwrap_err();
+            assert!(err.to_string().contains("content_id"), "{err}");
+        }
     }
 
     #[test]
@@ -560,10 +779,15 @@ mod tests {
         }
 
         #[test]
-        fn relpath_never_escapes(s in "[a-z./\\\\]{0,40}") {
+        fn relpath_never_escapes(s in "[a-z./:%\\\\]{0,40}") {
             if let Some(p) = RelPath::parse(&s) {
                 proptest::prop_assert!(!p.as_str().starts_with('/'));
                 proptest::prop_assert!(p.as_str().split('/').all(|seg| !seg.is_empty() && seg != "." && seg != ".."));
+                // Joined to a stream root it stays below the root.
+                let root = url::Url::parse("http://h:1/a/b/").unwrap();
+                let u = root.join(p.as_str()).unwrap();
+                proptest::prop_assert_eq!(u.origin(), root.origin());
+                proptest::prop_assert!(u.path().starts_with("/a/b/"), "{}", u);
             }
         }
     }

@@ -206,7 +206,8 @@ fn trust(src: &Resolved, url: &Url, bytes: Vec<u8>) -> anyhow::Result<Verified<S
 
 struct Counter(AtomicU64);
 
-/// Fetches, verifies and parses every products file an index leads to.
+/// Fetches, verifies and parses every products file an index leads to. Every error
+/// names the boot source; documents are bounded in number and total size.
 async fn load_products(
     fetcher: &Fetcher,
     src: &Resolved,
@@ -214,18 +215,31 @@ async fn load_products(
     requests: &Counter,
     raw: &mut Vec<(String, Vec<u8>)>,
 ) -> anyhow::Result<Vec<Verified<Products>>> {
+    let id = src.stored.id;
+    let mut budget = simplestreams::MetadataBudget::default();
+    budget
+        .add(raw.iter().map(|(_, b)| b.len()).sum())
+        .map_err(|e| anyhow::anyhow!("boot source {id}: {e}"))?;
     let mut out = Vec::new();
     let mut pending = vec![(src.index_url.clone(), index, 0u32)];
     while let Some((url, text, depth)) = pending.pop() {
         let index = text
             .try_map(|t| simplestreams::parse_index(&t))
-            .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("boot source {id}: {url}: {e}"))?;
         for entry in &index.get().entries {
-            let purl = src.url.root.join(entry.path.as_str())?;
+            let purl = crate::upstream::under_root(&src.url.root, &entry.path).map_err(|e| {
+                anyhow::anyhow!(
+                    "boot source {id}: {url}: index entry {}: {e}",
+                    entry.content_id
+                )
+            })?;
             requests.0.fetch_add(1, Ordering::Relaxed);
             let Fetched::Body { bytes, .. } = fetcher.get_meta(&purl, None).await? else {
                 anyhow::bail!("{purl}: unexpected 304 for an unconditional request");
             };
+            budget
+                .add(bytes.len())
+                .map_err(|e| anyhow::anyhow!("boot source {id}: {purl}: {e}"))?;
             let doc = trust(src, &purl, bytes.clone())?;
             raw.push((entry.path.to_string(), bytes));
             if entry.format == "index:1.0" {
@@ -237,7 +251,7 @@ async fn load_products(
             }
             let products = doc
                 .try_map(|t| simplestreams::parse_products(&t, &entry.content_id))
-                .map_err(|e| anyhow::anyhow!("{purl}: {e}"))?;
+                .map_err(|e| anyhow::anyhow!("boot source {id}: {purl}: {e}"))?;
             out.push(products);
         }
     }
@@ -522,15 +536,13 @@ pub async fn run(
     let store_arc = Arc::new(store.clone());
     let sem = Arc::new(tokio::sync::Semaphore::new(settings.sync.parallel.get()));
     let mut tasks = tokio::task::JoinSet::new();
-    let source_of: BTreeMap<_, _> = selected
-        .products
-        .iter()
-        .flat_map(|p| p.items.iter().map(move |i| (i.sha256, p.source)))
-        .collect();
     for item in &plan.fetch {
-        let src = &resolved[source_of[&item.sha256]];
+        // The path is the one listed by the source the plan took the item from.
+        let src = &resolved[item.source];
+        let url = crate::upstream::under_root(&src.url.root, &item.path)
+            .map_err(|e| anyhow::anyhow!("boot source {}: {e}", src.stored.id))?;
         let job = Job {
-            url: src.url.root.join(item.path.as_str())?,
+            url,
             sha256: item.sha256,
             size: item.size,
         };

@@ -14,7 +14,29 @@ use futures_util::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use url::Url;
 
-use crate::simplestreams::MAX_METADATA_BYTES;
+use crate::simplestreams::{RelPath, MAX_METADATA_BYTES};
+
+/// The URL of `path` below a stream `root`: it must keep the root's scheme, host,
+/// port and path prefix (so an item path can never name another host, a local file
+/// of an HTTP source, or a place above the root). The error names the path only.
+pub fn under_root(root: &Url, path: &RelPath) -> Result<Url, String> {
+    let url = root
+        .join(path.as_str())
+        .map_err(|e| format!("item path {:?} is not a valid URL path: {e}", path.as_str()))?;
+    let same = url.scheme() == root.scheme()
+        && url.host_str() == root.host_str()
+        && url.port_or_known_default() == root.port_or_known_default()
+        && url.path().starts_with(root.path())
+        && url.query().is_none()
+        && url.fragment().is_none();
+    if !same {
+        return Err(format!(
+            "item path {:?} leads outside the source root {root}",
+            path.as_str()
+        ));
+    }
+    Ok(url)
+}
 
 /// Why a fetch failed. Every variant names the URL.
 #[derive(Debug, thiserror::Error)]
@@ -317,5 +339,27 @@ impl Fetcher {
             resumed: offset > 0,
             stream: Box::pin(stream),
         })
+    }
+}
+
+#[cfg(test)]
+mod root_tests {
+    use super::*;
+
+    #[test]
+    fn item_urls_stay_under_the_root() {
+        let root = Url::parse("http://127.0.0.1:8080/maas/").unwrap();
+        let p = |s: &str| RelPath::parse(s).unwrap();
+        assert_eq!(
+            under_root(&root, &p("streams/v1/a.json")).unwrap().as_str(),
+            "http://127.0.0.1:8080/maas/streams/v1/a.json"
+        );
+        // RelPath already refuses `file:/…`, `http://…`, `..`; a path that is valid
+        // as a RelPath still cannot leave a file:// root either.
+        let froot = Url::parse("file:///srv/mirror/").unwrap();
+        assert_eq!(
+            under_root(&froot, &p("a/b")).unwrap().as_str(),
+            "file:///srv/mirror/a/b"
+        );
     }
 }
