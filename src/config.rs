@@ -616,6 +616,21 @@ mod tests {
     }
 
     #[test]
+    fn sync_deadline_defaults_and_is_checked() {
+        let src =
+            "[[sources]]\nurl = \"http://127.0.0.1/streams/v1/index.json\"\nunsigned = true\n";
+        let p = Path::new("c.toml");
+        assert_eq!(
+            from_str(p, src).unwrap().sync.deadline,
+            Duration::from_secs(7200)
+        );
+        let s = from_str(p, &format!("[sync]\ndeadline = \"30m\"\n{src}")).unwrap();
+        assert_eq!(s.sync.deadline, Duration::from_secs(1800));
+        let e = from_str(p, &format!("[sync]\ndeadline = \"0s\"\n{src}")).unwrap_err();
+        assert!(e.to_string().contains("sync.deadline"), "{e}");
+    }
+
+    #[test]
     fn http_limits_default_parse_and_are_checked() {
         let src =
             "[[sources]]\nurl = \"http://127.0.0.1/streams/v1/index.json\"\nunsigned = true\n";

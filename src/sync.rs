@@ -360,8 +360,27 @@ fn product_changes(old: &Manifest, plan: &Plan) -> Vec<String> {
     out
 }
 
-/// Runs one sync. On error nothing that is served has changed.
+/// Runs one sync, within `sync.deadline`. On error nothing that is served has
+/// changed.
 pub async fn run(
+    settings: &Settings,
+    opts: &Options,
+    live: Arc<LiveProgress>,
+) -> anyhow::Result<Report> {
+    let limit = settings.sync.deadline;
+    // The run awaits only before its last, synchronous, steps (commit, snapshot,
+    // publish), so a deadline that strikes drops it before anything is published.
+    match tokio::time::timeout(limit, run_inner(settings, opts, live)).await {
+        Ok(r) => r,
+        Err(_) => anyhow::bail!(
+            "sync did not finish within sync.deadline ({} s); nothing was published \
+             (verified downloads are kept for the next run)",
+            limit.as_secs_f64()
+        ),
+    }
+}
+
+async fn run_inner(
     settings: &Settings,
     opts: &Options,
     live: Arc<LiveProgress>,
@@ -372,12 +391,14 @@ pub async fn run(
     } else {
         Store::open(&settings.state_dir)?
     };
-    let _lock = if opts.dry_run {
+    // Shared with blocking unpack tasks: a run dropped at its deadline keeps the lock
+    // until they stop writing to tmp/.
+    let lock = if opts.dry_run {
         None
     } else {
-        Some(store.lock(opts.wait, |msg| {
+        Some(Arc::new(store.lock(opts.wait, |msg| {
             tracing::warn!("{msg}; waiting for it to finish")
-        })?)
+        })?))
     };
     let sources = if opts.dry_run {
         Sources::current(settings)?
@@ -628,10 +649,14 @@ pub async fn run(
     for archive in &plan.archives {
         let store2 = store.clone();
         let digest = archive.sha256;
-        let members = tokio::task::spawn_blocking(move || crate::archive::unpack(&store2, &digest))
-            .await
-            .expect("unpack does not panic")
-            .with_context(|| format!("unpacking bootloader archive for {}", archive.dir))?;
+        let held = lock.clone();
+        let members = tokio::task::spawn_blocking(move || {
+            let _held = held;
+            crate::archive::unpack(&store2, &digest)
+        })
+        .await
+        .expect("unpack does not panic")
+        .with_context(|| format!("unpacking bootloader archive for {}", archive.dir))?;
         let names: Vec<String> = members.iter().map(|m| m.path.clone()).collect();
         for m in &members {
             blobs.insert(m.sha256);
