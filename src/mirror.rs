@@ -297,14 +297,33 @@ fn data_dir(dest: &Path) -> PathBuf {
     dest.join(".data")
 }
 
+/// The record of `content_id` (a checked [`simplestreams::Segment`]). Its paths are
+/// checked again: a record is a file anyone with write access to DEST could edit,
+/// and its paths are deleted.
 fn load_previous(dest: &Path, content_id: &str) -> anyhow::Result<Vec<Entry>> {
-    let p = data_dir(dest).join(content_id);
-    match std::fs::read(&p) {
-        Ok(b) => serde_json::from_slice(&b)
-            .with_context(|| format!("{}: not a mirror record", p.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![]),
-        Err(e) => Err(anyhow::anyhow!("cannot read {}: {e}", p.display())),
+    if simplestreams::Segment::parse_id(content_id).is_none() {
+        anyhow::bail!("unsafe content_id {content_id:?}");
     }
+    let p = data_dir(dest).join(content_id);
+    let entries: Vec<Entry> = match std::fs::read(&p) {
+        Ok(b) => serde_json::from_slice(&b)
+            .with_context(|| format!("{}: not a mirror record", p.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(anyhow::anyhow!("cannot read {}: {e}", p.display())),
+    };
+    for e in &entries {
+        if simplestreams::RelPath::parse(&e.path).is_none() {
+            anyhow::bail!(
+                "{}: product {} version {} item {}: unsafe path {:?}",
+                p.display(),
+                e.product,
+                e.version,
+                e.item,
+                e.path
+            );
+        }
+    }
+    Ok(entries)
 }
 
 /// A hasher for the checksum an item lists.
@@ -354,7 +373,9 @@ async fn fetch_one(
     progress: &(dyn Fn(u64) + Sync),
 ) -> anyhow::Result<u64> {
     use std::io::{Read, Write};
-    let url = root.join(&e.path)?;
+    let path = simplestreams::RelPath::parse(&e.path)
+        .ok_or_else(|| anyhow::anyhow!("unsafe item path {:?}", e.path))?;
+    let url = crate::upstream::under_root(root, &path).map_err(|m| anyhow::anyhow!("{m}"))?;
     let target = dest.join(&e.path);
     let dir = target.parent().expect("item paths have a parent");
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -464,15 +485,20 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     let mut raw_docs: Vec<(String, Vec<u8>)> = Vec::new();
     let mut products: Vec<(String, Vec<RawItem>)> = Vec::new();
     let mut pending = vec![(src.index.clone(), index_url, 0u32)];
+    let mut budget = simplestreams::MetadataBudget::default();
     while let Some((rel, url, depth)) = pending.pop() {
         let Fetched::Body { bytes, .. } = fetcher.get_meta(&url, None).await? else {
             anyhow::bail!("{url}: unexpected 304 for an unconditional request");
         };
+        budget
+            .add(bytes.len())
+            .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
         let text = trust.text(&url, &bytes)?;
         raw_docs.push((rel, bytes));
         let index = simplestreams::parse_index(&text).map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
         for entry in index.entries {
-            let purl = src.root.join(entry.path.as_str())?;
+            let purl = crate::upstream::under_root(&src.root, &entry.path)
+                .map_err(|e| anyhow::anyhow!("{url}: index entry {}: {e}", entry.content_id))?;
             if entry.format == "index:1.0" {
                 if depth >= 2 {
                     anyhow::bail!("{purl}: indexes nested too deep");
@@ -483,6 +509,9 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             let Fetched::Body { bytes, .. } = fetcher.get_meta(&purl, None).await? else {
                 anyhow::bail!("{purl}: unexpected 304 for an unconditional request");
             };
+            budget
+                .add(bytes.len())
+                .map_err(|e| anyhow::anyhow!("{purl}: {e}"))?;
             let text = trust.text(&purl, &bytes)?;
             let items = simplestreams::parse_raw_items(&text, &entry.content_id)
                 .map_err(|e| anyhow::anyhow!("{purl}: {e}"))?;

@@ -20,8 +20,71 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use nix::fcntl::OFlag;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
 use crate::plan::ManifestProduct;
-use crate::simplestreams::Sha256;
+use crate::simplestreams::{RelPath, Sha256};
+
+/// A directory tree being built: directories are created and opened one checked
+/// segment at a time beneath the root's fd (`mkdirat` + `openat(O_NOFOLLOW)`), and
+/// their fds cached by path.
+struct Beneath {
+    root: PathBuf,
+    dirs: BTreeMap<String, OwnedFd>,
+}
+
+impl Beneath {
+    fn open(root: &Path) -> io::Result<Beneath> {
+        let fd = crate::fsutil::open_dir(root)?;
+        Ok(Beneath {
+            root: root.to_path_buf(),
+            dirs: BTreeMap::from([(String::new(), fd)]),
+        })
+    }
+
+    /// The directory fd that will hold `path` (created as needed) and its last
+    /// segment. `path` must be a [`RelPath`].
+    fn parent<'p>(&mut self, path: &'p str) -> anyhow::Result<(RawFd, &'p str)> {
+        if RelPath::parse(path).is_none() {
+            anyhow::bail!("snapshot path {path:?} is unsafe");
+        }
+        let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
+        if !self.dirs.contains_key(dir) {
+            let mut prefix = String::new();
+            for seg in dir.split('/') {
+                let parent = self.dirs[&prefix].as_raw_fd();
+                if !prefix.is_empty() {
+                    prefix.push('/');
+                }
+                prefix.push_str(seg);
+                if self.dirs.contains_key(&prefix) {
+                    continue;
+                }
+                let shown = || format!("{}/{prefix}", self.root.display());
+                match nix::sys::stat::mkdirat(
+                    Some(parent),
+                    seg,
+                    nix::sys::stat::Mode::from_bits_truncate(0o755),
+                ) {
+                    Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+                    Err(e) => anyhow::bail!("cannot create {}: {e}", shown()),
+                }
+                let fd = nix::fcntl::openat(
+                    Some(parent),
+                    seg,
+                    OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                    nix::sys::stat::Mode::empty(),
+                )
+                .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", shown()))?;
+                // SAFETY: openat returned a fresh descriptor that nothing else owns.
+                self.dirs
+                    .insert(prefix.clone(), unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+        Ok((self.dirs[dir].as_raw_fd(), name))
+    }
+}
 
 /// Writes `path` atomically: temp file in the same directory, fsync, rename, fsync
 /// the directory. A crash leaves either the old or the new content.
@@ -272,35 +335,44 @@ impl Store {
             ctx(fs::remove_dir_all(&build), "cannot remove", &build)?;
         }
         ctx(fs::create_dir_all(&build), "cannot create", &build)?;
-        let mut dirs = BTreeSet::new();
+        // Every entry is made with an *at call beneath the build directory's fd, one
+        // checked segment at a time, never following a symlink: whatever a path
+        // says, nothing lands outside the tree.
+        let mut tree = ctx(Beneath::open(&build), "cannot open", &build)?;
         for (path, digest) in &manifest.files {
-            let dest = build.join(path);
-            let dir = dest
-                .parent()
-                .expect("snapshot files have a parent")
-                .to_path_buf();
-            if dirs.insert(dir.clone()) {
-                ctx(fs::create_dir_all(&dir), "cannot create", &dir)?;
-            }
-            ctx(
-                fs::hard_link(self.blob_path(digest), &dest),
-                "cannot link",
-                &dest,
-            )?;
+            let (dir, name) = tree.parent(path)?;
+            let blob = self.blob_path(digest);
+            nix::unistd::linkat(
+                None,
+                blob.as_path(),
+                Some(dir),
+                Path::new(name),
+                nix::fcntl::AtFlags::empty(),
+            )
+            .map_err(|e| anyhow::anyhow!("cannot link {}/{path}: {e}", build.display()))?;
         }
         for (path, target) in symlinks {
-            let dest = build.join(path);
-            if let Some(dir) = dest.parent() {
-                ctx(fs::create_dir_all(dir), "cannot create", dir)?;
+            // Relative and without `..`: it resolves inside the tree.
+            if RelPath::parse(target).is_none() {
+                anyhow::bail!("snapshot link {path:?} -> {target:?}: unsafe target");
             }
-            ctx(
-                std::os::unix::fs::symlink(target, &dest),
-                "cannot link",
-                &dest,
-            )?;
+            let (dir, name) = tree.parent(path)?;
+            nix::unistd::symlinkat(target.as_str(), Some(dir), name)
+                .map_err(|e| anyhow::anyhow!("cannot link {}/{path}: {e}", build.display()))?;
         }
         let meta_path = build.join("maas.meta");
-        ctx(fs::write(&meta_path, meta), "cannot write", &meta_path)?;
+        let (dir, name) = tree.parent("maas.meta")?;
+        let fd = nix::fcntl::openat(
+            Some(dir),
+            name,
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", meta_path.display()))?;
+        // SAFETY: openat returned a fresh descriptor that nothing else owns.
+        let mut f = unsafe { File::from_raw_fd(fd) };
+        ctx(f.write_all(meta.as_bytes()), "cannot write", &meta_path)?;
+        drop(f);
         // Make the tree durable before it becomes reachable.
         ctx(sync_fs(&build), "cannot sync", &build)?;
         let dest = self.snapshot_dir(manifest.generation);
@@ -443,4 +515,90 @@ pub struct GcStats {
     pub snapshots: usize,
     pub blobs: usize,
     pub bytes: u64,
+}
+
+#[cfg(test)]
+mod snapshot_tests {
+    use super::*;
+
+    fn store_with_blob() -> (tempfile::TempDir, Store, Sha256) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state")).unwrap();
+        let d = Sha256::from_bytes([7; 32]);
+        let p = store.blob_path(&d);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(&p, b"blob").unwrap();
+        (dir, store, d)
+    }
+
+    fn manifest(files: &[(&str, Sha256)]) -> Manifest {
+        Manifest {
+            generation: 1,
+            files: files.iter().map(|(p, d)| (p.to_string(), *d)).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn builds_a_tree_of_links() {
+        let (_dir, store, d) = store_with_blob();
+        let links = BTreeMap::from([("syslinux".to_string(), "bootloader/pxe/i386".to_string())]);
+        let snap = store
+            .build_snapshot(
+                &manifest(&[
+                    ("ubuntu/amd64/ga/noble/stable/boot-kernel", d),
+                    ("bootloader/pxe/i386/x", d),
+                ]),
+                &links,
+                "{}",
+            )
+            .unwrap();
+        assert_eq!(
+            fs::read(snap.join("ubuntu/amd64/ga/noble/stable/boot-kernel")).unwrap(),
+            b"blob"
+        );
+        assert_eq!(fs::read(snap.join("syslinux/x")).unwrap(), b"blob");
+        assert_eq!(fs::read(snap.join("maas.meta")).unwrap(), b"{}");
+    }
+
+    #[test]
+    fn unsafe_paths_and_link_targets_are_refused_and_nothing_escapes() {
+        let (dir, store, d) = store_with_blob();
+        for bad in ["../../x", "/tmp/x", "a/../../x", "a//b", "./x", "file:/x"] {
+            let e = store
+                .build_snapshot(&manifest(&[(bad, d)]), &BTreeMap::new(), "{}")
+                .unwrap_err();
+            assert!(e.to_string().contains("unsafe"), "{bad}: {e}");
+        }
+        for target in ["../../..", "/etc", "a/../.."] {
+            let links = BTreeMap::from([("syslinux".to_string(), target.to_string())]);
+            let e = store
+                .build_snapshot(&manifest(&[]), &links, "{}")
+                .unwrap_err();
+            assert!(e.to_string().contains("unsafe target"), "{target}: {e}");
+        }
+        let mut names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["state"]);
+    }
+
+    #[test]
+    fn a_symlink_in_the_build_dir_is_not_followed() {
+        let (dir, store, d) = store_with_blob();
+        let outside = dir.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        // A directory entry that the tree would descend through is a symlink out.
+        let mut tree = Beneath::open(&store.tmp_dir()).unwrap();
+        std::os::unix::fs::symlink(&outside, store.tmp_dir().join("ubuntu")).unwrap();
+        assert!(tree.parent("ubuntu/k").is_err());
+        let e = store
+            .build_snapshot(&manifest(&[("ubuntu/k", d)]), &BTreeMap::new(), "{}")
+            .map(|_| ());
+        assert!(e.is_ok(), "a fresh build dir holds no such link: {e:?}");
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+    }
 }
