@@ -283,6 +283,108 @@ pub fn root_links(bootloader_type: &str, arch: &str, members: &[String]) -> Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Selection;
+    use crate::simplestreams::{parse_products, RelPath};
+
+    const D1: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+    const D2: &str = "0000000000000000000000000000000000000000000000000000000000000001";
+
+    fn all() -> Selection {
+        Selection {
+            os: "*".into(),
+            release: "*".into(),
+            arches: vec!["*".into()],
+            subarches: vec!["*".into()],
+            labels: vec!["*".into()],
+        }
+    }
+
+    fn verified(
+        doc: &serde_json::Value,
+    ) -> Option<crate::verify::Verified<crate::simplestreams::Products>> {
+        let p = parse_products(&doc.to_string(), "c").ok()?;
+        Some(
+            crate::verify::accept_unsigned(String::new(), crate::verify::UnsignedSource(()))
+                .map(|_| p),
+        )
+    }
+
+    /// An image product and a bootloader product whose path-forming fields are `f`.
+    fn hostile_doc(f: &[String; 7], kpath: &str) -> serde_json::Value {
+        json!({"format": "products:1.0", "content_id": "c", "products": {
+            "img": {"os": f[0], "arch": f[1], "subarch": f[2], "release": f[3], "label": f[4],
+                    "kflavor": f[5], "rolling": "True",
+                    "versions": {"1": {"items": {
+                        "boot-kernel": {"ftype": "boot-kernel", "path": kpath, "size": 1, "sha256": D1}}}}},
+            "bl": {"os": f[0], "arch": f[1], "arches": f[1], "bootloader-type": f[6], "label": f[4],
+                   "versions": {"1": {"items": {
+                       "a": {"ftype": "archive.tar.xz", "path": "bl/a.tar.xz", "size": 1, "sha256": D2}}}}}
+        }})
+    }
+
+    fn field() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just("amd64".to_string()),
+            Just("../../x".to_string()),
+            Just("/tmp/x".to_string()),
+            Just(".".to_string()),
+            Just("..".to_string()),
+            Just("file:/etc/passwd".to_string()),
+            Just("http://other/x".to_string()),
+            Just(String::new()),
+            "[a-z0-9./:%~_+\\-]{0,12}",
+            ".{0,8}",
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3000))]
+        /// Whatever strings upstream puts in the fields the layout is built from,
+        /// the document is refused or every planned path stays below the snapshot.
+        #[test]
+        fn planned_paths_stay_under_the_root(
+            f in proptest::array::uniform7(field()),
+            kpath in field(),
+            members in proptest::collection::vec("[a-z./]{1,10}", 0..4),
+        ) {
+            let Some(v) = verified(&hostile_doc(&f, &kpath)) else { return Ok(()); };
+            let selected = crate::select::select(&[(vec![v], vec![all()])]);
+            let p = plan(&selected, &|_| false);
+            for path in p.files.keys() {
+                proptest::prop_assert!(RelPath::parse(path).is_some(), "{path:?}");
+            }
+            let members: Vec<String> = members.into_iter().filter(|m| RelPath::parse(m).is_some()).collect();
+            for a in &p.archives {
+                proptest::prop_assert!(RelPath::parse(&a.dir).is_some(), "{:?}", a.dir);
+                for (served, _) in root_links(&a.bootloader_type, &a.arch, &members) {
+                    proptest::prop_assert!(RelPath::parse(&served).is_some(), "{served:?}");
+                    let joined = format!("{}/{served}", a.dir);
+                    proptest::prop_assert!(RelPath::parse(&joined).is_some());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn identical_bytes_from_two_sources_are_fetched_where_listed() {
+        let image = |release: &str, path: &str| {
+            json!({"format": "products:1.0", "content_id": "c", "products": {
+                release: {"os": "ubuntu", "arch": "amd64", "subarch": "ga", "release": release, "label": "stable",
+                    "versions": {"1": {"items": {
+                        "boot-kernel": {"ftype": "boot-kernel", "path": path, "size": 1, "sha256": D1}}}}}}})
+        };
+        let a = verified(&image("jammy", "a/jammy/k")).unwrap();
+        let b = verified(&image("noble", "b/noble/k")).unwrap();
+        let selected = crate::select::select(&[(vec![a], vec![all()]), (vec![b], vec![all()])]);
+        assert_eq!(selected.products.len(), 2);
+        let p = plan(&selected, &|_| false);
+        assert_eq!(p.fetch.len(), 1, "one download per digest");
+        let f = &p.fetch[0];
+        // The path is listed by the source the item is fetched from.
+        assert_eq!((f.source, f.path.as_str()), (0, "a/jammy/k"));
+        assert_eq!(p.files.len(), 2, "both images are served");
+    }
 
     #[test]
     fn root_links_map_package_names() {
