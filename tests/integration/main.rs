@@ -3,6 +3,7 @@
 
 mod bootcfg;
 mod harness;
+mod hostile_upstream;
 mod http;
 mod import;
 mod mirror;
