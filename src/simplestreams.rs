@@ -69,7 +69,7 @@ pub enum ParseError {
     },
     #[error("{context}: unsafe path {path:?} (must be relative, without `.`, `..`, empty segments, a scheme, `%`, `?`, `#`, `\\` or control characters)")]
     UnsafePath { context: String, path: String },
-    #[error("{context}: unsafe {field} {value:?} (must be 1-{max} of A-Z a-z 0-9 . _ + ~ -, not `.` or `..`)", max = MAX_SEGMENT)]
+    #[error("{context}: unsafe {field} {value:?} (must be 1-{max} of A-Z a-z 0-9 . _ + ~ -, not only dots)", max = MAX_SEGMENT)]
     UnsafeField {
         context: String,
         field: String,

@@ -544,3 +544,110 @@ fn mirror_record_with_an_outside_path_deletes_nothing() {
     );
     assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
 }
+
+/// Issue 10 row 1: a second source *without selections* lists a bootloader whose
+/// `arch` is a traversal; it is refused before anything is fetched.
+#[test]
+fn second_source_without_selections_is_checked_too() {
+    let rig = Rig::new(true);
+    let env = &rig.env;
+    let second = env.mirror.join("second");
+    // The second source joins (config seeds sources.json again) with good content.
+    write_stream(&second, &bootloaders("20210819.0"), &rig.key, SHA512);
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        format!(
+            "{config}\n[[sources]]\nurl = \"{}second/\"\nkeyring_filename = \"{}\"\n",
+            rig._server.url(),
+            env.keyring.display()
+        ),
+    )
+    .unwrap();
+    std::fs::remove_file(env.state.join("sources.json")).unwrap();
+    env.ok(&["sync"]);
+    let c = canary(env);
+    for v in ["../../x".to_string(), format!("/tmp/{c}-abs")] {
+        let mut bl = bootloaders("20210819.1");
+        for p in &mut bl {
+            p.fields.insert("arch".into(), json!(v));
+        }
+        write_stream(&second, &bl, &rig.key, SHA512);
+        rig.refused(
+            &format!("second source bootloader arch={v:?}"),
+            &[
+                "boot source 2",
+                "unsafe arch",
+                "product com.ubuntu.maas.stable:1:",
+            ],
+        );
+        assert_eq!(
+            std::fs::read_link(env.current().join("syslinux")).unwrap(),
+            Path::new("bootloader/pxe/i386"),
+            "current/syslinux points inside the snapshot"
+        );
+    }
+}
+
+/// An upstream that trickles: the whole run is bounded by `sync.deadline`.
+#[test]
+fn sync_deadline_bounds_a_trickling_upstream() {
+    let env = Env::new();
+    let key = TestKey::generate();
+    key.write_keyring(&env.keyring);
+    write_stream(&env.mirror, &good_products(), &key, SHA512);
+    let server = MirrorServer::start(&env.mirror);
+    env.write_config(&server.url(), &["amd64"], "");
+    env.ok(&["sync"]);
+    let mut newer = vec![image("noble", "amd64", "20261120", 64 << 10)];
+    newer.extend(bootloaders("20210819.0"));
+    write_stream(&env.mirror, &newer, &key, SHA512);
+    // 4 KiB/s: each chunk arrives well within sync.timeout (5 s), the run cannot
+    // finish within the deadline.
+    server.fault("squashfs", Fault::Throttle(4096));
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        config.replace("timeout = \"5s\"", "timeout = \"5s\"\ndeadline = \"2s\""),
+    )
+    .unwrap();
+    let before = env.fingerprint();
+    let t = std::time::Instant::now();
+    let stderr = env.fails(&["sync"], 1);
+    assert!(stderr.contains("sync.deadline"), "{stderr}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(15),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(env.fingerprint(), before);
+}
+
+/// An index that leads to more metadata documents than the per-source bound.
+#[test]
+fn too_many_metadata_documents_fail_with_one_line() {
+    let rig = Rig::new(false);
+    let v1 = rig.env.mirror.join("streams/v1");
+    std::fs::write(
+        v1.join("empty.json"),
+        r#"{"format":"index:1.0","index":{}}"#,
+    )
+    .unwrap();
+    let entries: serde_json::Map<String, serde_json::Value> = (0..300)
+        .map(|i| {
+            (
+                format!("sub{i:03}"),
+                json!({"format": "index:1.0", "path": "streams/v1/empty.json"}),
+            )
+        })
+        .collect();
+    std::fs::write(
+        v1.join("index.json"),
+        json!({"format": "index:1.0", "index": entries}).to_string(),
+    )
+    .unwrap();
+    rig.refused(
+        "300 metadata documents",
+        &["boot source 1", "more than 256 metadata documents"],
+    );
+}
