@@ -18,10 +18,10 @@ use std::io::{self, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::fcntl::OFlag;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use serde::{Deserialize, Serialize};
 
 use crate::plan::ManifestProduct;
 use crate::simplestreams::{RelPath, Sha256};
