@@ -185,7 +185,7 @@ impl fmt::Display for Segment {
 
 /// A relative path inside a stream or a tree: `/`-separated segments, none empty or all
 /// dots (`.`, `..`), no scheme-like first segment (`file:`), no `%`, `?`, `#` (a URL
-/// would read them as escapes, query or fragment), `\\`, NUL or control
+/// would read them as escapes, query or fragment), `\`, NUL or control
 /// characters; at most [`MAX_PATH`] bytes. Joined below a directory or a stream root
 /// it stays below it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
