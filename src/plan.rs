@@ -366,6 +366,45 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        /// Items built by hand (no `parse_products` checks): `select` and `plan`
+        /// still never plan a path outside the root.
+        #[test]
+        fn planned_paths_stay_under_the_root_without_parse_checks(
+            f in proptest::array::uniform7(field()),
+        ) {
+            let good = [
+                "ubuntu", "amd64", "ga-24.04", "noble", "stable", "generic", "pxe",
+            ]
+            .map(String::from);
+            let Some(v) = verified(&hostile_doc(&good, "k/boot-kernel")) else {
+                panic!("the good document parses");
+            };
+            let v = v.map(|mut p| {
+                for item in &mut p.items {
+                    for (k, val) in ["os", "arch", "subarch", "release", "label", "kflavor", "bootloader-type"]
+                        .iter()
+                        .zip(&f)
+                    {
+                        if item.props.contains_key(*k) {
+                            item.props.insert(k.to_string(), val.clone());
+                        }
+                    }
+                }
+                p
+            });
+            let selected = crate::select::select(&[(vec![v], vec![all()])]);
+            let p = plan(&selected, &|_| false);
+            for path in p.files.keys() {
+                proptest::prop_assert!(RelPath::parse(path).is_some(), "{path:?}");
+            }
+            for a in &p.archives {
+                proptest::prop_assert!(RelPath::parse(&a.dir).is_some(), "{:?}", a.dir);
+            }
+        }
+    }
+
     #[test]
     fn identical_bytes_from_two_sources_are_fetched_where_listed() {
         let image = |release: &str, path: &str| {

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::config::Selection;
-use crate::simplestreams::{Item, Products};
+use crate::simplestreams::{Item, Products, Segment};
 use crate::verify::Verified;
 
 /// Item types a rack downloads for boot images.
@@ -133,12 +133,7 @@ pub fn subarch_dirs(fields: &BTreeMap<String, String>) -> Vec<String> {
 
 fn image_key(item: &Item) -> Option<ImageKey> {
     let release = item.prop("release");
-    // Every part names a directory of the rack layout: none may be empty.
-    if release.is_empty()
-        || item.prop("arch").is_empty()
-        || item.prop("label").is_empty()
-        || !item.prop("bootloader-type").is_empty()
-    {
+    if release.is_empty() || !item.prop("bootloader-type").is_empty() {
         return None;
     }
     let os = match item.prop("os") {
@@ -149,13 +144,19 @@ fn image_key(item: &Item) -> Option<ImageKey> {
         "" => "generic",
         s => s,
     };
-    Some(ImageKey {
+    let key = ImageKey {
         os: os.to_string(),
         arch: item.prop("arch").to_string(),
         subarch: subarch.to_string(),
         release: release.to_string(),
         label: item.prop("label").to_string(),
-    })
+    };
+    // Every part names a directory of the rack layout. `parse_products` refused
+    // unsafe values already; an empty arch or label has no directory.
+    [&key.os, &key.arch, &key.subarch, &key.release, &key.label]
+        .iter()
+        .all(|p| Segment::parse(p).is_some())
+        .then_some(key)
 }
 
 fn product_fields(item: &Item) -> BTreeMap<String, String> {
@@ -218,7 +219,7 @@ pub fn select(sources: &[(Vec<Verified<Products>>, Vec<Selection>)]) -> Selected
             let fields = product_fields(first);
             let btype = first.prop("bootloader-type");
             if !btype.is_empty() {
-                if first.prop("arch").is_empty() {
+                if Segment::parse(first.prop("arch")).is_none() || Segment::parse(btype).is_none() {
                     continue; // no directory to unpack it into
                 }
                 let items: Vec<Item> = items
