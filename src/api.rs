@@ -325,10 +325,7 @@ fn images_page(d: &Daemon, head: bool) -> Response<Body> {
         .header("content-type", "text/html; charset=utf-8")
         .header("content-length", len)
         .header("cache-control", "no-store")
-        .header(
-            "content-security-policy",
-            "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
-        )
+        .header("content-security-policy", crate::web::csp())
         .body(if head {
             crate::http::empty()
         } else {

@@ -75,6 +75,8 @@ struct RawHttp {
     tls_key: Option<PathBuf>,
     max_connections: Option<usize>,
     header_timeout: Option<String>,
+    max_connections_per_client: Option<usize>,
+    send_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -149,6 +151,10 @@ pub struct HttpSettings {
     pub max_connections: usize,
     /// Time a client has to send a request head (slowloris guard).
     pub header_timeout: Duration,
+    /// Open connections from one client address; more from it are closed at once.
+    pub max_connections_per_client: usize,
+    /// A response that makes no send progress this long is closed.
+    pub send_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -370,6 +376,20 @@ fn validate(path: &Path, file: Option<PathBuf>, raw: RawConfig) -> Result<Settin
             "http.header_timeout",
             http.header_timeout,
             Duration::from_secs(10),
+        )?,
+        max_connections_per_client: match http.max_connections_per_client.unwrap_or(64) {
+            0 => {
+                return Err(err(
+                    path,
+                    "http.max_connections_per_client: must be at least 1",
+                ))
+            }
+            n => n,
+        },
+        send_timeout: dur(
+            "http.send_timeout",
+            http.send_timeout,
+            Duration::from_secs(60),
         )?,
     };
     let boot = raw.boot.unwrap_or_default();
@@ -626,6 +646,22 @@ mod tests {
         assert!(e.to_string().contains("http.max_connections"), "{e}");
         let e = from_str(p, &format!("[http]\nheader_timeout = \"soon\"\n{src}")).unwrap_err();
         assert!(e.to_string().contains("http.header_timeout"), "{e}");
+        assert_eq!(s.http.max_connections_per_client, 64);
+        assert_eq!(s.http.send_timeout, Duration::from_secs(60));
+        let s = from_str(
+            p,
+            &format!("[http]\nmax_connections_per_client = 8\nsend_timeout = \"2s\"\n{src}"),
+        )
+        .unwrap();
+        assert_eq!(s.http.max_connections_per_client, 8);
+        assert_eq!(s.http.send_timeout, Duration::from_secs(2));
+        let e = from_str(p, &format!("[http]\nmax_connections_per_client = 0\n{src}")).unwrap_err();
+        assert!(
+            e.to_string().contains("http.max_connections_per_client"),
+            "{e}"
+        );
+        let e = from_str(p, &format!("[http]\nsend_timeout = \"0s\"\n{src}")).unwrap_err();
+        assert!(e.to_string().contains("http.send_timeout"), "{e}");
         let s = from_str(p, &format!("drain_timeout = \"2m\"\n{src}")).unwrap();
         assert_eq!(s.drain_timeout, Duration::from_secs(120));
         let e = from_str(p, &format!("drain_timeout = \"never\"\n{src}")).unwrap_err();

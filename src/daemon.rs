@@ -393,6 +393,8 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
     let limits = crate::http::HttpLimits {
         header_read_timeout: settings.http.header_timeout,
         max_connections: settings.http.max_connections,
+        max_connections_per_client: settings.http.max_connections_per_client,
+        send_timeout: settings.http.send_timeout,
         ..Default::default()
     };
     let http_listeners: Vec<crate::http::Listener> = tcp

@@ -135,6 +135,25 @@ async function poll() {
 poll();
 "#;
 
+/// The page's Content-Security-Policy: its own inline script and style (by hash) and
+/// nothing else; fetches go to its own origin only. Even markup that slipped past
+/// [`esc`] could not run a script, and no script could send the token elsewhere.
+pub fn csp() -> &'static str {
+    static CSP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    CSP.get_or_init(|| {
+        use base64::Engine as _;
+        use sha2::Digest as _;
+        let hash = |s: &str| {
+            base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(s.as_bytes()))
+        };
+        format!(
+            "default-src 'none'; script-src 'sha256-{}'; style-src 'sha256-{}'; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+            hash(SCRIPT),
+            hash(STYLE)
+        )
+    })
+}
+
 /// Renders the page.
 pub fn render(p: &Page) -> String {
     let mut h = String::new();

