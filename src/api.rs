@@ -36,7 +36,23 @@ impl Api {
     }
 }
 
+/// `v` with the credentials of every URL in its strings replaced (source URLs, sync
+/// errors naming what they fetched, warnings): no answer of the API shows them.
+fn redact_json(v: &Value) -> Value {
+    match v {
+        Value::String(s) => Value::String(crate::config::redact_text(s)),
+        Value::Array(a) => Value::Array(a.iter().map(redact_json).collect()),
+        Value::Object(o) => Value::Object(
+            o.iter()
+                .map(|(k, v)| (crate::config::redact_text(k), redact_json(v)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
 fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
+    let v = &redact_json(v);
     let mut body = serde_json::to_vec_pretty(v).expect("json serialises");
     body.push(b'\n');
     Response::builder()
@@ -252,6 +268,18 @@ fn pairs(v: &Value) -> Result<Vec<(String, String)>, Response<Body>> {
         .collect())
 }
 
+/// Sources as shown outside the state file: URLs without their credentials.
+pub fn shown_sources(sources: &[StoredSource]) -> Vec<StoredSource> {
+    sources.iter().map(shown_source).collect()
+}
+
+pub fn shown_source(s: &StoredSource) -> StoredSource {
+    StoredSource {
+        url: crate::config::redacted(&s.url),
+        ..s.clone()
+    }
+}
+
 fn status_json(d: &Daemon) -> Value {
     let snap = d.snapshot.borrow().clone();
     let st = d.status();
@@ -261,7 +289,8 @@ fn status_json(d: &Daemon) -> Value {
     let drift = Sources::load(&settings.state_dir)
         .ok()
         .flatten()
-        .and_then(|s| s.differs_from_config(&settings));
+        .and_then(|s| s.differs_from_config(&settings))
+        .map(|w| crate::config::redact_text(&w));
     let sources = Sources::current(&settings).unwrap_or_default();
     let last_success = crate::state::SyncState::load(&settings.state_dir)
         .ok()
@@ -275,7 +304,7 @@ fn status_json(d: &Daemon) -> Value {
         "files": snap.as_ref().map(|s| s.manifest.files.len()).unwrap_or(0),
         "products": snap.as_ref().map(|s| s.manifest.products.len()).unwrap_or(0),
         "last_success": last_success,
-        "sources": sources.sources.iter().map(|s| &s.url).collect::<Vec<_>>(),
+        "sources": sources.sources.iter().map(|s| crate::config::redacted(&s.url)).collect::<Vec<_>>(),
         "sync_running": st.running,
         "sync": st,
         "sync_auto": settings.sync.auto,
@@ -390,7 +419,7 @@ async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<B
         }
         (["sources"], true) => {
             return match Sources::current(&settings) {
-                Ok(s) => json_response(StatusCode::OK, &json!(s.sources)),
+                Ok(s) => json_response(StatusCode::OK, &json!(shown_sources(&s.sources))),
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
             }
         }

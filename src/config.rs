@@ -565,6 +565,41 @@ impl SourceUrl {
     }
 }
 
+/// `url` with its credentials (`user:pass@`) replaced by `***@`: the form a source URL
+/// is shown in (API, page, CLI) and logged.
+pub fn redacted(url: &str) -> String {
+    redact_text(url)
+}
+
+/// `text` (an error, a log line) with the credentials of every URL in it replaced by
+/// `***`: anything between `scheme://` and an `@` before the end of the authority.
+pub fn redact_text(text: &str) -> String {
+    if !text.contains('@') {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (before, after) = rest.split_at(at + 3);
+        out.push_str(before);
+        // The authority ends at the path, query, fragment or the end of the URL.
+        let end = after
+            .find(|c: char| {
+                matches!(c, '/' | '?' | '#' | '"' | '\'' | '<' | '>' | '`') || c.is_whitespace()
+            })
+            .unwrap_or(after.len());
+        match after[..end].rfind('@') {
+            Some(userinfo) => {
+                out.push_str("***");
+                rest = &after[userinfo..];
+            }
+            None => rest = after,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Renders a source for a warning when the config's sources differ from the state's.
 pub fn describe_sources(sources: &[SourceConfig]) -> BTreeMap<String, usize> {
     sources
@@ -594,6 +629,26 @@ mod tests {
         assert!(e.to_string().starts_with("x.toml: "), "{e}");
         let e = from_str(Path::new("x.toml"), "bogus = 1\n").unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn credentials_are_redacted_wherever_a_url_appears() {
+        assert_eq!(
+            redacted("https://user:s3cret@mirror.example/maas/"),
+            "https://***@mirror.example/maas/"
+        );
+        assert_eq!(redacted("http://tok@h:8080"), "http://***@h:8080");
+        assert_eq!(redacted("http://h/a@b"), "http://h/a@b");
+        assert_eq!(redacted("file:///srv/m@x/"), "file:///srv/m@x/");
+        assert_eq!(
+            redact_text("GET http://u:p@a/x failed; see https://b/ and ftp://q:w@c?z@y"),
+            "GET http://***@a/x failed; see https://b/ and ftp://***@c?z@y"
+        );
+        assert_eq!(
+            redact_text("urls [\"http://u:p@a/\"]"),
+            "urls [\"http://***@a/\"]"
+        );
+        assert_eq!(redact_text("plain text @ no url"), "plain text @ no url");
     }
 
     #[test]
