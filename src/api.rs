@@ -231,41 +231,308 @@ async fn read_json(req: Request<Incoming>) -> Result<Value, Response<Body>> {
     if bytes.is_empty() {
         return Ok(json!({}));
     }
-    serde_json::from_slice(&bytes).map_err(|e| {
-        error(
+    match serde_json::from_slice::<body::Strict>(&bytes) {
+        Ok(v) => Ok(v.0),
+        Err(e) if e.is_data() => Err(error(StatusCode::BAD_REQUEST, format!("request body: {e}"))),
+        Err(e) => Err(error(
             StatusCode::BAD_REQUEST,
             format!("request body is not JSON: {e}"),
-        )
-    })
+        )),
+    }
 }
 
-/// JSON object → `key=value` pairs (arrays become comma lists), as the CLI takes them.
-fn pairs(v: &Value) -> Result<Vec<(String, String)>, Response<Body>> {
-    let Some(obj) = v.as_object() else {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            "request body must be a JSON object",
-        ));
-    };
-    Ok(obj
-        .iter()
-        .map(|(k, v)| {
-            let s = match v {
-                Value::String(s) => s.clone(),
-                Value::Array(a) => a
-                    .iter()
-                    .map(|x| {
-                        x.as_str()
-                            .map(String::from)
-                            .unwrap_or_else(|| x.to_string())
-                    })
-                    .collect::<Vec<_>>()
-                    .join(","),
-                other => other.to_string(),
+/// Typed request bodies: a JSON object's fields taken one by one with the type each
+/// must have (`null` clears a setting), anything left over an unknown field, and
+/// duplicate keys refused at any depth. Every error names the field.
+mod body {
+    use super::*;
+    use serde::de::{Deserialize, Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
+
+    /// A JSON value parsed with duplicate object keys refused (serde_json's own
+    /// `Value` silently keeps the last one).
+    pub struct Strict(pub Value);
+
+    impl<'de> Deserialize<'de> for Strict {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Strict, D::Error> {
+            d.deserialize_any(StrictVisitor)
+        }
+    }
+
+    struct StrictVisitor;
+
+    impl<'de> Visitor<'de> for StrictVisitor {
+        type Value = Strict;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON value")
+        }
+        fn visit_unit<E>(self) -> Result<Strict, E> {
+            Ok(Strict(Value::Null))
+        }
+        fn visit_bool<E>(self, v: bool) -> Result<Strict, E> {
+            Ok(Strict(Value::Bool(v)))
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<Strict, E> {
+            Ok(Strict(json!(v)))
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<Strict, E> {
+            Ok(Strict(json!(v)))
+        }
+        fn visit_f64<E>(self, v: f64) -> Result<Strict, E> {
+            Ok(Strict(json!(v)))
+        }
+        fn visit_str<E>(self, v: &str) -> Result<Strict, E> {
+            Ok(Strict(Value::String(v.to_string())))
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Strict, A::Error> {
+            let mut out = Vec::new();
+            while let Some(Strict(v)) = seq.next_element()? {
+                out.push(v);
+            }
+            Ok(Strict(Value::Array(out)))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Strict, A::Error> {
+            let mut out = serde_json::Map::new();
+            while let Some(k) = map.next_key::<String>()? {
+                if out.contains_key(&k) {
+                    return Err(A::Error::custom(format!("duplicate key {k:?}")));
+                }
+                let Strict(v) = map.next_value()?;
+                out.insert(k, v);
+            }
+            Ok(Strict(Value::Object(out)))
+        }
+    }
+
+    /// What a field of a body asks for.
+    pub enum Patch<T> {
+        /// Absent: leave the setting as it is.
+        Keep,
+        /// `null`: back to the default.
+        Clear,
+        Set(T),
+    }
+
+    fn kind(v: &Value) -> &'static str {
+        match v {
+            Value::Null => "null",
+            Value::Bool(_) => "a boolean",
+            Value::Number(_) => "a number",
+            Value::String(_) => "a string",
+            Value::Array(_) => "an array",
+            Value::Object(_) => "an object",
+        }
+    }
+
+    /// A JSON object body being taken apart; `what` prefixes its errors.
+    pub struct Fields {
+        obj: serde_json::Map<String, Value>,
+        what: String,
+    }
+
+    pub fn bad(msg: impl std::fmt::Display) -> Response<Body> {
+        error(StatusCode::BAD_REQUEST, msg)
+    }
+
+    impl Fields {
+        pub fn new(v: Value, what: &str) -> Result<Fields, Response<Body>> {
+            match v {
+                Value::Object(obj) => Ok(Fields {
+                    obj,
+                    what: what.to_string(),
+                }),
+                other => Err(bad(format!(
+                    "{what}: request body must be a JSON object, not {}",
+                    kind(&other)
+                ))),
+            }
+        }
+
+        fn wrong(&self, k: &str, want: &str, got: &Value) -> Response<Body> {
+            bad(format!(
+                "{}: field {k:?} must be {want}, not {}",
+                self.what,
+                kind(got)
+            ))
+        }
+
+        pub fn string(&mut self, k: &str) -> Result<Patch<String>, Response<Body>> {
+            match self.obj.remove(k) {
+                None => Ok(Patch::Keep),
+                Some(Value::Null) => Ok(Patch::Clear),
+                Some(Value::String(s)) => Ok(Patch::Set(s)),
+                Some(v) => Err(self.wrong(k, "a string or null", &v)),
+            }
+        }
+
+        pub fn boolean(&mut self, k: &str) -> Result<Patch<bool>, Response<Body>> {
+            match self.obj.remove(k) {
+                None => Ok(Patch::Keep),
+                Some(Value::Null) => Ok(Patch::Clear),
+                Some(Value::Bool(b)) => Ok(Patch::Set(b)),
+                Some(v) => Err(self.wrong(k, "true, false or null", &v)),
+            }
+        }
+
+        /// An array of strings (or one string, a comma-separated list, as the CLI
+        /// takes it).
+        pub fn list(&mut self, k: &str) -> Result<Patch<Vec<String>>, Response<Body>> {
+            let items = match self.obj.remove(k) {
+                None => return Ok(Patch::Keep),
+                Some(Value::Null) => return Ok(Patch::Clear),
+                Some(Value::String(s)) => vec![Value::String(s)],
+                Some(Value::Array(a)) => a,
+                Some(v) => return Err(self.wrong(k, "an array of strings or null", &v)),
             };
-            (k.clone(), s)
-        })
-        .collect())
+            let mut out = Vec::new();
+            for item in items {
+                match item {
+                    Value::String(s) => out.extend(
+                        s.split(',')
+                            .map(|x| x.trim().to_string())
+                            .filter(|x| !x.is_empty()),
+                    ),
+                    other => {
+                        return Err(self.wrong(
+                            k,
+                            "an array of strings (an element is not)",
+                            &other,
+                        ))
+                    }
+                }
+            }
+            Ok(Patch::Set(out))
+        }
+
+        /// Refuses whatever field was not taken.
+        pub fn done(self, known: &[&str]) -> Result<(), Response<Body>> {
+            match self.obj.keys().next() {
+                None => Ok(()),
+                Some(k) => Err(bad(format!(
+                    "{}: unknown field {k:?} (known: {})",
+                    self.what,
+                    known.join(", ")
+                ))),
+            }
+        }
+    }
+
+    /// A machine's settings from a `PUT /api/v1/machines/MAC` body.
+    pub fn apply_machine(m: &mut crate::machines::Machine, v: Value) -> Result<(), Response<Body>> {
+        let mut f = Fields::new(v, "machine")?;
+        let image = f.string("image")?;
+        let kernel_params = f.string("kernel_params")?;
+        let local_boot = f.boolean("local_boot")?;
+        f.done(&["image", "kernel_params", "local_boot"])?;
+        match image {
+            Patch::Keep => {}
+            Patch::Clear => m.image = None,
+            Patch::Set(s) if s.is_empty() => m.image = None,
+            Patch::Set(s) => {
+                crate::machines::ImageRef::parse(&s)
+                    .map_err(|e| bad(format!("machine: field \"image\": {e}")))?;
+                m.image = Some(s);
+            }
+        }
+        match kernel_params {
+            Patch::Keep => {}
+            Patch::Clear => m.kernel_params = None,
+            Patch::Set(s) => m.kernel_params = (!s.is_empty()).then_some(s),
+        }
+        match local_boot {
+            Patch::Keep => {}
+            Patch::Clear => m.local_boot = None,
+            Patch::Set(b) => m.local_boot = Some(b),
+        }
+        Ok(())
+    }
+
+    /// A boot source's fields from a body; the result is checked (URL, signing,
+    /// keyring parsed) before anything is saved.
+    pub fn apply_source(s: &mut StoredSource, v: Value) -> Result<(), Response<Body>> {
+        let mut f = Fields::new(v, "boot source")?;
+        let url = f.string("url")?;
+        let keyring_filename = f.string("keyring_filename")?;
+        let keyring_data = f.string("keyring_data")?;
+        let unsigned = f.boolean("unsigned")?;
+        f.done(&["url", "keyring_filename", "keyring_data", "unsigned"])?;
+        match url {
+            Patch::Keep => {}
+            Patch::Clear => return Err(bad("boot source: field \"url\" cannot be null")),
+            Patch::Set(u) => s.url = u,
+        }
+        if s.url.is_empty() {
+            return Err(bad("boot source: field \"url\" is required"));
+        }
+        match keyring_filename {
+            Patch::Keep => {}
+            Patch::Clear => s.keyring_filename = None,
+            Patch::Set(p) => s.keyring_filename = (!p.is_empty()).then(|| p.into()),
+        }
+        match keyring_data {
+            Patch::Keep => {}
+            Patch::Clear => s.keyring_data = None,
+            Patch::Set(d) => s.keyring_data = (!d.is_empty()).then_some(d),
+        }
+        match unsigned {
+            Patch::Keep => {}
+            Patch::Clear => s.unsigned = false,
+            Patch::Set(b) => s.unsigned = b,
+        }
+        crate::config::check_source(&s.config())
+            .map_err(|e| bad(format!("boot source {}: {e}", s.id)))
+    }
+
+    /// A selection's fields from a body (`what` names it in errors); `null` puts a
+    /// field back to MAAS's default (ubuntu, every arch, subarch and label).
+    pub fn apply_selection(
+        sel: &mut crate::config::Selection,
+        v: Value,
+        what: &str,
+    ) -> Result<(), Response<Body>> {
+        let mut f = Fields::new(v, what)?;
+        let os = f.string("os")?;
+        let release = f.string("release")?;
+        let lists = [f.list("arches")?, f.list("subarches")?, f.list("labels")?];
+        f.done(&["os", "release", "arches", "subarches", "labels"])?;
+        match os {
+            Patch::Keep => {}
+            Patch::Clear => sel.os = "ubuntu".into(),
+            Patch::Set(s) => sel.os = s,
+        }
+        match release {
+            Patch::Keep => {}
+            Patch::Clear => sel.release = String::new(),
+            Patch::Set(s) => sel.release = s,
+        }
+        for (field, patch) in [&mut sel.arches, &mut sel.subarches, &mut sel.labels]
+            .into_iter()
+            .zip(lists)
+        {
+            match patch {
+                Patch::Keep => {}
+                Patch::Clear => *field = vec!["*".into()],
+                Patch::Set(v) => *field = v,
+            }
+        }
+        if sel.release.is_empty() || sel.os.is_empty() {
+            return Err(bad(format!("{what}: a selection needs os and release")));
+        }
+        Ok(())
+    }
+
+    /// A new selection from a body, over MAAS's defaults.
+    pub fn selection(v: Value, what: &str) -> Result<crate::config::Selection, Response<Body>> {
+        let mut sel = crate::config::Selection {
+            os: "ubuntu".into(),
+            release: String::new(),
+            arches: vec!["*".into()],
+            subarches: vec!["*".into()],
+            labels: vec!["*".into()],
+        };
+        apply_selection(&mut sel, v, what)?;
+        Ok(sel)
+    }
 }
 
 /// Sources as shown outside the state file: URLs without their credentials.
@@ -489,14 +756,11 @@ async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<B
             if m == Method::DELETE {
                 state.remove(&mac);
             } else {
-                let pairs = match pairs(&body) {
-                    Ok(p) => p,
-                    Err(r) => return r,
-                };
-                let entry = state.entry(mac).or_default();
-                if let Err(e) = crate::machines::apply_kv(entry, &pairs) {
-                    return error(StatusCode::BAD_REQUEST, e);
+                let mut entry = state.get(&mac).cloned().unwrap_or_default();
+                if let Err(r) = body::apply_machine(&mut entry, body) {
+                    return r;
                 }
+                state.insert(mac, entry);
             }
             if let Err(e) = crate::machines::save(&settings.state_dir, &state) {
                 return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"));
@@ -511,7 +775,7 @@ async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<B
                 Ok(b) => b,
                 Err(r) => return r,
             };
-            match write_sources(&d, &m, p, &body) {
+            match write_sources(&d, &m, p, body) {
                 Ok(v) => {
                     d.trigger.notify_one();
                     json_response(StatusCode::OK, &v)
@@ -523,15 +787,9 @@ async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<B
 }
 
 /// Source and selection writes, with the CLI's semantics.
-fn write_sources(
-    d: &Daemon,
-    m: &Method,
-    p: &[&str],
-    body: &Value,
-) -> Result<Value, Response<Body>> {
+fn write_sources(d: &Daemon, m: &Method, p: &[&str], body: Value) -> Result<Value, Response<Body>> {
     let settings = d.settings();
     let internal = |e: anyhow::Error| error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"));
-    let bad = |e: anyhow::Error| error(StatusCode::BAD_REQUEST, format!("{e:#}"));
     let mut sources = Sources::current(&settings).map_err(internal)?;
     let find = |sources: &mut Sources, id: &str| -> Result<usize, Response<Body>> {
         sources
@@ -550,14 +808,17 @@ fn write_sources(
                 unsigned: false,
                 selections: vec![],
             };
-            crate::cli::apply_source_kv(&mut s, &pairs(body)?).map_err(bad)?;
+            body::apply_source(&mut s, body)?;
             let v = json!(s);
             sources.sources.push(s);
             v
         }
         (&Method::PUT, ["sources", id]) => {
             let i = find(&mut sources, id)?;
-            crate::cli::apply_source_kv(&mut sources.sources[i], &pairs(body)?).map_err(bad)?;
+            // Changed on a copy: a refused change leaves nothing half-applied.
+            let mut s = sources.sources[i].clone();
+            body::apply_source(&mut s, body)?;
+            sources.sources[i] = s;
             json!(sources.sources[i])
         }
         (&Method::DELETE, ["sources", id]) => {
@@ -567,7 +828,7 @@ fn write_sources(
         (&Method::POST, ["sources", id, "selections"]) => {
             let next = sources.next_selection_id();
             let i = find(&mut sources, id)?;
-            let sel = crate::cli::selection_from_kv(&pairs(body)?).map_err(bad)?;
+            let sel = body::selection(body, "selection")?;
             let s = StoredSelection {
                 id: next,
                 selection: sel,
@@ -579,7 +840,7 @@ fn write_sources(
         (&Method::PUT, ["sources", id, "selections"]) => {
             // Replaces all of the source's selections (the Images page's "Save
             // selection"): a JSON array of objects with the selection keys.
-            let Some(list) = body.as_array() else {
+            let Value::Array(list) = body else {
                 return Err(error(
                     StatusCode::BAD_REQUEST,
                     "expected a JSON array of selections",
@@ -588,9 +849,8 @@ fn write_sources(
             let i = find(&mut sources, id)?;
             let first = sources.next_selection_id();
             let mut new = Vec::new();
-            for (next, (n, item)) in (first..).zip(list.iter().enumerate()) {
-                let sel = crate::cli::selection_from_kv(&pairs(item)?)
-                    .map_err(|e| error(StatusCode::BAD_REQUEST, format!("selection {n}: {e:#}")))?;
+            for (next, (n, item)) in (first..).zip(list.into_iter().enumerate()) {
+                let sel = body::selection(item, &format!("selection {n}"))?;
                 new.push(StoredSelection {
                     id: next,
                     selection: sel,
@@ -606,7 +866,9 @@ fn write_sources(
                 .iter_mut()
                 .find(|s| s.id.to_string() == *sid)
                 .ok_or_else(|| error(StatusCode::NOT_FOUND, format!("no selection {sid}")))?;
-            crate::cli::apply_selection_kv(&mut sel.selection, &pairs(body)?).map_err(bad)?;
+            let mut changed = sel.selection.clone();
+            body::apply_selection(&mut changed, body, &format!("selection {sid}"))?;
+            sel.selection = changed;
             json!(sel)
         }
         (&Method::DELETE, ["sources", id, "selections", sid]) => {

@@ -496,11 +496,16 @@ pub fn check_source(s: &SourceConfig) -> Result<(), String> {
             "a signed source needs keyring_filename or keyring_data (or unsigned = true)".into(),
         );
     }
-    if s.keyring_data.is_none() {
-        if let Some(f) = &s.keyring_filename {
-            std::fs::File::open(f)
-                .map_err(|e| format!("cannot read keyring {}: {e}", f.display()))?;
-        }
+    // The keyring is parsed as a sync would: a bad one is refused here, not saved to
+    // fail every later sync (of the healthy sources too).
+    if let Some(data) = &s.keyring_data {
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(data.trim())
+            .map_err(|e| format!("keyring_data is not base64: {e}"))?;
+        crate::verify::Keyring::from_bytes(&bytes, "keyring_data").map_err(|e| e.to_string())?;
+    } else if let Some(f) = &s.keyring_filename {
+        crate::verify::Keyring::from_file(f).map_err(|e| e.to_string())?;
     }
     Ok(())
 }

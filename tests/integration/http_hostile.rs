@@ -223,3 +223,179 @@ fn upstream_files_are_never_active_content_and_every_answer_says_nosniff() {
     assert!(!csp.contains("unsafe-inline"), "{csp}");
     assert!(csp.contains("connect-src 'self'"), "{csp}");
 }
+
+#[test]
+fn credentials_in_a_source_url_are_shown_nowhere() {
+    let r = rack_with_token(4096, "auto = false", "");
+    let secret = "hunter2-pw";
+    let plain = r.mirror.url();
+    let with_creds = plain.replacen("http://", &format!("http://admin:{secret}@"), 1);
+    crate::http::edit_config(&r.env, &plain, &with_creds);
+    let s = r.env.serve();
+    s.wait_generation(1, Duration::from_secs(60));
+    // The upstream fails: the sync's error names the index URL.
+    r.mirror.fault("streams/v1/index.sjson", Fault::Status(503));
+    assert_eq!(post_sync(&s).0, 202);
+    wait_until(Duration::from_secs(30), "the sync to fail", || {
+        s.status()["sync"]["last_result"] == "failed"
+    });
+    let mut shown = Vec::new();
+    for p in [
+        "/api/v1/sources",
+        "/api/v1/status",
+        "/api/v1/catalog",
+        "/",
+        "/api/v1/sources/1/selections",
+    ] {
+        let (code, body) = s.get(p);
+        assert_eq!(code, 200, "{p}");
+        shown.push((p.to_string(), String::from_utf8_lossy(&body).into_owned()));
+    }
+    let status = &shown[1].1;
+    assert!(status.contains("http://***@127.0.0.1"), "{status}");
+    assert!(status.contains("503"), "{status}");
+    let out = r.env.ok(&["status"]);
+    shown.push(("rackboot status".into(), out));
+    let out = r.env.ok(&["boot-sources", "read"]);
+    assert!(out.contains("***@"), "{out}");
+    shown.push(("boot-sources read".into(), out));
+    shown.push((
+        "boot-sources read --json".into(),
+        r.env.ok(&["boot-sources", "read", "--json"]),
+    ));
+    shown.push(("the log".into(), s.log_text()));
+    for (what, text) in &shown {
+        assert!(!text.contains(secret), "{what} shows the password:\n{text}");
+    }
+}
+
+/// A write to the API with the token; (status, body as JSON).
+fn write(s: &Served, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+    let auth = format!("Authorization: Bearer {}", crate::http::TOKEN);
+    let (code, out) = curl(&["-X", method, "-H", &auth, "-d", body, &s.url(path)]);
+    let v = serde_json::from_slice(&out)
+        .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {out:?}"));
+    (code, v)
+}
+
+#[test]
+fn api_bodies_are_typed_null_clears_and_a_bad_keyring_is_refused() {
+    let r = rack_with_token(4096, "auto = false", "");
+    let s = r.env.serve();
+    s.wait_generation(1, Duration::from_secs(60));
+    let mac = "/api/v1/machines/52:54:00:00:00:07";
+    let (code, v) = write(
+        &s,
+        "PUT",
+        mac,
+        r#"{"kernel_params": "console=ttyS0", "local_boot": false}"#,
+    );
+    assert_eq!(code, 200, "{v}");
+    // null clears the setting: nothing (least of all "null") reaches the command line.
+    let (code, v) = write(&s, "PUT", mac, r#"{"kernel_params": null}"#);
+    assert_eq!(code, 200, "{v}");
+    assert!(v.get("kernel_params").is_none_or(|k| k.is_null()), "{v}");
+    assert_eq!(v["local_boot"], false, "{v}");
+    let machines = std::fs::read_to_string(r.env.state.join("machines.json")).unwrap();
+    assert!(!machines.contains("null"), "{machines}");
+    let (_, cfg) = s.get("/pxelinux.cfg/01-52-54-00-00-00-07");
+    let cfg = String::from_utf8(cfg).unwrap();
+    assert!(!cfg.contains("null"), "{cfg}");
+    // Wrong types are a 400 naming the field; nothing is stored.
+    let sources_before = std::fs::read(r.env.state.join("sources.json")).ok();
+    let machines_before = std::fs::read(r.env.state.join("machines.json")).unwrap();
+    for (method, path, body, field) in [
+        (
+            "PUT",
+            mac,
+            r#"{"kernel_params": {"a": 1}}"#,
+            "kernel_params",
+        ),
+        ("PUT", mac, r#"{"kernel_params": 42}"#, "kernel_params"),
+        ("PUT", mac, r#"{"local_boot": "yes"}"#, "local_boot"),
+        ("PUT", mac, r#"{"image": ["ubuntu/noble"]}"#, "image"),
+        ("PUT", mac, r#"{"bogus": 1}"#, "bogus"),
+        (
+            "PUT",
+            mac,
+            r#"{"kernel_params": "a", "kernel_params": "b"}"#,
+            "duplicate key \"kernel_params\"",
+        ),
+        ("PUT", "/api/v1/sources/1", r#"{"url": {"x": 1}}"#, "url"),
+        (
+            "PUT",
+            "/api/v1/sources/1",
+            r#"{"unsigned": "true"}"#,
+            "unsigned",
+        ),
+        ("PUT", "/api/v1/sources/1", r#"{"url": null}"#, "url"),
+        (
+            "PUT",
+            "/api/v1/sources/1/selections/1",
+            r#"{"arches": [1, 2]}"#,
+            "arches",
+        ),
+        (
+            "PUT",
+            "/api/v1/sources/1/selections",
+            r#"[{"release": "noble", "release": "jammy"}]"#,
+            "duplicate key \"release\"",
+        ),
+        (
+            "POST",
+            "/api/v1/sources/1/selections",
+            r#"{"release": "noble", "labels": {"x": "y"}}"#,
+            "labels",
+        ),
+    ] {
+        let (code, v) = write(&s, method, path, body);
+        assert_eq!(code, 400, "{method} {path} {body}: {v}");
+        let msg = v["error"].as_str().unwrap();
+        assert!(
+            msg.contains(field),
+            "{body}: {msg:?} does not name {field:?}"
+        );
+    }
+    assert_eq!(
+        std::fs::read(r.env.state.join("sources.json")).ok(),
+        sources_before
+    );
+    assert_eq!(
+        std::fs::read(r.env.state.join("machines.json")).unwrap(),
+        machines_before
+    );
+    // A keyring that is not one is refused with 400 and not saved: the next sync of
+    // the healthy source still works.
+    let url = r.mirror.url();
+    for body in [
+        format!(r#"{{"url": "{url}", "keyring_data": "!!!"}}"#),
+        format!(r#"{{"url": "{url}", "keyring_data": "bm90IGEga2V5cmluZw=="}}"#),
+        format!(r#"{{"url": "{url}", "keyring_filename": "/etc/hostname"}}"#),
+    ] {
+        let (code, v) = write(&s, "POST", "/api/v1/sources", &body);
+        assert_eq!(code, 400, "{body}: {v}");
+        assert!(v["error"].as_str().unwrap().contains("keyring"), "{v}");
+    }
+    let (_, v) = write(&s, "PUT", "/api/v1/sources/1", r#"{"keyring_data": "!!!"}"#);
+    assert!(v["error"].as_str().unwrap().contains("base64"), "{v}");
+    let (code, body) = s.get("/api/v1/sources");
+    assert_eq!(code, 200);
+    let list: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    // A good inline keyring is taken.
+    use base64::Engine as _;
+    let data =
+        base64::engine::general_purpose::STANDARD.encode(std::fs::read(&r.env.keyring).unwrap());
+    let (code, v) = write(
+        &s,
+        "PUT",
+        "/api/v1/sources/1",
+        &format!(r#"{{"keyring_data": "{data}", "keyring_filename": null}}"#),
+    );
+    assert_eq!(code, 200, "{v}");
+    wait_until(Duration::from_secs(30), "a good sync", || {
+        let st = s.status();
+        st["sync"]["last_result"] != "failed" && st["sync_running"] == false
+    });
+    assert_eq!(s.get(KERNEL).0, 200);
+}
