@@ -399,3 +399,115 @@ fn api_bodies_are_typed_null_clears_and_a_bad_keyring_is_refused() {
     });
     assert_eq!(s.get(KERNEL).0, 200);
 }
+
+/// The `data-source data-os data-release data-arch` of the page's checkboxes, with
+/// whether each is checked.
+fn checkboxes(html: &str) -> Vec<(String, bool)> {
+    html.split("<input type=\"checkbox\" class=\"arch\" ")
+        .skip(1)
+        .map(|rest| {
+            let tag = &rest[..rest.find('>').unwrap()];
+            let attr = |name: &str| {
+                let at = tag.find(&format!("{name}=\"")).unwrap() + name.len() + 2;
+                tag[at..at + tag[at..].find('"').unwrap()].to_string()
+            };
+            (
+                format!(
+                    "{} {} {} {}",
+                    attr("data-source"),
+                    attr("data-os"),
+                    attr("data-release"),
+                    attr("data-arch")
+                ),
+                tag.ends_with(" checked"),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_page_keys_rows_by_source_and_shows_the_current_selection() {
+    let env = Env::new();
+    let key = TestKey::generate();
+    key.write_keyring(&env.keyring);
+    write_stream(&env.mirror, &products("20261101", 4096), &key, SHA512);
+    let one = MirrorServer::start(&env.mirror);
+    let root_two = env.dir.path().join("mirror-two");
+    let two_products = vec![
+        image("jammy", "amd64", "20261101", 4096),
+        image("jammy", "arm64", "20261101", 4096),
+    ];
+    write_stream(&root_two, &two_products, &key, SHA512);
+    let two = MirrorServer::start(&root_two);
+    let text = format!(
+        r#"state_dir = "{state}"
+
+[sync]
+timeout = "5s"
+auto = false
+{listen}token_file = "{token}"
+
+[[sources]]
+url = "{one}"
+keyring_filename = "{keyring}"
+
+[[sources.selections]]
+release = "noble"
+arches = ["amd64"]
+
+[[sources]]
+url = "{two}"
+keyring_filename = "{keyring}"
+
+[[sources.selections]]
+release = "jammy"
+arches = ["amd64"]
+"#,
+        state = env.state.display(),
+        listen = crate::serve::LISTEN,
+        token = env.dir.path().join("token").display(),
+        one = one.url(),
+        two = two.url(),
+        keyring = env.keyring.display(),
+    );
+    std::fs::write(&env.config, text).unwrap();
+    std::fs::write(env.dir.path().join("token"), crate::http::TOKEN).unwrap();
+    let s = env.serve();
+    s.wait_generation(1, Duration::from_secs(60));
+    let (_, page) = s.get("/");
+    let boxes = checkboxes(&String::from_utf8(page).unwrap());
+    assert_eq!(
+        boxes,
+        vec![
+            ("1 ubuntu noble amd64".to_string(), true),
+            ("2 ubuntu jammy amd64".to_string(), true),
+            ("2 ubuntu jammy arm64".to_string(), false),
+        ]
+    );
+    // Source 2's upstream goes down; source 1 is deleted and source 2's selection
+    // changed. The syncs fail, so the catalog on disk is the old one.
+    two.fault("streams/v1/index.sjson", Fault::Status(503));
+    let (code, v) = write(&s, "DELETE", "/api/v1/sources/1", "");
+    assert_eq!(code, 200, "{v}");
+    let (code, v) = write(
+        &s,
+        "PUT",
+        "/api/v1/sources/2/selections",
+        r#"[{"os": "ubuntu", "release": "jammy", "arches": ["arm64"]}]"#,
+    );
+    assert_eq!(code, 200, "{v}");
+    wait_until(Duration::from_secs(30), "the sync to fail", || {
+        s.status()["sync"]["last_result"] == "failed"
+    });
+    let (_, page) = s.get("/");
+    let page = String::from_utf8(page).unwrap();
+    assert!(!page.contains("Boot source 1"), "{page}");
+    // Source 2 shows its own rows, boxed as it is selected now.
+    assert_eq!(
+        checkboxes(&page),
+        vec![
+            ("2 ubuntu jammy amd64".to_string(), false),
+            ("2 ubuntu jammy arm64".to_string(), true),
+        ]
+    );
+}
