@@ -511,3 +511,46 @@ arches = ["amd64"]
         ]
     );
 }
+
+#[test]
+fn a_tls_body_nobody_reads_is_closed_after_send_timeout() {
+    let size = 8 << 20;
+    let (r, cert) = crate::http::rack_with_tls(size);
+    crate::http::edit_config(&r.env, "tls_listen", "send_timeout = \"2s\"\ntls_listen");
+    let (s, addrs) = crate::http::spawn_serve(&r.env, &["TFTP", "HTTP", "HTTPS"], |_| {});
+    s.wait_generation(1, Duration::from_secs(60));
+    // A TLS client that stops reading: openssl's output goes to a pipe nobody reads,
+    // so once the pipe is full it reads no more from the socket.
+    let mut stalled = std::process::Command::new("openssl")
+        .args(["s_client", "-quiet", "-connect", &addrs[2].to_string()])
+        .args(["-CAfile", cert.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("openssl is installed");
+    let mut stdin = stalled.stdin.take().unwrap();
+    stdin
+        .write_all(format!("GET {KERNEL} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .unwrap();
+    wait_until(Duration::from_secs(20), "the transfer to start", || {
+        metric(&s, "rackboot_http_transfers_in_flight") == 1.0
+    });
+    let started = Instant::now();
+    wait_until(Duration::from_secs(10), "the transfer to end", || {
+        metric(&s, "rackboot_http_transfers_in_flight") == 0.0
+    });
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    assert!(metric(&s, "rackboot_http_errors_total{kind=\"send_timeout\"}") >= 1.0);
+    // What openssl got is less than the file.
+    drop(stdin);
+    let mut got = Vec::new();
+    stalled
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_end(&mut got)
+        .unwrap();
+    assert!(got.len() < size, "{} bytes", got.len());
+    let _ = stalled.wait();
+}
