@@ -893,3 +893,61 @@ fn write_sources(d: &Daemon, m: &Method, p: &[&str], body: Value) -> Result<Valu
     sources.save(&settings.state_dir).map_err(internal)?;
     Ok(result)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::body::*;
+    use super::*;
+
+    fn strict(s: &str) -> Result<Value, String> {
+        serde_json::from_str::<Strict>(s)
+            .map(|v| v.0)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_at_any_depth() {
+        assert_eq!(
+            strict(r#"{"a": [1, {"b": null}], "c": "x"}"#).unwrap(),
+            json!({"a": [1, {"b": null}], "c": "x"})
+        );
+        let e = strict(r#"{"a": 1, "a": 2}"#).unwrap_err();
+        assert!(e.contains("duplicate key \"a\""), "{e}");
+        let e = strict(r#"[{"release": "noble", "release": "jammy"}]"#).unwrap_err();
+        assert!(e.contains("duplicate key \"release\""), "{e}");
+    }
+
+    #[test]
+    fn null_clears_and_wrong_types_name_the_field() {
+        let mut m = crate::machines::Machine {
+            image: Some("ubuntu/noble".into()),
+            kernel_params: Some("console=ttyS0".into()),
+            local_boot: Some(true),
+        };
+        apply_machine(&mut m, json!({"kernel_params": null, "local_boot": false})).unwrap();
+        assert_eq!(m.kernel_params, None);
+        assert_eq!(m.local_boot, Some(false));
+        assert_eq!(m.image.as_deref(), Some("ubuntu/noble"));
+        let mut sel =
+            selection(json!({"release": "noble", "arches": "amd64, arm64"}), "s").unwrap();
+        assert_eq!(sel.arches, ["amd64", "arm64"]);
+        apply_selection(&mut sel, json!({"arches": null}), "s").unwrap();
+        assert_eq!(sel.arches, ["*"]);
+        for (body, field) in [
+            (json!({"kernel_params": {"a": 1}}), "kernel_params"),
+            (json!({"local_boot": "true"}), "local_boot"),
+            (json!({"image": 3}), "image"),
+            (json!({"imagee": "x"}), "imagee"),
+        ] {
+            let r = apply_machine(&mut m, body).unwrap_err();
+            assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+            let bytes = futures_util::FutureExt::now_or_never(r.into_body().collect())
+                .expect("a full body is ready")
+                .unwrap()
+                .to_bytes();
+            let v: Value = serde_json::from_slice(&bytes).unwrap();
+            let msg = v["error"].as_str().unwrap();
+            assert!(msg.contains(&format!("{field:?}")), "{msg}");
+        }
+    }
+}
