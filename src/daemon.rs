@@ -247,10 +247,12 @@ pub async fn sync_once(d: &Daemon) {
             st.failures += 1;
             st.consecutive_failures += 1;
             st.last_result = Some("failed".into());
-            st.last_error = Some(format!("{e:#}"));
+            // `systemctl status` shows STATUS= to every user: no URL credentials.
+            let e = crate::config::redact_text(&format!("{e:#}"));
+            st.last_error = Some(e.clone());
             drop(st);
-            tracing::error!("sync failed (still serving the last good snapshot): {e:#}");
-            systemd::notify(&format!("STATUS=last sync failed: {e:#}"));
+            tracing::error!("sync failed (still serving the last good snapshot): {e}");
+            systemd::notify(&format!("STATUS=last sync failed: {e}"));
         }
     }
 }
