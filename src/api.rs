@@ -36,7 +36,23 @@ impl Api {
     }
 }
 
+/// `v` with the credentials of every URL in its strings replaced (source URLs, sync
+/// errors naming what they fetched, warnings): no answer of the API shows them.
+fn redact_json(v: &Value) -> Value {
+    match v {
+        Value::String(s) => Value::String(crate::config::redact_text(s)),
+        Value::Array(a) => Value::Array(a.iter().map(redact_json).collect()),
+        Value::Object(o) => Value::Object(
+            o.iter()
+                .map(|(k, v)| (crate::config::redact_text(k), redact_json(v)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
 fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
+    let v = &redact_json(v);
     let mut body = serde_json::to_vec_pretty(v).expect("json serialises");
     body.push(b'\n');
     Response::builder()
@@ -215,41 +231,320 @@ async fn read_json(req: Request<Incoming>) -> Result<Value, Response<Body>> {
     if bytes.is_empty() {
         return Ok(json!({}));
     }
-    serde_json::from_slice(&bytes).map_err(|e| {
-        error(
+    match serde_json::from_slice::<body::Strict>(&bytes) {
+        Ok(v) => Ok(v.0),
+        Err(e) if e.is_data() => Err(error(StatusCode::BAD_REQUEST, format!("request body: {e}"))),
+        Err(e) => Err(error(
             StatusCode::BAD_REQUEST,
             format!("request body is not JSON: {e}"),
-        )
-    })
+        )),
+    }
 }
 
-/// JSON object → `key=value` pairs (arrays become comma lists), as the CLI takes them.
-fn pairs(v: &Value) -> Result<Vec<(String, String)>, Response<Body>> {
-    let Some(obj) = v.as_object() else {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            "request body must be a JSON object",
-        ));
-    };
-    Ok(obj
-        .iter()
-        .map(|(k, v)| {
-            let s = match v {
-                Value::String(s) => s.clone(),
-                Value::Array(a) => a
-                    .iter()
-                    .map(|x| {
-                        x.as_str()
-                            .map(String::from)
-                            .unwrap_or_else(|| x.to_string())
-                    })
-                    .collect::<Vec<_>>()
-                    .join(","),
-                other => other.to_string(),
+/// Typed request bodies: a JSON object's fields taken one by one with the type each
+/// must have (`null` clears a setting), anything left over an unknown field, and
+/// duplicate keys refused at any depth. Every error names the field.
+mod body {
+    use super::*;
+    use serde::de::{Deserialize, Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
+
+    /// A JSON value parsed with duplicate object keys refused (serde_json's own
+    /// `Value` silently keeps the last one).
+    pub struct Strict(pub Value);
+
+    impl<'de> Deserialize<'de> for Strict {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Strict, D::Error> {
+            d.deserialize_any(StrictVisitor)
+        }
+    }
+
+    struct StrictVisitor;
+
+    impl<'de> Visitor<'de> for StrictVisitor {
+        type Value = Strict;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON value")
+        }
+        fn visit_unit<E>(self) -> Result<Strict, E> {
+            Ok(Strict(Value::Null))
+        }
+        fn visit_bool<E>(self, v: bool) -> Result<Strict, E> {
+            Ok(Strict(Value::Bool(v)))
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<Strict, E> {
+            Ok(Strict(json!(v)))
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<Strict, E> {
+            Ok(Strict(json!(v)))
+        }
+        fn visit_f64<E>(self, v: f64) -> Result<Strict, E> {
+            Ok(Strict(json!(v)))
+        }
+        fn visit_str<E>(self, v: &str) -> Result<Strict, E> {
+            Ok(Strict(Value::String(v.to_string())))
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Strict, A::Error> {
+            let mut out = Vec::new();
+            while let Some(Strict(v)) = seq.next_element()? {
+                out.push(v);
+            }
+            Ok(Strict(Value::Array(out)))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Strict, A::Error> {
+            let mut out = serde_json::Map::new();
+            while let Some(k) = map.next_key::<String>()? {
+                if out.contains_key(&k) {
+                    return Err(A::Error::custom(format!("duplicate key {k:?}")));
+                }
+                let Strict(v) = map.next_value()?;
+                out.insert(k, v);
+            }
+            Ok(Strict(Value::Object(out)))
+        }
+    }
+
+    /// What a field of a body asks for.
+    pub enum Patch<T> {
+        /// Absent: leave the setting as it is.
+        Keep,
+        /// `null`: back to the default.
+        Clear,
+        Set(T),
+    }
+
+    fn kind(v: &Value) -> &'static str {
+        match v {
+            Value::Null => "null",
+            Value::Bool(_) => "a boolean",
+            Value::Number(_) => "a number",
+            Value::String(_) => "a string",
+            Value::Array(_) => "an array",
+            Value::Object(_) => "an object",
+        }
+    }
+
+    /// A JSON object body being taken apart; `what` prefixes its errors.
+    pub struct Fields {
+        obj: serde_json::Map<String, Value>,
+        what: String,
+    }
+
+    pub fn bad(msg: impl std::fmt::Display) -> Response<Body> {
+        error(StatusCode::BAD_REQUEST, msg)
+    }
+
+    impl Fields {
+        pub fn new(v: Value, what: &str) -> Result<Fields, Response<Body>> {
+            match v {
+                Value::Object(obj) => Ok(Fields {
+                    obj,
+                    what: what.to_string(),
+                }),
+                other => Err(bad(format!(
+                    "{what}: request body must be a JSON object, not {}",
+                    kind(&other)
+                ))),
+            }
+        }
+
+        fn wrong(&self, k: &str, want: &str, got: &Value) -> Response<Body> {
+            bad(format!(
+                "{}: field {k:?} must be {want}, not {}",
+                self.what,
+                kind(got)
+            ))
+        }
+
+        pub fn string(&mut self, k: &str) -> Result<Patch<String>, Response<Body>> {
+            match self.obj.remove(k) {
+                None => Ok(Patch::Keep),
+                Some(Value::Null) => Ok(Patch::Clear),
+                Some(Value::String(s)) => Ok(Patch::Set(s)),
+                Some(v) => Err(self.wrong(k, "a string or null", &v)),
+            }
+        }
+
+        pub fn boolean(&mut self, k: &str) -> Result<Patch<bool>, Response<Body>> {
+            match self.obj.remove(k) {
+                None => Ok(Patch::Keep),
+                Some(Value::Null) => Ok(Patch::Clear),
+                Some(Value::Bool(b)) => Ok(Patch::Set(b)),
+                Some(v) => Err(self.wrong(k, "true, false or null", &v)),
+            }
+        }
+
+        /// An array of strings (or one string, a comma-separated list, as the CLI
+        /// takes it).
+        pub fn list(&mut self, k: &str) -> Result<Patch<Vec<String>>, Response<Body>> {
+            let items = match self.obj.remove(k) {
+                None => return Ok(Patch::Keep),
+                Some(Value::Null) => return Ok(Patch::Clear),
+                Some(Value::String(s)) => vec![Value::String(s)],
+                Some(Value::Array(a)) => a,
+                Some(v) => return Err(self.wrong(k, "an array of strings or null", &v)),
             };
-            (k.clone(), s)
-        })
-        .collect())
+            let mut out = Vec::new();
+            for item in items {
+                match item {
+                    Value::String(s) => out.extend(
+                        s.split(',')
+                            .map(|x| x.trim().to_string())
+                            .filter(|x| !x.is_empty()),
+                    ),
+                    other => {
+                        return Err(self.wrong(
+                            k,
+                            "an array of strings (an element is not)",
+                            &other,
+                        ))
+                    }
+                }
+            }
+            Ok(Patch::Set(out))
+        }
+
+        /// Refuses whatever field was not taken.
+        pub fn done(self, known: &[&str]) -> Result<(), Response<Body>> {
+            match self.obj.keys().next() {
+                None => Ok(()),
+                Some(k) => Err(bad(format!(
+                    "{}: unknown field {k:?} (known: {})",
+                    self.what,
+                    known.join(", ")
+                ))),
+            }
+        }
+    }
+
+    /// A machine's settings from a `PUT /api/v1/machines/MAC` body.
+    pub fn apply_machine(m: &mut crate::machines::Machine, v: Value) -> Result<(), Response<Body>> {
+        let mut f = Fields::new(v, "machine")?;
+        let image = f.string("image")?;
+        let kernel_params = f.string("kernel_params")?;
+        let local_boot = f.boolean("local_boot")?;
+        f.done(&["image", "kernel_params", "local_boot"])?;
+        match image {
+            Patch::Keep => {}
+            Patch::Clear => m.image = None,
+            Patch::Set(s) if s.is_empty() => m.image = None,
+            Patch::Set(s) => {
+                crate::machines::ImageRef::parse(&s)
+                    .map_err(|e| bad(format!("machine: field \"image\": {e}")))?;
+                m.image = Some(s);
+            }
+        }
+        match kernel_params {
+            Patch::Keep => {}
+            Patch::Clear => m.kernel_params = None,
+            Patch::Set(s) => m.kernel_params = (!s.is_empty()).then_some(s),
+        }
+        match local_boot {
+            Patch::Keep => {}
+            Patch::Clear => m.local_boot = None,
+            Patch::Set(b) => m.local_boot = Some(b),
+        }
+        Ok(())
+    }
+
+    /// A boot source's fields from a body; the result is checked (URL, signing,
+    /// keyring parsed) before anything is saved.
+    pub fn apply_source(s: &mut StoredSource, v: Value) -> Result<(), Response<Body>> {
+        let mut f = Fields::new(v, "boot source")?;
+        let url = f.string("url")?;
+        let keyring_filename = f.string("keyring_filename")?;
+        let keyring_data = f.string("keyring_data")?;
+        let unsigned = f.boolean("unsigned")?;
+        f.done(&["url", "keyring_filename", "keyring_data", "unsigned"])?;
+        match url {
+            Patch::Keep => {}
+            Patch::Clear => return Err(bad("boot source: field \"url\" cannot be null")),
+            Patch::Set(u) => s.url = u,
+        }
+        if s.url.is_empty() {
+            return Err(bad("boot source: field \"url\" is required"));
+        }
+        match keyring_filename {
+            Patch::Keep => {}
+            Patch::Clear => s.keyring_filename = None,
+            Patch::Set(p) => s.keyring_filename = (!p.is_empty()).then(|| p.into()),
+        }
+        match keyring_data {
+            Patch::Keep => {}
+            Patch::Clear => s.keyring_data = None,
+            Patch::Set(d) => s.keyring_data = (!d.is_empty()).then_some(d),
+        }
+        match unsigned {
+            Patch::Keep => {}
+            Patch::Clear => s.unsigned = false,
+            Patch::Set(b) => s.unsigned = b,
+        }
+        crate::config::check_source(&s.config())
+            .map_err(|e| bad(format!("boot source {}: {e}", s.id)))
+    }
+
+    /// A selection's fields from a body (`what` names it in errors); `null` puts a
+    /// field back to MAAS's default (ubuntu, every arch, subarch and label).
+    pub fn apply_selection(
+        sel: &mut crate::config::Selection,
+        v: Value,
+        what: &str,
+    ) -> Result<(), Response<Body>> {
+        let mut f = Fields::new(v, what)?;
+        let os = f.string("os")?;
+        let release = f.string("release")?;
+        let lists = [f.list("arches")?, f.list("subarches")?, f.list("labels")?];
+        f.done(&["os", "release", "arches", "subarches", "labels"])?;
+        match os {
+            Patch::Keep => {}
+            Patch::Clear => sel.os = "ubuntu".into(),
+            Patch::Set(s) => sel.os = s,
+        }
+        match release {
+            Patch::Keep => {}
+            Patch::Clear => sel.release = String::new(),
+            Patch::Set(s) => sel.release = s,
+        }
+        for (field, patch) in [&mut sel.arches, &mut sel.subarches, &mut sel.labels]
+            .into_iter()
+            .zip(lists)
+        {
+            match patch {
+                Patch::Keep => {}
+                Patch::Clear => *field = vec!["*".into()],
+                Patch::Set(v) => *field = v,
+            }
+        }
+        if sel.release.is_empty() || sel.os.is_empty() {
+            return Err(bad(format!("{what}: a selection needs os and release")));
+        }
+        Ok(())
+    }
+
+    /// A new selection from a body, over MAAS's defaults.
+    pub fn selection(v: Value, what: &str) -> Result<crate::config::Selection, Response<Body>> {
+        let mut sel = crate::config::Selection {
+            os: "ubuntu".into(),
+            release: String::new(),
+            arches: vec!["*".into()],
+            subarches: vec!["*".into()],
+            labels: vec!["*".into()],
+        };
+        apply_selection(&mut sel, v, what)?;
+        Ok(sel)
+    }
+}
+
+/// Sources as shown outside the state file: URLs without their credentials.
+pub fn shown_sources(sources: &[StoredSource]) -> Vec<StoredSource> {
+    sources.iter().map(shown_source).collect()
+}
+
+pub fn shown_source(s: &StoredSource) -> StoredSource {
+    StoredSource {
+        url: crate::config::redacted(&s.url),
+        ..s.clone()
+    }
 }
 
 fn status_json(d: &Daemon) -> Value {
@@ -261,7 +556,8 @@ fn status_json(d: &Daemon) -> Value {
     let drift = Sources::load(&settings.state_dir)
         .ok()
         .flatten()
-        .and_then(|s| s.differs_from_config(&settings));
+        .and_then(|s| s.differs_from_config(&settings))
+        .map(|w| crate::config::redact_text(&w));
     let sources = Sources::current(&settings).unwrap_or_default();
     let last_success = crate::state::SyncState::load(&settings.state_dir)
         .ok()
@@ -275,7 +571,7 @@ fn status_json(d: &Daemon) -> Value {
         "files": snap.as_ref().map(|s| s.manifest.files.len()).unwrap_or(0),
         "products": snap.as_ref().map(|s| s.manifest.products.len()).unwrap_or(0),
         "last_success": last_success,
-        "sources": sources.sources.iter().map(|s| &s.url).collect::<Vec<_>>(),
+        "sources": sources.sources.iter().map(|s| crate::config::redacted(&s.url)).collect::<Vec<_>>(),
         "sync_running": st.running,
         "sync": st,
         "sync_auto": settings.sync.auto,
@@ -325,10 +621,7 @@ fn images_page(d: &Daemon, head: bool) -> Response<Body> {
         .header("content-type", "text/html; charset=utf-8")
         .header("content-length", len)
         .header("cache-control", "no-store")
-        .header(
-            "content-security-policy",
-            "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
-        )
+        .header("content-security-policy", crate::web::csp())
         .body(if head {
             crate::http::empty()
         } else {
@@ -393,7 +686,7 @@ async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<B
         }
         (["sources"], true) => {
             return match Sources::current(&settings) {
-                Ok(s) => json_response(StatusCode::OK, &json!(s.sources)),
+                Ok(s) => json_response(StatusCode::OK, &json!(shown_sources(&s.sources))),
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
             }
         }
@@ -463,14 +756,11 @@ async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<B
             if m == Method::DELETE {
                 state.remove(&mac);
             } else {
-                let pairs = match pairs(&body) {
-                    Ok(p) => p,
-                    Err(r) => return r,
-                };
-                let entry = state.entry(mac).or_default();
-                if let Err(e) = crate::machines::apply_kv(entry, &pairs) {
-                    return error(StatusCode::BAD_REQUEST, e);
+                let mut entry = state.get(&mac).cloned().unwrap_or_default();
+                if let Err(r) = body::apply_machine(&mut entry, body) {
+                    return r;
                 }
+                state.insert(mac, entry);
             }
             if let Err(e) = crate::machines::save(&settings.state_dir, &state) {
                 return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"));
@@ -485,7 +775,7 @@ async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<B
                 Ok(b) => b,
                 Err(r) => return r,
             };
-            match write_sources(&d, &m, p, &body) {
+            match write_sources(&d, &m, p, body) {
                 Ok(v) => {
                     d.trigger.notify_one();
                     json_response(StatusCode::OK, &v)
@@ -497,15 +787,9 @@ async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<B
 }
 
 /// Source and selection writes, with the CLI's semantics.
-fn write_sources(
-    d: &Daemon,
-    m: &Method,
-    p: &[&str],
-    body: &Value,
-) -> Result<Value, Response<Body>> {
+fn write_sources(d: &Daemon, m: &Method, p: &[&str], body: Value) -> Result<Value, Response<Body>> {
     let settings = d.settings();
     let internal = |e: anyhow::Error| error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"));
-    let bad = |e: anyhow::Error| error(StatusCode::BAD_REQUEST, format!("{e:#}"));
     let mut sources = Sources::current(&settings).map_err(internal)?;
     let find = |sources: &mut Sources, id: &str| -> Result<usize, Response<Body>> {
         sources
@@ -524,14 +808,17 @@ fn write_sources(
                 unsigned: false,
                 selections: vec![],
             };
-            crate::cli::apply_source_kv(&mut s, &pairs(body)?).map_err(bad)?;
+            body::apply_source(&mut s, body)?;
             let v = json!(s);
             sources.sources.push(s);
             v
         }
         (&Method::PUT, ["sources", id]) => {
             let i = find(&mut sources, id)?;
-            crate::cli::apply_source_kv(&mut sources.sources[i], &pairs(body)?).map_err(bad)?;
+            // Changed on a copy: a refused change leaves nothing half-applied.
+            let mut s = sources.sources[i].clone();
+            body::apply_source(&mut s, body)?;
+            sources.sources[i] = s;
             json!(sources.sources[i])
         }
         (&Method::DELETE, ["sources", id]) => {
@@ -541,7 +828,7 @@ fn write_sources(
         (&Method::POST, ["sources", id, "selections"]) => {
             let next = sources.next_selection_id();
             let i = find(&mut sources, id)?;
-            let sel = crate::cli::selection_from_kv(&pairs(body)?).map_err(bad)?;
+            let sel = body::selection(body, "selection")?;
             let s = StoredSelection {
                 id: next,
                 selection: sel,
@@ -553,7 +840,7 @@ fn write_sources(
         (&Method::PUT, ["sources", id, "selections"]) => {
             // Replaces all of the source's selections (the Images page's "Save
             // selection"): a JSON array of objects with the selection keys.
-            let Some(list) = body.as_array() else {
+            let Value::Array(list) = body else {
                 return Err(error(
                     StatusCode::BAD_REQUEST,
                     "expected a JSON array of selections",
@@ -562,9 +849,8 @@ fn write_sources(
             let i = find(&mut sources, id)?;
             let first = sources.next_selection_id();
             let mut new = Vec::new();
-            for (next, (n, item)) in (first..).zip(list.iter().enumerate()) {
-                let sel = crate::cli::selection_from_kv(&pairs(item)?)
-                    .map_err(|e| error(StatusCode::BAD_REQUEST, format!("selection {n}: {e:#}")))?;
+            for (next, (n, item)) in (first..).zip(list.into_iter().enumerate()) {
+                let sel = body::selection(item, &format!("selection {n}"))?;
                 new.push(StoredSelection {
                     id: next,
                     selection: sel,
@@ -580,7 +866,9 @@ fn write_sources(
                 .iter_mut()
                 .find(|s| s.id.to_string() == *sid)
                 .ok_or_else(|| error(StatusCode::NOT_FOUND, format!("no selection {sid}")))?;
-            crate::cli::apply_selection_kv(&mut sel.selection, &pairs(body)?).map_err(bad)?;
+            let mut changed = sel.selection.clone();
+            body::apply_selection(&mut changed, body, &format!("selection {sid}"))?;
+            sel.selection = changed;
             json!(sel)
         }
         (&Method::DELETE, ["sources", id, "selections", sid]) => {
@@ -604,4 +892,62 @@ fn write_sources(
     std::fs::create_dir_all(&settings.state_dir).map_err(|e| internal(e.into()))?;
     sources.save(&settings.state_dir).map_err(internal)?;
     Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::body::*;
+    use super::*;
+
+    fn strict(s: &str) -> Result<Value, String> {
+        serde_json::from_str::<Strict>(s)
+            .map(|v| v.0)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_at_any_depth() {
+        assert_eq!(
+            strict(r#"{"a": [1, {"b": null}], "c": "x"}"#).unwrap(),
+            json!({"a": [1, {"b": null}], "c": "x"})
+        );
+        let e = strict(r#"{"a": 1, "a": 2}"#).unwrap_err();
+        assert!(e.contains("duplicate key \"a\""), "{e}");
+        let e = strict(r#"[{"release": "noble", "release": "jammy"}]"#).unwrap_err();
+        assert!(e.contains("duplicate key \"release\""), "{e}");
+    }
+
+    #[test]
+    fn null_clears_and_wrong_types_name_the_field() {
+        let mut m = crate::machines::Machine {
+            image: Some("ubuntu/noble".into()),
+            kernel_params: Some("console=ttyS0".into()),
+            local_boot: Some(true),
+        };
+        apply_machine(&mut m, json!({"kernel_params": null, "local_boot": false})).unwrap();
+        assert_eq!(m.kernel_params, None);
+        assert_eq!(m.local_boot, Some(false));
+        assert_eq!(m.image.as_deref(), Some("ubuntu/noble"));
+        let mut sel =
+            selection(json!({"release": "noble", "arches": "amd64, arm64"}), "s").unwrap();
+        assert_eq!(sel.arches, ["amd64", "arm64"]);
+        apply_selection(&mut sel, json!({"arches": null}), "s").unwrap();
+        assert_eq!(sel.arches, ["*"]);
+        for (body, field) in [
+            (json!({"kernel_params": {"a": 1}}), "kernel_params"),
+            (json!({"local_boot": "true"}), "local_boot"),
+            (json!({"image": 3}), "image"),
+            (json!({"imagee": "x"}), "imagee"),
+        ] {
+            let r = apply_machine(&mut m, body).unwrap_err();
+            assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+            let bytes = futures_util::FutureExt::now_or_never(r.into_body().collect())
+                .expect("a full body is ready")
+                .unwrap()
+                .to_bytes();
+            let v: Value = serde_json::from_slice(&bytes).unwrap();
+            let msg = v["error"].as_str().unwrap();
+            assert!(msg.contains(&format!("{field:?}")), "{msg}");
+        }
+    }
 }

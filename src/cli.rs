@@ -374,7 +374,7 @@ fn cmd_sources(cli: &Cli, settings: &Settings, op: &str, args: &[String]) -> any
     match op {
         "read" => {
             if cli.json {
-                return print_json(&sources.sources);
+                return print_json(&crate::api::shown_sources(&sources.sources));
             }
             for s in &sources.sources {
                 let keyring = s
@@ -389,7 +389,7 @@ fn cmd_sources(cli: &Cli, settings: &Settings, op: &str, args: &[String]) -> any
                 println!(
                     "{}\t{}\t{}\t{} selections",
                     s.id,
-                    s.url,
+                    crate::config::redacted(&s.url),
                     keyring,
                     s.selections.len()
                 );
@@ -435,7 +435,7 @@ fn cmd_sources(cli: &Cli, settings: &Settings, op: &str, args: &[String]) -> any
     std::fs::create_dir_all(&settings.state_dir)?;
     sources.save(&settings.state_dir)?;
     if cli.json {
-        print_json(&sources.sources)
+        print_json(&crate::api::shown_sources(&sources.sources))
     } else {
         println!("saved; the next sync applies it");
         Ok(())
@@ -811,8 +811,8 @@ fn offline_status(settings: &Settings) -> anyhow::Result<serde_json::Value> {
         "products": manifest.as_ref().map(|m| m.products.len()).unwrap_or(0),
         "last_success": state.last_success,
         "sync_running": sync_running(settings),
-        "sources": sources.sources.iter().map(|s| &s.url).collect::<Vec<_>>(),
-        "warning": drift,
+        "sources": sources.sources.iter().map(|s| crate::config::redacted(&s.url)).collect::<Vec<_>>(),
+        "warning": drift.map(|w| crate::config::redact_text(&w)),
     }))
 }
 

@@ -76,6 +76,8 @@ struct RawHttp {
     tls_key: Option<PathBuf>,
     max_connections: Option<usize>,
     header_timeout: Option<String>,
+    max_connections_per_client: Option<usize>,
+    send_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -153,6 +155,10 @@ pub struct HttpSettings {
     pub max_connections: usize,
     /// Time a client has to send a request head (slowloris guard).
     pub header_timeout: Duration,
+    /// Open connections from one client address; more from it are closed at once.
+    pub max_connections_per_client: usize,
+    /// A response that makes no send progress this long is closed.
+    pub send_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -380,6 +386,20 @@ fn validate(path: &Path, file: Option<PathBuf>, raw: RawConfig) -> Result<Settin
             http.header_timeout,
             Duration::from_secs(10),
         )?,
+        max_connections_per_client: match http.max_connections_per_client.unwrap_or(64) {
+            0 => {
+                return Err(err(
+                    path,
+                    "http.max_connections_per_client: must be at least 1",
+                ))
+            }
+            n => n,
+        },
+        send_timeout: dur(
+            "http.send_timeout",
+            http.send_timeout,
+            Duration::from_secs(60),
+        )?,
     };
     let boot = raw.boot.unwrap_or_default();
     let boot = BootSettings {
@@ -485,11 +505,16 @@ pub fn check_source(s: &SourceConfig) -> Result<(), String> {
             "a signed source needs keyring_filename or keyring_data (or unsigned = true)".into(),
         );
     }
-    if s.keyring_data.is_none() {
-        if let Some(f) = &s.keyring_filename {
-            std::fs::File::open(f)
-                .map_err(|e| format!("cannot read keyring {}: {e}", f.display()))?;
-        }
+    // The keyring is parsed as a sync would: a bad one is refused here, not saved to
+    // fail every later sync (of the healthy sources too).
+    if let Some(data) = &s.keyring_data {
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(data.trim())
+            .map_err(|e| format!("keyring_data is not base64: {e}"))?;
+        crate::verify::Keyring::from_bytes(&bytes, "keyring_data").map_err(|e| e.to_string())?;
+    } else if let Some(f) = &s.keyring_filename {
+        crate::verify::Keyring::from_file(f).map_err(|e| e.to_string())?;
     }
     Ok(())
 }
@@ -554,6 +579,41 @@ impl SourceUrl {
     }
 }
 
+/// `url` with its credentials (`user:pass@`) replaced by `***@`: the form a source URL
+/// is shown in (API, page, CLI) and logged.
+pub fn redacted(url: &str) -> String {
+    redact_text(url)
+}
+
+/// `text` (an error, a log line) with the credentials of every URL in it replaced by
+/// `***`: anything between `scheme://` and an `@` before the end of the authority.
+pub fn redact_text(text: &str) -> String {
+    if !text.contains('@') {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (before, after) = rest.split_at(at + 3);
+        out.push_str(before);
+        // The authority ends at the path, query, fragment or the end of the URL.
+        let end = after
+            .find(|c: char| {
+                matches!(c, '/' | '?' | '#' | '"' | '\'' | '<' | '>' | '`') || c.is_whitespace()
+            })
+            .unwrap_or(after.len());
+        match after[..end].rfind('@') {
+            Some(userinfo) => {
+                out.push_str("***");
+                rest = &after[userinfo..];
+            }
+            None => rest = after,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Renders a source for a warning when the config's sources differ from the state's.
 pub fn describe_sources(sources: &[SourceConfig]) -> BTreeMap<String, usize> {
     sources
@@ -583,6 +643,26 @@ mod tests {
         assert!(e.to_string().starts_with("x.toml: "), "{e}");
         let e = from_str(Path::new("x.toml"), "bogus = 1\n").unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn credentials_are_redacted_wherever_a_url_appears() {
+        assert_eq!(
+            redacted("https://user:s3cret@mirror.example/maas/"),
+            "https://***@mirror.example/maas/"
+        );
+        assert_eq!(redacted("http://tok@h:8080"), "http://***@h:8080");
+        assert_eq!(redacted("http://h/a@b"), "http://h/a@b");
+        assert_eq!(redacted("file:///srv/m@x/"), "file:///srv/m@x/");
+        assert_eq!(
+            redact_text("GET http://u:p@a/x failed; see https://b/ and ftp://q:w@c?z@y"),
+            "GET http://***@a/x failed; see https://b/ and ftp://***@c?z@y"
+        );
+        assert_eq!(
+            redact_text("urls [\"http://u:p@a/\"]"),
+            "urls [\"http://***@a/\"]"
+        );
+        assert_eq!(redact_text("plain text @ no url"), "plain text @ no url");
     }
 
     #[test]
@@ -650,6 +730,22 @@ mod tests {
         assert!(e.to_string().contains("http.max_connections"), "{e}");
         let e = from_str(p, &format!("[http]\nheader_timeout = \"soon\"\n{src}")).unwrap_err();
         assert!(e.to_string().contains("http.header_timeout"), "{e}");
+        assert_eq!(s.http.max_connections_per_client, 64);
+        assert_eq!(s.http.send_timeout, Duration::from_secs(60));
+        let s = from_str(
+            p,
+            &format!("[http]\nmax_connections_per_client = 8\nsend_timeout = \"2s\"\n{src}"),
+        )
+        .unwrap();
+        assert_eq!(s.http.max_connections_per_client, 8);
+        assert_eq!(s.http.send_timeout, Duration::from_secs(2));
+        let e = from_str(p, &format!("[http]\nmax_connections_per_client = 0\n{src}")).unwrap_err();
+        assert!(
+            e.to_string().contains("http.max_connections_per_client"),
+            "{e}"
+        );
+        let e = from_str(p, &format!("[http]\nsend_timeout = \"0s\"\n{src}")).unwrap_err();
+        assert!(e.to_string().contains("http.send_timeout"), "{e}");
         let s = from_str(p, &format!("drain_timeout = \"2m\"\n{src}")).unwrap();
         assert_eq!(s.drain_timeout, Duration::from_secs(120));
         let e = from_str(p, &format!("drain_timeout = \"never\"\n{src}")).unwrap_err();

@@ -247,10 +247,12 @@ pub async fn sync_once(d: &Daemon) {
             st.failures += 1;
             st.consecutive_failures += 1;
             st.last_result = Some("failed".into());
-            st.last_error = Some(format!("{e:#}"));
+            // `systemctl status` shows STATUS= to every user: no URL credentials.
+            let e = crate::config::redact_text(&format!("{e:#}"));
+            st.last_error = Some(e.clone());
             drop(st);
-            tracing::error!("sync failed (still serving the last good snapshot): {e:#}");
-            systemd::notify(&format!("STATUS=last sync failed: {e:#}"));
+            tracing::error!("sync failed (still serving the last good snapshot): {e}");
+            systemd::notify(&format!("STATUS=last sync failed: {e}"));
         }
     }
 }
@@ -393,6 +395,8 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
     let limits = crate::http::HttpLimits {
         header_read_timeout: settings.http.header_timeout,
         max_connections: settings.http.max_connections,
+        max_connections_per_client: settings.http.max_connections_per_client,
+        send_timeout: settings.http.send_timeout,
         ..Default::default()
     };
     let http_listeners: Vec<crate::http::Listener> = tcp

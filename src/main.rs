@@ -10,6 +10,28 @@ use clap::Parser;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Log output: stderr, with the credentials of any URL in a line replaced by `***`
+/// (errors of every module name the URLs they fetched, and a source URL may carry
+/// `user:pass@`). The formatter hands over one whole line per write.
+struct RedactingStderr;
+
+impl std::io::Write for RedactingStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut err = std::io::stderr().lock();
+        match std::str::from_utf8(buf) {
+            Ok(s) if s.contains('@') => {
+                err.write_all(rackboot::config::redact_text(s).as_bytes())?
+            }
+            _ => err.write_all(buf)?,
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
 fn main() -> ExitCode {
     let cli = match rackboot::cli::Cli::try_parse() {
         Ok(c) => c,
@@ -23,7 +45,7 @@ fn main() -> ExitCode {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| RedactingStderr)
         // Colours only on a terminal: journald and log files get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
@@ -46,9 +68,10 @@ fn main() -> ExitCode {
             } else {
                 1
             };
-            eprintln!("rackboot: error: {e}");
+            let redact = |x: &dyn std::fmt::Display| rackboot::config::redact_text(&x.to_string());
+            eprintln!("rackboot: error: {}", redact(&e));
             for cause in e.chain().skip(1) {
-                eprintln!("rackboot:   caused by: {cause}");
+                eprintln!("rackboot:   caused by: {}", redact(&cause));
             }
             ExitCode::from(code)
         }

@@ -324,6 +324,32 @@ pub struct CatalogEntry {
     /// Bytes of the items a rack downloads (kernel, initrd, dtb, squashfs).
     pub size: u64,
     pub selected: bool,
+    /// The source's id and URL in `sources.json` when the catalog was written: the
+    /// page keys rows by them, not by position (a source deleted since must not lend
+    /// its rows to the next one). Empty in catalogs written before they existed.
+    #[serde(default)]
+    pub source_id: u64,
+    #[serde(default)]
+    pub source_url: String,
+    /// Other subarch names the image is served under (`generic`, `…-rolling`).
+    #[serde(default)]
+    pub subarch_aliases: Vec<String>,
+}
+
+impl CatalogEntry {
+    /// Whether `selections` (e.g. the current ones, not the last sync's) take it.
+    pub fn selected_by(&self, selections: &[Selection]) -> bool {
+        let key = ImageKey {
+            os: self.os.clone(),
+            arch: self.arch.clone(),
+            subarch: self.subarch.clone(),
+            release: self.release.clone(),
+            label: self.label.clone(),
+        };
+        selections
+            .iter()
+            .any(|s| selection_matches(s, &key, &self.subarch_aliases))
+    }
 }
 
 /// Every image of the verified sources with whether the selections take it.
@@ -361,6 +387,9 @@ pub fn catalog(sources: &[(Vec<Verified<Products>>, Vec<Selection>)]) -> Vec<Cat
                 selected: selections
                     .iter()
                     .any(|s| selection_matches(s, &key, &aliases)),
+                source_id: 0,
+                source_url: String::new(),
+                subarch_aliases: aliases.clone(),
                 os: key.os,
                 release: key.release,
                 arch: key.arch,

@@ -488,7 +488,14 @@ async fn run_inner(
         per_source.push((products, selections));
     }
     let selected: Selected = select::select(&per_source);
-    let catalog = serde_json::to_vec_pretty(&select::catalog(&per_source))?;
+    let mut catalog = select::catalog(&per_source);
+    for e in &mut catalog {
+        if let Some(src) = resolved.get(e.source) {
+            e.source_id = src.stored.id;
+            e.source_url = src.stored.url.clone();
+        }
+    }
+    let catalog = serde_json::to_vec_pretty(&catalog)?;
     for f in &selected.skipped_ftypes {
         let w = format!("skipping items of unknown ftype {f:?}");
         tracing::warn!("{w}");

@@ -64,7 +64,11 @@ fn status_line(p: &Page) -> String {
         None => "nothing served yet: the first sync has not finished".into(),
     };
     let last = match (&p.status.last_result, &p.status.last_error) {
-        (Some(r), Some(e)) => format!("last sync {r} at {}: {e}", when(p.status.last_finished)),
+        (Some(r), Some(e)) => format!(
+            "last sync {r} at {}: {}",
+            when(p.status.last_finished),
+            crate::config::redact_text(e)
+        ),
         (Some(r), None) => format!("last sync {r} at {}", when(p.status.last_finished)),
         _ => "no sync finished since start".into(),
     };
@@ -135,6 +139,25 @@ async function poll() {
 poll();
 "#;
 
+/// The page's Content-Security-Policy: its own inline script and style (by hash) and
+/// nothing else; fetches go to its own origin only. Even markup that slipped past
+/// [`esc`] could not run a script, and no script could send the token elsewhere.
+pub fn csp() -> &'static str {
+    static CSP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    CSP.get_or_init(|| {
+        use base64::Engine as _;
+        use sha2::Digest as _;
+        let hash = |s: &str| {
+            base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(s.as_bytes()))
+        };
+        format!(
+            "default-src 'none'; script-src 'sha256-{}'; style-src 'sha256-{}'; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+            hash(SCRIPT),
+            hash(STYLE)
+        )
+    })
+}
+
 /// Renders the page.
 pub fn render(p: &Page) -> String {
     let mut h = String::new();
@@ -172,10 +195,27 @@ pub fn render(p: &Page) -> String {
         "<p><button id=\"save\">Save selection</button><button id=\"sync\">Sync now</button> <span id=\"message\"></span></p>"
     );
 
-    // Catalog entries name their source by its position in the source list.
+    // Catalog rows belong to a source by its id and URL: a source deleted or changed
+    // since the catalog was written shows none (a catalog from before entries carried
+    // them falls back to the source's position). Checkboxes show the selections as
+    // they are now, which may be newer than the catalog.
     for (i, src) in p.sources.iter().enumerate() {
-        let _ = writeln!(h, "<h2>Boot source {}: {}</h2>", src.id, esc(&src.url));
-        let entries: Vec<&CatalogEntry> = p.catalog.iter().filter(|e| e.source == i).collect();
+        let _ = writeln!(
+            h,
+            "<h2>Boot source {}: {}</h2>",
+            src.id,
+            esc(&crate::config::redacted(&src.url))
+        );
+        let entries: Vec<&CatalogEntry> = p
+            .catalog
+            .iter()
+            .filter(|e| match e.source_url.as_str() {
+                "" => e.source == i,
+                url => e.source_id == src.id && url == src.url,
+            })
+            .collect();
+        let selections: Vec<crate::config::Selection> =
+            src.selections.iter().map(|s| s.selection.clone()).collect();
         if entries.is_empty() {
             let _ = writeln!(
                 h,
@@ -197,7 +237,7 @@ pub fn render(p: &Page) -> String {
                 row.1 = e.version.as_str();
             }
             let sel = row.2.entry(e.arch.as_str()).or_insert(false);
-            *sel |= e.selected;
+            *sel |= e.selected_by(&selections);
         }
         let _ = write!(h, "<table class=\"catalog\" data-source=\"{}\"><tr><th>OS</th><th>Release</th><th>Title</th>", src.id);
         for a in &arches {
@@ -281,9 +321,13 @@ mod tests {
             title: "24.04 LTS".into(),
             size: 1,
             selected,
+            source_id: 1,
+            source_url: "http://mirror/<x>".into(),
+            subarch_aliases: vec!["ga-24.04".into(), "generic".into()],
         }
     }
 
+    /// Source 1, whose selection takes noble on amd64.
     fn source() -> StoredSource {
         StoredSource {
             id: 1,
@@ -291,8 +335,78 @@ mod tests {
             keyring_filename: None,
             keyring_data: None,
             unsigned: false,
-            selections: vec![],
+            selections: vec![crate::state::StoredSelection {
+                id: 1,
+                selection: crate::config::Selection {
+                    os: "ubuntu".into(),
+                    release: "noble".into(),
+                    arches: vec!["amd64".into()],
+                    subarches: vec!["generic".into()],
+                    labels: vec!["*".into()],
+                },
+            }],
         }
+    }
+
+    fn page_of<'a>(
+        status: &'a SyncStatus,
+        sources: &'a [StoredSource],
+        catalog: &'a [CatalogEntry],
+    ) -> String {
+        render(&Page {
+            version: "0.1.0",
+            generation: Some(3),
+            snapshot_created: Some(0),
+            status,
+            sync_auto: true,
+            sources,
+            catalog,
+            resources: &[],
+            writes_enabled: true,
+        })
+    }
+
+    #[test]
+    fn rows_follow_their_source_by_id_and_url_and_boxes_the_current_selection() {
+        let status = SyncStatus::default();
+        // The catalog was written when source 1 came first; it has been deleted, and
+        // source 2 (whose upstream is down, so no newer catalog) is now first.
+        let mut gone = entry("amd64", "noble", true);
+        gone.source_url = "http://gone/".into();
+        let mut two = source();
+        two.id = 2;
+        two.url = "http://two/".into();
+        two.selections.clear();
+        let html = page_of(&status, std::slice::from_ref(&two), &[gone]);
+        assert!(!html.contains("data-arch=\"amd64\""), "{html}");
+        assert!(html.contains("No images listed yet"), "{html}");
+        // A selection saved since the last sync shows at once, through an alias.
+        let stale = entry("amd64", "noble", false);
+        let html = page_of(&status, &[source()], &[stale]);
+        assert!(
+            html.contains("data-source=\"1\" data-os=\"ubuntu\" data-release=\"noble\" data-arch=\"amd64\" aria-label=\"ubuntu noble amd64\" checked>"),
+            "{html}"
+        );
+        // A selection dropped since is unchecked.
+        let mut unselected = source();
+        unselected.selections.clear();
+        let html = page_of(&status, &[unselected], &[entry("amd64", "noble", true)]);
+        assert!(!html.contains(" checked>"), "{html}");
+    }
+
+    #[test]
+    fn credentials_in_a_source_url_or_an_error_are_not_shown() {
+        let status = SyncStatus {
+            last_result: Some("failed".into()),
+            last_error: Some("http://u:hunter2@m/streams/v1/index.sjson: 401".into()),
+            last_finished: Some(0),
+            ..Default::default()
+        };
+        let mut s = source();
+        s.url = "http://u:hunter2@m/".into();
+        let html = page_of(&status, &[s], &[]);
+        assert!(!html.contains("hunter2"), "{html}");
+        assert!(html.contains("Boot source 1: http://***@m/"), "{html}");
     }
 
     #[test]

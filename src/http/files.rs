@@ -83,15 +83,15 @@ pub fn clean_path(raw: &str) -> Result<String, PathError> {
     Ok(parts.join("/"))
 }
 
-fn content_type(path: &str) -> &'static str {
+/// The Content-Type of a served file. Files come from upstream, so no name makes
+/// them active content (HTML, script, style, SVG) on the rack's origin: anything
+/// that is not metadata or a config is `application/octet-stream`.
+pub fn content_type(path: &str) -> &'static str {
     let name = path.rsplit('/').next().unwrap_or(path);
     let ext = name.rsplit_once('.').map(|(_, e)| e).unwrap_or("");
     match ext {
         "json" => "application/json",
         "sjson" | "txt" | "cfg" | "ipxe" | "lst" | "meta" => "text/plain; charset=utf-8",
-        "html" => "text/html; charset=utf-8",
-        "js" => "text/javascript; charset=utf-8",
-        "css" => "text/css; charset=utf-8",
         "gpg" => "application/pgp-keys",
         _ if name.starts_with("grub.cfg") || name.starts_with("ipxe.cfg") => {
             "text/plain; charset=utf-8"
@@ -539,6 +539,20 @@ mod tests {
         ] {
             assert_eq!(clean_path(bad), Err(PathError::Bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn upstream_names_never_make_active_content() {
+        for name in [
+            "a/b.html", "x.htm", "x.js", "x.css", "x.svg", "x.xhtml", "x.xml", "squashfs",
+        ] {
+            assert_eq!(content_type(name), "application/octet-stream", "{name}");
+        }
+        assert_eq!(content_type("streams/v1/index.json"), "application/json");
+        assert_eq!(
+            content_type("grub/grub.cfg-01-aa"),
+            "text/plain; charset=utf-8"
+        );
     }
 
     #[test]

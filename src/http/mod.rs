@@ -4,9 +4,11 @@
 //! Routing is the `App`'s job; [`files::StaticFiles`] serves a directory tree.
 
 pub mod files;
+pub mod progress;
 pub mod sendfile;
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -51,6 +53,12 @@ pub struct HttpLimits {
     pub header_read_timeout: Duration,
     /// Open connections; beyond it new ones are closed at once.
     pub max_connections: usize,
+    /// Open connections from one client address; beyond it new ones from that
+    /// address are closed at once (one client cannot take every slot).
+    pub max_connections_per_client: usize,
+    /// A response whose writes make no progress this long is closed (and its body,
+    /// with the snapshot it holds, dropped).
+    pub send_timeout: Duration,
 }
 
 impl Default for HttpLimits {
@@ -59,6 +67,8 @@ impl Default for HttpLimits {
             max_header_bytes: 16 << 10,
             header_read_timeout: Duration::from_secs(10),
             max_connections: 10_000,
+            max_connections_per_client: 64,
+            send_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -85,7 +95,7 @@ pub struct HttpMetrics {
 
 /// Kinds of HTTP errors, in the order of `HttpMetrics::errors`: error responses of
 /// the routes, then connection-level failures that hyper answers or closes itself.
-pub const HTTP_ERROR_KINDS: [&str; 10] = [
+pub const HTTP_ERROR_KINDS: [&str; 11] = [
     "bad_request",
     "unauthorized",
     "not_found",
@@ -96,12 +106,14 @@ pub const HTTP_ERROR_KINDS: [&str; 10] = [
     "header_timeout",
     "malformed",
     "connection",
+    "send_timeout",
 ];
 
 const ERR_TOO_LARGE: usize = 6;
 const ERR_TIMEOUT: usize = 7;
 const ERR_MALFORMED: usize = 8;
 const ERR_CONNECTION: usize = 9;
+const ERR_SEND_TIMEOUT: usize = 10;
 
 impl HttpMetrics {
     fn count_status(&self, status: u16) {
@@ -192,7 +204,8 @@ fn handle(
     metrics.requests.fetch_add(1, Ordering::Relaxed);
     let fut = app.call(req, peer);
     async move {
-        let resp = fut.await;
+        let mut resp = fut.await;
+        secure_headers(resp.headers_mut());
         let status = resp.status().as_u16();
         metrics.count_status(status);
         if let Some((start, method, path)) = log {
@@ -201,6 +214,18 @@ fn handle(
         }
         Ok(resp)
     }
+}
+
+/// What every response is sent with unless its route set its own: no content type
+/// sniffing, and a policy under which a served file can run nothing and reach
+/// nothing on the rack's origin (upstream content is never trusted as a page).
+pub const SANDBOX_CSP: &str = "default-src 'none'; sandbox";
+
+fn secure_headers(h: &mut hyper::HeaderMap) {
+    use hyper::header::{HeaderValue, CONTENT_SECURITY_POLICY, X_CONTENT_TYPE_OPTIONS};
+    h.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.entry(CONTENT_SECURITY_POLICY)
+        .or_insert(HeaderValue::from_static(SANDBOX_CSP));
 }
 
 /// A listening address, plain or TLS.
@@ -303,6 +328,7 @@ pub async fn serve(
         graceful: graceful.clone(),
         shutdown: shutdown.clone(),
         last_warn: Arc::new(std::sync::Mutex::new(None)),
+        per_client: Arc::new(PerClient::default()),
     };
     // Every accept loop holds a sender; all of them gone means no loop is left.
     let (alive, mut loops_left) = tokio::sync::mpsc::channel::<()>(1);
@@ -391,6 +417,51 @@ struct Accept {
     shutdown: CancellationToken,
     /// When the limit was last logged (once per 10 s at most).
     last_warn: Arc<std::sync::Mutex<Option<Instant>>>,
+    /// Open connections by client address.
+    per_client: Arc<PerClient>,
+}
+
+/// Open connections by client address, and when the per-client limit was last logged.
+#[derive(Default)]
+struct PerClient {
+    open: std::sync::Mutex<HashMap<IpAddr, usize>>,
+    last_warn: std::sync::Mutex<Option<Instant>>,
+}
+
+/// One connection counted against its client's limit; uncounted when dropped.
+struct ClientSlot {
+    clients: Arc<PerClient>,
+    ip: IpAddr,
+}
+
+impl PerClient {
+    /// Counts a connection from `ip`, unless `ip` already has `max` open.
+    fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<ClientSlot> {
+        // An IPv4 client on a dual-stack socket is one client whichever way it shows.
+        let ip = ip.to_canonical();
+        let mut open = self.open.lock().expect("per-client lock");
+        let n = open.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            clients: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = self.clients.open.lock().expect("per-client lock");
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
 }
 
 impl Accept {
@@ -427,6 +498,23 @@ impl Accept {
                 drop(stream);
                 continue;
             };
+            let limit = self.shared.limits.max_connections_per_client;
+            let Some(client_slot) = self.per_client.take(peer.ip(), limit) else {
+                self.shared
+                    .metrics
+                    .connections_rejected
+                    .fetch_add(1, Ordering::Relaxed);
+                let mut last = self.per_client.last_warn.lock().expect("warn lock");
+                if last.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                    tracing::warn!(
+                        "http: {} has {limit} connections open (http.max_connections_per_client), refusing more",
+                        peer.ip().to_canonical()
+                    );
+                    *last = Some(Instant::now());
+                }
+                drop(stream);
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let (shared, acceptor, watcher) = (
                 self.shared.clone(),
@@ -438,6 +526,7 @@ impl Accept {
                 m.connections_open.fetch_add(1, Ordering::Relaxed);
                 connection(shared, stream, peer, acceptor, watcher).await;
                 m.connections_open.fetch_sub(1, Ordering::Relaxed);
+                drop(client_slot);
                 drop(permit);
             });
         }
@@ -587,6 +676,17 @@ async fn connection(
         // and hangs on a keep-alive connection.
         .title_case_headers(true)
         .keep_alive(true);
+    // Dropping the connection future on a stall closes the socket and drops the
+    // body, which lets go of its snapshot.
+    let stall = Arc::new(progress::Stall::default());
+    let stalled = || {
+        tracing::info!(
+            %peer,
+            "http: closing a connection that made no send progress for {:?} (http.send_timeout)",
+            limits.send_timeout
+        );
+        metrics.errors[ERR_SEND_TIMEOUT].fetch_add(1, Ordering::Relaxed);
+    };
     let result = match acceptor {
         Some(acc) => {
             let tls =
@@ -603,14 +703,23 @@ async fn connection(
                         return;
                     }
                 };
-            let conn = builder.serve_connection(TokioIo::new(tls), svc);
-            watcher.watch(conn).await
+            let io = progress::Watched::new(tls, stall.clone());
+            let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), svc));
+            tokio::select! {
+                r = conn => r,
+                () = stall.expired(limits.send_timeout) => return stalled(),
+            }
         }
         None => {
             let pending = Arc::new(sendfile::Pending::default());
             let io = sendfile::SendfileStream::new(stream, pending.clone());
+            let io = progress::Watched::new(io, stall.clone());
             let conn = builder.serve_connection(TokioIo::new(io), svc);
-            sendfile::scope(pending, watcher.watch(conn)).await
+            let conn = sendfile::scope(pending, watcher.watch(conn));
+            tokio::select! {
+                r = conn => r,
+                () = stall.expired(limits.send_timeout) => return stalled(),
+            }
         }
     };
     if let Err(e) = result {

@@ -84,7 +84,7 @@ fn free_port() -> u16 {
 
 /// Starts `rackboot serve` with `customize` applied to the command and waits for the
 /// `listening for {what} on ADDR` lines; returns the addresses in that order.
-fn spawn_serve(
+pub fn spawn_serve(
     env: &Env,
     what: &[&str],
     customize: impl FnOnce(&mut Command),
@@ -177,7 +177,7 @@ fn self_signed(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
 
 /// A rack with a TLS listener on 127.0.0.1:0 and a fresh self-signed certificate
 /// (returned, for `curl --cacert`).
-fn rack_with_tls(kernel_size: usize) -> (Rack, std::path::PathBuf) {
+pub fn rack_with_tls(kernel_size: usize) -> (Rack, std::path::PathBuf) {
     let r = rack(kernel_size, "auto = false", "TLS\n");
     let (cert, key) = self_signed(r.env.dir.path());
     edit_config(

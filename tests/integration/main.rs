@@ -5,6 +5,7 @@ mod bootcfg;
 mod harness;
 mod hostile_upstream;
 mod http;
+mod http_hostile;
 mod import;
 mod mirror;
 mod mirror_cmd;

@@ -117,7 +117,7 @@ impl Bench {
                 std::fs::write(
                     &config,
                     format!(
-                        "state_dir = \"{}\"\n[sync]\nauto = false\n[tftp]\nlisten = []\n[http]\nlisten = [\"127.0.0.1:{port}\"]\n[[sources]]\nurl = \"file:///nonexistent/streams/v1/index.json\"\nunsigned = true\n",
+                        "state_dir = \"{}\"\n[sync]\nauto = false\n[tftp]\nlisten = []\n[http]\nlisten = [\"127.0.0.1:{port}\"]\n# every client is 127.0.0.1\nmax_connections_per_client = 10000\n[[sources]]\nurl = \"file:///nonexistent/streams/v1/index.json\"\nunsigned = true\n",
                         self.dir.join("state").display()
                     ),
                 )?;
