@@ -2,7 +2,8 @@
 //! extra kernel parameters, or "boot from the local disk". Entries come from the
 //! config's `[machines."<mac>"]` tables and from `state_dir/machines.json` (written
 //! atomically by the CLI and the API; it wins over the config). Read at every boot
-//! request, so changes apply without a restart.
+//! request, so changes apply without a restart. `kernel_params` is checked when set
+//! (length, no control characters: [`crate::bootcfg::check_kernel_params`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -72,7 +73,10 @@ pub fn apply_kv(m: &mut Machine, pairs: &[(String, String)]) -> Result<(), Strin
                     m.image = Some(v.clone());
                 }
             }
-            "kernel_params" => m.kernel_params = (!v.is_empty()).then(|| v.clone()),
+            "kernel_params" => {
+                crate::bootcfg::check_kernel_params(v)?;
+                m.kernel_params = (!v.is_empty()).then(|| v.clone())
+            }
             "local_boot" => {
                 m.local_boot = Some(
                     v.parse()
