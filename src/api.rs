@@ -456,6 +456,11 @@ async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<B
                 Ok(b) => b,
                 Err(r) => return r,
             };
+            // Held until machines.json is written: no concurrent edit is lost.
+            let _lock = match crate::state::StateLock::acquire_async(&settings.state_dir).await {
+                Ok(l) => l,
+                Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+            };
             let mut state = match crate::machines::load(&settings.state_dir) {
                 Ok(s) => s,
                 Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
@@ -484,6 +489,10 @@ async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<B
             let body = match read_json(req).await {
                 Ok(b) => b,
                 Err(r) => return r,
+            };
+            let _lock = match crate::state::StateLock::acquire_async(&settings.state_dir).await {
+                Ok(l) => l,
+                Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
             };
             match write_sources(&d, &m, p, &body) {
                 Ok(v) => {

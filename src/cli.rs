@@ -370,6 +370,10 @@ pub(crate) fn apply_selection_kv(
 }
 
 fn cmd_sources(cli: &Cli, settings: &Settings, op: &str, args: &[String]) -> anyhow::Result<()> {
+    // Held until the changed file is written: no concurrent edit is lost.
+    let _lock = (op != "read")
+        .then(|| crate::state::StateLock::acquire(&settings.state_dir))
+        .transpose()?;
     let mut sources = Sources::current(settings)?;
     match op {
         "read" => {
@@ -443,6 +447,9 @@ fn cmd_sources(cli: &Cli, settings: &Settings, op: &str, args: &[String]) -> any
 }
 
 fn cmd_selections(cli: &Cli, settings: &Settings, op: &str, args: &[String]) -> anyhow::Result<()> {
+    let _lock = (op != "read")
+        .then(|| crate::state::StateLock::acquire(&settings.state_dir))
+        .transpose()?;
     let mut sources = Sources::current(settings)?;
     let source_id = id_arg(args, 0, "boot source id")?;
     let next_id = sources.next_selection_id();
@@ -515,6 +522,9 @@ fn cmd_machines(cli: &Cli, settings: &Settings, op: &str, args: &[String]) -> an
         let a = args.get(i).ok_or_else(|| usage("missing MAC address"))?;
         Mac::parse(a).ok_or_else(|| usage(format!("{a:?} is not a MAC address")))
     };
+    let _lock = (op != "read")
+        .then(|| crate::state::StateLock::acquire(&settings.state_dir))
+        .transpose()?;
     let mut state = crate::machines::load(&settings.state_dir)?;
     match op {
         "read" => {

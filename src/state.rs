@@ -1,6 +1,11 @@
 //! Small state files in `state_dir`, each written atomically:
 //! `sources.json` (boot sources and selections: seeded from the config on first
 //! use, then changed through the CLI/API) and `state.json` (what the last sync saw).
+//!
+//! Every read-modify-write of `sources.json` or `machines.json` (CLI, API, the
+//! first-use seeding) holds [`StateLock`], an exclusive `flock` on
+//! `state_dir/state.lock` (not the sync lock: a long sync must not block an edit), so
+//! two writers in different processes never overwrite each other's change.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,6 +15,41 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Selection, Settings, SourceConfig};
 use crate::store::{atomic_write, ctx};
 use crate::upstream::Validators;
+
+/// The lock file of state-file edits, beside the state files.
+pub const STATE_LOCK_FILE: &str = "state.lock";
+
+/// Held while a state file is read, changed and written back; released on drop
+/// (or when the process dies: it is a `flock`).
+pub struct StateLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl StateLock {
+    /// Waits for the exclusive lock on `state_dir/state.lock` (creating both).
+    pub fn acquire(state_dir: &Path) -> anyhow::Result<StateLock> {
+        std::fs::create_dir_all(state_dir)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", state_dir.display()))?;
+        let p = state_dir.join(STATE_LOCK_FILE);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", p.display()))?;
+        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| anyhow::anyhow!("cannot lock {}: {e}", p.display()))?;
+        Ok(StateLock { _lock: lock })
+    }
+
+    /// [`StateLock::acquire`] from async code: waits on a blocking thread.
+    pub async fn acquire_async(state_dir: &Path) -> anyhow::Result<StateLock> {
+        let dir = state_dir.to_path_buf();
+        tokio::task::spawn_blocking(move || StateLock::acquire(&dir))
+            .await
+            .map_err(|e| anyhow::anyhow!("state lock: {e}"))?
+    }
+}
 
 /// What the sync engine remembers between runs.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -150,6 +190,11 @@ impl Sources {
                 Ok(s)
             }
             None => {
+                let _lock = StateLock::acquire(&settings.state_dir)?;
+                // Another process may have seeded (or edited) it meanwhile.
+                if let Some(s) = Sources::load(&settings.state_dir)? {
+                    return Ok(s);
+                }
                 let s = Sources::from_configs(&settings.sources);
                 s.save(&settings.state_dir)?;
                 Ok(s)

@@ -7,7 +7,10 @@
 //!
 //! Policy: the certificates in the keyring may carry SHA-1 self-signatures (the real
 //! `ubuntu-cloudimage-keyring.gpg` keys do), but the signature over the data must use
-//! SHA-256 or stronger. Expired or revoked signing keys are refused.
+//! SHA-256 or stronger. A document is accepted when a signature by a keyring key is
+//! good and no signature by a keyring key is bad (as gpgv does). The signing key must
+//! be alive and unrevoked now, not only when it signed: an old document signed
+//! before the key expired is refused.
 
 use std::io::Read;
 use std::path::Path;
@@ -15,6 +18,7 @@ use std::time::SystemTime;
 
 use sequoia_openpgp as openpgp;
 
+use openpgp::cert::amalgamation::ValidAmalgamation as _;
 use openpgp::cert::CertParser;
 use openpgp::parse::stream::{
     MessageLayer, MessageStructure, VerificationError, VerificationHelper, VerifierBuilder,
@@ -193,6 +197,8 @@ fn policy() -> StandardPolicy<'static> {
 
 struct Helper<'a> {
     certs: &'a [Cert],
+    policy: &'a StandardPolicy<'static>,
+    now: SystemTime,
     /// Written by `check`; outlives the verifier, which drops the helper on failure.
     outcome: &'a mut Option<Result<String, VerifyError>>,
 }
@@ -204,16 +210,58 @@ fn key_name(sig: &openpgp::packet::Signature) -> String {
         .unwrap_or_else(|| "<no issuer>".to_string())
 }
 
+impl Helper<'_> {
+    /// A good signature's key must also be usable *now*: sequoia judges a key at the
+    /// time of the signature, so a key that expired (or was revoked) since would
+    /// still pass. Refused here: expiry is how a publisher retires a key, and an old
+    /// document signed while it lived is what a replaying man in the middle holds.
+    fn alive_now(&self, good: &openpgp::parse::stream::GoodChecksum) -> Result<(), VerifyError> {
+        let fpr = good.ka.key().fingerprint();
+        let bad = |reason: String| VerifyError::BadKey {
+            key: fpr.to_hex(),
+            reason,
+        };
+        let vc = good
+            .ka
+            .cert()
+            .with_policy(self.policy, self.now)
+            .map_err(|e| bad(format!("{e:#}")))?;
+        vc.alive()
+            .map_err(|e| bad(format!("its certificate is not alive now: {e:#}")))?;
+        if let openpgp::types::RevocationStatus::Revoked(_) = vc.revocation_status() {
+            return Err(bad("its certificate is revoked".into()));
+        }
+        let ka = vc
+            .keys()
+            .key_handle(fpr.clone())
+            .next()
+            .ok_or_else(|| bad("the key is not valid now".into()))?;
+        ka.alive()
+            .map_err(|e| bad(format!("the key is not alive now: {e:#}")))?;
+        if let openpgp::types::RevocationStatus::Revoked(_) = ka.revocation_status() {
+            return Err(bad("the key is revoked".into()));
+        }
+        Ok(())
+    }
+}
+
 impl VerificationHelper for Helper<'_> {
     fn get_certs(&mut self, _ids: &[KeyHandle]) -> openpgp::Result<Vec<Cert>> {
         Ok(self.certs.to_vec())
     }
 
+    /// Accepts only when at least one signature is good and no signature by a key of
+    /// the keyring is bad (as gpgv does); signatures by keys outside the keyring are
+    /// ignored when a good one is there.
     fn check(&mut self, structure: MessageStructure) -> openpgp::Result<()> {
-        let mut first_error = None;
+        let mut good_signer = None;
+        // A signature by a keyring key that failed: refuses the document.
+        let mut refused = None;
+        // Failures that only matter when nothing is good (unknown keys).
+        let mut other = None;
         for layer in structure.into_iter() {
             let MessageLayer::SignatureGroup { results } = layer else {
-                first_error.get_or_insert(VerifyError::Malformed(
+                refused.get_or_insert(VerifyError::Malformed(
                     "unexpected compression or encryption layer".into(),
                 ));
                 continue;
@@ -230,17 +278,23 @@ impl VerificationHelper for Helper<'_> {
                                 | HashAlgorithm::SHA3_256
                                 | HashAlgorithm::SHA3_512
                         ) {
-                            first_error.get_or_insert(VerifyError::WeakHash(algo));
+                            refused.get_or_insert(VerifyError::WeakHash(algo));
                             continue;
                         }
-                        *self.outcome = Some(Ok(good.ka.cert().fingerprint().to_hex()));
-                        return Ok(());
+                        match self.alive_now(&good) {
+                            Ok(()) => {
+                                good_signer.get_or_insert(good.ka.cert().fingerprint().to_hex());
+                            }
+                            Err(e) => {
+                                refused.get_or_insert(e);
+                            }
+                        }
+                    }
+                    Err(VerificationError::MissingKey { sig }) => {
+                        other.get_or_insert(VerifyError::UnknownKey(key_name(sig)));
                     }
                     Err(e) => {
                         let err = match e {
-                            VerificationError::MissingKey { sig } => {
-                                VerifyError::UnknownKey(key_name(sig))
-                            }
                             VerificationError::BadSignature { sig, error, .. } => {
                                 VerifyError::BadSignature {
                                     key: key_name(sig),
@@ -262,13 +316,21 @@ impl VerificationHelper for Helper<'_> {
                             }
                             other => VerifyError::Malformed(other.to_string()),
                         };
-                        first_error.get_or_insert(err);
+                        refused.get_or_insert(err);
                     }
                 }
             }
         }
-        let err =
-            first_error.unwrap_or_else(|| VerifyError::Malformed("no signature found".into()));
+        let err = match (refused, good_signer) {
+            (None, Some(signer)) => {
+                *self.outcome = Some(Ok(signer));
+                return Ok(());
+            }
+            (Some(e), _) => e,
+            (None, None) => {
+                other.unwrap_or_else(|| VerifyError::Malformed("no signature found".into()))
+            }
+        };
         let msg = err.to_string();
         *self.outcome = Some(Err(err));
         Err(anyhow::anyhow!(msg))
@@ -294,6 +356,8 @@ pub fn verify_clearsigned(
     let read = {
         let helper = Helper {
             certs: &keyring.certs,
+            policy: &policy,
+            now,
             outcome: &mut outcome,
         };
         VerifierBuilder::from_bytes(data)
