@@ -40,6 +40,10 @@ pub enum Command {
         /// Fail at once if another sync is running instead of waiting for it.
         #[arg(long)]
         no_wait: bool,
+        /// Accept signed metadata older than what this rack saw before (normally
+        /// refused as a possible replay).
+        #[arg(long)]
+        allow_downgrade: bool,
     },
     /// Boot sources: read | create key=value… | update ID key=value… | delete ID.
     #[command(name = "boot-sources")]
@@ -142,7 +146,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let settings = settings(&cli)?;
     match &cli.command {
-        Command::Sync { dry_run, no_wait } => cmd_sync(&cli, &settings, *dry_run, !*no_wait).await,
+        Command::Sync {
+            dry_run,
+            no_wait,
+            allow_downgrade,
+        } => cmd_sync(&cli, &settings, *dry_run, !*no_wait, *allow_downgrade).await,
         Command::BootSources { op, args } => cmd_sources(&cli, &settings, op, args),
         Command::BootSourceSelections { op, args } => cmd_selections(&cli, &settings, op, args),
         Command::BootResources { op, url } => {
@@ -213,8 +221,15 @@ async fn cmd_mirror(cli: &Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn cmd_sync(cli: &Cli, settings: &Settings, dry_run: bool, wait: bool) -> anyhow::Result<()> {
+async fn cmd_sync(
+    cli: &Cli,
+    settings: &Settings,
+    dry_run: bool,
+    wait: bool,
+    allow_downgrade: bool,
+) -> anyhow::Result<()> {
     let opts = sync::Options {
+        allow_downgrade,
         dry_run,
         wait,
         progress: if cli.json {
@@ -647,7 +662,7 @@ async fn cmd_resources(
             let base = daemon_url(settings, url)?;
             if fetch_status(&base).await.is_err() {
                 // No daemon to ask: import here, as `rackboot sync` does.
-                return cmd_sync(cli, settings, false, true).await;
+                return cmd_sync(cli, settings, false, true, false).await;
             }
             let v = daemon_call(
                 &base,

@@ -193,6 +193,8 @@ pub async fn sync_once(d: &Daemon) {
     let stop = tokio_util::sync::CancellationToken::new();
     *d.sync_stop.lock().expect("lock") = Some(stop.clone());
     let opts = sync::Options {
+        // A replay is refused; `rackboot sync --allow-downgrade` accepts one.
+        allow_downgrade: false,
         dry_run: false,
         wait: true,
         progress: ProgressMode::Quiet,
