@@ -92,6 +92,8 @@ pub struct SignedDoc {
     pub url: String,
     /// Its top-level `updated`, if any.
     pub updated: Option<String>,
+    /// Its verified text (the re-export's `.json` copies are made from it).
+    pub text: String,
 }
 
 /// The top-level `updated` string of a (verified) JSON document, if it has one.
@@ -420,6 +422,7 @@ mod tests {
             path: path.into(),
             url: format!("http://up/{path}"),
             updated: Some(updated.into()),
+            text: String::new(),
         }
     }
 

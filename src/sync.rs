@@ -234,6 +234,7 @@ async fn load_products(
                 path: entry.path.to_string(),
                 url: purl.to_string(),
                 updated: crate::state::updated_of(doc.get()),
+                text: doc.get().clone(),
             });
             raw.push((entry.path.to_string(), bytes));
             if entry.format == "index:1.0" {
@@ -450,6 +451,7 @@ pub async fn run(
             path: src.url.index.clone(),
             url: src.index_url.to_string(),
             updated: crate::state::updated_of(index.get()),
+            text: index.get().clone(),
         }];
         let mut raw = vec![(src.url.index.clone(), bytes)];
         let products =
@@ -460,6 +462,19 @@ pub async fn run(
         }
         if i == 0 {
             raw_metadata = raw;
+            // Beside each .sjson, its plain .json (unsigned downstreams read those).
+            if src.url.signed && !opts.dry_run {
+                let docs: Vec<crate::reexport::Doc> = signed
+                    .iter()
+                    .map(|d| crate::reexport::Doc {
+                        path: &d.path,
+                        text: &d.text,
+                    })
+                    .collect();
+                requests.0.fetch_add(docs.len() as u64, Ordering::Relaxed);
+                let plain = crate::reexport::plain_copies(&fetcher, &src.url.root, &docs).await;
+                raw_metadata.extend(plain);
+            }
         }
         new_validators.insert(src.index_url.to_string(), validators);
         let selections = src
