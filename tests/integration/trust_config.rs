@@ -314,7 +314,7 @@ fn sync_env(key: &TestKey) -> (Env, MirrorServer) {
 fn signature_packets(doc: &[u8]) -> Vec<openpgp::Packet> {
     let text = std::str::from_utf8(doc).unwrap();
     let start = text.find("-----BEGIN PGP SIGNATURE-----").unwrap();
-    openpgp::PacketPile::from_bytes(text[start..].as_bytes())
+    openpgp::PacketPile::from_bytes(&text.as_bytes()[start..])
         .unwrap()
         .into_children()
         .collect()
