@@ -2,6 +2,10 @@
 //! SimpleStreams tree (`/streams/v1/…` + payloads at their upstream paths), and the
 //! snapshot tree (also under `/images/`, as MAAS serves it).
 //!
+//! The re-exported tree holds each `.sjson` of a signed upstream and its plain
+//! `.json` (see `reexport`). Edits of `sources.json` / `machines.json` hold
+//! `state::StateLock` from read to write.
+//!
 //! Writes need `Authorization: Bearer <token>` with the token from `http.token_file`;
 //! without a token file, write endpoints are off. Errors are JSON: `{"error": "…"}`.
 
