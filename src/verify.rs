@@ -409,6 +409,136 @@ mod tests {
         ));
     }
 
+    use openpgp::cert::prelude::{CertBuilder, CipherSuite};
+    use openpgp::serialize::stream::{Message, Signer};
+    use openpgp::serialize::Serialize as _;
+    use openpgp::types::KeyFlags;
+    use std::io::Write as _;
+    use std::time::Duration;
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    /// A signing key created `age` ago, valid for `validity` (forever if `None`).
+    fn key(age: Duration, validity: Option<Duration>) -> Cert {
+        CertBuilder::new()
+            .add_userid("t <t@rackboot.invalid>")
+            .set_cipher_suite(CipherSuite::Cv25519)
+            .set_primary_key_flags(KeyFlags::empty().set_signing().set_certification())
+            .set_creation_time(SystemTime::now() - age)
+            .set_validity_period(validity)
+            .generate()
+            .unwrap()
+            .0
+    }
+
+    /// Clearsigns `text` with each key (one signature each), dated `at`.
+    fn clearsign(keys: &[&Cert], text: &[u8], at: SystemTime) -> Vec<u8> {
+        let pair = |c: &Cert| {
+            c.primary_key()
+                .key()
+                .clone()
+                .parts_into_secret()
+                .unwrap()
+                .into_keypair()
+                .unwrap()
+        };
+        let mut out = Vec::new();
+        let mut signer = Signer::new(Message::new(&mut out), pair(keys[0])).unwrap();
+        for k in &keys[1..] {
+            signer = signer.add_signer(pair(k)).unwrap();
+        }
+        let mut w = signer
+            .cleartext()
+            .hash_algo(HashAlgorithm::SHA512)
+            .unwrap()
+            .creation_time(at)
+            .build()
+            .unwrap();
+        w.write_all(text).unwrap();
+        w.finalize().unwrap();
+        out
+    }
+
+    fn ring(certs: &[&Cert]) -> Keyring {
+        let mut b = Vec::new();
+        for c in certs {
+            c.serialize(&mut b).unwrap();
+        }
+        Keyring::from_bytes(&b, "test").unwrap()
+    }
+
+    /// `doc`'s text, signed by the signatures of `first` then those of `second`
+    /// (each a clearsigned document, possibly over other text).
+    fn splice(doc: &[u8], first: &[u8], second: &[u8]) -> Vec<u8> {
+        let at = |d: &[u8]| {
+            let t = std::str::from_utf8(d).unwrap();
+            t.find("-----BEGIN PGP SIGNATURE-----").unwrap()
+        };
+        let sigs = |d: &[u8]| {
+            openpgp::PacketPile::from_bytes(&d[at(d)..])
+                .unwrap()
+                .into_children()
+                .collect::<Vec<_>>()
+        };
+        let mut out = doc[..at(doc)].to_vec();
+        let mut w = openpgp::armor::Writer::new(&mut out, openpgp::armor::Kind::Signature).unwrap();
+        for p in sigs(first).into_iter().chain(sigs(second)) {
+            p.serialize(&mut w).unwrap();
+        }
+        w.finalize().unwrap();
+        out
+    }
+
+    #[test]
+    fn every_keyring_signature_must_be_good() {
+        let (a, b) = (key(DAY, None), key(DAY, None));
+        let kr = ring(&[&a, &b]);
+        let now = SystemTime::now();
+        let both = clearsign(&[&a, &b], b"{}", now);
+        assert!(verify_clearsigned(&kr, &both, now).is_ok());
+        // a's signature over the text, b's over other text: both orders refused.
+        let good_a = clearsign(&[&a], b"{}", now);
+        let bad_b = clearsign(&[&b], b"{ }", now);
+        assert!(verify_clearsigned(&kr, &splice(&good_a, &good_a, &both), now).is_ok());
+        for mixed in [
+            splice(&good_a, &good_a, &bad_b),
+            splice(&good_a, &bad_b, &good_a),
+        ] {
+            assert!(
+                matches!(
+                    verify_clearsigned(&kr, &mixed, now),
+                    Err(VerifyError::BadSignature { .. })
+                ),
+                "a bad keyring signature must refuse the document"
+            );
+        }
+        // A signature by a key outside the keyring beside a good one is ignored.
+        let stranger = key(DAY, None);
+        let with_stranger = clearsign(&[&a, &stranger], b"{}", now);
+        assert!(verify_clearsigned(&ring(&[&a]), &with_stranger, now).is_ok());
+        assert!(matches!(
+            verify_clearsigned(&ring(&[&b]), &good_a, now),
+            Err(VerifyError::UnknownKey(_))
+        ));
+    }
+
+    #[test]
+    fn the_signing_key_must_be_alive_now() {
+        let now = SystemTime::now();
+        let expired = key(10 * DAY, Some(5 * DAY));
+        let doc = clearsign(&[&expired], b"{}", now - 7 * DAY);
+        let kr = ring(&[&expired]);
+        // Valid at the time it signed…
+        assert!(verify_clearsigned(&kr, &doc, now - 6 * DAY).is_ok());
+        // …but not now.
+        match verify_clearsigned(&kr, &doc, now) {
+            Err(VerifyError::BadKey { reason, .. }) => {
+                assert!(reason.contains("not alive now"), "{reason}")
+            }
+            other => panic!("expected BadKey, got {other:?}"),
+        }
+    }
+
     #[test]
     fn empty_keyring_is_an_error_naming_origin() {
         let err = Keyring::from_bytes(b"", "inline keyring_data").unwrap_err();
