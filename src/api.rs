@@ -480,6 +480,10 @@ async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<B
                 if let Err(e) = crate::machines::apply_kv(entry, &pairs) {
                     return error(StatusCode::BAD_REQUEST, e);
                 }
+                let merged = crate::machines::effective(&settings.machines, &state, &mac);
+                if let Err(e) = crate::machines::check_fits(&merged, &settings.boot.kernel_params) {
+                    return error(StatusCode::BAD_REQUEST, e);
+                }
             }
             if let Err(e) = crate::machines::save(&settings.state_dir, &state) {
                 return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"));

@@ -580,6 +580,8 @@ fn cmd_machines(cli: &Cli, settings: &Settings, op: &str, args: &[String]) -> an
             let mac = mac_arg(0)?;
             let pairs = kv(&args[1..])?;
             crate::machines::apply_kv(state.entry(mac).or_default(), &pairs).map_err(usage)?;
+            let merged = crate::machines::effective(&settings.machines, &state, &mac);
+            crate::machines::check_fits(&merged, &settings.boot.kernel_params).map_err(usage)?;
             crate::machines::save(&settings.state_dir, &state)?;
             if cli.json {
                 print_json(&crate::machines::effective(
