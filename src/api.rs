@@ -439,6 +439,25 @@ async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<B
     }
     match (method, parts.as_slice()) {
         (Method::POST, ["sync"]) => {
+            // `{"allow_downgrade": true}`: this sync accepts older signed metadata.
+            let body = match read_json(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let allow = match body.get("allow_downgrade") {
+                None => false,
+                Some(Value::Bool(b)) => *b,
+                Some(other) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("allow_downgrade={other}: expected true or false"),
+                    )
+                }
+            };
+            if allow {
+                d.allow_downgrade_once
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             d.trigger.notify_one();
             json_response(StatusCode::ACCEPTED, &json!({"sync": "started"}))
         }

@@ -430,6 +430,61 @@ fn an_older_signed_stream_is_refused_as_a_downgrade() {
     env.ok(&["sync"]);
 }
 
+fn post_sync(s: &Served, body: &str) -> u16 {
+    curl(&[
+        "-X",
+        "POST",
+        "-H",
+        &format!("Authorization: Bearer {TOKEN}"),
+        "-d",
+        body,
+        &s.url("/api/v1/sync"),
+    ])
+    .0
+}
+
+/// Issue 10 row 12, the daemon: its syncs refuse a replay (the status says why), and
+/// `POST /api/v1/sync` with `{"allow_downgrade": true}` accepts it for one sync.
+#[test]
+fn the_daemon_refuses_a_replay_until_told_otherwise() {
+    let (env, _mirror, s) = rack(None);
+    // `rack` keeps its signing key: sign with a new one, trusted from now on.
+    let key = TestKey::generate();
+    key.write_keyring(&env.keyring);
+    // Upstream at 24 Nov (signed by the new key), then at 25 Nov.
+    write_stream(&env.mirror, &products("20261101", None), &key, SHA512);
+    let saved = env.dir.path().join("old-streams");
+    std::fs::create_dir_all(&saved).unwrap();
+    let streams = env.mirror.join("streams/v1");
+    for e in std::fs::read_dir(&streams).unwrap().flatten() {
+        std::fs::copy(e.path(), saved.join(e.file_name())).unwrap();
+    }
+    write_stream(&env.mirror, &products("20261120", None), &key, SHA512);
+    restamp(&env.mirror, &key, "Tue, 25 Nov 2026 12:00:00 +0000");
+    assert_eq!(post_sync(&s, ""), 202);
+    s.wait_generation(2, Duration::from_secs(60));
+
+    for e in std::fs::read_dir(&saved).unwrap().flatten() {
+        std::fs::copy(e.path(), streams.join(e.file_name())).unwrap();
+    }
+    let runs = s.status()["sync"]["runs"].as_u64().unwrap();
+    assert_eq!(post_sync(&s, ""), 202);
+    wait_until(Duration::from_secs(60), "the refused sync", || {
+        s.status()["sync"]["runs"].as_u64().unwrap() > runs
+    });
+    let st = s.status();
+    let err = st["sync"]["last_error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("allow-downgrade") && err.contains(UPDATED),
+        "{st}"
+    );
+    assert_eq!(st["generation"], 2);
+
+    assert_eq!(post_sync(&s, "{\"allow_downgrade\": \"yes\"}"), 400);
+    assert_eq!(post_sync(&s, "{\"allow_downgrade\": true}"), 202);
+    s.wait_generation(3, Duration::from_secs(60));
+}
+
 /// Issue 10 row 18: a second rack with `unsigned = true` and the first rack's root
 /// URL syncs from the re-export, which serves `index.json` and the products `.json`
 /// (the upstream's bytes) beside the `.sjson` files.
