@@ -635,7 +635,9 @@ boot
 
     /// Lexes one line of GRUB script the way GRUB's parser does: `'…'` is literal,
     /// `"…"` allows `\` escapes and `$` expansion, `\X` outside quotes is X, blanks
-    /// separate words, `;` ends a command. Returns None on an unterminated quote.
+    /// separate words, `;` `|` `&` `{` `}` `<` `>` are tokens of their own (a `;`
+    /// word stands for each), and an unquoted `#` starting a word comments out the
+    /// rest (a `#` word marks it). Returns None on an unterminated quote.
     fn grub_words(line: &str) -> Option<Vec<Word>> {
         let mut words = Vec::new();
         let mut cur: Option<Word> = None;
@@ -643,7 +645,14 @@ boot
         while let Some(c) = chars.next() {
             match c {
                 ' ' | '\t' => words.extend(cur.take()),
-                ';' => {
+                '#' if cur.is_none() => {
+                    words.push(Word {
+                        text: "#".into(),
+                        expands: false,
+                    });
+                    break;
+                }
+                ';' | '|' | '&' | '{' | '}' | '<' | '>' => {
                     words.extend(cur.take());
                     words.push(Word {
                         text: ";".into(),
@@ -675,6 +684,15 @@ boot
                     let w = word(&mut cur);
                     w.expands = true;
                     w.text.push('$');
+                    // `${name}`: the braces belong to the expansion.
+                    if chars.clone().next() == Some('{') {
+                        for c in chars.by_ref() {
+                            w.text.push(c);
+                            if c == '}' {
+                                break;
+                            }
+                        }
+                    }
                 }
                 c => word(&mut cur).text.push(c),
             }
