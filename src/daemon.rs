@@ -102,6 +102,9 @@ pub struct Daemon {
     /// any request still holds them.
     handed_out: Mutex<Vec<Weak<Snapshot>>>,
     pub started: Instant,
+    /// Set by `POST /api/v1/sync` with `{"allow_downgrade": true}`: the next sync
+    /// accepts signed metadata older than what was seen before (taken by that sync).
+    pub allow_downgrade_once: std::sync::atomic::AtomicBool,
 }
 
 impl Daemon {
@@ -193,6 +196,8 @@ pub async fn sync_once(d: &Daemon) {
     let stop = tokio_util::sync::CancellationToken::new();
     *d.sync_stop.lock().expect("lock") = Some(stop.clone());
     let opts = sync::Options {
+        // A replay is refused unless the operator asked for this one sync.
+        allow_downgrade: d.allow_downgrade_once.swap(false, Ordering::Relaxed),
         dry_run: false,
         wait: true,
         progress: ProgressMode::Quiet,
@@ -371,6 +376,7 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
             .collect(),
         handed_out: Mutex::new(Vec::new()),
         started: Instant::now(),
+        allow_downgrade_once: std::sync::atomic::AtomicBool::new(false),
     });
     let shutdown = CancellationToken::new();
     let drain = settings.drain_timeout;

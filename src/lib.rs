@@ -33,6 +33,8 @@ pub mod metrics;
 pub mod mirror;
 /// Selection + store contents → what to fetch and the snapshot layout (pure).
 pub mod plan;
+/// The re-exported stream's plain `.json` documents beside the `.sjson` ones.
+pub mod reexport;
 /// Boot-source selections → selected products (pure).
 pub mod select;
 /// SimpleStreams documents → domain types (pure).

@@ -2,7 +2,8 @@
 //! extra kernel parameters, or "boot from the local disk". Entries come from the
 //! config's `[machines."<mac>"]` tables and from `state_dir/machines.json` (written
 //! atomically by the CLI and the API; it wins over the config). Read at every boot
-//! request, so changes apply without a restart.
+//! request, so changes apply without a restart. `kernel_params` is checked when set
+//! (length, no control characters: [`crate::bootcfg::check_kernel_params`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -72,7 +73,10 @@ pub fn apply_kv(m: &mut Machine, pairs: &[(String, String)]) -> Result<(), Strin
                     m.image = Some(v.clone());
                 }
             }
-            "kernel_params" => m.kernel_params = (!v.is_empty()).then(|| v.clone()),
+            "kernel_params" => {
+                crate::bootcfg::check_kernel_params(v)?;
+                m.kernel_params = (!v.is_empty()).then(|| v.clone())
+            }
             "local_boot" => {
                 m.local_boot = Some(
                     v.parse()
@@ -85,6 +89,25 @@ pub fn apply_kv(m: &mut Machine, pairs: &[(String, String)]) -> Result<(), Strin
                 ))
             }
         }
+    }
+    Ok(())
+}
+
+/// Checks that a machine's `kernel_params` fit beside `[boot] kernel_params`: both
+/// go on every command line, [`crate::bootcfg::MAX_EXTRA_PARAMS`] bytes together.
+pub fn check_fits(m: &Machine, boot_params: &str) -> Result<(), String> {
+    let own = m.kernel_params.as_deref().unwrap_or("");
+    let together = own.len() + boot_params.len() + 1;
+    if !own.trim().is_empty()
+        && !boot_params.trim().is_empty()
+        && together > crate::bootcfg::MAX_EXTRA_PARAMS
+    {
+        return Err(format!(
+            "kernel_params is {} bytes and [boot] kernel_params {}: {together} together; at most {} are allowed",
+            own.len(),
+            boot_params.len(),
+            crate::bootcfg::MAX_EXTRA_PARAMS
+        ));
     }
     Ok(())
 }
@@ -147,6 +170,24 @@ mod tests {
         assert!(ImageRef::parse("ubuntu").is_err());
         assert!(ImageRef::parse("ubuntu/../etc").is_err());
         assert!(ImageRef::parse("a/b/c/d/e/f").is_err());
+    }
+
+    #[test]
+    fn kernel_params_are_limited_alone_and_beside_the_boot_ones() {
+        let mut m = Machine::default();
+        let long = "a".repeat(crate::bootcfg::MAX_EXTRA_PARAMS + 1);
+        let e = apply_kv(&mut m, &[("kernel_params".into(), long)]).unwrap_err();
+        assert!(e.contains("kernel_params"), "{e}");
+        let e = apply_kv(&mut m, &[("kernel_params".into(), "a\nKERNEL x".into())]).unwrap_err();
+        assert!(e.contains("control character"), "{e}");
+        apply_kv(&mut m, &[("kernel_params".into(), "a".repeat(600))]).unwrap();
+        assert!(check_fits(&m, "").is_ok());
+        assert!(check_fits(&m, &"b".repeat(400)).is_ok());
+        let e = check_fits(&m, &"b".repeat(500)).unwrap_err();
+        assert!(
+            e.contains("[boot] kernel_params") && e.contains("1101"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,6 +1,14 @@
 //! Small state files in `state_dir`, each written atomically:
 //! `sources.json` (boot sources and selections: seeded from the config on first
 //! use, then changed through the CLI/API) and `state.json` (what the last sync saw).
+//!
+//! `state.json` also remembers the newest `updated` of each signed document per
+//! source ([`SyncState::check_updated`]): an older one is refused as a downgrade.
+//!
+//! Every read-modify-write of `sources.json` or `machines.json` (CLI, API, the
+//! first-use seeding) holds [`StateLock`], an exclusive `flock` on
+//! `state_dir/state.lock` (not the sync lock: a long sync must not block an edit), so
+//! two writers in different processes never overwrite each other's change.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,6 +18,41 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Selection, Settings, SourceConfig};
 use crate::store::{atomic_write, ctx};
 use crate::upstream::Validators;
+
+/// The lock file of state-file edits, beside the state files.
+pub const STATE_LOCK_FILE: &str = "state.lock";
+
+/// Held while a state file is read, changed and written back; released on drop
+/// (or when the process dies: it is a `flock`).
+pub struct StateLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl StateLock {
+    /// Waits for the exclusive lock on `state_dir/state.lock` (creating both).
+    pub fn acquire(state_dir: &Path) -> anyhow::Result<StateLock> {
+        std::fs::create_dir_all(state_dir)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", state_dir.display()))?;
+        let p = state_dir.join(STATE_LOCK_FILE);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", p.display()))?;
+        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| anyhow::anyhow!("cannot lock {}: {e}", p.display()))?;
+        Ok(StateLock { _lock: lock })
+    }
+
+    /// [`StateLock::acquire`] from async code: waits on a blocking thread.
+    pub async fn acquire_async(state_dir: &Path) -> anyhow::Result<StateLock> {
+        let dir = state_dir.to_path_buf();
+        tokio::task::spawn_blocking(move || StateLock::acquire(&dir))
+            .await
+            .map_err(|e| anyhow::anyhow!("state lock: {e}"))?
+    }
+}
 
 /// What the sync engine remembers between runs.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -26,6 +69,142 @@ pub struct SyncState {
     /// Unix seconds of the last successful sync that changed or confirmed content.
     #[serde(default)]
     pub last_success: Option<u64>,
+    /// The newest `updated` of each signed document (index, products) per source:
+    /// index URL → document path → what it said. An older one is a replay.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub seen_updated: BTreeMap<String, BTreeMap<String, SeenUpdated>>,
+}
+
+/// An `updated` stamp as read from a signed document.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SeenUpdated {
+    /// Unix seconds.
+    pub unix: i64,
+    /// The stamp as the document wrote it.
+    pub text: String,
+}
+
+/// One signed document of a sync, for [`SyncState::check_updated`].
+pub struct SignedDoc {
+    /// Path below the stream root (the memory's key).
+    pub path: String,
+    /// Where it was read (for the error).
+    pub url: String,
+    /// Its top-level `updated`, if any.
+    pub updated: Option<String>,
+    /// Its verified text (the re-export's `.json` copies are made from it).
+    pub text: String,
+}
+
+/// The top-level `updated` string of a (verified) JSON document, if it has one.
+pub fn updated_of(json_text: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(json_text).ok()?;
+    v.get("updated")?.as_str().map(String::from)
+}
+
+/// Parses an RFC 2822 date as SimpleStreams writes it (`Mon, 24 Nov 2026 12:00:00
+/// +0000`; the weekday is optional, the zone may be `GMT`/`UTC`/`Z`) to Unix seconds.
+pub fn parse_rfc2822(s: &str) -> Option<i64> {
+    let s = s.trim();
+    let s = match s.split_once(',') {
+        Some((_, rest)) => rest.trim(),
+        None => s,
+    };
+    let f: Vec<&str> = s.split_whitespace().collect();
+    let [day, mon, year, time, zone] = f.as_slice() else {
+        return None;
+    };
+    let day: i64 = day.parse().ok()?;
+    let mon = [
+        "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
+    ]
+    .iter()
+    .position(|m| mon.eq_ignore_ascii_case(m))? as i64
+        + 1;
+    let year: i64 = year.parse().ok()?;
+    let t: Vec<i64> = time
+        .split(':')
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    let (h, m, sec) = match t.as_slice() {
+        [h, m] => (*h, *m, 0),
+        [h, m, s] => (*h, *m, *s),
+        _ => return None,
+    };
+    let offset = match *zone {
+        "GMT" | "UTC" | "UT" | "Z" => 0,
+        z if z.len() == 5 && (z.starts_with('+') || z.starts_with('-')) => {
+            let n: i64 = z[1..].parse().ok()?;
+            let secs = (n / 100) * 3600 + (n % 100) * 60;
+            if z.starts_with('-') {
+                -secs
+            } else {
+                secs
+            }
+        }
+        _ => return None,
+    };
+    if !(1..=31).contains(&day)
+        || !(0..24).contains(&h)
+        || !(0..60).contains(&m)
+        || !(0..61).contains(&sec)
+    {
+        return None;
+    }
+    // Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's method).
+    let y = if mon <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (mon + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + h * 3600 + m * 60 + sec - offset)
+}
+
+impl SyncState {
+    /// Refuses a signed document whose `updated` is older than the newest this
+    /// source's same document had before (a man in the middle replaying an old,
+    /// validly signed stream would roll the images back), unless `allow_downgrade`.
+    /// Then remembers this sync's stamps (saved with the state after a successful
+    /// sync only). Documents without a readable stamp are not compared.
+    pub fn check_updated(
+        &mut self,
+        source: &str,
+        docs: &[SignedDoc],
+        allow_downgrade: bool,
+    ) -> anyhow::Result<()> {
+        let before = self.seen_updated.get(source);
+        let mut now = BTreeMap::new();
+        for d in docs {
+            let Some(text) = &d.updated else { continue };
+            let Some(unix) = parse_rfc2822(text) else {
+                tracing::warn!(
+                    "{}: cannot read updated {text:?}; not checked for a downgrade",
+                    d.url
+                );
+                continue;
+            };
+            if let Some(old) = before.and_then(|b| b.get(&d.path)) {
+                if unix < old.unix && !allow_downgrade {
+                    anyhow::bail!(
+                        "{}: updated {text:?} is older than {:?}, seen before: refusing to go back to an older stream (a replayed document?); run `rackboot sync --allow-downgrade` to accept it",
+                        d.url,
+                        old.text
+                    );
+                }
+            }
+            now.insert(
+                d.path.clone(),
+                SeenUpdated {
+                    unix,
+                    text: text.clone(),
+                },
+            );
+        }
+        self.seen_updated.insert(source.to_string(), now);
+        Ok(())
+    }
 }
 
 impl SyncState {
@@ -150,6 +329,11 @@ impl Sources {
                 Ok(s)
             }
             None => {
+                let _lock = StateLock::acquire(&settings.state_dir)?;
+                // Another process may have seeded (or edited) it meanwhile.
+                if let Some(s) = Sources::load(&settings.state_dir)? {
+                    return Ok(s);
+                }
                 let s = Sources::from_configs(&settings.sources);
                 s.save(&settings.state_dir)?;
                 Ok(s)
@@ -207,5 +391,63 @@ impl Sources {
             .max()
             .unwrap_or(0)
             + 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc2822_dates() {
+        assert_eq!(parse_rfc2822("Thu, 01 Jan 1970 00:00:00 +0000"), Some(0));
+        assert_eq!(
+            parse_rfc2822("Mon, 24 Nov 2026 12:00:00 +0000"),
+            Some(1_795_521_600)
+        );
+        assert_eq!(
+            parse_rfc2822("24 Nov 2026 13:00:00 +0100"),
+            parse_rfc2822("Mon, 24 Nov 2026 12:00:00 GMT")
+        );
+        assert_eq!(
+            parse_rfc2822("Tue, 29 Feb 2000 00:00:00 +0000"),
+            Some(951_782_400)
+        );
+        assert_eq!(parse_rfc2822("yesterday"), None);
+        assert_eq!(parse_rfc2822("Mon, 24 Foo 2026 12:00:00 +0000"), None);
+    }
+
+    fn doc(path: &str, updated: &str) -> SignedDoc {
+        SignedDoc {
+            path: path.into(),
+            url: format!("http://up/{path}"),
+            updated: Some(updated.into()),
+            text: String::new(),
+        }
+    }
+
+    #[test]
+    fn older_updated_is_refused_unless_allowed() {
+        let mut st = SyncState::default();
+        let new = "Tue, 25 Nov 2026 12:00:00 +0000";
+        let old = "Mon, 24 Nov 2026 12:00:00 +0000";
+        st.check_updated("src", &[doc("streams/v1/index.sjson", new)], false)
+            .unwrap();
+        let e = st
+            .check_updated("src", &[doc("streams/v1/index.sjson", old)], false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("http://up/streams/v1/index.sjson") && e.contains("--allow-downgrade"),
+            "{e}"
+        );
+        // Same stamp again, another source, or allowed: fine.
+        st.check_updated("src", &[doc("streams/v1/index.sjson", new)], false)
+            .unwrap();
+        st.check_updated("other", &[doc("streams/v1/index.sjson", old)], false)
+            .unwrap();
+        st.check_updated("src", &[doc("streams/v1/index.sjson", old)], true)
+            .unwrap();
+        assert_eq!(st.seen_updated["src"]["streams/v1/index.sjson"].text, old);
     }
 }

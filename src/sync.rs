@@ -59,6 +59,8 @@ pub struct Options {
     /// abandoned (partial files stay in `tmp/` for the next run) and nothing is
     /// published. Checked while downloading and between the later steps.
     pub stop: Option<tokio_util::sync::CancellationToken>,
+    /// Accept signed documents older than ones seen before (`--allow-downgrade`).
+    pub allow_downgrade: bool,
 }
 
 /// Live progress of a running sync (read by the daemon's status API).
@@ -214,6 +216,7 @@ async fn load_products(
     index: Verified<String>,
     requests: &Counter,
     raw: &mut Vec<(String, Vec<u8>)>,
+    signed: &mut Vec<crate::state::SignedDoc>,
 ) -> anyhow::Result<Vec<Verified<Products>>> {
     let id = src.stored.id;
     let mut budget = simplestreams::MetadataBudget::default();
@@ -241,6 +244,12 @@ async fn load_products(
                 .add(bytes.len())
                 .map_err(|e| anyhow::anyhow!("boot source {id}: {purl}: {e}"))?;
             let doc = trust(src, &purl, bytes.clone())?;
+            signed.push(crate::state::SignedDoc {
+                path: entry.path.to_string(),
+                url: purl.to_string(),
+                updated: crate::state::updated_of(doc.get()),
+                text: doc.get().clone(),
+            });
             raw.push((entry.path.to_string(), bytes));
             if entry.format == "index:1.0" {
                 if depth >= 2 {
@@ -473,10 +482,34 @@ async fn run_inner(
     for (i, (src, fetched)) in resolved.iter().zip(indexes).enumerate() {
         let (bytes, validators) = fetched.expect("filled above");
         let index = trust(src, &src.index_url, bytes.clone())?;
+        let mut signed = vec![crate::state::SignedDoc {
+            path: src.url.index.clone(),
+            url: src.index_url.to_string(),
+            updated: crate::state::updated_of(index.get()),
+            text: index.get().clone(),
+        }];
         let mut raw = vec![(src.url.index.clone(), bytes)];
-        let products = load_products(&fetcher, src, index, &requests, &mut raw).await?;
+        let products =
+            load_products(&fetcher, src, index, &requests, &mut raw, &mut signed).await?;
+        // A replayed older (validly signed) stream must not roll the images back.
+        if src.url.signed {
+            state.check_updated(src.index_url.as_str(), &signed, opts.allow_downgrade)?;
+        }
         if i == 0 {
             raw_metadata = raw;
+            // Beside each .sjson, its plain .json (unsigned downstreams read those).
+            if src.url.signed && !opts.dry_run {
+                let docs: Vec<crate::reexport::Doc> = signed
+                    .iter()
+                    .map(|d| crate::reexport::Doc {
+                        path: &d.path,
+                        text: &d.text,
+                    })
+                    .collect();
+                requests.0.fetch_add(docs.len() as u64, Ordering::Relaxed);
+                let plain = crate::reexport::plain_copies(&fetcher, &src.url.root, &docs).await;
+                raw_metadata.extend(plain);
+            }
         }
         new_validators.insert(src.index_url.to_string(), validators);
         let selections = src

@@ -7,7 +7,10 @@
 //!
 //! Policy: the certificates in the keyring may carry SHA-1 self-signatures (the real
 //! `ubuntu-cloudimage-keyring.gpg` keys do), but the signature over the data must use
-//! SHA-256 or stronger. Expired or revoked signing keys are refused.
+//! SHA-256 or stronger. A document is accepted when a signature by a keyring key is
+//! good and no signature by a keyring key is bad (as gpgv does). The signing key must
+//! be alive and unrevoked now, not only when it signed: an old document signed
+//! before the key expired is refused.
 
 use std::io::Read;
 use std::path::Path;
@@ -15,6 +18,7 @@ use std::time::SystemTime;
 
 use sequoia_openpgp as openpgp;
 
+use openpgp::cert::amalgamation::ValidAmalgamation as _;
 use openpgp::cert::CertParser;
 use openpgp::parse::stream::{
     MessageLayer, MessageStructure, VerificationError, VerificationHelper, VerifierBuilder,
@@ -193,6 +197,8 @@ fn policy() -> StandardPolicy<'static> {
 
 struct Helper<'a> {
     certs: &'a [Cert],
+    policy: &'a StandardPolicy<'static>,
+    now: SystemTime,
     /// Written by `check`; outlives the verifier, which drops the helper on failure.
     outcome: &'a mut Option<Result<String, VerifyError>>,
 }
@@ -204,16 +210,58 @@ fn key_name(sig: &openpgp::packet::Signature) -> String {
         .unwrap_or_else(|| "<no issuer>".to_string())
 }
 
+impl Helper<'_> {
+    /// A good signature's key must also be usable *now*: sequoia judges a key at the
+    /// time of the signature, so a key that expired (or was revoked) since would
+    /// still pass. Refused here: expiry is how a publisher retires a key, and an old
+    /// document signed while it lived is what a replaying man in the middle holds.
+    fn alive_now(&self, good: &openpgp::parse::stream::GoodChecksum) -> Result<(), VerifyError> {
+        let fpr = good.ka.key().fingerprint();
+        let bad = |reason: String| VerifyError::BadKey {
+            key: fpr.to_hex(),
+            reason,
+        };
+        let vc = good
+            .ka
+            .cert()
+            .with_policy(self.policy, self.now)
+            .map_err(|e| bad(format!("{e:#}")))?;
+        vc.alive()
+            .map_err(|e| bad(format!("its certificate is not alive now: {e:#}")))?;
+        if let openpgp::types::RevocationStatus::Revoked(_) = vc.revocation_status() {
+            return Err(bad("its certificate is revoked".into()));
+        }
+        let ka = vc
+            .keys()
+            .key_handle(fpr.clone())
+            .next()
+            .ok_or_else(|| bad("the key is not valid now".into()))?;
+        ka.alive()
+            .map_err(|e| bad(format!("the key is not alive now: {e:#}")))?;
+        if let openpgp::types::RevocationStatus::Revoked(_) = ka.revocation_status() {
+            return Err(bad("the key is revoked".into()));
+        }
+        Ok(())
+    }
+}
+
 impl VerificationHelper for Helper<'_> {
     fn get_certs(&mut self, _ids: &[KeyHandle]) -> openpgp::Result<Vec<Cert>> {
         Ok(self.certs.to_vec())
     }
 
+    /// Accepts only when at least one signature is good and no signature by a key of
+    /// the keyring is bad (as gpgv does); signatures by keys outside the keyring are
+    /// ignored when a good one is there.
     fn check(&mut self, structure: MessageStructure) -> openpgp::Result<()> {
-        let mut first_error = None;
+        let mut good_signer = None;
+        // A signature by a keyring key that failed: refuses the document.
+        let mut refused = None;
+        // Failures that only matter when nothing is good (unknown keys).
+        let mut other = None;
         for layer in structure.into_iter() {
             let MessageLayer::SignatureGroup { results } = layer else {
-                first_error.get_or_insert(VerifyError::Malformed(
+                refused.get_or_insert(VerifyError::Malformed(
                     "unexpected compression or encryption layer".into(),
                 ));
                 continue;
@@ -230,17 +278,23 @@ impl VerificationHelper for Helper<'_> {
                                 | HashAlgorithm::SHA3_256
                                 | HashAlgorithm::SHA3_512
                         ) {
-                            first_error.get_or_insert(VerifyError::WeakHash(algo));
+                            refused.get_or_insert(VerifyError::WeakHash(algo));
                             continue;
                         }
-                        *self.outcome = Some(Ok(good.ka.cert().fingerprint().to_hex()));
-                        return Ok(());
+                        match self.alive_now(&good) {
+                            Ok(()) => {
+                                good_signer.get_or_insert(good.ka.cert().fingerprint().to_hex());
+                            }
+                            Err(e) => {
+                                refused.get_or_insert(e);
+                            }
+                        }
+                    }
+                    Err(VerificationError::MissingKey { sig }) => {
+                        other.get_or_insert(VerifyError::UnknownKey(key_name(sig)));
                     }
                     Err(e) => {
                         let err = match e {
-                            VerificationError::MissingKey { sig } => {
-                                VerifyError::UnknownKey(key_name(sig))
-                            }
                             VerificationError::BadSignature { sig, error, .. } => {
                                 VerifyError::BadSignature {
                                     key: key_name(sig),
@@ -262,13 +316,21 @@ impl VerificationHelper for Helper<'_> {
                             }
                             other => VerifyError::Malformed(other.to_string()),
                         };
-                        first_error.get_or_insert(err);
+                        refused.get_or_insert(err);
                     }
                 }
             }
         }
-        let err =
-            first_error.unwrap_or_else(|| VerifyError::Malformed("no signature found".into()));
+        let err = match (refused, good_signer) {
+            (None, Some(signer)) => {
+                *self.outcome = Some(Ok(signer));
+                return Ok(());
+            }
+            (Some(e), _) => e,
+            (None, None) => {
+                other.unwrap_or_else(|| VerifyError::Malformed("no signature found".into()))
+            }
+        };
         let msg = err.to_string();
         *self.outcome = Some(Err(err));
         Err(anyhow::anyhow!(msg))
@@ -294,6 +356,8 @@ pub fn verify_clearsigned(
     let read = {
         let helper = Helper {
             certs: &keyring.certs,
+            policy: &policy,
+            now,
             outcome: &mut outcome,
         };
         VerifierBuilder::from_bytes(data)
@@ -343,6 +407,136 @@ mod tests {
             verify_clearsigned(&kr, b"{\"format\":\"index:1.0\"}", SystemTime::now()),
             Err(VerifyError::NotClearsigned)
         ));
+    }
+
+    use openpgp::cert::prelude::{CertBuilder, CipherSuite};
+    use openpgp::serialize::stream::{Message, Signer};
+    use openpgp::serialize::Serialize as _;
+    use openpgp::types::KeyFlags;
+    use std::io::Write as _;
+    use std::time::Duration;
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    /// A signing key created `age` ago, valid for `validity` (forever if `None`).
+    fn key(age: Duration, validity: Option<Duration>) -> Cert {
+        CertBuilder::new()
+            .add_userid("t <t@rackboot.invalid>")
+            .set_cipher_suite(CipherSuite::Cv25519)
+            .set_primary_key_flags(KeyFlags::empty().set_signing().set_certification())
+            .set_creation_time(SystemTime::now() - age)
+            .set_validity_period(validity)
+            .generate()
+            .unwrap()
+            .0
+    }
+
+    /// Clearsigns `text` with each key (one signature each), dated `at`.
+    fn clearsign(keys: &[&Cert], text: &[u8], at: SystemTime) -> Vec<u8> {
+        let pair = |c: &Cert| {
+            c.primary_key()
+                .key()
+                .clone()
+                .parts_into_secret()
+                .unwrap()
+                .into_keypair()
+                .unwrap()
+        };
+        let mut out = Vec::new();
+        let mut signer = Signer::new(Message::new(&mut out), pair(keys[0])).unwrap();
+        for k in &keys[1..] {
+            signer = signer.add_signer(pair(k)).unwrap();
+        }
+        let mut w = signer
+            .cleartext()
+            .hash_algo(HashAlgorithm::SHA512)
+            .unwrap()
+            .creation_time(at)
+            .build()
+            .unwrap();
+        w.write_all(text).unwrap();
+        w.finalize().unwrap();
+        out
+    }
+
+    fn ring(certs: &[&Cert]) -> Keyring {
+        let mut b = Vec::new();
+        for c in certs {
+            c.serialize(&mut b).unwrap();
+        }
+        Keyring::from_bytes(&b, "test").unwrap()
+    }
+
+    /// `doc`'s text, signed by the signatures of `first` then those of `second`
+    /// (each a clearsigned document, possibly over other text).
+    fn splice(doc: &[u8], first: &[u8], second: &[u8]) -> Vec<u8> {
+        let at = |d: &[u8]| {
+            let t = std::str::from_utf8(d).unwrap();
+            t.find("-----BEGIN PGP SIGNATURE-----").unwrap()
+        };
+        let sigs = |d: &[u8]| {
+            openpgp::PacketPile::from_bytes(&d[at(d)..])
+                .unwrap()
+                .into_children()
+                .collect::<Vec<_>>()
+        };
+        let mut out = doc[..at(doc)].to_vec();
+        let mut w = openpgp::armor::Writer::new(&mut out, openpgp::armor::Kind::Signature).unwrap();
+        for p in sigs(first).into_iter().chain(sigs(second)) {
+            p.serialize(&mut w).unwrap();
+        }
+        w.finalize().unwrap();
+        out
+    }
+
+    #[test]
+    fn every_keyring_signature_must_be_good() {
+        let (a, b) = (key(DAY, None), key(DAY, None));
+        let kr = ring(&[&a, &b]);
+        let now = SystemTime::now();
+        let both = clearsign(&[&a, &b], b"{}", now);
+        assert!(verify_clearsigned(&kr, &both, now).is_ok());
+        // a's signature over the text, b's over other text: both orders refused.
+        let good_a = clearsign(&[&a], b"{}", now);
+        let bad_b = clearsign(&[&b], b"{ }", now);
+        assert!(verify_clearsigned(&kr, &splice(&good_a, &good_a, &both), now).is_ok());
+        for mixed in [
+            splice(&good_a, &good_a, &bad_b),
+            splice(&good_a, &bad_b, &good_a),
+        ] {
+            assert!(
+                matches!(
+                    verify_clearsigned(&kr, &mixed, now),
+                    Err(VerifyError::BadSignature { .. })
+                ),
+                "a bad keyring signature must refuse the document"
+            );
+        }
+        // A signature by a key outside the keyring beside a good one is ignored.
+        let stranger = key(DAY, None);
+        let with_stranger = clearsign(&[&a, &stranger], b"{}", now);
+        assert!(verify_clearsigned(&ring(&[&a]), &with_stranger, now).is_ok());
+        assert!(matches!(
+            verify_clearsigned(&ring(&[&b]), &good_a, now),
+            Err(VerifyError::UnknownKey(_))
+        ));
+    }
+
+    #[test]
+    fn the_signing_key_must_be_alive_now() {
+        let now = SystemTime::now();
+        let expired = key(10 * DAY, Some(5 * DAY));
+        let doc = clearsign(&[&expired], b"{}", now - 7 * DAY);
+        let kr = ring(&[&expired]);
+        // Valid at the time it signed…
+        assert!(verify_clearsigned(&kr, &doc, now - 6 * DAY).is_ok());
+        // …but not now.
+        match verify_clearsigned(&kr, &doc, now) {
+            Err(VerifyError::BadKey { reason, .. }) => {
+                assert!(reason.contains("not alive now"), "{reason}")
+            }
+            other => panic!("expected BadKey, got {other:?}"),
+        }
     }
 
     #[test]

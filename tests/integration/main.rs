@@ -12,4 +12,5 @@ mod mirror_cmd;
 mod serve;
 mod sync;
 mod tftp;
+mod trust_config;
 mod web;
