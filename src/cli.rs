@@ -635,7 +635,16 @@ async fn cmd_resources(
         }
         "import" => {
             let base = daemon_url(settings, url)?;
-            if fetch_status(&base).await.is_err() {
+            if let Err(e) = fetch_status(&base).await {
+                // A daemon serving this state dir that does not answer (busy, or
+                // listening elsewhere): importing here instead would be a surprise.
+                let servers = Store::existing(&settings.state_dir).servers();
+                if let Some(pid) = servers.first() {
+                    anyhow::bail!(
+                        "the daemon serving {} (pid {pid}) did not answer at {base}: {e:#}; not importing here (retry, pass --url, or run `rackboot sync` to sync from this process)",
+                        settings.state_dir.display()
+                    );
+                }
                 // No daemon to ask: import here, as `rackboot sync` does.
                 return cmd_sync(cli, settings, false, true).await;
             }

@@ -44,6 +44,11 @@ impl Snapshot {
         let Some(generation) = store.current_generation() else {
             return Ok(None);
         };
+        Snapshot::load(store, generation).map(Some)
+    }
+
+    /// Loads generation `generation` of the store.
+    pub fn load(store: &Store, generation: u64) -> anyhow::Result<Snapshot> {
         let manifest = store.read_manifest(generation)?;
         let payloads = manifest
             .products
@@ -55,14 +60,14 @@ impl Snapshot {
             crate::fsutil::open_dir(&dir)
                 .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", dir.display()))?,
         );
-        Ok(Some(Snapshot {
+        Ok(Snapshot {
             generation,
             root,
             dir,
             created: manifest.created,
             manifest,
             payloads,
-        }))
+        })
     }
 }
 
@@ -101,6 +106,10 @@ pub struct Daemon {
     /// Snapshots handed out to requests; their generations are not collected while
     /// any request still holds them.
     handed_out: Mutex<Vec<Weak<Snapshot>>>,
+    /// This daemon's entry in `state_dir/serving/`: what GC must keep for it.
+    registration: Mutex<Option<crate::store::ServerRegistration>>,
+    /// The generation `current` named when loading it last failed (said once).
+    failed_load: Mutex<Option<u64>>,
     pub started: Instant,
 }
 
@@ -120,6 +129,66 @@ impl Daemon {
             handed.push(Arc::downgrade(&snap));
         }
         Some(snap)
+    }
+
+    /// Makes the served snapshot the one `current` names, whoever switched it (this
+    /// daemon's sync, `rackboot sync`, `boot-resources import` run elsewhere), and
+    /// keeps this daemon's registration (served + held by requests) up to date for
+    /// GC. Blocking (GC lock, manifest read): run it off the async workers.
+    pub fn follow_current(&self) {
+        let store = Store::existing(&self.settings().state_dir);
+        // Short: GC may hold it while it deletes; the next round retries.
+        let Ok(_gc) = store.gc_lock(Duration::from_millis(500)) else {
+            return;
+        };
+        let served = self.snapshot.borrow().as_ref().map(|s| s.generation);
+        let current = store.current_generation();
+        let mut keep = self.pinned();
+        keep.extend(served);
+        if current.is_none() || current == served {
+            self.register(&keep);
+            return;
+        }
+        let g = current.expect("checked");
+        // Registered before it is opened: GC (which waits for the lock we hold)
+        // will keep it from now on.
+        keep.insert(g);
+        self.register(&keep);
+        match Snapshot::load_current(&store) {
+            Ok(Some(snap)) if snap.generation == g => {
+                let snap = Arc::new(snap);
+                self.handed_out
+                    .lock()
+                    .expect("lock")
+                    .push(Arc::downgrade(&snap));
+                tracing::info!(
+                    "serving generation {g} (was {})",
+                    served.map(|g| g.to_string()).unwrap_or_else(|| "none".into())
+                );
+                self.snapshot.send_replace(Some(snap));
+                *self.failed_load.lock().expect("lock") = None;
+                systemd::notify(&format!("STATUS=serving generation {g}"));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let mut failed = self.failed_load.lock().expect("lock");
+                if *failed != Some(g) {
+                    tracing::error!(
+                        "current names generation {g} but it cannot be loaded; still serving generation {}: {e:#}",
+                        served.map(|g| g.to_string()).unwrap_or_else(|| "none".into())
+                    );
+                    *failed = Some(g);
+                }
+            }
+        }
+    }
+
+    fn register(&self, gens: &BTreeSet<u64>) {
+        if let Some(r) = self.registration.lock().expect("lock").as_mut() {
+            if let Err(e) = r.set(gens) {
+                tracing::warn!("{e:#}");
+            }
+        }
     }
 
     /// Generations still in use by requests in flight.
@@ -180,8 +249,8 @@ fn jitter_unit() -> f64 {
     (n % 10_000) as f64 / 10_000.0
 }
 
-/// Runs one sync and records its outcome; publishes a new snapshot to the servers.
-pub async fn sync_once(d: &Daemon) {
+/// Runs one sync and records its outcome; then serves what `current` names.
+pub async fn sync_once(d: &Arc<Daemon>) {
     let settings = d.settings();
     {
         let mut st = d.status.lock().expect("lock");
@@ -202,6 +271,11 @@ pub async fn sync_once(d: &Daemon) {
     let t = Instant::now();
     let result = sync::run(&settings, &opts, d.live.clone()).await;
     *d.sync_stop.lock().expect("lock") = None;
+    // Whatever the outcome (a write after publish may have failed), serve what
+    // `current` names now.
+    let before = d.snapshot.borrow().as_ref().map(|s| s.generation);
+    follow(d).await;
+    let after = d.snapshot.borrow().as_ref().map(|s| s.generation);
     let elapsed = t.elapsed();
     d.sync_duration_ms_total
         .fetch_add(elapsed.as_millis() as u64, Ordering::Relaxed);
@@ -218,19 +292,18 @@ pub async fn sync_once(d: &Daemon) {
             st.last_result = Some(if report.changed { "ok" } else { "unchanged" }.into());
             drop(st);
             if report.changed {
-                match Snapshot::load_current(&Store::existing(&settings.state_dir)) {
-                    Ok(Some(snap)) => {
-                        tracing::info!(
-                            generation = snap.generation,
-                            bytes = report.bytes_fetched,
-                            "sync published generation {}: {}",
-                            snap.generation,
-                            report.changes.join(", ")
-                        );
-                        d.snapshot.send_replace(Some(Arc::new(snap)));
-                    }
-                    Ok(None) => {}
-                    Err(e) => tracing::error!("cannot load the new snapshot: {e:#}"),
+                tracing::info!(
+                    bytes = report.bytes_fetched,
+                    "sync published generation {}: {}",
+                    report.generation.map(|g| g.to_string()).unwrap_or_default(),
+                    report.changes.join(", ")
+                );
+                if after != report.generation {
+                    tracing::error!(
+                        "serving generation {} although the sync published {}",
+                        after.map(|g| g.to_string()).unwrap_or_else(|| "none".into()),
+                        report.generation.map(|g| g.to_string()).unwrap_or_default()
+                    );
                 }
             } else {
                 tracing::info!("sync: up to date ({} ms)", report.elapsed_ms);
@@ -249,9 +322,37 @@ pub async fn sync_once(d: &Daemon) {
             st.last_result = Some("failed".into());
             st.last_error = Some(format!("{e:#}"));
             drop(st);
-            tracing::error!("sync failed (still serving the last good snapshot): {e:#}");
+            if before == after {
+                tracing::error!("sync failed (still serving the last good snapshot): {e:#}");
+            } else {
+                tracing::error!(
+                    "sync failed after publishing generation {}, which is served: {e:#}",
+                    after.map(|g| g.to_string()).unwrap_or_else(|| "none".into())
+                );
+            }
             systemd::notify(&format!("STATUS=last sync failed: {e:#}"));
         }
+    }
+}
+
+/// [`Daemon::follow_current`] on a blocking thread.
+async fn follow(d: &Arc<Daemon>) {
+    let d = d.clone();
+    let _ = tokio::task::spawn_blocking(move || d.follow_current()).await;
+}
+
+/// How often the daemon checks what `current` names (one `readlink`, under the GC
+/// lock): a `rackboot sync` run beside it is served within this period.
+const FOLLOW_PERIOD: Duration = Duration::from_millis(250);
+
+/// Follows `current` whoever switches it, and keeps the registration current.
+async fn follow_loop(d: Arc<Daemon>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(FOLLOW_PERIOD) => {}
+        }
+        follow(&d).await;
     }
 }
 
@@ -271,6 +372,33 @@ async fn sync_loop(d: Arc<Daemon>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = d.trigger.notified() => {}
             _ = tokio::time::sleep(delay), if auto => {}
+        }
+    }
+}
+
+/// The snapshot to serve at start: what `current` names, else (its manifest or tree
+/// unreadable) the newest complete generation on disk, said in the log.
+fn load_start_snapshot(store: &Store) -> Option<Snapshot> {
+    let err = match Snapshot::load_current(store) {
+        Ok(s) => return s,
+        Err(e) => e,
+    };
+    let current = store.current_generation();
+    let Some(g) = store.newest_readable(current) else {
+        tracing::error!("cannot load what current names, and no other generation is complete: serving nothing until a sync succeeds: {err:#}");
+        return None;
+    };
+    match Snapshot::load(store, g) {
+        Ok(s) => {
+            tracing::warn!(
+                "cannot load generation {} (current): {err:#}; serving generation {g}, the newest complete one, until a sync publishes another",
+                current.map(|g| g.to_string()).unwrap_or_default()
+            );
+            Some(s)
+        }
+        Err(e) => {
+            tracing::error!("cannot load what current names ({err:#}) nor generation {g} ({e:#}): serving nothing until a sync succeeds");
+            None
         }
     }
 }
@@ -304,7 +432,20 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
 
     raise_open_files_limit();
     let store = Store::open(&settings.state_dir)?;
-    let snapshot = Snapshot::load_current(&store)?;
+    // Leftovers of interrupted runs, unless a sync (which may own them) is running.
+    if let Ok(Some(_lock)) = store.try_lock() {
+        let n = store.clean_stray();
+        if n > 0 {
+            tracing::info!("removed {n} leftovers of interrupted runs");
+        }
+    }
+    let (snapshot, registration) = {
+        let _gc = store.gc_lock(Duration::from_secs(60))?;
+        let mut registration = store.register_server()?;
+        let snapshot = load_start_snapshot(&store);
+        registration.set(&snapshot.iter().map(|s| s.generation).collect())?;
+        (snapshot, registration)
+    };
     match &snapshot {
         Some(s) => tracing::info!(
             "serving generation {} from {}",
@@ -368,8 +509,17 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
             .filter_map(|group| group.first()?.local_addr().ok())
             .collect(),
         handed_out: Mutex::new(Vec::new()),
+        registration: Mutex::new(Some(registration)),
+        failed_load: Mutex::new(None),
         started: Instant::now(),
     });
+    if let Some(s) = daemon.snapshot.borrow().as_ref() {
+        daemon
+            .handed_out
+            .lock()
+            .expect("lock")
+            .push(Arc::downgrade(s));
+    }
     let shutdown = CancellationToken::new();
     let drain = settings.drain_timeout;
     let mut tasks = tokio::task::JoinSet::new();
@@ -428,6 +578,13 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
         let (d, s) = (daemon.clone(), shutdown.clone());
         tasks.spawn(async move {
             sync_loop(d, s).await;
+            Ok(())
+        });
+    }
+    {
+        let (d, s) = (daemon.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            follow_loop(d, s).await;
             Ok(())
         });
     }
@@ -521,6 +678,20 @@ fn reload(d: &Daemon) {
                     d.config_path.display()
                 );
             }
+            // What needs a restart stays as it was until then: no half-applied
+            // setting (a new state_dir would move sync, API and machine lookups
+            // away from the snapshot being served).
+            let mut new = new;
+            new.state_dir = old.state_dir.clone();
+            new.tftp.listen = old.tftp.listen.clone();
+            new.http.listen = old.http.listen.clone();
+            new.http.tls = old.http.tls.clone();
+            new.http.max_connections = old.http.max_connections;
+            new.http.header_timeout = old.http.header_timeout;
+            new.tftp.max_blksize = old.tftp.max_blksize;
+            new.tftp.max_windowsize = old.tftp.max_windowsize;
+            new.tftp.max_transfers = old.tftp.max_transfers;
+            new.drain_timeout = old.drain_timeout;
             *d.settings.write().expect("settings lock") = Arc::new(new);
             tracing::info!("reloaded {}", d.config_path.display());
             d.trigger.notify_one();

@@ -361,9 +361,16 @@ pub async fn run(
     let _lock = if opts.dry_run {
         None
     } else {
-        Some(store.lock(opts.wait, |msg| {
-            tracing::warn!("{msg}; waiting for it to finish")
-        })?)
+        let lock = store
+            .lock_async(opts.wait, opts.stop.as_ref(), |msg| {
+                tracing::warn!("{msg}; waiting for it to finish")
+            })
+            .await?;
+        let stray = store.clean_stray();
+        if stray > 0 {
+            tracing::info!("removed {stray} leftovers of interrupted runs");
+        }
+        Some(lock)
     };
     let sources = if opts.dry_run {
         Sources::current(settings)?
@@ -416,6 +423,11 @@ pub async fn run(
         }
     }
     if !indexes.is_empty() && indexes.iter().all(Option::is_none) {
+        // Nothing new; still collect generations that requests held during the last
+        // change (cheap when `current` is the only one on disk).
+        if !opts.dry_run && store.generations().len() > 1 {
+            collect(&store, opts, &mut report).await?;
+        }
         report.requests = requests.0.load(Ordering::Relaxed);
         report.elapsed_ms = started.elapsed().as_millis() as u64;
         return Ok(report);
@@ -500,6 +512,9 @@ pub async fn run(
     let current_meta =
         current.and_then(|g| std::fs::read_to_string(store.snapshot_dir(g).join("maas.meta")).ok());
     if current_meta.as_deref() == Some(plan.meta.as_str()) && plan.fetch.is_empty() {
+        // GC first: it frees space the small writes below may need, and it runs
+        // even when a write after an earlier publish failed.
+        collect(&store, opts, &mut report).await?;
         write_catalog(settings, &catalog)?;
         state.sources_key = key;
         state.indexes = new_validators;
@@ -662,24 +677,33 @@ pub async fn run(
     };
     store.build_snapshot(&manifest, &symlinks, &plan.meta)?;
     store.publish(generation)?;
+    // From here `current` names the new generation whatever fails below: a daemon
+    // follows `current`, so the report says so even on error.
+    report.generation = Some(generation);
+    report.changed = true;
+    // GC after publish (its keep set then holds the new `current` and what every
+    // daemon serves) and before the small writes, which a full disk would fail.
+    collect(&store, opts, &mut report).await?;
     write_catalog(settings, &catalog)?;
     state.generation = generation;
     state.sources_key = key;
     state.indexes = new_validators;
     state.last_success = Some(now_unix());
     state.save(&settings.state_dir)?;
-    let mut keep: BTreeSet<u64> = opts
-        .keep
-        .iter()
-        .copied()
-        .filter(|g| store.manifest_path(*g).exists())
-        .collect();
-    keep.insert(generation);
-    let gc = store.gc(&keep, &BTreeSet::new())?;
-    report.gc_blobs = gc.blobs;
-    report.gc_bytes = gc.bytes;
-    report.generation = Some(generation);
-    report.changed = true;
     report.elapsed_ms = started.elapsed().as_millis() as u64;
     Ok(report)
+}
+
+/// Garbage collection at the end of a run: keeps `current`, what running daemons
+/// registered (served or held by requests) and `opts.keep`. The GC lock is a
+/// blocking flock, so it runs off the async workers.
+async fn collect(store: &Store, opts: &Options, report: &mut Report) -> anyhow::Result<()> {
+    let keep = opts.keep.clone();
+    let store = store.clone();
+    let gc = tokio::task::spawn_blocking(move || store.collect(&keep))
+        .await
+        .map_err(|e| anyhow::anyhow!("garbage collection failed: {e}"))??;
+    report.gc_blobs += gc.blobs;
+    report.gc_bytes += gc.bytes;
+    Ok(())
 }
