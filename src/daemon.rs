@@ -376,6 +376,27 @@ async fn sync_loop(d: Arc<Daemon>, shutdown: CancellationToken) {
     }
 }
 
+/// Says which state files this process cannot read (typically written by the CLI
+/// run as another user): each would silently change what is served or synced.
+fn warn_unreadable_state(state_dir: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    for name in ["sources.json", "machines.json", "state.json", sync::CATALOG_FILE] {
+        let p = state_dir.join(name);
+        if let Err(e) = std::fs::File::open(&p) {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                continue;
+            }
+            let owner = std::fs::metadata(&p)
+                .map(|m| format!(" (owner uid {}, mode {:o})", m.uid(), m.mode() & 0o7777))
+                .unwrap_or_default();
+            tracing::warn!(
+                "cannot read {}{owner}: {e}; run rackboot commands as the user the daemon runs as",
+                p.display()
+            );
+        }
+    }
+}
+
 /// The snapshot to serve at start: what `current` names, else (its manifest or tree
 /// unreadable) the newest complete generation on disk, said in the log.
 fn load_start_snapshot(store: &Store) -> Option<Snapshot> {
@@ -439,6 +460,7 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
             tracing::info!("removed {n} leftovers of interrupted runs");
         }
     }
+    warn_unreadable_state(&settings.state_dir);
     let (snapshot, registration) = {
         let _gc = store.gc_lock(Duration::from_secs(60))?;
         let mut registration = store.register_server()?;

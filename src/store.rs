@@ -738,6 +738,10 @@ impl Store {
 }
 
 /// The PID holding the flock on `path`, from `/proc/locks` (matched by inode).
+pub fn flock_holder(path: &Path) -> Option<u32> {
+    lock_holder(path)
+}
+
 fn lock_holder(path: &Path) -> Option<u32> {
     let ino = fs::metadata(path).ok()?.ino();
     let locks = fs::read_to_string("/proc/locks").ok()?;

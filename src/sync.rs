@@ -658,7 +658,7 @@ pub async fn run(
         let d = crate::simplestreams::Sha256::from_bytes(sha2::Sha256::digest(bytes).into());
         if store.verified_path(&d, None).is_none() {
             let staged = store.staged_path(&d);
-            crate::store::atomic_write(&staged, bytes)
+            crate::store::atomic_write_public(&staged, bytes)
                 .with_context(|| format!("writing {}", staged.display()))?;
         }
         blobs.insert(d);
