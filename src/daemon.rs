@@ -163,7 +163,9 @@ impl Daemon {
                     .push(Arc::downgrade(&snap));
                 tracing::info!(
                     "serving generation {g} (was {})",
-                    served.map(|g| g.to_string()).unwrap_or_else(|| "none".into())
+                    served
+                        .map(|g| g.to_string())
+                        .unwrap_or_else(|| "none".into())
                 );
                 self.snapshot.send_replace(Some(snap));
                 *self.failed_load.lock().expect("lock") = None;
@@ -301,7 +303,9 @@ pub async fn sync_once(d: &Arc<Daemon>) {
                 if after != report.generation {
                     tracing::error!(
                         "serving generation {} although the sync published {}",
-                        after.map(|g| g.to_string()).unwrap_or_else(|| "none".into()),
+                        after
+                            .map(|g| g.to_string())
+                            .unwrap_or_else(|| "none".into()),
                         report.generation.map(|g| g.to_string()).unwrap_or_default()
                     );
                 }
@@ -327,7 +331,9 @@ pub async fn sync_once(d: &Arc<Daemon>) {
             } else {
                 tracing::error!(
                     "sync failed after publishing generation {}, which is served: {e:#}",
-                    after.map(|g| g.to_string()).unwrap_or_else(|| "none".into())
+                    after
+                        .map(|g| g.to_string())
+                        .unwrap_or_else(|| "none".into())
                 );
             }
             systemd::notify(&format!("STATUS=last sync failed: {e:#}"));
@@ -380,7 +386,12 @@ async fn sync_loop(d: Arc<Daemon>, shutdown: CancellationToken) {
 /// run as another user): each would silently change what is served or synced.
 fn warn_unreadable_state(state_dir: &Path) {
     use std::os::unix::fs::MetadataExt;
-    for name in ["sources.json", "machines.json", "state.json", sync::CATALOG_FILE] {
+    for name in [
+        "sources.json",
+        "machines.json",
+        "state.json",
+        sync::CATALOG_FILE,
+    ] {
         let p = state_dir.join(name);
         if let Err(e) = std::fs::File::open(&p) {
             if e.kind() == std::io::ErrorKind::NotFound {

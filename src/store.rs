@@ -569,10 +569,7 @@ impl Store {
     /// daemon holds it while it reads `current`, registers that generation and opens
     /// it. So GC never deletes a generation between a daemon choosing and registering
     /// it. Call off the async workers.
-    pub fn gc_lock(
-        &self,
-        limit: std::time::Duration,
-    ) -> anyhow::Result<nix::fcntl::Flock<File>> {
+    pub fn gc_lock(&self, limit: std::time::Duration) -> anyhow::Result<nix::fcntl::Flock<File>> {
         use nix::fcntl::{Flock, FlockArg};
         let path = self.root.join("gc.lock");
         let deadline = std::time::Instant::now() + limit;
@@ -641,7 +638,11 @@ impl Store {
     pub fn served_generations(&self) -> BTreeSet<u64> {
         use nix::fcntl::{Flock, FlockArg};
         let mut out = BTreeSet::new();
-        for e in fs::read_dir(self.serving_dir()).into_iter().flatten().flatten() {
+        for e in fs::read_dir(self.serving_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let Ok(file) = File::open(e.path()) else {
                 continue;
             };
@@ -652,7 +653,10 @@ impl Store {
                 }
                 Err((file, _)) => {
                     let text = io::read_to_string(&file).unwrap_or_default();
-                    out.extend(text.split_whitespace().filter_map(|g| g.parse::<u64>().ok()));
+                    out.extend(
+                        text.split_whitespace()
+                            .filter_map(|g| g.parse::<u64>().ok()),
+                    );
                 }
             }
         }
@@ -718,7 +722,11 @@ impl ServerRegistration {
         let text: String = gens.iter().map(|g| format!("{g}\n")).collect();
         let f: &File = &self.lock;
         ctx(f.set_len(0), "cannot write", &self.path)?;
-        ctx(f.write_all_at(text.as_bytes(), 0), "cannot write", &self.path)?;
+        ctx(
+            f.write_all_at(text.as_bytes(), 0),
+            "cannot write",
+            &self.path,
+        )?;
         self.written = Some(gens.clone());
         Ok(())
     }
