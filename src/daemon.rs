@@ -110,6 +110,7 @@ pub struct Daemon {
     registration: Mutex<Option<crate::store::ServerRegistration>>,
     /// The generation `current` named when loading it last failed (said once).
     failed_load: Mutex<Option<u64>>,
+    register_failed: std::sync::atomic::AtomicBool,
     pub started: Instant,
 }
 
@@ -153,7 +154,10 @@ impl Daemon {
         // Registered before it is opened: GC (which waits for the lock we hold)
         // will keep it from now on.
         keep.insert(g);
-        self.register(&keep);
+        if !self.register(&keep) {
+            // Unregistered, GC could delete it under us: stay on what is served.
+            return;
+        }
         match Snapshot::load_current(&store) {
             Ok(Some(snap)) if snap.generation == g => {
                 let snap = Arc::new(snap);
@@ -185,10 +189,24 @@ impl Daemon {
         }
     }
 
-    fn register(&self, gens: &BTreeSet<u64>) {
-        if let Some(r) = self.registration.lock().expect("lock").as_mut() {
-            if let Err(e) = r.set(gens) {
-                tracing::warn!("{e:#}");
+    /// Records `gens` as this daemon's registration; false when it cannot be
+    /// written.
+    fn register(&self, gens: &BTreeSet<u64>) -> bool {
+        let mut reg = self.registration.lock().expect("lock");
+        let Some(r) = reg.as_mut() else {
+            return false;
+        };
+        match r.set(gens) {
+            Ok(()) => {
+                self.register_failed.store(false, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                // Retried every round; said once per failure spell.
+                if !self.register_failed.swap(true, Ordering::Relaxed) {
+                    tracing::warn!("cannot register the served generations {gens:?} for GC: {e:#}");
+                }
+                false
             }
         }
     }
@@ -544,6 +562,7 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
         handed_out: Mutex::new(Vec::new()),
         registration: Mutex::new(Some(registration)),
         failed_load: Mutex::new(None),
+        register_failed: Default::default(),
         started: Instant::now(),
     });
     if let Some(s) = daemon.snapshot.borrow().as_ref() {

@@ -721,12 +721,14 @@ impl ServerRegistration {
         }
         let text: String = gens.iter().map(|g| format!("{g}\n")).collect();
         let f: &File = &self.lock;
-        ctx(f.set_len(0), "cannot write", &self.path)?;
+        // Overwrite, then cut: a failed write (a full disk) leaves the old list
+        // readable rather than an empty one.
         ctx(
             f.write_all_at(text.as_bytes(), 0),
             "cannot write",
             &self.path,
         )?;
+        ctx(f.set_len(text.len() as u64), "cannot write", &self.path)?;
         self.written = Some(gens.clone());
         Ok(())
     }
