@@ -62,6 +62,27 @@ pub fn atomic_write_mode(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()>
     fsync_dir(dir)
 }
 
+/// Opens (creating, mode 0644 through the umask) a file used only for `flock`.
+/// Read-only: a lock file created by another user (the CLI run as root) still locks.
+fn open_lock_file(path: &Path) -> io::Result<File> {
+    use nix::fcntl::OFlag;
+    use nix::sys::stat::Mode;
+    let fd = nix::fcntl::open(
+        path,
+        OFlag::O_RDONLY | OFlag::O_CREAT | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o644),
+    )?;
+    // SAFETY: `open` just returned this descriptor and nothing else owns it.
+    let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    if let Some(dir) = path.parent() {
+        // Best effort: only matters for a file this call created as root.
+        if file.metadata().is_ok_and(|m| m.uid() == 0) {
+            let _ = give_to_dir_owner(&file, dir);
+        }
+    }
+    Ok(file)
+}
+
 /// As root, hands a new file in `dir` to `dir`'s owner (a no-op otherwise).
 pub fn give_to_dir_owner(file: &File, dir: &Path) -> io::Result<()> {
     if !nix::unistd::geteuid().is_root() {
@@ -488,16 +509,7 @@ impl Store {
     pub fn try_lock(&self) -> anyhow::Result<Option<SyncLock>> {
         use nix::fcntl::{Flock, FlockArg};
         let path = self.root.join("lock");
-        let file = ctx(
-            fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .read(true)
-                .write(true)
-                .open(&path),
-            "cannot open",
-            &path,
-        )?;
+        let file = ctx(open_lock_file(&path), "cannot open", &path)?;
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             // Nothing is written to the lock file: a sync with nothing to do writes
             // no file at all (the holder is found through /proc/locks instead).
@@ -573,16 +585,7 @@ impl Store {
         use nix::fcntl::{Flock, FlockArg};
         let path = self.root.join("gc.lock");
         let deadline = std::time::Instant::now() + limit;
-        let mut file = ctx(
-            fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .read(true)
-                .write(true)
-                .open(&path),
-            "cannot open",
-            &path,
-        )?;
+        let mut file = ctx(open_lock_file(&path), "cannot open", &path)?;
         loop {
             match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 Ok(l) => return Ok(l),

@@ -432,6 +432,11 @@ fn files_written_as_root_keep_the_state_dirs_owner_and_intended_modes() {
         assert_eq!(m.mode() & 0o777, 0o640, "{name}");
         assert_eq!((m.uid(), m.gid()), (nobody, nobody), "{name}");
     }
+    // Lock files too: the daemon's user must be able to open them.
+    for name in ["lock", "gc.lock"] {
+        let m = std::fs::metadata(r.env.state.join(name)).unwrap();
+        assert_eq!(m.uid(), nobody, "{name}");
+    }
     // Every served file (kernels, bootloader members) is world-readable.
     let snap = std::fs::canonicalize(r.env.current()).unwrap();
     let mut dirs = vec![snap];
