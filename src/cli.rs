@@ -213,7 +213,43 @@ async fn cmd_mirror(cli: &Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Run as root on a state directory another user owns (the unit's `User=rackboot`),
+/// a sync acts as that user: everything it creates (blobs, snapshots, state files,
+/// lock files) is then the daemon's to read, replace and collect.
+fn act_as_state_owner(settings: &Settings) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let Ok(m) = std::fs::metadata(&settings.state_dir) else {
+        return Ok(());
+    };
+    if m.uid() == 0 {
+        return Ok(());
+    }
+    // Group first: without root's uid the gid can no longer be changed.
+    nix::unistd::setegid(nix::unistd::Gid::from_raw(m.gid()))
+        .and_then(|()| nix::unistd::seteuid(nix::unistd::Uid::from_raw(m.uid())))
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot act as uid {}, the owner of {}: {e}",
+                m.uid(),
+                settings.state_dir.display()
+            )
+        })?;
+    tracing::info!(
+        "syncing as uid {} gid {}, the owner of {}",
+        m.uid(),
+        m.gid(),
+        settings.state_dir.display()
+    );
+    Ok(())
+}
+
 async fn cmd_sync(cli: &Cli, settings: &Settings, dry_run: bool, wait: bool) -> anyhow::Result<()> {
+    if !dry_run {
+        act_as_state_owner(settings)?;
+    }
     let opts = sync::Options {
         dry_run,
         wait,

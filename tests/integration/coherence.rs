@@ -406,6 +406,9 @@ fn files_written_as_root_keep_the_state_dirs_owner_and_intended_modes() {
     std::fs::create_dir_all(&r.env.state).unwrap();
     let nobody = 65534;
     std::os::unix::fs::chown(&r.env.state, Some(nobody), Some(nobody)).unwrap();
+    // The state dir's owner must reach it (a temp dir is 0700).
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(r.env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     // umask 022, as a login shell has.
     let out = std::process::Command::new("sh")
         .arg("-c")
@@ -432,8 +435,16 @@ fn files_written_as_root_keep_the_state_dirs_owner_and_intended_modes() {
         assert_eq!(m.mode() & 0o777, 0o640, "{name}");
         assert_eq!((m.uid(), m.gid()), (nobody, nobody), "{name}");
     }
-    // Lock files too: the daemon's user must be able to open them.
-    for name in ["lock", "gc.lock"] {
+    // What the sync created belongs to the state dir's owner: the daemon running as
+    // that user can open, replace and collect it.
+    for name in [
+        "lock",
+        "gc.lock",
+        "blobs/sha256",
+        "snapshots/1",
+        "snapshots/1.json",
+        "tmp",
+    ] {
         let m = std::fs::metadata(r.env.state.join(name)).unwrap();
         assert_eq!(m.uid(), nobody, "{name}");
     }
