@@ -284,6 +284,44 @@ fn a_failed_write_after_publish_is_served_and_the_next_sync_collects() {
     assert_eq!(snapshot_count(&r.env), 1);
 }
 
+/// `rackboot serve` with a single async worker thread (as on a one-CPU machine).
+fn serve_one_worker(env: &Env) -> Served {
+    let log = env.dir.path().join("serve-one-worker.log");
+    let child = env
+        .command(&["serve"])
+        .env("RACKBOOT_LOG", "info,rackboot=debug")
+        .env("TOKIO_WORKER_THREADS", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut s = Served {
+        child: Some(child),
+        log,
+        tftp: "0.0.0.0:0".parse().unwrap(),
+        http: "0.0.0.0:0".parse().unwrap(),
+    };
+    let addr = |text: &str, what: &str| -> Option<std::net::SocketAddr> {
+        text.lines()
+            .find_map(|l| l.split(&format!("listening for {what} on ")).nth(1))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    wait_until(Duration::from_secs(30), "serve to listen", || {
+        let text = s.log_text();
+        match (addr(&text, "TFTP"), addr(&text, "HTTP")) {
+            (Some(t), Some(h)) if text.ends_with('\n') => {
+                (s.tftp, s.http) = (t, h);
+                true
+            }
+            _ => false,
+        }
+    });
+    s
+}
+
 #[test]
 fn a_held_sync_lock_blocks_no_worker_and_stop_and_sigterm_end_the_wait() {
     let r = rack_with_token(SIZE, "auto = false", "");
@@ -296,7 +334,7 @@ fn a_held_sync_lock_blocks_no_worker_and_stop_and_sigterm_end_the_wait() {
         .open(r.env.state.join("lock"))
         .unwrap();
     let held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).unwrap();
-    let mut s = r.env.serve();
+    let mut s = serve_one_worker(&r.env);
     wait_until(
         Duration::from_secs(10),
         "the sync to wait for the lock",
