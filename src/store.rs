@@ -775,3 +775,92 @@ pub struct GcStats {
     pub blobs: usize,
     pub bytes: u64,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store with empty snapshots `gens` (directory + manifest), `current` at the
+    /// last one.
+    fn store_with(gens: &[u64]) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for g in gens {
+            fs::create_dir_all(store.snapshot_dir(*g)).unwrap();
+            let m = Manifest {
+                generation: *g,
+                ..Default::default()
+            };
+            fs::write(store.manifest_path(*g), serde_json::to_vec(&m).unwrap()).unwrap();
+        }
+        store.publish(*gens.last().unwrap()).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn gc_keeps_current_and_what_a_live_server_registered() {
+        let (_dir, store) = store_with(&[1, 2, 3, 4]);
+        let mut reg = {
+            let _gc = store.gc_lock(std::time::Duration::from_secs(1)).unwrap();
+            let mut reg = store.register_server().unwrap();
+            reg.set(&[2].into()).unwrap();
+            reg
+        };
+        let stats = store.collect(&[3].into()).unwrap();
+        assert_eq!(stats.snapshots, 1);
+        assert_eq!(store.generations(), vec![2, 3, 4]);
+        assert_eq!(store.servers(), vec![std::process::id()]);
+        // A shorter list replaces a longer one completely.
+        reg.set(&[4].into()).unwrap();
+        assert_eq!(store.served_generations(), [4].into());
+        drop(reg);
+        assert!(store.servers().is_empty());
+        store.collect(&BTreeSet::new()).unwrap();
+        assert_eq!(store.generations(), vec![4]);
+    }
+
+    #[test]
+    fn a_registration_nobody_holds_is_stale() {
+        let (_dir, store) = store_with(&[1, 2]);
+        fs::create_dir_all(store.serving_dir()).unwrap();
+        fs::write(store.serving_dir().join("999999"), "1\n").unwrap();
+        assert!(store.served_generations().is_empty());
+        assert!(!store.serving_dir().join("999999").exists());
+        store.collect(&BTreeSet::new()).unwrap();
+        assert_eq!(store.generations(), vec![2]);
+    }
+
+    #[test]
+    fn the_gc_lock_gives_up_after_its_limit_and_names_the_holder() {
+        let (_dir, store) = store_with(&[1]);
+        let _held = store.gc_lock(std::time::Duration::from_secs(1)).unwrap();
+        let t = std::time::Instant::now();
+        let e = store
+            .gc_lock(std::time::Duration::from_millis(100))
+            .unwrap_err()
+            .to_string();
+        assert!(t.elapsed() < std::time::Duration::from_secs(2));
+        assert!(e.contains("gc.lock stayed locked"), "{e}");
+    }
+
+    #[test]
+    fn state_files_are_0640_public_files_0644_through_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        atomic_write(&a, b"x").unwrap();
+        atomic_write_public(&b, b"x").unwrap();
+        // The test process's umask is at most 022 here (checked, not assumed).
+        let mask = fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Umask:"))
+                    .and_then(|m| u32::from_str_radix(m.trim(), 8).ok())
+            })
+            .unwrap_or(0o022);
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&a), STATE_MODE & !mask);
+        assert_eq!(mode(&b), PUBLIC_MODE & !mask);
+    }
+}
