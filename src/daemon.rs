@@ -111,6 +111,7 @@ pub struct Daemon {
     /// The generation `current` named when loading it last failed (said once).
     failed_load: Mutex<Option<u64>>,
     register_failed: std::sync::atomic::AtomicBool,
+    follow_failed: std::sync::atomic::AtomicBool,
     pub started: Instant,
 }
 
@@ -139,8 +140,17 @@ impl Daemon {
     pub fn follow_current(&self) {
         let store = Store::existing(&self.settings().state_dir);
         // Short: GC may hold it while it deletes; the next round retries.
-        let Ok(_gc) = store.gc_lock(Duration::from_millis(500)) else {
-            return;
+        let _gc = match store.gc_lock(Duration::from_millis(500)) {
+            Ok(l) => {
+                self.follow_failed.store(false, Ordering::Relaxed);
+                l
+            }
+            Err(e) => {
+                if !self.follow_failed.swap(true, Ordering::Relaxed) {
+                    tracing::warn!("cannot check what current names (retrying): {e:#}");
+                }
+                return;
+            }
         };
         let served = self.snapshot.borrow().as_ref().map(|s| s.generation);
         let current = store.current_generation();
@@ -563,6 +573,7 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
         registration: Mutex::new(Some(registration)),
         failed_load: Mutex::new(None),
         register_failed: Default::default(),
+        follow_failed: Default::default(),
         started: Instant::now(),
     });
     if let Some(s) = daemon.snapshot.borrow().as_ref() {

@@ -515,6 +515,9 @@ pub async fn run(
         // GC first: it frees space the small writes below may need, and it runs
         // even when a write after an earlier publish failed.
         collect(&store, opts, &mut report).await?;
+        // Served content is what upstream offers: no partial or staged download
+        // in tmp/ will be wanted.
+        store.clean_tmp(&BTreeSet::new())?;
         write_catalog(settings, &catalog)?;
         state.sources_key = key;
         state.indexes = new_validators;

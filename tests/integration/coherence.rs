@@ -119,6 +119,13 @@ fn publish_version(r: &Rack, i: usize) {
     );
 }
 
+/// At most this many snapshots on disk during the loops: `current`, the one a
+/// transfer still reads, and one per HTTP thread whose cache of open files still
+/// holds an older generation (for up to 5 s).
+fn snapshot_bound() -> usize {
+    3 + std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
 /// Snapshots on disk (directories under `snapshots/`).
 fn snapshot_count(env: &Env) -> usize {
     std::fs::read_dir(env.state.join("snapshots"))
@@ -152,7 +159,10 @@ fn cli_syncs_beside_a_serving_daemon_never_break_a_download() {
         publish_version(&r, i);
         r.env.ok(&["sync"]);
         assert_follows_current(&s, &r.env, &format!("after CLI sync {i}"));
-        assert!(snapshot_count(&r.env) <= 3, "snapshots pile up");
+        assert!(
+            snapshot_count(&r.env) <= snapshot_bound(),
+            "snapshots pile up"
+        );
     }
     assert!(wait_output(slow, Duration::from_secs(60)).status.success());
     assert_eq!(
@@ -211,6 +221,7 @@ fn fifty_syncs_with_failures_after_publish_keep_serving_what_current_names() {
     let client = Client::start(&s);
     let started = Instant::now();
     let mut failed = 0;
+    let mut most = 0;
     for i in 1..=50 {
         publish_version(&r, i);
         let undo = inject(&r.env, i % 4);
@@ -230,11 +241,9 @@ fn fifty_syncs_with_failures_after_publish_keep_serving_what_current_names() {
         }
         assert_follows_current(&s, &r.env, &format!("sync {i} (fault {})", i % 4));
         undo();
-        assert!(
-            snapshot_count(&r.env) <= 3,
-            "sync {i}: {} snapshots on disk",
-            snapshot_count(&r.env)
-        );
+        let n = snapshot_count(&r.env);
+        assert!(n <= snapshot_bound(), "sync {i}: {n} snapshots on disk");
+        most = most.max(n);
     }
     // A clean run after the faults: GC brings the store back to one snapshot.
     publish_version(&r, 0);
@@ -252,7 +261,7 @@ fn fifty_syncs_with_failures_after_publish_keep_serving_what_current_names() {
         (200, sha256_hex(&kernel_of(VERSIONS[0], SIZE)))
     );
     eprintln!(
-        "50 syncs ({failed} failed) with {n} fetches in {:.1} s",
+        "50 syncs ({failed} failed) with {n} fetches in {:.1} s, at most {most} snapshots",
         started.elapsed().as_secs_f64()
     );
 }
@@ -274,6 +283,14 @@ fn a_failed_write_after_publish_is_served_and_the_next_sync_collects() {
     let (_, body) = s.get(KERNEL);
     assert_eq!(sha256_hex(&body), sha256_hex(&kernel_of(VERSIONS[1], SIZE)));
     undo();
+    // Generation 1 is released once no request (nor an HTTP thread's cache of open
+    // files, kept up to 5 s) holds it; the daemon's registration then names only 2.
+    let reg = r.env.state.join("serving").join(s.pid().to_string());
+    wait_until(
+        Duration::from_secs(10),
+        "generation 1 to be released",
+        || std::fs::read_to_string(&reg).is_ok_and(|t| t == "2\n"),
+    );
     // Nothing new upstream: the next sync completes the writes and collects.
     let (code, _) = crate::http::post_sync(&s);
     assert!(code == 200 || code == 202);
