@@ -260,6 +260,7 @@ async fn cmd_sync(cli: &Cli, settings: &Settings, dry_run: bool, wait: bool) -> 
         },
         keep: Default::default(),
         stop: None,
+        on_publish: None,
     };
     let report = sync::run(settings, &opts, Arc::new(LiveProgress::default())).await?;
     if cli.json {

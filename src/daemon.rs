@@ -182,6 +182,10 @@ impl Daemon {
                         .unwrap_or_else(|| "none".into())
                 );
                 self.snapshot.send_replace(Some(snap));
+                // The old generation stays registered only while a request holds it.
+                let mut now = self.pinned();
+                now.insert(g);
+                self.register(&now);
                 *self.failed_load.lock().expect("lock") = None;
                 systemd::notify(&format!("STATUS=serving generation {g}"));
             }
@@ -295,8 +299,18 @@ pub async fn sync_once(d: &Arc<Daemon>) {
         dry_run: false,
         wait: true,
         progress: ProgressMode::Quiet,
-        keep: d.pinned(),
+        // What requests hold is in this daemon's registration, read by GC after
+        // publish (a set taken now would keep what is served now after it is not).
+        keep: BTreeSet::new(),
         stop: Some(stop),
+        on_publish: Some(sync::PublishHook({
+            let d = Arc::downgrade(d);
+            Arc::new(move || {
+                if let Some(d) = d.upgrade() {
+                    d.follow_current();
+                }
+            })
+        })),
     };
     let t = Instant::now();
     let result = sync::run(&settings, &opts, d.live.clone()).await;

@@ -59,6 +59,20 @@ pub struct Options {
     /// abandoned (partial files stay in `tmp/` for the next run) and nothing is
     /// published. Checked while downloading and between the later steps.
     pub stop: Option<tokio_util::sync::CancellationToken>,
+    /// Called (on a blocking thread) right after `current` is switched and before
+    /// GC: the daemon serves the new generation first, so GC can let the old one go
+    /// unless a request still holds it.
+    pub on_publish: Option<PublishHook>,
+}
+
+/// See [`Options::on_publish`].
+#[derive(Clone)]
+pub struct PublishHook(pub Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for PublishHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PublishHook")
+    }
 }
 
 /// Live progress of a running sync (read by the daemon's status API).
@@ -684,6 +698,9 @@ pub async fn run(
     // follows `current`, so the report says so even on error.
     report.generation = Some(generation);
     report.changed = true;
+    if let Some(PublishHook(hook)) = opts.on_publish.clone() {
+        let _ = tokio::task::spawn_blocking(move || hook()).await;
+    }
     // GC after publish (its keep set then holds the new `current` and what every
     // daemon serves) and before the small writes, which a full disk would fail.
     collect(&store, opts, &mut report).await?;
