@@ -606,6 +606,15 @@ fn two_mirrors_into_one_dest_the_second_is_refused() {
         c.arg(&url).arg(&dest);
         c
     };
+    // Leftovers of an interrupted run's atomic writes: removed under the lock.
+    let strays = [
+        dest.join(".data/.tmp-a1b2c3"),
+        dest.join("streams/v1/.tmp-d4e5f6"),
+    ];
+    for p in &strays {
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, b"half").unwrap();
+    }
     let first = args(&env)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -613,8 +622,12 @@ fn two_mirrors_into_one_dest_the_second_is_refused() {
         .unwrap();
     wait_until(
         Duration::from_secs(20),
-        "the first mirror to download",
-        || std::fs::read_dir(dest.join(".data")).is_ok_and(|mut d| d.next().is_some()),
+        "the first mirror to lock DEST",
+        || {
+            std::fs::File::open(dest.join(".data/lock")).is_ok_and(|f| {
+                nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockSharedNonblock).is_err()
+            })
+        },
     );
     let second = args(&env).output().unwrap();
     assert_eq!(second.status.code(), Some(1));
@@ -627,6 +640,9 @@ fn two_mirrors_into_one_dest_the_second_is_refused() {
         String::from_utf8_lossy(&first.stderr)
     );
     assert!(dest.join(".data/references.json").is_file());
+    for p in &strays {
+        assert!(!p.exists(), "{} was left", p.display());
+    }
     // Metadata is world-readable.
     let m = std::fs::metadata(dest.join("streams/v1/index.sjson")).unwrap();
     assert_eq!(m.mode() & 0o444, 0o444);
