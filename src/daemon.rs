@@ -313,11 +313,11 @@ pub async fn sync_once(d: &Arc<Daemon>) {
         })),
     };
     let t = Instant::now();
+    let before = d.snapshot.borrow().as_ref().map(|s| s.generation);
     let result = sync::run(&settings, &opts, d.live.clone()).await;
     *d.sync_stop.lock().expect("lock") = None;
     // Whatever the outcome (a write after publish may have failed), serve what
     // `current` names now.
-    let before = d.snapshot.borrow().as_ref().map(|s| s.generation);
     follow(d).await;
     let after = d.snapshot.borrow().as_ref().map(|s| s.generation);
     let elapsed = t.elapsed();
