@@ -124,6 +124,10 @@ fn unpack_tar(
         // Counted again while reading: a sparse member's header size is not its length.
         let mut tmp = tempfile::Builder::new()
             .prefix("member-")
+            // Served files: readable by the daemon whoever runs the sync.
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(
+                crate::store::PUBLIC_MODE,
+            ))
             .tempfile_in(store.tmp_dir())?;
         let mut hasher = Hasher::new();
         let mut buf = vec![0u8; 256 << 10];

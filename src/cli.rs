@@ -221,6 +221,39 @@ async fn cmd_mirror(cli: &Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Run as root on a state directory another user owns (the unit's `User=rackboot`),
+/// a sync acts as that user: everything it creates (blobs, snapshots, state files,
+/// lock files) is then the daemon's to read, replace and collect.
+fn act_as_state_owner(settings: &Settings) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let Ok(m) = std::fs::metadata(&settings.state_dir) else {
+        return Ok(());
+    };
+    if m.uid() == 0 {
+        return Ok(());
+    }
+    // Group first: without root's uid the gid can no longer be changed.
+    nix::unistd::setegid(nix::unistd::Gid::from_raw(m.gid()))
+        .and_then(|()| nix::unistd::seteuid(nix::unistd::Uid::from_raw(m.uid())))
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot act as uid {}, the owner of {}: {e}",
+                m.uid(),
+                settings.state_dir.display()
+            )
+        })?;
+    tracing::info!(
+        "syncing as uid {} gid {}, the owner of {}",
+        m.uid(),
+        m.gid(),
+        settings.state_dir.display()
+    );
+    Ok(())
+}
+
 async fn cmd_sync(
     cli: &Cli,
     settings: &Settings,
@@ -228,6 +261,9 @@ async fn cmd_sync(
     wait: bool,
     allow_downgrade: bool,
 ) -> anyhow::Result<()> {
+    if !dry_run {
+        act_as_state_owner(settings)?;
+    }
     let opts = sync::Options {
         allow_downgrade,
         dry_run,
@@ -239,6 +275,7 @@ async fn cmd_sync(
         },
         keep: Default::default(),
         stop: None,
+        on_publish: None,
     };
     let report = sync::run(settings, &opts, Arc::new(LiveProgress::default())).await?;
     if cli.json {
@@ -662,7 +699,16 @@ async fn cmd_resources(
         }
         "import" => {
             let base = daemon_url(settings, url)?;
-            if fetch_status(&base).await.is_err() {
+            if let Err(e) = fetch_status(&base).await {
+                // A daemon serving this state dir that does not answer (busy, or
+                // listening elsewhere): importing here instead would be a surprise.
+                let servers = Store::existing(&settings.state_dir).servers();
+                if let Some(pid) = servers.first() {
+                    anyhow::bail!(
+                        "the daemon serving {} (pid {pid}) did not answer at {base}: {e:#}; not importing here (retry, pass --url, or run `rackboot sync` to sync from this process)",
+                        settings.state_dir.display()
+                    );
+                }
                 // No daemon to ask: import here, as `rackboot sync` does.
                 return cmd_sync(cli, settings, false, true, false).await;
             }

@@ -44,6 +44,11 @@ impl Snapshot {
         let Some(generation) = store.current_generation() else {
             return Ok(None);
         };
+        Snapshot::load(store, generation).map(Some)
+    }
+
+    /// Loads generation `generation` of the store.
+    pub fn load(store: &Store, generation: u64) -> anyhow::Result<Snapshot> {
         let manifest = store.read_manifest(generation)?;
         let payloads = manifest
             .products
@@ -55,14 +60,14 @@ impl Snapshot {
             crate::fsutil::open_dir(&dir)
                 .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", dir.display()))?,
         );
-        Ok(Some(Snapshot {
+        Ok(Snapshot {
             generation,
             root,
             dir,
             created: manifest.created,
             manifest,
             payloads,
-        }))
+        })
     }
 }
 
@@ -101,6 +106,12 @@ pub struct Daemon {
     /// Snapshots handed out to requests; their generations are not collected while
     /// any request still holds them.
     handed_out: Mutex<Vec<Weak<Snapshot>>>,
+    /// This daemon's entry in `state_dir/serving/`: what GC must keep for it.
+    registration: Mutex<Option<crate::store::ServerRegistration>>,
+    /// The generation `current` named when loading it last failed (said once).
+    failed_load: Mutex<Option<u64>>,
+    register_failed: std::sync::atomic::AtomicBool,
+    follow_failed: std::sync::atomic::AtomicBool,
     pub started: Instant,
     /// Set by `POST /api/v1/sync` with `{"allow_downgrade": true}`: the next sync
     /// accepts signed metadata older than what was seen before (taken by that sync).
@@ -123,6 +134,98 @@ impl Daemon {
             handed.push(Arc::downgrade(&snap));
         }
         Some(snap)
+    }
+
+    /// Makes the served snapshot the one `current` names, whoever switched it (this
+    /// daemon's sync, `rackboot sync`, `boot-resources import` run elsewhere), and
+    /// keeps this daemon's registration (served + held by requests) up to date for
+    /// GC. Blocking (GC lock, manifest read): run it off the async workers.
+    pub fn follow_current(&self) {
+        let store = Store::existing(&self.settings().state_dir);
+        // Short: GC may hold it while it deletes; the next round retries.
+        let _gc = match store.gc_lock(Duration::from_millis(500)) {
+            Ok(l) => {
+                self.follow_failed.store(false, Ordering::Relaxed);
+                l
+            }
+            Err(e) => {
+                if !self.follow_failed.swap(true, Ordering::Relaxed) {
+                    tracing::warn!("cannot check what current names (retrying): {e:#}");
+                }
+                return;
+            }
+        };
+        let served = self.snapshot.borrow().as_ref().map(|s| s.generation);
+        let current = store.current_generation();
+        let mut keep = self.pinned();
+        keep.extend(served);
+        if current.is_none() || current == served {
+            self.register(&keep);
+            return;
+        }
+        let g = current.expect("checked");
+        // Registered before it is opened: GC (which waits for the lock we hold)
+        // will keep it from now on.
+        keep.insert(g);
+        if !self.register(&keep) {
+            // Unregistered, GC could delete it under us: stay on what is served.
+            return;
+        }
+        match Snapshot::load_current(&store) {
+            Ok(Some(snap)) if snap.generation == g => {
+                let snap = Arc::new(snap);
+                self.handed_out
+                    .lock()
+                    .expect("lock")
+                    .push(Arc::downgrade(&snap));
+                tracing::info!(
+                    "serving generation {g} (was {})",
+                    served
+                        .map(|g| g.to_string())
+                        .unwrap_or_else(|| "none".into())
+                );
+                self.snapshot.send_replace(Some(snap));
+                // The old generation stays registered only while a request holds it.
+                let mut now = self.pinned();
+                now.insert(g);
+                self.register(&now);
+                *self.failed_load.lock().expect("lock") = None;
+                systemd::notify(&format!("STATUS=serving generation {g}"));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let mut failed = self.failed_load.lock().expect("lock");
+                if *failed != Some(g) {
+                    tracing::error!(
+                        "current names generation {g} but it cannot be loaded; still serving generation {}: {e:#}",
+                        served.map(|g| g.to_string()).unwrap_or_else(|| "none".into())
+                    );
+                    *failed = Some(g);
+                }
+            }
+        }
+    }
+
+    /// Records `gens` as this daemon's registration; false when it cannot be
+    /// written.
+    fn register(&self, gens: &BTreeSet<u64>) -> bool {
+        let mut reg = self.registration.lock().expect("lock");
+        let Some(r) = reg.as_mut() else {
+            return false;
+        };
+        match r.set(gens) {
+            Ok(()) => {
+                self.register_failed.store(false, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                // Retried every round; said once per failure spell.
+                if !self.register_failed.swap(true, Ordering::Relaxed) {
+                    tracing::warn!("cannot register the served generations {gens:?} for GC: {e:#}");
+                }
+                false
+            }
+        }
     }
 
     /// Generations still in use by requests in flight.
@@ -183,8 +286,8 @@ fn jitter_unit() -> f64 {
     (n % 10_000) as f64 / 10_000.0
 }
 
-/// Runs one sync and records its outcome; publishes a new snapshot to the servers.
-pub async fn sync_once(d: &Daemon) {
+/// Runs one sync and records its outcome; then serves what `current` names.
+pub async fn sync_once(d: &Arc<Daemon>) {
     let settings = d.settings();
     {
         let mut st = d.status.lock().expect("lock");
@@ -201,12 +304,27 @@ pub async fn sync_once(d: &Daemon) {
         dry_run: false,
         wait: true,
         progress: ProgressMode::Quiet,
-        keep: d.pinned(),
+        // What requests hold is in this daemon's registration, read by GC after
+        // publish (a set taken now would keep what is served now after it is not).
+        keep: BTreeSet::new(),
         stop: Some(stop),
+        on_publish: Some(sync::PublishHook({
+            let d = Arc::downgrade(d);
+            Arc::new(move || {
+                if let Some(d) = d.upgrade() {
+                    d.follow_current();
+                }
+            })
+        })),
     };
     let t = Instant::now();
+    let before = d.snapshot.borrow().as_ref().map(|s| s.generation);
     let result = sync::run(&settings, &opts, d.live.clone()).await;
     *d.sync_stop.lock().expect("lock") = None;
+    // Whatever the outcome (a write after publish may have failed), serve what
+    // `current` names now.
+    follow(d).await;
+    let after = d.snapshot.borrow().as_ref().map(|s| s.generation);
     let elapsed = t.elapsed();
     d.sync_duration_ms_total
         .fetch_add(elapsed.as_millis() as u64, Ordering::Relaxed);
@@ -223,19 +341,20 @@ pub async fn sync_once(d: &Daemon) {
             st.last_result = Some(if report.changed { "ok" } else { "unchanged" }.into());
             drop(st);
             if report.changed {
-                match Snapshot::load_current(&Store::existing(&settings.state_dir)) {
-                    Ok(Some(snap)) => {
-                        tracing::info!(
-                            generation = snap.generation,
-                            bytes = report.bytes_fetched,
-                            "sync published generation {}: {}",
-                            snap.generation,
-                            report.changes.join(", ")
-                        );
-                        d.snapshot.send_replace(Some(Arc::new(snap)));
-                    }
-                    Ok(None) => {}
-                    Err(e) => tracing::error!("cannot load the new snapshot: {e:#}"),
+                tracing::info!(
+                    bytes = report.bytes_fetched,
+                    "sync published generation {}: {}",
+                    report.generation.map(|g| g.to_string()).unwrap_or_default(),
+                    report.changes.join(", ")
+                );
+                if after != report.generation {
+                    tracing::error!(
+                        "serving generation {} although the sync published {}",
+                        after
+                            .map(|g| g.to_string())
+                            .unwrap_or_else(|| "none".into()),
+                        report.generation.map(|g| g.to_string()).unwrap_or_default()
+                    );
                 }
             } else {
                 tracing::info!("sync: up to date ({} ms)", report.elapsed_ms);
@@ -256,9 +375,39 @@ pub async fn sync_once(d: &Daemon) {
             let e = crate::config::redact_text(&format!("{e:#}"));
             st.last_error = Some(e.clone());
             drop(st);
-            tracing::error!("sync failed (still serving the last good snapshot): {e}");
+            if before == after {
+                tracing::error!("sync failed (still serving the last good snapshot): {e}");
+            } else {
+                tracing::error!(
+                    "sync failed after publishing generation {}, which is served: {e}",
+                    after
+                        .map(|g| g.to_string())
+                        .unwrap_or_else(|| "none".into())
+                );
+            }
             systemd::notify(&format!("STATUS=last sync failed: {e}"));
         }
+    }
+}
+
+/// [`Daemon::follow_current`] on a blocking thread.
+async fn follow(d: &Arc<Daemon>) {
+    let d = d.clone();
+    let _ = tokio::task::spawn_blocking(move || d.follow_current()).await;
+}
+
+/// How often the daemon checks what `current` names (one `readlink`, under the GC
+/// lock): a `rackboot sync` run beside it is served within this period.
+const FOLLOW_PERIOD: Duration = Duration::from_millis(250);
+
+/// Follows `current` whoever switches it, and keeps the registration current.
+async fn follow_loop(d: Arc<Daemon>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(FOLLOW_PERIOD) => {}
+        }
+        follow(&d).await;
     }
 }
 
@@ -278,6 +427,59 @@ async fn sync_loop(d: Arc<Daemon>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = d.trigger.notified() => {}
             _ = tokio::time::sleep(delay), if auto => {}
+        }
+    }
+}
+
+/// Says which state files this process cannot read (typically written by the CLI
+/// run as another user): each would silently change what is served or synced.
+fn warn_unreadable_state(state_dir: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    for name in [
+        "sources.json",
+        "machines.json",
+        "state.json",
+        sync::CATALOG_FILE,
+    ] {
+        let p = state_dir.join(name);
+        if let Err(e) = std::fs::File::open(&p) {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                continue;
+            }
+            let owner = std::fs::metadata(&p)
+                .map(|m| format!(" (owner uid {}, mode {:o})", m.uid(), m.mode() & 0o7777))
+                .unwrap_or_default();
+            tracing::warn!(
+                "cannot read {}{owner}: {e}; run rackboot commands as the user the daemon runs as",
+                p.display()
+            );
+        }
+    }
+}
+
+/// The snapshot to serve at start: what `current` names, else (its manifest or tree
+/// unreadable) the newest complete generation on disk, said in the log.
+fn load_start_snapshot(store: &Store) -> Option<Snapshot> {
+    let err = match Snapshot::load_current(store) {
+        Ok(s) => return s,
+        Err(e) => e,
+    };
+    let current = store.current_generation();
+    let Some(g) = store.newest_readable(current) else {
+        tracing::error!("cannot load what current names, and no other generation is complete: serving nothing until a sync succeeds: {err:#}");
+        return None;
+    };
+    match Snapshot::load(store, g) {
+        Ok(s) => {
+            tracing::warn!(
+                "cannot load generation {} (current): {err:#}; serving generation {g}, the newest complete one, until a sync publishes another",
+                current.map(|g| g.to_string()).unwrap_or_default()
+            );
+            Some(s)
+        }
+        Err(e) => {
+            tracing::error!("cannot load what current names ({err:#}) nor generation {g} ({e:#}): serving nothing until a sync succeeds");
+            None
         }
     }
 }
@@ -311,7 +513,21 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
 
     raise_open_files_limit();
     let store = Store::open(&settings.state_dir)?;
-    let snapshot = Snapshot::load_current(&store)?;
+    // Leftovers of interrupted runs, unless a sync (which may own them) is running.
+    if let Ok(Some(_lock)) = store.try_lock() {
+        let n = store.clean_stray();
+        if n > 0 {
+            tracing::info!("removed {n} leftovers of interrupted runs");
+        }
+    }
+    warn_unreadable_state(&settings.state_dir);
+    let (snapshot, registration) = {
+        let _gc = store.gc_lock(Duration::from_secs(60))?;
+        let mut registration = store.register_server()?;
+        let snapshot = load_start_snapshot(&store);
+        registration.set(&snapshot.iter().map(|s| s.generation).collect())?;
+        (snapshot, registration)
+    };
     match &snapshot {
         Some(s) => tracing::info!(
             "serving generation {} from {}",
@@ -375,9 +591,20 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
             .filter_map(|group| group.first()?.local_addr().ok())
             .collect(),
         handed_out: Mutex::new(Vec::new()),
+        registration: Mutex::new(Some(registration)),
+        failed_load: Mutex::new(None),
+        register_failed: Default::default(),
+        follow_failed: Default::default(),
         started: Instant::now(),
         allow_downgrade_once: std::sync::atomic::AtomicBool::new(false),
     });
+    if let Some(s) = daemon.snapshot.borrow().as_ref() {
+        daemon
+            .handed_out
+            .lock()
+            .expect("lock")
+            .push(Arc::downgrade(s));
+    }
     let shutdown = CancellationToken::new();
     let drain = settings.drain_timeout;
     let mut tasks = tokio::task::JoinSet::new();
@@ -438,6 +665,13 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
         let (d, s) = (daemon.clone(), shutdown.clone());
         tasks.spawn(async move {
             sync_loop(d, s).await;
+            Ok(())
+        });
+    }
+    {
+        let (d, s) = (daemon.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            follow_loop(d, s).await;
             Ok(())
         });
     }
@@ -531,6 +765,20 @@ fn reload(d: &Daemon) {
                     d.config_path.display()
                 );
             }
+            // What needs a restart stays as it was until then: no half-applied
+            // setting (a new state_dir would move sync, API and machine lookups
+            // away from the snapshot being served).
+            let mut new = new;
+            new.state_dir = old.state_dir.clone();
+            new.tftp.listen = old.tftp.listen.clone();
+            new.http.listen = old.http.listen.clone();
+            new.http.tls = old.http.tls.clone();
+            new.http.max_connections = old.http.max_connections;
+            new.http.header_timeout = old.http.header_timeout;
+            new.tftp.max_blksize = old.tftp.max_blksize;
+            new.tftp.max_windowsize = old.tftp.max_windowsize;
+            new.tftp.max_transfers = old.tftp.max_transfers;
+            new.drain_timeout = old.drain_timeout;
             *d.settings.write().expect("settings lock") = Arc::new(new);
             tracing::info!("reloaded {}", d.config_path.display());
             d.trigger.notify_one();

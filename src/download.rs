@@ -113,7 +113,17 @@ pub async fn fetch(
     let mut hasher = Hasher::new();
     let mut have = match fs::metadata(&part) {
         Ok(m) if m.len() > 0 && m.len() < job.size => {
-            rehash(&part, &mut hasher).map_err(io_err(&part))?
+            // Reading back up to a whole image: not on an async worker.
+            let p = part.clone();
+            let (h, n) = tokio::task::spawn_blocking(move || {
+                let mut h = Hasher::new();
+                rehash(&p, &mut h).map(|n| (h, n))
+            })
+            .await
+            .expect("rehash does not panic")
+            .map_err(io_err(&part))?;
+            hasher = h;
+            n
         }
         Ok(_) => {
             fs::remove_file(&part).map_err(io_err(&part))?;
@@ -180,8 +190,11 @@ pub async fn fetch(
             written_back = got;
         }
     }
-    file.sync_all().map_err(io_err(&part))?;
-    drop(file);
+    // fsync of a whole image: not on an async worker.
+    tokio::task::spawn_blocking(move || file.sync_all())
+        .await
+        .expect("fsync does not panic")
+        .map_err(io_err(&part))?;
     if got < job.size {
         return Err(DownloadError::Truncated {
             url,

@@ -38,7 +38,7 @@ use url::Url;
 
 use crate::config::SourceUrl;
 use crate::simplestreams::{self, Checksum, Props, RawItem};
-use crate::store::atomic_write;
+use crate::store::atomic_write_public as atomic_write;
 use crate::upstream::{Fetched, Fetcher};
 use crate::verify::{self, Keyring};
 
@@ -448,6 +448,57 @@ async fn fetch_one(
     Ok(got - have)
 }
 
+/// Takes `DEST/.data/lock` (flock, not waiting): a second `rackboot mirror` into
+/// the same DEST fails at once, naming the running one.
+fn lock_dest(dest: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    use nix::fcntl::{Flock, FlockArg};
+    let data = data_dir(dest);
+    std::fs::create_dir_all(&data).with_context(|| format!("cannot create {}", data.display()))?;
+    let path = data.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(l),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            let holder = crate::store::flock_holder(&path)
+                .map(|pid| format!(" (pid {pid})"))
+                .unwrap_or_default();
+            anyhow::bail!(
+                "another rackboot mirror{holder} is writing {} (lock {}); not starting a second one",
+                dest.display(),
+                path.display()
+            )
+        }
+        Err((_, e)) => anyhow::bail!("cannot lock {}: {e}", path.display()),
+    }
+}
+
+/// Removes `.tmp-*` files (interrupted atomic writes) below `dest`; run with the
+/// DEST lock held, so none can belong to a running writer. Symlinks are not followed.
+fn remove_stray_tmp(dest: &Path) -> usize {
+    let mut n = 0;
+    let mut dirs = vec![dest.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(t) = e.file_type() else { continue };
+            if t.is_dir() {
+                dirs.push(e.path());
+            } else if t.is_file()
+                && e.file_name().to_string_lossy().starts_with(".tmp-")
+                && std::fs::remove_file(e.path()).is_ok()
+            {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
 /// Removes `path` under `dest` and the directories it leaves empty (up to `dest`).
 fn delete_payload(dest: &Path, path: &str) -> anyhow::Result<()> {
     let p = dest.join(path);
@@ -519,6 +570,19 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             products.push((entry.content_id, items));
         }
     }
+
+    // One run per DEST at a time: the records are read, changed and written back,
+    // and `.part` files are resumed by whoever finds them. Held to the end.
+    let _lock = if opts.dry_run {
+        None
+    } else {
+        let lock = lock_dest(&opts.dest)?;
+        let stray = remove_stray_tmp(&opts.dest);
+        if stray > 0 {
+            tracing::info!("removed {stray} temporary files an interrupted run left");
+        }
+        Some(lock)
+    };
 
     // The new record per content id, compared with what earlier runs mirrored.
     let mut previous = Vec::new();
@@ -602,6 +666,12 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         );
     }
 
+    // The payloads' new names reach the disk before any metadata names them (one
+    // syncfs for all the renames; their data was synced before each rename).
+    if !plan.fetch.is_empty() {
+        crate::store::sync_fs(&opts.dest)
+            .with_context(|| format!("cannot sync {}", opts.dest.display()))?;
+    }
     // Metadata byte for byte, then the record of what is mirrored, then removals.
     for (rel, bytes) in &raw_docs {
         let p = opts.dest.join(rel);

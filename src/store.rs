@@ -8,6 +8,9 @@
 //! tmp/                         partial downloads (<digest>.part) and snapshots being built
 //! state.json, sources.json     small state files, written atomically
 //! lock                         flock held by the running sync
+//! gc.lock                      flock held briefly by GC and by a daemon switching snapshots
+//! serving/<pid>                generations a running daemon serves or a request holds
+//!                              (flocked by that daemon while it lives)
 //! ```
 //!
 //! Invariant: nothing outside `tmp/` is ever unverified or half-written.
@@ -86,15 +89,99 @@ impl Beneath {
     }
 }
 
-/// Writes `path` atomically: temp file in the same directory, fsync, rename, fsync
-/// the directory. A crash leaves either the old or the new content.
+/// The mode of state files (`state.json`, `sources.json`, `machines.json`, …),
+/// before the umask.
+pub const STATE_MODE: u32 = 0o640;
+/// The mode of served files and of `rackboot mirror`'s output, before the umask.
+pub const PUBLIC_MODE: u32 = 0o644;
+
+/// Writes a state file atomically (mode [`STATE_MODE`]): temp file in the same
+/// directory, fsync, rename, fsync the directory. A crash leaves either the old or
+/// the new content.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    atomic_write_mode(path, bytes, STATE_MODE)
+}
+
+/// [`atomic_write`] for a file others read (served, mirrored): mode [`PUBLIC_MODE`].
+pub fn atomic_write_public(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    atomic_write_mode(path, bytes, PUBLIC_MODE)
+}
+
+/// Like [`atomic_write`] with `mode` (the umask applies, as for any created file).
+/// Run as root in a directory another user owns (the CLI beside the unit's
+/// `User=rackboot`), the file is given to the directory's owner, so the daemon can
+/// still read and replace it.
+pub fn atomic_write_mode(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .permissions(fs::Permissions::from_mode(mode))
+        .tempfile_in(dir)?;
+    give_to_dir_owner(tmp.as_file(), dir)?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
     fsync_dir(dir)
+}
+
+/// Opens (creating, mode 0644 through the umask) a file used only for `flock`.
+/// Read-only: a lock file created by another user (the CLI run as root) still locks.
+fn open_lock_file(path: &Path) -> io::Result<File> {
+    use nix::fcntl::OFlag;
+    use nix::sys::stat::Mode;
+    let fd = nix::fcntl::open(
+        path,
+        OFlag::O_RDONLY | OFlag::O_CREAT | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o644),
+    )?;
+    // SAFETY: `open` just returned this descriptor and nothing else owns it.
+    let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    if let Some(dir) = path.parent() {
+        // Best effort: only matters for a file this call created as root.
+        if file.metadata().is_ok_and(|m| m.uid() == 0) {
+            let _ = give_to_dir_owner(&file, dir);
+        }
+    }
+    Ok(file)
+}
+
+/// As root, hands a new file in `dir` to `dir`'s owner (a no-op otherwise).
+pub fn give_to_dir_owner(file: &File, dir: &Path) -> io::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let m = fs::metadata(dir)?;
+    if m.uid() == 0 {
+        return Ok(());
+    }
+    std::os::unix::fs::fchown(file, Some(m.uid()), Some(m.gid()))
+}
+
+/// Removes `.tmp-*` files an interrupted [`atomic_write`] left in `dir` (they are
+/// never renamed into place once the writer is gone). Errors are ignored: this is
+/// tidying, not correctness.
+/// Only files older than a minute go: a younger one may belong to a writer that is
+/// still running (another rackboot process).
+pub fn remove_stray_tmp(dir: &Path) -> usize {
+    let old = |e: &fs::DirEntry| {
+        e.metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > std::time::Duration::from_secs(60))
+    };
+    let mut n = 0;
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with(".tmp-")
+            && e.file_type().is_ok_and(|t| t.is_file())
+            && old(&e)
+            && fs::remove_file(e.path()).is_ok()
+        {
+            n += 1;
+        }
+    }
+    n
 }
 
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
@@ -272,6 +359,33 @@ impl Store {
         Ok(())
     }
 
+    /// Removes what interrupted runs left behind and no later run will use: in
+    /// `tmp/` everything but `<digest>.part` / `<digest>.ok` (half-built snapshots,
+    /// archive members), and old `.tmp-*` files of atomic writes. Call with the sync
+    /// lock held. Returns how many entries went.
+    pub fn clean_stray(&self) -> usize {
+        let mut n = 0;
+        for e in fs::read_dir(self.tmp_dir()).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let resumable = name
+                .strip_suffix(".part")
+                .or_else(|| name.strip_suffix(".ok"))
+                .is_some_and(|h| h.parse::<Sha256>().is_ok());
+            if resumable {
+                continue;
+            }
+            let p = e.path();
+            let gone = if e.file_type().is_ok_and(|t| t.is_dir()) {
+                fs::remove_dir_all(&p)
+            } else {
+                fs::remove_file(&p)
+            };
+            n += usize::from(gone.is_ok());
+        }
+        let _ = fs::remove_file(self.root.join(".current.new"));
+        n + remove_stray_tmp(&self.root) + remove_stray_tmp(&self.root.join("snapshots"))
+    }
+
     pub fn current_link(&self) -> PathBuf {
         self.root.join("current")
     }
@@ -405,8 +519,17 @@ impl Store {
     pub fn gc(&self, keep: &BTreeSet<u64>, extra: &BTreeSet<Sha256>) -> anyhow::Result<GcStats> {
         let mut stats = GcStats::default();
         let mut live: BTreeSet<Sha256> = extra.clone();
+        // A kept generation whose manifest cannot be read: its blobs are unknown, so
+        // none are removed this time (snapshots still are).
+        let mut blobs_known = true;
         for g in keep {
-            live.extend(self.read_manifest(*g)?.blobs);
+            match self.read_manifest(*g) {
+                Ok(m) => live.extend(m.blobs),
+                Err(e) => {
+                    tracing::warn!("keeping every blob: {e:#}");
+                    blobs_known = false;
+                }
+            }
         }
         for g in self.generations() {
             if keep.contains(&g) {
@@ -429,6 +552,9 @@ impl Store {
                 }
             }
         }
+        if !blobs_known {
+            return Ok(stats);
+        }
         let blobs = self.root.join("blobs/sha256");
         for sub in ctx(fs::read_dir(&blobs), "cannot read", &blobs)?.flatten() {
             for f in fs::read_dir(sub.path())?.flatten() {
@@ -449,42 +575,243 @@ impl Store {
         Ok(stats)
     }
 
-    /// Takes the sync lock. With `wait`, blocks until the running sync finishes
-    /// (calling `on_wait` once first); without it, fails at once.
-    pub fn lock(&self, wait: bool, on_wait: impl FnOnce(&str)) -> anyhow::Result<SyncLock> {
+    /// Takes the sync lock without waiting: `Ok(None)` when another process (or
+    /// another sync of this one) holds it. Never blocks, so an async caller can wait
+    /// for it with [`Store::lock_async`] and still be stopped.
+    pub fn try_lock(&self) -> anyhow::Result<Option<SyncLock>> {
         use nix::fcntl::{Flock, FlockArg};
         let path = self.root.join("lock");
-        let open = || {
-            ctx(
-                fs::OpenOptions::new()
-                    .create(true)
-                    .truncate(false)
-                    .read(true)
-                    .write(true)
-                    .open(&path),
-                "cannot open",
-                &path,
-            )
-        };
-        let lock = match Flock::lock(open()?, FlockArg::LockExclusiveNonblock) {
-            Ok(l) => l,
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-                let holder = lock_holder(&path)
-                    .map(|pid| format!("held by pid {pid}"))
-                    .unwrap_or_else(|| "held".into());
-                let msg = format!("another sync is running (lock {} {holder})", path.display());
-                if !wait {
-                    anyhow::bail!("{msg}");
-                }
-                on_wait(&msg);
-                Flock::lock(open()?, FlockArg::LockExclusive)
-                    .map_err(|(_, e)| anyhow::anyhow!("cannot lock {}: {e}", path.display()))?
-            }
+        let file = ctx(open_lock_file(&path), "cannot open", &path)?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            // Nothing is written to the lock file: a sync with nothing to do writes
+            // no file at all (the holder is found through /proc/locks instead).
+            Ok(l) => Ok(Some(SyncLock { _lock: l })),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
             Err((_, e)) => anyhow::bail!("cannot lock {}: {e}", path.display()),
-        };
-        // Nothing is written to the lock file: a sync with nothing to do writes no
-        // file at all (the holder is found through /proc/locks instead).
-        Ok(SyncLock { _lock: lock })
+        }
+    }
+
+    /// "another sync is running (lock … held by pid N)".
+    pub fn busy_message(&self) -> String {
+        let path = self.root.join("lock");
+        let holder = lock_holder(&path)
+            .map(|pid| format!("held by pid {pid}"))
+            .unwrap_or_else(|| "held".into());
+        format!("another sync is running (lock {} {holder})", path.display())
+    }
+
+    /// Takes the sync lock. Without `wait`, fails at once when it is held.
+    pub fn lock(&self, wait: bool, on_wait: impl FnOnce(&str)) -> anyhow::Result<SyncLock> {
+        if let Some(l) = self.try_lock()? {
+            return Ok(l);
+        }
+        let msg = self.busy_message();
+        if !wait {
+            anyhow::bail!("{msg}");
+        }
+        on_wait(&msg);
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            if let Some(l) = self.try_lock()? {
+                return Ok(l);
+            }
+        }
+    }
+
+    /// Takes the sync lock from async code: polls (every 100 ms) rather than block
+    /// a runtime worker in `flock`, and gives up when `stop` is cancelled (`sync/stop`,
+    /// shutdown) while it waits.
+    pub async fn lock_async(
+        &self,
+        wait: bool,
+        stop: Option<&tokio_util::sync::CancellationToken>,
+        on_wait: impl FnOnce(&str),
+    ) -> anyhow::Result<SyncLock> {
+        if let Some(l) = self.try_lock()? {
+            return Ok(l);
+        }
+        let msg = self.busy_message();
+        if !wait {
+            anyhow::bail!("{msg}");
+        }
+        on_wait(&msg);
+        let never = tokio_util::sync::CancellationToken::new();
+        let stop = stop.unwrap_or(&never);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => anyhow::bail!("stopped by request while waiting: {msg}"),
+                _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+            }
+            if let Some(l) = self.try_lock()? {
+                return Ok(l);
+            }
+        }
+    }
+
+    /// Takes the GC lock, waiting at most `limit` (polling: a thread waiting here can
+    /// always be abandoned at shutdown). GC holds it while it decides and deletes; a
+    /// daemon holds it while it reads `current`, registers that generation and opens
+    /// it. So GC never deletes a generation between a daemon choosing and registering
+    /// it. Call off the async workers.
+    pub fn gc_lock(&self, limit: std::time::Duration) -> anyhow::Result<nix::fcntl::Flock<File>> {
+        use nix::fcntl::{Flock, FlockArg};
+        let path = self.root.join("gc.lock");
+        let deadline = std::time::Instant::now() + limit;
+        let mut file = ctx(open_lock_file(&path), "cannot open", &path)?;
+        loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(l) => return Ok(l),
+                Err((f, nix::errno::Errno::EWOULDBLOCK)) => file = f,
+                Err((_, e)) => anyhow::bail!("cannot lock {}: {e}", path.display()),
+            }
+            if std::time::Instant::now() >= deadline {
+                let holder = lock_holder(&path)
+                    .map(|pid| format!(" (held by pid {pid})"))
+                    .unwrap_or_default();
+                anyhow::bail!(
+                    "{} stayed locked for {} s{holder}",
+                    path.display(),
+                    limit.as_secs()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    fn serving_dir(&self) -> PathBuf {
+        self.root.join("serving")
+    }
+
+    /// Registers this process as a server of this store: `serving/<pid>`, flocked for
+    /// the life of the returned handle. Call with the GC lock held.
+    pub fn register_server(&self) -> anyhow::Result<ServerRegistration> {
+        use nix::fcntl::{Flock, FlockArg};
+        let dir = self.serving_dir();
+        ctx(fs::create_dir_all(&dir), "cannot create", &dir)?;
+        let path = dir.join(std::process::id().to_string());
+        let file = ctx(
+            fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .read(true)
+                .write(true)
+                .open(&path),
+            "cannot open",
+            &path,
+        )?;
+        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| anyhow::anyhow!("cannot lock {}: {e}", path.display()))?;
+        Ok(ServerRegistration {
+            lock,
+            path,
+            written: None,
+        })
+    }
+
+    /// Generations that running daemons serve or hold for requests (read with the GC
+    /// lock held). Registrations of processes that are gone (no flock) are removed.
+    pub fn served_generations(&self) -> BTreeSet<u64> {
+        use nix::fcntl::{Flock, FlockArg};
+        let mut out = BTreeSet::new();
+        for e in fs::read_dir(self.serving_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let Ok(file) = File::open(e.path()) else {
+                continue;
+            };
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                // Nobody holds it: its daemon is gone.
+                Ok(_stale) => {
+                    let _ = fs::remove_file(e.path());
+                }
+                Err((file, _)) => {
+                    let text = io::read_to_string(&file).unwrap_or_default();
+                    out.extend(
+                        text.split_whitespace()
+                            .filter_map(|g| g.parse::<u64>().ok()),
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    /// PIDs of the daemons serving this store (registered and alive).
+    pub fn servers(&self) -> Vec<u32> {
+        use nix::fcntl::{Flock, FlockArg};
+        fs::read_dir(self.serving_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                File::open(e.path()).is_ok_and(|f| {
+                    matches!(
+                        Flock::lock(f, FlockArg::LockSharedNonblock),
+                        Err((_, nix::errno::Errno::EWOULDBLOCK))
+                    )
+                })
+            })
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect()
+    }
+
+    /// GC as a sync runs it: takes the GC lock, keeps what `current` names, what every
+    /// running daemon registered and `extra`, and removes the rest.
+    pub fn collect(&self, extra: &BTreeSet<u64>) -> anyhow::Result<GcStats> {
+        let _gc = self.gc_lock(std::time::Duration::from_secs(60))?;
+        let mut keep: BTreeSet<u64> = self.served_generations();
+        keep.extend(extra);
+        keep.extend(self.current_generation());
+        // Only generations that are complete (a manifest to read the blobs from).
+        keep.retain(|g| self.manifest_path(*g).exists());
+        self.gc(&keep, &BTreeSet::new())
+    }
+
+    /// The newest generation on disk, other than `not`, whose manifest reads.
+    pub fn newest_readable(&self, not: Option<u64>) -> Option<u64> {
+        self.generations()
+            .into_iter()
+            .rev()
+            .filter(|g| Some(*g) != not)
+            .find(|g| self.read_manifest(*g).is_ok() && self.snapshot_dir(*g).is_dir())
+    }
+}
+
+/// A daemon's entry in `serving/`: which generations it may still read.
+pub struct ServerRegistration {
+    lock: nix::fcntl::Flock<File>,
+    path: PathBuf,
+    written: Option<BTreeSet<u64>>,
+}
+
+impl ServerRegistration {
+    /// Records `gens` (call with the GC lock held). Written in place: the flock is on
+    /// this inode, and readers hold the GC lock, so they never see half of it.
+    pub fn set(&mut self, gens: &BTreeSet<u64>) -> anyhow::Result<()> {
+        use std::os::unix::fs::FileExt;
+        if self.written.as_ref() == Some(gens) {
+            return Ok(());
+        }
+        let text: String = gens.iter().map(|g| format!("{g}\n")).collect();
+        let f: &File = &self.lock;
+        // Overwrite, then cut: a failed write (a full disk) leaves the old list
+        // readable rather than an empty one.
+        ctx(
+            f.write_all_at(text.as_bytes(), 0),
+            "cannot write",
+            &self.path,
+        )?;
+        ctx(f.set_len(text.len() as u64), "cannot write", &self.path)?;
+        self.written = Some(gens.clone());
+        Ok(())
+    }
+}
+
+impl Drop for ServerRegistration {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
     }
 }
 
@@ -496,6 +823,10 @@ impl Store {
 }
 
 /// The PID holding the flock on `path`, from `/proc/locks` (matched by inode).
+pub fn flock_holder(path: &Path) -> Option<u32> {
+    lock_holder(path)
+}
+
 fn lock_holder(path: &Path) -> Option<u32> {
     let ino = fs::metadata(path).ok()?.ino();
     let locks = fs::read_to_string("/proc/locks").ok()?;
@@ -600,5 +931,94 @@ mod snapshot_tests {
             .map(|_| ());
         assert!(e.is_ok(), "a fresh build dir holds no such link: {e:?}");
         assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store with empty snapshots `gens` (directory + manifest), `current` at the
+    /// last one.
+    fn store_with(gens: &[u64]) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for g in gens {
+            fs::create_dir_all(store.snapshot_dir(*g)).unwrap();
+            let m = Manifest {
+                generation: *g,
+                ..Default::default()
+            };
+            fs::write(store.manifest_path(*g), serde_json::to_vec(&m).unwrap()).unwrap();
+        }
+        store.publish(*gens.last().unwrap()).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn gc_keeps_current_and_what_a_live_server_registered() {
+        let (_dir, store) = store_with(&[1, 2, 3, 4]);
+        let mut reg = {
+            let _gc = store.gc_lock(std::time::Duration::from_secs(1)).unwrap();
+            let mut reg = store.register_server().unwrap();
+            reg.set(&[2].into()).unwrap();
+            reg
+        };
+        let stats = store.collect(&[3].into()).unwrap();
+        assert_eq!(stats.snapshots, 1);
+        assert_eq!(store.generations(), vec![2, 3, 4]);
+        assert_eq!(store.servers(), vec![std::process::id()]);
+        // A shorter list replaces a longer one completely.
+        reg.set(&[4].into()).unwrap();
+        assert_eq!(store.served_generations(), [4].into());
+        drop(reg);
+        assert!(store.servers().is_empty());
+        store.collect(&BTreeSet::new()).unwrap();
+        assert_eq!(store.generations(), vec![4]);
+    }
+
+    #[test]
+    fn a_registration_nobody_holds_is_stale() {
+        let (_dir, store) = store_with(&[1, 2]);
+        fs::create_dir_all(store.serving_dir()).unwrap();
+        fs::write(store.serving_dir().join("999999"), "1\n").unwrap();
+        assert!(store.served_generations().is_empty());
+        assert!(!store.serving_dir().join("999999").exists());
+        store.collect(&BTreeSet::new()).unwrap();
+        assert_eq!(store.generations(), vec![2]);
+    }
+
+    #[test]
+    fn the_gc_lock_gives_up_after_its_limit_and_names_the_holder() {
+        let (_dir, store) = store_with(&[1]);
+        let _held = store.gc_lock(std::time::Duration::from_secs(1)).unwrap();
+        let t = std::time::Instant::now();
+        let e = store
+            .gc_lock(std::time::Duration::from_millis(100))
+            .unwrap_err()
+            .to_string();
+        assert!(t.elapsed() < std::time::Duration::from_secs(2));
+        assert!(e.contains("gc.lock stayed locked"), "{e}");
+    }
+
+    #[test]
+    fn state_files_are_0640_public_files_0644_through_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        atomic_write(&a, b"x").unwrap();
+        atomic_write_public(&b, b"x").unwrap();
+        // The test process's umask is at most 022 here (checked, not assumed).
+        let mask = fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Umask:"))
+                    .and_then(|m| u32::from_str_radix(m.trim(), 8).ok())
+            })
+            .unwrap_or(0o022);
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&a), STATE_MODE & !mask);
+        assert_eq!(mode(&b), PUBLIC_MODE & !mask);
     }
 }

@@ -61,6 +61,20 @@ pub struct Options {
     pub stop: Option<tokio_util::sync::CancellationToken>,
     /// Accept signed documents older than ones seen before (`--allow-downgrade`).
     pub allow_downgrade: bool,
+    /// Called (on a blocking thread) right after `current` is switched and before
+    /// GC: the daemon serves the new generation first, so GC can let the old one go
+    /// unless a request still holds it.
+    pub on_publish: Option<PublishHook>,
+}
+
+/// See [`Options::on_publish`].
+#[derive(Clone)]
+pub struct PublishHook(pub Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for PublishHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PublishHook")
+    }
 }
 
 /// Live progress of a running sync (read by the daemon's status API).
@@ -405,9 +419,16 @@ async fn run_inner(
     let lock = if opts.dry_run {
         None
     } else {
-        Some(Arc::new(store.lock(opts.wait, |msg| {
-            tracing::warn!("{msg}; waiting for it to finish")
-        })?))
+        let lock = store
+            .lock_async(opts.wait, opts.stop.as_ref(), |msg| {
+                tracing::warn!("{msg}; waiting for it to finish")
+            })
+            .await?;
+        let stray = store.clean_stray();
+        if stray > 0 {
+            tracing::info!("removed {stray} leftovers of interrupted runs");
+        }
+        Some(Arc::new(lock))
     };
     let sources = if opts.dry_run {
         Sources::current(settings)?
@@ -460,6 +481,11 @@ async fn run_inner(
         }
     }
     if !indexes.is_empty() && indexes.iter().all(Option::is_none) {
+        // Nothing new; still collect generations that requests held during the last
+        // change (cheap when `current` is the only one on disk).
+        if !opts.dry_run && store.generations().len() > 1 {
+            collect(&store, opts, &mut report).await?;
+        }
         report.requests = requests.0.load(Ordering::Relaxed);
         report.elapsed_ms = started.elapsed().as_millis() as u64;
         return Ok(report);
@@ -575,6 +601,12 @@ async fn run_inner(
     let current_meta =
         current.and_then(|g| std::fs::read_to_string(store.snapshot_dir(g).join("maas.meta")).ok());
     if current_meta.as_deref() == Some(plan.meta.as_str()) && plan.fetch.is_empty() {
+        // GC first: it frees space the small writes below may need, and it runs
+        // even when a write after an earlier publish failed.
+        collect(&store, opts, &mut report).await?;
+        // Served content is what upstream offers: no partial or staged download
+        // in tmp/ will be wanted.
+        store.clean_tmp(&BTreeSet::new())?;
         write_catalog(settings, &catalog)?;
         state.sources_key = key;
         state.indexes = new_validators;
@@ -720,7 +752,7 @@ async fn run_inner(
         let d = crate::simplestreams::Sha256::from_bytes(sha2::Sha256::digest(bytes).into());
         if store.verified_path(&d, None).is_none() {
             let staged = store.staged_path(&d);
-            crate::store::atomic_write(&staged, bytes)
+            crate::store::atomic_write_public(&staged, bytes)
                 .with_context(|| format!("writing {}", staged.display()))?;
         }
         blobs.insert(d);
@@ -739,24 +771,36 @@ async fn run_inner(
     };
     store.build_snapshot(&manifest, &symlinks, &plan.meta)?;
     store.publish(generation)?;
+    // From here `current` names the new generation whatever fails below: a daemon
+    // follows `current`, so the report says so even on error.
+    report.generation = Some(generation);
+    report.changed = true;
+    if let Some(PublishHook(hook)) = opts.on_publish.clone() {
+        let _ = tokio::task::spawn_blocking(move || hook()).await;
+    }
+    // GC after publish (its keep set then holds the new `current` and what every
+    // daemon serves) and before the small writes, which a full disk would fail.
+    collect(&store, opts, &mut report).await?;
     write_catalog(settings, &catalog)?;
     state.generation = generation;
     state.sources_key = key;
     state.indexes = new_validators;
     state.last_success = Some(now_unix());
     state.save(&settings.state_dir)?;
-    let mut keep: BTreeSet<u64> = opts
-        .keep
-        .iter()
-        .copied()
-        .filter(|g| store.manifest_path(*g).exists())
-        .collect();
-    keep.insert(generation);
-    let gc = store.gc(&keep, &BTreeSet::new())?;
-    report.gc_blobs = gc.blobs;
-    report.gc_bytes = gc.bytes;
-    report.generation = Some(generation);
-    report.changed = true;
     report.elapsed_ms = started.elapsed().as_millis() as u64;
     Ok(report)
+}
+
+/// Garbage collection at the end of a run: keeps `current`, what running daemons
+/// registered (served or held by requests) and `opts.keep`. The GC lock is a
+/// blocking flock, so it runs off the async workers.
+async fn collect(store: &Store, opts: &Options, report: &mut Report) -> anyhow::Result<()> {
+    let keep = opts.keep.clone();
+    let store = store.clone();
+    let gc = tokio::task::spawn_blocking(move || store.collect(&keep))
+        .await
+        .map_err(|e| anyhow::anyhow!("garbage collection failed: {e}"))??;
+    report.gc_blobs += gc.blobs;
+    report.gc_bytes += gc.bytes;
+    Ok(())
 }

@@ -2,6 +2,7 @@
 //! clients on 127.0.0.1. All of them build into this one test binary.
 
 mod bootcfg;
+mod coherence;
 mod harness;
 mod hostile_upstream;
 mod http;
