@@ -26,10 +26,16 @@
 //! bounded and files are never loaded whole.
 //!
 //! Netascii requests are converted on the fly as RFC 1350 says (LF → CR LF, CR → CR
-//! NUL); the transfer size is that of the converted data.
+//! NUL); the transfer size is that of the converted data. Knowing it means reading the
+//! file once before the first reply, on the transfer thread, so netascii is served only
+//! for files up to [`MAX_NETASCII_SOURCE`] (a scan of ~1 ms from the page cache; text
+//! files in a boot tree are a few KiB); a larger one is refused with an ERROR asking
+//! for octet mode. The alternative (no tsize, size found at the end) would let 40
+//! netascii readers of a 1 GiB squashfs still cost what 40 octet readers cost, but
+//! netascii of a binary is never a real client, only load. A refusal costs nothing.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashSet};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::fs::File;
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
@@ -64,6 +70,9 @@ pub struct TftpConfig {
     pub timeout: Duration,
     pub retries: u32,
     pub max_transfers: usize,
+    /// Transfers one client address may run at once (more are refused): one host
+    /// cannot take every slot.
+    pub max_transfers_per_client: usize,
     /// Transfer threads; 0 = one per core.
     pub workers: usize,
     /// Send windows with UDP GSO where the kernel accepts it (else `sendmmsg`).
@@ -78,6 +87,7 @@ impl Default for TftpConfig {
             timeout: Duration::from_secs(1),
             retries: 5,
             max_transfers: 4096,
+            max_transfers_per_client: 64,
             workers: 0,
             segmentation_offload: true,
         }
@@ -363,14 +373,34 @@ struct Dispatch {
     resolver: Arc<dyn Resolver>,
     config: TftpConfig,
     metrics: Arc<TftpMetrics>,
-    /// (client, listener) of every running transfer.
-    active: Mutex<HashSet<(SocketAddr, SocketAddr)>>,
+    /// Running transfers.
+    active: Mutex<Active>,
     workers: Vec<Worker>,
     /// Set when the transfer threads must end (whatever still runs is dropped).
     stop: AtomicBool,
     /// Signalled when the last running transfer ends (for the drain).
     idle: tokio::sync::Notify,
     busy_log: Mutex<(Option<Instant>, u64)>,
+    /// Same, for refusals by `max_transfers_per_client`.
+    client_cap_log: Mutex<(Option<Instant>, u64)>,
+}
+
+/// The running transfers: (client, listener) of each, and how many each client
+/// address runs.
+#[derive(Default)]
+struct Active {
+    keys: HashSet<(SocketAddr, SocketAddr)>,
+    per_client: HashMap<IpAddr, usize>,
+}
+
+impl Active {
+    fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
 }
 
 /// Removes a finished transfer from [`Dispatch`], however it ends.
@@ -384,7 +414,15 @@ impl Drop for ActiveGuard {
     fn drop(&mut self) {
         let empty = {
             let mut active = self.d.active.lock().expect("lock");
-            active.remove(&self.key);
+            if active.keys.remove(&self.key) {
+                let ip = self.key.0.ip();
+                if let Some(n) = active.per_client.get_mut(&ip) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        active.per_client.remove(&ip);
+                    }
+                }
+            }
             active.is_empty()
         };
         self.d.workers[self.worker]
@@ -402,7 +440,7 @@ impl Dispatch {
         let key = (msg.client, msg.listener);
         {
             let mut active = self.active.lock().expect("lock");
-            if active.contains(&key) {
+            if active.keys.contains(&key) {
                 return; // a retransmitted RRQ of a running transfer
             }
             if active.len() >= self.config.max_transfers {
@@ -410,7 +448,14 @@ impl Dispatch {
                 self.refuse_busy(&msg);
                 return;
             }
-            active.insert(key);
+            let mine = active.per_client.entry(msg.client.ip()).or_insert(0);
+            if *mine >= self.config.max_transfers_per_client {
+                drop(active);
+                self.refuse_client_cap(&msg);
+                return;
+            }
+            *mine += 1;
+            active.keys.insert(key);
         }
         let worker = (0..self.workers.len())
             .min_by_key(|i| self.workers[*i].load.load(Ordering::Relaxed))
@@ -430,6 +475,30 @@ impl Dispatch {
         if was_empty {
             // A full socket buffer means a wake-up is pending anyway.
             let _ = w.wake.send(&[1]);
+        }
+    }
+
+    fn refuse_client_cap(&self, msg: &Incoming) {
+        inc(&self.metrics.busy);
+        {
+            let mut log = self.client_cap_log.lock().expect("lock");
+            log.1 += 1;
+            if log.0.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                tracing::warn!(
+                    client = %msg.client,
+                    "tftp: {} already runs {} transfers (tftp.max_transfers_per_client); refusing more ({} refused so far)",
+                    msg.client.ip(),
+                    self.config.max_transfers_per_client,
+                    log.1
+                );
+                log.0 = Some(Instant::now());
+            }
+        }
+        if let Ok(s) = reply_socket(msg.local, msg.scope, msg.client) {
+            let _ = s.send(&packet::error(
+                code::NOT_DEFINED,
+                "server busy: too many transfers from this address, try again later",
+            ));
         }
     }
 
@@ -498,6 +567,7 @@ pub async fn serve(
         stop: AtomicBool::new(false),
         idle: tokio::sync::Notify::new(),
         busy_log: Mutex::default(),
+        client_cap_log: Mutex::default(),
     });
     let mut threads = Vec::new();
     for (i, rx) in wake_rx.into_iter().enumerate() {
@@ -738,6 +808,9 @@ fn run_worker(d: Arc<Dispatch>, me: usize, ep: Epoll, wake: UnixDatagram) {
     }
 }
 
+/// Largest file served in netascii mode (see the module doc).
+pub const MAX_NETASCII_SOURCE: u64 = 1 << 20;
+
 /// Converts data to netascii on the fly with checkpoints at block starts, so a
 /// retransmitted block is reproduced without rereading from the start.
 struct Netascii {
@@ -769,11 +842,12 @@ impl Netascii {
     }
 
     fn read(&mut self, src: &Source, conv_off: u64, out: &mut [u8]) -> std::io::Result<usize> {
-        let (&start, &(mut src_off, mut pending)) = self
-            .checkpoints
-            .range(..=conv_off)
-            .next_back()
-            .expect("checkpoint 0 exists");
+        // Checkpoint 0 is never evicted, so there always is one at or before `conv_off`.
+        let Some((&start, &(mut src_off, mut pending))) =
+            self.checkpoints.range(..=conv_off).next_back()
+        else {
+            return Err(std::io::Error::other("netascii: no checkpoint"));
+        };
         let mut pos = start;
         let mut n = 0;
         let mut chunk = vec![0u8; 4096];
@@ -819,10 +893,14 @@ impl Netascii {
             }
         }
         self.checkpoints.insert(pos, (src_off, pending));
-        // Keep the map small: only recent block starts are ever revisited.
+        // Keep the map small: only recent block starts are ever revisited (a window
+        // larger than this restarts a partial-ACK resend from an older checkpoint, at
+        // worst from 0: slower, still right). Checkpoint 0 stays.
         while self.checkpoints.len() > 256 {
-            let first = *self.checkpoints.keys().next().expect("non-empty");
-            self.checkpoints.remove(&first);
+            let Some(&oldest) = self.checkpoints.keys().nth(1) else {
+                break;
+            };
+            self.checkpoints.remove(&oldest);
         }
         Ok(n)
     }
@@ -1125,6 +1203,21 @@ impl Xfer {
                 return None;
             }
         };
+        if req.mode == Mode::Netascii && source.len() > MAX_NETASCII_SOURCE {
+            inc(&metrics.transfers_failed);
+            refuse(
+                code::NOT_DEFINED,
+                "netascii is served for files up to 1 MiB only; use octet mode",
+            );
+            span.in_scope(|| {
+                tracing::info!(
+                    outcome = "refused",
+                    size = source.len(),
+                    "tftp: netascii request of a file over 1 MiB refused"
+                )
+            });
+            return None;
+        }
         let netascii = if req.mode == Mode::Netascii {
             match Netascii::new(&source) {
                 Ok(n) => Some(n),

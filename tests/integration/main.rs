@@ -10,4 +10,5 @@ mod mirror_cmd;
 mod serve;
 mod sync;
 mod tftp;
+mod tftp_hostile;
 mod web;
