@@ -60,13 +60,24 @@ pub fn run(args: &[String]) -> Result<()> {
 pub fn run_targets(targets: &[String], time: Duration) -> Result<()> {
     ensure_cargo_fuzz()?;
     let fuzz = crate::root().join("fuzz");
-    let mut build = fuzz_cmd(&fuzz);
-    build.args(["fuzz", "build", "--sanitizer", "none", "--debug-assertions"]);
-    build.args(targets);
-    eprintln!("$ cargo fuzz build --sanitizer none --debug-assertions …");
-    let status = build.status().context("cannot run cargo fuzz build")?;
-    if !status.success() {
-        bail!("cargo fuzz build failed: {status}");
+    // `cargo fuzz build` takes one target or none (= all).
+    let builds: Vec<Option<&String>> = if targets.len() == TARGETS.len() {
+        vec![None]
+    } else {
+        targets.iter().map(Some).collect()
+    };
+    for t in builds {
+        let mut build = fuzz_cmd(&fuzz);
+        build.args(["fuzz", "build", "--sanitizer", "none", "--debug-assertions"]);
+        build.args(t);
+        eprintln!(
+            "$ cargo fuzz build --sanitizer none --debug-assertions {}",
+            t.map_or("", |t| t.as_str())
+        );
+        let status = build.status().context("cannot run cargo fuzz build")?;
+        if !status.success() {
+            bail!("cargo fuzz build failed: {status}");
+        }
     }
     let mut results = Vec::new();
     for t in targets {
