@@ -13,5 +13,6 @@ mod mirror_cmd;
 mod serve;
 mod sync;
 mod tftp;
+mod tftp_hostile;
 mod trust_config;
 mod web;
