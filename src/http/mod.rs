@@ -202,6 +202,8 @@ fn handle(
         )
     });
     metrics.requests.fetch_add(1, Ordering::Relaxed);
+    #[cfg(debug_assertions)]
+    test_panic(req.uri().path());
     let fut = app.call(req, peer);
     async move {
         let mut resp = fut.await;
@@ -213,6 +215,18 @@ fn handle(
             tracing::debug!(%peer, %method, %path, status, duration_ms, "http request");
         }
         Ok(resp)
+    }
+}
+
+/// Debug builds only: a request for `$RACKBOOT_TEST_PANIC_PATH` panics, so the tests
+/// can show that a panic while handling a request ends that connection and nothing
+/// else (the shipped, release-built binary has no such path).
+#[cfg(debug_assertions)]
+fn test_panic(path: &str) {
+    static PATH: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let armed = PATH.get_or_init(|| std::env::var("RACKBOOT_TEST_PANIC_PATH").ok());
+    if armed.as_deref() == Some(path) {
+        panic!("test panic while handling {path}");
     }
 }
 
@@ -521,15 +535,32 @@ impl Accept {
                 l.acceptor.clone(),
                 self.graceful.watcher(),
             );
+            // A panic while serving the connection ends this task only (tokio catches
+            // it; release builds unwind, see Cargo.toml): the guards below are
+            // dropped either way, so the slots and the gauge come back.
             connections.spawn(async move {
-                let m = shared.metrics.clone();
-                m.connections_open.fetch_add(1, Ordering::Relaxed);
+                let _open = OpenGauge::enter(shared.metrics.clone());
                 connection(shared, stream, peer, acceptor, watcher).await;
-                m.connections_open.fetch_sub(1, Ordering::Relaxed);
                 drop(client_slot);
                 drop(permit);
             });
         }
+    }
+}
+
+/// Counts a connection in `connections_open` while it lives, however it ends.
+struct OpenGauge(Arc<HttpMetrics>);
+
+impl OpenGauge {
+    fn enter(m: Arc<HttpMetrics>) -> OpenGauge {
+        m.connections_open.fetch_add(1, Ordering::Relaxed);
+        OpenGauge(m)
+    }
+}
+
+impl Drop for OpenGauge {
+    fn drop(&mut self) {
+        self.0.connections_open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -554,3 +554,44 @@ fn a_tls_body_nobody_reads_is_closed_after_send_timeout() {
     assert!(got.len() < size, "{} bytes", got.len());
     let _ = stalled.wait();
 }
+
+/// Issue 10 (panics): a panic while handling one request ends that connection only.
+/// The rack keeps serving, and each panicking connection gives back its per-client
+/// slot (4 here, 20 panics from one address). Debug builds arm the panic with
+/// `RACKBOOT_TEST_PANIC_PATH`; release builds unwind the same way (Cargo.toml).
+#[test]
+fn a_panic_in_a_request_ends_that_connection_only() {
+    let r = rack(1 << 16, "auto = false", "max_connections_per_client = 4\n");
+    let (mut s, _) = crate::http::spawn_serve(&r.env, &["HTTP"], |c| {
+        c.env("RACKBOOT_TEST_PANIC_PATH", "/boom");
+    });
+    s.wait_generation(1, Duration::from_secs(60));
+    for i in 0..20 {
+        let answer = request_from("127.0.0.9", s.http, "/boom");
+        assert!(
+            !answer.starts_with(b"HTTP/1.1 2"),
+            "panic {i} was answered: {}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    let answer = request_from("127.0.0.9", s.http, KERNEL);
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "after 20 panics from one address: {}",
+        String::from_utf8_lossy(&answer[..answer.len().min(300)])
+    );
+    assert!(
+        s.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "rackboot serve exited"
+    );
+    let log = s.log_text();
+    assert_eq!(
+        log.matches("test panic while handling /boom").count(),
+        20,
+        "{log}"
+    );
+    // The scrape's own connection is the one open.
+    wait_until(Duration::from_secs(5), "the open-connections gauge to drop", || {
+        metric(&s, "rackboot_http_connections_open") == 1.0
+    });
+}
