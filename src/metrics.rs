@@ -154,6 +154,7 @@ impl Collector for DaemonCollector {
                 ("access_violation", t.access_violation.load(Relaxed)),
                 ("illegal_operation", t.illegal_op.load(Relaxed)),
                 ("timeout", t.timeouts.load(Relaxed)),
+                ("unacknowledged", t.unacknowledged.load(Relaxed)),
                 ("aborted", t.aborted.load(Relaxed)),
                 ("busy", t.busy.load(Relaxed)),
             ],

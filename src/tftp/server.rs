@@ -224,6 +224,8 @@ pub struct TftpMetrics {
     pub access_violation: AtomicU64,
     pub illegal_op: AtomicU64,
     pub timeouts: AtomicU64,
+    /// Timeouts of transfers whose client never ACKed (spoofed or dead sources).
+    pub unacknowledged: AtomicU64,
     pub aborted: AtomicU64,
     pub busy: AtomicU64,
     pub class_bytes: [AtomicU64; FILE_CLASSES.len()],
@@ -1502,6 +1504,9 @@ impl Xfer {
             }
             (None, Some(Outcome::Timeout)) => {
                 inc(&metrics.timeouts);
+                if !self.t.got_ack() {
+                    inc(&metrics.unacknowledged);
+                }
                 inc(&metrics.transfers_failed);
                 "timeout"
             }

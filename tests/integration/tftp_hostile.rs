@@ -346,4 +346,9 @@ fn an_unacknowledged_rrq_gets_at_most_one_resend() {
     assert_eq!(other, 0);
     assert_eq!(metric(s, "rackboot_tftp_transfers_in_flight"), 0);
     assert_eq!(metric(s, "rackboot_tftp_errors_total{kind=\"timeout\"}"), 2);
+    assert_eq!(
+        metric(s, "rackboot_tftp_errors_total{kind=\"unacknowledged\"}"),
+        2,
+        "counted as never acknowledged"
+    );
 }
