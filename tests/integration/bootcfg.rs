@@ -5,34 +5,7 @@ use std::time::Duration;
 use sequoia_openpgp::types::HashAlgorithm;
 
 use crate::harness::*;
-use crate::mirror::*;
-
-fn tftp_get(s: &Served, path: &str) -> Option<String> {
-    tftp_get_at(&s.tftp.to_string(), path)
-}
-
-/// Fetches `path` with curl from the TFTP server at `authority` (`host:port`).
-fn tftp_get_at(authority: &str, path: &str) -> Option<String> {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("f");
-    let res = run_client(
-        "curl",
-        &[
-            "-sS",
-            "--max-time",
-            "10",
-            "-o",
-            out.to_str().unwrap(),
-            &format!("tftp://{authority}/{path}"),
-        ],
-        Duration::from_secs(20),
-    );
-    if !res.status.success() {
-        eprintln!("curl tftp {path}: {}", String::from_utf8_lossy(&res.stderr));
-        return None;
-    }
-    Some(std::fs::read_to_string(&out).unwrap_or_default())
-}
+use crate::upstream::*;
 
 /// A rack with noble amd64 + arm64 images and bootloaders, synced and serving;
 /// `listen` is the `[tftp]`/`[http]` listen list.

@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use crate::harness::*;
-use crate::http::{edit_config, rack_with_token, TOKEN};
-use crate::mirror::*;
-use crate::serve::{kernel_of, products, rack, Rack, KERNEL, SHA512};
+use crate::upstream::*;
 
 const SIZE: usize = 256 << 10;
 const VERSIONS: [&str; 2] = ["20261101", "20261120"];
@@ -228,7 +226,7 @@ fn fifty_syncs_with_failures_after_publish_keep_serving_what_current_names() {
         if i % 5 == 0 {
             // The daemon's own sync (the API's trigger).
             let runs = s.status()["sync"]["runs"].as_u64().unwrap();
-            let (code, _) = crate::http::post_sync(&s);
+            let (code, _) = post_sync(&s);
             assert!(code == 200 || code == 202, "POST /api/v1/sync: {code}");
             wait_until(Duration::from_secs(30), "the daemon's sync", || {
                 s.status()["sync"]["runs"].as_u64().unwrap() > runs
@@ -273,7 +271,7 @@ fn a_failed_write_after_publish_is_served_and_the_next_sync_collects() {
     s.wait_generation(1, Duration::from_secs(60));
     publish_version(&r, 1);
     let undo = inject(&r.env, 0);
-    let (code, _) = crate::http::post_sync(&s);
+    let (code, _) = post_sync(&s);
     assert!(code == 200 || code == 202);
     wait_until(Duration::from_secs(30), "the failed sync", || {
         s.status()["sync"]["last_result"] == "failed"
@@ -292,7 +290,7 @@ fn a_failed_write_after_publish_is_served_and_the_next_sync_collects() {
         || std::fs::read_to_string(&reg).is_ok_and(|t| t == "2\n"),
     );
     // Nothing new upstream: the next sync completes the writes and collects.
-    let (code, _) = crate::http::post_sync(&s);
+    let (code, _) = post_sync(&s);
     assert!(code == 200 || code == 202);
     wait_until(Duration::from_secs(30), "the next sync", || {
         s.status()["sync"]["last_result"] == "unchanged"
@@ -404,7 +402,7 @@ fn a_held_sync_lock_blocks_no_worker_and_stop_and_sigterm_end_the_wait() {
         "{st}"
     );
     // Another sync waits again; SIGTERM ends the daemon at once.
-    let (code, _) = crate::http::post_sync(&s);
+    let (code, _) = post_sync(&s);
     assert!(code == 200 || code == 202);
     wait_until(Duration::from_secs(5), "the second sync to wait", || {
         s.status()["sync"]["running"] == true

@@ -1,12 +1,20 @@
 //! Test environment: a temp dir holding a state dir, a config and a mirror tree, and
-//! helpers to run the real `rackboot` binary with a deadline.
+//! helpers to run the real `rackboot` binary with a deadline, and every helper more
+//! than one feature file uses: racks, the token, metrics, a TFTP client. A failing
+//! test prints its daemon's log tail and keeps its directory.
 
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use sequoia_openpgp::types::HashAlgorithm;
 use sha2::{Digest, Sha256};
+
+use crate::upstream::{
+    bootloaders, image, write_stream, MirrorServer, ProductSpec, Signing, TestKey,
+};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_rackboot");
 
@@ -220,6 +228,16 @@ impl Env {
     /// Starts `rackboot serve` (the config must listen on port 0) and waits for its
     /// listening lines.
     pub fn serve(&self) -> Served {
+        self.serve_with(&["TFTP", "HTTP"], |_| {}).0
+    }
+
+    /// Starts `rackboot serve` with `customize` applied to the command and waits for
+    /// the `listening for {what} on ADDR` lines; returns the addresses in that order.
+    pub fn serve_with(
+        &self,
+        what: &[&str],
+        customize: impl FnOnce(&mut Command),
+    ) -> (Served, Vec<SocketAddr>) {
         let log = self.dir.path().join(format!(
             "serve-{}.log",
             std::time::SystemTime::now()
@@ -227,15 +245,13 @@ impl Env {
                 .unwrap()
                 .as_nanos()
         ));
-        let child = self
-            .command(&["serve"])
-            .env("RACKBOOT_LOG", "info,rackboot=debug")
+        let mut cmd = self.command(&["serve"]);
+        cmd.env("RACKBOOT_LOG", "info,rackboot=debug")
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+            .stderr(std::fs::File::create(&log).unwrap());
+        customize(&mut cmd);
         let mut served = Served {
-            child: Some(child),
+            child: Some(cmd.spawn().unwrap()),
             log,
             tftp: "0.0.0.0:0".parse().unwrap(),
             http: "0.0.0.0:0".parse().unwrap(),
@@ -251,10 +267,16 @@ impl Env {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let text = served.log_text();
-            if let (Some(t), Some(h)) = (find(&text, "TFTP"), find(&text, "HTTP")) {
-                served.tftp = t;
-                served.http = h;
-                return served;
+            let found: Option<Vec<SocketAddr>> = what.iter().map(|w| find(&text, w)).collect();
+            if let Some(addrs) = found {
+                for (w, a) in what.iter().zip(&addrs) {
+                    match *w {
+                        "HTTP" => served.http = *a,
+                        "TFTP" => served.tftp = *a,
+                        _ => {}
+                    }
+                }
+                return (served, addrs);
             }
             if let Some(status) = served.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("rackboot serve exited with {status}:\n{text}");
@@ -326,6 +348,9 @@ impl Served {
 
 impl Drop for Served {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            print_log_tail(&self.log, LOG_TAIL_LINES);
+        }
         if let Some(mut c) = self.child.take() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(c.id() as i32),
@@ -372,4 +397,270 @@ pub fn run_client(program: &str, args: &[&str], limit: Duration) -> Output {
         .spawn()
         .unwrap_or_else(|e| panic!("{program} must be installed: {e}"));
     wait_output(child, limit)
+}
+
+// ---------------------------------------------------------------------------
+// A failing test keeps its evidence
+
+/// How much of a daemon's log a failing test prints.
+pub const LOG_TAIL_LINES: usize = 40;
+
+/// Prints the last `n` lines of `log` to stderr (the test's captured output).
+pub fn print_log_tail(log: &Path, n: usize) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(n)..];
+    eprintln!(
+        "--- last {} lines of {} ---\n{}\n--- end of {} ---",
+        tail.len(),
+        log.display(),
+        tail.join("\n"),
+        log.display()
+    );
+}
+
+impl Drop for Env {
+    // A failing test keeps its directory (state, config, mirror, daemon logs) for a
+    // post-mortem; a passing one cleans up as before.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dir.disable_cleanup(true);
+            eprintln!(
+                "test failed: kept its directory {}",
+                self.dir.path().display()
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Racks: a fake signed upstream, a config and (on demand) a serving daemon
+
+pub const SHA512: Signing = Signing::Signed(HashAlgorithm::SHA512);
+
+/// Both listeners on 127.0.0.1, port 0 (the daemon logs the ports it got).
+pub const LISTEN: &str = "[tftp]\nlisten = [\"127.0.0.1:0\"]\n[http]\nlisten = [\"127.0.0.1:0\"]\n";
+
+pub const KERNEL: &str = "/ubuntu/amd64/generic/noble/stable/boot-kernel";
+
+/// A noble amd64 image of `version` with a kernel of `kernel_size`, and bootloaders.
+pub fn products(version: &str, kernel_size: usize) -> Vec<ProductSpec> {
+    let mut p = vec![image("noble", "amd64", version, kernel_size)];
+    p.extend(bootloaders("20210819.0"));
+    p
+}
+
+/// The kernel bytes of [`products`] at `version`.
+pub fn kernel_of(version: &str, size: usize) -> Vec<u8> {
+    image("noble", "amd64", version, size)
+        .versions
+        .into_values()
+        .next()
+        .unwrap()[0]
+        .data
+        .clone()
+}
+
+pub struct Rack {
+    pub env: Env,
+    pub key: TestKey,
+    pub mirror: MirrorServer,
+}
+
+/// A rack with a signed upstream of [`products`] at 20261101, configured with
+/// `sync_extra` in `[sync]` and `extra` after the [`LISTEN`] tables; not serving yet.
+pub fn rack(kernel_size: usize, sync_extra: &str, extra: &str) -> Rack {
+    let env = Env::new();
+    let key = TestKey::generate();
+    key.write_keyring(&env.keyring);
+    write_stream(
+        &env.mirror,
+        &products("20261101", kernel_size),
+        &key,
+        SHA512,
+    );
+    let mirror = MirrorServer::start(&env.mirror);
+    env.write_config(
+        &mirror.url(),
+        &["amd64"],
+        &format!("{sync_extra}\n{LISTEN}{extra}"),
+    );
+    Rack { env, key, mirror }
+}
+
+pub const TOKEN: &str = "t0ken-for-tests";
+
+/// Replaces `from` with `to` in the rack's config.
+pub fn edit_config(env: &Env, from: &str, to: &str) {
+    let text = std::fs::read_to_string(&env.config).unwrap();
+    assert!(text.contains(from), "{from:?} not in the config:\n{text}");
+    std::fs::write(&env.config, text.replace(from, to)).unwrap();
+}
+
+/// A rack whose API takes writes with [`TOKEN`]; `http_extra` goes into `[http]`.
+pub fn rack_with_token(kernel_size: usize, sync_extra: &str, http_extra: &str) -> Rack {
+    let r = rack(
+        kernel_size,
+        sync_extra,
+        &format!("token_file = \"TOKENFILE\"\n{http_extra}"),
+    );
+    let token = r.env.dir.path().join("token");
+    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+    edit_config(&r.env, "TOKENFILE", token.to_str().unwrap());
+    r
+}
+
+/// `POST /api/v1/sync` with [`TOKEN`].
+pub fn post_sync(s: &Served) -> (u16, Vec<u8>) {
+    curl(&[
+        "-X",
+        "POST",
+        "-H",
+        &format!("Authorization: Bearer {TOKEN}"),
+        &s.url("/api/v1/sync"),
+    ])
+}
+
+// ---------------------------------------------------------------------------
+// Clients and parsers shared by the feature files
+
+/// A port that was free a moment ago (for configs that must name a fixed port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn json(body: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
+}
+
+/// The value of one sample line (`name{labels} value`) in a metrics text.
+pub fn metric(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no sample {sample:?} in:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+impl Served {
+    /// The `/metrics` text.
+    pub fn metrics(&self) -> String {
+        let (code, body) = self.get("/metrics");
+        assert_eq!(code, 200);
+        String::from_utf8(body).unwrap()
+    }
+
+    /// One sample of `/metrics` (see [`metric`]).
+    pub fn metric(&self, sample: &str) -> f64 {
+        metric(&self.metrics(), sample)
+    }
+}
+
+/// Fetches `path` with curl's TFTP client from the rack; `None` when refused.
+pub fn tftp_get(s: &Served, path: &str) -> Option<String> {
+    tftp_get_at(&s.tftp.to_string(), path)
+}
+
+/// Fetches `path` with curl's TFTP client from `authority` (`host:port`); `None` (and
+/// curl's complaint on stderr) when the server refuses it.
+pub fn tftp_get_at(authority: &str, path: &str) -> Option<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("f");
+    let res = run_client(
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "10",
+            "-o",
+            out.to_str().unwrap(),
+            &format!("tftp://{authority}/{path}"),
+        ],
+        Duration::from_secs(20),
+    );
+    if !res.status.success() {
+        eprintln!("curl tftp {path}: {}", String::from_utf8_lossy(&res.stderr));
+        return None;
+    }
+    Some(std::fs::read_to_string(&out).unwrap_or_default())
+}
+
+/// A self-signed certificate for 127.0.0.1 and localhost, made with openssl.
+pub fn self_signed(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let out = run_client(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=rackboot test",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
+            cert.to_str().unwrap(),
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
+
+/// A rack with a TLS listener on 127.0.0.1:0 and a fresh self-signed certificate
+/// (returned, for `curl --cacert`).
+pub fn rack_with_tls(kernel_size: usize) -> (Rack, std::path::PathBuf) {
+    let r = rack(kernel_size, "auto = false", "TLS\n");
+    let (cert, key) = self_signed(r.env.dir.path());
+    edit_config(
+        &r.env,
+        "TLS\n",
+        &format!(
+            "tls_listen = [\"127.0.0.1:0\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+    );
+    (r, cert)
+}
+
+/// Reads one HTTP/1.1 response with a Content-Length body from `c`.
+pub fn read_response(c: &mut std::net::TcpStream) -> (String, Vec<u8>) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        c.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+        assert!(head.len() < 16 << 10, "response head too long");
+    }
+    let head = String::from_utf8(head).unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().unwrap())
+        })
+        .expect("content-length");
+    let mut body = vec![0u8; len];
+    c.read_exact(&mut body).unwrap();
+    (head, body)
 }

@@ -13,9 +13,8 @@ use sequoia_openpgp::types::HashAlgorithm;
 use serde_json::json;
 
 use crate::harness::*;
-use crate::mirror::*;
+use crate::upstream::*;
 
-const SHA512: Signing = Signing::Signed(HashAlgorithm::SHA512);
 const CID: &str = "com.ubuntu.maas:stable:v3:download";
 
 /// Everything under the test's temp dir except the trees a run may write (`state`,

@@ -7,9 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
-use crate::http::{post_sync, rack_with_token};
-use crate::mirror::*;
-use crate::serve::{kernel_of, products, rack, KERNEL, SHA512};
+use crate::upstream::*;
 
 /// A TCP connection to `to` from the loopback address `from`.
 fn connect_from(from: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
@@ -33,19 +31,6 @@ fn request_from(from: &str, to: SocketAddr, path: &str) -> Vec<u8> {
     let mut out = Vec::new();
     let _ = c.read_to_end(&mut out);
     out
-}
-
-/// The value of one sample line (`name{labels} value`) of `/metrics`.
-fn metric(s: &Served, sample: &str) -> f64 {
-    let (code, body) = s.get("/metrics");
-    assert_eq!(code, 200);
-    let text = String::from_utf8(body).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no sample {sample:?} in:\n{text}"))
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 /// A response's status line and headers (lowercase names), from curl.
@@ -94,7 +79,7 @@ fn stalled_downloads_from_one_address_do_not_lock_out_another() {
         }
     }
     wait_until(Duration::from_secs(20), "the cap's transfers", || {
-        metric(&s, "rackboot_http_transfers_in_flight") == 8.0
+        s.metric("rackboot_http_transfers_in_flight") == 8.0
     });
     // Another machine is served, whole.
     let start = Instant::now();
@@ -110,7 +95,7 @@ fn stalled_downloads_from_one_address_do_not_lock_out_another() {
         "{:?}",
         start.elapsed()
     );
-    assert!(metric(&s, "rackboot_http_connections_rejected_total") >= 242.0);
+    assert!(s.metric("rackboot_http_connections_rejected_total") >= 242.0);
     // The refusals are logged, but not once per connection.
     let log = s.log_text();
     let warned = log.matches("max_connections_per_client").count();
@@ -120,9 +105,9 @@ fn stalled_downloads_from_one_address_do_not_lock_out_another() {
     wait_until(
         Duration::from_secs(15),
         "the stalled bodies to close",
-        || metric(&s, "rackboot_http_transfers_in_flight") == 0.0,
+        || s.metric("rackboot_http_transfers_in_flight") == 0.0,
     );
-    assert!(metric(&s, "rackboot_http_errors_total{kind=\"send_timeout\"}") >= 8.0);
+    assert!(s.metric("rackboot_http_errors_total{kind=\"send_timeout\"}") >= 8.0);
     let again = request_from("127.0.0.2", s.http, "/api/v1/status");
     assert!(again.starts_with(b"HTTP/1.1 200"));
     drop(stalled);
@@ -139,13 +124,13 @@ fn a_body_nobody_reads_is_closed_after_send_timeout_and_its_generation_collected
         .write_all(format!("GET {KERNEL} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
         .unwrap();
     wait_until(Duration::from_secs(20), "the transfer to start", || {
-        metric(&s, "rackboot_http_transfers_in_flight") == 1.0
+        s.metric("rackboot_http_transfers_in_flight") == 1.0
     });
     let started = Instant::now();
     wait_until(
         Duration::from_secs(20),
         "the stalled transfer to end",
-        || metric(&s, "rackboot_http_transfers_in_flight") == 0.0,
+        || s.metric("rackboot_http_transfers_in_flight") == 0.0,
     );
     let took = started.elapsed();
     assert!(took >= Duration::from_millis(1500), "{took:?}");
@@ -183,7 +168,7 @@ fn upstream_files_are_never_active_content_and_every_answer_says_nosniff() {
     env.write_config(
         &mirror.url(),
         &["amd64"],
-        &format!("auto = false\n{}", crate::serve::LISTEN),
+        &format!("auto = false\n{}", LISTEN),
     );
     let s = env.serve();
     s.wait_generation(1, Duration::from_secs(60));
@@ -230,7 +215,7 @@ fn credentials_in_a_source_url_are_shown_nowhere() {
     let secret = "hunter2-pw";
     let plain = r.mirror.url();
     let with_creds = plain.replacen("http://", &format!("http://admin:{secret}@"), 1);
-    crate::http::edit_config(&r.env, &plain, &with_creds);
+    edit_config(&r.env, &plain, &with_creds);
     let s = r.env.serve();
     s.wait_generation(1, Duration::from_secs(60));
     // The upstream fails: the sync's error names the index URL.
@@ -271,7 +256,7 @@ fn credentials_in_a_source_url_are_shown_nowhere() {
 
 /// A write to the API with the token; (status, body as JSON).
 fn write(s: &Served, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
-    let auth = format!("Authorization: Bearer {}", crate::http::TOKEN);
+    let auth = format!("Authorization: Bearer {}", TOKEN);
     let (code, out) = curl(&["-X", method, "-H", &auth, "-d", body, &s.url(path)]);
     let v = serde_json::from_slice(&out)
         .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {out:?}"));
@@ -464,14 +449,14 @@ release = "jammy"
 arches = ["amd64"]
 "#,
         state = env.state.display(),
-        listen = crate::serve::LISTEN,
+        listen = LISTEN,
         token = env.dir.path().join("token").display(),
         one = one.url(),
         two = two.url(),
         keyring = env.keyring.display(),
     );
     std::fs::write(&env.config, text).unwrap();
-    std::fs::write(env.dir.path().join("token"), crate::http::TOKEN).unwrap();
+    std::fs::write(env.dir.path().join("token"), TOKEN).unwrap();
     let s = env.serve();
     s.wait_generation(1, Duration::from_secs(60));
     let (_, page) = s.get("/");
@@ -515,9 +500,9 @@ arches = ["amd64"]
 #[test]
 fn a_tls_body_nobody_reads_is_closed_after_send_timeout() {
     let size = 8 << 20;
-    let (r, cert) = crate::http::rack_with_tls(size);
-    crate::http::edit_config(&r.env, "tls_listen", "send_timeout = \"2s\"\ntls_listen");
-    let (s, addrs) = crate::http::spawn_serve(&r.env, &["TFTP", "HTTP", "HTTPS"], |_| {});
+    let (r, cert) = rack_with_tls(size);
+    edit_config(&r.env, "tls_listen", "send_timeout = \"2s\"\ntls_listen");
+    let (s, addrs) = r.env.serve_with(&["TFTP", "HTTP", "HTTPS"], |_| {});
     s.wait_generation(1, Duration::from_secs(60));
     // A TLS client that stops reading: openssl's output goes to a pipe nobody reads,
     // so once the pipe is full it reads no more from the socket.
@@ -534,14 +519,14 @@ fn a_tls_body_nobody_reads_is_closed_after_send_timeout() {
         .write_all(format!("GET {KERNEL} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
         .unwrap();
     wait_until(Duration::from_secs(20), "the transfer to start", || {
-        metric(&s, "rackboot_http_transfers_in_flight") == 1.0
+        s.metric("rackboot_http_transfers_in_flight") == 1.0
     });
     let started = Instant::now();
     wait_until(Duration::from_secs(10), "the transfer to end", || {
-        metric(&s, "rackboot_http_transfers_in_flight") == 0.0
+        s.metric("rackboot_http_transfers_in_flight") == 0.0
     });
     assert!(started.elapsed() >= Duration::from_millis(1500));
-    assert!(metric(&s, "rackboot_http_errors_total{kind=\"send_timeout\"}") >= 1.0);
+    assert!(s.metric("rackboot_http_errors_total{kind=\"send_timeout\"}") >= 1.0);
     // What openssl got is less than the file.
     drop(stdin);
     let mut got = Vec::new();

@@ -3,14 +3,8 @@
 
 use std::time::Duration;
 
-use sequoia_openpgp::types::HashAlgorithm;
-
 use crate::harness::*;
-use crate::http::rack_with_token;
-use crate::mirror::*;
-use crate::serve::products;
-
-const SHA512: Signing = Signing::Signed(HashAlgorithm::SHA512);
+use crate::upstream::*;
 
 fn tmp_parts(env: &Env) -> Vec<String> {
     std::fs::read_dir(env.state.join("tmp"))

@@ -2,12 +2,8 @@
 
 use std::path::Path;
 
-use sequoia_openpgp::types::HashAlgorithm;
-
 use crate::harness::*;
-use crate::mirror::*;
-
-const SHA512: Signing = Signing::Signed(HashAlgorithm::SHA512);
+use crate::upstream::*;
 
 /// noble amd64 with the given versions, noble arm64, and the bootloaders.
 fn products(amd64_versions: &[&str]) -> Vec<ProductSpec> {

@@ -6,9 +6,7 @@ use sequoia_openpgp::parse::Parse as _;
 use sequoia_openpgp::types::HashAlgorithm;
 
 use crate::harness::*;
-use crate::mirror::*;
-
-const SHA512: Signing = Signing::Signed(HashAlgorithm::SHA512);
+use crate::upstream::*;
 
 /// A mirror with noble amd64 + arm64 images and bootloaders, signed by `key`.
 fn standard(env: &Env, key: &TestKey, version: &str) -> Vec<ProductSpec> {

@@ -15,9 +15,8 @@ use openpgp::serialize::Serialize as _;
 use openpgp::types::{HashAlgorithm, KeyFlags};
 
 use crate::harness::*;
-use crate::mirror::*;
+use crate::upstream::*;
 
-const SHA512: Signing = Signing::Signed(HashAlgorithm::SHA512);
 const TOKEN: &str = "h4-token";
 const UPDATED: &str = "Mon, 24 Nov 2026 12:00:00 +0000";
 
@@ -250,7 +249,7 @@ fn kernel_params_are_limited_and_long_lines_never_served() {
 
     // Written past the checks (by hand): ` KERNEL http://…` would start at byte
     // 4095 of the APPEND line, i.e. become a directive of its own.
-    let base = tftp_config(&s, "pxelinux.cfg/01-52-54-00-00-00-09").unwrap();
+    let base = tftp_get(&s, "pxelinux.cfg/01-52-54-00-00-00-09").unwrap();
     let append = base.lines().find(|l| l.starts_with("  APPEND")).unwrap();
     let pad = 4095 - append.len() - 1;
     let evil = format!("{} KERNEL http://127.0.0.1:9/evil", "p".repeat(pad));
@@ -260,7 +259,7 @@ fn kernel_params_are_limited_and_long_lines_never_served() {
             .unwrap(),
     )
     .unwrap();
-    assert_eq!(tftp_config(&s, "pxelinux.cfg/01-52-54-00-00-00-03"), None);
+    assert_eq!(tftp_get(&s, "pxelinux.cfg/01-52-54-00-00-00-03"), None);
     let (code, body) = s.get("/pxelinux.cfg/01-52-54-00-00-00-03");
     assert_eq!(code, 404, "{}", String::from_utf8_lossy(&body));
     wait_until(Duration::from_secs(5), "the refusal in the log", || {
@@ -277,27 +276,6 @@ fn kernel_params_are_limited_and_long_lines_never_served() {
     );
     let e = other.fails(&["machines", "read"], 2);
     assert!(e.contains("boot.kernel_params"), "{e}");
-}
-
-/// A file over TFTP (curl's client), `None` when the server refuses it.
-fn tftp_config(s: &Served, path: &str) -> Option<String> {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("f");
-    let res = run_client(
-        "curl",
-        &[
-            "-sS",
-            "--max-time",
-            "10",
-            "-o",
-            out.to_str().unwrap(),
-            &format!("tftp://{}/{path}", s.tftp),
-        ],
-        Duration::from_secs(20),
-    );
-    res.status
-        .success()
-        .then(|| std::fs::read_to_string(&out).unwrap())
 }
 
 /// A rack (sync only) whose upstream is signed by `key`, amd64 only.

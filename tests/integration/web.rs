@@ -3,7 +3,6 @@
 //! changes it through the API with the typed token, "Sync now" syncs it, and the page
 //! follows the new generation.
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -11,7 +10,7 @@ use sequoia_openpgp::types::HashAlgorithm;
 use serde_json::{json, Value};
 
 use crate::harness::*;
-use crate::mirror::*;
+use crate::upstream::*;
 
 /// chromedriver, killed by PID on drop (it takes its browsers down with it).
 struct Driver {
@@ -30,14 +29,6 @@ impl Drop for Driver {
 struct Session<'a> {
     driver: &'a Driver,
     id: String,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// One WebDriver command through curl; returns the response's `value`.
