@@ -349,7 +349,7 @@ impl Served {
 impl Drop for Served {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            print_log_tail(&self.log, LOG_TAIL_LINES);
+            eprintln!("{}", log_tail(&self.log, LOG_TAIL_LINES));
         }
         if let Some(mut c) = self.child.take() {
             let _ = nix::sys::signal::kill(
@@ -405,18 +405,18 @@ pub fn run_client(program: &str, args: &[&str], limit: Duration) -> Output {
 /// How much of a daemon's log a failing test prints.
 pub const LOG_TAIL_LINES: usize = 40;
 
-/// Prints the last `n` lines of `log` to stderr (the test's captured output).
-pub fn print_log_tail(log: &Path, n: usize) {
+/// The last `n` lines of `log`, framed with its path.
+pub fn log_tail(log: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     let tail = &lines[lines.len().saturating_sub(n)..];
-    eprintln!(
+    format!(
         "--- last {} lines of {} ---\n{}\n--- end of {} ---",
         tail.len(),
         log.display(),
         tail.join("\n"),
         log.display()
-    );
+    )
 }
 
 impl Drop for Env {
@@ -663,4 +663,31 @@ pub fn read_response(c: &mut std::net::TcpStream) -> (String, Vec<u8>) {
     let mut body = vec![0u8; len];
     c.read_exact(&mut body).unwrap();
     (head, body)
+}
+
+#[test]
+fn a_failing_test_keeps_its_directory_and_its_daemon_log() {
+    // A test thread that starts a daemon and then fails, as a real test would.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let failed = std::thread::spawn(move || {
+        let r = rack(4096, "auto = false", "");
+        let s = r.env.serve();
+        tx.send((r.env.dir.path().to_path_buf(), s.log.clone(), s.pid()))
+            .unwrap();
+        panic!("this test fails on purpose");
+    })
+    .join();
+    assert!(failed.is_err());
+    let (dir, log, pid) = rx.recv().unwrap();
+    // The daemon was stopped, its directory and log are still there, and the tail the
+    // guard printed holds the daemon's last lines.
+    assert!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err(),
+        "the daemon of a failed test was left running"
+    );
+    assert!(dir.join("rackboot.toml").is_file(), "{dir:?} was removed");
+    let tail = log_tail(&log, LOG_TAIL_LINES);
+    assert!(tail.contains("listening for HTTP on"), "{tail}");
+    assert!(tail.lines().count() <= LOG_TAIL_LINES + 2, "{tail}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
