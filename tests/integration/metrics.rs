@@ -122,6 +122,11 @@ fn metrics_have_every_family_and_move_with_traffic_and_syncs() {
     write_stream(&r.env.mirror, &products("20261120", size), &r.key, SHA512);
     assert_eq!(post_sync(&s).0, 202);
     s.wait_generation(2, Duration::from_secs(60));
+    // The daemon follows `current` and may serve generation 2 before the sync that
+    // published it has finished and been counted.
+    wait_until(Duration::from_secs(30), "the sync to be counted", || {
+        s.metric("rackboot_sync_runs_total") == 2.0
+    });
     let m2 = s.metrics();
     assert_eq!(metric(&m2, "rackboot_sync_runs_total"), 2.0);
     assert_eq!(metric(&m2, "rackboot_snapshot_generation"), 2.0);

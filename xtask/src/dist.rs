@@ -19,15 +19,14 @@
 
 use std::fmt::Write as _;
 use std::io::Read as _;
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
 use crate::prereq::{self, cmd, output};
+use crate::proc::Guard;
 
 /// One release target.
 pub struct Target {
@@ -169,73 +168,6 @@ fn sha256_file(path: &Path) -> Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
-/// A child process in its own process group, killed (the group, by the child's PID)
-/// when dropped; through setpriv's parent-death signal it also dies with xtask.
-pub struct Guard {
-    pub child: Child,
-    pub what: String,
-}
-
-impl Guard {
-    /// Starts `program args…` with stdout and stderr to `log`.
-    pub fn spawn(what: &str, program: &str, args: &[&str], log: &Path) -> Result<Guard> {
-        let out =
-            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let child = Command::new("setpriv")
-            .args(["--pdeathsig", "KILL", "--", program])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("cannot start {what} ({program})"))?;
-        Ok(Guard {
-            child,
-            what: what.to_string(),
-        })
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Sends SIGTERM (to the process only) and waits up to `limit` for the exit.
-    pub fn terminate(&mut self, limit: Duration) -> Result<std::process::ExitStatus> {
-        let pid = self.pid().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let started = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait()? {
-                return Ok(s);
-            }
-            if started.elapsed() > limit {
-                bail!(
-                    "{} (pid {pid}) did not exit within {} s of SIGTERM",
-                    self.what,
-                    limit.as_secs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        // The group first (its id is the child's PID, which stays taken while the
-        // child is unreaped or any member lives), then the child itself.
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", self.pid())])
-            .stderr(Stdio::null())
-            .status();
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
 /// Runs the binary (under its runner) with `args`, bounded by `limit`; returns
 /// (exit code, stdout, stderr).
 fn run_bin(t: &Target, bin: &Path, args: &[&str], limit: Duration) -> Result<(i32, String)> {
@@ -351,34 +283,6 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-/// Waits (bounded) for `needle` in the log; returns the rest of that line after it.
-pub fn wait_for_log(g: &mut Guard, log: &Path, needle: &str, limit: Duration) -> Result<String> {
-    let started = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| l.contains(needle)) {
-            let at = line.find(needle).expect("found") + needle.len();
-            return Ok(line[at..].trim().to_string());
-        }
-        if let Some(s) = g.child.try_wait()? {
-            bail!(
-                "{} exited ({s}) before logging {needle:?}; see {}",
-                g.what,
-                log.display()
-            );
-        }
-        if started.elapsed() > limit {
-            bail!(
-                "{} did not log {needle:?} within {} s; see {}",
-                g.what,
-                limit.as_secs(),
-                log.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// A rackboot config for serving the demo stream on loopback, ephemeral ports.
 pub fn loopback_config(stream: &Path, state: &Path, arches: &str) -> String {
     format!(
@@ -445,8 +349,8 @@ fn smoke(t: &Target, bin: &Path, stream: &crate::demo_stream::Summary) -> Result
         &args,
         &log,
     )?;
-    let http = wait_for_log(&mut serve, &log, "listening for HTTP on", CHECK_TIMEOUT)?;
-    let tftp = wait_for_log(&mut serve, &log, "listening for TFTP on", CHECK_TIMEOUT)?;
+    let http = serve.wait_for_log(&log, "listening for HTTP on", CHECK_TIMEOUT)?;
+    let tftp = serve.wait_for_log(&log, "listening for TFTP on", CHECK_TIMEOUT)?;
 
     let kernel = dir.join("boot-kernel");
     cmd(

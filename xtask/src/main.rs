@@ -15,6 +15,7 @@ mod dist;
 mod image;
 mod netboot;
 mod prereq;
+mod proc;
 mod test;
 mod tftpload;
 

@@ -32,13 +32,14 @@
 
 use std::fmt::Write as _;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
 use crate::demo_stream::MARKER;
 use crate::prereq::{self, cmd, output};
+use crate::proc::Guard;
 
 /// The rack's address on the bridge, and the DHCP range for the VMs.
 const RACK_IP: &str = "10.77.0.1";
@@ -163,46 +164,6 @@ const MODES: &[Mode] = &[
     },
 ];
 
-/// A child process killed by PID on drop; with a parent-death signal so it also dies
-/// when xtask does.
-struct Proc {
-    child: Child,
-    what: String,
-}
-
-impl Proc {
-    fn spawn(what: &str, program: &str, args: &[&str], log: &Path) -> Result<Proc> {
-        let out =
-            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let child = Command::new("setpriv")
-            .args(["--pdeathsig", "KILL", "--", program])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("cannot start {what} ({program})"))?;
-        Ok(Proc {
-            child,
-            what: what.to_string(),
-        })
-    }
-
-    /// Whether it has exited (and how).
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
 /// The private network namespace, deleted (with its bridge and taps) on drop.
 struct Netns {
     name: String,
@@ -240,31 +201,15 @@ impl Netns {
     }
 
     /// Starts `program` inside the namespace.
-    fn spawn(&self, what: &str, program: &str, args: &[&str], log: &Path) -> Result<Proc> {
-        let mut full = vec![
-            "netns",
-            "exec",
-            &self.name,
-            "setpriv",
-            "--pdeathsig",
-            "KILL",
-            "--",
+    fn spawn(&self, what: &str, program: &str, args: &[&str], log: &Path) -> Result<Guard> {
+        Guard::spawn_via(
+            &["ip", "netns", "exec", &self.name],
+            what,
             program,
-        ];
-        full.extend_from_slice(args);
-        let out =
-            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let child = Command::new("ip")
-            .args(&full)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("cannot start {what} ({program}) in {}", self.name))?;
-        Ok(Proc {
-            child,
-            what: what.to_string(),
-        })
+            args,
+            log,
+        )
+        .with_context(|| format!("in {}", self.name))
     }
 }
 
@@ -309,7 +254,7 @@ fn poll_line(
     path: &Path,
     needle: &str,
     fail: &[&str],
-    proc: &mut Proc,
+    proc: &mut Guard,
     started: Instant,
     limit: Duration,
 ) -> Option<Result<String>> {
@@ -343,7 +288,7 @@ fn wait_for_line(
     path: &Path,
     needle: &str,
     fail: &[&str],
-    proc: &mut Proc,
+    proc: &mut Guard,
     limit: Duration,
 ) -> Result<String> {
     let started = Instant::now();
@@ -564,7 +509,7 @@ fn kvm_works(snapshot: &Path, dir: &Path) -> bool {
         "-append",
         "console=ttyS0,115200 panic=-1",
     ];
-    let Ok(mut p) = Proc::spawn(
+    let Ok(mut p) = Guard::spawn(
         "KVM probe",
         "qemu-system-x86_64",
         &args,
@@ -732,7 +677,7 @@ pub fn run(args: &[String]) -> Result<()> {
         mode: Mode,
         param: String,
         serial: std::path::PathBuf,
-        proc: Proc,
+        proc: Guard,
         started: Instant,
         accel: &'static str,
     }
