@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
+use crate::demo_stream::DemoRack;
 use crate::prereq::{self, cmd, output};
 use crate::proc::Guard;
 
@@ -283,37 +284,6 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-/// A rackboot config for serving the demo stream on loopback, ephemeral ports.
-pub fn loopback_config(stream: &Path, state: &Path, arches: &str) -> String {
-    format!(
-        r#"state_dir = "{state}"
-
-[sync]
-auto = false
-
-[tftp]
-listen = ["127.0.0.1:0"]
-
-[http]
-listen = ["127.0.0.1:0"]
-
-[boot]
-default_image = "debian/bookworm"
-
-[[sources]]
-url = "file://{stream}/"
-keyring_filename = "{stream}/keyring.gpg"
-
-[[sources.selections]]
-os = "debian"
-release = "bookworm"
-arches = [{arches}]
-"#,
-        state = state.display(),
-        stream = stream.display(),
-    )
-}
-
 /// Sync + serve + fetch with one binary.
 fn smoke(t: &Target, bin: &Path, stream: &crate::demo_stream::Summary) -> Result<Smoke> {
     let dir = check_dir().join(format!("smoke-{}", t.arch));
@@ -323,7 +293,10 @@ fn smoke(t: &Target, bin: &Path, stream: &crate::demo_stream::Summary) -> Result
     std::fs::create_dir_all(&dir)?;
     let state = dir.join("state");
     let config = dir.join("rackboot.toml");
-    std::fs::write(&config, loopback_config(&stream.dir, &state, "\"amd64\""))?;
+    std::fs::write(
+        &config,
+        DemoRack::loopback("\"amd64\"").config(&stream.dir, &state),
+    )?;
     let config = config.to_str().context("utf-8 path")?;
 
     let started = Instant::now();

@@ -559,7 +559,7 @@ fn check(image: &Path) -> Result<String> {
     let up_config = dir.join("upstream.toml");
     std::fs::write(
         &up_config,
-        dist::loopback_config(&stream.dir, &up_state, "\"amd64\""),
+        crate::demo_stream::DemoRack::loopback("\"amd64\"").config(&stream.dir, &up_state),
     )?;
     let up_config = up_config.to_str().context("utf-8 path")?;
     let bin_s = bin.to_str().context("utf-8 path")?;

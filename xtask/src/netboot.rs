@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::demo_stream::MARKER;
+use crate::demo_stream::{DemoRack, MARKER};
 use crate::prereq::{self, cmd, output};
 use crate::proc::Guard;
 
@@ -343,37 +343,6 @@ dhcp-boot=tag:efiarmhttp,{http}/bootloader/uefi/arm64/grubhttpaa64.efi
     c
 }
 
-fn rackboot_config(stream: &Path, state: &Path) -> String {
-    format!(
-        r#"state_dir = "{state}"
-
-[sync]
-auto = false
-
-[tftp]
-listen = ["{RACK_IP}:69"]
-
-[http]
-listen = ["{RACK_IP}:{HTTP_PORT}"]
-
-[boot]
-default_image = "debian/bookworm"
-kernel_params = "panic=-1"
-
-[[sources]]
-url = "file://{stream}/"
-keyring_filename = "{stream}/keyring.gpg"
-
-[[sources.selections]]
-os = "debian"
-release = "bookworm"
-arches = ["amd64", "arm64"]
-"#,
-        state = state.display(),
-        stream = stream.display(),
-    )
-}
-
 /// A UEFI mode's firmware image and the template of its variable store (Debian's
 /// `ovmf` and `qemu-efi-aarch64`). With Secure Boot: the Secure Boot build, and
 /// variables with Secure Boot on and the Microsoft keys enrolled.
@@ -571,7 +540,15 @@ pub fn run(args: &[String]) -> Result<()> {
 
     let state = dir.join("state");
     let config = dir.join("rackboot.toml");
-    std::fs::write(&config, rackboot_config(&stream, &state))?;
+    let (tftp, http) = (format!("{RACK_IP}:69"), format!("{RACK_IP}:{HTTP_PORT}"));
+    let rack = DemoRack {
+        sync: "auto = false",
+        tftp_listen: &tftp,
+        http_listen: &http,
+        kernel_params: Some("panic=-1"),
+        arches: "\"amd64\", \"arm64\"",
+    };
+    std::fs::write(&config, rack.config(&stream, &state))?;
     let config = config.to_str().context("utf-8 path")?.to_string();
     let rb = |args: &[&str]| -> Result<()> {
         let mut full = vec!["--config", config.as_str()];
