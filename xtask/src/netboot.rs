@@ -497,8 +497,64 @@ struct Outcome {
     result: Result<(Duration, String)>,
 }
 
+/// Two VMs at a time (the machine has two cores); the next starts as one ends.
+const PARALLEL: usize = 2;
+
+/// Serial output that means a boot has failed (no need to wait for the timeout).
+const BOOT_FAILURES: &[&str] = &[
+    "grub>",
+    "Kernel panic",
+    "No bootable device",
+    "Failed to boot both default and fallback entries",
+];
+
+/// What `prepare` made: the run's directory, a synced rack config, and per mode the
+/// MAC and the kernel parameter its marker line must carry.
+struct Prepared {
+    base: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    bin: String,
+    config: String,
+    kvm: bool,
+    macs: Vec<(Mode, String)>,
+    expected: Vec<String>,
+}
+
+/// The servers on the namespace's bridge, stopped on drop in field order: DHCP
+/// first, then the server, then the capture (so it holds the end).
+struct Network {
+    _dnsmasq: Guard,
+    _serve: Guard,
+    _tcpdump: Guard,
+}
+
+/// One VM booting.
+struct Vm {
+    mode: Mode,
+    param: String,
+    serial: std::path::PathBuf,
+    proc: Guard,
+    started: Instant,
+    accel: &'static str,
+}
+
 pub fn run(args: &[String]) -> Result<()> {
     let keep = args.iter().any(|a| a == "--keep");
+    let modes = select_modes(args)?;
+    prereq::ensure_debs(DEBS)?;
+    prereq::ensure_backports_debs(BACKPORTS_DEBS)?;
+    sweep_stale_namespaces();
+    let p = prepare(&modes)?;
+    let ns = Netns::create(&format!("rbnb-{}", std::process::id()))?;
+    let net = start_network(&ns, &p)?;
+    let outcomes = boot_all(&ns, &p)?;
+    drop(net);
+    drop(ns);
+    report(&p, &outcomes, keep)
+}
+
+/// The modes named on the command line (all when none is).
+fn select_modes(args: &[String]) -> Result<Vec<Mode>> {
     let wanted: Vec<&str> = args
         .iter()
         .map(String::as_str)
@@ -512,16 +568,16 @@ pub fn run(args: &[String]) -> Result<()> {
             );
         }
     }
-    let modes: Vec<Mode> = MODES
+    Ok(MODES
         .iter()
         .filter(|m| wanted.is_empty() || wanted.contains(&m.name))
         .copied()
-        .collect();
+        .collect())
+}
 
-    prereq::ensure_debs(DEBS)?;
-    prereq::ensure_backports_debs(BACKPORTS_DEBS)?;
-    sweep_stale_namespaces();
-
+/// Builds the demo stream and rackboot, syncs a rack, gives every VM's MAC its own
+/// kernel parameter, and probes KVM.
+fn prepare(modes: &[Mode]) -> Result<Prepared> {
     let root = crate::root();
     let base = root.join("target/netboot");
     std::fs::create_dir_all(&base)?;
@@ -601,9 +657,22 @@ pub fn run(args: &[String]) -> Result<()> {
             "not usable, TCG for all"
         }
     );
+    Ok(Prepared {
+        base,
+        dir,
+        bin,
+        config,
+        kvm,
+        macs,
+        expected,
+    })
+}
 
-    let ns = Netns::create(&format!("rbnb-{}", std::process::id()))?;
-    let _tcpdump = ns.spawn(
+/// tcpdump on the bridge, `rackboot serve` and dnsmasq (DHCP) in the namespace, each
+/// up before the next starts.
+fn start_network(ns: &Netns, p: &Prepared) -> Result<Network> {
+    let dir = &p.dir;
+    let tcpdump = ns.spawn(
         "tcpdump",
         "tcpdump",
         &[
@@ -619,8 +688,8 @@ pub fn run(args: &[String]) -> Result<()> {
     )?;
     let mut serve = ns.spawn(
         "rackboot serve",
-        &bin,
-        &["--config", &config, "serve"],
+        &p.bin,
+        &["--config", &p.config, "serve"],
         &dir.join("rackboot.log"),
     )?;
     wait_for_line(
@@ -630,7 +699,7 @@ pub fn run(args: &[String]) -> Result<()> {
         &mut serve,
         Duration::from_secs(30),
     )?;
-    std::fs::write(dir.join("dnsmasq.conf"), dnsmasq_config(&dir, &macs))?;
+    std::fs::write(dir.join("dnsmasq.conf"), dnsmasq_config(dir, &p.macs))?;
     let mut dnsmasq = ns.spawn(
         "dnsmasq",
         "dnsmasq",
@@ -647,18 +716,17 @@ pub fn run(args: &[String]) -> Result<()> {
         &mut dnsmasq,
         Duration::from_secs(30),
     )?;
+    Ok(Network {
+        _dnsmasq: dnsmasq,
+        _serve: serve,
+        _tcpdump: tcpdump,
+    })
+}
 
-    // Two VMs at a time (the machine has two cores); the next starts as one ends.
-    const PARALLEL: usize = 2;
-    struct Vm {
-        mode: Mode,
-        param: String,
-        serial: std::path::PathBuf,
-        proc: Guard,
-        started: Instant,
-        accel: &'static str,
-    }
-    let mut queue = 0..macs.len();
+/// Boots every mode's VM, [`PARALLEL`] at a time, until each reaches its marker,
+/// fails or times out.
+fn boot_all(ns: &Netns, p: &Prepared) -> Result<Vec<Outcome>> {
+    let mut queue = 0..p.macs.len();
     let mut running: Vec<Vm> = Vec::new();
     let mut outcomes: Vec<Outcome> = Vec::new();
     loop {
@@ -666,104 +734,107 @@ pub fn run(args: &[String]) -> Result<()> {
             let Some(i) = queue.next() else {
                 break;
             };
-            let ((mode, mac), param) = (&macs[i], &expected[i]);
-            let tap = format!("tap{i}");
-            ns.add_tap(&tap)?;
-            let serial = dir.join(format!("{}.serial", mode.name));
-            let vars = dir.join(format!("{}.vars.fd", mode.name));
-            if let Some((_, template)) = uefi_files(mode) {
-                std::fs::copy(template, &vars)?;
-            }
-            let use_kvm = kvm && mode.firmware != Firmware::Aavmf;
-            let (program, args) = qemu_args(mode, mac, &tap, &serial, &vars, use_kvm);
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            eprintln!("starting {} ({}), MAC {mac}", mode.name, mode.what);
-            let proc = ns.spawn(
-                mode.name,
-                &program,
-                &args,
-                &dir.join(format!("{}.qemu.log", mode.name)),
-            )?;
-            running.push(Vm {
-                mode: *mode,
-                param: param.clone(),
-                serial,
-                proc,
-                started: Instant::now(),
-                accel: if use_kvm { "kvm" } else { "tcg" },
-            });
+            running.push(start_vm(ns, p, i)?);
         }
         if running.is_empty() {
-            break;
+            return Ok(outcomes);
         }
         let mut still = Vec::new();
         for mut vm in running {
-            let fail = [
-                "grub>",
-                "Kernel panic",
-                "No bootable device",
-                "Failed to boot both default and fallback entries",
-            ];
             match poll_line(
                 &vm.serial,
                 MARKER,
-                &fail,
+                BOOT_FAILURES,
                 &mut vm.proc,
                 vm.started,
                 MODE_TIMEOUT,
             ) {
                 None => still.push(vm),
-                Some(r) => {
-                    let t = vm.started.elapsed();
-                    let result = r.and_then(|line| {
-                        if !line.contains(&vm.param) {
-                            bail!("the marker line lacks {:?}: {line}", vm.param)
-                        }
-                        if vm.mode.secure_boot {
-                            let serial = std::fs::read(&vm.serial).unwrap_or_default();
-                            if !String::from_utf8_lossy(&serial).contains(SECURE_BOOT_LINE) {
-                                bail!("the kernel did not say {SECURE_BOOT_LINE:?}");
-                            }
-                        }
-                        Ok((t, line))
-                    });
-                    match &result {
-                        Ok((t, _)) => {
-                            eprintln!("{}: marker after {:.1} s", vm.mode.name, t.as_secs_f64())
-                        }
-                        Err(e) => {
-                            eprintln!("{}: FAILED: {e:#}", vm.mode.name);
-                            // CI keeps only the output: show where the boot stopped.
-                            eprintln!(
-                                "--- last lines of {} ---\n{}\n---",
-                                vm.serial.display(),
-                                readable_tail(&vm.serial, 25)
-                            );
-                        }
-                    }
-                    outcomes.push(Outcome {
-                        mode: vm.mode,
-                        accel: vm.accel,
-                        result,
-                    });
-                }
+                Some(r) => outcomes.push(finish_vm(&vm, r)),
             }
         }
         running = still;
         std::thread::sleep(Duration::from_millis(200));
     }
-    drop(dnsmasq);
-    drop(serve);
-    drop(_tcpdump);
-    drop(ns);
+}
 
+/// Starts the VM of mode `i` on its own tap.
+fn start_vm(ns: &Netns, p: &Prepared, i: usize) -> Result<Vm> {
+    let ((mode, mac), param) = (&p.macs[i], &p.expected[i]);
+    let tap = format!("tap{i}");
+    ns.add_tap(&tap)?;
+    let serial = p.dir.join(format!("{}.serial", mode.name));
+    let vars = p.dir.join(format!("{}.vars.fd", mode.name));
+    if let Some((_, template)) = uefi_files(mode) {
+        std::fs::copy(template, &vars)?;
+    }
+    let use_kvm = p.kvm && mode.firmware != Firmware::Aavmf;
+    let (program, args) = qemu_args(mode, mac, &tap, &serial, &vars, use_kvm);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    eprintln!("starting {} ({}), MAC {mac}", mode.name, mode.what);
+    let proc = ns.spawn(
+        mode.name,
+        &program,
+        &args,
+        &p.dir.join(format!("{}.qemu.log", mode.name)),
+    )?;
+    Ok(Vm {
+        mode: *mode,
+        param: param.clone(),
+        serial,
+        proc,
+        started: Instant::now(),
+        accel: if use_kvm { "kvm" } else { "tcg" },
+    })
+}
+
+/// Judges a VM that stopped waiting: its marker line must carry its parameter (and,
+/// with Secure Boot, the kernel must have said so); a failure shows the serial tail.
+fn finish_vm(vm: &Vm, r: Result<String>) -> Outcome {
+    let t = vm.started.elapsed();
+    let result = r.and_then(|line| {
+        if !line.contains(&vm.param) {
+            bail!("the marker line lacks {:?}: {line}", vm.param)
+        }
+        if vm.mode.secure_boot {
+            let serial = std::fs::read(&vm.serial).unwrap_or_default();
+            if !String::from_utf8_lossy(&serial).contains(SECURE_BOOT_LINE) {
+                bail!("the kernel did not say {SECURE_BOOT_LINE:?}");
+            }
+        }
+        Ok((t, line))
+    });
+    match &result {
+        Ok((t, _)) => {
+            eprintln!("{}: marker after {:.1} s", vm.mode.name, t.as_secs_f64())
+        }
+        Err(e) => {
+            eprintln!("{}: FAILED: {e:#}", vm.mode.name);
+            // CI keeps only the output: show where the boot stopped.
+            eprintln!(
+                "--- last lines of {} ---\n{}\n---",
+                vm.serial.display(),
+                readable_tail(&vm.serial, 25)
+            );
+        }
+    }
+    Outcome {
+        mode: vm.mode,
+        accel: vm.accel,
+        result,
+    }
+}
+
+/// Prints and writes the table of outcomes; fails naming the modes that failed (and
+/// keeps their logs).
+fn report(p: &Prepared, outcomes: &[Outcome], keep: bool) -> Result<()> {
     let mut report = String::new();
     writeln!(
         report,
         "| mode | boot path | accel | result | time to marker |"
     )?;
     writeln!(report, "|---|---|---|---|---|")?;
-    for o in &outcomes {
+    for o in outcomes {
         let (res, t) = match &o.result {
             Ok((t, _)) => ("ok".to_string(), format!("{:.1} s", t.as_secs_f64())),
             Err(e) => (format!("FAILED: {e:#}"), "-".into()),
@@ -775,7 +846,7 @@ pub fn run(args: &[String]) -> Result<()> {
         )?;
     }
     println!("\n{report}");
-    std::fs::write(base.join("report.md"), &report)?;
+    std::fs::write(p.base.join("report.md"), &report)?;
     let failed: Vec<&str> = outcomes
         .iter()
         .filter(|o| o.result.is_err())
@@ -783,9 +854,9 @@ pub fn run(args: &[String]) -> Result<()> {
         .collect();
     if failed.is_empty() {
         if !keep {
-            std::fs::remove_dir_all(&dir)?;
+            std::fs::remove_dir_all(&p.dir)?;
         } else {
-            println!("logs kept in {}", dir.display());
+            println!("logs kept in {}", p.dir.display());
         }
         println!("netboot: {} modes reached their marker", outcomes.len());
         Ok(())
@@ -794,7 +865,7 @@ pub fn run(args: &[String]) -> Result<()> {
             "netboot: {} failed ({}); serial logs, rackboot.log, dnsmasq.log and netboot.pcap are in {}",
             failed.len(),
             failed.join(", "),
-            dir.display()
+            p.dir.display()
         )
     }
 }
