@@ -322,6 +322,20 @@ impl Served {
         });
     }
 
+    /// Waits until generation `n` is served and no sync runs: the daemon serves a
+    /// generation as soon as `current` names it, before the sync that published it
+    /// has ended.
+    pub fn wait_synced(&self, n: u64, limit: Duration) {
+        wait_until(
+            limit,
+            &format!("generation {n} and no sync running"),
+            || {
+                let st = self.status();
+                st["generation"].as_u64().is_some_and(|g| g >= n) && st["sync_running"] == false
+            },
+        );
+    }
+
     /// Sends a signal by PID.
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
@@ -405,15 +419,19 @@ pub fn run_client(program: &str, args: &[&str], limit: Duration) -> Output {
 /// How much of a daemon's log a failing test prints.
 pub const LOG_TAIL_LINES: usize = 40;
 
-/// The last `n` lines of `log`, framed with its path.
+/// The last `n` lines of `log`, framed with its path. The harness's own status polls
+/// (every 20 ms while a test waits) are left out: they would fill the tail.
 pub fn log_tail(log: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
+    let (polls, lines): (Vec<&str>, Vec<&str>) = text
+        .lines()
+        .partition(|l| l.contains("method=GET path=/api/v1/status status=200"));
     let tail = &lines[lines.len().saturating_sub(n)..];
     format!(
-        "--- last {} lines of {} ---\n{}\n--- end of {} ---",
+        "--- last {} lines of {} ({} status polls left out) ---\n{}\n--- end of {} ---",
         tail.len(),
         log.display(),
+        polls.len(),
         tail.join("\n"),
         log.display()
     )
@@ -672,6 +690,7 @@ fn a_failing_test_keeps_its_directory_and_its_daemon_log() {
     let failed = std::thread::spawn(move || {
         let r = rack(4096, "auto = false", "");
         let s = r.env.serve();
+        assert!(s.status()["generation"].is_null() || s.status()["generation"].is_u64());
         tx.send((r.env.dir.path().to_path_buf(), s.log.clone(), s.pid()))
             .unwrap();
         panic!("this test fails on purpose");
@@ -688,6 +707,7 @@ fn a_failing_test_keeps_its_directory_and_its_daemon_log() {
     assert!(dir.join("rackboot.toml").is_file(), "{dir:?} was removed");
     let tail = log_tail(&log, LOG_TAIL_LINES);
     assert!(tail.contains("listening for HTTP on"), "{tail}");
+    assert!(!tail.contains("path=/api/v1/status"), "{tail}");
     assert!(tail.lines().count() <= LOG_TAIL_LINES + 2, "{tail}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -21,7 +21,7 @@ fn tmp_parts(env: &Env) -> Vec<String> {
 fn import_and_stop_import_through_the_daemon() {
     let r = rack_with_token(1 << 20, "auto = false", "");
     let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    s.wait_synced(1, Duration::from_secs(60));
     let url = s.url("/");
     let res = |op: &str| r.env.ok(&["boot-resources", op, "--url", &url]);
     assert_eq!(res("is-importing").trim(), "false");
