@@ -140,19 +140,7 @@ fn cli_syncs_beside_a_serving_daemon_never_break_a_download() {
     s.wait_generation(1, Duration::from_secs(60));
     let client = Client::start(&s);
     // A slow download of the first generation spans several syncs.
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("slow");
-    let slow = std::process::Command::new("curl")
-        .args(["-s", "--max-time", "60", "--limit-rate", "64K", "-o"])
-        .arg(&out)
-        .arg(s.url(KERNEL))
-        .spawn()
-        .unwrap();
-    wait_until(
-        Duration::from_secs(10),
-        "the slow download to start",
-        || std::fs::metadata(&out).is_ok_and(|m| m.len() > 0),
-    );
+    let slow = SlowDownload::start(&s.url(KERNEL), "64K");
     for i in 1..=20 {
         publish_version(&r, i);
         r.env.ok(&["sync"]);
@@ -162,9 +150,8 @@ fn cli_syncs_beside_a_serving_daemon_never_break_a_download() {
             "snapshots pile up"
         );
     }
-    assert!(wait_output(slow, Duration::from_secs(60)).status.success());
     assert_eq!(
-        sha256_hex(&std::fs::read(&out).unwrap()),
+        sha256_hex(&slow.finish(Duration::from_secs(60))),
         sha256_hex(&kernel_of(VERSIONS[0], SIZE)),
         "the slow download kept its generation's bytes"
     );

@@ -401,6 +401,54 @@ pub fn curl(args: &[&str]) -> (u16, Vec<u8>) {
     (code, std::fs::read(&body).unwrap_or_default())
 }
 
+/// A curl download held to `--limit-rate`, so that it spans what a test does next
+/// (a snapshot switch, syncs, SIGTERM); killed on drop if not finished.
+pub struct SlowDownload {
+    _dir: tempfile::TempDir,
+    out: PathBuf,
+    child: Option<Child>,
+}
+
+impl SlowDownload {
+    /// Starts downloading `url` at `rate` and waits until the first bytes are in.
+    pub fn start(url: &str, rate: &str) -> SlowDownload {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("slow");
+        let child = Command::new("curl")
+            .args(["-s", "--max-time", "60", "--limit-rate", rate, "-o"])
+            .arg(&out)
+            .arg(url)
+            .spawn()
+            .expect("curl is installed");
+        wait_until(
+            Duration::from_secs(10),
+            "the slow download to start",
+            || std::fs::metadata(&out).is_ok_and(|m| m.len() > 0),
+        );
+        SlowDownload {
+            _dir: dir,
+            out,
+            child: Some(child),
+        }
+    }
+
+    /// Waits (at most `limit`) for curl to succeed; returns what it downloaded.
+    pub fn finish(mut self, limit: Duration) -> Vec<u8> {
+        let res = wait_output(self.child.take().unwrap(), limit);
+        assert!(res.status.success(), "slow download: {:?}", res.status);
+        std::fs::read(&self.out).unwrap()
+    }
+}
+
+impl Drop for SlowDownload {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// Runs a client program with a time limit; returns its output.
 pub fn run_client(program: &str, args: &[&str], limit: Duration) -> Output {
     let child = Command::new(program)
@@ -588,25 +636,33 @@ pub fn tftp_get(s: &Served, path: &str) -> Option<String> {
 /// Fetches `path` with curl's TFTP client from `authority` (`host:port`); `None` (and
 /// curl's complaint on stderr) when the server refuses it.
 pub fn tftp_get_at(authority: &str, path: &str) -> Option<String> {
+    match curl_download(&format!("tftp://{authority}/{path}"), &[]) {
+        Ok(data) => Some(String::from_utf8_lossy(&data).into_owned()),
+        Err(e) => {
+            eprintln!("curl tftp {path}: {e}");
+            None
+        }
+    }
+}
+
+/// Downloads `url` with curl (`extra` options before it, such as `--tftp-blksize`);
+/// the bytes, or curl's complaint.
+pub fn curl_download(url: &str, extra: &[&str]) -> Result<Vec<u8>, String> {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("f");
-    let res = run_client(
-        "curl",
-        &[
-            "-sS",
-            "--max-time",
-            "10",
-            "-o",
-            out.to_str().unwrap(),
-            &format!("tftp://{authority}/{path}"),
-        ],
-        Duration::from_secs(20),
-    );
+    let mut args = vec!["-sS", "--max-time", "60"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["-o", out.to_str().unwrap(), url]);
+    let res = run_client("curl", &args, Duration::from_secs(70));
     if !res.status.success() {
-        eprintln!("curl tftp {path}: {}", String::from_utf8_lossy(&res.stderr));
-        return None;
+        return Err(String::from_utf8_lossy(&res.stderr).into_owned());
     }
-    Some(std::fs::read_to_string(&out).unwrap_or_default())
+    Ok(std::fs::read(&out).unwrap_or_default())
+}
+
+/// [`curl_download`] that must succeed; `what` names the download in the failure.
+pub fn curl_fetch(url: &str, extra: &[&str], what: &str) -> Vec<u8> {
+    curl_download(url, extra).unwrap_or_else(|e| panic!("curl {what} ({url}): {e}"))
 }
 
 /// A self-signed certificate for 127.0.0.1 and localhost, made with openssl.

@@ -56,21 +56,11 @@ fn metrics_have_every_family_and_move_with_traffic_and_syncs() {
     let big = format!("X-Big: {}", "a".repeat(20 << 10));
     assert_eq!(curl(&["-H", &big, &s.url(KERNEL)]).0, 431);
     // TFTP: one kernel and one tsize probe (curl asks for tsize, then transfers).
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("k");
-    let res = run_client(
-        "curl",
-        &[
-            "-s",
-            "--max-time",
-            "30",
-            "-o",
-            out.to_str().unwrap(),
-            &format!("tftp://{}{KERNEL}", s.tftp),
-        ],
-        Duration::from_secs(40),
+    curl_fetch(
+        &format!("tftp://{}{KERNEL}", s.tftp),
+        &[],
+        "the kernel over TFTP",
     );
-    assert!(res.status.success());
     let m1 = s.metrics();
     let delta = |sample: &str| metric(&m1, sample) - metric(&m0, sample);
     assert_eq!(

@@ -28,26 +28,8 @@ fn serve_starts_empty_syncs_and_serves_over_tftp_and_http() {
     let o = out.to_str().unwrap();
     let tftp_url = format!("tftp://{}{KERNEL}", s.tftp);
     for bs in ["512", "1468", "8192"] {
-        let res = run_client(
-            "curl",
-            &[
-                "-s",
-                "--max-time",
-                "60",
-                "--tftp-blksize",
-                bs,
-                "-o",
-                o,
-                &tftp_url,
-            ],
-            Duration::from_secs(70),
-        );
-        assert!(
-            res.status.success(),
-            "curl blksize {bs}: {}",
-            String::from_utf8_lossy(&res.stderr)
-        );
-        assert_eq!(file_sha256(&out), sha256_hex(&want), "curl blksize {bs}");
+        let got = curl_fetch(&tftp_url, &["--tftp-blksize", bs], &format!("blksize {bs}"));
+        assert_eq!(sha256_hex(&got), sha256_hex(&want), "curl blksize {bs}");
     }
     let port = s.tftp.port().to_string();
     for ws in ["1", "4", "8", "16"] {
@@ -160,30 +142,7 @@ fn a_transfer_across_a_snapshot_switch_completes_with_the_old_bytes() {
     let s = r.env.serve();
     s.wait_generation(1, Duration::from_secs(60));
     let old = kernel_of("20261101", 8 << 20);
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("slow");
-    let slow = std::process::Command::new("curl")
-        .args([
-            "-s",
-            "--max-time",
-            "60",
-            "--limit-rate",
-            "2M",
-            "-o",
-            out.to_str().unwrap(),
-            &s.url(KERNEL),
-        ])
-        .spawn()
-        .unwrap();
-    wait_until(
-        Duration::from_secs(10),
-        "the slow download to start",
-        || {
-            std::fs::metadata(&out)
-                .map(|m| m.len() > 0)
-                .unwrap_or(false)
-        },
-    );
+    let slow = SlowDownload::start(&s.url(KERNEL), "2M");
     write_stream(
         &r.env.mirror,
         &products("20261120", 8 << 20),
@@ -192,10 +151,8 @@ fn a_transfer_across_a_snapshot_switch_completes_with_the_old_bytes() {
     );
     s.signal(Signal::SIGHUP); // a reload also triggers a sync
     s.wait_generation(2, Duration::from_secs(60));
-    let res = wait_output(slow, Duration::from_secs(60));
-    assert!(res.status.success());
     assert_eq!(
-        sha256_hex(&std::fs::read(&out).unwrap()),
+        sha256_hex(&slow.finish(Duration::from_secs(60))),
         sha256_hex(&old),
         "old bytes to the end"
     );
@@ -407,34 +364,13 @@ fn sigterm_drains_and_exits_zero_and_sighup_reloads() {
         "{log}"
     );
     // SIGTERM during a transfer: it finishes, then the process exits 0.
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("k");
-    let slow = std::process::Command::new("curl")
-        .args([
-            "-s",
-            "--max-time",
-            "60",
-            "--limit-rate",
-            "2M",
-            "-o",
-            out.to_str().unwrap(),
-            &s.url(KERNEL),
-        ])
-        .spawn()
-        .unwrap();
-    wait_until(Duration::from_secs(10), "the download to start", || {
-        std::fs::metadata(&out)
-            .map(|m| m.len() > 0)
-            .unwrap_or(false)
-    });
+    let slow = SlowDownload::start(&s.url(KERNEL), "2M");
     s.signal(Signal::SIGTERM);
     let status = s.wait_exit(Duration::from_secs(40));
     assert!(status.success(), "{status}");
     assert!(s.log_text().contains("draining transfers (up to 30 s)"));
-    let res = wait_output(slow, Duration::from_secs(10));
-    assert!(res.status.success());
     assert_eq!(
-        sha256_hex(&std::fs::read(&out).unwrap()),
+        sha256_hex(&slow.finish(Duration::from_secs(10))),
         sha256_hex(&kernel_of("20261101", 4 << 20))
     );
 }

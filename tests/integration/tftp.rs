@@ -181,27 +181,12 @@ fn ipv6_with_real_clients() {
     let o = out.to_str().unwrap();
     let url = format!("tftp://[::1]:{}{KERNEL}", s.tftp.port());
     for bs in ["512", "1468"] {
-        let _ = std::fs::remove_file(&out);
-        let res = run_client(
-            "curl",
-            &[
-                "-s",
-                "--max-time",
-                "60",
-                "--tftp-blksize",
-                bs,
-                "-o",
-                o,
-                &url,
-            ],
-            Duration::from_secs(70),
+        let got = curl_fetch(
+            &url,
+            &["--tftp-blksize", bs],
+            &format!("over ::1, blksize {bs}"),
         );
-        assert!(
-            res.status.success(),
-            "curl over ::1, blksize {bs}: {}",
-            String::from_utf8_lossy(&res.stderr)
-        );
-        assert_eq!(file_sha256(&out), want, "curl over ::1, blksize {bs}");
+        assert_eq!(sha256_hex(&got), want, "curl over ::1, blksize {bs}");
     }
     // tftp-hpa exits 0 even on a TFTP error: the contents are what counts.
     let _ = std::fs::remove_file(&out);
@@ -256,30 +241,16 @@ fn replies_come_from_the_address_the_client_talked_to() {
             want
         );
     }
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("k");
     let second = addrs
         .iter()
         .find(|a| a.ip().to_string() == "127.0.0.2")
         .unwrap();
-    let res = run_client(
-        "curl",
-        &[
-            "-s",
-            "--max-time",
-            "60",
-            "-o",
-            out.to_str().unwrap(),
-            &format!("tftp://{second}{KERNEL}"),
-        ],
-        Duration::from_secs(70),
+    let got = curl_fetch(
+        &format!("tftp://{second}{KERNEL}"),
+        &[],
+        "the kernel over TFTP",
     );
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
-    assert_eq!(file_sha256(&out), want);
+    assert_eq!(sha256_hex(&got), want);
     drop(r);
 
     // Wildcard listeners: the reply address comes from IP_PKTINFO / IPV6_PKTINFO, so
@@ -374,26 +345,12 @@ fn the_transfer_limit_refuses_clearly_and_recovers() {
                 && s.metric("rackboot_tftp_errors_total{kind=\"aborted\"}") == 2.0
         },
     );
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("k");
-    let res = run_client(
-        "curl",
-        &[
-            "-s",
-            "--max-time",
-            "60",
-            "-o",
-            out.to_str().unwrap(),
-            &format!("tftp://{}{KERNEL}", s.tftp),
-        ],
-        Duration::from_secs(70),
+    let got = curl_fetch(
+        &format!("tftp://{}{KERNEL}", s.tftp),
+        &[],
+        "the kernel over TFTP",
     );
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
-    assert_eq!(file_sha256(&out), kernel_sha());
+    assert_eq!(sha256_hex(&got), kernel_sha());
     assert_eq!(s.metric("rackboot_tftp_errors_total{kind=\"busy\"}"), 1.0);
 }
 
@@ -565,23 +522,13 @@ fn tftp_hostile_clients_get_errors_and_others_are_still_served() {
         dup.send_to(&ack, peer.unwrap()).unwrap();
     }
     // Everyone else is still served correctly.
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("k");
-    let res = run_client(
-        "curl",
-        &[
-            "-s",
-            "--max-time",
-            "30",
-            "-o",
-            out.to_str().unwrap(),
-            &format!("tftp://{srv}{KERNEL}"),
-        ],
-        Duration::from_secs(40),
+    let got = curl_fetch(
+        &format!("tftp://{srv}{KERNEL}"),
+        &[],
+        "the kernel over TFTP",
     );
-    assert!(res.status.success());
     assert_eq!(
-        file_sha256(&out),
+        sha256_hex(&got),
         sha256_hex(&kernel_of("20261101", 256 << 10))
     );
     let (_, m) = s.get("/metrics");
