@@ -9,8 +9,7 @@ use crate::upstream::*;
 #[test]
 fn auto_false_pauses_the_periodic_sync_and_post_sync_still_works() {
     let r = rack_with_token(64 << 10, "auto = false\ninterval = \"1s\"", "");
-    let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = r.env.serve_synced();
     let st = s.status();
     assert_eq!(st["sync_auto"], false);
     assert!(st["sync"]["next_sync"].is_null(), "{st}");
@@ -44,8 +43,7 @@ fn auto_false_pauses_the_periodic_sync_and_post_sync_still_works() {
 #[test]
 fn api_errors_are_json_with_a_message() {
     let r = rack_with_token(64 << 10, "auto = false", "");
-    let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = r.env.serve_synced();
     let auth = format!("Authorization: Bearer {TOKEN}");
     let cases: Vec<(Vec<String>, u16, &str)> = vec![
         (vec![s.url("/api/v1/nope")], 404, "no such endpoint"),

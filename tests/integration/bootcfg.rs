@@ -2,8 +2,6 @@
 
 use std::time::Duration;
 
-use sequoia_openpgp::types::HashAlgorithm;
-
 use crate::harness::*;
 use crate::upstream::*;
 
@@ -11,27 +9,18 @@ use crate::upstream::*;
 /// `listen` is the `[tftp]`/`[http]` listen list.
 fn rack(listen: &str, extra: &str) -> (Env, MirrorServer, Served) {
     let env = Env::new();
-    let key = TestKey::generate();
-    key.write_keyring(&env.keyring);
     let mut p = vec![
         image("noble", "amd64", "20261101", 4096),
         image("noble", "arm64", "20261101", 4096),
     ];
     p.extend(bootloaders("20210819.0"));
-    write_stream(
-        &env.mirror,
-        &p,
-        &key,
-        Signing::Signed(HashAlgorithm::SHA512),
-    );
-    let mirror = MirrorServer::start(&env.mirror);
+    let (_key, mirror) = env.signed_upstream(&p);
     env.write_config(
         &mirror.url(),
         &["amd64", "arm64"],
         &format!("auto = false\n[tftp]\nlisten = {listen}\n[http]\nlisten = {listen}\n[boot]\ndefault_image = \"ubuntu/noble\"\nkernel_params = \"console=ttyS0\"\n{extra}"),
     );
-    let s = env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = env.serve_synced();
     (env, mirror, s)
 }
 

@@ -136,8 +136,7 @@ fn snapshot_count(env: &Env) -> usize {
 #[test]
 fn cli_syncs_beside_a_serving_daemon_never_break_a_download() {
     let r = rack(SIZE, "auto = false", "");
-    let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = r.env.serve_synced();
     let client = Client::start(&s);
     // A slow download of the first generation spans several syncs.
     let slow = SlowDownload::start(&s.url(KERNEL), "64K");
@@ -201,8 +200,7 @@ fn inject(env: &Env, step: usize) -> Box<dyn FnOnce()> {
 #[test]
 fn fifty_syncs_with_failures_after_publish_keep_serving_what_current_names() {
     let r = rack_with_token(SIZE, "auto = false", "");
-    let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = r.env.serve_synced();
     let client = Client::start(&s);
     let started = Instant::now();
     let mut failed = 0;
@@ -254,8 +252,7 @@ fn fifty_syncs_with_failures_after_publish_keep_serving_what_current_names() {
 #[test]
 fn a_failed_write_after_publish_is_served_and_the_next_sync_collects() {
     let r = rack_with_token(SIZE, "auto = false", "");
-    let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = r.env.serve_synced();
     publish_version(&r, 1);
     let undo = inject(&r.env, 0);
     let (code, _) = post_sync(&s);
@@ -409,8 +406,7 @@ fn a_held_sync_lock_blocks_no_worker_and_stop_and_sigterm_end_the_wait() {
 #[test]
 fn sighup_with_a_new_state_dir_keeps_the_old_one_until_restart() {
     let r = rack(SIZE, "auto = false", "");
-    let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = r.env.serve_synced();
     let other = r.env.dir.path().join("other-state");
     edit_config(
         &r.env,
@@ -557,8 +553,7 @@ fn an_unreadable_current_manifest_serves_the_newest_complete_generation() {
 #[test]
 fn import_does_not_sync_locally_when_a_daemon_serves_but_does_not_answer() {
     let r = rack_with_token(SIZE, "auto = false", "");
-    let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = r.env.serve_synced();
     publish_version(&r, 1);
     let err = r.env.fails(
         &["boot-resources", "import", "--url", "http://127.0.0.1:9/"],
@@ -579,10 +574,7 @@ fn import_does_not_sync_locally_when_a_daemon_serves_but_does_not_answer() {
 #[test]
 fn two_mirrors_into_one_dest_the_second_is_refused() {
     let env = Env::new();
-    let key = TestKey::generate();
-    key.write_keyring(&env.keyring);
-    write_stream(&env.mirror, &products(VERSIONS[0], 4 << 20), &key, SHA512);
-    let m = MirrorServer::start(&env.mirror);
+    let (_key, m) = env.signed_upstream(&products(VERSIONS[0], 4 << 20));
     m.fault("boot-kernel", Fault::Throttle(1 << 20));
     let dest = env.dir.path().join("dest");
     let url = format!("{}streams/v1/index.sjson", m.url());

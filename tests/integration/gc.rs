@@ -12,8 +12,7 @@ use crate::upstream::*;
 fn an_old_snapshot_is_kept_while_a_transfer_holds_it_and_collected_after() {
     let size = 8 << 20;
     let r = rack_with_token(size, "auto = false", "");
-    let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = r.env.serve_synced();
     // A client asks for the kernel of generation 1 and reads nothing yet: the file
     // is larger than the socket buffers, so its transfer stays open.
     let mut stalled = TcpStream::connect(s.http).unwrap();
@@ -81,8 +80,7 @@ fn small_files_kept_open_follow_the_generation_and_are_let_go_of() {
     // when no request comes after the switch.
     let size = 64 << 10;
     let r = rack_with_token(size, "auto = false", "");
-    let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = r.env.serve_synced();
     // Many requests, on several connections, so every connection thread opens it.
     for _ in 0..8 {
         assert_eq!(s.get(KERNEL).1, kernel_of("20261101", size));

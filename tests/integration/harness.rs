@@ -231,6 +231,13 @@ impl Env {
         self.serve_with(&["TFTP", "HTTP"], |_| {}).0
     }
 
+    /// [`Env::serve`], then waits (at most 60 s) until generation 1 is served.
+    pub fn serve_synced(&self) -> Served {
+        let s = self.serve();
+        s.wait_generation(1, Duration::from_secs(60));
+        s
+    }
+
     /// Starts `rackboot serve` with `customize` applied to the command and waits for
     /// the `listening for {what} on ADDR` lines; returns the addresses in that order.
     pub fn serve_with(
@@ -527,6 +534,17 @@ pub fn kernel_of(version: &str, size: usize) -> Vec<u8> {
         .clone()
 }
 
+impl Env {
+    /// A fresh signing key in the env's keyring and a stream of `products` signed
+    /// with it (SHA-512) in its mirror dir, served on 127.0.0.1.
+    pub fn signed_upstream(&self, products: &[ProductSpec]) -> (TestKey, MirrorServer) {
+        let key = TestKey::generate();
+        key.write_keyring(&self.keyring);
+        write_stream(&self.mirror, products, &key, SHA512);
+        (key, MirrorServer::start(&self.mirror))
+    }
+}
+
 pub struct Rack {
     pub env: Env,
     pub key: TestKey,
@@ -537,15 +555,7 @@ pub struct Rack {
 /// `sync_extra` in `[sync]` and `extra` after the [`LISTEN`] tables; not serving yet.
 pub fn rack(kernel_size: usize, sync_extra: &str, extra: &str) -> Rack {
     let env = Env::new();
-    let key = TestKey::generate();
-    key.write_keyring(&env.keyring);
-    write_stream(
-        &env.mirror,
-        &products("20261101", kernel_size),
-        &key,
-        SHA512,
-    );
-    let mirror = MirrorServer::start(&env.mirror);
+    let (key, mirror) = env.signed_upstream(&products("20261101", kernel_size));
     env.write_config(
         &mirror.url(),
         &["amd64"],

@@ -14,8 +14,7 @@ use crate::upstream::*;
 #[test]
 fn the_connection_limit_refuses_extra_connections_and_recovers() {
     let r = rack(16 << 10, "auto = false", "max_connections = 4\n");
-    let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = r.env.serve_synced();
     // Four keep-alive connections, each with a request answered, held open.
     let mut held: Vec<TcpStream> = (0..4)
         .map(|_| {
@@ -60,8 +59,7 @@ fn the_connection_limit_refuses_extra_connections_and_recovers() {
 #[test]
 fn keep_alive_symlinks_out_and_more_hostile_paths() {
     let r = rack(64 << 10, "auto = false", "");
-    let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = r.env.serve_synced();
     // Two requests on one connection.
     let out = run_client(
         "curl",
@@ -120,8 +118,7 @@ fn header_names_are_title_case_as_grub_matches_them() {
     // GRUB 2.06's http module looks for "Content-Length: " byte for byte; a
     // lower-case name leaves it waiting for the end of a keep-alive body forever.
     let r = rack(64 << 10, "auto = false", "");
-    let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = r.env.serve_synced();
     let mut c = TcpStream::connect(s.http).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     // What GRUB sends: a file from the snapshot, then a dynamic config, one connection.
@@ -154,8 +151,7 @@ fn header_names_are_title_case_as_grub_matches_them() {
 #[test]
 fn conditional_requests_and_head_on_every_kind_of_answer() {
     let r = rack(64 << 10, "auto = false", "");
-    let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = r.env.serve_synced();
     let url = s.url(KERNEL);
     // Response heads as curl prints them (header values keep their case: dates are
     // case-sensitive).
@@ -244,8 +240,7 @@ fn the_last_good_snapshot_is_served_at_once_while_the_upstream_is_down() {
 fn sigterm_exits_zero_when_the_drain_deadline_passes_with_a_transfer_stuck() {
     let r = rack(8 << 20, "auto = false", "");
     edit_config(&r.env, "[sync]", "drain_timeout = \"4s\"\n\n[sync]");
-    let mut s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let mut s = r.env.serve_synced();
     // A client that asks for the kernel and never reads: its transfer cannot finish.
     let mut stalled = TcpStream::connect(s.http).unwrap();
     stalled

@@ -67,8 +67,7 @@ fn stalled_downloads_from_one_address_do_not_lock_out_another() {
         "auto = false",
         "max_connections = 64\nmax_connections_per_client = 8\nsend_timeout = \"3s\"\n",
     );
-    let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = r.env.serve_synced();
     // 250 downloads from 127.0.0.2 that never read a byte.
     let mut stalled = Vec::new();
     for _ in 0..250 {
@@ -117,8 +116,7 @@ fn stalled_downloads_from_one_address_do_not_lock_out_another() {
 fn a_body_nobody_reads_is_closed_after_send_timeout_and_its_generation_collected() {
     let size = 8 << 20;
     let r = rack_with_token(size, "auto = false", "send_timeout = \"2s\"\n");
-    let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = r.env.serve_synced();
     let mut stalled = TcpStream::connect(s.http).unwrap();
     stalled
         .write_all(format!("GET {KERNEL} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
@@ -153,8 +151,6 @@ fn a_body_nobody_reads_is_closed_after_send_timeout_and_its_generation_collected
 #[test]
 fn upstream_files_are_never_active_content_and_every_answer_says_nosniff() {
     let env = Env::new();
-    let key = TestKey::generate();
-    key.write_keyring(&env.keyring);
     // An item whose upstream name ends in .html and whose bytes are a page with a
     // script that would read the page's token.
     let mut p = products("20261101", 4096);
@@ -163,15 +159,13 @@ fn upstream_files_are_never_active_content_and_every_answer_says_nosniff() {
     squash.path = format!("{}.html", squash.path);
     squash.data = evil.to_vec();
     let path = format!("/{}", squash.path);
-    write_stream(&env.mirror, &p, &key, SHA512);
-    let mirror = MirrorServer::start(&env.mirror);
+    let (_key, mirror) = env.signed_upstream(&p);
     env.write_config(
         &mirror.url(),
         &["amd64"],
         &format!("auto = false\n{}", LISTEN),
     );
-    let s = env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = env.serve_synced();
     let (code, body) = s.get(&path);
     assert_eq!((code, body.as_slice()), (200, &evil[..]));
     let (code, h) = headers(&s.url(&path), &[]);
@@ -216,8 +210,7 @@ fn credentials_in_a_source_url_are_shown_nowhere() {
     let plain = r.mirror.url();
     let with_creds = plain.replacen("http://", &format!("http://admin:{secret}@"), 1);
     edit_config(&r.env, &plain, &with_creds);
-    let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = r.env.serve_synced();
     // The upstream fails: the sync's error names the index URL.
     r.mirror.fault("streams/v1/index.sjson", Fault::Status(503));
     assert_eq!(post_sync(&s).0, 202);
@@ -266,8 +259,7 @@ fn write(s: &Served, method: &str, path: &str, body: &str) -> (u16, serde_json::
 #[test]
 fn api_bodies_are_typed_null_clears_and_a_bad_keyring_is_refused() {
     let r = rack_with_token(4096, "auto = false", "");
-    let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = r.env.serve_synced();
     let mac = "/api/v1/machines/52:54:00:00:00:07";
     let (code, v) = write(
         &s,
@@ -413,10 +405,7 @@ fn checkboxes(html: &str) -> Vec<(String, bool)> {
 #[test]
 fn the_page_keys_rows_by_source_and_shows_the_current_selection() {
     let env = Env::new();
-    let key = TestKey::generate();
-    key.write_keyring(&env.keyring);
-    write_stream(&env.mirror, &products("20261101", 4096), &key, SHA512);
-    let one = MirrorServer::start(&env.mirror);
+    let (key, one) = env.signed_upstream(&products("20261101", 4096));
     let root_two = env.dir.path().join("mirror-two");
     let two_products = vec![
         image("jammy", "amd64", "20261101", 4096),
@@ -457,8 +446,7 @@ arches = ["amd64"]
     );
     std::fs::write(&env.config, text).unwrap();
     std::fs::write(env.dir.path().join("token"), TOKEN).unwrap();
-    let s = env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = env.serve_synced();
     let (_, page) = s.get("/");
     let boxes = checkboxes(&String::from_utf8(page).unwrap());
     assert_eq!(

@@ -83,10 +83,7 @@ fn import_and_stop_import_through_the_daemon() {
 #[test]
 fn stop_import_without_a_daemon_stops_the_running_sync() {
     let env = Env::new();
-    let key = TestKey::generate();
-    key.write_keyring(&env.keyring);
-    write_stream(&env.mirror, &products("20261101", 1 << 20), &key, SHA512);
-    let mirror = MirrorServer::start(&env.mirror);
+    let (_key, mirror) = env.signed_upstream(&products("20261101", 1 << 20));
     mirror.fault("boot-kernel", Fault::Throttle(100_000));
     // No daemon listens on this address.
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -13,8 +13,7 @@ fn metrics_have_every_family_and_move_with_traffic_and_syncs() {
     // read keeps its transfer in flight.
     let size = 8 << 20;
     let r = rack_with_token(size, "auto = false", "");
-    let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = r.env.serve_synced();
     let m0 = s.metrics();
     for family in [
         "rackboot_tftp_requests",

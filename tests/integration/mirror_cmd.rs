@@ -44,11 +44,8 @@ fn files_under(dir: &Path) -> Vec<String> {
 #[test]
 fn mirror_filters_verifies_and_feeds_a_rack() {
     let env = Env::new();
-    let key = TestKey::generate();
-    key.write_keyring(&env.keyring);
     let upstream = products(&["20261101", "20261102"]);
-    write_stream(&env.mirror, &upstream, &key, SHA512);
-    let server = MirrorServer::start(&env.mirror);
+    let (key, server) = env.signed_upstream(&upstream);
     let dest = env.dir.path().join("out");
     let (url, dest_s, keyring) = (
         server.url(),

@@ -11,8 +11,7 @@ use crate::upstream::*;
 #[test]
 fn serve_starts_empty_syncs_and_serves_over_tftp_and_http() {
     let r = rack(3 << 20, "", "");
-    let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = r.env.serve_synced();
     let want = kernel_of("20261101", 3 << 20);
     let (code, body) = s.get(KERNEL);
     assert_eq!(code, 200);
@@ -99,8 +98,7 @@ fn serve_starts_empty_syncs_and_serves_over_tftp_and_http() {
 #[test]
 fn periodic_sync_picks_up_new_versions_and_a_failing_upstream_keeps_serving() {
     let r = rack(256 << 10, "interval = \"1s\"", "");
-    let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = r.env.serve_synced();
     write_stream(
         &r.env.mirror,
         &products("20261120", 256 << 10),
@@ -139,8 +137,7 @@ fn periodic_sync_picks_up_new_versions_and_a_failing_upstream_keeps_serving() {
 #[test]
 fn a_transfer_across_a_snapshot_switch_completes_with_the_old_bytes() {
     let r = rack(8 << 20, "auto = false", "");
-    let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = r.env.serve_synced();
     let old = kernel_of("20261101", 8 << 20);
     let slow = SlowDownload::start(&s.url(KERNEL), "2M");
     write_stream(
@@ -166,8 +163,7 @@ fn a_transfer_across_a_snapshot_switch_completes_with_the_old_bytes() {
 #[test]
 fn a_second_rack_syncs_from_the_first_ones_stream() {
     let r = rack(512 << 10, "", "");
-    let first = r.env.serve();
-    first.wait_generation(1, Duration::from_secs(60));
+    let first = r.env.serve_synced();
     let (code, idx) = first.get("/streams/v1/index.sjson");
     assert_eq!(code, 200);
     assert_eq!(
@@ -203,8 +199,7 @@ fn http_semantics_with_curl() {
         .unwrap()
         .replace("TOKEN", token.to_str().unwrap());
     std::fs::write(&r.env.config, cfg).unwrap();
-    let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = r.env.serve_synced();
     let url = s.url(KERNEL);
     let want = kernel_of("20261101", 64 << 10);
     let hdr = |args: &[&str]| -> String {
@@ -312,8 +307,7 @@ fn slowloris_does_not_starve_other_clients() {
         "auto = false",
         "max_connections_per_client = 1000\n",
     );
-    let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = r.env.serve_synced();
     use std::io::Write;
     let mut conns: Vec<std::net::TcpStream> = (0..200)
         .map(|_| std::net::TcpStream::connect(s.http).unwrap())
@@ -345,8 +339,7 @@ fn slowloris_does_not_starve_other_clients() {
 #[test]
 fn sigterm_drains_and_exits_zero_and_sighup_reloads() {
     let r = rack(4 << 20, "auto = false", "");
-    let mut s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let mut s = r.env.serve_synced();
     // SIGHUP picks up a changed config (the sync interval is visible in the status);
     // what needs a restart is named in the log and left as it was.
     let cfg = std::fs::read_to_string(&r.env.config)
@@ -378,8 +371,7 @@ fn sigterm_drains_and_exits_zero_and_sighup_reloads() {
 #[test]
 fn a_second_rackboot_on_the_same_http_port_is_refused_by_name() {
     let first = rack(64 << 10, "auto = false", "");
-    let s = first.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = first.env.serve_synced();
     // The first one's HTTP sockets share their port among its own threads
     // (SO_REUSEPORT); another process binding it must still fail, by name.
     let second = rack(64 << 10, "auto = false", "");

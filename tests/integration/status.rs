@@ -80,8 +80,7 @@ fn status_talks_to_the_running_daemon_and_falls_back_to_the_state_dir() {
 #[test]
 fn status_shows_a_sync_in_progress_and_how_far_it_got() {
     let r = rack_with_token(1 << 20, "auto = false", "");
-    let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = r.env.serve_synced();
     assert!(s.status()["progress"].is_null());
     // The next version's kernel comes slowly (about 10 s: room for a loaded machine),
     // and so does its index (a second or two before the plan exists).

@@ -7,7 +7,6 @@ use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use rackboot::tftp::packet::{self, Packet};
-use sequoia_openpgp::types::HashAlgorithm;
 
 use crate::harness::*;
 use crate::upstream::*;
@@ -26,17 +25,9 @@ struct ListenRack {
 
 fn listen_rack(listen: &[&str], tftp_extra: &str) -> ListenRack {
     let env = Env::new();
-    let key = TestKey::generate();
-    key.write_keyring(&env.keyring);
     let mut products = vec![image("noble", "amd64", VERSION, KERNEL_SIZE)];
     products.extend(bootloaders("20210819.0"));
-    write_stream(
-        &env.mirror,
-        &products,
-        &key,
-        Signing::Signed(HashAlgorithm::SHA512),
-    );
-    let mirror = MirrorServer::start(&env.mirror);
+    let (_key, mirror) = env.signed_upstream(&products);
     let listen = listen
         .iter()
         .map(|a| format!("\"{a}\""))
@@ -49,8 +40,7 @@ fn listen_rack(listen: &[&str], tftp_extra: &str) -> ListenRack {
             "auto = false\n[tftp]\nlisten = [{listen}]\n{tftp_extra}\n[http]\nlisten = [\"127.0.0.1:0\"]\n"
         ),
     );
-    let served = env.serve();
-    served.wait_generation(1, Duration::from_secs(60));
+    let served = env.serve_synced();
     ListenRack {
         served,
         _mirror: mirror,
@@ -436,8 +426,7 @@ fn rrq(name: &str, opts: &[(&str, &str)]) -> Vec<u8> {
 #[test]
 fn tftp_hostile_clients_get_errors_and_others_are_still_served() {
     let r = rack(256 << 10, "auto = false", "");
-    let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = r.env.serve_synced();
     let srv = s.tftp;
     // Truncated and unknown packets: an illegal-operation error or nothing, never a crash.
     for junk in [

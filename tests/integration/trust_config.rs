@@ -103,15 +103,7 @@ fn products(version: &str, arm64_label: Option<&str>) -> Vec<ProductSpec> {
 /// A synced rack that serves HTTP and TFTP on 127.0.0.1 with API writes enabled.
 fn rack(arm64_label: Option<&str>) -> (Env, MirrorServer, Served) {
     let env = Env::new();
-    let key = TestKey::generate();
-    key.write_keyring(&env.keyring);
-    write_stream(
-        &env.mirror,
-        &products("20261101", arm64_label),
-        &key,
-        SHA512,
-    );
-    let mirror = MirrorServer::start(&env.mirror);
+    let (_key, mirror) = env.signed_upstream(&products("20261101", arm64_label));
     let token = env.dir.path().join("token");
     std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
     env.write_config(
@@ -122,8 +114,7 @@ fn rack(arm64_label: Option<&str>) -> (Env, MirrorServer, Served) {
             token.display()
         ),
     );
-    let s = env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = env.serve_synced();
     (env, mirror, s)
 }
 

@@ -6,7 +6,6 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sequoia_openpgp::types::HashAlgorithm;
 use serde_json::{json, Value};
 
 use crate::harness::*;
@@ -220,20 +219,12 @@ impl Drop for Session<'_> {
 #[test]
 fn images_page_in_headless_chromium_selects_and_syncs() {
     let env = Env::new();
-    let key = TestKey::generate();
-    key.write_keyring(&env.keyring);
     let mut products = vec![
         image("noble", "amd64", "20261101", 16 << 10),
         image("noble", "arm64", "20261101", 16 << 10),
     ];
     products.extend(bootloaders("20210819.0"));
-    write_stream(
-        &env.mirror,
-        &products,
-        &key,
-        Signing::Signed(HashAlgorithm::SHA512),
-    );
-    let mirror = MirrorServer::start(&env.mirror);
+    let (_key, mirror) = env.signed_upstream(&products);
     let token = env.dir.path().join("token");
     std::fs::write(&token, "s3cret-token\n").unwrap();
     env.write_config(
@@ -244,8 +235,7 @@ fn images_page_in_headless_chromium_selects_and_syncs() {
             token.display()
         ),
     );
-    let s = env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = env.serve_synced();
 
     let driver = Driver::start();
     let profile = env.dir.path().join("chromium-profile");
