@@ -155,7 +155,8 @@ pub fn build_x86_64() -> Result<PathBuf> {
     build(&X86_64, &version()?)
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
+/// The SHA-256 of a file, read 1 MiB at a time.
+pub fn sha256_file(path: &Path) -> Result<String> {
     let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -284,6 +285,12 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// Downloads `url` to `out` with curl (failing on an HTTP error, within 60 s).
+fn curl_to(url: &str, out: &Path) -> Result<()> {
+    let out = out.to_str().context("utf-8 path")?;
+    cmd("curl", &["-sSf", "--max-time", "60", "-o", out, url])
+}
+
 /// Sync + serve + fetch with one binary.
 fn smoke(t: &Target, bin: &Path, stream: &crate::demo_stream::Summary) -> Result<Smoke> {
     let dir = check_dir().join(format!("smoke-{}", t.arch));
@@ -326,33 +333,16 @@ fn smoke(t: &Target, bin: &Path, stream: &crate::demo_stream::Summary) -> Result
     let tftp = serve.wait_for_log(&log, "listening for TFTP on", CHECK_TIMEOUT)?;
 
     let kernel = dir.join("boot-kernel");
-    cmd(
-        "curl",
-        &[
-            "-sSf",
-            "--max-time",
-            "60",
-            "-o",
-            kernel.to_str().context("utf-8 path")?,
-            &format!("http://{http}/images/debian/amd64/generic/bookworm/stable/boot-kernel"),
-        ],
+    curl_to(
+        &format!("http://{http}/images/debian/amd64/generic/bookworm/stable/boot-kernel"),
+        &kernel,
     )?;
     let digest = sha256_file(&kernel)?;
     if !stream.payloads.iter().any(|p| p.sha256 == digest) {
         bail!("the kernel served by rackboot ({}) has sha256 {digest}, which no payload of the signed stream has", t.arch);
     }
     let loader = dir.join("pxelinux.0");
-    cmd(
-        "curl",
-        &[
-            "-sSf",
-            "--max-time",
-            "60",
-            "-o",
-            loader.to_str().context("utf-8 path")?,
-            &format!("tftp://{tftp}/pxelinux.0"),
-        ],
-    )?;
+    curl_to(&format!("tftp://{tftp}/pxelinux.0"), &loader)?;
     let tftp_bytes = std::fs::metadata(&loader)?.len();
     if tftp_bytes == 0 {
         bail!("pxelinux.0 over TFTP from rackboot ({}) is empty", t.arch);

@@ -211,6 +211,20 @@ impl Netns {
         )
         .with_context(|| format!("in {}", self.name))
     }
+
+    /// [`Netns::spawn`] (`what`, `program`), then waits (at most 30 s) until its log
+    /// has a line holding `ready`.
+    fn spawn_ready(
+        &self,
+        (what, program): (&str, &str),
+        args: &[&str],
+        log: &Path,
+        ready: &str,
+    ) -> Result<Guard> {
+        let mut g = self.spawn(what, program, args, log)?;
+        wait_for_line(log, ready, &[], &mut g, Duration::from_secs(30))?;
+        Ok(g)
+    }
 }
 
 impl Drop for Netns {
@@ -686,35 +700,21 @@ fn start_network(ns: &Netns, p: &Prepared) -> Result<Network> {
         ],
         &dir.join("tcpdump.log"),
     )?;
-    let mut serve = ns.spawn(
-        "rackboot serve",
-        &p.bin,
+    let serve = ns.spawn_ready(
+        ("rackboot serve", &p.bin),
         &["--config", &p.config, "serve"],
         &dir.join("rackboot.log"),
-    )?;
-    wait_for_line(
-        &dir.join("rackboot.log"),
         "listening for HTTP",
-        &[],
-        &mut serve,
-        Duration::from_secs(30),
     )?;
     std::fs::write(dir.join("dnsmasq.conf"), dnsmasq_config(dir, &p.macs))?;
-    let mut dnsmasq = ns.spawn(
-        "dnsmasq",
-        "dnsmasq",
+    let dnsmasq = ns.spawn_ready(
+        ("dnsmasq", "dnsmasq"),
         &[
             "--keep-in-foreground",
             &format!("--conf-file={}", dir.join("dnsmasq.conf").display()),
         ],
         &dir.join("dnsmasq.log"),
-    )?;
-    wait_for_line(
-        &dir.join("dnsmasq.log"),
         "DHCP, sockets bound",
-        &[],
-        &mut dnsmasq,
-        Duration::from_secs(30),
     )?;
     Ok(Network {
         _dnsmasq: dnsmasq,

@@ -36,25 +36,14 @@ impl Guard {
         args: &[&str],
         log: &Path,
     ) -> Result<Guard> {
-        let out =
-            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let mut full: Vec<&str> = launcher.to_vec();
-        full.extend_from_slice(&["setpriv", "--pdeathsig", "KILL", "--", program]);
-        full.extend_from_slice(args);
-        let child = Command::new(full[0])
-            .args(&full[1..])
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("cannot start {what} ({program})"))?;
-        Ok(Guard {
-            child,
-            what: what.to_string(),
-            group: true,
-            grace: None,
-        })
+        let mut c = Command::new(launcher.first().copied().unwrap_or("setpriv"));
+        if !launcher.is_empty() {
+            c.args(&launcher[1..]).arg("setpriv");
+        }
+        c.args(["--pdeathsig", "KILL", "--", program]).args(args);
+        let mut g = Guard::spawn_logged(c, &format!("{what} ({program})"), log)?;
+        g.what = what.to_string();
+        Ok(g)
     }
 
     /// Starts `c` with stdout and stderr to `log`, in its own process group.

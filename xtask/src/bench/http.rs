@@ -63,21 +63,6 @@ fn wait_tcp(port: u16) -> Result<()> {
     Ok(())
 }
 
-fn sha256_file(p: &Path) -> Result<String> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
-}
-
 /// The value after `label` on the line that starts with it (wrk's output).
 fn wrk_field(text: &str, label: &str, index: usize) -> String {
     text.lines()
@@ -258,7 +243,7 @@ impl Bench {
 
     pub(super) fn http_bench(&mut self) -> Result<()> {
         let big = std::fs::metadata(self.snapshot.join(SQUASHFS))?.len();
-        let want_sha = sha256_file(&self.snapshot.join(SQUASHFS))?;
+        let want_sha = crate::dist::sha256_file(&self.snapshot.join(SQUASHFS))?;
         // Both servers run side by side and take turns, so that both see the same
         // machine (other load on it comes and goes).
         let names = ["rackboot", "nginx"];
