@@ -160,3 +160,64 @@ impl Drop for Guard {
         let _ = self.child.wait();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether `pid` runs: its /proc entry is gone once reaped, and a killed
+    /// grandchild may linger as a zombie (state Z) until init reaps it.
+    fn alive(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit(") ").next().map(|r| !r.starts_with('Z')))
+            .unwrap_or(false)
+    }
+
+    #[test]
+    fn a_dropped_guard_kills_its_whole_group_and_reaps() {
+        let dir = std::env::temp_dir().join(format!("xtask-proc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("sh.log");
+        // A shell that starts a grandchild in its group, says so, and waits.
+        let mut g = Guard::spawn(
+            "test shell",
+            "sh",
+            &["-c", "sleep 60 & echo ready $!; wait"],
+            &log,
+        )
+        .unwrap();
+        let grandchild: u32 = g
+            .wait_for_log(&log, "ready", Duration::from_secs(10))
+            .unwrap()
+            .parse()
+            .unwrap();
+        let pid = g.pid();
+        assert!(alive(pid) && alive(grandchild));
+        drop(g);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while alive(grandchild) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!alive(pid), "the child is reaped");
+        assert!(!alive(grandchild), "its group is killed");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn term_first_lets_a_server_stop_itself() {
+        let dir = std::env::temp_dir().join(format!("xtask-proc-term-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let marker = dir.join("stopped");
+        let script = format!(
+            "trap 'touch {}; exit 0' TERM; while :; do sleep 0.05; done",
+            marker.display()
+        );
+        let child = Command::new("sh").args(["-c", &script]).spawn().unwrap();
+        let g = Guard::adopt("trapping shell", child).term_first(Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(200));
+        drop(g);
+        assert!(marker.exists(), "SIGTERM came before SIGKILL");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
