@@ -56,20 +56,19 @@ pub fn check_kernel_params(s: &str) -> Result<(), String> {
 }
 
 /// Whether a name from the stream (os, arch, subarch, release, label) may be one
-/// segment of an image path in a boot config: non-empty, not `.`/`..`, and only
-/// ASCII letters, digits and `-_.+` (nothing any loader's grammar gives a meaning).
+/// segment of an image path in a boot config. The rule is the sync's own
+/// ([`crate::simplestreams::Segment`]: ASCII letters, digits and `._+~-`, not only
+/// dots), so nothing a sync accepted is refused here, and nothing in that set has a
+/// meaning in any loader's grammar; checking again here keeps a config safe even if a
+/// name reached it some other way.
 pub fn segment_ok(s: &str) -> bool {
-    !s.is_empty()
-        && s != "."
-        && s != ".."
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.+".contains(&b))
+    crate::simplestreams::Segment::parse(s).is_some()
 }
 
 /// Why a config was not rendered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RenderError {
-    #[error("image directory {0:?} has a segment outside [A-Za-z0-9._+-]")]
+    #[error("image directory {0:?} has a segment outside [A-Za-z0-9._+~-]")]
     BadDir(String),
     #[error("the kernel command line would be {0} bytes; at most {MAX_CMDLINE} are allowed")]
     CmdlineTooLong(usize),

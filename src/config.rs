@@ -64,6 +64,7 @@ struct RawTftp {
     max_blksize: Option<u16>,
     max_windowsize: Option<u16>,
     max_transfers: Option<usize>,
+    max_transfers_per_client: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -144,6 +145,8 @@ pub struct TftpSettings {
     pub max_blksize: u16,
     pub max_windowsize: u16,
     pub max_transfers: usize,
+    /// Transfers one client address may run at once.
+    pub max_transfers_per_client: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -301,6 +304,9 @@ pub fn from_str(path: &Path, text: &str) -> Result<Settings, ConfigError> {
     validate(path, Some(path.to_path_buf()), raw)
 }
 
+/// Largest `tftp.max_windowsize` accepted.
+const MAX_TFTP_WINDOWSIZE: u16 = 256;
+
 fn validate(path: &Path, file: Option<PathBuf>, raw: RawConfig) -> Result<Settings, ConfigError> {
     let sync = raw.sync.unwrap_or_default();
     let dur = |key: &str, v: Option<String>, default: Duration| -> Result<Duration, ConfigError> {
@@ -340,6 +346,22 @@ fn validate(path: &Path, file: Option<PathBuf>, raw: RawConfig) -> Result<Settin
     if max_windowsize == 0 {
         return Err(err(path, "tftp.max_windowsize: must be at least 1"));
     }
+    // A window goes out per ACK: bound the burst one (possibly spoofed) ACK can cause.
+    if max_windowsize > MAX_TFTP_WINDOWSIZE {
+        return Err(err(
+            path,
+            format!(
+                "tftp.max_windowsize: {max_windowsize} is above {MAX_TFTP_WINDOWSIZE} (one ACK may cause a whole window to be sent)"
+            ),
+        ));
+    }
+    let max_transfers_per_client = tftp.max_transfers_per_client.unwrap_or(64);
+    if max_transfers_per_client == 0 {
+        return Err(err(
+            path,
+            "tftp.max_transfers_per_client: must be at least 1",
+        ));
+    }
     let tftp = TftpSettings {
         listen: parse_addrs(
             path,
@@ -349,6 +371,7 @@ fn validate(path: &Path, file: Option<PathBuf>, raw: RawConfig) -> Result<Settin
         max_blksize,
         max_windowsize,
         max_transfers: tftp.max_transfers.unwrap_or(4096),
+        max_transfers_per_client,
     };
     let http = raw.http.unwrap_or_default();
     let tls = match (http.tls_cert, http.tls_key) {
@@ -631,6 +654,26 @@ pub fn describe_sources(sources: &[SourceConfig]) -> BTreeMap<String, usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tftp_limits_are_validated() {
+        let p = Path::new("rackboot.toml");
+        let parse = |t: &str| validate(p, None, toml::from_str(t).unwrap());
+        let s = parse("[tftp]\nmax_transfers_per_client = 8\nmax_windowsize = 256\n").unwrap();
+        assert_eq!(
+            (s.tftp.max_transfers_per_client, s.tftp.max_windowsize),
+            (8, 256)
+        );
+        assert_eq!(parse("").unwrap().tftp.max_transfers_per_client, 64);
+        let e = parse("[tftp]\nmax_windowsize = 257\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tftp.max_windowsize: 257 is above 256"), "{e}");
+        let e = parse("[tftp]\nmax_transfers_per_client = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tftp.max_transfers_per_client"), "{e}");
+    }
 
     #[test]
     fn durations() {

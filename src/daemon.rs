@@ -615,6 +615,7 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
             max_blksize: settings.tftp.max_blksize,
             max_windowsize: settings.tftp.max_windowsize,
             max_transfers: settings.tftp.max_transfers,
+            max_transfers_per_client: settings.tftp.max_transfers_per_client,
             ..Default::default()
         };
         let (m, s) = (daemon.tftp_metrics.clone(), shutdown.clone());
@@ -751,6 +752,7 @@ fn reload(d: &Daemon) {
                     s.tftp.max_blksize,
                     s.tftp.max_windowsize,
                     s.tftp.max_transfers,
+                    s.tftp.max_transfers_per_client,
                 )
             };
             if tftp(&new) != tftp(&old) || new.drain_timeout != old.drain_timeout {

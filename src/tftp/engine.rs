@@ -11,8 +11,22 @@
 //! acknowledged or never sent are ignored, so duplicates cannot trigger the Sorcerer's
 //! Apprentice. A timeout resends the current window; after `max_retries` timeouts in a
 //! row the transfer gives up.
+//!
+//! Hostile clients: the source address of an RRQ is not proven until the client ACKs
+//! something from the transfer port, so before that first ACK the engine resends at
+//! most once ([`FIRST_ACK_RESENDS`]) after at most [`FIRST_ACK_WAIT`]: a spoofed RRQ
+//! reflects at most two packets to its victim and holds a transfer slot for at most
+//! `2 × FIRST_ACK_WAIT`. A negotiated timeout is honoured up to [`MAX_TIMEOUT_SECS`]
+//! (the OACK carries the value used), so `timeout=255` cannot pin a slot for minutes.
 
 use std::time::{Duration, Instant};
+
+/// Largest negotiated timeout we honour (RFC 2349 allows 1..=255 s).
+pub const MAX_TIMEOUT_SECS: u64 = 10;
+/// Longest wait for the first ACK before the one resend, and after it.
+pub const FIRST_ACK_WAIT: Duration = Duration::from_millis(2500);
+/// Resends before the client's first ACK proves its address.
+pub const FIRST_ACK_RESENDS: u32 = 1;
 
 /// Server limits that bound what a client may negotiate.
 #[derive(Clone, Copy, Debug)]
@@ -65,8 +79,9 @@ pub fn negotiate(requested: &[(String, String)], size: Option<u64>, limits: &Lim
             "timeout" => {
                 if let Ok(t) = v.parse::<u64>() {
                     if (1..=255).contains(&t) {
-                        n.timeout = Duration::from_secs(t);
-                        oack.push((name.clone(), t.to_string()));
+                        let used = t.min(MAX_TIMEOUT_SECS);
+                        n.timeout = Duration::from_secs(used);
+                        oack.push((name.clone(), used.to_string()));
                     }
                 }
             }
@@ -122,6 +137,8 @@ pub struct Transfer {
     /// Highest index sent so far.
     sent: u64,
     oack: bool,
+    /// The client has ACKed something (its address is proven).
+    got_ack: bool,
     retries: u32,
     deadline: Instant,
     outcome: Option<Outcome>,
@@ -139,20 +156,35 @@ impl Transfer {
             acked: 0,
             sent: 0,
             oack: n.oack.is_some(),
+            got_ack: false,
             retries: 0,
-            deadline: now + n.timeout,
+            deadline: now + n.timeout.min(FIRST_ACK_WAIT),
             outcome: None,
         }
     }
 
     /// The first packets to send.
     pub fn start(&mut self, now: Instant) -> Action {
-        self.deadline = now + self.timeout;
+        self.deadline = now + self.wait();
         if self.oack {
             Action::SendOack
         } else {
             self.send_window()
         }
+    }
+
+    /// How long to wait for the client before resending.
+    fn wait(&self) -> Duration {
+        if self.got_ack {
+            self.timeout
+        } else {
+            self.timeout.min(FIRST_ACK_WAIT)
+        }
+    }
+
+    /// Whether the client has ACKed anything yet.
+    pub fn got_ack(&self) -> bool {
+        self.got_ack
     }
 
     fn send_window(&mut self) -> Action {
@@ -164,7 +196,7 @@ impl Transfer {
 
     /// Byte range of block `index`: `(offset, len)`.
     pub fn block_range(&self, index: u64, size: u64) -> (u64, usize) {
-        let off = (index - 1) * self.blksize;
+        let off = index.saturating_sub(1).saturating_mul(self.blksize);
         let len = size.saturating_sub(off).min(self.blksize);
         (off, len as usize)
     }
@@ -206,6 +238,7 @@ impl Transfer {
             i
         };
         self.acked = index;
+        self.got_ack = true;
         self.retries = 0;
         self.deadline = now + self.timeout;
         if self.acked == self.last {
@@ -233,11 +266,16 @@ impl Transfer {
             return None;
         }
         self.retries += 1;
-        if self.retries > self.max_retries {
+        let allowed = if self.got_ack {
+            self.max_retries
+        } else {
+            self.max_retries.min(FIRST_ACK_RESENDS)
+        };
+        if self.retries > allowed {
             self.outcome = Some(Outcome::Timeout);
             return None;
         }
-        self.deadline = now + self.timeout;
+        self.deadline = now + self.wait();
         if self.sent == 0 && self.oack {
             return Some(Action::SendOack);
         }
@@ -391,6 +429,46 @@ mod tests {
         assert_eq!(t.outcome(), Some(Outcome::Timeout));
     }
 
+    #[test]
+    fn timeout_is_capped_and_unacknowledged_transfers_resend_once() {
+        let now = Instant::now();
+        let n = negotiate(&opts(&[("timeout", "255")]), Some(5000), &limits());
+        assert_eq!(n.timeout, Duration::from_secs(MAX_TIMEOUT_SECS));
+        assert_eq!(
+            n.oack.clone().unwrap(),
+            opts(&[("timeout", &MAX_TIMEOUT_SECS.to_string())]),
+            "the OACK carries the timeout used"
+        );
+        // No ACK ever: one resend after FIRST_ACK_WAIT, then the transfer ends.
+        let mut t = Transfer::new(5000, &n, 5, now);
+        assert_eq!(t.start(now), Action::SendOack);
+        assert_eq!(t.deadline(), now + FIRST_ACK_WAIT);
+        let later = now + FIRST_ACK_WAIT;
+        assert_eq!(t.on_timeout(later), Some(Action::SendOack));
+        let later = later + FIRST_ACK_WAIT;
+        assert_eq!(t.on_timeout(later), None);
+        assert_eq!(t.outcome(), Some(Outcome::Timeout));
+        // Plain RFC 1350: at most two DATA packets before the first ACK.
+        let n = negotiate(&[], Some(5000), &limits());
+        let mut t = Transfer::new(5000, &n, 5, now);
+        assert_eq!(t.start(now), Action::Send { from: 1, to: 1 });
+        let later = now + Duration::from_secs(1);
+        assert_eq!(t.on_timeout(later), Some(Action::Send { from: 1, to: 1 }));
+        assert_eq!(t.on_timeout(later + Duration::from_secs(1)), None);
+        // Once the client ACKed, the full retry budget and timeout apply.
+        let n = negotiate(&opts(&[("timeout", "8")]), Some(5000), &limits());
+        let mut t = Transfer::new(5000, &n, 3, now);
+        t.start(now);
+        assert_eq!(t.on_ack(0, now), Some(Action::Send { from: 1, to: 1 }));
+        assert_eq!(t.deadline(), now + Duration::from_secs(8));
+        let mut at = now;
+        for _ in 0..3 {
+            at += Duration::from_secs(8);
+            assert_eq!(t.on_timeout(at), Some(Action::Send { from: 1, to: 1 }));
+        }
+        assert_eq!(t.on_timeout(at + Duration::from_secs(8)), None);
+    }
+
     /// A lossy, duplicating, reordering channel between the engine and a client.
     fn lossy(size: u64, bs: u16, ws: u16, seed: u64) -> Result<(), String> {
         let mut rng = seed | 1;
@@ -414,6 +492,7 @@ mod tests {
         let mut to_server: Vec<u16> = vec![];
         let mut got: Vec<u8> = vec![];
         let mut next = 1u64;
+        let mut rrqs = 1;
         let bsz = u64::from(bs);
         let data = |i: u64| -> Vec<u8> {
             let off = (i - 1) * bsz;
@@ -427,6 +506,14 @@ mod tests {
         };
         push(Some(t.start(now)), &mut to_client);
         for _ in 0..200_000 {
+            // The engine gives up early on a client that never ACKed (its address is
+            // unproven); a real client then retransmits its RRQ, which starts afresh.
+            if t.outcome() == Some(Outcome::Timeout) && !t.got_ack() && rrqs < 20 {
+                rrqs += 1;
+                t = Transfer::new(size, &n, 50, now);
+                (to_client, to_server) = (vec![], vec![]);
+                push(Some(t.start(now)), &mut to_client);
+            }
             if t.outcome().is_some() {
                 break;
             }

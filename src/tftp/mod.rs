@@ -7,6 +7,35 @@
 //! than tokio, its handler never learns which local address a request was sent to,
 //! and it binds transfer sockets from the listener address, so a wildcard listener
 //! cannot reply from the address the client talked to.
+//!
+//! No panic path: the release build aborts on panic (`panic = "abort"`, so
+//! `catch_unwind` per transfer is not an option), and one transfer thread serves many
+//! machines; a panic on packet input would take the whole rack service down. So this
+//! module denies `unwrap`, `expect`, indexing and slicing, `panic!`, `unreachable!`
+//! (tests excepted) and handles every case: a malformed packet is a `ParseError`, an
+//! impossible state is an I/O error that ends one transfer. Arithmetic on block
+//! numbers and offsets saturates or is bounded by the negotiated sizes. The fuzz
+//! targets in `fuzz/` (`cargo xtask fuzz`) drive the parser and the engine with
+//! arbitrary input to back this up.
+
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    clippy::unreachable,
+    clippy::todo,
+    clippy::unimplemented
+)]
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::panic
+    )
+)]
 
 pub mod engine;
 pub mod packet;

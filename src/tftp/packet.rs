@@ -69,13 +69,13 @@ pub enum ParseError {
 
 /// Splits `buf` at NULs into strings (the last one must be terminated too).
 fn strings(buf: &[u8]) -> Result<Vec<String>, ParseError> {
-    if buf.is_empty() {
+    let Some((&last, body)) = buf.split_last() else {
         return Err(ParseError::Short);
-    }
-    if *buf.last().expect("non-empty") != 0 {
+    };
+    if last != 0 {
         return Err(ParseError::Unterminated);
     }
-    let parts: Vec<String> = buf[..buf.len() - 1]
+    let parts: Vec<String> = body
         .split(|b| *b == 0)
         .map(|s| String::from_utf8_lossy(s).into_owned())
         .collect();
@@ -88,9 +88,10 @@ fn strings(buf: &[u8]) -> Result<Vec<String>, ParseError> {
 fn options(parts: &[String]) -> Result<Vec<(String, String)>, ParseError> {
     let mut out: Vec<(String, String)> = Vec::new();
     for pair in parts.chunks(2) {
-        let name = pair[0].to_ascii_lowercase();
-        let Some(value) = pair.get(1) else {
-            return Err(ParseError::OptionWithoutValue(name));
+        let (name, value) = match pair {
+            [name, value] => (name.to_ascii_lowercase(), value),
+            [name] => return Err(ParseError::OptionWithoutValue(name.to_ascii_lowercase())),
+            _ => continue, // chunks(2) yields one or two
         };
         if !out.iter().any(|(n, _)| *n == name) {
             out.push((name, value.clone()));
@@ -101,44 +102,45 @@ fn options(parts: &[String]) -> Result<Vec<(String, String)>, ParseError> {
 
 fn request(body: &[u8]) -> Result<Request, ParseError> {
     let parts = strings(body)?;
-    if parts.len() < 2 {
+    let [filename, mode, opts @ ..] = parts.as_slice() else {
         return Err(ParseError::Unterminated);
-    }
-    let mode = match parts[1].to_ascii_lowercase().as_str() {
+    };
+    let mode = match mode.to_ascii_lowercase().as_str() {
         "octet" => Mode::Octet,
         "netascii" => Mode::Netascii,
         other => return Err(ParseError::Mode(other.to_string())),
     };
     Ok(Request {
-        filename: parts[0].clone(),
+        filename: filename.clone(),
         mode,
-        options: options(&parts[2..])?,
+        options: options(opts)?,
     })
 }
 
 /// Parses one datagram.
 pub fn parse(buf: &[u8]) -> Result<Packet<'_>, ParseError> {
-    if buf.len() < 2 {
+    let [op0, op1, body @ ..] = buf else {
         return Err(ParseError::Short);
-    }
-    let op = u16::from_be_bytes([buf[0], buf[1]]);
-    let body = &buf[2..];
-    let block = || -> Result<u16, ParseError> {
-        body.get(..2)
-            .map(|b| u16::from_be_bytes([b[0], b[1]]))
-            .ok_or(ParseError::Short)
+    };
+    let op = u16::from_be_bytes([*op0, *op1]);
+    // The 16-bit field after the opcode (block or error code), and what follows it.
+    let block = || -> Result<(u16, &[u8]), ParseError> {
+        match body {
+            [b0, b1, rest @ ..] => Ok((u16::from_be_bytes([*b0, *b1]), rest)),
+            _ => Err(ParseError::Short),
+        }
     };
     Ok(match op {
         RRQ => Packet::Rrq(request(body)?),
         WRQ => Packet::Wrq(request(body)?),
-        DATA => Packet::Data {
-            block: block()?,
-            data: &body[2..],
-        },
-        ACK => Packet::Ack { block: block()? },
+        DATA => {
+            let (block, data) = block()?;
+            Packet::Data { block, data }
+        }
+        ACK => Packet::Ack { block: block()?.0 },
         ERROR => {
-            let code = block()?;
-            let message = body[2..]
+            let (code, rest) = block()?;
+            let message = rest
                 .split(|b| *b == 0)
                 .next()
                 .map(|m| String::from_utf8_lossy(m).into_owned())
@@ -183,9 +185,10 @@ impl Packet<'_> {
                 v
             }
             Packet::Data { block, data } => {
-                let mut v = vec![0u8; 4 + data.len()];
-                data_header(&mut v, *block);
-                v[4..].copy_from_slice(data);
+                let mut v = Vec::with_capacity(4 + data.len());
+                v.extend_from_slice(&DATA.to_be_bytes());
+                v.extend_from_slice(&block.to_be_bytes());
+                v.extend_from_slice(data);
                 v
             }
             Packet::Ack { block } => ack(*block),
@@ -204,10 +207,14 @@ fn put_options(v: &mut Vec<u8>, options: &[(String, String)]) {
     }
 }
 
-/// Writes a DATA header for `block` into `buf[..4]`.
+/// Writes a DATA header for `block` into the first 4 bytes of `buf` (a shorter
+/// `buf` is left alone: callers size their slots from `4 + blksize`).
 pub fn data_header(buf: &mut [u8], block: u16) {
-    buf[..2].copy_from_slice(&DATA.to_be_bytes());
-    buf[2..4].copy_from_slice(&block.to_be_bytes());
+    if let Some(h) = buf.get_mut(..4) {
+        let [d0, d1] = DATA.to_be_bytes();
+        let [b0, b1] = block.to_be_bytes();
+        h.copy_from_slice(&[d0, d1, b0, b1]);
+    }
 }
 
 pub fn ack(block: u16) -> Vec<u8> {

@@ -26,10 +26,16 @@
 //! bounded and files are never loaded whole.
 //!
 //! Netascii requests are converted on the fly as RFC 1350 says (LF → CR LF, CR → CR
-//! NUL); the transfer size is that of the converted data.
+//! NUL); the transfer size is that of the converted data. Knowing it means reading the
+//! file once before the first reply, on the transfer thread, so netascii is served only
+//! for files up to [`MAX_NETASCII_SOURCE`] (a scan of ~1 ms from the page cache; text
+//! files in a boot tree are a few KiB); a larger one is refused with an ERROR asking
+//! for octet mode. The alternative (no tsize, size found at the end) would let 40
+//! netascii readers of a 1 GiB squashfs still cost what 40 octet readers cost, but
+//! netascii of a binary is never a real client, only load. A refusal costs nothing.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashSet};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::fs::File;
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
@@ -38,7 +44,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -64,6 +70,9 @@ pub struct TftpConfig {
     pub timeout: Duration,
     pub retries: u32,
     pub max_transfers: usize,
+    /// Transfers one client address may run at once (more are refused): one host
+    /// cannot take every slot.
+    pub max_transfers_per_client: usize,
     /// Transfer threads; 0 = one per core.
     pub workers: usize,
     /// Send windows with UDP GSO where the kernel accepts it (else `sendmmsg`).
@@ -78,6 +87,7 @@ impl Default for TftpConfig {
             timeout: Duration::from_secs(1),
             retries: 5,
             max_transfers: 4096,
+            max_transfers_per_client: 64,
             workers: 0,
             segmentation_offload: true,
         }
@@ -107,8 +117,8 @@ impl Source {
         match self {
             Source::File { file, .. } => {
                 let mut done = 0;
-                while done < buf.len() {
-                    let n = file.read_at(&mut buf[done..], off + done as u64)?;
+                while let Some(rest) = buf.get_mut(done..).filter(|r| !r.is_empty()) {
+                    let n = file.read_at(rest, off + done as u64)?;
                     if n == 0 {
                         break;
                     }
@@ -117,9 +127,14 @@ impl Source {
                 Ok(done)
             }
             Source::Bytes(b) => {
-                let start = (off as usize).min(b.len());
-                let n = buf.len().min(b.len() - start);
-                buf[..n].copy_from_slice(&b[start..start + n]);
+                let rest = usize::try_from(off)
+                    .ok()
+                    .and_then(|o| b.get(o..))
+                    .unwrap_or_default();
+                let n = buf.len().min(rest.len());
+                if let (Some(to), Some(from)) = (buf.get_mut(..n), rest.get(..n)) {
+                    to.copy_from_slice(from);
+                }
                 Ok(n)
             }
         }
@@ -363,14 +378,34 @@ struct Dispatch {
     resolver: Arc<dyn Resolver>,
     config: TftpConfig,
     metrics: Arc<TftpMetrics>,
-    /// (client, listener) of every running transfer.
-    active: Mutex<HashSet<(SocketAddr, SocketAddr)>>,
+    /// Running transfers.
+    active: Mutex<Active>,
     workers: Vec<Worker>,
     /// Set when the transfer threads must end (whatever still runs is dropped).
     stop: AtomicBool,
     /// Signalled when the last running transfer ends (for the drain).
     idle: tokio::sync::Notify,
     busy_log: Mutex<(Option<Instant>, u64)>,
+    /// Same, for refusals by `max_transfers_per_client`.
+    client_cap_log: Mutex<(Option<Instant>, u64)>,
+}
+
+/// The running transfers: (client, listener) of each, and how many each client
+/// address runs.
+#[derive(Default)]
+struct Active {
+    keys: HashSet<(SocketAddr, SocketAddr)>,
+    per_client: HashMap<IpAddr, usize>,
+}
+
+impl Active {
+    fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
 }
 
 /// Removes a finished transfer from [`Dispatch`], however it ends.
@@ -383,13 +418,21 @@ struct ActiveGuard {
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         let empty = {
-            let mut active = self.d.active.lock().expect("lock");
-            active.remove(&self.key);
+            let mut active = self.d.active.lock().unwrap_or_else(PoisonError::into_inner);
+            if active.keys.remove(&self.key) {
+                let ip = self.key.0.ip();
+                if let Some(n) = active.per_client.get_mut(&ip) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        active.per_client.remove(&ip);
+                    }
+                }
+            }
             active.is_empty()
         };
-        self.d.workers[self.worker]
-            .load
-            .fetch_sub(1, Ordering::Relaxed);
+        if let Some(w) = self.d.workers.get(self.worker) {
+            w.load.fetch_sub(1, Ordering::Relaxed);
+        }
         if empty {
             self.d.idle.notify_one();
         }
@@ -400,9 +443,17 @@ impl Dispatch {
     /// Starts a transfer for `msg` unless it repeats a running one or the limit is hit.
     fn submit(self: &Arc<Self>, msg: Incoming) {
         let key = (msg.client, msg.listener);
+        let Some((worker, w)) = self
+            .workers
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, w)| w.load.load(Ordering::Relaxed))
+        else {
+            return; // no transfer thread (serve starts at least one)
+        };
         {
-            let mut active = self.active.lock().expect("lock");
-            if active.contains(&key) {
+            let mut active = self.active.lock().unwrap_or_else(PoisonError::into_inner);
+            if active.keys.contains(&key) {
                 return; // a retransmitted RRQ of a running transfer
             }
             if active.len() >= self.config.max_transfers {
@@ -410,12 +461,15 @@ impl Dispatch {
                 self.refuse_busy(&msg);
                 return;
             }
-            active.insert(key);
+            let mine = active.per_client.entry(msg.client.ip()).or_insert(0);
+            if *mine >= self.config.max_transfers_per_client {
+                drop(active);
+                self.refuse_client_cap(&msg);
+                return;
+            }
+            *mine += 1;
+            active.keys.insert(key);
         }
-        let worker = (0..self.workers.len())
-            .min_by_key(|i| self.workers[*i].load.load(Ordering::Relaxed))
-            .unwrap_or(0);
-        let w = &self.workers[worker];
         w.load.fetch_add(1, Ordering::Relaxed);
         let guard = ActiveGuard {
             d: self.clone(),
@@ -423,7 +477,7 @@ impl Dispatch {
             worker,
         };
         let was_empty = {
-            let mut q = w.queue.lock().expect("lock");
+            let mut q = w.queue.lock().unwrap_or_else(PoisonError::into_inner);
             q.push(Job { msg, guard });
             q.len() == 1
         };
@@ -433,10 +487,37 @@ impl Dispatch {
         }
     }
 
+    fn refuse_client_cap(&self, msg: &Incoming) {
+        inc(&self.metrics.busy);
+        {
+            let mut log = self
+                .client_cap_log
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            log.1 += 1;
+            if log.0.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                tracing::warn!(
+                    client = %msg.client,
+                    "tftp: {} already runs {} transfers (tftp.max_transfers_per_client); refusing more ({} refused so far)",
+                    msg.client.ip(),
+                    self.config.max_transfers_per_client,
+                    log.1
+                );
+                log.0 = Some(Instant::now());
+            }
+        }
+        if let Ok(s) = reply_socket(msg.local, msg.scope, msg.client) {
+            let _ = s.send(&packet::error(
+                code::NOT_DEFINED,
+                "server busy: too many transfers from this address, try again later",
+            ));
+        }
+    }
+
     fn refuse_busy(&self, msg: &Incoming) {
         inc(&self.metrics.busy);
         {
-            let mut log = self.busy_log.lock().expect("lock");
+            let mut log = self.busy_log.lock().unwrap_or_else(PoisonError::into_inner);
             log.1 += 1;
             if log.0.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
                 tracing::warn!(
@@ -498,6 +579,7 @@ pub async fn serve(
         stop: AtomicBool::new(false),
         idle: tokio::sync::Notify::new(),
         busy_log: Mutex::default(),
+        client_cap_log: Mutex::default(),
     });
     let mut threads = Vec::new();
     for (i, rx) in wake_rx.into_iter().enumerate() {
@@ -557,7 +639,8 @@ pub async fn serve(
                     Some((l, scope)) => (unmap(SocketAddr::new(l, 0)).ip(), scope),
                     None => (addr.ip(), 0),
                 };
-                let request = match packet::parse(&buf[..got.len]) {
+                let datagram = buf.get(..got.len).unwrap_or_default();
+                let request = match packet::parse(datagram) {
                     Ok(Packet::Rrq(r)) => Ok((false, r)),
                     Ok(Packet::Wrq(r)) => Ok((true, r)),
                     // Stray ACK/DATA/ERROR to the listening port: not a request.
@@ -578,19 +661,30 @@ pub async fn serve(
     shutdown.cancelled().await;
     listeners.abort_all();
     while listeners.join_next().await.is_some() {}
-    let running = d.active.lock().expect("lock").len();
+    let running = d
+        .active
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .len();
     if running > 0 {
         tracing::info!("tftp: draining {running} transfers");
         let deadline = tokio::time::Instant::now() + drain_deadline;
         loop {
             let notified = d.idle.notified();
-            if d.active.lock().expect("lock").is_empty() {
+            if d.active
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_empty()
+            {
                 break;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 tracing::warn!(
                     "tftp: drain deadline passed; aborting {} transfers",
-                    d.active.lock().expect("lock").len()
+                    d.active
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .len()
                 );
                 break;
             }
@@ -660,24 +754,38 @@ fn run_worker(d: Arc<Dispatch>, me: usize, ep: Epoll, wake: UnixDatagram) {
             }
         };
         let now = Instant::now();
-        for ev in &events[..n] {
+        for ev in events.iter().take(n) {
             let (data, flags) = (ev.u64, ev.events);
             if data == WAKE {
                 let mut b = [0u8; 64];
                 while wake.recv(&mut b).is_ok() {}
-                let jobs = std::mem::take(&mut *d.workers[me].queue.lock().expect("lock"));
+                let jobs = d
+                    .workers
+                    .get(me)
+                    .map(|w| {
+                        std::mem::take(&mut *w.queue.lock().unwrap_or_else(PoisonError::into_inner))
+                    })
+                    .unwrap_or_default();
                 for job in jobs {
                     let slot = free.pop().unwrap_or_else(|| {
                         xfers.push(None);
                         generation.push(0);
                         xfers.len() - 1
                     });
-                    generation[slot] += 1;
+                    let Some(gen) = generation.get_mut(slot).map(|g| {
+                        *g += 1;
+                        *g
+                    }) else {
+                        continue; // slots and generations grow together
+                    };
                     match Xfer::start(job, &d, now, &ep, slot) {
-                        Some(x) if !x.done() => {
-                            timers.push(Reverse((x.t.deadline(), slot, generation[slot])));
-                            xfers[slot] = Some(x);
-                        }
+                        Some(x) if !x.done() => match xfers.get_mut(slot) {
+                            Some(place) => {
+                                timers.push(Reverse((x.t.deadline(), slot, gen)));
+                                *place = Some(x);
+                            }
+                            None => x.finish(&d),
+                        },
                         Some(x) => {
                             x.finish(&d);
                             free.push(slot);
@@ -698,7 +806,7 @@ fn run_worker(d: Arc<Dispatch>, me: usize, ep: Epoll, wake: UnixDatagram) {
                 x.on_readable(now, &mut rbuf, &ep);
             }
             if x.done() {
-                if let Some(x) = xfers[slot].take() {
+                if let Some(x) = xfers.get_mut(slot).and_then(Option::take) {
                     x.finish(&d);
                 }
                 free.push(slot);
@@ -723,7 +831,7 @@ fn run_worker(d: Arc<Dispatch>, me: usize, ep: Epoll, wake: UnixDatagram) {
             }
             x.on_timeout(now, &ep);
             if x.done() {
-                if let Some(x) = xfers[slot].take() {
+                if let Some(x) = xfers.get_mut(slot).and_then(Option::take) {
                     x.finish(&d);
                 }
                 free.push(slot);
@@ -737,6 +845,9 @@ fn run_worker(d: Arc<Dispatch>, me: usize, ep: Epoll, wake: UnixDatagram) {
         x.finish(&d);
     }
 }
+
+/// Largest file served in netascii mode (see the module doc).
+pub const MAX_NETASCII_SOURCE: u64 = 1 << 20;
 
 /// Converts data to netascii on the fly with checkpoints at block starts, so a
 /// retransmitted block is reproduced without rereading from the start.
@@ -756,8 +867,9 @@ impl Netascii {
                 break;
             }
             size += n as u64
-                + buf[..n]
+                + buf
                     .iter()
+                    .take(n)
                     .filter(|b| **b == b'\n' || **b == b'\r')
                     .count() as u64;
             off += n as u64;
@@ -769,11 +881,12 @@ impl Netascii {
     }
 
     fn read(&mut self, src: &Source, conv_off: u64, out: &mut [u8]) -> std::io::Result<usize> {
-        let (&start, &(mut src_off, mut pending)) = self
-            .checkpoints
-            .range(..=conv_off)
-            .next_back()
-            .expect("checkpoint 0 exists");
+        // Checkpoint 0 is never evicted, so there always is one at or before `conv_off`.
+        let Some((&start, &(mut src_off, mut pending))) =
+            self.checkpoints.range(..=conv_off).next_back()
+        else {
+            return Err(std::io::Error::other("netascii: no checkpoint"));
+        };
         let mut pos = start;
         let mut n = 0;
         let mut chunk = vec![0u8; 4096];
@@ -781,8 +894,10 @@ impl Netascii {
         // Emits one converted byte (dropped while still before `conv_off`).
         let mut emit = |b: u8, pos: &mut u64, n: &mut usize| {
             if *pos >= conv_off {
-                out[*n] = b;
-                *n += 1;
+                if let Some(o) = out.get_mut(*n) {
+                    *o = b;
+                    *n += 1;
+                }
             }
             *pos += 1;
         };
@@ -795,7 +910,7 @@ impl Netascii {
             if got == 0 {
                 break;
             }
-            for &b in &chunk[..got] {
+            for &b in chunk.iter().take(got) {
                 if n >= cap {
                     break 'outer;
                 }
@@ -819,10 +934,14 @@ impl Netascii {
             }
         }
         self.checkpoints.insert(pos, (src_off, pending));
-        // Keep the map small: only recent block starts are ever revisited.
+        // Keep the map small: only recent block starts are ever revisited (a window
+        // larger than this restarts a partial-ACK resend from an older checkpoint, at
+        // worst from 0: slower, still right). Checkpoint 0 stays.
         while self.checkpoints.len() > 256 {
-            let first = *self.checkpoints.keys().next().expect("non-empty");
-            self.checkpoints.remove(&first);
+            let Some(&oldest) = self.checkpoints.keys().nth(1) else {
+                break;
+            };
+            self.checkpoints.remove(&oldest);
         }
         Ok(n)
     }
@@ -897,7 +1016,7 @@ impl Window {
     ) -> std::io::Result<(std::ops::Range<usize>, usize)> {
         let have = self.first != 0 && from >= self.first && from < self.first + self.filled as u64;
         if !have {
-            let count = (t.last() - from + 1).min(self.cap as u64) as usize;
+            let count = (t.last().saturating_sub(from) + 1).min(self.cap as u64) as usize;
             self.first = from;
             self.filled = 0;
             self.read(from, count, t, size, src, netascii)?;
@@ -924,11 +1043,18 @@ impl Window {
     ) -> std::io::Result<()> {
         let slot = self.slot;
         let len = |k: usize| t.block_range(from + k as u64, size).1;
-        let slots = self.buf[..count * slot].chunks_mut(slot);
+        // Slots are 4 + blksize bytes and a block is at most blksize: the ranges below
+        // are in bounds; a miss would be a bug, reported as an error of this transfer.
+        let bug = || std::io::Error::other("window slot out of range");
+        let slots = self
+            .buf
+            .get_mut(..count * slot)
+            .ok_or_else(bug)?
+            .chunks_mut(slot);
         if let Some(n) = netascii {
             for (k, s) in slots.enumerate() {
                 let (off, l) = t.block_range(from + k as u64, size);
-                if n.read(src, off, &mut s[4..4 + l])? != l {
+                if n.read(src, off, s.get_mut(4..4 + l).ok_or_else(bug)?)? != l {
                     return Err(std::io::Error::other("file shrank during the transfer"));
                 }
             }
@@ -937,8 +1063,9 @@ impl Window {
             let off = t.block_range(from, size).0;
             let mut iov: Vec<IoSliceMut<'_>> = slots
                 .enumerate()
-                .map(|(k, s)| IoSliceMut::new(&mut s[4..4 + len(k)]))
-                .collect();
+                .map(|(k, s)| s.get_mut(4..4 + len(k)).map(IoSliceMut::new))
+                .collect::<Option<_>>()
+                .ok_or_else(bug)?;
             let got = src.read_vectored_at(&mut iov, off)?;
             drop(iov);
             if got < want {
@@ -948,7 +1075,10 @@ impl Window {
                     let l = len(k);
                     let have = got.saturating_sub(done).min(l);
                     if have < l {
-                        let s = &mut self.buf[k * slot + 4 + have..k * slot + 4 + l];
+                        let s = self
+                            .buf
+                            .get_mut(k * slot + 4 + have..k * slot + 4 + l)
+                            .ok_or_else(bug)?;
                         if src.read_at(s, off + (done + have) as u64)? != l - have {
                             return Err(std::io::Error::other("file shrank during the transfer"));
                         }
@@ -959,7 +1089,7 @@ impl Window {
         }
         for k in 0..count {
             let wire = ((from + k as u64) % 65536) as u16;
-            packet::data_header(&mut self.buf[k * slot..k * slot + 4], wire);
+            packet::data_header(self.buf.get_mut(k * slot..).unwrap_or_default(), wire);
         }
         Ok(())
     }
@@ -993,7 +1123,7 @@ fn send_some(
         let seg = segment as u16;
         let r = socket::sendmsg::<SockaddrStorage>(
             sock.as_raw_fd(),
-            &[IoSlice::new(&data[..n])],
+            &[IoSlice::new(data.get(..n).unwrap_or(data))],
             &[ControlMessage::UdpGsoSegments(&seg)],
             MsgFlags::empty(),
             None,
@@ -1032,7 +1162,7 @@ fn sendmmsg_now(sock: &std::net::UdpSocket, data: &[u8], segment: usize) -> std:
     )
     .map_err(std::io::Error::from)?
     .count();
-    Ok(packets[..count].iter().map(|p| p[0].len()).sum())
+    Ok(packets.iter().take(count).map(|[p]| p.len()).sum())
 }
 
 /// One running transfer on a transfer thread.
@@ -1125,6 +1255,21 @@ impl Xfer {
                 return None;
             }
         };
+        if req.mode == Mode::Netascii && source.len() > MAX_NETASCII_SOURCE {
+            inc(&metrics.transfers_failed);
+            refuse(
+                code::NOT_DEFINED,
+                "netascii is served for files up to 1 MiB only; use octet mode",
+            );
+            span.in_scope(|| {
+                tracing::info!(
+                    outcome = "refused",
+                    size = source.len(),
+                    "tftp: netascii request of a file over 1 MiB refused"
+                )
+            });
+            return None;
+        }
         let netascii = if req.mode == Mode::Netascii {
             match Netascii::new(&source) {
                 Ok(n) => Some(n),
@@ -1162,7 +1307,9 @@ impl Xfer {
             return None;
         }
         let class = file_class(&path);
-        inc(&metrics.class_requests[class]);
+        if let Some(c) = metrics.class_requests.get(class) {
+            inc(c);
+        }
         metrics.in_flight.fetch_add(1, Ordering::Relaxed);
         let mut t = Transfer::new(size, &negotiated, config.retries, now);
         let first = t.start(now);
@@ -1246,7 +1393,10 @@ impl Xfer {
                     )?;
                     let sent = match send_some(
                         &self.sock,
-                        &self.window.buf[range],
+                        self.window
+                            .buf
+                            .get(range)
+                            .ok_or_else(|| std::io::Error::other("window range out of bounds"))?,
                         segment,
                         &mut self.gso,
                     ) {
@@ -1279,7 +1429,7 @@ impl Xfer {
     /// One datagram from the client (level-triggered epoll reports the next one).
     fn on_readable(&mut self, now: Instant, buf: &mut [u8], ep: &Epoll) {
         match self.sock.recv(buf) {
-            Ok(n) => match packet::parse(&buf[..n]) {
+            Ok(n) => match packet::parse(buf.get(..n).unwrap_or_default()) {
                 Ok(Packet::Ack { block }) => {
                     if let Some(a) = self.t.on_ack(block, now) {
                         self.act(a, ep);
@@ -1326,7 +1476,9 @@ impl Xfer {
         metrics
             .bytes_sent
             .fetch_add(self.sent_bytes, Ordering::Relaxed);
-        metrics.class_bytes[self.class].fetch_add(self.sent_bytes, Ordering::Relaxed);
+        if let Some(c) = metrics.class_bytes.get(self.class) {
+            c.fetch_add(self.sent_bytes, Ordering::Relaxed);
+        }
         let outcome = match (&self.failed, self.t.outcome()) {
             (Some(_), _) => {
                 inc(&metrics.transfers_failed);

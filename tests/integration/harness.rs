@@ -222,7 +222,7 @@ pub struct Served {
     pub http: SocketAddr,
 }
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, UdpSocket};
 
 impl Env {
     /// Starts `rackboot serve` (the config must listen on port 0) and waits for its
@@ -776,4 +776,50 @@ fn a_failing_test_keeps_its_directory_and_its_daemon_log() {
     assert!(!tail.contains("path=/api/v1/status"), "{tail}");
     assert!(tail.lines().count() <= LOG_TAIL_LINES + 2, "{tail}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// TFTP racks and raw clients
+
+pub const LISTEN_RACK_KERNEL: usize = 3 << 20;
+
+/// A synced rack (kernel of [`LISTEN_RACK_KERNEL`] bytes, version 20261101) whose config has `listen` as the TFTP
+/// addresses and `tftp_extra` in its `[tftp]` table; serving, generation 1 published.
+pub struct ListenRack {
+    // Field order is drop order: stop the daemon before its files go.
+    pub served: Served,
+    _mirror: MirrorServer,
+    _env: Env,
+}
+
+pub fn listen_rack(listen: &[&str], tftp_extra: &str) -> ListenRack {
+    let env = Env::new();
+    let mut products = vec![image("noble", "amd64", "20261101", LISTEN_RACK_KERNEL)];
+    products.extend(bootloaders("20210819.0"));
+    let (_key, mirror) = env.signed_upstream(&products);
+    let listen = listen
+        .iter()
+        .map(|a| format!("\"{a}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    env.write_config(
+        &mirror.url(),
+        &["amd64"],
+        &format!(
+            "auto = false\n[tftp]\nlisten = [{listen}]\n{tftp_extra}\n[http]\nlisten = [\"127.0.0.1:0\"]\n"
+        ),
+    );
+    let served = env.serve_synced();
+    ListenRack {
+        served,
+        _mirror: mirror,
+        _env: env,
+    }
+}
+
+/// A raw client socket on `local` (port 0) with a read timeout.
+pub fn client(local: &str, timeout: Duration) -> UdpSocket {
+    let s = UdpSocket::bind(local).unwrap();
+    s.set_read_timeout(Some(timeout)).unwrap();
+    s
 }

@@ -19,6 +19,7 @@ mod status;
 mod sync;
 mod systemd;
 mod tftp;
+mod tftp_hostile;
 mod tls;
 mod trust_config;
 mod upstream;

@@ -125,6 +125,11 @@ fn status_shows_a_sync_in_progress_and_how_far_it_got() {
     let human = r.env.ok(&["status", "--url", &s.url("/")]);
     assert!(human.contains("sync running: yes, "), "{human}");
     s.wait_generation(2, Duration::from_secs(60));
+    // The new generation is served from the moment it is published; the sync then
+    // collects garbage and writes its state before it counts as finished.
+    wait_until(Duration::from_secs(30), "the sync to finish", || {
+        s.status()["sync"]["running"] == false
+    });
     let st = s.status();
     assert!(st["progress"].is_null(), "{st}");
     assert_eq!(st["sync"]["running"], false);

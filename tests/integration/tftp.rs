@@ -11,42 +11,8 @@ use rackboot::tftp::packet::{self, Packet};
 use crate::harness::*;
 use crate::upstream::*;
 
-const KERNEL_SIZE: usize = 3 << 20;
+const KERNEL_SIZE: usize = LISTEN_RACK_KERNEL;
 const VERSION: &str = "20261101";
-
-/// A synced rack (kernel of `KERNEL_SIZE`) whose config has `listen` as the TFTP
-/// addresses and `tftp_extra` in its `[tftp]` table; serving, generation 1 published.
-struct ListenRack {
-    // Field order is drop order: stop the daemon before its files go.
-    served: Served,
-    _mirror: MirrorServer,
-    _env: Env,
-}
-
-fn listen_rack(listen: &[&str], tftp_extra: &str) -> ListenRack {
-    let env = Env::new();
-    let mut products = vec![image("noble", "amd64", VERSION, KERNEL_SIZE)];
-    products.extend(bootloaders("20210819.0"));
-    let (_key, mirror) = env.signed_upstream(&products);
-    let listen = listen
-        .iter()
-        .map(|a| format!("\"{a}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
-    env.write_config(
-        &mirror.url(),
-        &["amd64"],
-        &format!(
-            "auto = false\n[tftp]\nlisten = [{listen}]\n{tftp_extra}\n[http]\nlisten = [\"127.0.0.1:0\"]\n"
-        ),
-    );
-    let served = env.serve_synced();
-    ListenRack {
-        served,
-        _mirror: mirror,
-        _env: env,
-    }
-}
 
 fn kernel_sha() -> String {
     let p = image("noble", "amd64", VERSION, KERNEL_SIZE);
@@ -66,13 +32,6 @@ fn tftp_addrs(s: &Served, n: usize) -> Vec<SocketAddr> {
         addrs.len() >= n
     });
     addrs
-}
-
-/// A raw client socket on `local` (port 0) with a read timeout.
-fn client(local: &str, timeout: Duration) -> UdpSocket {
-    let s = UdpSocket::bind(local).unwrap();
-    s.set_read_timeout(Some(timeout)).unwrap();
-    s
 }
 
 /// Sends an RRQ for `name` to `server` and returns the first reply and where it came

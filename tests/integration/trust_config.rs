@@ -102,8 +102,14 @@ fn products(version: &str, arm64_label: Option<&str>) -> Vec<ProductSpec> {
 
 /// A synced rack that serves HTTP and TFTP on 127.0.0.1 with API writes enabled.
 fn rack(arm64_label: Option<&str>) -> (Env, MirrorServer, Served) {
+    let (env, mirror, s, _key) = rack_keyed(arm64_label);
+    (env, mirror, s)
+}
+
+/// [`rack`], also returning the stream's signing key (to publish a next version).
+fn rack_keyed(arm64_label: Option<&str>) -> (Env, MirrorServer, Served, TestKey) {
     let env = Env::new();
-    let (_key, mirror) = env.signed_upstream(&products("20261101", arm64_label));
+    let (key, mirror) = env.signed_upstream(&products("20261101", arm64_label));
     let token = env.dir.path().join("token");
     std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
     env.write_config(
@@ -115,7 +121,7 @@ fn rack(arm64_label: Option<&str>) -> (Env, MirrorServer, Served) {
         ),
     );
     let s = env.serve_synced();
-    (env, mirror, s)
+    (env, mirror, s, key)
 }
 
 /// How many commands iPXE runs from one script line: it splits at whitespace, the
@@ -162,7 +168,7 @@ fn put_machine(s: &Served, mac: &str, body: &str) -> (u16, Vec<u8>) {
 /// architecture name is never looked up.
 #[test]
 fn ipxe_configs_keep_outside_text_inert() {
-    let (env, _mirror, s) = rack(Some("stable ; shell ; #"));
+    let (env, _mirror, s, key) = rack_keyed(None);
     env.ok(&[
         "machines",
         "set",
@@ -189,11 +195,21 @@ fn ipxe_configs_keep_outside_text_inert() {
             "{path}: {text}"
         );
     }
-    // The arm64 image's label is not a path segment: never in a config.
+    // A label holding iPXE syntax is not a path segment: the stream is refused whole
+    // at sync (naming the field), so it never reaches a config; generation 1 stays.
+    write_stream(
+        &env.mirror,
+        &products("20261102", Some("stable ; shell ; #")),
+        &key,
+        SHA512,
+    );
+    let e = env.fails(&["sync"], 1);
+    assert!(e.contains("label"), "{e}");
     let (code, body) = s.get("/ipxe.cfg-default-arm64");
     let text = String::from_utf8_lossy(&body);
     assert!(!text.contains("shell"), "{text}");
     assert_eq!(code, 404, "{text}");
+    assert_eq!(s.status()["generation"], 1);
     // Only known architecture names; amd64 still works under its aliases.
     for arch in ["amd64/../arm64", "../../..", "mips"] {
         let (code, body) = s.get(&format!("/boot.ipxe?arch={arch}"));

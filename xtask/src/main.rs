@@ -7,11 +7,13 @@
 //! - `netboot [MODE…]` QEMU VMs (BIOS, UEFI amd64/arm64, iPXE) netboot from rackboot
 //! - `dist`          static, stripped musl binaries for x86_64 and aarch64, checked
 //! - `image [--check]` the bootable appliance disk image (mmdebstrap), booted in QEMU
+//! - `fuzz [TARGET…] [--time S]` coverage-guided fuzzing (cargo-fuzz) of `fuzz/`
 
 mod bench;
 mod demo;
 mod demo_stream;
 mod dist;
+mod fuzz;
 mod image;
 mod netboot;
 mod prereq;
@@ -22,7 +24,7 @@ mod tftpload;
 use std::path::PathBuf;
 
 fn usage() -> ! {
-    eprintln!("usage: cargo xtask <test | demo | demo-stream DIR | bench [tftp] [http] | netboot [MODE...] [--keep] | dist [--no-smoke] | image [--check | --no-check]>");
+    eprintln!("usage: cargo xtask <test | demo | demo-stream DIR | bench [tftp] [http] | netboot [MODE...] [--keep] | dist [--no-smoke] | image [--check | --no-check] | fuzz [TARGET...] [--time S]>");
     std::process::exit(2);
 }
 
@@ -37,6 +39,7 @@ fn main() -> anyhow::Result<()> {
         "netboot" => netboot::run(rest),
         "dist" => dist::run(rest),
         "image" => image::run(rest),
+        "fuzz" => fuzz::run(rest),
         "demo-stream" => {
             let Some(dir) = rest.first() else { usage() };
             let summary = demo_stream::build(&PathBuf::from(dir))?;

@@ -1,6 +1,7 @@
 //! `cargo xtask test [--quick]`: the README's test command. Installs what the tests
 //! need, then runs the format check, clippy with warnings denied, every test of the
-//! workspace, and the QEMU netboot harness (all modes; `--quick` leaves it out).
+//! workspace, each fuzz target briefly (20 s; 5 s with `--quick`), and the QEMU
+//! netboot harness (all modes; `--quick` leaves it out).
 
 use anyhow::{bail, Context, Result};
 
@@ -41,6 +42,10 @@ pub fn run(args: &[String]) -> Result<()> {
         ],
     )?;
     let tests = cargo_test(&["test", "--workspace", "--no-fail-fast"]);
+    // Every fuzz target for a bounded time (runs even when a test failed).
+    let fuzz_time = std::time::Duration::from_secs(if quick { 5 } else { 20 });
+    let targets: Vec<String> = crate::fuzz::TARGETS.iter().map(|t| t.to_string()).collect();
+    let fuzz = crate::fuzz::run_targets(&targets, fuzz_time);
     // Real firmware booting from rackboot (runs even when a test failed, so one run
     // shows everything that is wrong).
     let netboot = if quick {
@@ -48,7 +53,7 @@ pub fn run(args: &[String]) -> Result<()> {
     } else {
         crate::netboot::run(&[])
     };
-    let failures: Vec<String> = [tests.err(), netboot.err()]
+    let failures: Vec<String> = [tests.err(), fuzz.err(), netboot.err()]
         .into_iter()
         .flatten()
         .map(|e| format!("{e:#}"))

@@ -230,7 +230,7 @@ impl Bench {
                 std::fs::write(
                     &config,
                     format!(
-                        "state_dir = \"{}\"\n[sync]\nauto = false\n[tftp]\nlisten = [\"{addr}\"]\n[http]\nlisten = [\"127.0.0.1:{}\"]\n[[sources]]\nurl = \"file:///nonexistent/streams/v1/index.json\"\nunsigned = true\n",
+                        "state_dir = \"{}\"\n[sync]\nauto = false\n[tftp]\nlisten = [\"{addr}\"]\n# every load-generator client is 127.0.0.1: one address stands for a whole rack\nmax_transfers_per_client = 10000\n[http]\nlisten = [\"127.0.0.1:{}\"]\n[[sources]]\nurl = \"file:///nonexistent/streams/v1/index.json\"\nunsigned = true\n",
                         self.dir.join("state").display(),
                         free_tcp_port()?
                     ),
