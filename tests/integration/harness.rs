@@ -638,6 +638,35 @@ impl Served {
     }
 }
 
+/// Response heads as curl prints them for `args` (the body is dropped).
+pub fn curl_heads(args: &[&str]) -> String {
+    let out = run_client(
+        "curl",
+        &[
+            &["-s", "-D", "-", "-o", "/dev/null", "--max-time", "20"],
+            args,
+        ]
+        .concat(),
+        Duration::from_secs(30),
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+impl Served {
+    /// A client that asks for `path` over HTTP/1.1 and reads nothing, once the
+    /// daemon counts its transfer (the only one) in flight.
+    pub fn stalled_get(&self, path: &str) -> std::net::TcpStream {
+        use std::io::Write;
+        let mut c = std::net::TcpStream::connect(self.http).unwrap();
+        c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .unwrap();
+        wait_until(Duration::from_secs(20), "the transfer to start", || {
+            self.metric("rackboot_http_transfers_in_flight") == 1.0
+        });
+        c
+    }
+}
+
 /// Fetches `path` with curl's TFTP client from the rack; `None` when refused.
 pub fn tftp_get(s: &Served, path: &str) -> Option<String> {
     tftp_get_at(&s.tftp.to_string(), path)

@@ -155,18 +155,7 @@ fn conditional_requests_and_head_on_every_kind_of_answer() {
     let url = s.url(KERNEL);
     // Response heads as curl prints them (header values keep their case: dates are
     // case-sensitive).
-    let heads = |args: &[&str]| -> String {
-        let out = run_client(
-            "curl",
-            &[
-                &["-s", "-D", "-", "-o", "/dev/null", "--max-time", "20"],
-                args,
-            ]
-            .concat(),
-            Duration::from_secs(30),
-        );
-        String::from_utf8_lossy(&out.stdout).to_string()
-    };
+    let heads = curl_heads;
     let h = heads(&["-I", &url]);
     let field = |h: &str, name: &str| -> String {
         h.lines()
@@ -242,13 +231,7 @@ fn sigterm_exits_zero_when_the_drain_deadline_passes_with_a_transfer_stuck() {
     edit_config(&r.env, "[sync]", "drain_timeout = \"4s\"\n\n[sync]");
     let mut s = r.env.serve_synced();
     // A client that asks for the kernel and never reads: its transfer cannot finish.
-    let mut stalled = TcpStream::connect(s.http).unwrap();
-    stalled
-        .write_all(format!("GET {KERNEL} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .unwrap();
-    wait_until(Duration::from_secs(20), "the transfer to start", || {
-        s.metric("rackboot_http_transfers_in_flight") == 1.0
-    });
+    let stalled = s.stalled_get(KERNEL);
     s.signal(Signal::SIGTERM);
     // While it drains, new connections are refused at once, not left waiting in
     // an accept queue that no one reads any more.

@@ -117,13 +117,7 @@ fn a_body_nobody_reads_is_closed_after_send_timeout_and_its_generation_collected
     let size = 8 << 20;
     let r = rack_with_token(size, "auto = false", "send_timeout = \"2s\"\n");
     let s = r.env.serve_synced();
-    let mut stalled = TcpStream::connect(s.http).unwrap();
-    stalled
-        .write_all(format!("GET {KERNEL} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .unwrap();
-    wait_until(Duration::from_secs(20), "the transfer to start", || {
-        s.metric("rackboot_http_transfers_in_flight") == 1.0
-    });
+    let mut stalled = s.stalled_get(KERNEL);
     let started = Instant::now();
     wait_until(
         Duration::from_secs(20),

@@ -202,18 +202,7 @@ fn http_semantics_with_curl() {
     let s = r.env.serve_synced();
     let url = s.url(KERNEL);
     let want = kernel_of("20261101", 64 << 10);
-    let hdr = |args: &[&str]| -> String {
-        let out = run_client(
-            "curl",
-            &[
-                &["-s", "-D", "-", "-o", "/dev/null", "--max-time", "20"],
-                args,
-            ]
-            .concat(),
-            Duration::from_secs(30),
-        );
-        String::from_utf8_lossy(&out.stdout).to_lowercase()
-    };
+    let hdr = |args: &[&str]| -> String { curl_heads(args).to_lowercase() };
     // Range
     let (code, body) = curl(&["-r", "10-19", &url]);
     assert_eq!((code, body.as_slice()), (206, &want[10..20]));
