@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use crate::harness::*;
-use crate::upstream::*;
 
 #[test]
 fn auto_false_pauses_the_periodic_sync_and_post_sync_still_works() {
@@ -13,12 +12,7 @@ fn auto_false_pauses_the_periodic_sync_and_post_sync_still_works() {
     let st = s.status();
     assert_eq!(st["sync_auto"], false);
     assert!(st["sync"]["next_sync"].is_null(), "{st}");
-    write_stream(
-        &r.env.mirror,
-        &products("20261120", 64 << 10),
-        &r.key,
-        SHA512,
-    );
+    r.publish("20261120", 64 << 10);
     r.mirror.clear_log();
     // Three intervals pass: no periodic sync asks the mirror anything.
     std::thread::sleep(Duration::from_secs(3));

@@ -109,12 +109,7 @@ impl Client {
 }
 
 fn publish_version(r: &Rack, i: usize) {
-    write_stream(
-        &r.env.mirror,
-        &products(VERSIONS[i % 2], SIZE),
-        &r.key,
-        SHA512,
-    );
+    r.publish(VERSIONS[i % 2], SIZE);
 }
 
 /// At most this many snapshots on disk during the loops: `current`, the one a

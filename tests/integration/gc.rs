@@ -27,7 +27,7 @@ fn an_old_snapshot_is_kept_while_a_transfer_holds_it_and_collected_after() {
     });
     // Two new generations are published meanwhile.
     for (generation, version) in [(2, "20261120"), (3, "20261201")] {
-        write_stream(&r.env.mirror, &products(version, size), &r.key, SHA512);
+        r.publish(version, size);
         assert_eq!(post_sync(&s).0, 202);
         s.wait_generation(generation, Duration::from_secs(60));
     }
@@ -49,7 +49,7 @@ fn an_old_snapshot_is_kept_while_a_transfer_holds_it_and_collected_after() {
         s.metric("rackboot_http_transfers_in_flight") == 0.0
     });
     // The next published generation collects it.
-    write_stream(&r.env.mirror, &products("20261215", size), &r.key, SHA512);
+    r.publish("20261215", size);
     assert_eq!(post_sync(&s).0, 202);
     s.wait_generation(4, Duration::from_secs(60));
     assert!(!snapshots.join("1").exists(), "generation 1 is collected");
@@ -87,7 +87,7 @@ fn small_files_kept_open_follow_the_generation_and_are_let_go_of() {
         assert_eq!(s.get("/maas.meta").0, 200);
     }
     for (generation, version) in [(2, "20261120"), (3, "20261201")] {
-        write_stream(&r.env.mirror, &products(version, size), &r.key, SHA512);
+        r.publish(version, size);
         assert_eq!(post_sync(&s).0, 202);
         s.wait_generation(generation, Duration::from_secs(60));
         // The new bytes at once, never the cached old ones.
@@ -101,7 +101,7 @@ fn small_files_kept_open_follow_the_generation_and_are_let_go_of() {
     // (the sync that publishes 5 collects 3) with no request in between: the
     // threads let go of generation 3's files by themselves.
     for (generation, version) in [(4, "20261215"), (5, "20261224")] {
-        write_stream(&r.env.mirror, &products(version, size), &r.key, SHA512);
+        r.publish(version, size);
         assert_eq!(post_sync(&s).0, 202);
         s.wait_generation(generation, Duration::from_secs(60));
     }

@@ -564,6 +564,18 @@ pub fn rack(kernel_size: usize, sync_extra: &str, extra: &str) -> Rack {
     Rack { env, key, mirror }
 }
 
+impl Rack {
+    /// Publishes [`products`] at `version` (signed) in place of the upstream's stream.
+    pub fn publish(&self, version: &str, kernel_size: usize) {
+        write_stream(
+            &self.env.mirror,
+            &products(version, kernel_size),
+            &self.key,
+            SHA512,
+        );
+    }
+}
+
 pub const TOKEN: &str = "t0ken-for-tests";
 
 /// Replaces `from` with `to` in the rack's config.

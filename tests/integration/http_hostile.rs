@@ -135,7 +135,7 @@ fn a_body_nobody_reads_is_closed_after_send_timeout_and_its_generation_collected
     assert!(got.len() < size, "{} bytes", got.len());
     // Nothing holds generation 1 any more: the next publication collects it.
     for (generation, version) in [(2, "20261120"), (3, "20261201")] {
-        write_stream(&r.env.mirror, &products(version, size), &r.key, SHA512);
+        r.publish(version, size);
         assert_eq!(post_sync(&s).0, 202);
         s.wait_generation(generation, Duration::from_secs(60));
     }

@@ -30,12 +30,7 @@ fn import_and_stop_import_through_the_daemon() {
     // A new version whose kernel comes slowly: `import` starts it, `stop-import`
     // stops it; nothing is published and the partial download is kept.
     r.mirror.fault("boot-kernel", Fault::Throttle(100_000));
-    write_stream(
-        &r.env.mirror,
-        &products("20261120", 1 << 20),
-        &r.key,
-        SHA512,
-    );
+    r.publish("20261120", 1 << 20);
     let out = res("import");
     assert!(out.contains("import started"), "{out}");
     wait_until(

@@ -108,7 +108,7 @@ fn metrics_have_every_family_and_move_with_traffic_and_syncs() {
     );
 
     // Syncs: a new version counts a run and its bytes; a broken upstream a failure.
-    write_stream(&r.env.mirror, &products("20261120", size), &r.key, SHA512);
+    r.publish("20261120", size);
     assert_eq!(post_sync(&s).0, 202);
     s.wait_generation(2, Duration::from_secs(60));
     // The daemon follows `current` and may serve generation 2 before the sync that

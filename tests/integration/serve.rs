@@ -99,12 +99,7 @@ fn serve_starts_empty_syncs_and_serves_over_tftp_and_http() {
 fn periodic_sync_picks_up_new_versions_and_a_failing_upstream_keeps_serving() {
     let r = rack(256 << 10, "interval = \"1s\"", "");
     let s = r.env.serve_synced();
-    write_stream(
-        &r.env.mirror,
-        &products("20261120", 256 << 10),
-        &r.key,
-        SHA512,
-    );
+    r.publish("20261120", 256 << 10);
     s.wait_generation(2, Duration::from_secs(60));
     let (_, body) = s.get(KERNEL);
     assert_eq!(body, kernel_of("20261120", 256 << 10));
@@ -140,12 +135,7 @@ fn a_transfer_across_a_snapshot_switch_completes_with_the_old_bytes() {
     let s = r.env.serve_synced();
     let old = kernel_of("20261101", 8 << 20);
     let slow = SlowDownload::start(&s.url(KERNEL), "2M");
-    write_stream(
-        &r.env.mirror,
-        &products("20261120", 8 << 20),
-        &r.key,
-        SHA512,
-    );
+    r.publish("20261120", 8 << 20);
     s.signal(Signal::SIGHUP); // a reload also triggers a sync
     s.wait_generation(2, Duration::from_secs(60));
     assert_eq!(

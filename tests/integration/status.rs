@@ -86,12 +86,7 @@ fn status_shows_a_sync_in_progress_and_how_far_it_got() {
     // and so does its index (a second or two before the plan exists).
     r.mirror.fault("boot-kernel", Fault::Throttle(100_000));
     r.mirror.fault("index.sjson", Fault::Throttle(1_000));
-    write_stream(
-        &r.env.mirror,
-        &products("20261120", 1 << 20),
-        &r.key,
-        SHA512,
-    );
+    r.publish("20261120", 1 << 20);
     assert_eq!(post_sync(&s).0, 202);
     // From its start the sync shows its own progress, not the last sync's figures.
     let mut st = serde_json::Value::Null;

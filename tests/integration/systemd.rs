@@ -74,12 +74,7 @@ fn systemd_notify_ready_status_after_every_sync_watchdog_and_stopping() {
         "{:?}",
         n.seen
     );
-    write_stream(
-        &r.env.mirror,
-        &products("20261120", 64 << 10),
-        &r.key,
-        SHA512,
-    );
+    r.publish("20261120", 64 << 10);
     assert_eq!(post_sync(&s).0, 202);
     n.wait(Duration::from_secs(60), "the second sync", |m| {
         m == "STATUS=serving generation 2; last sync ok"
