@@ -29,7 +29,8 @@ fn an_old_snapshot_is_kept_while_a_transfer_holds_it_and_collected_after() {
     for (generation, version) in [(2, "20261120"), (3, "20261201")] {
         r.publish(version, size);
         assert_eq!(post_sync(&s).0, 202);
-        s.wait_generation(generation, Duration::from_secs(60));
+        // Served as soon as published; collected after, before the sync ends.
+        s.wait_synced(generation, Duration::from_secs(60));
     }
     let snapshots = r.env.state.join("snapshots");
     assert!(
@@ -51,7 +52,7 @@ fn an_old_snapshot_is_kept_while_a_transfer_holds_it_and_collected_after() {
     // The next published generation collects it.
     r.publish("20261215", size);
     assert_eq!(post_sync(&s).0, 202);
-    s.wait_generation(4, Duration::from_secs(60));
+    s.wait_synced(4, Duration::from_secs(60));
     assert!(!snapshots.join("1").exists(), "generation 1 is collected");
     assert_eq!(s.get(KERNEL).1, kernel_of("20261215", size));
 }
