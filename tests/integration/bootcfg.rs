@@ -2,63 +2,25 @@
 
 use std::time::Duration;
 
-use sequoia_openpgp::types::HashAlgorithm;
-
 use crate::harness::*;
-use crate::mirror::*;
-
-fn tftp_get(s: &Served, path: &str) -> Option<String> {
-    tftp_get_at(&s.tftp.to_string(), path)
-}
-
-/// Fetches `path` with curl from the TFTP server at `authority` (`host:port`).
-fn tftp_get_at(authority: &str, path: &str) -> Option<String> {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("f");
-    let res = run_client(
-        "curl",
-        &[
-            "-sS",
-            "--max-time",
-            "10",
-            "-o",
-            out.to_str().unwrap(),
-            &format!("tftp://{authority}/{path}"),
-        ],
-        Duration::from_secs(20),
-    );
-    if !res.status.success() {
-        eprintln!("curl tftp {path}: {}", String::from_utf8_lossy(&res.stderr));
-        return None;
-    }
-    Some(std::fs::read_to_string(&out).unwrap_or_default())
-}
+use crate::upstream::*;
 
 /// A rack with noble amd64 + arm64 images and bootloaders, synced and serving;
 /// `listen` is the `[tftp]`/`[http]` listen list.
 fn rack(listen: &str, extra: &str) -> (Env, MirrorServer, Served) {
     let env = Env::new();
-    let key = TestKey::generate();
-    key.write_keyring(&env.keyring);
     let mut p = vec![
         image("noble", "amd64", "20261101", 4096),
         image("noble", "arm64", "20261101", 4096),
     ];
     p.extend(bootloaders("20210819.0"));
-    write_stream(
-        &env.mirror,
-        &p,
-        &key,
-        Signing::Signed(HashAlgorithm::SHA512),
-    );
-    let mirror = MirrorServer::start(&env.mirror);
+    let (_key, mirror) = env.signed_upstream(&p);
     env.write_config(
         &mirror.url(),
         &["amd64", "arm64"],
         &format!("auto = false\n[tftp]\nlisten = {listen}\n[http]\nlisten = {listen}\n[boot]\ndefault_image = \"ubuntu/noble\"\nkernel_params = \"console=ttyS0\"\n{extra}"),
     );
-    let s = env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = env.serve_synced();
     (env, mirror, s)
 }
 

@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use crate::harness::*;
-use crate::http::{edit_config, rack_with_token, TOKEN};
-use crate::mirror::*;
-use crate::serve::{kernel_of, products, rack, Rack, KERNEL, SHA512};
+use crate::upstream::*;
 
 const SIZE: usize = 256 << 10;
 const VERSIONS: [&str; 2] = ["20261101", "20261120"];
@@ -111,12 +109,7 @@ impl Client {
 }
 
 fn publish_version(r: &Rack, i: usize) {
-    write_stream(
-        &r.env.mirror,
-        &products(VERSIONS[i % 2], SIZE),
-        &r.key,
-        SHA512,
-    );
+    r.publish(VERSIONS[i % 2], SIZE);
 }
 
 /// At most this many snapshots on disk during the loops: `current`, the one a
@@ -138,23 +131,10 @@ fn snapshot_count(env: &Env) -> usize {
 #[test]
 fn cli_syncs_beside_a_serving_daemon_never_break_a_download() {
     let r = rack(SIZE, "auto = false", "");
-    let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = r.env.serve_synced();
     let client = Client::start(&s);
     // A slow download of the first generation spans several syncs.
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("slow");
-    let slow = std::process::Command::new("curl")
-        .args(["-s", "--max-time", "60", "--limit-rate", "64K", "-o"])
-        .arg(&out)
-        .arg(s.url(KERNEL))
-        .spawn()
-        .unwrap();
-    wait_until(
-        Duration::from_secs(10),
-        "the slow download to start",
-        || std::fs::metadata(&out).is_ok_and(|m| m.len() > 0),
-    );
+    let slow = SlowDownload::start(&s.url(KERNEL), "64K");
     for i in 1..=20 {
         publish_version(&r, i);
         r.env.ok(&["sync"]);
@@ -164,9 +144,8 @@ fn cli_syncs_beside_a_serving_daemon_never_break_a_download() {
             "snapshots pile up"
         );
     }
-    assert!(wait_output(slow, Duration::from_secs(60)).status.success());
     assert_eq!(
-        sha256_hex(&std::fs::read(&out).unwrap()),
+        sha256_hex(&slow.finish(Duration::from_secs(60))),
         sha256_hex(&kernel_of(VERSIONS[0], SIZE)),
         "the slow download kept its generation's bytes"
     );
@@ -216,8 +195,7 @@ fn inject(env: &Env, step: usize) -> Box<dyn FnOnce()> {
 #[test]
 fn fifty_syncs_with_failures_after_publish_keep_serving_what_current_names() {
     let r = rack_with_token(SIZE, "auto = false", "");
-    let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = r.env.serve_synced();
     let client = Client::start(&s);
     let started = Instant::now();
     let mut failed = 0;
@@ -228,7 +206,7 @@ fn fifty_syncs_with_failures_after_publish_keep_serving_what_current_names() {
         if i % 5 == 0 {
             // The daemon's own sync (the API's trigger).
             let runs = s.status()["sync"]["runs"].as_u64().unwrap();
-            let (code, _) = crate::http::post_sync(&s);
+            let (code, _) = post_sync(&s);
             assert!(code == 200 || code == 202, "POST /api/v1/sync: {code}");
             wait_until(Duration::from_secs(30), "the daemon's sync", || {
                 s.status()["sync"]["runs"].as_u64().unwrap() > runs
@@ -269,11 +247,10 @@ fn fifty_syncs_with_failures_after_publish_keep_serving_what_current_names() {
 #[test]
 fn a_failed_write_after_publish_is_served_and_the_next_sync_collects() {
     let r = rack_with_token(SIZE, "auto = false", "");
-    let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = r.env.serve_synced();
     publish_version(&r, 1);
     let undo = inject(&r.env, 0);
-    let (code, _) = crate::http::post_sync(&s);
+    let (code, _) = post_sync(&s);
     assert!(code == 200 || code == 202);
     wait_until(Duration::from_secs(30), "the failed sync", || {
         s.status()["sync"]["last_result"] == "failed"
@@ -292,7 +269,7 @@ fn a_failed_write_after_publish_is_served_and_the_next_sync_collects() {
         || std::fs::read_to_string(&reg).is_ok_and(|t| t == "2\n"),
     );
     // Nothing new upstream: the next sync completes the writes and collects.
-    let (code, _) = crate::http::post_sync(&s);
+    let (code, _) = post_sync(&s);
     assert!(code == 200 || code == 202);
     wait_until(Duration::from_secs(30), "the next sync", || {
         s.status()["sync"]["last_result"] == "unchanged"
@@ -404,7 +381,7 @@ fn a_held_sync_lock_blocks_no_worker_and_stop_and_sigterm_end_the_wait() {
         "{st}"
     );
     // Another sync waits again; SIGTERM ends the daemon at once.
-    let (code, _) = crate::http::post_sync(&s);
+    let (code, _) = post_sync(&s);
     assert!(code == 200 || code == 202);
     wait_until(Duration::from_secs(5), "the second sync to wait", || {
         s.status()["sync"]["running"] == true
@@ -424,8 +401,7 @@ fn a_held_sync_lock_blocks_no_worker_and_stop_and_sigterm_end_the_wait() {
 #[test]
 fn sighup_with_a_new_state_dir_keeps_the_old_one_until_restart() {
     let r = rack(SIZE, "auto = false", "");
-    let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = r.env.serve_synced();
     let other = r.env.dir.path().join("other-state");
     edit_config(
         &r.env,
@@ -572,8 +548,7 @@ fn an_unreadable_current_manifest_serves_the_newest_complete_generation() {
 #[test]
 fn import_does_not_sync_locally_when_a_daemon_serves_but_does_not_answer() {
     let r = rack_with_token(SIZE, "auto = false", "");
-    let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = r.env.serve_synced();
     publish_version(&r, 1);
     let err = r.env.fails(
         &["boot-resources", "import", "--url", "http://127.0.0.1:9/"],
@@ -594,10 +569,7 @@ fn import_does_not_sync_locally_when_a_daemon_serves_but_does_not_answer() {
 #[test]
 fn two_mirrors_into_one_dest_the_second_is_refused() {
     let env = Env::new();
-    let key = TestKey::generate();
-    key.write_keyring(&env.keyring);
-    write_stream(&env.mirror, &products(VERSIONS[0], 4 << 20), &key, SHA512);
-    let m = MirrorServer::start(&env.mirror);
+    let (_key, m) = env.signed_upstream(&products(VERSIONS[0], 4 << 20));
     m.fault("boot-kernel", Fault::Throttle(1 << 20));
     let dest = env.dir.path().join("dest");
     let url = format!("{}streams/v1/index.sjson", m.url());

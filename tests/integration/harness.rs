@@ -1,12 +1,20 @@
 //! Test environment: a temp dir holding a state dir, a config and a mirror tree, and
-//! helpers to run the real `rackboot` binary with a deadline.
+//! helpers to run the real `rackboot` binary with a deadline, and every helper more
+//! than one feature file uses: racks, the token, metrics, a TFTP client. A failing
+//! test prints its daemon's log tail and keeps its directory.
 
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use sequoia_openpgp::types::HashAlgorithm;
 use sha2::{Digest, Sha256};
+
+use crate::upstream::{
+    bootloaders, image, write_stream, MirrorServer, ProductSpec, Signing, TestKey,
+};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_rackboot");
 
@@ -214,12 +222,29 @@ pub struct Served {
     pub http: SocketAddr,
 }
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, UdpSocket};
 
 impl Env {
     /// Starts `rackboot serve` (the config must listen on port 0) and waits for its
     /// listening lines.
     pub fn serve(&self) -> Served {
+        self.serve_with(&["TFTP", "HTTP"], |_| {}).0
+    }
+
+    /// [`Env::serve`], then waits (at most 60 s) until generation 1 is served.
+    pub fn serve_synced(&self) -> Served {
+        let s = self.serve();
+        s.wait_generation(1, Duration::from_secs(60));
+        s
+    }
+
+    /// Starts `rackboot serve` with `customize` applied to the command and waits for
+    /// the `listening for {what} on ADDR` lines; returns the addresses in that order.
+    pub fn serve_with(
+        &self,
+        what: &[&str],
+        customize: impl FnOnce(&mut Command),
+    ) -> (Served, Vec<SocketAddr>) {
         let log = self.dir.path().join(format!(
             "serve-{}.log",
             std::time::SystemTime::now()
@@ -227,15 +252,13 @@ impl Env {
                 .unwrap()
                 .as_nanos()
         ));
-        let child = self
-            .command(&["serve"])
-            .env("RACKBOOT_LOG", "info,rackboot=debug")
+        let mut cmd = self.command(&["serve"]);
+        cmd.env("RACKBOOT_LOG", "info,rackboot=debug")
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+            .stderr(std::fs::File::create(&log).unwrap());
+        customize(&mut cmd);
         let mut served = Served {
-            child: Some(child),
+            child: Some(cmd.spawn().unwrap()),
             log,
             tftp: "0.0.0.0:0".parse().unwrap(),
             http: "0.0.0.0:0".parse().unwrap(),
@@ -251,10 +274,16 @@ impl Env {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let text = served.log_text();
-            if let (Some(t), Some(h)) = (find(&text, "TFTP"), find(&text, "HTTP")) {
-                served.tftp = t;
-                served.http = h;
-                return served;
+            let found: Option<Vec<SocketAddr>> = what.iter().map(|w| find(&text, w)).collect();
+            if let Some(addrs) = found {
+                for (w, a) in what.iter().zip(&addrs) {
+                    match *w {
+                        "HTTP" => served.http = *a,
+                        "TFTP" => served.tftp = *a,
+                        _ => {}
+                    }
+                }
+                return (served, addrs);
             }
             if let Some(status) = served.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("rackboot serve exited with {status}:\n{text}");
@@ -300,6 +329,20 @@ impl Served {
         });
     }
 
+    /// Waits until generation `n` is served and no sync runs: the daemon serves a
+    /// generation as soon as `current` names it, before the sync that published it
+    /// has ended.
+    pub fn wait_synced(&self, n: u64, limit: Duration) {
+        wait_until(
+            limit,
+            &format!("generation {n} and no sync running"),
+            || {
+                let st = self.status();
+                st["generation"].as_u64().is_some_and(|g| g >= n) && st["sync_running"] == false
+            },
+        );
+    }
+
     /// Sends a signal by PID.
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
@@ -326,6 +369,9 @@ impl Served {
 
 impl Drop for Served {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", log_tail(&self.log, LOG_TAIL_LINES));
+        }
         if let Some(mut c) = self.child.take() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(c.id() as i32),
@@ -362,6 +408,54 @@ pub fn curl(args: &[&str]) -> (u16, Vec<u8>) {
     (code, std::fs::read(&body).unwrap_or_default())
 }
 
+/// A curl download held to `--limit-rate`, so that it spans what a test does next
+/// (a snapshot switch, syncs, SIGTERM); killed on drop if not finished.
+pub struct SlowDownload {
+    _dir: tempfile::TempDir,
+    out: PathBuf,
+    child: Option<Child>,
+}
+
+impl SlowDownload {
+    /// Starts downloading `url` at `rate` and waits until the first bytes are in.
+    pub fn start(url: &str, rate: &str) -> SlowDownload {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("slow");
+        let child = Command::new("curl")
+            .args(["-s", "--max-time", "60", "--limit-rate", rate, "-o"])
+            .arg(&out)
+            .arg(url)
+            .spawn()
+            .expect("curl is installed");
+        wait_until(
+            Duration::from_secs(10),
+            "the slow download to start",
+            || std::fs::metadata(&out).is_ok_and(|m| m.len() > 0),
+        );
+        SlowDownload {
+            _dir: dir,
+            out,
+            child: Some(child),
+        }
+    }
+
+    /// Waits (at most `limit`) for curl to succeed; returns what it downloaded.
+    pub fn finish(mut self, limit: Duration) -> Vec<u8> {
+        let res = wait_output(self.child.take().unwrap(), limit);
+        assert!(res.status.success(), "slow download: {:?}", res.status);
+        std::fs::read(&self.out).unwrap()
+    }
+}
+
+impl Drop for SlowDownload {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// Runs a client program with a time limit; returns its output.
 pub fn run_client(program: &str, args: &[&str], limit: Duration) -> Output {
     let child = Command::new(program)
@@ -372,4 +466,401 @@ pub fn run_client(program: &str, args: &[&str], limit: Duration) -> Output {
         .spawn()
         .unwrap_or_else(|e| panic!("{program} must be installed: {e}"));
     wait_output(child, limit)
+}
+
+// ---------------------------------------------------------------------------
+// A failing test keeps its evidence
+
+/// How much of a daemon's log a failing test prints.
+pub const LOG_TAIL_LINES: usize = 40;
+
+/// The last `n` lines of `log`, framed with its path. The harness's own status polls
+/// (every 20 ms while a test waits) are left out: they would fill the tail.
+pub fn log_tail(log: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let (polls, lines): (Vec<&str>, Vec<&str>) = text
+        .lines()
+        .partition(|l| l.contains("method=GET path=/api/v1/status status=200"));
+    let tail = &lines[lines.len().saturating_sub(n)..];
+    format!(
+        "--- last {} lines of {} ({} status polls left out) ---\n{}\n--- end of {} ---",
+        tail.len(),
+        log.display(),
+        polls.len(),
+        tail.join("\n"),
+        log.display()
+    )
+}
+
+impl Drop for Env {
+    // A failing test keeps its directory (state, config, mirror, daemon logs) for a
+    // post-mortem; a passing one cleans up as before.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dir.disable_cleanup(true);
+            eprintln!(
+                "test failed: kept its directory {}",
+                self.dir.path().display()
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Racks: a fake signed upstream, a config and (on demand) a serving daemon
+
+pub const SHA512: Signing = Signing::Signed(HashAlgorithm::SHA512);
+
+/// Both listeners on 127.0.0.1, port 0 (the daemon logs the ports it got).
+pub const LISTEN: &str = "[tftp]\nlisten = [\"127.0.0.1:0\"]\n[http]\nlisten = [\"127.0.0.1:0\"]\n";
+
+pub const KERNEL: &str = "/ubuntu/amd64/generic/noble/stable/boot-kernel";
+
+/// A noble amd64 image of `version` with a kernel of `kernel_size`, and bootloaders.
+pub fn products(version: &str, kernel_size: usize) -> Vec<ProductSpec> {
+    let mut p = vec![image("noble", "amd64", version, kernel_size)];
+    p.extend(bootloaders("20210819.0"));
+    p
+}
+
+/// The kernel bytes of [`products`] at `version`.
+pub fn kernel_of(version: &str, size: usize) -> Vec<u8> {
+    image("noble", "amd64", version, size)
+        .versions
+        .into_values()
+        .next()
+        .unwrap()[0]
+        .data
+        .clone()
+}
+
+impl Env {
+    /// A fresh signing key in the env's keyring and a stream of `products` signed
+    /// with it (SHA-512) in its mirror dir, served on 127.0.0.1.
+    pub fn signed_upstream(&self, products: &[ProductSpec]) -> (TestKey, MirrorServer) {
+        let key = TestKey::generate();
+        key.write_keyring(&self.keyring);
+        write_stream(&self.mirror, products, &key, SHA512);
+        (key, MirrorServer::start(&self.mirror))
+    }
+}
+
+pub struct Rack {
+    pub env: Env,
+    pub key: TestKey,
+    pub mirror: MirrorServer,
+}
+
+/// A rack with a signed upstream of [`products`] at 20261101, configured with
+/// `sync_extra` in `[sync]` and `extra` after the [`LISTEN`] tables; not serving yet.
+pub fn rack(kernel_size: usize, sync_extra: &str, extra: &str) -> Rack {
+    let env = Env::new();
+    let (key, mirror) = env.signed_upstream(&products("20261101", kernel_size));
+    env.write_config(
+        &mirror.url(),
+        &["amd64"],
+        &format!("{sync_extra}\n{LISTEN}{extra}"),
+    );
+    Rack { env, key, mirror }
+}
+
+impl Rack {
+    /// Publishes [`products`] at `version` (signed) in place of the upstream's stream.
+    pub fn publish(&self, version: &str, kernel_size: usize) {
+        write_stream(
+            &self.env.mirror,
+            &products(version, kernel_size),
+            &self.key,
+            SHA512,
+        );
+    }
+}
+
+pub const TOKEN: &str = "t0ken-for-tests";
+
+/// Replaces `from` with `to` in the rack's config.
+pub fn edit_config(env: &Env, from: &str, to: &str) {
+    let text = std::fs::read_to_string(&env.config).unwrap();
+    assert!(text.contains(from), "{from:?} not in the config:\n{text}");
+    std::fs::write(&env.config, text.replace(from, to)).unwrap();
+}
+
+/// A rack whose API takes writes with [`TOKEN`]; `http_extra` goes into `[http]`.
+pub fn rack_with_token(kernel_size: usize, sync_extra: &str, http_extra: &str) -> Rack {
+    let r = rack(
+        kernel_size,
+        sync_extra,
+        &format!("token_file = \"TOKENFILE\"\n{http_extra}"),
+    );
+    let token = r.env.dir.path().join("token");
+    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+    edit_config(&r.env, "TOKENFILE", token.to_str().unwrap());
+    r
+}
+
+/// `POST /api/v1/sync` with [`TOKEN`].
+pub fn post_sync(s: &Served) -> (u16, Vec<u8>) {
+    curl(&[
+        "-X",
+        "POST",
+        "-H",
+        &format!("Authorization: Bearer {TOKEN}"),
+        &s.url("/api/v1/sync"),
+    ])
+}
+
+// ---------------------------------------------------------------------------
+// Clients and parsers shared by the feature files
+
+/// A port that was free a moment ago (for configs that must name a fixed port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn json(body: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
+}
+
+/// The value of one sample line (`name{labels} value`) in a metrics text.
+pub fn metric(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no sample {sample:?} in:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+impl Served {
+    /// The `/metrics` text.
+    pub fn metrics(&self) -> String {
+        let (code, body) = self.get("/metrics");
+        assert_eq!(code, 200);
+        String::from_utf8(body).unwrap()
+    }
+
+    /// One sample of `/metrics` (see [`metric`]).
+    pub fn metric(&self, sample: &str) -> f64 {
+        metric(&self.metrics(), sample)
+    }
+}
+
+/// Response heads as curl prints them for `args` (the body is dropped).
+pub fn curl_heads(args: &[&str]) -> String {
+    let out = run_client(
+        "curl",
+        &[
+            &["-s", "-D", "-", "-o", "/dev/null", "--max-time", "20"],
+            args,
+        ]
+        .concat(),
+        Duration::from_secs(30),
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+impl Served {
+    /// A client that asks for `path` over HTTP/1.1 and reads nothing, once the
+    /// daemon counts its transfer (the only one) in flight.
+    pub fn stalled_get(&self, path: &str) -> std::net::TcpStream {
+        use std::io::Write;
+        let mut c = std::net::TcpStream::connect(self.http).unwrap();
+        c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .unwrap();
+        wait_until(Duration::from_secs(20), "the transfer to start", || {
+            self.metric("rackboot_http_transfers_in_flight") == 1.0
+        });
+        c
+    }
+}
+
+/// Fetches `path` with curl's TFTP client from the rack; `None` when refused.
+pub fn tftp_get(s: &Served, path: &str) -> Option<String> {
+    tftp_get_at(&s.tftp.to_string(), path)
+}
+
+/// Fetches `path` with curl's TFTP client from `authority` (`host:port`); `None` (and
+/// curl's complaint on stderr) when the server refuses it.
+pub fn tftp_get_at(authority: &str, path: &str) -> Option<String> {
+    match curl_download(&format!("tftp://{authority}/{path}"), &[]) {
+        Ok(data) => Some(String::from_utf8_lossy(&data).into_owned()),
+        Err(e) => {
+            eprintln!("curl tftp {path}: {e}");
+            None
+        }
+    }
+}
+
+/// Downloads `url` with curl (`extra` options before it, such as `--tftp-blksize`);
+/// the bytes, or curl's complaint.
+pub fn curl_download(url: &str, extra: &[&str]) -> Result<Vec<u8>, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("f");
+    let mut args = vec!["-sS", "--max-time", "60"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["-o", out.to_str().unwrap(), url]);
+    let res = run_client("curl", &args, Duration::from_secs(70));
+    if !res.status.success() {
+        return Err(String::from_utf8_lossy(&res.stderr).into_owned());
+    }
+    Ok(std::fs::read(&out).unwrap_or_default())
+}
+
+/// [`curl_download`] that must succeed; `what` names the download in the failure.
+pub fn curl_fetch(url: &str, extra: &[&str], what: &str) -> Vec<u8> {
+    curl_download(url, extra).unwrap_or_else(|e| panic!("curl {what} ({url}): {e}"))
+}
+
+/// A self-signed certificate for 127.0.0.1 and localhost, made with openssl.
+pub fn self_signed(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let out = run_client(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=rackboot test",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
+            cert.to_str().unwrap(),
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
+
+/// A rack with a TLS listener on 127.0.0.1:0 and a fresh self-signed certificate
+/// (returned, for `curl --cacert`).
+pub fn rack_with_tls(kernel_size: usize) -> (Rack, std::path::PathBuf) {
+    let r = rack(kernel_size, "auto = false", "TLS\n");
+    let (cert, key) = self_signed(r.env.dir.path());
+    edit_config(
+        &r.env,
+        "TLS\n",
+        &format!(
+            "tls_listen = [\"127.0.0.1:0\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+    );
+    (r, cert)
+}
+
+/// Reads one HTTP/1.1 response with a Content-Length body from `c`.
+pub fn read_response(c: &mut std::net::TcpStream) -> (String, Vec<u8>) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        c.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+        assert!(head.len() < 16 << 10, "response head too long");
+    }
+    let head = String::from_utf8(head).unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().unwrap())
+        })
+        .expect("content-length");
+    let mut body = vec![0u8; len];
+    c.read_exact(&mut body).unwrap();
+    (head, body)
+}
+
+#[test]
+fn a_failing_test_keeps_its_directory_and_its_daemon_log() {
+    // A test thread that starts a daemon and then fails, as a real test would.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let failed = std::thread::spawn(move || {
+        let r = rack(4096, "auto = false", "");
+        let s = r.env.serve();
+        assert!(s.status()["generation"].is_null() || s.status()["generation"].is_u64());
+        tx.send((r.env.dir.path().to_path_buf(), s.log.clone(), s.pid()))
+            .unwrap();
+        panic!("this test fails on purpose");
+    })
+    .join();
+    assert!(failed.is_err());
+    let (dir, log, pid) = rx.recv().unwrap();
+    // The daemon was stopped, its directory and log are still there, and the tail the
+    // guard printed holds the daemon's last lines.
+    assert!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err(),
+        "the daemon of a failed test was left running"
+    );
+    assert!(dir.join("rackboot.toml").is_file(), "{dir:?} was removed");
+    let tail = log_tail(&log, LOG_TAIL_LINES);
+    assert!(tail.contains("listening for HTTP on"), "{tail}");
+    assert!(!tail.contains("path=/api/v1/status"), "{tail}");
+    assert!(tail.lines().count() <= LOG_TAIL_LINES + 2, "{tail}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// TFTP racks and raw clients
+
+pub const LISTEN_RACK_KERNEL: usize = 3 << 20;
+
+/// A synced rack (kernel of [`LISTEN_RACK_KERNEL`] bytes, version 20261101) whose config has `listen` as the TFTP
+/// addresses and `tftp_extra` in its `[tftp]` table; serving, generation 1 published.
+pub struct ListenRack {
+    // Field order is drop order: stop the daemon before its files go.
+    pub served: Served,
+    _mirror: MirrorServer,
+    _env: Env,
+}
+
+pub fn listen_rack(listen: &[&str], tftp_extra: &str) -> ListenRack {
+    let env = Env::new();
+    let mut products = vec![image("noble", "amd64", "20261101", LISTEN_RACK_KERNEL)];
+    products.extend(bootloaders("20210819.0"));
+    let (_key, mirror) = env.signed_upstream(&products);
+    let listen = listen
+        .iter()
+        .map(|a| format!("\"{a}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    env.write_config(
+        &mirror.url(),
+        &["amd64"],
+        &format!(
+            "auto = false\n[tftp]\nlisten = [{listen}]\n{tftp_extra}\n[http]\nlisten = [\"127.0.0.1:0\"]\n"
+        ),
+    );
+    let served = env.serve_synced();
+    ListenRack {
+        served,
+        _mirror: mirror,
+        _env: env,
+    }
+}
+
+/// A raw client socket on `local` (port 0) with a read timeout.
+pub fn client(local: &str, timeout: Duration) -> UdpSocket {
+    let s = UdpSocket::bind(local).unwrap();
+    s.set_read_timeout(Some(timeout)).unwrap();
+    s
 }

@@ -13,9 +13,8 @@ use sequoia_openpgp::types::HashAlgorithm;
 use serde_json::json;
 
 use crate::harness::*;
-use crate::mirror::*;
+use crate::upstream::*;
 
-const SHA512: Signing = Signing::Signed(HashAlgorithm::SHA512);
 const CID: &str = "com.ubuntu.maas:stable:v3:download";
 
 /// Everything under the test's temp dir except the trees a run may write (`state`,
@@ -95,10 +94,7 @@ fn good_products() -> Vec<ProductSpec> {
 impl Rig {
     fn new(signed: bool) -> Rig {
         let env = Env::new();
-        let key = TestKey::generate();
-        key.write_keyring(&env.keyring);
-        write_stream(&env.mirror, &good_products(), &key, SHA512);
-        let server = MirrorServer::start(&env.mirror);
+        let (key, server) = env.signed_upstream(&good_products());
         if signed {
             env.write_config(&server.url(), &["amd64"], "");
         } else {
@@ -406,10 +402,7 @@ struct MirrorRig {
 impl MirrorRig {
     fn new() -> MirrorRig {
         let env = Env::new();
-        let key = TestKey::generate();
-        key.write_keyring(&env.keyring);
-        write_stream(&env.mirror, &good_products(), &key, SHA512);
-        let server = MirrorServer::start(&env.mirror);
+        let (key, server) = env.signed_upstream(&good_products());
         let dest = env.dir.path().join("dest");
         MirrorRig {
             env,
@@ -593,10 +586,7 @@ fn second_source_without_selections_is_checked_too() {
 #[test]
 fn sync_deadline_bounds_a_trickling_upstream() {
     let env = Env::new();
-    let key = TestKey::generate();
-    key.write_keyring(&env.keyring);
-    write_stream(&env.mirror, &good_products(), &key, SHA512);
-    let server = MirrorServer::start(&env.mirror);
+    let (key, server) = env.signed_upstream(&good_products());
     env.write_config(&server.url(), &["amd64"], "");
     env.ok(&["sync"]);
     let mut newer = vec![image("noble", "amd64", "20261120", 64 << 10)];

@@ -7,9 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
-use crate::http::{post_sync, rack_with_token};
-use crate::mirror::*;
-use crate::serve::{kernel_of, products, rack, KERNEL, SHA512};
+use crate::upstream::*;
 
 /// A TCP connection to `to` from the loopback address `from`.
 fn connect_from(from: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
@@ -33,19 +31,6 @@ fn request_from(from: &str, to: SocketAddr, path: &str) -> Vec<u8> {
     let mut out = Vec::new();
     let _ = c.read_to_end(&mut out);
     out
-}
-
-/// The value of one sample line (`name{labels} value`) of `/metrics`.
-fn metric(s: &Served, sample: &str) -> f64 {
-    let (code, body) = s.get("/metrics");
-    assert_eq!(code, 200);
-    let text = String::from_utf8(body).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no sample {sample:?} in:\n{text}"))
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 /// A response's status line and headers (lowercase names), from curl.
@@ -82,8 +67,7 @@ fn stalled_downloads_from_one_address_do_not_lock_out_another() {
         "auto = false",
         "max_connections = 64\nmax_connections_per_client = 8\nsend_timeout = \"3s\"\n",
     );
-    let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = r.env.serve_synced();
     // 250 downloads from 127.0.0.2 that never read a byte.
     let mut stalled = Vec::new();
     for _ in 0..250 {
@@ -94,7 +78,7 @@ fn stalled_downloads_from_one_address_do_not_lock_out_another() {
         }
     }
     wait_until(Duration::from_secs(20), "the cap's transfers", || {
-        metric(&s, "rackboot_http_transfers_in_flight") == 8.0
+        s.metric("rackboot_http_transfers_in_flight") == 8.0
     });
     // Another machine is served, whole.
     let start = Instant::now();
@@ -110,7 +94,7 @@ fn stalled_downloads_from_one_address_do_not_lock_out_another() {
         "{:?}",
         start.elapsed()
     );
-    assert!(metric(&s, "rackboot_http_connections_rejected_total") >= 242.0);
+    assert!(s.metric("rackboot_http_connections_rejected_total") >= 242.0);
     // The refusals are logged, but not once per connection.
     let log = s.log_text();
     let warned = log.matches("max_connections_per_client").count();
@@ -120,9 +104,9 @@ fn stalled_downloads_from_one_address_do_not_lock_out_another() {
     wait_until(
         Duration::from_secs(15),
         "the stalled bodies to close",
-        || metric(&s, "rackboot_http_transfers_in_flight") == 0.0,
+        || s.metric("rackboot_http_transfers_in_flight") == 0.0,
     );
-    assert!(metric(&s, "rackboot_http_errors_total{kind=\"send_timeout\"}") >= 8.0);
+    assert!(s.metric("rackboot_http_errors_total{kind=\"send_timeout\"}") >= 8.0);
     let again = request_from("127.0.0.2", s.http, "/api/v1/status");
     assert!(again.starts_with(b"HTTP/1.1 200"));
     drop(stalled);
@@ -132,20 +116,13 @@ fn stalled_downloads_from_one_address_do_not_lock_out_another() {
 fn a_body_nobody_reads_is_closed_after_send_timeout_and_its_generation_collected() {
     let size = 8 << 20;
     let r = rack_with_token(size, "auto = false", "send_timeout = \"2s\"\n");
-    let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
-    let mut stalled = TcpStream::connect(s.http).unwrap();
-    stalled
-        .write_all(format!("GET {KERNEL} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .unwrap();
-    wait_until(Duration::from_secs(20), "the transfer to start", || {
-        metric(&s, "rackboot_http_transfers_in_flight") == 1.0
-    });
+    let s = r.env.serve_synced();
+    let mut stalled = s.stalled_get(KERNEL);
     let started = Instant::now();
     wait_until(
         Duration::from_secs(20),
         "the stalled transfer to end",
-        || metric(&s, "rackboot_http_transfers_in_flight") == 0.0,
+        || s.metric("rackboot_http_transfers_in_flight") == 0.0,
     );
     let took = started.elapsed();
     assert!(took >= Duration::from_millis(1500), "{took:?}");
@@ -158,7 +135,7 @@ fn a_body_nobody_reads_is_closed_after_send_timeout_and_its_generation_collected
     assert!(got.len() < size, "{} bytes", got.len());
     // Nothing holds generation 1 any more: the next publication collects it.
     for (generation, version) in [(2, "20261120"), (3, "20261201")] {
-        write_stream(&r.env.mirror, &products(version, size), &r.key, SHA512);
+        r.publish(version, size);
         assert_eq!(post_sync(&s).0, 202);
         s.wait_generation(generation, Duration::from_secs(60));
     }
@@ -168,8 +145,6 @@ fn a_body_nobody_reads_is_closed_after_send_timeout_and_its_generation_collected
 #[test]
 fn upstream_files_are_never_active_content_and_every_answer_says_nosniff() {
     let env = Env::new();
-    let key = TestKey::generate();
-    key.write_keyring(&env.keyring);
     // An item whose upstream name ends in .html and whose bytes are a page with a
     // script that would read the page's token.
     let mut p = products("20261101", 4096);
@@ -178,15 +153,13 @@ fn upstream_files_are_never_active_content_and_every_answer_says_nosniff() {
     squash.path = format!("{}.html", squash.path);
     squash.data = evil.to_vec();
     let path = format!("/{}", squash.path);
-    write_stream(&env.mirror, &p, &key, SHA512);
-    let mirror = MirrorServer::start(&env.mirror);
+    let (_key, mirror) = env.signed_upstream(&p);
     env.write_config(
         &mirror.url(),
         &["amd64"],
-        &format!("auto = false\n{}", crate::serve::LISTEN),
+        &format!("auto = false\n{}", LISTEN),
     );
-    let s = env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = env.serve_synced();
     let (code, body) = s.get(&path);
     assert_eq!((code, body.as_slice()), (200, &evil[..]));
     let (code, h) = headers(&s.url(&path), &[]);
@@ -230,9 +203,8 @@ fn credentials_in_a_source_url_are_shown_nowhere() {
     let secret = "hunter2-pw";
     let plain = r.mirror.url();
     let with_creds = plain.replacen("http://", &format!("http://admin:{secret}@"), 1);
-    crate::http::edit_config(&r.env, &plain, &with_creds);
-    let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    edit_config(&r.env, &plain, &with_creds);
+    let s = r.env.serve_synced();
     // The upstream fails: the sync's error names the index URL.
     r.mirror.fault("streams/v1/index.sjson", Fault::Status(503));
     assert_eq!(post_sync(&s).0, 202);
@@ -271,7 +243,7 @@ fn credentials_in_a_source_url_are_shown_nowhere() {
 
 /// A write to the API with the token; (status, body as JSON).
 fn write(s: &Served, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
-    let auth = format!("Authorization: Bearer {}", crate::http::TOKEN);
+    let auth = format!("Authorization: Bearer {}", TOKEN);
     let (code, out) = curl(&["-X", method, "-H", &auth, "-d", body, &s.url(path)]);
     let v = serde_json::from_slice(&out)
         .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {out:?}"));
@@ -281,8 +253,7 @@ fn write(s: &Served, method: &str, path: &str, body: &str) -> (u16, serde_json::
 #[test]
 fn api_bodies_are_typed_null_clears_and_a_bad_keyring_is_refused() {
     let r = rack_with_token(4096, "auto = false", "");
-    let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = r.env.serve_synced();
     let mac = "/api/v1/machines/52:54:00:00:00:07";
     let (code, v) = write(
         &s,
@@ -428,10 +399,7 @@ fn checkboxes(html: &str) -> Vec<(String, bool)> {
 #[test]
 fn the_page_keys_rows_by_source_and_shows_the_current_selection() {
     let env = Env::new();
-    let key = TestKey::generate();
-    key.write_keyring(&env.keyring);
-    write_stream(&env.mirror, &products("20261101", 4096), &key, SHA512);
-    let one = MirrorServer::start(&env.mirror);
+    let (key, one) = env.signed_upstream(&products("20261101", 4096));
     let root_two = env.dir.path().join("mirror-two");
     let two_products = vec![
         image("jammy", "amd64", "20261101", 4096),
@@ -464,16 +432,15 @@ release = "jammy"
 arches = ["amd64"]
 "#,
         state = env.state.display(),
-        listen = crate::serve::LISTEN,
+        listen = LISTEN,
         token = env.dir.path().join("token").display(),
         one = one.url(),
         two = two.url(),
         keyring = env.keyring.display(),
     );
     std::fs::write(&env.config, text).unwrap();
-    std::fs::write(env.dir.path().join("token"), crate::http::TOKEN).unwrap();
-    let s = env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    std::fs::write(env.dir.path().join("token"), TOKEN).unwrap();
+    let s = env.serve_synced();
     let (_, page) = s.get("/");
     let boxes = checkboxes(&String::from_utf8(page).unwrap());
     assert_eq!(
@@ -515,9 +482,9 @@ arches = ["amd64"]
 #[test]
 fn a_tls_body_nobody_reads_is_closed_after_send_timeout() {
     let size = 8 << 20;
-    let (r, cert) = crate::http::rack_with_tls(size);
-    crate::http::edit_config(&r.env, "tls_listen", "send_timeout = \"2s\"\ntls_listen");
-    let (s, addrs) = crate::http::spawn_serve(&r.env, &["TFTP", "HTTP", "HTTPS"], |_| {});
+    let (r, cert) = rack_with_tls(size);
+    edit_config(&r.env, "tls_listen", "send_timeout = \"2s\"\ntls_listen");
+    let (s, addrs) = r.env.serve_with(&["TFTP", "HTTP", "HTTPS"], |_| {});
     s.wait_generation(1, Duration::from_secs(60));
     // A TLS client that stops reading: openssl's output goes to a pipe nobody reads,
     // so once the pipe is full it reads no more from the socket.
@@ -534,14 +501,14 @@ fn a_tls_body_nobody_reads_is_closed_after_send_timeout() {
         .write_all(format!("GET {KERNEL} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
         .unwrap();
     wait_until(Duration::from_secs(20), "the transfer to start", || {
-        metric(&s, "rackboot_http_transfers_in_flight") == 1.0
+        s.metric("rackboot_http_transfers_in_flight") == 1.0
     });
     let started = Instant::now();
     wait_until(Duration::from_secs(10), "the transfer to end", || {
-        metric(&s, "rackboot_http_transfers_in_flight") == 0.0
+        s.metric("rackboot_http_transfers_in_flight") == 0.0
     });
     assert!(started.elapsed() >= Duration::from_millis(1500));
-    assert!(metric(&s, "rackboot_http_errors_total{kind=\"send_timeout\"}") >= 1.0);
+    assert!(s.metric("rackboot_http_errors_total{kind=\"send_timeout\"}") >= 1.0);
     // What openssl got is less than the file.
     drop(stdin);
     let mut got = Vec::new();

@@ -3,14 +3,8 @@
 
 use std::time::Duration;
 
-use sequoia_openpgp::types::HashAlgorithm;
-
 use crate::harness::*;
-use crate::http::rack_with_token;
-use crate::mirror::*;
-use crate::serve::products;
-
-const SHA512: Signing = Signing::Signed(HashAlgorithm::SHA512);
+use crate::upstream::*;
 
 fn tmp_parts(env: &Env) -> Vec<String> {
     std::fs::read_dir(env.state.join("tmp"))
@@ -27,7 +21,7 @@ fn tmp_parts(env: &Env) -> Vec<String> {
 fn import_and_stop_import_through_the_daemon() {
     let r = rack_with_token(1 << 20, "auto = false", "");
     let s = r.env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    s.wait_synced(1, Duration::from_secs(60));
     let url = s.url("/");
     let res = |op: &str| r.env.ok(&["boot-resources", op, "--url", &url]);
     assert_eq!(res("is-importing").trim(), "false");
@@ -36,12 +30,7 @@ fn import_and_stop_import_through_the_daemon() {
     // A new version whose kernel comes slowly: `import` starts it, `stop-import`
     // stops it; nothing is published and the partial download is kept.
     r.mirror.fault("boot-kernel", Fault::Throttle(100_000));
-    write_stream(
-        &r.env.mirror,
-        &products("20261120", 1 << 20),
-        &r.key,
-        SHA512,
-    );
+    r.publish("20261120", 1 << 20);
     let out = res("import");
     assert!(out.contains("import started"), "{out}");
     wait_until(
@@ -89,10 +78,7 @@ fn import_and_stop_import_through_the_daemon() {
 #[test]
 fn stop_import_without_a_daemon_stops_the_running_sync() {
     let env = Env::new();
-    let key = TestKey::generate();
-    key.write_keyring(&env.keyring);
-    write_stream(&env.mirror, &products("20261101", 1 << 20), &key, SHA512);
-    let mirror = MirrorServer::start(&env.mirror);
+    let (_key, mirror) = env.signed_upstream(&products("20261101", 1 << 20));
     mirror.fault("boot-kernel", Fault::Throttle(100_000));
     // No daemon listens on this address.
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -2,12 +2,8 @@
 
 use std::path::Path;
 
-use sequoia_openpgp::types::HashAlgorithm;
-
 use crate::harness::*;
-use crate::mirror::*;
-
-const SHA512: Signing = Signing::Signed(HashAlgorithm::SHA512);
+use crate::upstream::*;
 
 /// noble amd64 with the given versions, noble arm64, and the bootloaders.
 fn products(amd64_versions: &[&str]) -> Vec<ProductSpec> {
@@ -48,11 +44,8 @@ fn files_under(dir: &Path) -> Vec<String> {
 #[test]
 fn mirror_filters_verifies_and_feeds_a_rack() {
     let env = Env::new();
-    let key = TestKey::generate();
-    key.write_keyring(&env.keyring);
     let upstream = products(&["20261101", "20261102"]);
-    write_stream(&env.mirror, &upstream, &key, SHA512);
-    let server = MirrorServer::start(&env.mirror);
+    let (key, server) = env.signed_upstream(&upstream);
     let dest = env.dir.path().join("out");
     let (url, dest_s, keyring) = (
         server.url(),

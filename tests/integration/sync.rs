@@ -6,9 +6,7 @@ use sequoia_openpgp::parse::Parse as _;
 use sequoia_openpgp::types::HashAlgorithm;
 
 use crate::harness::*;
-use crate::mirror::*;
-
-const SHA512: Signing = Signing::Signed(HashAlgorithm::SHA512);
+use crate::upstream::*;
 
 /// A mirror with noble amd64 + arm64 images and bootloaders, signed by `key`.
 fn standard(env: &Env, key: &TestKey, version: &str) -> Vec<ProductSpec> {
@@ -478,12 +476,9 @@ fn fails_safely_on_full_disk() {
         }
     }
     let _guard = Unmount(env.state.clone());
-    let key = TestKey::generate();
-    key.write_keyring(&env.keyring);
     let mut products = vec![image("noble", "amd64", "20261101", 64 << 10)];
     products.extend(bootloaders("20210819.0"));
-    write_stream(&env.mirror, &products, &key, SHA512);
-    let server = MirrorServer::start(&env.mirror);
+    let (key, server) = env.signed_upstream(&products);
     env.write_config(&server.url(), &["amd64"], "");
     env.ok(&["sync"]);
     let mut products = vec![image("noble", "amd64", "20261120", 2 << 20)];
@@ -498,12 +493,9 @@ fn fails_safely_on_full_disk() {
 #[test]
 fn kill_9_mid_download_then_resume_with_range() {
     let env = Env::new();
-    let key = TestKey::generate();
-    key.write_keyring(&env.keyring);
     let mut products = vec![image("noble", "amd64", "20261101", 8 << 20)];
     products.extend(bootloaders("20210819.0"));
-    write_stream(&env.mirror, &products, &key, SHA512);
-    let server = MirrorServer::start(&env.mirror);
+    let (_key, server) = env.signed_upstream(&products);
     env.write_config(&server.url(), &["amd64"], "");
     server.fault("20261101/squashfs", Fault::Throttle(2 << 20));
     let mut child = env

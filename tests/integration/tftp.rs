@@ -1,62 +1,18 @@
 //! `rackboot serve` over TFTP where the address matters: IPv6, several listen
 //! addresses and wildcard listeners (replies must come from the address the client
-//! talked to), the transfer limit, and retransmitted RRQs.
+//! talked to), the transfer limit, retransmitted RRQs, hostile clients, and a
+//! 100 MiB file whose block number rolls over.
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use rackboot::tftp::packet::{self, Packet};
-use sequoia_openpgp::types::HashAlgorithm;
 
 use crate::harness::*;
-use crate::mirror::*;
+use crate::upstream::*;
 
-const KERNEL: &str = "/ubuntu/amd64/generic/noble/stable/boot-kernel";
-const KERNEL_SIZE: usize = 3 << 20;
+const KERNEL_SIZE: usize = LISTEN_RACK_KERNEL;
 const VERSION: &str = "20261101";
-
-/// A synced rack (kernel of `KERNEL_SIZE`) whose config has `listen` as the TFTP
-/// addresses and `tftp_extra` in its `[tftp]` table; serving, generation 1 published.
-struct Rack {
-    // Field order is drop order: stop the daemon before its files go.
-    served: Served,
-    _mirror: MirrorServer,
-    _env: Env,
-}
-
-fn rack(listen: &[&str], tftp_extra: &str) -> Rack {
-    let env = Env::new();
-    let key = TestKey::generate();
-    key.write_keyring(&env.keyring);
-    let mut products = vec![image("noble", "amd64", VERSION, KERNEL_SIZE)];
-    products.extend(bootloaders("20210819.0"));
-    write_stream(
-        &env.mirror,
-        &products,
-        &key,
-        Signing::Signed(HashAlgorithm::SHA512),
-    );
-    let mirror = MirrorServer::start(&env.mirror);
-    let listen = listen
-        .iter()
-        .map(|a| format!("\"{a}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
-    env.write_config(
-        &mirror.url(),
-        &["amd64"],
-        &format!(
-            "auto = false\n[tftp]\nlisten = [{listen}]\n{tftp_extra}\n[http]\nlisten = [\"127.0.0.1:0\"]\n"
-        ),
-    );
-    let served = env.serve();
-    served.wait_generation(1, Duration::from_secs(60));
-    Rack {
-        served,
-        _mirror: mirror,
-        _env: env,
-    }
-}
 
 fn kernel_sha() -> String {
     let p = image("noble", "amd64", VERSION, KERNEL_SIZE);
@@ -76,22 +32,6 @@ fn tftp_addrs(s: &Served, n: usize) -> Vec<SocketAddr> {
         addrs.len() >= n
     });
     addrs
-}
-
-fn metric(s: &Served, line_start: &str) -> u64 {
-    let (code, body) = s.get("/metrics");
-    assert_eq!(code, 200);
-    let text = String::from_utf8(body).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no metric {line_start:?} in\n{text}"))
-}
-
-/// A raw client socket on `local` (port 0) with a read timeout.
-fn client(local: &str, timeout: Duration) -> UdpSocket {
-    let s = UdpSocket::bind(local).unwrap();
-    s.set_read_timeout(Some(timeout)).unwrap();
-    s
 }
 
 /// Sends an RRQ for `name` to `server` and returns the first reply and where it came
@@ -181,7 +121,7 @@ fn finish_download(
 
 #[test]
 fn ipv6_with_real_clients() {
-    let r = rack(&["[::1]:0"], "");
+    let r = listen_rack(&["[::1]:0"], "");
     let s = &r.served;
     assert_eq!(s.tftp.ip(), "::1".parse::<IpAddr>().unwrap());
     let want = kernel_sha();
@@ -190,27 +130,12 @@ fn ipv6_with_real_clients() {
     let o = out.to_str().unwrap();
     let url = format!("tftp://[::1]:{}{KERNEL}", s.tftp.port());
     for bs in ["512", "1468"] {
-        let _ = std::fs::remove_file(&out);
-        let res = run_client(
-            "curl",
-            &[
-                "-s",
-                "--max-time",
-                "60",
-                "--tftp-blksize",
-                bs,
-                "-o",
-                o,
-                &url,
-            ],
-            Duration::from_secs(70),
+        let got = curl_fetch(
+            &url,
+            &["--tftp-blksize", bs],
+            &format!("over ::1, blksize {bs}"),
         );
-        assert!(
-            res.status.success(),
-            "curl over ::1, blksize {bs}: {}",
-            String::from_utf8_lossy(&res.stderr)
-        );
-        assert_eq!(file_sha256(&out), want, "curl over ::1, blksize {bs}");
+        assert_eq!(sha256_hex(&got), want, "curl over ::1, blksize {bs}");
     }
     // tftp-hpa exits 0 even on a TFTP error: the contents are what counts.
     let _ = std::fs::remove_file(&out);
@@ -245,7 +170,7 @@ fn ipv6_with_real_clients() {
 fn replies_come_from_the_address_the_client_talked_to() {
     let want = kernel_sha();
     // Two specific addresses.
-    let r = rack(&["127.0.0.1:0", "127.0.0.2:0"], "");
+    let r = listen_rack(&["127.0.0.1:0", "127.0.0.2:0"], "");
     let addrs = tftp_addrs(&r.served, 2);
     for ip in ["127.0.0.1", "127.0.0.2"] {
         let server = *addrs
@@ -265,36 +190,22 @@ fn replies_come_from_the_address_the_client_talked_to() {
             want
         );
     }
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("k");
     let second = addrs
         .iter()
         .find(|a| a.ip().to_string() == "127.0.0.2")
         .unwrap();
-    let res = run_client(
-        "curl",
-        &[
-            "-s",
-            "--max-time",
-            "60",
-            "-o",
-            out.to_str().unwrap(),
-            &format!("tftp://{second}{KERNEL}"),
-        ],
-        Duration::from_secs(70),
+    let got = curl_fetch(
+        &format!("tftp://{second}{KERNEL}"),
+        &[],
+        "the kernel over TFTP",
     );
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
-    assert_eq!(file_sha256(&out), want);
+    assert_eq!(sha256_hex(&got), want);
     drop(r);
 
     // Wildcard listeners: the reply address comes from IP_PKTINFO / IPV6_PKTINFO, so
     // it is whichever local address the request was sent to (IPv4 on the dual-stack
     // socket arrives as a mapped address and must still be answered from IPv4).
-    let r = rack(&["0.0.0.0:0", "[::]:0"], "");
+    let r = listen_rack(&["0.0.0.0:0", "[::]:0"], "");
     let addrs = tftp_addrs(&r.served, 2);
     let v4 = addrs.iter().find(|a| a.is_ipv4()).unwrap().port();
     let v6 = addrs.iter().find(|a| a.is_ipv6()).unwrap().port();
@@ -332,7 +243,7 @@ fn replies_come_from_the_address_the_client_talked_to() {
 
 #[test]
 fn the_transfer_limit_refuses_clearly_and_recovers() {
-    let r = rack(&["127.0.0.1:0"], "max_transfers = 2");
+    let r = listen_rack(&["127.0.0.1:0"], "max_transfers = 2");
     let s = &r.served;
     // Two clients that get DATA 1 and never acknowledge it hold both slots.
     let mut hogs = vec![];
@@ -362,7 +273,7 @@ fn the_transfer_limit_refuses_clearly_and_recovers() {
         s.log_text().contains("tftp.max_transfers"),
         "the line names the setting"
     );
-    assert_eq!(metric(s, "rackboot_tftp_errors_total{kind=\"busy\"}"), 1);
+    assert_eq!(s.metric("rackboot_tftp_errors_total{kind=\"busy\"}"), 1.0);
     // The holders were not disturbed: the server still retransmits DATA 1 to them.
     let mut buf = [0u8; 2048];
     for (sock, peer) in &hogs {
@@ -379,36 +290,22 @@ fn the_transfer_limit_refuses_clearly_and_recovers() {
         Duration::from_secs(10),
         "the aborted transfers to end",
         || {
-            metric(s, "rackboot_tftp_transfers_in_flight") == 0
-                && metric(s, "rackboot_tftp_errors_total{kind=\"aborted\"}") == 2
+            s.metric("rackboot_tftp_transfers_in_flight") == 0.0
+                && s.metric("rackboot_tftp_errors_total{kind=\"aborted\"}") == 2.0
         },
     );
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("k");
-    let res = run_client(
-        "curl",
-        &[
-            "-s",
-            "--max-time",
-            "60",
-            "-o",
-            out.to_str().unwrap(),
-            &format!("tftp://{}{KERNEL}", s.tftp),
-        ],
-        Duration::from_secs(70),
+    let got = curl_fetch(
+        &format!("tftp://{}{KERNEL}", s.tftp),
+        &[],
+        "the kernel over TFTP",
     );
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
-    assert_eq!(file_sha256(&out), kernel_sha());
-    assert_eq!(metric(s, "rackboot_tftp_errors_total{kind=\"busy\"}"), 1);
+    assert_eq!(sha256_hex(&got), kernel_sha());
+    assert_eq!(s.metric("rackboot_tftp_errors_total{kind=\"busy\"}"), 1.0);
 }
 
 #[test]
 fn a_retransmitted_rrq_does_not_start_a_second_transfer() {
-    let r = rack(&["127.0.0.1:0"], "");
+    let r = listen_rack(&["127.0.0.1:0"], "");
     let s = &r.served;
     let want = kernel_sha();
     let opts = [("blksize", "1468"), ("windowsize", "4"), ("tsize", "0")];
@@ -437,12 +334,12 @@ fn a_retransmitted_rrq_does_not_start_a_second_transfer() {
     wait_until(
         Duration::from_secs(10),
         "the transfer to be counted",
-        || metric(s, "rackboot_tftp_transfers_ok_total") == 1,
+        || s.metric("rackboot_tftp_transfers_ok_total") == 1.0,
     );
-    assert_eq!(metric(s, "rackboot_tftp_received_requests_total"), 3);
+    assert_eq!(s.metric("rackboot_tftp_received_requests_total"), 3.0);
     assert_eq!(
-        metric(s, "rackboot_tftp_requests_total{class=\"kernel\"}"),
-        1
+        s.metric("rackboot_tftp_requests_total{class=\"kernel\"}"),
+        1.0
     );
     // Once it is over, the same port may ask again: that is a new transfer.
     let (first, peer2) = first_reply(&sock, s.tftp, KERNEL, &opts);
@@ -451,4 +348,178 @@ fn a_retransmitted_rrq_does_not_start_a_second_transfer() {
         sha256_hex(&finish_download(&sock, first, peer2, || {})),
         want
     );
+}
+
+/// Sends `pkt` from a fresh socket and returns the first reply (if any).
+fn exchange(server: std::net::SocketAddr, pkt: &[u8]) -> Option<Vec<u8>> {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    sock.send_to(pkt, server).unwrap();
+    let mut buf = [0u8; 2048];
+    sock.recv_from(&mut buf)
+        .ok()
+        .map(|(n, _)| buf[..n].to_vec())
+}
+
+fn error_code(reply: &[u8]) -> u16 {
+    assert_eq!(&reply[..2], &[0, 5], "an ERROR packet: {reply:?}");
+    u16::from_be_bytes([reply[2], reply[3]])
+}
+
+fn rrq(name: &str, opts: &[(&str, &str)]) -> Vec<u8> {
+    let mut v = vec![0, 1];
+    for s in [name, "octet"] {
+        v.extend_from_slice(s.as_bytes());
+        v.push(0);
+    }
+    for (k, val) in opts {
+        v.extend_from_slice(k.as_bytes());
+        v.push(0);
+        v.extend_from_slice(val.as_bytes());
+        v.push(0);
+    }
+    v
+}
+
+#[test]
+fn tftp_hostile_clients_get_errors_and_others_are_still_served() {
+    let r = rack(256 << 10, "auto = false", "");
+    let s = r.env.serve_synced();
+    let srv = s.tftp;
+    // Truncated and unknown packets: an illegal-operation error or nothing, never a crash.
+    for junk in [
+        &b"\x00"[..],
+        b"\x00\x01",
+        b"\x00\x01abc",
+        b"\x00\x09hello\x00",
+        b"\xff\xff\xff",
+    ] {
+        if let Some(reply) = exchange(srv, junk) {
+            assert_eq!(error_code(&reply), 4, "{junk:?}");
+        }
+    }
+    // Traversal attempts: access violation.
+    for name in [
+        "../etc/passwd",
+        "..\\..\\etc\\passwd",
+        "/../../etc/passwd",
+        "a/../../b",
+    ] {
+        let reply = exchange(srv, &rrq(name, &[])).expect("an answer");
+        assert_eq!(error_code(&reply), 2, "{name}");
+    }
+    // Write requests: access violation.
+    let mut wrq = rrq("x", &[]);
+    wrq[1] = 2;
+    assert_eq!(error_code(&exchange(srv, &wrq).unwrap()), 2);
+    // Not found is quick and says so.
+    assert_eq!(
+        error_code(&exchange(srv, &rrq("pxelinux.cfg/C0A80001", &[])).unwrap()),
+        1
+    );
+    // Huge option values and 1000 options.
+    let reply = exchange(
+        srv,
+        &rrq(
+            "pxelinux.0",
+            &[("blksize", "99999999999999999999999"), ("tsize", "0")],
+        ),
+    )
+    .unwrap();
+    assert_eq!(&reply[..2], &[0, 6], "OACK with only tsize");
+    assert!(String::from_utf8_lossy(&reply).contains("tsize"));
+    assert!(!String::from_utf8_lossy(&reply).contains("blksize"));
+    let many: Vec<(String, String)> = (0..1000).map(|i| (format!("opt{i}"), "1".into())).collect();
+    let refs: Vec<(&str, &str)> = many.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    assert_eq!(
+        error_code(&exchange(srv, &rrq("pxelinux.0", &refs)).unwrap()),
+        4
+    );
+    // The tsize probe: RRQ, OACK, client ERROR ends it at once.
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    sock.send_to(&rrq(KERNEL, &[("tsize", "0"), ("blksize", "1468")]), srv)
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, from) = sock.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..2], &[0, 6]);
+    assert!(String::from_utf8_lossy(&buf[..n]).contains(&format!("tsize\0{}", 256 << 10)));
+    sock.send_to(b"\x00\x05\x00\x08tsize probe\x00", from)
+        .unwrap();
+    // Duplicate RRQs from one port start one transfer only, and an ACK flood for wrong
+    // blocks is ignored.
+    let dup = UdpSocket::bind("127.0.0.1:0").unwrap();
+    dup.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let req = rrq(KERNEL, &[]);
+    dup.send_to(&req, srv).unwrap();
+    dup.send_to(&req, srv).unwrap();
+    let mut firsts = 0;
+    let mut peer = None;
+    while let Ok((n, from)) = dup.recv_from(&mut buf) {
+        if n >= 4 && buf[..4] == [0, 3, 0, 1] {
+            firsts += 1;
+            peer = Some(from);
+        }
+    }
+    assert_eq!(firsts, 1, "one transfer answers with DATA 1");
+    for b in [7u16, 900, 65535, 3] {
+        let mut ack = vec![0, 4];
+        ack.extend_from_slice(&b.to_be_bytes());
+        dup.send_to(&ack, peer.unwrap()).unwrap();
+    }
+    // Everyone else is still served correctly.
+    let got = curl_fetch(
+        &format!("tftp://{srv}{KERNEL}"),
+        &[],
+        "the kernel over TFTP",
+    );
+    assert_eq!(
+        sha256_hex(&got),
+        sha256_hex(&kernel_of("20261101", 256 << 10))
+    );
+    let (_, m) = s.get("/metrics");
+    let m = String::from_utf8(m).unwrap();
+    assert!(m.contains("rackboot_tftp_tsize_probes_total 1"), "{m}");
+}
+
+#[test]
+fn tftp_100_mib_with_blksize_512_rolls_over() {
+    let r = rack(50 << 20, "auto = false", ""); // squashfs is 2x + 1 = 100 MiB + 1
+    let s = r.env.serve();
+    s.wait_generation(1, Duration::from_secs(120));
+    let want = image("noble", "amd64", "20261101", 50 << 20)
+        .versions
+        .into_values()
+        .next()
+        .unwrap()[2]
+        .data
+        .clone();
+    assert!(want.len() > 65535 * 512);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("sq");
+    let res = run_client(
+        "curl",
+        &[
+            "-s",
+            "--max-time",
+            "300",
+            "--tftp-blksize",
+            "512",
+            "-o",
+            out.to_str().unwrap(),
+            &format!(
+                "tftp://{}/ubuntu/amd64/generic/noble/stable/squashfs",
+                s.tftp
+            ),
+        ],
+        Duration::from_secs(320),
+    );
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert_eq!(file_sha256(&out), sha256_hex(&want));
 }

@@ -7,67 +7,12 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use rackboot::tftp::packet::{self, Packet};
-use sequoia_openpgp::types::HashAlgorithm;
 
 use crate::harness::*;
-use crate::mirror::*;
+use crate::upstream::*;
 
-const KERNEL: &str = "/ubuntu/amd64/generic/noble/stable/boot-kernel";
-const KERNEL_SIZE: usize = 3 << 20;
 /// A 6000-byte bootloader file in the served tree (`payload(4, 6000)`).
 const SMALL: &str = "grubx64.efi";
-
-struct Rack {
-    // Field order is drop order: stop the daemon before its files go.
-    served: Served,
-    _mirror: MirrorServer,
-    _env: Env,
-}
-
-/// A synced rack serving TFTP on 127.0.0.1 with `tftp_extra` in its `[tftp]` table.
-fn rack(tftp_extra: &str) -> Rack {
-    let env = Env::new();
-    let key = TestKey::generate();
-    key.write_keyring(&env.keyring);
-    let mut products = vec![image("noble", "amd64", "20261101", KERNEL_SIZE)];
-    products.extend(bootloaders("20210819.0"));
-    write_stream(
-        &env.mirror,
-        &products,
-        &key,
-        Signing::Signed(HashAlgorithm::SHA512),
-    );
-    let mirror = MirrorServer::start(&env.mirror);
-    env.write_config(
-        &mirror.url(),
-        &["amd64"],
-        &format!(
-            "auto = false\n[tftp]\nlisten = [\"127.0.0.1:0\"]\n{tftp_extra}\n[http]\nlisten = [\"127.0.0.1:0\"]\n"
-        ),
-    );
-    let served = env.serve();
-    served.wait_generation(1, Duration::from_secs(60));
-    Rack {
-        served,
-        _mirror: mirror,
-        _env: env,
-    }
-}
-
-fn metric(s: &Served, line_start: &str) -> u64 {
-    let (code, body) = s.get("/metrics");
-    assert_eq!(code, 200);
-    let text = String::from_utf8(body).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no metric {line_start:?} in\n{text}"))
-}
-
-fn client(local: &str, timeout: Duration) -> UdpSocket {
-    let s = UdpSocket::bind(local).unwrap();
-    s.set_read_timeout(Some(timeout)).unwrap();
-    s
-}
 
 fn recv(sock: &UdpSocket, what: &str) -> (Vec<u8>, SocketAddr) {
     let mut buf = [0u8; 70000];
@@ -121,7 +66,7 @@ fn download(server: SocketAddr, local: &str, name: &str, mode: &str) -> Vec<u8> 
 /// seconds, and another machine is served meanwhile.
 #[test]
 fn a_timeout_255_flood_from_one_address_does_not_starve_another() {
-    let r = rack("max_transfers = 80");
+    let r = listen_rack(&["127.0.0.1:0"], "max_transfers = 80");
     let s = &r.served;
     let mut flood = vec![];
     for _ in 0..200 {
@@ -161,7 +106,7 @@ fn a_timeout_255_flood_from_one_address_does_not_starve_another() {
     );
     // Another machine gets the whole kernel while the flood's transfers hold slots.
     let got = download(s.tftp, "127.0.0.3:0", KERNEL, "octet");
-    assert_eq!(got.len(), KERNEL_SIZE);
+    assert_eq!(got.len(), LISTEN_RACK_KERNEL);
     wait_until(Duration::from_secs(10), "the per-client log line", || {
         s.log_text().contains("tftp.max_transfers_per_client")
     });
@@ -170,7 +115,7 @@ fn a_timeout_255_flood_from_one_address_does_not_starve_another() {
     wait_until(
         Duration::from_secs(8),
         "the unacknowledged transfers to end",
-        || metric(s, "rackboot_tftp_transfers_in_flight") == 0,
+        || s.metric("rackboot_tftp_transfers_in_flight") == 0.0,
     );
     eprintln!(
         "flood transfers ended {:?} after the download",
@@ -185,7 +130,7 @@ fn a_timeout_255_flood_from_one_address_does_not_starve_another() {
 /// then a partial ACK: the resent block is right and the server keeps serving.
 #[test]
 fn netascii_with_a_huge_window_and_a_partial_ack_does_not_kill_the_server() {
-    let r = rack("max_windowsize = 256");
+    let r = listen_rack(&["127.0.0.1:0"], "max_windowsize = 256");
     let s = &r.served;
     let want = netascii(&payload(4, 6000));
     let sock = client("127.0.0.1:0", Duration::from_secs(5));
@@ -240,7 +185,7 @@ fn netascii_with_a_huge_window_and_a_partial_ack_does_not_kill_the_server() {
 /// on a transfer thread), while an octet download of the same file runs on.
 #[test]
 fn netascii_requests_of_a_large_file_are_refused_without_reading_it() {
-    let r = rack("");
+    let r = listen_rack(&["127.0.0.1:0"], "");
     let s = &r.served;
     // An octet download in progress: its first block is in.
     let dl = client("127.0.0.1:0", Duration::from_secs(5));
@@ -286,7 +231,7 @@ fn netascii_requests_of_a_large_file_are_refused_without_reading_it() {
             }
         }
     }
-    assert_eq!(got.len(), KERNEL_SIZE);
+    assert_eq!(got.len(), LISTEN_RACK_KERNEL);
     // A small file is still served in netascii, with its converted size.
     let want = netascii(&payload(4, 6000));
     let c = client("127.0.0.1:0", Duration::from_secs(5));
@@ -306,7 +251,7 @@ fn netascii_requests_of_a_large_file_are_refused_without_reading_it() {
 /// most two packets: the first one and one resend.
 #[test]
 fn an_unacknowledged_rrq_gets_at_most_one_resend() {
-    let r = rack("");
+    let r = listen_rack(&["127.0.0.1:0"], "");
     let s = &r.served;
     let plain = client("127.0.0.5:0", Duration::from_millis(500));
     let rrq = packet::rrq(KERNEL, "octet", &[]);
@@ -344,11 +289,14 @@ fn an_unacknowledged_rrq_gets_at_most_one_resend() {
     assert!((1..=2).contains(&data), "{data} DATA packets for one RRQ");
     assert!((1..=2).contains(&oacks), "{oacks} OACKs for one RRQ");
     assert_eq!(other, 0);
-    assert_eq!(metric(s, "rackboot_tftp_transfers_in_flight"), 0);
-    assert_eq!(metric(s, "rackboot_tftp_errors_total{kind=\"timeout\"}"), 2);
+    assert_eq!(s.metric("rackboot_tftp_transfers_in_flight"), 0.0);
     assert_eq!(
-        metric(s, "rackboot_tftp_errors_total{kind=\"unacknowledged\"}"),
-        2,
+        s.metric("rackboot_tftp_errors_total{kind=\"timeout\"}"),
+        2.0
+    );
+    assert_eq!(
+        s.metric("rackboot_tftp_errors_total{kind=\"unacknowledged\"}"),
+        2.0,
         "counted as never acknowledged"
     );
 }

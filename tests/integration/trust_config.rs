@@ -15,9 +15,8 @@ use openpgp::serialize::Serialize as _;
 use openpgp::types::{HashAlgorithm, KeyFlags};
 
 use crate::harness::*;
-use crate::mirror::*;
+use crate::upstream::*;
 
-const SHA512: Signing = Signing::Signed(HashAlgorithm::SHA512);
 const TOKEN: &str = "h4-token";
 const UPDATED: &str = "Mon, 24 Nov 2026 12:00:00 +0000";
 
@@ -110,15 +109,7 @@ fn rack(arm64_label: Option<&str>) -> (Env, MirrorServer, Served) {
 /// [`rack`], also returning the stream's signing key (to publish a next version).
 fn rack_keyed(arm64_label: Option<&str>) -> (Env, MirrorServer, Served, TestKey) {
     let env = Env::new();
-    let key = TestKey::generate();
-    key.write_keyring(&env.keyring);
-    write_stream(
-        &env.mirror,
-        &products("20261101", arm64_label),
-        &key,
-        SHA512,
-    );
-    let mirror = MirrorServer::start(&env.mirror);
+    let (key, mirror) = env.signed_upstream(&products("20261101", arm64_label));
     let token = env.dir.path().join("token");
     std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
     env.write_config(
@@ -129,8 +120,7 @@ fn rack_keyed(arm64_label: Option<&str>) -> (Env, MirrorServer, Served, TestKey)
             token.display()
         ),
     );
-    let s = env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = env.serve_synced();
     (env, mirror, s, key)
 }
 
@@ -266,7 +256,7 @@ fn kernel_params_are_limited_and_long_lines_never_served() {
 
     // Written past the checks (by hand): ` KERNEL http://…` would start at byte
     // 4095 of the APPEND line, i.e. become a directive of its own.
-    let base = tftp_config(&s, "pxelinux.cfg/01-52-54-00-00-00-09").unwrap();
+    let base = tftp_get(&s, "pxelinux.cfg/01-52-54-00-00-00-09").unwrap();
     let append = base.lines().find(|l| l.starts_with("  APPEND")).unwrap();
     let pad = 4095 - append.len() - 1;
     let evil = format!("{} KERNEL http://127.0.0.1:9/evil", "p".repeat(pad));
@@ -276,7 +266,7 @@ fn kernel_params_are_limited_and_long_lines_never_served() {
             .unwrap(),
     )
     .unwrap();
-    assert_eq!(tftp_config(&s, "pxelinux.cfg/01-52-54-00-00-00-03"), None);
+    assert_eq!(tftp_get(&s, "pxelinux.cfg/01-52-54-00-00-00-03"), None);
     let (code, body) = s.get("/pxelinux.cfg/01-52-54-00-00-00-03");
     assert_eq!(code, 404, "{}", String::from_utf8_lossy(&body));
     wait_until(Duration::from_secs(5), "the refusal in the log", || {
@@ -293,27 +283,6 @@ fn kernel_params_are_limited_and_long_lines_never_served() {
     );
     let e = other.fails(&["machines", "read"], 2);
     assert!(e.contains("boot.kernel_params"), "{e}");
-}
-
-/// A file over TFTP (curl's client), `None` when the server refuses it.
-fn tftp_config(s: &Served, path: &str) -> Option<String> {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("f");
-    let res = run_client(
-        "curl",
-        &[
-            "-sS",
-            "--max-time",
-            "10",
-            "-o",
-            out.to_str().unwrap(),
-            &format!("tftp://{}/{path}", s.tftp),
-        ],
-        Duration::from_secs(20),
-    );
-    res.status
-        .success()
-        .then(|| std::fs::read_to_string(&out).unwrap())
 }
 
 /// A rack (sync only) whose upstream is signed by `key`, amd64 only.

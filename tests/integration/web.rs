@@ -3,15 +3,13 @@
 //! changes it through the API with the typed token, "Sync now" syncs it, and the page
 //! follows the new generation.
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sequoia_openpgp::types::HashAlgorithm;
 use serde_json::{json, Value};
 
 use crate::harness::*;
-use crate::mirror::*;
+use crate::upstream::*;
 
 /// chromedriver, killed by PID on drop (it takes its browsers down with it).
 struct Driver {
@@ -30,14 +28,6 @@ impl Drop for Driver {
 struct Session<'a> {
     driver: &'a Driver,
     id: String,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// One WebDriver command through curl; returns the response's `value`.
@@ -229,20 +219,12 @@ impl Drop for Session<'_> {
 #[test]
 fn images_page_in_headless_chromium_selects_and_syncs() {
     let env = Env::new();
-    let key = TestKey::generate();
-    key.write_keyring(&env.keyring);
     let mut products = vec![
         image("noble", "amd64", "20261101", 16 << 10),
         image("noble", "arm64", "20261101", 16 << 10),
     ];
     products.extend(bootloaders("20210819.0"));
-    write_stream(
-        &env.mirror,
-        &products,
-        &key,
-        Signing::Signed(HashAlgorithm::SHA512),
-    );
-    let mirror = MirrorServer::start(&env.mirror);
+    let (_key, mirror) = env.signed_upstream(&products);
     let token = env.dir.path().join("token");
     std::fs::write(&token, "s3cret-token\n").unwrap();
     env.write_config(
@@ -253,8 +235,7 @@ fn images_page_in_headless_chromium_selects_and_syncs() {
             token.display()
         ),
     );
-    let s = env.serve();
-    s.wait_generation(1, Duration::from_secs(60));
+    let s = env.serve_synced();
 
     let driver = Driver::start();
     let profile = env.dir.path().join("chromium-profile");

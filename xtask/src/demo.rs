@@ -30,7 +30,16 @@ pub fn run(args: &[String]) -> Result<()> {
     cmd("cargo", &["build", "--release", "--bin", "rackboot"])?;
     let bin = root.join("target/release/rackboot");
     let config = demo.join("rackboot.toml");
-    std::fs::write(&config, demo_config(&stream, &state))?;
+    let tftp = format!("127.0.0.1:{TFTP_PORT}");
+    let http = format!("127.0.0.1:{HTTP_PORT}");
+    let rack = crate::demo_stream::DemoRack {
+        sync: "interval = \"5m\"",
+        tftp_listen: &tftp,
+        http_listen: &http,
+        kernel_params: None,
+        arches: "\"amd64\", \"arm64\"",
+    };
+    std::fs::write(&config, rack.config(&stream, &state))?;
     let rb = |args: &[&str]| -> Result<()> {
         let mut full = vec!["--config", config.to_str().expect("utf-8 path")];
         full.extend_from_slice(args);
@@ -143,36 +152,6 @@ fn serve(bin: &Path, config: &Path, keep_serving: bool) -> Result<()> {
 
 const TFTP_PORT: u16 = 6969;
 const HTTP_PORT: u16 = 5248;
-
-fn demo_config(stream: &Path, state: &Path) -> String {
-    format!(
-        r#"state_dir = "{state}"
-
-[sync]
-interval = "5m"
-
-[tftp]
-listen = ["127.0.0.1:{TFTP_PORT}"]
-
-[http]
-listen = ["127.0.0.1:{HTTP_PORT}"]
-
-[boot]
-default_image = "debian/bookworm"
-
-[[sources]]
-url = "file://{stream}/"
-keyring_filename = "{stream}/keyring.gpg"
-
-[[sources.selections]]
-os = "debian"
-release = "bookworm"
-arches = ["amd64", "arm64"]
-"#,
-        state = state.display(),
-        stream = stream.display(),
-    )
-}
 
 fn list(dir: &Path, base: &Path) -> Result<()> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)?.flatten().collect();

@@ -749,6 +749,71 @@ fn sign_all(tree: &Path, docs: &[String], signed_index_src: &Path, work: &Path) 
     result
 }
 
+/// A rack serving the demo stream: the one writer of its config for `demo`, `dist`,
+/// `image` and `netboot`, which differ only in these fields.
+pub struct DemoRack<'a> {
+    /// The body of the `[sync]` table (`auto = false`, `interval = "5m"`).
+    pub sync: &'a str,
+    pub tftp_listen: &'a str,
+    pub http_listen: &'a str,
+    /// `[boot] kernel_params`, when the rack sets them.
+    pub kernel_params: Option<&'a str>,
+    /// The selected arches as TOML array items (`"amd64", "arm64"`).
+    pub arches: &'a str,
+}
+
+impl DemoRack<'_> {
+    /// Listeners on loopback with ephemeral ports, no periodic sync.
+    pub fn loopback(arches: &str) -> DemoRack<'_> {
+        DemoRack {
+            sync: "auto = false",
+            tftp_listen: "127.0.0.1:0",
+            http_listen: "127.0.0.1:0",
+            kernel_params: None,
+            arches,
+        }
+    }
+
+    /// The config for serving the demo stream at `stream` from `state`.
+    pub fn config(&self, stream: &Path, state: &Path) -> String {
+        let kernel_params = self
+            .kernel_params
+            .map(|k| format!("kernel_params = \"{k}\"\n"))
+            .unwrap_or_default();
+        format!(
+            r#"state_dir = "{state}"
+
+[sync]
+{sync}
+
+[tftp]
+listen = ["{tftp}"]
+
+[http]
+listen = ["{http}"]
+
+[boot]
+default_image = "debian/bookworm"
+{kernel_params}
+[[sources]]
+url = "file://{stream}/"
+keyring_filename = "{stream}/keyring.gpg"
+
+[[sources.selections]]
+os = "debian"
+release = "bookworm"
+arches = [{arches}]
+"#,
+            state = state.display(),
+            stream = stream.display(),
+            sync = self.sync,
+            tftp = self.tftp_listen,
+            http = self.http_listen,
+            arches = self.arches,
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -758,5 +823,24 @@ mod tests {
         assert_eq!(civil(0), (1970, 1, 1));
         assert_eq!(civil(20_416), (2025, 11, 24));
         assert_eq!(civil(11_016), (2000, 2, 29));
+    }
+
+    #[test]
+    fn demo_rack_configs_differ_only_in_their_fields() {
+        let (stream, state) = (Path::new("/s"), Path::new("/st"));
+        let plain = DemoRack::loopback("\"amd64\"").config(stream, state);
+        assert!(plain.contains("[sync]\nauto = false\n"));
+        assert!(plain.contains("listen = [\"127.0.0.1:0\"]"));
+        assert!(plain.contains("default_image = \"debian/bookworm\"\n\n[[sources]]"));
+        assert!(plain.contains("url = \"file:///s/\"\nkeyring_filename = \"/s/keyring.gpg\""));
+        assert!(plain.ends_with("arches = [\"amd64\"]\n"));
+        let net = DemoRack {
+            kernel_params: Some("panic=-1"),
+            ..DemoRack::loopback("\"amd64\", \"arm64\"")
+        }
+        .config(stream, state);
+        assert!(net.contains(
+            "default_image = \"debian/bookworm\"\nkernel_params = \"panic=-1\"\n\n[[sources]]"
+        ));
     }
 }

@@ -19,15 +19,15 @@
 
 use std::fmt::Write as _;
 use std::io::Read as _;
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
+use crate::demo_stream::DemoRack;
 use crate::prereq::{self, cmd, output};
+use crate::proc::Guard;
 
 /// One release target.
 pub struct Target {
@@ -155,7 +155,8 @@ pub fn build_x86_64() -> Result<PathBuf> {
     build(&X86_64, &version()?)
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
+/// The SHA-256 of a file, read 1 MiB at a time.
+pub fn sha256_file(path: &Path) -> Result<String> {
     let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -167,73 +168,6 @@ fn sha256_file(path: &Path) -> Result<String> {
         h.update(&buf[..n]);
     }
     Ok(hex::encode(h.finalize()))
-}
-
-/// A child process in its own process group, killed (the group, by the child's PID)
-/// when dropped; through setpriv's parent-death signal it also dies with xtask.
-pub struct Guard {
-    pub child: Child,
-    pub what: String,
-}
-
-impl Guard {
-    /// Starts `program args…` with stdout and stderr to `log`.
-    pub fn spawn(what: &str, program: &str, args: &[&str], log: &Path) -> Result<Guard> {
-        let out =
-            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let child = Command::new("setpriv")
-            .args(["--pdeathsig", "KILL", "--", program])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("cannot start {what} ({program})"))?;
-        Ok(Guard {
-            child,
-            what: what.to_string(),
-        })
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Sends SIGTERM (to the process only) and waits up to `limit` for the exit.
-    pub fn terminate(&mut self, limit: Duration) -> Result<std::process::ExitStatus> {
-        let pid = self.pid().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let started = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait()? {
-                return Ok(s);
-            }
-            if started.elapsed() > limit {
-                bail!(
-                    "{} (pid {pid}) did not exit within {} s of SIGTERM",
-                    self.what,
-                    limit.as_secs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        // The group first (its id is the child's PID, which stays taken while the
-        // child is unreaped or any member lives), then the child itself.
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", self.pid())])
-            .stderr(Stdio::null())
-            .status();
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
 }
 
 /// Runs the binary (under its runner) with `args`, bounded by `limit`; returns
@@ -351,63 +285,10 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-/// Waits (bounded) for `needle` in the log; returns the rest of that line after it.
-pub fn wait_for_log(g: &mut Guard, log: &Path, needle: &str, limit: Duration) -> Result<String> {
-    let started = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| l.contains(needle)) {
-            let at = line.find(needle).expect("found") + needle.len();
-            return Ok(line[at..].trim().to_string());
-        }
-        if let Some(s) = g.child.try_wait()? {
-            bail!(
-                "{} exited ({s}) before logging {needle:?}; see {}",
-                g.what,
-                log.display()
-            );
-        }
-        if started.elapsed() > limit {
-            bail!(
-                "{} did not log {needle:?} within {} s; see {}",
-                g.what,
-                limit.as_secs(),
-                log.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// A rackboot config for serving the demo stream on loopback, ephemeral ports.
-pub fn loopback_config(stream: &Path, state: &Path, arches: &str) -> String {
-    format!(
-        r#"state_dir = "{state}"
-
-[sync]
-auto = false
-
-[tftp]
-listen = ["127.0.0.1:0"]
-
-[http]
-listen = ["127.0.0.1:0"]
-
-[boot]
-default_image = "debian/bookworm"
-
-[[sources]]
-url = "file://{stream}/"
-keyring_filename = "{stream}/keyring.gpg"
-
-[[sources.selections]]
-os = "debian"
-release = "bookworm"
-arches = [{arches}]
-"#,
-        state = state.display(),
-        stream = stream.display(),
-    )
+/// Downloads `url` to `out` with curl (failing on an HTTP error, within 60 s).
+fn curl_to(url: &str, out: &Path) -> Result<()> {
+    let out = out.to_str().context("utf-8 path")?;
+    cmd("curl", &["-sSf", "--max-time", "60", "-o", out, url])
 }
 
 /// Sync + serve + fetch with one binary.
@@ -419,7 +300,10 @@ fn smoke(t: &Target, bin: &Path, stream: &crate::demo_stream::Summary) -> Result
     std::fs::create_dir_all(&dir)?;
     let state = dir.join("state");
     let config = dir.join("rackboot.toml");
-    std::fs::write(&config, loopback_config(&stream.dir, &state, "\"amd64\""))?;
+    std::fs::write(
+        &config,
+        DemoRack::loopback("\"amd64\"").config(&stream.dir, &state),
+    )?;
     let config = config.to_str().context("utf-8 path")?;
 
     let started = Instant::now();
@@ -445,37 +329,20 @@ fn smoke(t: &Target, bin: &Path, stream: &crate::demo_stream::Summary) -> Result
         &args,
         &log,
     )?;
-    let http = wait_for_log(&mut serve, &log, "listening for HTTP on", CHECK_TIMEOUT)?;
-    let tftp = wait_for_log(&mut serve, &log, "listening for TFTP on", CHECK_TIMEOUT)?;
+    let http = serve.wait_for_log(&log, "listening for HTTP on", CHECK_TIMEOUT)?;
+    let tftp = serve.wait_for_log(&log, "listening for TFTP on", CHECK_TIMEOUT)?;
 
     let kernel = dir.join("boot-kernel");
-    cmd(
-        "curl",
-        &[
-            "-sSf",
-            "--max-time",
-            "60",
-            "-o",
-            kernel.to_str().context("utf-8 path")?,
-            &format!("http://{http}/images/debian/amd64/generic/bookworm/stable/boot-kernel"),
-        ],
+    curl_to(
+        &format!("http://{http}/images/debian/amd64/generic/bookworm/stable/boot-kernel"),
+        &kernel,
     )?;
     let digest = sha256_file(&kernel)?;
     if !stream.payloads.iter().any(|p| p.sha256 == digest) {
         bail!("the kernel served by rackboot ({}) has sha256 {digest}, which no payload of the signed stream has", t.arch);
     }
     let loader = dir.join("pxelinux.0");
-    cmd(
-        "curl",
-        &[
-            "-sSf",
-            "--max-time",
-            "60",
-            "-o",
-            loader.to_str().context("utf-8 path")?,
-            &format!("tftp://{tftp}/pxelinux.0"),
-        ],
-    )?;
+    curl_to(&format!("tftp://{tftp}/pxelinux.0"), &loader)?;
     let tftp_bytes = std::fs::metadata(&loader)?.len();
     if tftp_bytes == 0 {
         bail!("pxelinux.0 over TFTP from rackboot ({}) is empty", t.arch);

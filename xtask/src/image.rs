@@ -35,8 +35,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
-use crate::dist::{self, Guard};
+use crate::dist;
 use crate::prereq::{self, cmd, output};
+use crate::proc::Guard;
 
 const IMAGE_NAME: &str = "rackboot-appliance-amd64.img";
 /// The appliance's HTTP port (systemd/rackboot.toml).
@@ -175,7 +176,7 @@ fn build(image: &Path) -> Result<String> {
         c.env("RACKBOOT_BIN", &bin)
             .env("OUT", image)
             .env("WORK", &work);
-        spawn_logged(c, "images/appliance/build.sh", &log)?
+        Guard::spawn_logged(c, "images/appliance/build.sh", &log)?
     };
     let status = run_bounded(&mut g, BUILD_TIMEOUT);
     drop(g);
@@ -237,22 +238,6 @@ fn build(image: &Path) -> Result<String> {
         elapsed.as_secs_f64()
     );
     Ok(r)
-}
-
-fn spawn_logged(mut c: Command, what: &str, log: &Path) -> Result<Guard> {
-    use std::os::unix::process::CommandExt as _;
-    let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-    let child = c
-        .stdin(std::process::Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out)
-        .process_group(0)
-        .spawn()
-        .with_context(|| format!("cannot start {what}"))?;
-    Ok(Guard {
-        child,
-        what: what.to_string(),
-    })
 }
 
 fn sha256_bytes(b: &[u8]) -> String {
@@ -574,7 +559,7 @@ fn check(image: &Path) -> Result<String> {
     let up_config = dir.join("upstream.toml");
     std::fs::write(
         &up_config,
-        dist::loopback_config(&stream.dir, &up_state, "\"amd64\""),
+        crate::demo_stream::DemoRack::loopback("\"amd64\"").config(&stream.dir, &up_state),
     )?;
     let up_config = up_config.to_str().context("utf-8 path")?;
     let bin_s = bin.to_str().context("utf-8 path")?;
@@ -586,12 +571,8 @@ fn check(image: &Path) -> Result<String> {
         &["--config", up_config, "serve"],
         &up_log,
     )?;
-    let up_http = dist::wait_for_log(
-        &mut upstream,
-        &up_log,
-        "listening for HTTP on",
-        Duration::from_secs(30),
-    )?;
+    let up_http =
+        upstream.wait_for_log(&up_log, "listening for HTTP on", Duration::from_secs(30))?;
     let up_port = up_http
         .rsplit(':')
         .next()

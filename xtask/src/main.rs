@@ -17,6 +17,7 @@ mod fuzz;
 mod image;
 mod netboot;
 mod prereq;
+mod proc;
 mod test;
 mod tftpload;
 

@@ -32,13 +32,14 @@
 
 use std::fmt::Write as _;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::demo_stream::MARKER;
+use crate::demo_stream::{DemoRack, MARKER};
 use crate::prereq::{self, cmd, output};
+use crate::proc::Guard;
 
 /// The rack's address on the bridge, and the DHCP range for the VMs.
 const RACK_IP: &str = "10.77.0.1";
@@ -163,46 +164,6 @@ const MODES: &[Mode] = &[
     },
 ];
 
-/// A child process killed by PID on drop; with a parent-death signal so it also dies
-/// when xtask does.
-struct Proc {
-    child: Child,
-    what: String,
-}
-
-impl Proc {
-    fn spawn(what: &str, program: &str, args: &[&str], log: &Path) -> Result<Proc> {
-        let out =
-            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let child = Command::new("setpriv")
-            .args(["--pdeathsig", "KILL", "--", program])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("cannot start {what} ({program})"))?;
-        Ok(Proc {
-            child,
-            what: what.to_string(),
-        })
-    }
-
-    /// Whether it has exited (and how).
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
 /// The private network namespace, deleted (with its bridge and taps) on drop.
 struct Netns {
     name: String,
@@ -240,31 +201,29 @@ impl Netns {
     }
 
     /// Starts `program` inside the namespace.
-    fn spawn(&self, what: &str, program: &str, args: &[&str], log: &Path) -> Result<Proc> {
-        let mut full = vec![
-            "netns",
-            "exec",
-            &self.name,
-            "setpriv",
-            "--pdeathsig",
-            "KILL",
-            "--",
+    fn spawn(&self, what: &str, program: &str, args: &[&str], log: &Path) -> Result<Guard> {
+        Guard::spawn_via(
+            &["ip", "netns", "exec", &self.name],
+            what,
             program,
-        ];
-        full.extend_from_slice(args);
-        let out =
-            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let child = Command::new("ip")
-            .args(&full)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("cannot start {what} ({program}) in {}", self.name))?;
-        Ok(Proc {
-            child,
-            what: what.to_string(),
-        })
+            args,
+            log,
+        )
+        .with_context(|| format!("in {}", self.name))
+    }
+
+    /// [`Netns::spawn`] (`what`, `program`), then waits (at most 30 s) until its log
+    /// has a line holding `ready`.
+    fn spawn_ready(
+        &self,
+        (what, program): (&str, &str),
+        args: &[&str],
+        log: &Path,
+        ready: &str,
+    ) -> Result<Guard> {
+        let mut g = self.spawn(what, program, args, log)?;
+        wait_for_line(log, ready, &[], &mut g, Duration::from_secs(30))?;
+        Ok(g)
     }
 }
 
@@ -309,7 +268,7 @@ fn poll_line(
     path: &Path,
     needle: &str,
     fail: &[&str],
-    proc: &mut Proc,
+    proc: &mut Guard,
     started: Instant,
     limit: Duration,
 ) -> Option<Result<String>> {
@@ -343,7 +302,7 @@ fn wait_for_line(
     path: &Path,
     needle: &str,
     fail: &[&str],
-    proc: &mut Proc,
+    proc: &mut Guard,
     limit: Duration,
 ) -> Result<String> {
     let started = Instant::now();
@@ -396,37 +355,6 @@ dhcp-boot=tag:efiarmhttp,{http}/bootloader/uefi/arm64/grubhttpaa64.efi
         }
     }
     c
-}
-
-fn rackboot_config(stream: &Path, state: &Path) -> String {
-    format!(
-        r#"state_dir = "{state}"
-
-[sync]
-auto = false
-
-[tftp]
-listen = ["{RACK_IP}:69"]
-
-[http]
-listen = ["{RACK_IP}:{HTTP_PORT}"]
-
-[boot]
-default_image = "debian/bookworm"
-kernel_params = "panic=-1"
-
-[[sources]]
-url = "file://{stream}/"
-keyring_filename = "{stream}/keyring.gpg"
-
-[[sources.selections]]
-os = "debian"
-release = "bookworm"
-arches = ["amd64", "arm64"]
-"#,
-        state = state.display(),
-        stream = stream.display(),
-    )
 }
 
 /// A UEFI mode's firmware image and the template of its variable store (Debian's
@@ -564,7 +492,7 @@ fn kvm_works(snapshot: &Path, dir: &Path) -> bool {
         "-append",
         "console=ttyS0,115200 panic=-1",
     ];
-    let Ok(mut p) = Proc::spawn(
+    let Ok(mut p) = Guard::spawn(
         "KVM probe",
         "qemu-system-x86_64",
         &args,
@@ -583,8 +511,64 @@ struct Outcome {
     result: Result<(Duration, String)>,
 }
 
+/// Two VMs at a time (the machine has two cores); the next starts as one ends.
+const PARALLEL: usize = 2;
+
+/// Serial output that means a boot has failed (no need to wait for the timeout).
+const BOOT_FAILURES: &[&str] = &[
+    "grub>",
+    "Kernel panic",
+    "No bootable device",
+    "Failed to boot both default and fallback entries",
+];
+
+/// What `prepare` made: the run's directory, a synced rack config, and per mode the
+/// MAC and the kernel parameter its marker line must carry.
+struct Prepared {
+    base: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    bin: String,
+    config: String,
+    kvm: bool,
+    macs: Vec<(Mode, String)>,
+    expected: Vec<String>,
+}
+
+/// The servers on the namespace's bridge, stopped on drop in field order: DHCP
+/// first, then the server, then the capture (so it holds the end).
+struct Network {
+    _dnsmasq: Guard,
+    _serve: Guard,
+    _tcpdump: Guard,
+}
+
+/// One VM booting.
+struct Vm {
+    mode: Mode,
+    param: String,
+    serial: std::path::PathBuf,
+    proc: Guard,
+    started: Instant,
+    accel: &'static str,
+}
+
 pub fn run(args: &[String]) -> Result<()> {
     let keep = args.iter().any(|a| a == "--keep");
+    let modes = select_modes(args)?;
+    prereq::ensure_debs(DEBS)?;
+    prereq::ensure_backports_debs(BACKPORTS_DEBS)?;
+    sweep_stale_namespaces();
+    let p = prepare(&modes)?;
+    let ns = Netns::create(&format!("rbnb-{}", std::process::id()))?;
+    let net = start_network(&ns, &p)?;
+    let outcomes = boot_all(&ns, &p)?;
+    drop(net);
+    drop(ns);
+    report(&p, &outcomes, keep)
+}
+
+/// The modes named on the command line (all when none is).
+fn select_modes(args: &[String]) -> Result<Vec<Mode>> {
     let wanted: Vec<&str> = args
         .iter()
         .map(String::as_str)
@@ -598,16 +582,16 @@ pub fn run(args: &[String]) -> Result<()> {
             );
         }
     }
-    let modes: Vec<Mode> = MODES
+    Ok(MODES
         .iter()
         .filter(|m| wanted.is_empty() || wanted.contains(&m.name))
         .copied()
-        .collect();
+        .collect())
+}
 
-    prereq::ensure_debs(DEBS)?;
-    prereq::ensure_backports_debs(BACKPORTS_DEBS)?;
-    sweep_stale_namespaces();
-
+/// Builds the demo stream and rackboot, syncs a rack, gives every VM's MAC its own
+/// kernel parameter, and probes KVM.
+fn prepare(modes: &[Mode]) -> Result<Prepared> {
     let root = crate::root();
     let base = root.join("target/netboot");
     std::fs::create_dir_all(&base)?;
@@ -626,7 +610,15 @@ pub fn run(args: &[String]) -> Result<()> {
 
     let state = dir.join("state");
     let config = dir.join("rackboot.toml");
-    std::fs::write(&config, rackboot_config(&stream, &state))?;
+    let (tftp, http) = (format!("{RACK_IP}:69"), format!("{RACK_IP}:{HTTP_PORT}"));
+    let rack = DemoRack {
+        sync: "auto = false",
+        tftp_listen: &tftp,
+        http_listen: &http,
+        kernel_params: Some("panic=-1"),
+        arches: "\"amd64\", \"arm64\"",
+    };
+    std::fs::write(&config, rack.config(&stream, &state))?;
     let config = config.to_str().context("utf-8 path")?.to_string();
     let rb = |args: &[&str]| -> Result<()> {
         let mut full = vec!["--config", config.as_str()];
@@ -679,9 +671,22 @@ pub fn run(args: &[String]) -> Result<()> {
             "not usable, TCG for all"
         }
     );
+    Ok(Prepared {
+        base,
+        dir,
+        bin,
+        config,
+        kvm,
+        macs,
+        expected,
+    })
+}
 
-    let ns = Netns::create(&format!("rbnb-{}", std::process::id()))?;
-    let _tcpdump = ns.spawn(
+/// tcpdump on the bridge, `rackboot serve` and dnsmasq (DHCP) in the namespace, each
+/// up before the next starts.
+fn start_network(ns: &Netns, p: &Prepared) -> Result<Network> {
+    let dir = &p.dir;
+    let tcpdump = ns.spawn(
         "tcpdump",
         "tcpdump",
         &[
@@ -695,48 +700,33 @@ pub fn run(args: &[String]) -> Result<()> {
         ],
         &dir.join("tcpdump.log"),
     )?;
-    let mut serve = ns.spawn(
-        "rackboot serve",
-        &bin,
-        &["--config", &config, "serve"],
-        &dir.join("rackboot.log"),
-    )?;
-    wait_for_line(
+    let serve = ns.spawn_ready(
+        ("rackboot serve", &p.bin),
+        &["--config", &p.config, "serve"],
         &dir.join("rackboot.log"),
         "listening for HTTP",
-        &[],
-        &mut serve,
-        Duration::from_secs(30),
     )?;
-    std::fs::write(dir.join("dnsmasq.conf"), dnsmasq_config(&dir, &macs))?;
-    let mut dnsmasq = ns.spawn(
-        "dnsmasq",
-        "dnsmasq",
+    std::fs::write(dir.join("dnsmasq.conf"), dnsmasq_config(dir, &p.macs))?;
+    let dnsmasq = ns.spawn_ready(
+        ("dnsmasq", "dnsmasq"),
         &[
             "--keep-in-foreground",
             &format!("--conf-file={}", dir.join("dnsmasq.conf").display()),
         ],
         &dir.join("dnsmasq.log"),
-    )?;
-    wait_for_line(
-        &dir.join("dnsmasq.log"),
         "DHCP, sockets bound",
-        &[],
-        &mut dnsmasq,
-        Duration::from_secs(30),
     )?;
+    Ok(Network {
+        _dnsmasq: dnsmasq,
+        _serve: serve,
+        _tcpdump: tcpdump,
+    })
+}
 
-    // Two VMs at a time (the machine has two cores); the next starts as one ends.
-    const PARALLEL: usize = 2;
-    struct Vm {
-        mode: Mode,
-        param: String,
-        serial: std::path::PathBuf,
-        proc: Proc,
-        started: Instant,
-        accel: &'static str,
-    }
-    let mut queue = 0..macs.len();
+/// Boots every mode's VM, [`PARALLEL`] at a time, until each reaches its marker,
+/// fails or times out.
+fn boot_all(ns: &Netns, p: &Prepared) -> Result<Vec<Outcome>> {
+    let mut queue = 0..p.macs.len();
     let mut running: Vec<Vm> = Vec::new();
     let mut outcomes: Vec<Outcome> = Vec::new();
     loop {
@@ -744,104 +734,107 @@ pub fn run(args: &[String]) -> Result<()> {
             let Some(i) = queue.next() else {
                 break;
             };
-            let ((mode, mac), param) = (&macs[i], &expected[i]);
-            let tap = format!("tap{i}");
-            ns.add_tap(&tap)?;
-            let serial = dir.join(format!("{}.serial", mode.name));
-            let vars = dir.join(format!("{}.vars.fd", mode.name));
-            if let Some((_, template)) = uefi_files(mode) {
-                std::fs::copy(template, &vars)?;
-            }
-            let use_kvm = kvm && mode.firmware != Firmware::Aavmf;
-            let (program, args) = qemu_args(mode, mac, &tap, &serial, &vars, use_kvm);
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            eprintln!("starting {} ({}), MAC {mac}", mode.name, mode.what);
-            let proc = ns.spawn(
-                mode.name,
-                &program,
-                &args,
-                &dir.join(format!("{}.qemu.log", mode.name)),
-            )?;
-            running.push(Vm {
-                mode: *mode,
-                param: param.clone(),
-                serial,
-                proc,
-                started: Instant::now(),
-                accel: if use_kvm { "kvm" } else { "tcg" },
-            });
+            running.push(start_vm(ns, p, i)?);
         }
         if running.is_empty() {
-            break;
+            return Ok(outcomes);
         }
         let mut still = Vec::new();
         for mut vm in running {
-            let fail = [
-                "grub>",
-                "Kernel panic",
-                "No bootable device",
-                "Failed to boot both default and fallback entries",
-            ];
             match poll_line(
                 &vm.serial,
                 MARKER,
-                &fail,
+                BOOT_FAILURES,
                 &mut vm.proc,
                 vm.started,
                 MODE_TIMEOUT,
             ) {
                 None => still.push(vm),
-                Some(r) => {
-                    let t = vm.started.elapsed();
-                    let result = r.and_then(|line| {
-                        if !line.contains(&vm.param) {
-                            bail!("the marker line lacks {:?}: {line}", vm.param)
-                        }
-                        if vm.mode.secure_boot {
-                            let serial = std::fs::read(&vm.serial).unwrap_or_default();
-                            if !String::from_utf8_lossy(&serial).contains(SECURE_BOOT_LINE) {
-                                bail!("the kernel did not say {SECURE_BOOT_LINE:?}");
-                            }
-                        }
-                        Ok((t, line))
-                    });
-                    match &result {
-                        Ok((t, _)) => {
-                            eprintln!("{}: marker after {:.1} s", vm.mode.name, t.as_secs_f64())
-                        }
-                        Err(e) => {
-                            eprintln!("{}: FAILED: {e:#}", vm.mode.name);
-                            // CI keeps only the output: show where the boot stopped.
-                            eprintln!(
-                                "--- last lines of {} ---\n{}\n---",
-                                vm.serial.display(),
-                                readable_tail(&vm.serial, 25)
-                            );
-                        }
-                    }
-                    outcomes.push(Outcome {
-                        mode: vm.mode,
-                        accel: vm.accel,
-                        result,
-                    });
-                }
+                Some(r) => outcomes.push(finish_vm(&vm, r)),
             }
         }
         running = still;
         std::thread::sleep(Duration::from_millis(200));
     }
-    drop(dnsmasq);
-    drop(serve);
-    drop(_tcpdump);
-    drop(ns);
+}
 
+/// Starts the VM of mode `i` on its own tap.
+fn start_vm(ns: &Netns, p: &Prepared, i: usize) -> Result<Vm> {
+    let ((mode, mac), param) = (&p.macs[i], &p.expected[i]);
+    let tap = format!("tap{i}");
+    ns.add_tap(&tap)?;
+    let serial = p.dir.join(format!("{}.serial", mode.name));
+    let vars = p.dir.join(format!("{}.vars.fd", mode.name));
+    if let Some((_, template)) = uefi_files(mode) {
+        std::fs::copy(template, &vars)?;
+    }
+    let use_kvm = p.kvm && mode.firmware != Firmware::Aavmf;
+    let (program, args) = qemu_args(mode, mac, &tap, &serial, &vars, use_kvm);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    eprintln!("starting {} ({}), MAC {mac}", mode.name, mode.what);
+    let proc = ns.spawn(
+        mode.name,
+        &program,
+        &args,
+        &p.dir.join(format!("{}.qemu.log", mode.name)),
+    )?;
+    Ok(Vm {
+        mode: *mode,
+        param: param.clone(),
+        serial,
+        proc,
+        started: Instant::now(),
+        accel: if use_kvm { "kvm" } else { "tcg" },
+    })
+}
+
+/// Judges a VM that stopped waiting: its marker line must carry its parameter (and,
+/// with Secure Boot, the kernel must have said so); a failure shows the serial tail.
+fn finish_vm(vm: &Vm, r: Result<String>) -> Outcome {
+    let t = vm.started.elapsed();
+    let result = r.and_then(|line| {
+        if !line.contains(&vm.param) {
+            bail!("the marker line lacks {:?}: {line}", vm.param)
+        }
+        if vm.mode.secure_boot {
+            let serial = std::fs::read(&vm.serial).unwrap_or_default();
+            if !String::from_utf8_lossy(&serial).contains(SECURE_BOOT_LINE) {
+                bail!("the kernel did not say {SECURE_BOOT_LINE:?}");
+            }
+        }
+        Ok((t, line))
+    });
+    match &result {
+        Ok((t, _)) => {
+            eprintln!("{}: marker after {:.1} s", vm.mode.name, t.as_secs_f64())
+        }
+        Err(e) => {
+            eprintln!("{}: FAILED: {e:#}", vm.mode.name);
+            // CI keeps only the output: show where the boot stopped.
+            eprintln!(
+                "--- last lines of {} ---\n{}\n---",
+                vm.serial.display(),
+                readable_tail(&vm.serial, 25)
+            );
+        }
+    }
+    Outcome {
+        mode: vm.mode,
+        accel: vm.accel,
+        result,
+    }
+}
+
+/// Prints and writes the table of outcomes; fails naming the modes that failed (and
+/// keeps their logs).
+fn report(p: &Prepared, outcomes: &[Outcome], keep: bool) -> Result<()> {
     let mut report = String::new();
     writeln!(
         report,
         "| mode | boot path | accel | result | time to marker |"
     )?;
     writeln!(report, "|---|---|---|---|---|")?;
-    for o in &outcomes {
+    for o in outcomes {
         let (res, t) = match &o.result {
             Ok((t, _)) => ("ok".to_string(), format!("{:.1} s", t.as_secs_f64())),
             Err(e) => (format!("FAILED: {e:#}"), "-".into()),
@@ -853,7 +846,7 @@ pub fn run(args: &[String]) -> Result<()> {
         )?;
     }
     println!("\n{report}");
-    std::fs::write(base.join("report.md"), &report)?;
+    std::fs::write(p.base.join("report.md"), &report)?;
     let failed: Vec<&str> = outcomes
         .iter()
         .filter(|o| o.result.is_err())
@@ -861,9 +854,9 @@ pub fn run(args: &[String]) -> Result<()> {
         .collect();
     if failed.is_empty() {
         if !keep {
-            std::fs::remove_dir_all(&dir)?;
+            std::fs::remove_dir_all(&p.dir)?;
         } else {
-            println!("logs kept in {}", dir.display());
+            println!("logs kept in {}", p.dir.display());
         }
         println!("netboot: {} modes reached their marker", outcomes.len());
         Ok(())
@@ -872,7 +865,7 @@ pub fn run(args: &[String]) -> Result<()> {
             "netboot: {} failed ({}); serial logs, rackboot.log, dnsmasq.log and netboot.pcap are in {}",
             failed.len(),
             failed.join(", "),
-            dir.display()
+            p.dir.display()
         )
     }
 }

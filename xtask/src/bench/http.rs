@@ -38,36 +38,15 @@ struct Wrk {
     errors: String,
 }
 
-/// nginx stopped the way it expects (SIGTERM to the master, which takes its workers
-/// down), then reaped; SIGKILL only if it does not stop.
-struct Nginx(Child);
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let pid = self.0.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 enum Server {
     Rackboot(Proc),
-    Nginx(Nginx),
+    Nginx(Proc),
 }
 
 impl Server {
     fn pid(&self) -> u32 {
         match self {
-            Server::Rackboot(p) => p.0.id(),
-            Server::Nginx(n) => n.0.id(),
+            Server::Rackboot(p) | Server::Nginx(p) => p.pid(),
         }
     }
 }
@@ -82,21 +61,6 @@ fn wait_tcp(port: u16) -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
-}
-
-fn sha256_file(p: &Path) -> Result<String> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
 }
 
 /// The value after `label` on the line that starts with it (wrk's output).
@@ -122,7 +86,8 @@ impl Bench {
                     ),
                 )?;
                 // rackboot raises its own open-files limit.
-                Server::Rackboot(Proc(
+                Server::Rackboot(Proc::adopt(
+                    "rackboot",
                     Command::new(&self.bin)
                         .arg("--config")
                         .arg(&config)
@@ -147,22 +112,28 @@ impl Bench {
                         self.snapshot.display()
                     ),
                 )?;
-                Server::Nginx(Nginx(
-                    Command::new("nginx")
-                        .args([
-                            "-p",
-                            prefix.to_str().expect("utf-8"),
-                            "-c",
-                            conf.to_str().expect("utf-8"),
-                            "-g",
-                            "daemon off;",
-                        ])
-                        .stdin(Stdio::null())
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .spawn()
-                        .context("cannot start nginx")?,
-                ))
+                // nginx stops the way it expects: SIGTERM to the master, which
+                // takes its workers down.
+                Server::Nginx(
+                    Proc::adopt(
+                        "nginx",
+                        Command::new("nginx")
+                            .args([
+                                "-p",
+                                prefix.to_str().expect("utf-8"),
+                                "-c",
+                                conf.to_str().expect("utf-8"),
+                                "-g",
+                                "daemon off;",
+                            ])
+                            .stdin(Stdio::null())
+                            .stdout(Stdio::null())
+                            .stderr(Stdio::null())
+                            .spawn()
+                            .context("cannot start nginx")?,
+                    )
+                    .term_first(Duration::from_secs(5)),
+                )
             }
         })
     }
@@ -272,7 +243,7 @@ impl Bench {
 
     pub(super) fn http_bench(&mut self) -> Result<()> {
         let big = std::fs::metadata(self.snapshot.join(SQUASHFS))?.len();
-        let want_sha = sha256_file(&self.snapshot.join(SQUASHFS))?;
+        let want_sha = crate::dist::sha256_file(&self.snapshot.join(SQUASHFS))?;
         // Both servers run side by side and take turns, so that both see the same
         // machine (other load on it comes and goes).
         let names = ["rackboot", "nginx"];

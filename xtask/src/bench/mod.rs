@@ -18,7 +18,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -29,6 +29,8 @@ mod http;
 mod sync;
 mod tftp;
 use crate::prereq::{self, cmd};
+/// Every server and client a bench starts, stopped on drop.
+use crate::proc::Guard as Proc;
 
 const KERNEL: &str = "bench/amd64/generic/bench/stable/boot-kernel";
 const INITRD: &str = "bench/amd64/generic/bench/stable/boot-initrd";
@@ -45,16 +47,6 @@ struct Bench {
     report: String,
 }
 
-/// A child process killed (by PID, through its handle) on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn spawn(program: &Path, args: &[&str]) -> Result<Proc> {
     let child = Command::new(program)
         .args(args)
@@ -63,7 +55,7 @@ fn spawn(program: &Path, args: &[&str]) -> Result<Proc> {
         .stderr(Stdio::null())
         .spawn()
         .with_context(|| format!("cannot start {}", program.display()))?;
-    Ok(Proc(child))
+    Ok(Proc::adopt(&program.display().to_string(), child))
 }
 
 fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {

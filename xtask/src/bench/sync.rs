@@ -95,21 +95,8 @@ fn sstream_mirror(target: &Path) -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// nginx, stopped the way it expects: SIGTERM to the master, which takes its workers
-/// down (a SIGKILL would leave them listening).
-struct Nginx(Child);
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let _ = self.0.wait();
-    }
-}
-
 /// nginx serving `root` on loopback with an access log.
-fn nginx(dir: &Path, root: &Path, port: u16) -> Result<Nginx> {
+fn nginx(dir: &Path, root: &Path, port: u16) -> Result<Proc> {
     let prefix = dir.join("sync-nginx");
     std::fs::create_dir_all(&prefix)?;
     let conf = prefix.join("nginx.conf");
@@ -121,7 +108,10 @@ fn nginx(dir: &Path, root: &Path, port: u16) -> Result<Nginx> {
             root = root.display()
         ),
     )?;
-    let p = Nginx(
+    // nginx stops the way it expects: SIGTERM to the master, which takes its workers
+    // down (a SIGKILL would leave them listening).
+    let p = Proc::adopt(
+        "nginx",
         Command::new("nginx")
             .args([
                 "-p",
@@ -134,7 +124,8 @@ fn nginx(dir: &Path, root: &Path, port: u16) -> Result<Nginx> {
             .stderr(Stdio::null())
             .spawn()
             .context("cannot start nginx")?,
-    );
+    )
+    .term_first(Duration::from_secs(5));
     for _ in 0..100 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return Ok(p);

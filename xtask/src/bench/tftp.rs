@@ -140,11 +140,11 @@ impl Bench {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()?;
-            kids.push((Proc(child), out));
+            kids.push((Proc::adopt("atftp", child), out));
         }
         let mut failures = 0;
         for (mut c, out) in kids {
-            let ok = c.0.wait()?.success()
+            let ok = c.child.wait()?.success()
                 && std::fs::read(&out)
                     .map(|d| hex::encode(Sha256::digest(&d)) == want)
                     .unwrap_or(false);
@@ -291,7 +291,7 @@ impl Bench {
                         let p = self.start_server(server, port)?;
                         let (rate, failed) = self.tftp_run(client, *case, host, port, &files);
                         if server == "rackboot" {
-                            rss_kib = rss_kib.max(peak_rss_kib(p.0.id()));
+                            rss_kib = rss_kib.max(peak_rss_kib(p.pid()));
                         }
                         drop(p);
                         let cell = cells.entry((client as u8, ci, server)).or_default();
