@@ -7,6 +7,7 @@
 //! - `netboot [MODE…]` QEMU VMs (BIOS, UEFI amd64/arm64, iPXE) netboot from rackboot
 //! - `dist`          static, stripped musl binaries for x86_64 and aarch64, checked
 //! - `image [--check]` the bootable appliance disk image (mmdebstrap), booted in QEMU
+//! - `soak [--minutes M]` serve + syncs of a changing upstream under download load
 
 mod bench;
 mod demo;
@@ -15,13 +16,14 @@ mod dist;
 mod image;
 mod netboot;
 mod prereq;
+mod soak;
 mod test;
 mod tftpload;
 
 use std::path::PathBuf;
 
 fn usage() -> ! {
-    eprintln!("usage: cargo xtask <test | demo | demo-stream DIR | bench [tftp] [http] | netboot [MODE...] [--keep] | dist [--no-smoke] | image [--check | --no-check]>");
+    eprintln!("usage: cargo xtask <test | demo | demo-stream DIR | bench [tftp] [http] | netboot [MODE...] [--keep] | dist [--no-smoke] | image [--check | --no-check] | soak [--minutes M]>");
     std::process::exit(2);
 }
 
@@ -36,6 +38,7 @@ fn main() -> anyhow::Result<()> {
         "netboot" => netboot::run(rest),
         "dist" => dist::run(rest),
         "image" => image::run(rest),
+        "soak" => soak::run(rest),
         "demo-stream" => {
             let Some(dir) = rest.first() else { usage() };
             let summary = demo_stream::build(&PathBuf::from(dir))?;

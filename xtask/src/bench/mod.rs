@@ -26,7 +26,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 mod http;
-mod storm;
+pub(crate) mod storm;
 mod sync;
 mod tftp;
 use crate::prereq::{self, cmd};

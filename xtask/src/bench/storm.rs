@@ -497,7 +497,11 @@ impl Setup {
             for i in 0..n {
                 let text = cfg0
                     .replace(auth0.as_str(), &auth)
-                    .replace(&client_mac(0), &client_mac(i));
+                    .replace(&client_mac(0), &client_mac(i))
+                    .replace(
+                        &client_mac(0).replace(':', ""),
+                        &client_mac(i).replace(':', ""),
+                    );
                 std::fs::write(peer.join(format!("grub/grub.cfg-{}", client_mac(i))), text)?;
             }
             let conf = self.dir.join("nginx.conf");
@@ -631,7 +635,7 @@ fn cpu_secs(pid: u32) -> f64 {
 // ---------------------------------------------------------------------------------
 // The clients
 
-enum Fetch {
+pub(crate) enum Fetch {
     /// The OACK's tsize, then ERROR 8 (what EDK2 does before loading a file).
     Probe,
     /// Hash as it arrives.
@@ -640,10 +644,10 @@ enum Fetch {
     Keep,
 }
 
-struct Got {
-    len: u64,
-    sha: String,
-    data: Option<Vec<u8>>,
+pub(crate) struct Got {
+    pub len: u64,
+    pub sha: String,
+    pub data: Option<Vec<u8>>,
 }
 
 fn rrq(path: &str, opts: &[(&str, String)]) -> Vec<u8> {
@@ -662,7 +666,7 @@ fn rrq(path: &str, opts: &[(&str, String)]) -> Vec<u8> {
 }
 
 /// One TFTP read from `src` (RFC 1350 + 2347/2348/2349/7440 receiver rules).
-fn tftp_get(
+pub(crate) fn tftp_get(
     src: IpAddr,
     server: SocketAddr,
     path: &str,
@@ -790,8 +794,8 @@ fn tftp_get(
 }
 
 /// The `(http,HOST:PORT)/path` kernel and initrd of a GRUB config's `insmod http` branch.
-type Url = (String, String);
-fn http_urls(cfg: &str) -> Result<(Url, Url)> {
+pub(crate) type Url = (String, String);
+pub(crate) fn http_urls(cfg: &str) -> Result<(Url, Url)> {
     let find = |kw: &str| -> Result<Url> {
         cfg.lines()
             .filter_map(|l| l.trim().strip_prefix(kw))
@@ -854,7 +858,7 @@ fn tcp_from(src: Ipv4Addr, dst: SocketAddr) -> Result<TcpStream> {
 }
 
 /// GET over its own connection, as GRUB's `http` module does; the body is hashed.
-fn http_get(src: Ipv4Addr, (auth, path): &Url) -> Result<Got> {
+pub(crate) fn http_get(src: Ipv4Addr, (auth, path): &Url) -> Result<Got> {
     let dst: SocketAddr = auth
         .parse()
         .with_context(|| format!("HTTP authority {auth}"))?;
