@@ -242,7 +242,6 @@ fn soak(bin: &Path, dir: &Path, length: Duration) -> Result<()> {
     for c in 0..4 {
         let (counts, errors, stop, good) =
             (counts.clone(), errors.clone(), stop.clone(), good.clone());
-        let http_port = http_port;
         clients.push(std::thread::spawn(move || {
             let mut k = 0usize;
             while !stop.load(Ordering::Relaxed) {
