@@ -324,8 +324,9 @@ fn soak(bin: &Path, dir: &Path, length: Duration) -> Result<()> {
         let _ = c.join();
     }
     let (rss1, fds1) = (rss_kib(pid), fds(pid));
+    // A snapshot is a directory (with its manifest beside it as `N.json`).
     let snapshots = std::fs::read_dir(state.join("snapshots"))
-        .map(|d| d.count())
+        .map(|d| d.flatten().filter(|e| e.path().is_dir()).count())
         .unwrap_or(0);
     let alive = std::fs::metadata(format!("/proc/{pid}")).is_ok();
     drop(server);
@@ -334,8 +335,11 @@ fn soak(bin: &Path, dir: &Path, length: Duration) -> Result<()> {
         counts.tftp.load(Ordering::Relaxed),
         counts.failures.load(Ordering::Relaxed),
     );
+    let log = std::fs::read_to_string(dir.join("rackboot.log")).unwrap_or_default();
+    let published = log.matches("sync published generation").count();
+    let refused = log.matches("sync failed").count();
     println!(
-        "soak: {:.1} min, {rounds} rounds ({faults} faults), {} files verified ({h} HTTP, {t} TFTP), {f} failures, RSS {:.1} -> {:.1} MiB, fds {fds0} -> {fds1}, {snapshots} snapshots",
+        "soak: {:.1} min, {rounds} rounds ({faults} faults), {published} syncs published, {refused} refused, {} files verified ({h} HTTP, {t} TFTP), {f} failures, RSS {:.1} -> {:.1} MiB, fds {fds0} -> {fds1}, {snapshots} snapshots",
         started.elapsed().as_secs_f64() / 60.0,
         h + t,
         rss0 as f64 / 1024.0,
@@ -369,6 +373,9 @@ fn soak(bin: &Path, dir: &Path, length: Duration) -> Result<()> {
         wrong.push(format!(
             "{snapshots} snapshots on disk (bound {SNAPSHOTS_MAX})"
         ));
+    }
+    if faults > 0 && refused == 0 {
+        wrong.push("no faulty upstream version was refused".into());
     }
     if !followed {
         wrong.push(format!(
