@@ -1,5 +1,5 @@
 //! `cargo xtask bench storm [--clients N[,N…]] [--window S] [--kernel-mib K]
-//! [--initrd-mib I] [--only rackboot|peers] [--rackboot BIN]`: a boot storm, rackboot against dnsmasq
+//! [--initrd-mib I] [--only rackboot|peers] [--rackboot BIN] [--tftp-max-transfers N]`: a boot storm, rackboot against dnsmasq
 //! (TFTP) + nginx (HTTP, sendfile) in the same run, written to `bench/results/`.
 //!
 //! Every simulated machine does what EDK2 + shim + GRUB do, from its own loopback
@@ -49,6 +49,8 @@ struct Opts {
     /// A rackboot binary at hand: nothing is built, the clients run in this very
     /// xtask binary (for trying the harness; measurements use the release builds).
     bin: Option<PathBuf>,
+    /// rackboot's `tftp.max_transfers` (its default, 4096, when not given).
+    max_transfers: Option<usize>,
 }
 
 fn parse_opts(args: &[String]) -> Result<Opts> {
@@ -60,6 +62,7 @@ fn parse_opts(args: &[String]) -> Result<Opts> {
         rackboot: true,
         peers: true,
         bin: None,
+        max_transfers: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -83,6 +86,9 @@ fn parse_opts(args: &[String]) -> Result<Opts> {
             "--kernel-mib" => o.kernel_mib = val()?.parse().context("--kernel-mib: MiB")?,
             "--initrd-mib" => o.initrd_mib = val()?.parse().context("--initrd-mib: MiB")?,
             "--rackboot" => o.bin = Some(PathBuf::from(val()?)),
+            "--tftp-max-transfers" => {
+                o.max_transfers = Some(val()?.parse().context("--tftp-max-transfers: a count")?)
+            }
             "--only" => match val()? {
                 "rackboot" => o.peers = false,
                 "peers" => o.rackboot = false,
@@ -210,13 +216,16 @@ pub fn run(args: &[String]) -> Result<()> {
         match &o.bin {
             Some(b) => format!("`{}` (given)", b.display()),
             None => "`--release` build".to_string(),
+        } + &match o.max_transfers {
+            Some(n) => format!(" with `tftp.max_transfers = {n}`"),
+            None => " at its defaults".to_string(),
         },
         version("dnsmasq", &["--version"]),
         version("nginx", &["-v"]),
     )?;
     writeln!(
         md,
-        "Per client, from its own 127.x address: tsize probe (ERROR 8), shim {} B (blksize 1468, windowsize 4), GRUB {} B (blksize 512, windowsize 4), `grub/grub.cfg` and `grub/grub.cfg-<mac>` (blksize 1024), then kernel {} B and initrd {} B over HTTP; every file's sha256 checked. Arrivals over {} s.\n",
+        "Per client, from its own 127.x address: tsize probe (ERROR 8), shim {} B (blksize 1468, windowsize 4), GRUB {} B (blksize 512, windowsize 4), `grub/grub.cfg` and `grub/grub.cfg-<mac>` (blksize 1024), then kernel {} B and initrd {} B over HTTP; every file's sha256 checked. Arrivals over {} s. Times are from a client's first packet, over the clients that finished; a client fails on any error, 5 TFTP retransmissions unanswered (1 s apart) or 30 s of HTTP silence.\n",
         setup.shim.len, setup.grub.len, setup.kernel.len, setup.initrd.len, o.window_s
     )?;
     writeln!(md, "| clients | server | failures | p50 / p95 / p99 to kernel (s) | p50 / p95 / p99 to initrd (s) | storm wall (s) | peak RSS (MiB) | CPU (s) |")?;
@@ -313,6 +322,7 @@ fn knee(rows: &[serde_json::Value]) -> String {
 struct Setup {
     dir: PathBuf,
     bin: PathBuf,
+    max_transfers: Option<usize>,
     shim: Want,
     grub: Want,
     kernel: Want,
@@ -393,6 +403,7 @@ impl Setup {
         let mut s = Setup {
             dir: dir.to_path_buf(),
             bin: bin.to_path_buf(),
+            max_transfers: o.max_transfers,
             shim: want_of(&shim_data),
             grub: want_of(&grub_data),
             kernel: want_of(&kernel),
@@ -460,8 +471,12 @@ impl Setup {
         std::fs::write(
             &c,
             format!(
-                "state_dir = \"{state}\"\n[sync]\nauto = false\n[tftp]\nlisten = [\"127.0.0.1:{tftp}\"]\n[http]\nlisten = [\"127.0.0.1:{http}\"]\n[boot]\ndefault_image = \"storm/storm\"\n[[sources]]\nurl = \"file://{stream}/streams/v1/index.json\"\nunsigned = true\n[[sources.selections]]\nos = \"storm\"\nrelease = \"storm\"\narches = [\"amd64\"]\n",
+                "state_dir = \"{state}\"\n[sync]\nauto = false\n[tftp]\nlisten = [\"127.0.0.1:{tftp}\"]\n{max}[http]\nlisten = [\"127.0.0.1:{http}\"]\n[boot]\ndefault_image = \"storm/storm\"\n[[sources]]\nurl = \"file://{stream}/streams/v1/index.json\"\nunsigned = true\n[[sources.selections]]\nos = \"storm\"\nrelease = \"storm\"\narches = [\"amd64\"]\n",
                 state = self.dir.join("state").display(),
+                max = self
+                    .max_transfers
+                    .map(|n| format!("max_transfers = {n}\n"))
+                    .unwrap_or_default(),
                 stream = self.dir.join("stream").display(),
             ),
         )?;
