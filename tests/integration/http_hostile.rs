@@ -558,7 +558,9 @@ fn a_panic_in_a_request_ends_that_connection_only() {
         "{log}"
     );
     // The scrape's own connection is the one open.
-    wait_until(Duration::from_secs(5), "the open-connections gauge to drop", || {
-        metric(&s, "rackboot_http_connections_open") == 1.0
-    });
+    wait_until(
+        Duration::from_secs(5),
+        "the open-connections gauge to drop",
+        || metric(&s, "rackboot_http_connections_open") == 1.0,
+    );
 }

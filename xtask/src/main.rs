@@ -8,6 +8,7 @@
 //! - `dist`          static, stripped musl binaries for x86_64 and aarch64, checked
 //! - `image [--check]` the bootable appliance disk image (mmdebstrap), booted in QEMU
 //! - `fuzz [TARGET…] [--time S]` coverage-guided fuzzing (cargo-fuzz) of `fuzz/`
+//! - `soak [--minutes M]` serve + syncs of a changing upstream under download load
 
 mod bench;
 mod demo;
@@ -18,13 +19,14 @@ mod image;
 mod netboot;
 mod prereq;
 mod proc;
+mod soak;
 mod test;
 mod tftpload;
 
 use std::path::PathBuf;
 
 fn usage() -> ! {
-    eprintln!("usage: cargo xtask <test | demo | demo-stream DIR | bench [tftp] [http] | netboot [MODE...] [--keep] | dist [--no-smoke] | image [--check | --no-check] | fuzz [TARGET...] [--time S]>");
+    eprintln!("usage: cargo xtask <test | demo | demo-stream DIR | bench [tftp] [http] | netboot [MODE...] [--keep] | dist [--no-smoke] | image [--check | --no-check] | fuzz [TARGET...] [--time S] | soak [--minutes M]>");
     std::process::exit(2);
 }
 
@@ -40,6 +42,7 @@ fn main() -> anyhow::Result<()> {
         "dist" => dist::run(rest),
         "image" => image::run(rest),
         "fuzz" => fuzz::run(rest),
+        "soak" => soak::run(rest),
         "demo-stream" => {
             let Some(dir) = rest.first() else { usage() };
             let summary = demo_stream::build(&PathBuf::from(dir))?;

@@ -1,7 +1,7 @@
 //! `cargo xtask test [--quick]`: the README's test command. Installs what the tests
 //! need, then runs the format check, clippy with warnings denied, every test of the
-//! workspace, each fuzz target briefly (20 s; 5 s with `--quick`), and the QEMU
-//! netboot harness (all modes; `--quick` leaves it out).
+//! workspace, each fuzz target briefly (20 s; 5 s with `--quick`), a 2-minute soak
+//! (`xtask soak`), and the QEMU netboot harness (all modes; `--quick` leaves it out).
 
 use anyhow::{bail, Context, Result};
 
@@ -53,7 +53,9 @@ pub fn run(args: &[String]) -> Result<()> {
     } else {
         crate::netboot::run(&[])
     };
-    let failures: Vec<String> = [tests.err(), fuzz.err(), netboot.err()]
+    // Syncs of a changing upstream under download load, with leak bounds.
+    let soak = crate::soak::run(&["--minutes".into(), "2".into()]);
+    let failures: Vec<String> = [tests.err(), fuzz.err(), netboot.err(), soak.err()]
         .into_iter()
         .flatten()
         .map(|e| format!("{e:#}"))

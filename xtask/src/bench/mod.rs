@@ -26,6 +26,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 mod http;
+pub(crate) mod storm;
 mod sync;
 mod tftp;
 use crate::prereq::{self, cmd};
@@ -105,6 +106,9 @@ fn peak_rss_kib(pid: u32) -> u64 {
 }
 
 pub fn run(args: &[String]) -> Result<()> {
+    if args.first().is_some_and(|a| a == "storm") {
+        return storm::run(&args[1..]);
+    }
     if args.first().is_some_and(|a| a == "--loadgen") {
         // The TFTP load generator, run as its own optimised process by `tftp_bench`.
         return crate::tftpload::cli(&args[1..]);
