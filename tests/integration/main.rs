@@ -3,6 +3,7 @@
 
 mod bootcfg;
 mod coherence;
+mod crash;
 mod harness;
 mod hostile_upstream;
 mod http;
