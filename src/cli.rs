@@ -169,11 +169,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let path = config::config_path(cli.config.as_deref());
             crate::daemon::serve(&path, settings).await
         }
-        Command::Fsck { repair } => crate::fsck::cmd(&settings, *repair, cli.json)
-            .map_err(|e| match e.downcast::<crate::fsck::ProblemsFound>() {
+        Command::Fsck { repair } => crate::fsck::cmd(&settings, *repair, cli.json).map_err(|e| {
+            match e.downcast::<crate::fsck::ProblemsFound>() {
                 Ok(p) => p.into(),
                 Err(e) => usage(format!("{e:#}")),
-            }),
+            }
+        }),
         Command::Mirror { .. } => unreachable!("dispatched above"),
     }
 }

