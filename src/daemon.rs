@@ -677,6 +677,13 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
             Ok(())
         });
     }
+    {
+        let (d, s) = (daemon.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            crate::fsck::verify_loop(d, s).await;
+            Ok(())
+        });
+    }
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

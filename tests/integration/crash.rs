@@ -403,3 +403,48 @@ fn a_full_or_read_only_state_dir_keeps_serving_and_wipes_nothing() {
     assert_eq!(code, 0, "{text}");
     println!("full/read-only state dir: 2 faults, served generation kept, store unchanged");
 }
+
+#[test]
+fn the_daemon_checks_the_store_on_its_schedule_and_repairs_with_a_sync() {
+    let r = rack(
+        256 << 10,
+        "",
+        "[store]\nverify_interval = \"1s\"\nverify_repair = true\n",
+    );
+    let env = &r.env;
+    let s = env.serve();
+    s.wait_generation(1, Duration::from_secs(30));
+    let metric = |name: &str| -> Option<f64> {
+        let (_, body) = s.get("/metrics");
+        String::from_utf8_lossy(&body)
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
+    };
+    wait_until(Duration::from_secs(20), "a first clean check", || {
+        metric("rackboot_store_problems") == Some(0.0)
+    });
+    assert!(metric("rackboot_store_verified_timestamp_seconds").unwrap() > 0.0);
+    let want = sha256_hex(&kernel_of("20261101", 256 << 10));
+    let blob = env.state.join("blobs/sha256").join(&want[..2]).join(&want);
+    {
+        let mut f = std::fs::OpenOptions::new().write(true).open(&blob).unwrap();
+        f.seek(SeekFrom::Start(7)).unwrap();
+        f.write_all(b"\x00\x01").unwrap();
+    }
+    wait_until(
+        Duration::from_secs(20),
+        "the check to find the bad blob",
+        || metric("rackboot_store_problems").is_some_and(|n| n >= 1.0),
+    );
+    // The repair quarantined it and started a sync, which fetched it again.
+    s.wait_generation(2, Duration::from_secs(30));
+    let (code, body) = s.get(KERNEL);
+    assert_eq!((code, sha256_hex(&body)), (200, want));
+    assert!(s.log_text().contains("store check:"), "{}", s.log_text());
+    assert!(s.log_text().contains("does not match its name"));
+    wait_until(
+        Duration::from_secs(20),
+        "a clean check after the sync",
+        || metric("rackboot_store_problems") == Some(0.0),
+    );
+}
