@@ -14,6 +14,12 @@ use crate::harness::*;
 use crate::mirror::*;
 use crate::serve::{kernel_of, products, rack, KERNEL, SHA512};
 
+/// Prints a count line past libtest's capture (it captures `print!`, not writes to
+/// the stderr handle), so `cargo xtask test` shows the counts of passing tests.
+fn counts(line: &str) {
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
+}
+
 /// The generation `current` names.
 fn current_gen(env: &Env) -> Option<u64> {
     std::fs::read_link(env.current())
@@ -241,12 +247,12 @@ fn crash_rounds_kill_serve_during_a_sync_and_the_store_stays_whole() {
     }
     let (code, _, text) = fsck(env, false);
     assert_eq!(code, 0, "{text}");
-    println!(
+    counts(&format!(
         "crash rounds: {ROUNDS} rounds, {kills} kills ({during_sync} before publish), \
          {verified} served files verified, {blobs_hashed} blobs re-hashed by fsck, \
          seed {seed}, {:.1} s",
         started.elapsed().as_secs_f64()
-    );
+    ));
 }
 
 /// A file's bytes, for "nothing was wiped".
@@ -293,7 +299,9 @@ fn corrupt_state_files_refuse_to_start_with_one_line_and_wipe_nothing() {
     }
     let (code, _, text) = fsck(env, false);
     assert_eq!(code, 0, "{text}");
-    println!("corrupt state: {faults} refusals checked, store unchanged");
+    counts(&format!(
+        "corrupt state: {faults} refusals checked (serve and sync), store unchanged"
+    ));
 }
 
 /// Unmounts on drop.
@@ -315,10 +323,10 @@ fn mount_tmpfs(dir: &Path, size: &str) -> Option<Mount> {
     if out.status.success() {
         Some(Mount(dir.to_path_buf()))
     } else {
-        println!(
+        counts(&format!(
             "SKIP full/read-only state dir: cannot mount a tmpfs: {}",
             String::from_utf8_lossy(&out.stderr).trim()
-        );
+        ));
         None
     }
 }
@@ -401,7 +409,7 @@ fn a_full_or_read_only_state_dir_keeps_serving_and_wipes_nothing() {
     );
     let (code, _, text) = fsck(env, false);
     assert_eq!(code, 0, "{text}");
-    println!("full/read-only state dir: 2 faults, served generation kept, store unchanged");
+    counts("full/read-only state dir: 2 faults (ENOSPC, EROFS), served generation kept, store unchanged");
 }
 
 #[test]
