@@ -58,7 +58,8 @@ pub struct Report {
     /// Snapshot files checked (all generations with a manifest).
     pub files: u64,
     pub generations: u64,
-    /// Leftovers of interrupted runs (not problems; the next sync removes them).
+    /// Leftovers of interrupted runs, and incomplete generations nothing serves (not
+    /// problems; the next sync removes them).
     pub leftovers: u64,
 }
 
@@ -79,6 +80,11 @@ pub fn check(store: &Store, repair: bool) -> io::Result<Report> {
     }
     let blobs = check_blobs(store, repair, &mut r)?;
     let current = store.current_generation();
+    // What is or may be served: `current` and what running daemons registered.
+    // Another generation is garbage the next sync collects; one that GC was
+    // removing when the process was killed is incomplete by design.
+    let mut live = store.served_generations();
+    live.extend(current);
     let mut complete = BTreeSet::new();
     for g in store.generations() {
         match store.read_manifest(g) {
@@ -88,6 +94,9 @@ pub fn check(store: &Store, repair: bool) -> io::Result<Report> {
                 check_snapshot(store, g, &m, &blobs, &mut r);
                 if r.problems.len() == before {
                     complete.insert(g);
+                } else if !live.contains(&g) {
+                    r.problems.truncate(before);
+                    r.leftovers += 1;
                 }
             }
             // Renamed into snapshots/ but its manifest never written: a build a
