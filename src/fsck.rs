@@ -247,7 +247,11 @@ fn hash_file(path: &Path) -> io::Result<Sha256> {
 /// Moves a bad blob to `quarantine/<name>.<unix time>`; returns what it did.
 fn quarantine(store: &Store, path: &Path, name: &str) -> io::Result<String> {
     let q = store.root().join(QUARANTINE_DIR);
-    fs::create_dir_all(&q)?;
+    if !q.is_dir() {
+        fs::create_dir_all(&q)?;
+        // Run as root on a daemon user's store: the directory is that user's.
+        let _ = crate::store::give_to_dir_owner(&fs::File::open(&q)?, store.root());
+    }
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
