@@ -105,6 +105,22 @@ fn fsck_finds_a_flipped_byte_and_a_missing_file_and_repair_recovers_with_the_nex
     );
     // Check-only changes nothing.
     assert!(blob.exists());
+    // Without --json: one line per problem, naming the file, and a summary.
+    let out = env.run(&["fsck"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.lines().any(|l| l.starts_with(&format!(
+            "{}: content does not match its name",
+            blob.display()
+        ))),
+        "{stdout}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("re-hashed") && stderr.contains("problem"),
+        "{stderr}"
+    );
 
     let (code, _, text) = fsck(env, true);
     assert_eq!(code, 1, "{text}");
