@@ -445,9 +445,19 @@ fn root_cause(e: &anyhow::Error) -> String {
 /// Refuses to start on a state file that does not load: one line naming the file
 /// and the fix, and nothing is written or removed.
 pub fn refuse_bad_state(state_dir: &Path) -> anyhow::Result<()> {
+    refuse_bad(state_dir, &["state.json", "sources.json", "machines.json"])
+}
+
+/// [`refuse_bad_state`] for the files a sync reads (`machines.json` is not one: a
+/// damaged one must not stop image updates).
+pub fn refuse_bad_sync_state(state_dir: &Path) -> anyhow::Result<()> {
+    refuse_bad(state_dir, &["state.json", "sources.json"])
+}
+
+fn refuse_bad(state_dir: &Path, names: &[&str]) -> anyhow::Result<()> {
     match state_file_problems(state_dir)
         .into_iter()
-        .find(|(name, _)| *name != crate::sync::CATALOG_FILE)
+        .find(|(name, _)| names.contains(name))
     {
         Some((name, p)) => anyhow::bail!("state file {}: {p}", state_dir.join(name).display()),
         None => Ok(()),

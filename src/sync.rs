@@ -409,7 +409,7 @@ async fn run_inner(
     live: Arc<LiveProgress>,
 ) -> anyhow::Result<Report> {
     let started = Instant::now();
-    crate::fsck::refuse_bad_state(&settings.state_dir)?;
+    crate::fsck::refuse_bad_sync_state(&settings.state_dir)?;
     let store = if opts.dry_run {
         Store::existing(&settings.state_dir)
     } else {
