@@ -117,14 +117,7 @@ pub fn check(store: &Store, repair: bool) -> io::Result<Report> {
             repaired: None,
         });
     }
-    for e in fs::read_dir(store.tmp_dir())
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let _ = e;
-        r.leftovers += 1;
-    }
+    r.leftovers += fs::read_dir(store.tmp_dir()).into_iter().flatten().count() as u64;
     r.leftovers += u64::from(root.join(".current.new").symlink_metadata().is_ok());
     Ok(r)
 }
