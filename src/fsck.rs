@@ -661,6 +661,84 @@ pub async fn verify_loop(
 mod tests {
     use super::*;
 
+    /// A store with one blob served as `a/file` in generations 1 and 2 (current: 2).
+    fn store_with_two_generations() -> (tempfile::TempDir, Store, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let data = b"boot me".to_vec();
+        let d = Sha256::from_bytes(sha2::Sha256::digest(&data).into());
+        let blob = store.blob_path(&d);
+        fs::create_dir_all(blob.parent().unwrap()).unwrap();
+        fs::write(&blob, &data).unwrap();
+        for g in [1, 2] {
+            let m = crate::store::Manifest {
+                generation: g,
+                files: [("a/file".to_string(), d)].into(),
+                blobs: [d].into(),
+                ..Default::default()
+            };
+            store.build_snapshot(&m, &BTreeMap::new(), "meta").unwrap();
+        }
+        store.publish(2).unwrap();
+        (dir, store, blob)
+    }
+
+    #[test]
+    fn a_clean_store_has_no_problems() {
+        let (_d, store, _) = store_with_two_generations();
+        let r = check(&store, false).unwrap();
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        assert_eq!((r.blobs, r.files, r.generations), (1, 2, 2));
+        assert!(intact(&store, 2));
+    }
+
+    #[test]
+    fn a_bad_blob_is_reported_and_quarantined() {
+        let (d, store, blob) = store_with_two_generations();
+        fs::write(&blob, b"boot mE").unwrap();
+        let r = check(&store, false).unwrap();
+        assert!(
+            r.problems.iter().any(|p| p.path == blob),
+            "{:?}",
+            r.problems
+        );
+        assert!(
+            intact(&store, 2),
+            "same inode, still present: only fsck sees it"
+        );
+        let r = check(&store, true).unwrap();
+        assert!(r.problems.iter().any(|p| p.repaired.is_some()));
+        assert!(!blob.exists());
+        assert_eq!(
+            fs::read_dir(d.path().join(QUARANTINE_DIR)).unwrap().count(),
+            1
+        );
+        assert!(!intact(&store, 2), "the next sync must rebuild");
+    }
+
+    #[test]
+    fn an_incomplete_generation_nothing_serves_is_a_leftover() {
+        let (_d, store, _) = store_with_two_generations();
+        fs::remove_file(store.snapshot_dir(1).join("a/file")).unwrap();
+        let r = check(&store, false).unwrap();
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        assert_eq!(r.leftovers, 1);
+        fs::remove_file(store.snapshot_dir(2).join("a/file")).unwrap();
+        let r = check(&store, false).unwrap();
+        assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+        assert!(!intact(&store, 2));
+    }
+
+    #[test]
+    fn repair_points_a_dangling_current_at_the_newest_complete_generation() {
+        let (_d, store, _) = store_with_two_generations();
+        fs::remove_dir_all(store.snapshot_dir(2)).unwrap();
+        let r = check(&store, true).unwrap();
+        assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+        assert_eq!(store.current_generation(), Some(1));
+        assert!(check(&store, false).unwrap().problems.is_empty());
+    }
+
     #[test]
     fn root_cause_drops_the_path() {
         let e = anyhow::anyhow!("/var/lib/rackboot/state.json: EOF while parsing at line 1");
