@@ -90,6 +90,13 @@ pub enum Command {
     },
     /// Run the rack service: the periodic sync, TFTP and HTTP.
     Serve,
+    /// Check the store: re-hash every blob, check every snapshot, `current` and the
+    /// state files. Exit 0 clean, 1 problems found, 2 usage or I/O error.
+    Fsck {
+        /// Move bad blobs to quarantine/ (the next sync fetches them again).
+        #[arg(long)]
+        repair: bool,
+    },
     /// Mirror a SimpleStreams source into a directory, as sstream-mirror does
     /// (needs no config). FILTER: key=value, key!=value, key~regex, key!~regex.
     Mirror {
@@ -162,6 +169,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let path = config::config_path(cli.config.as_deref());
             crate::daemon::serve(&path, settings).await
         }
+        Command::Fsck { repair } => crate::fsck::cmd(&settings, *repair, cli.json).map_err(|e| {
+            match e.downcast::<crate::fsck::ProblemsFound>() {
+                Ok(p) => p.into(),
+                Err(e) => usage(format!("{e:#}")),
+            }
+        }),
         Command::Mirror { .. } => unreachable!("dispatched above"),
     }
 }

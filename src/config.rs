@@ -45,6 +45,14 @@ struct RawConfig {
     boot: Option<RawBoot>,
     sources: Option<Vec<RawSource>>,
     machines: Option<BTreeMap<String, crate::machines::Machine>>,
+    store: Option<RawStore>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    verify_interval: Option<String>,
+    verify_repair: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -124,6 +132,16 @@ pub struct Settings {
     pub sources: Vec<SourceConfig>,
     /// Per-MAC boot settings from the config (the state's `machines.json` wins).
     pub machines: BTreeMap<crate::bootcfg::Mac, crate::machines::Machine>,
+    pub store: StoreSettings,
+}
+
+/// `[store]`: the daemon's scheduled `fsck`.
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    /// How often the daemon re-hashes the store (`None`: never; "0" in the file).
+    pub verify_interval: Option<Duration>,
+    /// Quarantine bad blobs found by the scheduled check (as `fsck --repair`).
+    pub verify_repair: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -453,7 +471,28 @@ fn validate(path: &Path, file: Option<PathBuf>, raw: RawConfig) -> Result<Settin
         }
         machines.insert(parsed, m);
     }
+    let raw_store = raw.store.unwrap_or_default();
+    let store = StoreSettings {
+        verify_interval: match raw_store.verify_interval.as_deref().map(str::trim) {
+            None => Some(Duration::from_secs(7 * 86400)),
+            Some("0") => None,
+            Some(v) => match parse_duration(v) {
+                Some(d) if d >= Duration::from_secs(1) => Some(d),
+                _ => {
+                    return Err(err(
+                        path,
+                        format!(
+                            "store.verify_interval: invalid duration {v:?} (e.g. \"7d\"; \
+                             \"0\" disables the check)"
+                        ),
+                    ))
+                }
+            },
+        },
+        verify_repair: raw_store.verify_repair.unwrap_or(false),
+    };
     Ok(Settings {
+        store,
         machines,
         file,
         state_dir: raw
@@ -673,6 +712,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("tftp.max_transfers_per_client"), "{e}");
+    }
+
+    #[test]
+    fn store_verify_interval() {
+        let p = Path::new("x.toml");
+        let s = from_str(p, "").unwrap();
+        assert_eq!(
+            s.store.verify_interval,
+            Some(Duration::from_secs(7 * 86400))
+        );
+        assert!(!s.store.verify_repair);
+        let s = from_str(p, "[store]\nverify_interval = \"0\"\n").unwrap();
+        assert_eq!(s.store.verify_interval, None);
+        let s = from_str(
+            p,
+            "[store]\nverify_interval = \"12h\"\nverify_repair = true\n",
+        )
+        .unwrap();
+        assert_eq!(
+            s.store.verify_interval,
+            Some(Duration::from_secs(12 * 3600))
+        );
+        assert!(s.store.verify_repair);
+        for bad in ["\"weekly\"", "\"100ms\""] {
+            let e = from_str(p, &format!("[store]\nverify_interval = {bad}\n")).unwrap_err();
+            assert!(e.to_string().contains("store.verify_interval"), "{e}");
+        }
     }
 
     #[test]

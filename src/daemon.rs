@@ -512,6 +512,8 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
     use tokio::signal::unix::{signal, SignalKind};
 
     raise_open_files_limit();
+    // A state file that does not load: refuse with the file and the fix, touch nothing.
+    crate::fsck::refuse_bad_state(&settings.state_dir)?;
     let store = Store::open(&settings.state_dir)?;
     // Leftovers of interrupted runs, unless a sync (which may own them) is running.
     if let Ok(Some(_lock)) = store.try_lock() {
@@ -673,6 +675,13 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
         let (d, s) = (daemon.clone(), shutdown.clone());
         tasks.spawn(async move {
             follow_loop(d, s).await;
+            Ok(())
+        });
+    }
+    {
+        let (d, s) = (daemon.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            crate::fsck::verify_loop(d, s).await;
             Ok(())
         });
     }

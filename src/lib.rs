@@ -21,6 +21,8 @@ pub mod config;
 pub mod daemon;
 /// Streaming, resumable, hash-checked downloads into the blob store.
 pub mod download;
+/// `rackboot fsck`: re-hash blobs, check snapshots, `current` and state files.
+pub mod fsck;
 /// Opening files below a root without escaping it.
 pub mod fsutil;
 /// HTTP server core and static files.

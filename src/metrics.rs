@@ -106,6 +106,22 @@ impl Collector for DaemonCollector {
         let d = &self.0;
         let t = &d.tftp_metrics;
         let h = &d.http_metrics;
+        let v = &crate::fsck::VERIFY;
+        let problems = v.problems.load(Relaxed);
+        if problems >= 0 {
+            gauge(
+                &mut e,
+                "rackboot_store_problems",
+                "Problems the last store check (fsck) found",
+                problems,
+            )?;
+        }
+        gauge(
+            &mut e,
+            "rackboot_store_verified_timestamp_seconds",
+            "When the last store check finished (Unix seconds; 0: never)",
+            v.finished.load(Relaxed) as i64,
+        )?;
         labelled_counter(
             &mut e,
             "rackboot_tftp_requests",

@@ -409,6 +409,7 @@ async fn run_inner(
     live: Arc<LiveProgress>,
 ) -> anyhow::Result<Report> {
     let started = Instant::now();
+    crate::fsck::refuse_bad_sync_state(&settings.state_dir)?;
     let store = if opts.dry_run {
         Store::existing(&settings.state_dir)
     } else {
@@ -443,8 +444,15 @@ async fn run_inner(
         .collect::<Result<_, _>>()?;
     let key = sources_key(&sources.sources);
     let current = store.current_generation();
+    // A served generation that lost a blob or a file (`fsck --repair` quarantined a
+    // bad blob) is rebuilt: read the upstream whole and publish a new generation.
+    let intact = opts.dry_run || current.is_none_or(|g| crate::fsck::intact(&store, g));
+    if !intact {
+        tracing::warn!("the served generation is incomplete; rebuilding it");
+    }
     // (Without a catalog, read the upstream whole once to write one.)
     let reuse_validators = state.sources_key == key
+        && intact
         && current.is_some()
         && settings.state_dir.join(CATALOG_FILE).exists();
     let fetcher = Fetcher::new(settings.sync.timeout)?;
@@ -600,7 +608,7 @@ async fn run_inner(
     // validators so the next run is a single conditional request.
     let current_meta =
         current.and_then(|g| std::fs::read_to_string(store.snapshot_dir(g).join("maas.meta")).ok());
-    if current_meta.as_deref() == Some(plan.meta.as_str()) && plan.fetch.is_empty() {
+    if current_meta.as_deref() == Some(plan.meta.as_str()) && plan.fetch.is_empty() && intact {
         // GC first: it frees space the small writes below may need, and it runs
         // even when a write after an earlier publish failed.
         collect(&store, opts, &mut report).await?;

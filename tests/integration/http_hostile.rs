@@ -529,7 +529,7 @@ fn a_tls_body_nobody_reads_is_closed_after_send_timeout() {
 #[test]
 fn a_panic_in_a_request_ends_that_connection_only() {
     let r = rack(1 << 16, "auto = false", "max_connections_per_client = 4\n");
-    let (mut s, _) = crate::http::spawn_serve(&r.env, &["HTTP"], |c| {
+    let (mut s, _) = r.env.serve_with(&["HTTP"], |c| {
         c.env("RACKBOOT_TEST_PANIC_PATH", "/boom");
     });
     s.wait_generation(1, Duration::from_secs(60));
@@ -561,6 +561,6 @@ fn a_panic_in_a_request_ends_that_connection_only() {
     wait_until(
         Duration::from_secs(5),
         "the open-connections gauge to drop",
-        || metric(&s, "rackboot_http_connections_open") == 1.0,
+        || s.metric("rackboot_http_connections_open") == 1.0,
     );
 }

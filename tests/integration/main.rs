@@ -6,6 +6,7 @@
 mod api;
 mod bootcfg;
 mod coherence;
+mod crash;
 mod gc;
 mod harness;
 mod hostile_upstream;
