@@ -16,7 +16,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Selection, Settings, SourceConfig};
-use crate::store::{atomic_write, ctx};
+use crate::fsutil::{atomic_write, ctx};
 use crate::upstream::Validators;
 
 /// The lock file of state-file edits, beside the state files.
