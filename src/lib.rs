@@ -21,6 +21,8 @@ pub mod config;
 pub mod daemon;
 /// Streaming, resumable, hash-checked downloads into the blob store.
 pub mod download;
+/// The class of a served file (labels per-class counters).
+pub mod file_class;
 /// Opening files below a root without escaping it.
 pub mod fsutil;
 /// HTTP server core and static files.

@@ -53,7 +53,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::engine::{self, Action, Limits, Outcome, Transfer};
 use super::packet::{self, code, Mode, Packet, Request};
-use crate::metrics::{file_class, FILE_CLASSES};
+use crate::file_class::{ClassCounters, FileClass};
 
 /// Server settings.
 #[derive(Clone, Debug)]
@@ -211,8 +211,8 @@ pub struct TftpMetrics {
     pub timeouts: AtomicU64,
     pub aborted: AtomicU64,
     pub busy: AtomicU64,
-    pub class_bytes: [AtomicU64; FILE_CLASSES.len()],
-    pub class_requests: [AtomicU64; FILE_CLASSES.len()],
+    pub class_bytes: ClassCounters,
+    pub class_requests: ClassCounters,
 }
 
 fn inc(c: &AtomicU64) {
@@ -1055,7 +1055,7 @@ struct Xfer {
     want_write: bool,
     sent_bytes: u64,
     failed: Option<std::io::Error>,
-    class: usize,
+    class: FileClass,
     started: Instant,
     span: tracing::Span,
     _guard: ActiveGuard,
@@ -1161,7 +1161,7 @@ impl Xfer {
             span.in_scope(|| tracing::warn!(outcome = "error", "tftp: epoll: {e}"));
             return None;
         }
-        let class = file_class(&path);
+        let class = FileClass::of(&path);
         inc(&metrics.class_requests[class]);
         metrics.in_flight.fetch_add(1, Ordering::Relaxed);
         let mut t = Transfer::new(size, &negotiated, config.retries, now);
