@@ -133,7 +133,14 @@ async fn route(d: Arc<Daemon>, req: Request<Incoming>, _peer: SocketAddr) -> Res
     };
     let here = crate::bootserve::Here::from_host(host, port);
     let dynamic_path = decoded.strip_prefix("images/").unwrap_or(&decoded);
-    match crate::bootserve::dynamic(&d, &snap, dynamic_path, req.uri().query(), true, &here) {
+    match crate::bootserve::dynamic(
+        &d.settings(),
+        &snap,
+        dynamic_path,
+        req.uri().query(),
+        true,
+        &here,
+    ) {
         crate::bootserve::Dynamic::Text(text) => {
             let len = text.len();
             let body = if method == Method::HEAD {
@@ -556,7 +563,7 @@ pub fn shown_source(s: &StoredSource) -> StoredSource {
 }
 
 fn status_json(d: &Daemon) -> Value {
-    let snap = d.snapshot.borrow().clone();
+    let snap = d.current();
     let st = d.status();
     let live = &d.live;
     use std::sync::atomic::Ordering::Relaxed;
@@ -606,7 +613,7 @@ fn catalog(d: &Daemon) -> Vec<crate::select::CatalogEntry> {
 /// The Images page.
 fn images_page(d: &Daemon, head: bool) -> Response<Body> {
     let settings = d.settings();
-    let snap = d.snapshot.borrow().clone();
+    let snap = d.current();
     let status = d.status();
     let sources = Sources::current(&settings).unwrap_or_default();
     let catalog = catalog(d);
@@ -639,7 +646,7 @@ fn images_page(d: &Daemon, head: bool) -> Response<Body> {
 }
 
 fn resources_json(d: &Daemon) -> Value {
-    match d.snapshot.borrow().as_ref() {
+    match d.current().as_deref() {
         Some(snap) => snap.manifest.resources_json(),
         None => json!([]),
     }

@@ -92,7 +92,8 @@ pub struct SyncStatus {
 pub struct Daemon {
     pub config_path: PathBuf,
     settings: RwLock<Arc<Settings>>,
-    pub snapshot: watch::Sender<Option<Arc<Snapshot>>>,
+    /// What is served; read through [`Daemon::current`], which tells GC what requests hold.
+    snapshot: watch::Sender<Option<Arc<Snapshot>>>,
     pub status: Mutex<SyncStatus>,
     pub live: Arc<LiveProgress>,
     pub trigger: Notify,
