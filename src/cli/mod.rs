@@ -160,7 +160,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Machines { op, args } => cmd_machines(&cli, &settings, op, args),
         Command::Serve => {
             let path = config::config_path(cli.config.as_deref());
-            crate::daemon::serve(&path, settings).await
+            crate::serve::serve(&path, settings).await
         }
         Command::Mirror { .. } => unreachable!("dispatched above"),
     }
@@ -430,7 +430,7 @@ fn cmd_sources(cli: &Cli, settings: &Settings, op: &str, args: &[String]) -> any
     match op {
         "read" => {
             if cli.json {
-                return print_json(&crate::api::shown_sources(&sources.sources));
+                return print_json(&crate::serve::routes::shown_sources(&sources.sources));
             }
             for s in &sources.sources {
                 let keyring = s
@@ -491,7 +491,7 @@ fn cmd_sources(cli: &Cli, settings: &Settings, op: &str, args: &[String]) -> any
     std::fs::create_dir_all(&settings.state_dir)?;
     sources.save(&settings.state_dir)?;
     if cli.json {
-        print_json(&crate::api::shown_sources(&sources.sources))
+        print_json(&crate::serve::routes::shown_sources(&sources.sources))
     } else {
         println!("saved; the next sync applies it");
         Ok(())

@@ -33,8 +33,8 @@ use crate::bootcfg::{
     self, ephemeral_params, Boot, Ephemeral, Grub, ImageBoot, Ipxe, Mac, Pxelinux,
 };
 use crate::config::Settings;
-use crate::daemon::{Daemon, Snapshot};
 use crate::machines::{self, ImageRef};
+use crate::serve::{Daemon, Snapshot};
 use crate::tftp::{from_beneath, OpenError, Resolver, Source};
 
 /// Where this rack answers: the address the request came to and the HTTP port.

@@ -14,9 +14,9 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
-use crate::daemon::Daemon;
 use crate::file_class::{ClassCounters, FileClass};
 use crate::http::{full, Body, HttpErrorKind};
+use crate::serve::Daemon;
 
 struct DaemonCollector(Arc<Daemon>);
 

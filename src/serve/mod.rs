@@ -7,6 +7,15 @@
 //! request resolves the snapshot once and keeps it for its whole life, so a transfer
 //! that started on the old snapshot finishes on it.
 
+/// What a booting machine gets: boot configs from the snapshot + settings, else files.
+pub mod boot;
+/// `/metrics` (Prometheus text format).
+pub mod metrics;
+/// The HTTP routes (API, metrics, re-exported stream, files).
+pub mod routes;
+/// The Images page (server-rendered HTML, pure).
+pub mod web;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -611,7 +620,7 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
     let mut tasks = tokio::task::JoinSet::new();
 
     if !udp.is_empty() {
-        let resolver = Arc::new(crate::bootserve::TftpResolver::new(daemon.clone()));
+        let resolver = Arc::new(crate::serve::boot::TftpResolver::new(daemon.clone()));
         let cfg = crate::tftp::TftpConfig {
             max_blksize: settings.tftp.max_blksize,
             max_windowsize: settings.tftp.max_windowsize,
@@ -625,7 +634,7 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
                 .map_err(|e| anyhow::anyhow!("tftp server: {e}"))
         });
     }
-    let app: Arc<dyn crate::http::App> = Arc::new(crate::api::Api::new(daemon.clone()));
+    let app: Arc<dyn crate::http::App> = Arc::new(crate::serve::routes::Api::new(daemon.clone()));
     let limits = crate::http::HttpLimits {
         header_read_timeout: settings.http.header_timeout,
         max_connections: settings.http.max_connections,

@@ -23,8 +23,8 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 
-use crate::daemon::Daemon;
 use crate::http::{full, App, Body, StaticFiles};
+use crate::serve::Daemon;
 use crate::state::{Sources, StoredSelection, StoredSource};
 
 /// Largest JSON request body accepted.
@@ -90,7 +90,7 @@ async fn route(d: Arc<Daemon>, req: Request<Incoming>, _peer: SocketAddr) -> Res
     }
     if path == "/metrics" {
         return match method {
-            Method::GET | Method::HEAD => crate::metrics::response(&d),
+            Method::GET | Method::HEAD => crate::serve::metrics::response(&d),
             _ => error(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
         };
     }
@@ -127,13 +127,13 @@ async fn route(d: Arc<Daemon>, req: Request<Incoming>, _peer: SocketAddr) -> Res
     let host = headers
         .get(hyper::header::HOST)
         .and_then(|h| h.to_str().ok());
-    let port = match host.and_then(crate::bootserve::host_ip) {
+    let port = match host.and_then(crate::serve::boot::host_ip) {
         Some(ip) => d.http_port_for(ip),
         None => d.http_port_for(std::net::Ipv4Addr::UNSPECIFIED.into()),
     };
-    let here = crate::bootserve::Here::from_host(host, port);
+    let here = crate::serve::boot::Here::from_host(host, port);
     let dynamic_path = decoded.strip_prefix("images/").unwrap_or(&decoded);
-    match crate::bootserve::dynamic(
+    match crate::serve::boot::dynamic(
         &d.settings(),
         &snap,
         dynamic_path,
@@ -141,7 +141,7 @@ async fn route(d: Arc<Daemon>, req: Request<Incoming>, _peer: SocketAddr) -> Res
         true,
         &here,
     ) {
-        crate::bootserve::Dynamic::Text(text) => {
+        crate::serve::boot::Dynamic::Text(text) => {
             let len = text.len();
             let body = if method == Method::HEAD {
                 crate::http::empty()
@@ -155,8 +155,8 @@ async fn route(d: Arc<Daemon>, req: Request<Incoming>, _peer: SocketAddr) -> Res
                 .body(body)
                 .expect("valid response");
         }
-        crate::bootserve::Dynamic::NotFound => return error(StatusCode::NOT_FOUND, "not found"),
-        crate::bootserve::Dynamic::Static => {}
+        crate::serve::boot::Dynamic::NotFound => return error(StatusCode::NOT_FOUND, "not found"),
+        crate::serve::boot::Dynamic::Static => {}
     }
     // The body keeps the snapshot: its generation is not collected while it is sent.
     let files = StaticFiles::with_fd(snap.dir.clone(), snap.root.clone())
@@ -617,7 +617,7 @@ fn images_page(d: &Daemon, head: bool) -> Response<Body> {
     let status = d.status();
     let sources = Sources::current(&settings).unwrap_or_default();
     let catalog = catalog(d);
-    let html = crate::web::render(&crate::web::Page {
+    let html = crate::serve::web::render(&crate::serve::web::Page {
         version: env!("CARGO_PKG_VERSION"),
         generation: snap.as_ref().map(|s| s.generation),
         snapshot_created: snap.as_ref().map(|s| s.created),
@@ -636,7 +636,7 @@ fn images_page(d: &Daemon, head: bool) -> Response<Body> {
         .header("content-type", "text/html; charset=utf-8")
         .header("content-length", len)
         .header("cache-control", "no-store")
-        .header("content-security-policy", crate::web::csp())
+        .header("content-security-policy", crate::serve::web::csp())
         .body(if head {
             crate::http::empty()
         } else {
