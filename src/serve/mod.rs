@@ -13,6 +13,8 @@ pub mod boot;
 pub mod metrics;
 /// The HTTP routes (API, metrics, re-exported stream, files).
 pub mod routes;
+/// The status document the API writes and the CLI reads.
+pub mod status;
 /// The Images page (server-rendered HTML, pure).
 pub mod web;
 
@@ -81,7 +83,7 @@ impl Snapshot {
 }
 
 /// How the periodic sync is doing (the status API and `/metrics` read it).
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct SyncStatus {
     pub running: bool,
     pub runs: u64,

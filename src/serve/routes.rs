@@ -24,6 +24,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 
 use crate::http::{full, App, Body, StaticFiles};
+use crate::serve::status::{Progress, Status};
 use crate::serve::Daemon;
 use crate::state::{Sources, StoredSelection, StoredSource};
 
@@ -562,7 +563,7 @@ pub fn shown_source(s: &StoredSource) -> StoredSource {
     }
 }
 
-fn status_json(d: &Daemon) -> Value {
+fn status_doc(d: &Daemon) -> Status {
     let snap = d.current();
     let st = d.status();
     let live = &d.live;
@@ -577,28 +578,40 @@ fn status_json(d: &Daemon) -> Value {
     let last_success = crate::state::SyncState::load(&settings.state_dir)
         .ok()
         .and_then(|s| s.last_success);
-    json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "uptime_s": d.started.elapsed().as_secs(),
-        "state_dir": settings.state_dir,
-        "generation": snap.as_ref().map(|s| s.generation),
-        "snapshot_created": snap.as_ref().map(|s| s.created),
-        "files": snap.as_ref().map(|s| s.manifest.files.len()).unwrap_or(0),
-        "products": snap.as_ref().map(|s| s.manifest.products.len()).unwrap_or(0),
-        "last_success": last_success,
-        "sources": sources.sources.iter().map(|s| crate::config::redacted(&s.url)).collect::<Vec<_>>(),
-        "sync_running": st.running,
-        "sync": st,
-        "sync_auto": settings.sync.auto,
-        "sync_interval_s": settings.sync.interval.as_secs(),
-        "progress": if st.running { json!({
-            "bytes_done": live.bytes_done.load(Relaxed),
-            "bytes_total": live.bytes_total.load(Relaxed),
-            "files_done": live.files_done.load(Relaxed),
-            "files_total": live.files_total.load(Relaxed),
-        }) } else { Value::Null },
-        "warning": drift,
-    })
+    Status {
+        version: Some(env!("CARGO_PKG_VERSION").into()),
+        uptime_s: Some(d.started.elapsed().as_secs()),
+        state_dir: settings.state_dir.clone(),
+        generation: snap.as_ref().map(|s| s.generation),
+        snapshot_created: snap.as_ref().map(|s| s.created),
+        files: snap.as_ref().map(|s| s.manifest.files.len()).unwrap_or(0),
+        products: snap
+            .as_ref()
+            .map(|s| s.manifest.products.len())
+            .unwrap_or(0),
+        last_success,
+        sources: sources
+            .sources
+            .iter()
+            .map(|s| crate::config::redacted(&s.url))
+            .collect(),
+        sync_running: st.running,
+        sync_auto: Some(settings.sync.auto),
+        sync_interval_s: Some(settings.sync.interval.as_secs()),
+        progress: if st.running {
+            Progress::Running {
+                bytes_done: live.bytes_done.load(Relaxed),
+                bytes_total: live.bytes_total.load(Relaxed),
+                files_done: live.files_done.load(Relaxed),
+                files_total: live.files_total.load(Relaxed),
+            }
+        } else {
+            Progress::Idle
+        },
+        sync: Some(st),
+        warning: drift,
+        daemon: None,
+    }
 }
 
 /// The catalog the last sync that read the upstream wrote (`[]` before that).
@@ -658,7 +671,12 @@ async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<B
     let settings = d.settings();
     let read = matches!(method, Method::GET | Method::HEAD);
     match (parts.as_slice(), read) {
-        (["status"], true) => return json_response(StatusCode::OK, &status_json(&d)),
+        (["status"], true) => {
+            return json_response(
+                StatusCode::OK,
+                &serde_json::to_value(status_doc(&d)).expect("status serialises"),
+            )
+        }
         (["resources"], true) => return json_response(StatusCode::OK, &resources_json(&d)),
         (["catalog"], true) => return json_response(StatusCode::OK, &json!(catalog(&d))),
         (["machines"], true) => {
