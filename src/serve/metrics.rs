@@ -219,7 +219,7 @@ impl Collector for DaemonCollector {
             "1 if the last sync succeeded",
             i64::from(st.last_result.as_deref().is_some_and(|r| r != "failed")),
         )?;
-        let snap = d.current();
+        let snap = d.shown();
         gauge(
             &mut e,
             "rackboot_snapshot_generation",

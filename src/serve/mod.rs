@@ -135,6 +135,12 @@ impl Daemon {
         self.settings.read().expect("settings lock").clone()
     }
 
+    /// The snapshot served now, to report on (status, metrics, the page); a request
+    /// that serves its files takes [`Daemon::current`] instead.
+    pub fn shown(&self) -> Option<Arc<Snapshot>> {
+        self.snapshot.borrow().clone()
+    }
+
     /// The snapshot to serve a request from (kept alive by the returned Arc).
     pub fn current(&self) -> Option<Arc<Snapshot>> {
         let snap = self.snapshot.borrow().clone()?;

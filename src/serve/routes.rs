@@ -564,7 +564,7 @@ pub fn shown_source(s: &StoredSource) -> StoredSource {
 }
 
 fn status_doc(d: &Daemon) -> Status {
-    let snap = d.current();
+    let snap = d.shown();
     let st = d.status();
     let live = &d.live;
     use std::sync::atomic::Ordering::Relaxed;
@@ -626,7 +626,7 @@ fn catalog(d: &Daemon) -> Vec<crate::select::CatalogEntry> {
 /// The Images page.
 fn images_page(d: &Daemon, head: bool) -> Response<Body> {
     let settings = d.settings();
-    let snap = d.current();
+    let snap = d.shown();
     let status = d.status();
     let sources = Sources::current(&settings).unwrap_or_default();
     let catalog = catalog(d);
@@ -659,7 +659,7 @@ fn images_page(d: &Daemon, head: bool) -> Response<Body> {
 }
 
 fn resources_json(d: &Daemon) -> Value {
-    match d.current().as_deref() {
+    match d.shown().as_deref() {
         Some(snap) => snap.manifest.resources_json(),
         None => json!([]),
     }
