@@ -4,7 +4,7 @@
 use serde_json::json;
 
 use crate::config::{self, Selection, Settings};
-use crate::state::{Sources, StoredSelection, StoredSource};
+use crate::state::{Sources, StoredSource};
 
 use super::{print_json, usage, Cli};
 /// Parses `key=value` arguments (MAAS CLI style).
@@ -124,34 +124,16 @@ pub(super) fn cmd_sources(
             return Ok(());
         }
         "create" => {
-            let mut s = StoredSource {
-                id: sources.next_source_id(),
-                url: String::new(),
-                keyring_filename: None,
-                keyring_data: None,
-                unsigned: false,
-                selections: vec![],
-            };
-            apply_source_kv(&mut s, &kv(args)?)?;
-            sources.sources.push(s);
+            let pairs = kv(args)?;
+            sources.add_source(|s| apply_source_kv(s, &pairs))?;
         }
         "update" => {
             let id = id_arg(args, 0, "boot source id")?;
             let pairs = kv(&args[1..])?;
-            let s = sources
-                .sources
-                .iter_mut()
-                .find(|s| s.id == id)
-                .ok_or_else(|| anyhow::anyhow!("no boot source {id}"))?;
-            apply_source_kv(s, &pairs)?;
+            sources.edit_source(id, |s| apply_source_kv(s, &pairs))?;
         }
         "delete" => {
-            let id = id_arg(args, 0, "boot source id")?;
-            let before = sources.sources.len();
-            sources.sources.retain(|s| s.id != id);
-            if sources.sources.len() == before {
-                anyhow::bail!("no boot source {id}");
-            }
+            sources.delete_source(id_arg(args, 0, "boot source id")?)?;
         }
         other => {
             return Err(usage(format!(
@@ -180,14 +162,13 @@ pub(super) fn cmd_selections(
         .transpose()?;
     let mut sources = Sources::current(settings)?;
     let source_id = id_arg(args, 0, "boot source id")?;
-    let next_id = sources.next_selection_id();
-    let source = sources
-        .sources
-        .iter_mut()
-        .find(|s| s.id == source_id)
-        .ok_or_else(|| anyhow::anyhow!("no boot source {source_id}"))?;
     match op {
         "read" => {
+            let source = sources
+                .sources
+                .iter()
+                .find(|s| s.id == source_id)
+                .ok_or(crate::state::EditError::NoSource(source_id))?;
             if cli.json {
                 return print_json(&source.selections);
             }
@@ -207,28 +188,15 @@ pub(super) fn cmd_selections(
         }
         "create" => {
             let sel = selection_from_kv(&kv(&args[1..])?)?;
-            source.selections.push(StoredSelection {
-                id: next_id,
-                selection: sel,
-            });
+            sources.add_selection(source_id, sel)?;
         }
         "update" => {
             let id = id_arg(args, 1, "selection id")?;
             let pairs = kv(&args[2..])?;
-            let sel = source
-                .selections
-                .iter_mut()
-                .find(|s| s.id == id)
-                .ok_or_else(|| anyhow::anyhow!("no selection {id} in boot source {source_id}"))?;
-            apply_selection_kv(&mut sel.selection, &pairs)?;
+            sources.edit_selection(source_id, id, |s| apply_selection_kv(s, &pairs))?;
         }
         "delete" => {
-            let id = id_arg(args, 1, "selection id")?;
-            let before = source.selections.len();
-            source.selections.retain(|s| s.id != id);
-            if source.selections.len() == before {
-                anyhow::bail!("no selection {id} in boot source {source_id}");
-            }
+            sources.delete_selection(source_id, id_arg(args, 1, "selection id")?)?;
         }
         other => {
             return Err(usage(format!(

@@ -26,7 +26,7 @@ use serde_json::{json, Value};
 use crate::http::{full, App, Body, StaticFiles};
 use crate::serve::status::{Progress, Status};
 use crate::serve::Daemon;
-use crate::state::{Sources, StoredSelection, StoredSource};
+use crate::state::{EditError, Sources, StoredSelection, StoredSource};
 
 /// Largest JSON request body accepted.
 const MAX_BODY: usize = 64 << 10;
@@ -851,56 +851,35 @@ async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<B
     }
 }
 
+/// What a shared edit did not find is a 404 naming it.
+impl From<EditError> for Response<Body> {
+    fn from(e: EditError) -> Response<Body> {
+        error(StatusCode::NOT_FOUND, e.to_string())
+    }
+}
+
 /// Source and selection writes, with the CLI's semantics.
 fn write_sources(d: &Daemon, m: &Method, p: &[&str], body: Value) -> Result<Value, Response<Body>> {
     let settings = d.settings();
     let internal = |e: anyhow::Error| error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"));
     let mut sources = Sources::current(&settings).map_err(internal)?;
-    let find = |sources: &mut Sources, id: &str| -> Result<usize, Response<Body>> {
-        sources
-            .sources
-            .iter()
-            .position(|s| s.id.to_string() == id)
-            .ok_or_else(|| error(StatusCode::NOT_FOUND, format!("no boot source {id}")))
-    };
+    // Ids in the path: one that is not a number names no source or selection.
+    let id_of = |id: &str| id.parse::<u64>().ok();
+    let no_source = |id: &str| error(StatusCode::NOT_FOUND, format!("no boot source {id}"));
     let result = match (m, p) {
-        (&Method::POST, ["sources"]) => {
-            let mut s = StoredSource {
-                id: sources.next_source_id(),
-                url: String::new(),
-                keyring_filename: None,
-                keyring_data: None,
-                unsigned: false,
-                selections: vec![],
-            };
-            body::apply_source(&mut s, body)?;
-            let v = json!(s);
-            sources.sources.push(s);
-            v
-        }
+        (&Method::POST, ["sources"]) => json!(sources.add_source(|s| body::apply_source(s, body))?),
         (&Method::PUT, ["sources", id]) => {
-            let i = find(&mut sources, id)?;
-            // Changed on a copy: a refused change leaves nothing half-applied.
-            let mut s = sources.sources[i].clone();
-            body::apply_source(&mut s, body)?;
-            sources.sources[i] = s;
-            json!(sources.sources[i])
+            let id = id_of(id).ok_or_else(|| no_source(id))?;
+            json!(sources.edit_source(id, |s| body::apply_source(s, body))?)
         }
         (&Method::DELETE, ["sources", id]) => {
-            let i = find(&mut sources, id)?;
-            json!(sources.sources.remove(i))
+            let id = id_of(id).ok_or_else(|| no_source(id))?;
+            json!(sources.delete_source(id)?)
         }
         (&Method::POST, ["sources", id, "selections"]) => {
-            let next = sources.next_selection_id();
-            let i = find(&mut sources, id)?;
+            let id = id_of(id).ok_or_else(|| no_source(id))?;
             let sel = body::selection(body, "selection")?;
-            let s = StoredSelection {
-                id: next,
-                selection: sel,
-            };
-            let v = json!(s);
-            sources.sources[i].selections.push(s);
-            v
+            json!(sources.add_selection(id, sel)?)
         }
         (&Method::PUT, ["sources", id, "selections"]) => {
             // Replaces all of the source's selections (the Images page's "Save
@@ -911,7 +890,9 @@ fn write_sources(d: &Daemon, m: &Method, p: &[&str], body: Value) -> Result<Valu
                     "expected a JSON array of selections",
                 ));
             };
-            let i = find(&mut sources, id)?;
+            let i = id_of(id)
+                .and_then(|n| sources.sources.iter().position(|s| s.id == n))
+                .ok_or_else(|| no_source(id))?;
             let first = sources.next_selection_id();
             let mut new = Vec::new();
             for (next, (n, item)) in (first..).zip(list.into_iter().enumerate()) {
@@ -925,26 +906,26 @@ fn write_sources(d: &Daemon, m: &Method, p: &[&str], body: Value) -> Result<Valu
             json!(sources.sources[i].selections)
         }
         (&Method::PUT, ["sources", id, "selections", sid]) => {
-            let i = find(&mut sources, id)?;
-            let sel = sources.sources[i]
-                .selections
-                .iter_mut()
-                .find(|s| s.id.to_string() == *sid)
-                .ok_or_else(|| error(StatusCode::NOT_FOUND, format!("no selection {sid}")))?;
-            let mut changed = sel.selection.clone();
-            body::apply_selection(&mut changed, body, &format!("selection {sid}"))?;
-            sel.selection = changed;
-            json!(sel)
+            let id = id_of(id).ok_or_else(|| no_source(id))?;
+            let no_sel = || {
+                error(
+                    StatusCode::NOT_FOUND,
+                    format!("no selection {sid} in boot source {id}"),
+                )
+            };
+            let sid = id_of(sid).ok_or_else(no_sel)?;
+            let what = format!("selection {sid}");
+            json!(sources.edit_selection(id, sid, |s| body::apply_selection(s, body, &what))?)
         }
         (&Method::DELETE, ["sources", id, "selections", sid]) => {
-            let i = find(&mut sources, id)?;
-            let before = sources.sources[i].selections.len();
-            sources.sources[i]
-                .selections
-                .retain(|s| s.id.to_string() != *sid);
-            if sources.sources[i].selections.len() == before {
-                return Err(error(StatusCode::NOT_FOUND, format!("no selection {sid}")));
-            }
+            let id = id_of(id).ok_or_else(|| no_source(id))?;
+            let no_sel = || {
+                error(
+                    StatusCode::NOT_FOUND,
+                    format!("no selection {sid} in boot source {id}"),
+                )
+            };
+            sources.delete_selection(id, id_of(sid).ok_or_else(no_sel)?)?;
             json!({"deleted": sid})
         }
         _ => {
