@@ -525,11 +525,10 @@ fn raise_open_files_limit() {
     }
 }
 
-/// Runs the daemon until SIGTERM/SIGINT.
-pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-
-    raise_open_files_limit();
+/// Tidies leftovers, registers this daemon for GC and loads the snapshot to serve first.
+fn open_store(
+    settings: &Settings,
+) -> anyhow::Result<(Option<Snapshot>, crate::store::ServerRegistration)> {
     let store = Store::open(&settings.state_dir)?;
     // Leftovers of interrupted runs, unless a sync (which may own them) is running.
     if let Ok(Some(_lock)) = store.try_lock() {
@@ -554,43 +553,127 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
         ),
         None => tracing::info!("no snapshot yet: serving nothing until the first sync"),
     }
-    // Sockets: from systemd, else bound here.
-    let mut udp = Vec::new();
-    let mut tcp = Vec::new();
-    let mut https = Vec::new();
-    for s in systemd::activated_sockets() {
-        match s {
-            systemd::Activated::Udp(u) => udp.push(u),
-            // Every connection thread accepts on a socket systemd passed.
-            systemd::Activated::Tcp(t) => tcp.push(vec![t]),
-            systemd::Activated::Https(t) => https.push(vec![t]),
+    Ok((snapshot, registration))
+}
+
+/// The listening sockets: from systemd, else bound here.
+struct Sockets {
+    udp: Vec<std::net::UdpSocket>,
+    /// One group per address (a socket per HTTP thread, or the one systemd passed).
+    tcp: Vec<Vec<std::net::TcpListener>>,
+    tls_listeners: Vec<Vec<std::net::TcpListener>>,
+    tls_config: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+}
+
+impl Sockets {
+    fn take(settings: &Settings) -> anyhow::Result<Sockets> {
+        let mut udp = Vec::new();
+        let mut tcp = Vec::new();
+        let mut https = Vec::new();
+        for s in systemd::activated_sockets() {
+            match s {
+                systemd::Activated::Udp(u) => udp.push(u),
+                // Every connection thread accepts on a socket systemd passed.
+                systemd::Activated::Tcp(t) => tcp.push(vec![t]),
+                systemd::Activated::Https(t) => https.push(vec![t]),
+            }
         }
-    }
-    if udp.is_empty() {
-        for a in &settings.tftp.listen {
-            udp.push(bind_udp(*a)?);
+        if udp.is_empty() {
+            for a in &settings.tftp.listen {
+                udp.push(bind_udp(*a)?);
+            }
         }
-    }
-    if tcp.is_empty() {
-        for a in &settings.http.listen {
-            tcp.push(bind_tcp(*a, "HTTP")?);
+        if tcp.is_empty() {
+            for a in &settings.http.listen {
+                tcp.push(bind_tcp(*a, "HTTP")?);
+            }
         }
+        let (tls_listeners, tls_config) = match &settings.http.tls {
+            Some(t) => {
+                let cfg = crate::http::load_tls(&t.cert, &t.key).map_err(|e| anyhow::anyhow!("{e}"))?;
+                if https.is_empty() {
+                    for a in &t.listen {
+                        https.push(bind_tcp(*a, "HTTPS")?);
+                    }
+                }
+                (https, Some(cfg))
+            }
+            None if !https.is_empty() => anyhow::bail!(
+                "systemd passed a socket named https, but http.tls_cert and http.tls_key are not set"
+            ),
+            None => (vec![], None),
+        };
+        Ok(Sockets {
+            udp,
+            tcp,
+            tls_listeners,
+            tls_config,
+        })
     }
-    let (tls_listeners, tls_config) = match &settings.http.tls {
-        Some(t) => {
-            let cfg = crate::http::load_tls(&t.cert, &t.key).map_err(|e| anyhow::anyhow!("{e}"))?;
-            if https.is_empty() {
-                for a in &t.listen {
-                    https.push(bind_tcp(*a, "HTTPS")?);
+}
+
+/// Serves until SIGTERM or SIGINT (SIGHUP reloads; the watchdog is fed); a server task
+/// that ends on its own is an error.
+async fn run_until_signal(
+    daemon: &Arc<Daemon>,
+    tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => reload(daemon),
+            _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
+                systemd::notify("WATCHDOG=1");
+            }
+            Some(res) = tasks.join_next() => {
+                // A server task ended on its own: that is an error.
+                match res {
+                    Ok(Ok(())) => anyhow::bail!("a server task stopped unexpectedly"),
+                    Ok(Err(e)) => return Err(e),
+                    Err(e) => anyhow::bail!("a server task failed: {e}"),
                 }
             }
-            (https, Some(cfg))
         }
-        None if !https.is_empty() => anyhow::bail!(
-            "systemd passed a socket named https, but http.tls_cert and http.tls_key are not set"
-        ),
-        None => (vec![], None),
-    };
+    }
+    Ok(())
+}
+
+/// Waits for the servers to finish their transfers, up to `drain` (+5 s).
+async fn drain_tasks(mut tasks: tokio::task::JoinSet<anyhow::Result<()>>, drain: Duration) {
+    let deadline = tokio::time::sleep(drain + Duration::from_secs(5));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => {
+                tracing::warn!("drain deadline passed; exiting");
+                break;
+            }
+            next = tasks.join_next() => match next {
+                None => break,
+                Some(Ok(Err(e))) => tracing::warn!("while stopping: {e:#}"),
+                Some(_) => {}
+            }
+        }
+    }
+}
+
+/// Runs the daemon until SIGTERM/SIGINT.
+pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()> {
+    raise_open_files_limit();
+    let (snapshot, registration) = open_store(&settings)?;
+    let Sockets {
+        udp,
+        tcp,
+        tls_listeners,
+        tls_config,
+    } = Sockets::take(&settings)?;
 
     let (tx, _rx) = watch::channel(snapshot.map(Arc::new));
     let daemon = Arc::new(Daemon {
@@ -694,46 +777,11 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
         });
     }
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
-    loop {
-        tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = hup.recv() => reload(&daemon),
-            _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
-                systemd::notify("WATCHDOG=1");
-            }
-            Some(res) = tasks.join_next() => {
-                // A server task ended on its own: that is an error.
-                match res {
-                    Ok(Ok(())) => anyhow::bail!("a server task stopped unexpectedly"),
-                    Ok(Err(e)) => return Err(e),
-                    Err(e) => anyhow::bail!("a server task failed: {e}"),
-                }
-            }
-        }
-    }
+    run_until_signal(&daemon, &mut tasks).await?;
     tracing::info!("stopping: draining transfers (up to {} s)", drain.as_secs());
     systemd::notify("STOPPING=1");
     shutdown.cancel();
-    let deadline = tokio::time::sleep(drain + Duration::from_secs(5));
-    tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            _ = &mut deadline => {
-                tracing::warn!("drain deadline passed; exiting");
-                break;
-            }
-            next = tasks.join_next() => match next {
-                None => break,
-                Some(Ok(Err(e))) => tracing::warn!("while stopping: {e:#}"),
-                Some(_) => {}
-            }
-        }
-    }
+    drain_tasks(tasks, drain).await;
     tracing::info!("stopped");
     Ok(())
 }
