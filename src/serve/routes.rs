@@ -665,20 +665,22 @@ fn resources_json(d: &Daemon) -> Value {
     }
 }
 
-async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<Body> {
-    let method = req.method().clone();
-    let parts: Vec<&str> = rest.split('/').collect();
-    let settings = d.settings();
-    let read = matches!(method, Method::GET | Method::HEAD);
-    match (parts.as_slice(), read) {
+/// The API's GET and HEAD routes.
+fn api_read(
+    d: &Daemon,
+    settings: &crate::config::Settings,
+    parts: &[&str],
+    rest: &str,
+) -> Response<Body> {
+    match (parts, true) {
         (["status"], true) => {
             return json_response(
                 StatusCode::OK,
-                &serde_json::to_value(status_doc(&d)).expect("status serialises"),
+                &serde_json::to_value(status_doc(d)).expect("status serialises"),
             )
         }
-        (["resources"], true) => return json_response(StatusCode::OK, &resources_json(&d)),
-        (["catalog"], true) => return json_response(StatusCode::OK, &json!(catalog(&d))),
+        (["resources"], true) => return json_response(StatusCode::OK, &resources_json(d)),
+        (["catalog"], true) => return json_response(StatusCode::OK, &json!(catalog(d))),
         (["machines"], true) => {
             return match crate::machines::load(&settings.state_dir) {
                 Ok(state) => {
@@ -718,13 +720,13 @@ async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<B
             };
         }
         (["sources"], true) => {
-            return match Sources::current(&settings) {
+            return match Sources::current(settings) {
                 Ok(s) => json_response(StatusCode::OK, &json!(shown_sources(&s.sources))),
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
             }
         }
         (["sources", id, "selections"], true) | (["selections", id], true) => {
-            let sources = match Sources::current(&settings) {
+            let sources = match Sources::current(settings) {
                 Ok(s) => s,
                 Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
             };
@@ -734,7 +736,7 @@ async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<B
             };
         }
         (["selections"], true) => {
-            let sources = Sources::current(&settings).unwrap_or_default();
+            let sources = Sources::current(settings).unwrap_or_default();
             let all: Vec<Value> = sources
                 .sources
                 .iter()
@@ -748,13 +750,20 @@ async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<B
                 .collect();
             return json_response(StatusCode::OK, &Value::Array(all));
         }
-        _ => {}
-    }
-    if read {
-        return error(
+        _ => error(
             StatusCode::NOT_FOUND,
             format!("no such endpoint /api/v1/{rest}"),
-        );
+        ),
+    }
+}
+
+async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<Body> {
+    let method = req.method().clone();
+    let parts: Vec<&str> = rest.split('/').collect();
+    let settings = d.settings();
+    let read = matches!(method, Method::GET | Method::HEAD);
+    if read {
+        return api_read(&d, &settings, &parts, &rest);
     }
     if let Err(resp) = authorize(&d, &req) {
         return resp;
