@@ -673,37 +673,33 @@ fn api_read(
     rest: &str,
 ) -> Response<Body> {
     match (parts, true) {
-        (["status"], true) => {
-            return json_response(
-                StatusCode::OK,
-                &serde_json::to_value(status_doc(d)).expect("status serialises"),
-            )
-        }
-        (["resources"], true) => return json_response(StatusCode::OK, &resources_json(d)),
-        (["catalog"], true) => return json_response(StatusCode::OK, &json!(catalog(d))),
-        (["machines"], true) => {
-            return match crate::machines::load(&settings.state_dir) {
-                Ok(state) => {
-                    let macs: std::collections::BTreeSet<_> = settings
-                        .machines
-                        .keys()
-                        .chain(state.keys())
-                        .copied()
-                        .collect();
-                    let all: serde_json::Map<String, Value> = macs
-                        .iter()
-                        .map(|m| {
-                            (
-                                m.to_string(),
-                                json!(crate::machines::effective(&settings.machines, &state, m)),
-                            )
-                        })
-                        .collect();
-                    json_response(StatusCode::OK, &Value::Object(all))
-                }
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        (["status"], true) => json_response(
+            StatusCode::OK,
+            &serde_json::to_value(status_doc(d)).expect("status serialises"),
+        ),
+        (["resources"], true) => json_response(StatusCode::OK, &resources_json(d)),
+        (["catalog"], true) => json_response(StatusCode::OK, &json!(catalog(d))),
+        (["machines"], true) => match crate::machines::load(&settings.state_dir) {
+            Ok(state) => {
+                let macs: std::collections::BTreeSet<_> = settings
+                    .machines
+                    .keys()
+                    .chain(state.keys())
+                    .copied()
+                    .collect();
+                let all: serde_json::Map<String, Value> = macs
+                    .iter()
+                    .map(|m| {
+                        (
+                            m.to_string(),
+                            json!(crate::machines::effective(&settings.machines, &state, m)),
+                        )
+                    })
+                    .collect();
+                json_response(StatusCode::OK, &Value::Object(all))
             }
-        }
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        },
         (["machines", mac], true) => {
             let Some(mac) = crate::bootcfg::Mac::parse(mac) else {
                 return error(
@@ -711,29 +707,27 @@ fn api_read(
                     format!("{mac:?} is not a MAC address"),
                 );
             };
-            return match crate::machines::load(&settings.state_dir) {
+            match crate::machines::load(&settings.state_dir) {
                 Ok(state) => json_response(
                     StatusCode::OK,
                     &json!(crate::machines::effective(&settings.machines, &state, &mac)),
                 ),
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
-            };
-        }
-        (["sources"], true) => {
-            return match Sources::current(settings) {
-                Ok(s) => json_response(StatusCode::OK, &json!(shown_sources(&s.sources))),
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
             }
         }
+        (["sources"], true) => match Sources::current(settings) {
+            Ok(s) => json_response(StatusCode::OK, &json!(shown_sources(&s.sources))),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        },
         (["sources", id, "selections"], true) | (["selections", id], true) => {
             let sources = match Sources::current(settings) {
                 Ok(s) => s,
                 Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
             };
-            return match sources.sources.iter().find(|s| s.id.to_string() == *id) {
+            match sources.sources.iter().find(|s| s.id.to_string() == *id) {
                 Some(s) => json_response(StatusCode::OK, &json!(s.selections)),
                 None => error(StatusCode::NOT_FOUND, format!("no boot source {id}")),
-            };
+            }
         }
         (["selections"], true) => {
             let sources = Sources::current(settings).unwrap_or_default();
@@ -748,7 +742,7 @@ fn api_read(
                     })
                 })
                 .collect();
-            return json_response(StatusCode::OK, &Value::Array(all));
+            json_response(StatusCode::OK, &Value::Array(all))
         }
         _ => error(
             StatusCode::NOT_FOUND,
