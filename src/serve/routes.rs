@@ -800,14 +800,10 @@ async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<B
                     format!("{mac:?} is not a MAC address"),
                 );
             };
-            let body = match read_json(req).await {
+            // The lock is held until machines.json is written: no concurrent edit is lost.
+            let (body, _lock) = match body_under_lock(req, &settings.state_dir).await {
                 Ok(b) => b,
                 Err(r) => return r,
-            };
-            // Held until machines.json is written: no concurrent edit is lost.
-            let _lock = match crate::state::StateLock::acquire_async(&settings.state_dir).await {
-                Ok(l) => l,
-                Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
             };
             let mut state = match crate::machines::load(&settings.state_dir) {
                 Ok(s) => s,
@@ -835,13 +831,9 @@ async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<B
             )
         }
         (m, p) => {
-            let body = match read_json(req).await {
+            let (body, _lock) = match body_under_lock(req, &settings.state_dir).await {
                 Ok(b) => b,
                 Err(r) => return r,
-            };
-            let _lock = match crate::state::StateLock::acquire_async(&settings.state_dir).await {
-                Ok(l) => l,
-                Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
             };
             match write_sources(&d, &m, p, body) {
                 Ok(v) => {
@@ -852,6 +844,18 @@ async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<B
             }
         }
     }
+}
+
+/// A write's JSON body, and the state lock held until the caller has written.
+async fn body_under_lock(
+    req: Request<Incoming>,
+    state_dir: &std::path::Path,
+) -> Result<(Value, crate::state::StateLock), Response<Body>> {
+    let body = read_json(req).await?;
+    let lock = crate::state::StateLock::acquire_async(state_dir)
+        .await
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
+    Ok((body, lock))
 }
 
 /// What a shared edit did not find is a 404 naming it.
