@@ -210,15 +210,8 @@ pub struct SourceConfig {
     pub selections: Vec<Selection>,
 }
 
-/// A boot-source selection (MAAS semantics; `"*"` matches everything).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Selection {
-    pub os: String,
-    pub release: String,
-    pub arches: Vec<String>,
-    pub subarches: Vec<String>,
-    pub labels: Vec<String>,
-}
+// `Selection` belongs to the pure `select` layer; the config names it.
+pub use crate::select::Selection;
 
 /// Parses durations such as `"5m"`, `"30s"`, `"250ms"`, `"1h"`, `"2d"` or a bare
 /// number of seconds.

@@ -47,17 +47,15 @@ pub enum DownloadError {
         expected: Sha256,
         got: Sha256,
     },
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    // Not a `source` field: the message carries it (a source would print it twice).
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DownloadError + '_ {
-    move |source| DownloadError::Io {
+    move |error| DownloadError::Io {
         path: path.display().to_string(),
-        source,
+        error,
     }
 }
 
@@ -215,4 +213,20 @@ pub async fn fetch(
     let staged = store.staged_path(&job.sha256);
     fs::rename(&part, &staged).map_err(io_err(&staged))?;
     Ok(transferred)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DownloadError;
+
+    /// The I/O error is said once, not again as a cause in the chain.
+    #[test]
+    fn io_error_is_printed_once() {
+        let e = anyhow::Error::from(DownloadError::Io {
+            path: "/var/lib/rackboot/tmp/x.part".into(),
+            error: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+        let shown = format!("{e:#}");
+        assert_eq!(shown.matches("entity not found").count(), 1, "{shown}");
+    }
 }

@@ -18,7 +18,7 @@ use std::fs;
 use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use sha2::Digest as _;
@@ -126,50 +126,6 @@ pub fn check(store: &Store, repair: bool) -> io::Result<Report> {
 #[derive(Debug, thiserror::Error)]
 #[error("{0} problem(s) found")]
 pub struct ProblemsFound(pub usize);
-
-/// The command: waits for a running sync (the check must not see one half done),
-/// prints each problem on one line and a summary.
-pub fn cmd(settings: &crate::config::Settings, repair: bool, json: bool) -> anyhow::Result<()> {
-    let store = Store::existing(&settings.state_dir);
-    if !store.root().join("blobs/sha256").is_dir() {
-        anyhow::bail!(
-            "{} is not a rackboot store (no blobs/sha256)",
-            store.root().display()
-        );
-    }
-    let _lock = store.lock(true, |msg| eprintln!("rackboot: {msg}; waiting for it"))?;
-    let r = check(&store, repair)
-        .map_err(|e| anyhow::anyhow!("checking {}: {e}", store.root().display()))?;
-    if json {
-        let v = serde_json::json!({
-            "problems": r.problems.iter().map(|p| serde_json::json!({
-                "path": p.path, "problem": p.what, "repaired": p.repaired,
-            })).collect::<Vec<_>>(),
-            "blobs": r.blobs, "bytes": r.bytes, "files": r.files,
-            "generations": r.generations, "leftovers": r.leftovers,
-        });
-        println!("{v:#}");
-    } else {
-        for p in &r.problems {
-            println!("{p}");
-        }
-        eprintln!(
-            "fsck: {} blobs ({}) re-hashed, {} files in {} generations checked, \
-             {} leftovers of interrupted runs, {} problems",
-            r.blobs,
-            crate::sync::human_bytes(r.bytes),
-            r.files,
-            r.generations,
-            r.leftovers,
-            r.problems.len()
-        );
-    }
-    if r.problems.is_empty() {
-        Ok(())
-    } else {
-        Err(ProblemsFound(r.problems.len()).into())
-    }
-}
 
 /// Re-hashes every blob. Returns the digests of the good ones with their inode.
 fn check_blobs(
@@ -414,11 +370,11 @@ pub fn state_file_problems(state_dir: &Path) -> Vec<(&'static str, String)> {
             ),
         ));
     }
-    let catalog = state_dir.join(crate::sync::CATALOG_FILE);
+    let catalog = state_dir.join(crate::state::CATALOG_FILE);
     if let Ok(b) = fs::read(&catalog) {
         if let Err(e) = serde_json::from_slice::<serde_json::Value>(&b) {
             out.push((
-                crate::sync::CATALOG_FILE,
+                crate::state::CATALOG_FILE,
                 format!("not valid JSON ({e}); move it aside, the next sync writes it again"),
             ));
         }
@@ -517,146 +473,6 @@ pub static VERIFY: VerifyStatus = VerifyStatus {
 
 /// Where the daemon remembers when it last checked, so a restart neither re-hashes
 /// the store at once nor postpones the check for ever.
-const STAMP_FILE: &str = "fsck.json";
-
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Stamp {
-    /// Unix seconds of the last check (or of the first start, before any).
-    last: u64,
-    problems: Option<u64>,
-}
-
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// The daemon's schedule (`[store] verify_interval`): every interval, on a thread
-/// of its own at idle I/O priority, under the sync lock (retried in a minute when a
-/// sync holds it). Problems are logged one per line and counted in
-/// `rackboot_store_problems`; with `verify_repair` bad blobs are quarantined and a
-/// sync is started to fetch them again.
-pub async fn verify_loop(
-    d: std::sync::Arc<crate::daemon::Daemon>,
-    shutdown: tokio_util::sync::CancellationToken,
-) {
-    loop {
-        let settings = d.settings();
-        let Some(interval) = settings.store.verify_interval else {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => continue,
-            }
-        };
-        let stamp_path = settings.state_dir.join(STAMP_FILE);
-        let stamp: Option<Stamp> = fs::read(&stamp_path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
-        let last = match &stamp {
-            Some(s) => {
-                if let Some(p) = s.problems {
-                    VERIFY.problems.store(p as i64, Ordering::Relaxed);
-                    VERIFY.finished.store(s.last, Ordering::Relaxed);
-                }
-                s.last
-            }
-            None => {
-                let s = Stamp {
-                    last: now_unix(),
-                    problems: None,
-                };
-                let json = serde_json::to_vec(&s).expect("stamp serialises");
-                let _ = crate::store::atomic_write(&stamp_path, &json);
-                s.last
-            }
-        };
-        let due = last.saturating_add(interval.as_secs());
-        let wait = std::time::Duration::from_secs(due.saturating_sub(now_unix()).clamp(1, 3600));
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
-        }
-        if now_unix() < due {
-            continue; // re-read the settings and the stamp (SIGHUP may change them)
-        }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let (store, repair) = (
-            Store::existing(&settings.state_dir),
-            settings.store.verify_repair,
-        );
-        // A thread of its own: the idle I/O class sticks to the thread.
-        let spawned = std::thread::Builder::new()
-            .name("fsck".into())
-            .spawn(move || {
-                if let Err(e) = idle_io_priority() {
-                    tracing::debug!("store check: cannot lower the I/O priority: {e}");
-                }
-                let r = match store.try_lock() {
-                    Ok(Some(_lock)) => check(&store, repair).map(Some),
-                    Ok(None) => Ok(None),
-                    Err(e) => Err(io::Error::other(format!("{e:#}"))),
-                };
-                let _ = tx.send(r);
-            });
-        if let Err(e) = spawned {
-            tracing::warn!("store check: cannot start a thread: {e}");
-            continue;
-        }
-        let r = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = rx => r,
-        };
-        match r {
-            Ok(Ok(Some(r))) => {
-                for p in &r.problems {
-                    tracing::warn!("store check: {p}");
-                }
-                tracing::info!(
-                    "store check: {} blobs ({}) re-hashed, {} files in {} generations, {} problems",
-                    r.blobs,
-                    crate::sync::human_bytes(r.bytes),
-                    r.files,
-                    r.generations,
-                    r.problems.len()
-                );
-                let n = r.problems.len() as u64;
-                let end = now_unix();
-                VERIFY.problems.store(n as i64, Ordering::Relaxed);
-                VERIFY.finished.store(end, Ordering::Relaxed);
-                let json = serde_json::to_vec(&Stamp {
-                    last: end,
-                    problems: Some(n),
-                })
-                .expect("stamp serialises");
-                if let Err(e) = crate::store::atomic_write(&stamp_path, &json) {
-                    tracing::warn!("cannot write {}: {e}", stamp_path.display());
-                }
-                if r.problems.iter().any(|p| p.repaired.is_some()) {
-                    d.trigger.notify_one();
-                }
-            }
-            Ok(Ok(None)) => {
-                tracing::debug!("store check: a sync is running; trying again later");
-                let retry = interval.min(std::time::Duration::from_secs(60));
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(retry) => {}
-                }
-            }
-            Ok(Err(e)) => {
-                tracing::warn!("store check failed: {e}");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
-                }
-            }
-            Err(_) => tracing::warn!("store check: the thread ended without a result"),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

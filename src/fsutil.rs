@@ -1,11 +1,13 @@
-//! Opening files below a root without escaping it: `openat2(RESOLVE_BENEATH)` on a
-//! directory descriptor (one syscall; the kernel refuses `..`, absolute symlinks and
-//! symlinks leading out), with a canonicalize-and-compare fallback for kernels
-//! older than 5.6.
+//! File-system helpers every layer may use: atomic writes of small files (temp file,
+//! fsync, rename, fsync the directory), I/O errors that name their path, and opening
+//! files below a root without escaping it: `openat2(RESOLVE_BENEATH)` on a directory
+//! descriptor (one syscall; the kernel refuses `..`, absolute symlinks and symlinks
+//! leading out), with a canonicalize-and-compare fallback for kernels older than 5.6.
 
-use std::fs::File;
-use std::io;
+use std::fs::{self, File};
+use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
@@ -89,4 +91,96 @@ fn open_fallback(root: &Path, rel: &str) -> Result<(File, std::fs::Metadata), Be
         return Err(BeneathError::NotFound);
     }
     Ok((file, meta))
+}
+
+/// The mode of state files (`state.json`, `sources.json`, `machines.json`, …),
+/// before the umask.
+pub const STATE_MODE: u32 = 0o640;
+/// The mode of served files and of `rackboot mirror`'s output, before the umask.
+pub const PUBLIC_MODE: u32 = 0o644;
+
+/// Writes a state file atomically (mode [`STATE_MODE`]): temp file in the same
+/// directory, fsync, rename, fsync the directory. A crash leaves either the old or
+/// the new content.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    atomic_write_mode(path, bytes, STATE_MODE)
+}
+
+/// [`atomic_write`] for a file others read (served, mirrored): mode [`PUBLIC_MODE`].
+pub fn atomic_write_public(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    atomic_write_mode(path, bytes, PUBLIC_MODE)
+}
+
+/// Like [`atomic_write`] with `mode` (the umask applies, as for any created file).
+/// Run as root in a directory another user owns (the CLI beside the unit's
+/// `User=rackboot`), the file is given to the directory's owner, so the daemon can
+/// still read and replace it.
+pub fn atomic_write_mode(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .permissions(fs::Permissions::from_mode(mode))
+        .tempfile_in(dir)?;
+    give_to_dir_owner(tmp.as_file(), dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    fsync_dir(dir)
+}
+
+/// As root, hands a new file in `dir` to `dir`'s owner (a no-op otherwise).
+pub fn give_to_dir_owner(file: &File, dir: &Path) -> io::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let m = fs::metadata(dir)?;
+    if m.uid() == 0 {
+        return Ok(());
+    }
+    std::os::unix::fs::fchown(file, Some(m.uid()), Some(m.gid()))
+}
+
+/// Removes `.tmp-*` files an interrupted [`atomic_write`] left in `dir` (they are
+/// never renamed into place once the writer is gone). Errors are ignored: this is
+/// tidying, not correctness.
+/// Only files older than a minute go: a younger one may belong to a writer that is
+/// still running (another rackboot process).
+pub fn remove_stray_tmp(dir: &Path) -> usize {
+    let old = |e: &fs::DirEntry| {
+        e.metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > std::time::Duration::from_secs(60))
+    };
+    let mut n = 0;
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with(".tmp-")
+            && e.file_type().is_ok_and(|t| t.is_file())
+            && old(&e)
+            && fs::remove_file(e.path()).is_ok()
+        {
+            n += 1;
+        }
+    }
+    n
+}
+
+pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Flushes everything written to the filesystem holding `path` (data and directory
+/// entries) with one `syncfs`: how a batch of files (archive members, blob renames,
+/// a snapshot tree) becomes durable without one fsync per file.
+pub fn sync_fs(path: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = File::open(path)?;
+    nix::unistd::syncfs(f.as_raw_fd()).map_err(io::Error::from)
+}
+
+/// Adds the path to an I/O error so the message names it.
+pub fn ctx<T>(r: io::Result<T>, what: &str, path: &Path) -> anyhow::Result<T> {
+    r.map_err(|e| anyhow::anyhow!("{what} {}: {e}", path.display()))
 }

@@ -5,22 +5,18 @@
 //! `simplestreams`, `select` and `plan` are pure (no I/O, no clock); `sync` drives the
 //! pipeline; the servers only read the published snapshot.
 
-/// The daemon's HTTP routes (API, metrics, re-exported stream, files).
-pub mod api;
 /// Bootloader archive unpacking into the blob store.
 pub mod archive;
 /// Typed pxelinux/GRUB/iPXE configs; escaping of outside strings (pure).
 pub mod bootcfg;
-/// What TFTP and HTTP serve: snapshot files and boot configs per request.
-pub mod bootserve;
 /// The command line.
 pub mod cli;
 /// Configuration file, drop-ins and validated settings.
 pub mod config;
-/// `rackboot serve`: sockets, sync loop, signals.
-pub mod daemon;
 /// Streaming, resumable, hash-checked downloads into the blob store.
 pub mod download;
+/// The class of a served file (labels per-class counters).
+pub mod file_class;
 /// `rackboot fsck`: re-hash blobs, check snapshots, `current` and state files.
 pub mod fsck;
 /// Opening files below a root without escaping it.
@@ -29,8 +25,6 @@ pub mod fsutil;
 pub mod http;
 /// Per-MAC boot settings.
 pub mod machines;
-/// `/metrics` (Prometheus text format).
-pub mod metrics;
 /// `rackboot mirror`: sstream-mirror's job (filters, --max, byte-identical metadata).
 pub mod mirror;
 /// Selection + store contents → what to fetch and the snapshot layout (pure).
@@ -39,6 +33,9 @@ pub mod plan;
 pub mod reexport;
 /// Boot-source selections → selected products (pure).
 pub mod select;
+/// `rackboot serve`: the daemon (sockets, sync loop, signals) and what it serves:
+/// routes, boot configs, `/metrics`, the Images page.
+pub mod serve;
 /// SimpleStreams documents → domain types (pure).
 pub mod simplestreams;
 /// Sources and sync state files.
@@ -55,5 +52,3 @@ pub mod tftp;
 pub mod upstream;
 /// OpenPGP verification; the only producer of `Verified` documents.
 pub mod verify;
-/// The Images page (server-rendered HTML, pure).
-pub mod web;

@@ -11,7 +11,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::bootcfg::Mac;
-use crate::store::{atomic_write, ctx};
+use crate::fsutil::{atomic_write, ctx};
 
 /// Settings of one machine; unset fields fall back to `[boot]`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

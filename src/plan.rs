@@ -283,7 +283,7 @@ pub fn root_links(bootloader_type: &str, arch: &str, members: &[String]) -> Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Selection;
+    use crate::select::Selection;
     use crate::simplestreams::{parse_products, RelPath};
 
     const D1: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";

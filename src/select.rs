@@ -8,9 +8,18 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::config::Selection;
 use crate::simplestreams::{Item, Products, Segment};
 use crate::verify::Verified;
+
+/// A boot-source selection (MAAS semantics; `"*"` matches everything).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Selection {
+    pub os: String,
+    pub release: String,
+    pub arches: Vec<String>,
+    pub subarches: Vec<String>,
+    pub labels: Vec<String>,
+}
 
 /// Item types a rack downloads for boot images.
 pub const IMAGE_FTYPES: &[&str] = &["boot-kernel", "boot-initrd", "boot-dtb", "squashfs"];

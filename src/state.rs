@@ -16,7 +16,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Selection, Settings, SourceConfig};
-use crate::store::{atomic_write, ctx};
+use crate::fsutil::{atomic_write, ctx};
 use crate::upstream::Validators;
 
 /// The lock file of state-file edits, beside the state files.
@@ -55,6 +55,9 @@ impl StateLock {
 }
 
 /// What the sync engine remembers between runs.
+/// What the last sync saw of every boot source (the Images page reads it).
+pub const CATALOG_FILE: &str = "catalog.json";
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SyncState {
     /// Highest generation ever published.
@@ -392,6 +395,115 @@ impl Sources {
             .unwrap_or(0)
             + 1
     }
+
+    // The edits the CLI (`key=value`) and the API (JSON) share: each changes a copy, so
+    // a refused change leaves nothing half-applied, and names what it did not find.
+
+    /// Adds a source made by `fill` from an empty one with the next id.
+    pub fn add_source<E>(
+        &mut self,
+        fill: impl FnOnce(&mut StoredSource) -> Result<(), E>,
+    ) -> Result<&StoredSource, E> {
+        let mut s = StoredSource {
+            id: self.next_source_id(),
+            url: String::new(),
+            keyring_filename: None,
+            keyring_data: None,
+            unsigned: false,
+            selections: vec![],
+        };
+        fill(&mut s)?;
+        self.sources.push(s);
+        Ok(self.sources.last().expect("just pushed"))
+    }
+
+    /// Changes source `id` with `edit`.
+    pub fn edit_source<E: From<EditError>>(
+        &mut self,
+        id: u64,
+        edit: impl FnOnce(&mut StoredSource) -> Result<(), E>,
+    ) -> Result<&StoredSource, E> {
+        let i = self.source_index(id)?;
+        let mut s = self.sources[i].clone();
+        edit(&mut s)?;
+        self.sources[i] = s;
+        Ok(&self.sources[i])
+    }
+
+    /// Removes source `id`.
+    pub fn delete_source(&mut self, id: u64) -> Result<StoredSource, EditError> {
+        let i = self.source_index(id)?;
+        Ok(self.sources.remove(i))
+    }
+
+    /// Adds `selection` to source `id`, with the next selection id.
+    pub fn add_selection(
+        &mut self,
+        id: u64,
+        selection: Selection,
+    ) -> Result<&StoredSelection, EditError> {
+        let next = self.next_selection_id();
+        let i = self.source_index(id)?;
+        let list = &mut self.sources[i].selections;
+        list.push(StoredSelection {
+            id: next,
+            selection,
+        });
+        Ok(list.last().expect("just pushed"))
+    }
+
+    /// Changes selection `sid` of source `id` with `edit`.
+    pub fn edit_selection<E: From<EditError>>(
+        &mut self,
+        id: u64,
+        sid: u64,
+        edit: impl FnOnce(&mut Selection) -> Result<(), E>,
+    ) -> Result<&StoredSelection, E> {
+        let i = self.source_index(id)?;
+        let sel = self.sources[i]
+            .selections
+            .iter_mut()
+            .find(|s| s.id == sid)
+            .ok_or(EditError::NoSelection {
+                in_source: id,
+                selection: sid,
+            })?;
+        let mut changed = sel.selection.clone();
+        edit(&mut changed)?;
+        sel.selection = changed;
+        Ok(sel)
+    }
+
+    /// Removes selection `sid` of source `id`.
+    pub fn delete_selection(&mut self, id: u64, sid: u64) -> Result<(), EditError> {
+        let i = self.source_index(id)?;
+        let list = &mut self.sources[i].selections;
+        let before = list.len();
+        list.retain(|s| s.id != sid);
+        if list.len() == before {
+            return Err(EditError::NoSelection {
+                in_source: id,
+                selection: sid,
+            });
+        }
+        Ok(())
+    }
+
+    fn source_index(&self, id: u64) -> Result<usize, EditError> {
+        self.sources
+            .iter()
+            .position(|s| s.id == id)
+            .ok_or(EditError::NoSource(id))
+    }
+}
+
+/// An edit of `sources.json` that found nothing to edit.
+#[derive(Debug, thiserror::Error)]
+pub enum EditError {
+    #[error("no boot source {0}")]
+    NoSource(u64),
+    #[error("no selection {selection} in boot source {in_source}")]
+    NoSelection { in_source: u64, selection: u64 },
 }
 
 #[cfg(test)]

@@ -195,7 +195,7 @@ fn now_unix() -> u64 {
 
 /// Every image the sources offer and whether it is selected (`select::catalog`),
 /// written after each successful sync that read the upstream.
-pub const CATALOG_FILE: &str = "catalog.json";
+pub use crate::state::CATALOG_FILE;
 
 fn write_catalog(settings: &Settings, json: &[u8]) -> anyhow::Result<()> {
     let p = settings.state_dir.join(CATALOG_FILE);

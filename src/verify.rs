@@ -52,11 +52,10 @@ pub enum VerifyError {
 /// A keyring error (config problem): names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyringError {
-    #[error("cannot read keyring {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    // Not a `source` field: the message already carries it, and a source would make
+    // the error chain print it a second time.
+    #[error("cannot read keyring {path}: {error}")]
+    Read { path: String, error: std::io::Error },
     #[error("keyring {origin} is not an OpenPGP keyring: {reason}")]
     Parse { origin: String, reason: String },
     #[error("keyring {0} holds no certificates")]
@@ -72,9 +71,9 @@ pub struct Keyring {
 impl Keyring {
     /// Loads a binary or ASCII-armored keyring file.
     pub fn from_file(path: &Path) -> Result<Keyring, KeyringError> {
-        let bytes = std::fs::read(path).map_err(|source| KeyringError::Read {
+        let bytes = std::fs::read(path).map_err(|error| KeyringError::Read {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         Keyring::from_bytes(&bytes, &path.display().to_string())
     }
@@ -392,6 +391,17 @@ pub fn verify_clearsigned(
 
 #[cfg(test)]
 mod tests {
+
+    /// The I/O error is said once, not again as a cause in the chain.
+    #[test]
+    fn io_error_is_printed_once() {
+        let e = anyhow::Error::from(KeyringError::Read {
+            path: "/etc/rackboot/k.gpg".into(),
+            error: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+        let shown = format!("{e:#}");
+        assert_eq!(shown.matches("entity not found").count(), 1, "{shown}");
+    }
     use super::*;
 
     #[test]

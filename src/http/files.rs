@@ -336,7 +336,7 @@ impl StaticFiles {
             return builder.body(empty()).expect("valid response");
         }
         let counter = self.metrics.clone().map(|m| {
-            let class = crate::metrics::file_class(rel);
+            let class = crate::file_class::FileClass::of(rel);
             m.class_requests[class].fetch_add(1, Ordering::Relaxed);
             (m, class)
         });
@@ -353,7 +353,7 @@ pub fn file_body(
     file: Arc<File>,
     start: u64,
     count: u64,
-    sent: Option<(Arc<super::HttpMetrics>, usize)>,
+    sent: Option<(Arc<super::HttpMetrics>, crate::file_class::FileClass)>,
     keep: Option<Arc<dyn std::any::Any + Send + Sync>>,
 ) -> Body {
     if let Some((m, _)) = &sent {
@@ -378,7 +378,7 @@ struct FileBody {
     file: Arc<File>,
     pos: u64,
     left: u64,
-    sent: Option<(Arc<super::HttpMetrics>, usize)>,
+    sent: Option<(Arc<super::HttpMetrics>, crate::file_class::FileClass)>,
     _keep: Option<Arc<dyn std::any::Any + Send + Sync>>,
 }
 

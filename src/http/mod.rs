@@ -22,6 +22,8 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_util::sync::CancellationToken;
 
+use crate::file_class::ClassCounters;
+
 pub use files::StaticFiles;
 
 /// Response body type of every route.
@@ -86,34 +88,64 @@ pub struct HttpMetrics {
     pub connections_rejected: AtomicU64,
     /// File bodies being sent.
     pub transfers_in_flight: AtomicU64,
-    /// Errors by kind (`HTTP_ERROR_KINDS`).
-    pub errors: [AtomicU64; HTTP_ERROR_KINDS.len()],
-    /// Bytes and requests by file class (`crate::metrics::FILE_CLASSES`).
-    pub class_bytes: [AtomicU64; crate::metrics::FILE_CLASSES.len()],
-    pub class_requests: [AtomicU64; crate::metrics::FILE_CLASSES.len()],
+    /// Errors by kind (index: `HttpErrorKind as usize`; read with [`HttpMetrics::error_count`]).
+    errors: [AtomicU64; HttpErrorKind::ALL.len()],
+    /// Bytes and requests by file class.
+    pub class_bytes: ClassCounters,
+    pub class_requests: ClassCounters,
 }
 
-/// Kinds of HTTP errors, in the order of `HttpMetrics::errors`: error responses of
-/// the routes, then connection-level failures that hyper answers or closes itself.
-pub const HTTP_ERROR_KINDS: [&str; 11] = [
-    "bad_request",
-    "unauthorized",
-    "not_found",
-    "range_not_satisfiable",
-    "other_4xx",
-    "server_error",
-    "header_too_large",
-    "header_timeout",
-    "malformed",
-    "connection",
-    "send_timeout",
-];
+/// Kinds of HTTP errors counted in `HttpMetrics::errors` (indexed by the kind): error
+/// responses of the routes, then connection-level failures that hyper answers or closes
+/// itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HttpErrorKind {
+    BadRequest,
+    Unauthorized,
+    NotFound,
+    RangeNotSatisfiable,
+    Other4xx,
+    ServerError,
+    HeaderTooLarge,
+    HeaderTimeout,
+    Malformed,
+    Connection,
+    SendTimeout,
+}
 
-const ERR_TOO_LARGE: usize = 6;
-const ERR_TIMEOUT: usize = 7;
-const ERR_MALFORMED: usize = 8;
-const ERR_CONNECTION: usize = 9;
-const ERR_SEND_TIMEOUT: usize = 10;
+impl HttpErrorKind {
+    /// Every kind, in counter order.
+    pub const ALL: [HttpErrorKind; 11] = [
+        HttpErrorKind::BadRequest,
+        HttpErrorKind::Unauthorized,
+        HttpErrorKind::NotFound,
+        HttpErrorKind::RangeNotSatisfiable,
+        HttpErrorKind::Other4xx,
+        HttpErrorKind::ServerError,
+        HttpErrorKind::HeaderTooLarge,
+        HttpErrorKind::HeaderTimeout,
+        HttpErrorKind::Malformed,
+        HttpErrorKind::Connection,
+        HttpErrorKind::SendTimeout,
+    ];
+
+    /// The `kind` label value in `/metrics`.
+    pub fn label(self) -> &'static str {
+        match self {
+            HttpErrorKind::BadRequest => "bad_request",
+            HttpErrorKind::Unauthorized => "unauthorized",
+            HttpErrorKind::NotFound => "not_found",
+            HttpErrorKind::RangeNotSatisfiable => "range_not_satisfiable",
+            HttpErrorKind::Other4xx => "other_4xx",
+            HttpErrorKind::ServerError => "server_error",
+            HttpErrorKind::HeaderTooLarge => "header_too_large",
+            HttpErrorKind::HeaderTimeout => "header_timeout",
+            HttpErrorKind::Malformed => "malformed",
+            HttpErrorKind::Connection => "connection",
+            HttpErrorKind::SendTimeout => "send_timeout",
+        }
+    }
+}
 
 impl HttpMetrics {
     fn count_status(&self, status: u16) {
@@ -125,29 +157,38 @@ impl HttpMetrics {
         };
         c.fetch_add(1, Ordering::Relaxed);
         let kind = match status {
-            400 => 0,
-            401 | 403 => 1,
-            404 => 2,
-            416 => 3,
-            402..=499 => 4,
-            500.. => 5,
+            400 => HttpErrorKind::BadRequest,
+            401 | 403 => HttpErrorKind::Unauthorized,
+            404 => HttpErrorKind::NotFound,
+            416 => HttpErrorKind::RangeNotSatisfiable,
+            402..=499 => HttpErrorKind::Other4xx,
+            500.. => HttpErrorKind::ServerError,
             _ => return,
         };
-        self.errors[kind].fetch_add(1, Ordering::Relaxed);
+        self.count_error(kind);
+    }
+
+    fn count_error(&self, kind: HttpErrorKind) {
+        self.errors[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many errors of `kind` were counted.
+    pub fn error_count(&self, kind: HttpErrorKind) -> u64 {
+        self.errors[kind as usize].load(Ordering::Relaxed)
     }
 
     /// Counts a connection that hyper ended with an error.
     fn count_connection_error(&self, e: &hyper::Error) {
         let kind = if e.is_parse_too_large() {
-            ERR_TOO_LARGE
+            HttpErrorKind::HeaderTooLarge
         } else if e.is_timeout() {
-            ERR_TIMEOUT
+            HttpErrorKind::HeaderTimeout
         } else if e.is_parse() || e.is_parse_status() {
-            ERR_MALFORMED
+            HttpErrorKind::Malformed
         } else {
-            ERR_CONNECTION
+            HttpErrorKind::Connection
         };
-        self.errors[kind].fetch_add(1, Ordering::Relaxed);
+        self.count_error(kind);
     }
 }
 
@@ -716,7 +757,7 @@ async fn connection(
             "http: closing a connection that made no send progress for {:?} (http.send_timeout)",
             limits.send_timeout
         );
-        metrics.errors[ERR_SEND_TIMEOUT].fetch_add(1, Ordering::Relaxed);
+        metrics.count_error(HttpErrorKind::SendTimeout);
     };
     let result = match acceptor {
         Some(acc) => {
@@ -725,12 +766,12 @@ async fn connection(
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
                         tracing::debug!(%peer, "TLS handshake failed: {e}");
-                        metrics.errors[ERR_CONNECTION].fetch_add(1, Ordering::Relaxed);
+                        metrics.count_error(HttpErrorKind::Connection);
                         return;
                     }
                     Err(_) => {
                         tracing::debug!(%peer, "TLS handshake timed out");
-                        metrics.errors[ERR_TIMEOUT].fetch_add(1, Ordering::Relaxed);
+                        metrics.count_error(HttpErrorKind::HeaderTimeout);
                         return;
                     }
                 };

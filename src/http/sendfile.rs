@@ -48,7 +48,7 @@ pub struct Segment {
     /// Bytes still to send.
     left: u64,
     /// Where to count the bytes actually sent (metrics, by file class).
-    sent: Option<(Arc<super::HttpMetrics>, usize)>,
+    sent: Option<(Arc<super::HttpMetrics>, crate::file_class::FileClass)>,
 }
 
 impl Segment {
@@ -57,7 +57,7 @@ impl Segment {
         file: Arc<File>,
         offset: u64,
         len: u64,
-        sent: Option<(Arc<super::HttpMetrics>, usize)>,
+        sent: Option<(Arc<super::HttpMetrics>, crate::file_class::FileClass)>,
     ) -> Segment {
         debug_assert!(len > 0 && len <= MAX_SEGMENT as u64);
         Segment {

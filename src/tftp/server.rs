@@ -59,7 +59,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::engine::{self, Action, Limits, Outcome, Transfer};
 use super::packet::{self, code, Mode, Packet, Request};
-use crate::metrics::{file_class, FILE_CLASSES};
+use crate::file_class::{ClassCounters, FileClass};
 
 /// Server settings.
 #[derive(Clone, Debug)]
@@ -228,8 +228,8 @@ pub struct TftpMetrics {
     pub unacknowledged: AtomicU64,
     pub aborted: AtomicU64,
     pub busy: AtomicU64,
-    pub class_bytes: [AtomicU64; FILE_CLASSES.len()],
-    pub class_requests: [AtomicU64; FILE_CLASSES.len()],
+    pub class_bytes: ClassCounters,
+    pub class_requests: ClassCounters,
 }
 
 fn inc(c: &AtomicU64) {
@@ -1187,7 +1187,7 @@ struct Xfer {
     want_write: bool,
     sent_bytes: u64,
     failed: Option<std::io::Error>,
-    class: usize,
+    class: FileClass,
     started: Instant,
     span: tracing::Span,
     _guard: ActiveGuard,
@@ -1308,10 +1308,8 @@ impl Xfer {
             span.in_scope(|| tracing::warn!(outcome = "error", "tftp: epoll: {e}"));
             return None;
         }
-        let class = file_class(&path);
-        if let Some(c) = metrics.class_requests.get(class) {
-            inc(c);
-        }
+        let class = FileClass::of(&path);
+        inc(crate::file_class::counter(&metrics.class_requests, class));
         metrics.in_flight.fetch_add(1, Ordering::Relaxed);
         let mut t = Transfer::new(size, &negotiated, config.retries, now);
         let first = t.start(now);
@@ -1478,9 +1476,8 @@ impl Xfer {
         metrics
             .bytes_sent
             .fetch_add(self.sent_bytes, Ordering::Relaxed);
-        if let Some(c) = metrics.class_bytes.get(self.class) {
-            c.fetch_add(self.sent_bytes, Ordering::Relaxed);
-        }
+        crate::file_class::counter(&metrics.class_bytes, self.class)
+            .fetch_add(self.sent_bytes, Ordering::Relaxed);
         let outcome = match (&self.failed, self.t.outcome()) {
             (Some(_), _) => {
                 inc(&metrics.transfers_failed);

@@ -7,6 +7,19 @@
 //! request resolves the snapshot once and keeps it for its whole life, so a transfer
 //! that started on the old snapshot finishes on it.
 
+/// What a booting machine gets: boot configs from the snapshot + settings, else files.
+pub mod boot;
+/// `/metrics` (Prometheus text format).
+pub mod metrics;
+/// The HTTP routes (API, metrics, re-exported stream, files).
+pub mod routes;
+/// The status document the API writes and the CLI reads.
+pub mod status;
+/// The scheduled store check.
+mod verify;
+/// The Images page (server-rendered HTML, pure).
+pub mod web;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -72,7 +85,7 @@ impl Snapshot {
 }
 
 /// How the periodic sync is doing (the status API and `/metrics` read it).
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct SyncStatus {
     pub running: bool,
     pub runs: u64,
@@ -92,7 +105,8 @@ pub struct SyncStatus {
 pub struct Daemon {
     pub config_path: PathBuf,
     settings: RwLock<Arc<Settings>>,
-    pub snapshot: watch::Sender<Option<Arc<Snapshot>>>,
+    /// What is served; read through [`Daemon::current`], which tells GC what requests hold.
+    snapshot: watch::Sender<Option<Arc<Snapshot>>>,
     pub status: Mutex<SyncStatus>,
     pub live: Arc<LiveProgress>,
     pub trigger: Notify,
@@ -121,6 +135,12 @@ pub struct Daemon {
 impl Daemon {
     pub fn settings(&self) -> Arc<Settings> {
         self.settings.read().expect("settings lock").clone()
+    }
+
+    /// The snapshot served now, to report on (status, metrics, the page); a request
+    /// that serves its files takes [`Daemon::current`] instead.
+    pub fn shown(&self) -> Option<Arc<Snapshot>> {
+        self.snapshot.borrow().clone()
     }
 
     /// The snapshot to serve a request from (kept alive by the returned Arc).
@@ -507,13 +527,10 @@ fn raise_open_files_limit() {
     }
 }
 
-/// Runs the daemon until SIGTERM/SIGINT.
-pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-
-    raise_open_files_limit();
-    // A state file that does not load: refuse with the file and the fix, touch nothing.
-    crate::fsck::refuse_bad_state(&settings.state_dir)?;
+/// Tidies leftovers, registers this daemon for GC and loads the snapshot to serve first.
+fn open_store(
+    settings: &Settings,
+) -> anyhow::Result<(Option<Snapshot>, crate::store::ServerRegistration)> {
     let store = Store::open(&settings.state_dir)?;
     // Leftovers of interrupted runs, unless a sync (which may own them) is running.
     if let Ok(Some(_lock)) = store.try_lock() {
@@ -538,43 +555,129 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
         ),
         None => tracing::info!("no snapshot yet: serving nothing until the first sync"),
     }
-    // Sockets: from systemd, else bound here.
-    let mut udp = Vec::new();
-    let mut tcp = Vec::new();
-    let mut https = Vec::new();
-    for s in systemd::activated_sockets() {
-        match s {
-            systemd::Activated::Udp(u) => udp.push(u),
-            // Every connection thread accepts on a socket systemd passed.
-            systemd::Activated::Tcp(t) => tcp.push(vec![t]),
-            systemd::Activated::Https(t) => https.push(vec![t]),
+    Ok((snapshot, registration))
+}
+
+/// The listening sockets: from systemd, else bound here.
+struct Sockets {
+    udp: Vec<std::net::UdpSocket>,
+    /// One group per address (a socket per HTTP thread, or the one systemd passed).
+    tcp: Vec<Vec<std::net::TcpListener>>,
+    tls_listeners: Vec<Vec<std::net::TcpListener>>,
+    tls_config: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+}
+
+impl Sockets {
+    fn take(settings: &Settings) -> anyhow::Result<Sockets> {
+        let mut udp = Vec::new();
+        let mut tcp = Vec::new();
+        let mut https = Vec::new();
+        for s in systemd::activated_sockets() {
+            match s {
+                systemd::Activated::Udp(u) => udp.push(u),
+                // Every connection thread accepts on a socket systemd passed.
+                systemd::Activated::Tcp(t) => tcp.push(vec![t]),
+                systemd::Activated::Https(t) => https.push(vec![t]),
+            }
         }
-    }
-    if udp.is_empty() {
-        for a in &settings.tftp.listen {
-            udp.push(bind_udp(*a)?);
+        if udp.is_empty() {
+            for a in &settings.tftp.listen {
+                udp.push(bind_udp(*a)?);
+            }
         }
-    }
-    if tcp.is_empty() {
-        for a in &settings.http.listen {
-            tcp.push(bind_tcp(*a, "HTTP")?);
+        if tcp.is_empty() {
+            for a in &settings.http.listen {
+                tcp.push(bind_tcp(*a, "HTTP")?);
+            }
         }
+        let (tls_listeners, tls_config) = match &settings.http.tls {
+            Some(t) => {
+                let cfg = crate::http::load_tls(&t.cert, &t.key).map_err(|e| anyhow::anyhow!("{e}"))?;
+                if https.is_empty() {
+                    for a in &t.listen {
+                        https.push(bind_tcp(*a, "HTTPS")?);
+                    }
+                }
+                (https, Some(cfg))
+            }
+            None if !https.is_empty() => anyhow::bail!(
+                "systemd passed a socket named https, but http.tls_cert and http.tls_key are not set"
+            ),
+            None => (vec![], None),
+        };
+        Ok(Sockets {
+            udp,
+            tcp,
+            tls_listeners,
+            tls_config,
+        })
     }
-    let (tls_listeners, tls_config) = match &settings.http.tls {
-        Some(t) => {
-            let cfg = crate::http::load_tls(&t.cert, &t.key).map_err(|e| anyhow::anyhow!("{e}"))?;
-            if https.is_empty() {
-                for a in &t.listen {
-                    https.push(bind_tcp(*a, "HTTPS")?);
+}
+
+/// Serves until SIGTERM or SIGINT (SIGHUP reloads; the watchdog is fed); a server task
+/// that ends on its own is an error.
+async fn run_until_signal(
+    daemon: &Arc<Daemon>,
+    tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => reload(daemon),
+            _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
+                systemd::notify("WATCHDOG=1");
+            }
+            Some(res) = tasks.join_next() => {
+                // A server task ended on its own: that is an error.
+                match res {
+                    Ok(Ok(())) => anyhow::bail!("a server task stopped unexpectedly"),
+                    Ok(Err(e)) => return Err(e),
+                    Err(e) => anyhow::bail!("a server task failed: {e}"),
                 }
             }
-            (https, Some(cfg))
         }
-        None if !https.is_empty() => anyhow::bail!(
-            "systemd passed a socket named https, but http.tls_cert and http.tls_key are not set"
-        ),
-        None => (vec![], None),
-    };
+    }
+    Ok(())
+}
+
+/// Waits for the servers to finish their transfers, up to `drain` (+5 s).
+async fn drain_tasks(mut tasks: tokio::task::JoinSet<anyhow::Result<()>>, drain: Duration) {
+    let deadline = tokio::time::sleep(drain + Duration::from_secs(5));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => {
+                tracing::warn!("drain deadline passed; exiting");
+                break;
+            }
+            next = tasks.join_next() => match next {
+                None => break,
+                Some(Ok(Err(e))) => tracing::warn!("while stopping: {e:#}"),
+                Some(_) => {}
+            }
+        }
+    }
+}
+
+/// Runs the daemon until SIGTERM/SIGINT.
+pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()> {
+    raise_open_files_limit();
+    // A state file that does not load: refuse with the file and the fix, touch nothing.
+    crate::fsck::refuse_bad_state(&settings.state_dir)?;
+    let (snapshot, registration) = open_store(&settings)?;
+    let Sockets {
+        udp,
+        tcp,
+        tls_listeners,
+        tls_config,
+    } = Sockets::take(&settings)?;
 
     let (tx, _rx) = watch::channel(snapshot.map(Arc::new));
     let daemon = Arc::new(Daemon {
@@ -612,7 +715,7 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
     let mut tasks = tokio::task::JoinSet::new();
 
     if !udp.is_empty() {
-        let resolver = Arc::new(crate::bootserve::TftpResolver::new(daemon.clone()));
+        let resolver = Arc::new(crate::serve::boot::TftpResolver::new(daemon.clone()));
         let cfg = crate::tftp::TftpConfig {
             max_blksize: settings.tftp.max_blksize,
             max_windowsize: settings.tftp.max_windowsize,
@@ -627,7 +730,7 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
                 .map_err(|e| anyhow::anyhow!("tftp server: {e}"))
         });
     }
-    let app: Arc<dyn crate::http::App> = Arc::new(crate::api::Api::new(daemon.clone()));
+    let app: Arc<dyn crate::http::App> = Arc::new(crate::serve::routes::Api::new(daemon.clone()));
     let limits = crate::http::HttpLimits {
         header_read_timeout: settings.http.header_timeout,
         max_connections: settings.http.max_connections,
@@ -681,51 +784,16 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
     {
         let (d, s) = (daemon.clone(), shutdown.clone());
         tasks.spawn(async move {
-            crate::fsck::verify_loop(d, s).await;
+            verify::verify_loop(d, s).await;
             Ok(())
         });
     }
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
-    loop {
-        tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = hup.recv() => reload(&daemon),
-            _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
-                systemd::notify("WATCHDOG=1");
-            }
-            Some(res) = tasks.join_next() => {
-                // A server task ended on its own: that is an error.
-                match res {
-                    Ok(Ok(())) => anyhow::bail!("a server task stopped unexpectedly"),
-                    Ok(Err(e)) => return Err(e),
-                    Err(e) => anyhow::bail!("a server task failed: {e}"),
-                }
-            }
-        }
-    }
+    run_until_signal(&daemon, &mut tasks).await?;
     tracing::info!("stopping: draining transfers (up to {} s)", drain.as_secs());
     systemd::notify("STOPPING=1");
     shutdown.cancel();
-    let deadline = tokio::time::sleep(drain + Duration::from_secs(5));
-    tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            _ = &mut deadline => {
-                tracing::warn!("drain deadline passed; exiting");
-                break;
-            }
-            next = tasks.join_next() => match next {
-                None => break,
-                Some(Ok(Err(e))) => tracing::warn!("while stopping: {e:#}"),
-                Some(_) => {}
-            }
-        }
-    }
+    drain_tasks(tasks, drain).await;
     tracing::info!("stopped");
     Ok(())
 }

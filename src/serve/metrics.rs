@@ -3,7 +3,7 @@
 //! transfers, HTTP connections, sync runs/failures/duration/bytes, snapshot generation
 //! and age. Values are read from the servers' atomic counters at scrape time.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -14,46 +14,9 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
-use crate::daemon::Daemon;
-use crate::http::{full, Body};
-
-/// File classes, in the order of the `class_*` counter arrays.
-pub const FILE_CLASSES: [&str; 6] = [
-    "kernel",
-    "initrd",
-    "squashfs",
-    "bootloader",
-    "config",
-    "other",
-];
-
-/// The metrics class of a served path.
-pub fn file_class(path: &str) -> usize {
-    let name = path.rsplit('/').next().unwrap_or(path);
-    if name == "boot-kernel" {
-        0
-    } else if name == "boot-initrd" {
-        1
-    } else if name == "squashfs" {
-        2
-    } else if name.starts_with("grub.cfg")
-        || name.starts_with("ipxe.cfg")
-        || name.ends_with(".ipxe")
-        || name.ends_with(".lst")
-        || path.starts_with("pxelinux.cfg/")
-    {
-        4
-    } else if name.ends_with(".efi")
-        || name.ends_with(".0")
-        || name.ends_with(".c32")
-        || name.ends_with(".mod")
-        || path.starts_with("bootloader/")
-    {
-        3
-    } else {
-        5
-    }
-}
+use crate::file_class::{ClassCounters, FileClass};
+use crate::http::{full, Body, HttpErrorKind};
+use crate::serve::Daemon;
 
 struct DaemonCollector(Arc<Daemon>);
 
@@ -93,11 +56,10 @@ fn labelled_counter(
     Ok(())
 }
 
-fn by_class(counters: &[AtomicU64]) -> Vec<(&'static str, u64)> {
-    FILE_CLASSES
+fn by_class(counters: &ClassCounters) -> Vec<(&'static str, u64)> {
+    FileClass::ALL
         .iter()
-        .zip(counters)
-        .map(|(c, v)| (*c, v.load(Relaxed)))
+        .map(|c| (c.label(), counters[*c].load(Relaxed)))
         .collect()
 }
 
@@ -213,10 +175,9 @@ impl Collector for DaemonCollector {
                 ("5xx", h.status_5xx.load(Relaxed)),
             ],
         )?;
-        let kinds: Vec<(&str, u64)> = crate::http::HTTP_ERROR_KINDS
+        let kinds: Vec<(&str, u64)> = HttpErrorKind::ALL
             .iter()
-            .zip(&h.errors)
-            .map(|(k, v)| (*k, v.load(Relaxed)))
+            .map(|k| (k.label(), h.error_count(*k)))
             .collect();
         labelled_counter(
             &mut e,
@@ -275,7 +236,7 @@ impl Collector for DaemonCollector {
             "1 if the last sync succeeded",
             i64::from(st.last_result.as_deref().is_some_and(|r| r != "failed")),
         )?;
-        let snap = d.snapshot.borrow().clone();
+        let snap = d.shown();
         gauge(
             &mut e,
             "rackboot_snapshot_generation",

@@ -11,9 +11,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
-use crate::daemon::SyncStatus;
 use crate::plan::ManifestProduct;
 use crate::select::CatalogEntry;
+use crate::serve::SyncStatus;
 use crate::state::StoredSource;
 
 /// Everything the page shows.

@@ -32,8 +32,9 @@ use std::sync::Arc;
 use crate::bootcfg::{
     self, ephemeral_params, Boot, Ephemeral, Grub, ImageBoot, Ipxe, Mac, Pxelinux,
 };
-use crate::daemon::{Daemon, Snapshot};
+use crate::config::Settings;
 use crate::machines::{self, ImageRef};
+use crate::serve::{Daemon, Snapshot};
 use crate::tftp::{from_beneath, OpenError, Resolver, Source};
 
 /// Where this rack answers: the address the request came to and the HTTP port.
@@ -175,13 +176,12 @@ fn image_dir(snap: &Snapshot, image: &ImageRef, arch: &str) -> Option<String> {
 
 /// What `mac` (or a machine without settings, `None`) boots on `arch`.
 fn boot_for(
-    d: &Daemon,
+    settings: &Settings,
     snap: &Snapshot,
     mac: Option<Mac>,
     arch: &str,
     here: &Here,
 ) -> Option<Boot> {
-    let settings = d.settings();
     let state = machines::load(&settings.state_dir).unwrap_or_else(|e| {
         tracing::warn!("{e:#}; using the config's machine settings only");
         Default::default()
@@ -234,7 +234,7 @@ fn boot_for(
 /// The GRUB config for `mac` (or the default one) on every CPU it may run on, or
 /// only `only`'s.
 fn grub_for(
-    d: &Daemon,
+    settings: &Settings,
     snap: &Snapshot,
     mac: Option<Mac>,
     only: Option<&str>,
@@ -244,7 +244,9 @@ fn grub_for(
     let by_cpu: Vec<(String, Boot)> = ARCHES
         .iter()
         .filter(|(arch, _)| only.is_none_or(|o| norm_arch(o) == Some(*arch)))
-        .filter_map(|(arch, cpu)| Some((cpu.to_string(), boot_for(d, snap, mac, arch, here)?)))
+        .filter_map(|(arch, cpu)| {
+            Some((cpu.to_string(), boot_for(settings, snap, mac, arch, here)?))
+        })
         .collect();
     if by_cpu.is_empty() {
         return Dynamic::NotFound;
@@ -275,7 +277,7 @@ fn rendered(mac: Option<Mac>, r: Result<String, bootcfg::RenderError>) -> Dynami
 
 /// Looks at `path` (already cleaned, no leading `/`); `query` is the HTTP query.
 pub fn dynamic(
-    d: &Daemon,
+    settings: &Settings,
     snap: &Snapshot,
     path: &str,
     query: Option<&str>,
@@ -312,7 +314,7 @@ pub fn dynamic(
         } else {
             return Dynamic::NotFound; // UUID and hex-IP probes
         };
-        return match boot_for(d, snap, mac, "amd64", here) {
+        return match boot_for(settings, snap, mac, "amd64", here) {
             Some(boot) => rendered(mac, Pxelinux { boot: &boot, base }.render()),
             None => Dynamic::NotFound,
         };
@@ -328,10 +330,10 @@ pub fn dynamic(
             let arch = arch
                 .strip_prefix('-')
                 .map(|a| a.split('-').next().unwrap_or(a));
-            return grub_for(d, snap, None, arch, over_http, here);
+            return grub_for(settings, snap, None, arch, over_http, here);
         }
         // An unknown or malformed MAC gets the default config.
-        return grub_for(d, snap, Mac::parse(rest), None, over_http, here);
+        return grub_for(settings, snap, Mac::parse(rest), None, over_http, here);
     }
     if path.starts_with("grub/") && path.ends_with(".lst") && !exists(snap, path) {
         return Dynamic::Text(String::new());
@@ -367,7 +369,7 @@ pub fn dynamic(
                 None => return Dynamic::NotFound,
             },
         };
-        return match boot_for(d, snap, mac, arch, here) {
+        return match boot_for(settings, snap, mac, arch, here) {
             Some(boot) => rendered(
                 mac,
                 Ipxe {
@@ -399,7 +401,7 @@ impl Resolver for TftpResolver {
             return Err(OpenError::NotFound);
         };
         let here = Here::from_ip(local, self.d.http_port_for(local));
-        match dynamic(&self.d, &snap, path, None, false, &here) {
+        match dynamic(&self.d.settings(), &snap, path, None, false, &here) {
             Dynamic::Text(t) => Ok(Source::Bytes(t.into())),
             Dynamic::NotFound => Err(OpenError::NotFound),
             Dynamic::Static => from_beneath(crate::fsutil::open_beneath(

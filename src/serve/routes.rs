@@ -23,9 +23,10 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 
-use crate::daemon::Daemon;
 use crate::http::{full, App, Body, StaticFiles};
-use crate::state::{Sources, StoredSelection, StoredSource};
+use crate::serve::status::{Progress, Status};
+use crate::serve::Daemon;
+use crate::state::{EditError, Sources, StoredSelection, StoredSource};
 
 /// Largest JSON request body accepted.
 const MAX_BODY: usize = 64 << 10;
@@ -90,7 +91,7 @@ async fn route(d: Arc<Daemon>, req: Request<Incoming>, _peer: SocketAddr) -> Res
     }
     if path == "/metrics" {
         return match method {
-            Method::GET | Method::HEAD => crate::metrics::response(&d),
+            Method::GET | Method::HEAD => crate::serve::metrics::response(&d),
             _ => error(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
         };
     }
@@ -127,14 +128,21 @@ async fn route(d: Arc<Daemon>, req: Request<Incoming>, _peer: SocketAddr) -> Res
     let host = headers
         .get(hyper::header::HOST)
         .and_then(|h| h.to_str().ok());
-    let port = match host.and_then(crate::bootserve::host_ip) {
+    let port = match host.and_then(crate::serve::boot::host_ip) {
         Some(ip) => d.http_port_for(ip),
         None => d.http_port_for(std::net::Ipv4Addr::UNSPECIFIED.into()),
     };
-    let here = crate::bootserve::Here::from_host(host, port);
+    let here = crate::serve::boot::Here::from_host(host, port);
     let dynamic_path = decoded.strip_prefix("images/").unwrap_or(&decoded);
-    match crate::bootserve::dynamic(&d, &snap, dynamic_path, req.uri().query(), true, &here) {
-        crate::bootserve::Dynamic::Text(text) => {
+    match crate::serve::boot::dynamic(
+        &d.settings(),
+        &snap,
+        dynamic_path,
+        req.uri().query(),
+        true,
+        &here,
+    ) {
+        crate::serve::boot::Dynamic::Text(text) => {
             let len = text.len();
             let body = if method == Method::HEAD {
                 crate::http::empty()
@@ -148,8 +156,8 @@ async fn route(d: Arc<Daemon>, req: Request<Incoming>, _peer: SocketAddr) -> Res
                 .body(body)
                 .expect("valid response");
         }
-        crate::bootserve::Dynamic::NotFound => return error(StatusCode::NOT_FOUND, "not found"),
-        crate::bootserve::Dynamic::Static => {}
+        crate::serve::boot::Dynamic::NotFound => return error(StatusCode::NOT_FOUND, "not found"),
+        crate::serve::boot::Dynamic::Static => {}
     }
     // The body keeps the snapshot: its generation is not collected while it is sent.
     let files = StaticFiles::with_fd(snap.dir.clone(), snap.root.clone())
@@ -555,8 +563,8 @@ pub fn shown_source(s: &StoredSource) -> StoredSource {
     }
 }
 
-fn status_json(d: &Daemon) -> Value {
-    let snap = d.snapshot.borrow().clone();
+fn status_doc(d: &Daemon) -> Status {
+    let snap = d.shown();
     let st = d.status();
     let live = &d.live;
     use std::sync::atomic::Ordering::Relaxed;
@@ -570,28 +578,40 @@ fn status_json(d: &Daemon) -> Value {
     let last_success = crate::state::SyncState::load(&settings.state_dir)
         .ok()
         .and_then(|s| s.last_success);
-    json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "uptime_s": d.started.elapsed().as_secs(),
-        "state_dir": settings.state_dir,
-        "generation": snap.as_ref().map(|s| s.generation),
-        "snapshot_created": snap.as_ref().map(|s| s.created),
-        "files": snap.as_ref().map(|s| s.manifest.files.len()).unwrap_or(0),
-        "products": snap.as_ref().map(|s| s.manifest.products.len()).unwrap_or(0),
-        "last_success": last_success,
-        "sources": sources.sources.iter().map(|s| crate::config::redacted(&s.url)).collect::<Vec<_>>(),
-        "sync_running": st.running,
-        "sync": st,
-        "sync_auto": settings.sync.auto,
-        "sync_interval_s": settings.sync.interval.as_secs(),
-        "progress": if st.running { json!({
-            "bytes_done": live.bytes_done.load(Relaxed),
-            "bytes_total": live.bytes_total.load(Relaxed),
-            "files_done": live.files_done.load(Relaxed),
-            "files_total": live.files_total.load(Relaxed),
-        }) } else { Value::Null },
-        "warning": drift,
-    })
+    Status {
+        version: Some(env!("CARGO_PKG_VERSION").into()),
+        uptime_s: Some(d.started.elapsed().as_secs()),
+        state_dir: settings.state_dir.clone(),
+        generation: snap.as_ref().map(|s| s.generation),
+        snapshot_created: snap.as_ref().map(|s| s.created),
+        files: snap.as_ref().map(|s| s.manifest.files.len()).unwrap_or(0),
+        products: snap
+            .as_ref()
+            .map(|s| s.manifest.products.len())
+            .unwrap_or(0),
+        last_success,
+        sources: sources
+            .sources
+            .iter()
+            .map(|s| crate::config::redacted(&s.url))
+            .collect(),
+        sync_running: st.running,
+        sync_auto: Some(settings.sync.auto),
+        sync_interval_s: Some(settings.sync.interval.as_secs()),
+        progress: if st.running {
+            Progress::Running {
+                bytes_done: live.bytes_done.load(Relaxed),
+                bytes_total: live.bytes_total.load(Relaxed),
+                files_done: live.files_done.load(Relaxed),
+                files_total: live.files_total.load(Relaxed),
+            }
+        } else {
+            Progress::Idle
+        },
+        sync: Some(st),
+        warning: drift,
+        daemon: None,
+    }
 }
 
 /// The catalog the last sync that read the upstream wrote (`[]` before that).
@@ -606,11 +626,11 @@ fn catalog(d: &Daemon) -> Vec<crate::select::CatalogEntry> {
 /// The Images page.
 fn images_page(d: &Daemon, head: bool) -> Response<Body> {
     let settings = d.settings();
-    let snap = d.snapshot.borrow().clone();
+    let snap = d.shown();
     let status = d.status();
     let sources = Sources::current(&settings).unwrap_or_default();
     let catalog = catalog(d);
-    let html = crate::web::render(&crate::web::Page {
+    let html = crate::serve::web::render(&crate::serve::web::Page {
         version: env!("CARGO_PKG_VERSION"),
         generation: snap.as_ref().map(|s| s.generation),
         snapshot_created: snap.as_ref().map(|s| s.created),
@@ -629,7 +649,7 @@ fn images_page(d: &Daemon, head: bool) -> Response<Body> {
         .header("content-type", "text/html; charset=utf-8")
         .header("content-length", len)
         .header("cache-control", "no-store")
-        .header("content-security-policy", crate::web::csp())
+        .header("content-security-policy", crate::serve::web::csp())
         .body(if head {
             crate::http::empty()
         } else {
@@ -639,44 +659,47 @@ fn images_page(d: &Daemon, head: bool) -> Response<Body> {
 }
 
 fn resources_json(d: &Daemon) -> Value {
-    match d.snapshot.borrow().as_ref() {
+    match d.shown().as_deref() {
         Some(snap) => snap.manifest.resources_json(),
         None => json!([]),
     }
 }
 
-async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<Body> {
-    let method = req.method().clone();
-    let parts: Vec<&str> = rest.split('/').collect();
-    let settings = d.settings();
-    let read = matches!(method, Method::GET | Method::HEAD);
-    match (parts.as_slice(), read) {
-        (["status"], true) => return json_response(StatusCode::OK, &status_json(&d)),
-        (["resources"], true) => return json_response(StatusCode::OK, &resources_json(&d)),
-        (["catalog"], true) => return json_response(StatusCode::OK, &json!(catalog(&d))),
-        (["machines"], true) => {
-            return match crate::machines::load(&settings.state_dir) {
-                Ok(state) => {
-                    let macs: std::collections::BTreeSet<_> = settings
-                        .machines
-                        .keys()
-                        .chain(state.keys())
-                        .copied()
-                        .collect();
-                    let all: serde_json::Map<String, Value> = macs
-                        .iter()
-                        .map(|m| {
-                            (
-                                m.to_string(),
-                                json!(crate::machines::effective(&settings.machines, &state, m)),
-                            )
-                        })
-                        .collect();
-                    json_response(StatusCode::OK, &Value::Object(all))
-                }
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+/// The API's GET and HEAD routes.
+fn api_read(
+    d: &Daemon,
+    settings: &crate::config::Settings,
+    parts: &[&str],
+    rest: &str,
+) -> Response<Body> {
+    match (parts, true) {
+        (["status"], true) => json_response(
+            StatusCode::OK,
+            &serde_json::to_value(status_doc(d)).expect("status serialises"),
+        ),
+        (["resources"], true) => json_response(StatusCode::OK, &resources_json(d)),
+        (["catalog"], true) => json_response(StatusCode::OK, &json!(catalog(d))),
+        (["machines"], true) => match crate::machines::load(&settings.state_dir) {
+            Ok(state) => {
+                let macs: std::collections::BTreeSet<_> = settings
+                    .machines
+                    .keys()
+                    .chain(state.keys())
+                    .copied()
+                    .collect();
+                let all: serde_json::Map<String, Value> = macs
+                    .iter()
+                    .map(|m| {
+                        (
+                            m.to_string(),
+                            json!(crate::machines::effective(&settings.machines, &state, m)),
+                        )
+                    })
+                    .collect();
+                json_response(StatusCode::OK, &Value::Object(all))
             }
-        }
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        },
         (["machines", mac], true) => {
             let Some(mac) = crate::bootcfg::Mac::parse(mac) else {
                 return error(
@@ -684,32 +707,30 @@ async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<B
                     format!("{mac:?} is not a MAC address"),
                 );
             };
-            return match crate::machines::load(&settings.state_dir) {
+            match crate::machines::load(&settings.state_dir) {
                 Ok(state) => json_response(
                     StatusCode::OK,
                     &json!(crate::machines::effective(&settings.machines, &state, &mac)),
                 ),
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
-            };
-        }
-        (["sources"], true) => {
-            return match Sources::current(&settings) {
-                Ok(s) => json_response(StatusCode::OK, &json!(shown_sources(&s.sources))),
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
             }
         }
+        (["sources"], true) => match Sources::current(settings) {
+            Ok(s) => json_response(StatusCode::OK, &json!(shown_sources(&s.sources))),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        },
         (["sources", id, "selections"], true) | (["selections", id], true) => {
-            let sources = match Sources::current(&settings) {
+            let sources = match Sources::current(settings) {
                 Ok(s) => s,
                 Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
             };
-            return match sources.sources.iter().find(|s| s.id.to_string() == *id) {
+            match sources.sources.iter().find(|s| s.id.to_string() == *id) {
                 Some(s) => json_response(StatusCode::OK, &json!(s.selections)),
                 None => error(StatusCode::NOT_FOUND, format!("no boot source {id}")),
-            };
+            }
         }
         (["selections"], true) => {
-            let sources = Sources::current(&settings).unwrap_or_default();
+            let sources = Sources::current(settings).unwrap_or_default();
             let all: Vec<Value> = sources
                 .sources
                 .iter()
@@ -721,15 +742,22 @@ async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<B
                     })
                 })
                 .collect();
-            return json_response(StatusCode::OK, &Value::Array(all));
+            json_response(StatusCode::OK, &Value::Array(all))
         }
-        _ => {}
-    }
-    if read {
-        return error(
+        _ => error(
             StatusCode::NOT_FOUND,
             format!("no such endpoint /api/v1/{rest}"),
-        );
+        ),
+    }
+}
+
+async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<Body> {
+    let method = req.method().clone();
+    let parts: Vec<&str> = rest.split('/').collect();
+    let settings = d.settings();
+    let read = matches!(method, Method::GET | Method::HEAD);
+    if read {
+        return api_read(&d, &settings, &parts, &rest);
     }
     if let Err(resp) = authorize(&d, &req) {
         return resp;
@@ -772,14 +800,10 @@ async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<B
                     format!("{mac:?} is not a MAC address"),
                 );
             };
-            let body = match read_json(req).await {
+            // The lock is held until machines.json is written: no concurrent edit is lost.
+            let (body, _lock) = match body_under_lock(req, &settings.state_dir).await {
                 Ok(b) => b,
                 Err(r) => return r,
-            };
-            // Held until machines.json is written: no concurrent edit is lost.
-            let _lock = match crate::state::StateLock::acquire_async(&settings.state_dir).await {
-                Ok(l) => l,
-                Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
             };
             let mut state = match crate::machines::load(&settings.state_dir) {
                 Ok(s) => s,
@@ -807,13 +831,9 @@ async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<B
             )
         }
         (m, p) => {
-            let body = match read_json(req).await {
+            let (body, _lock) = match body_under_lock(req, &settings.state_dir).await {
                 Ok(b) => b,
                 Err(r) => return r,
-            };
-            let _lock = match crate::state::StateLock::acquire_async(&settings.state_dir).await {
-                Ok(l) => l,
-                Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
             };
             match write_sources(&d, &m, p, body) {
                 Ok(v) => {
@@ -826,56 +846,47 @@ async fn api(d: Arc<Daemon>, req: Request<Incoming>, rest: String) -> Response<B
     }
 }
 
+/// A write's JSON body, and the state lock held until the caller has written.
+async fn body_under_lock(
+    req: Request<Incoming>,
+    state_dir: &std::path::Path,
+) -> Result<(Value, crate::state::StateLock), Response<Body>> {
+    let body = read_json(req).await?;
+    let lock = crate::state::StateLock::acquire_async(state_dir)
+        .await
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
+    Ok((body, lock))
+}
+
+/// What a shared edit did not find is a 404 naming it.
+impl From<EditError> for Response<Body> {
+    fn from(e: EditError) -> Response<Body> {
+        error(StatusCode::NOT_FOUND, e.to_string())
+    }
+}
+
 /// Source and selection writes, with the CLI's semantics.
 fn write_sources(d: &Daemon, m: &Method, p: &[&str], body: Value) -> Result<Value, Response<Body>> {
     let settings = d.settings();
     let internal = |e: anyhow::Error| error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"));
     let mut sources = Sources::current(&settings).map_err(internal)?;
-    let find = |sources: &mut Sources, id: &str| -> Result<usize, Response<Body>> {
-        sources
-            .sources
-            .iter()
-            .position(|s| s.id.to_string() == id)
-            .ok_or_else(|| error(StatusCode::NOT_FOUND, format!("no boot source {id}")))
-    };
+    // Ids in the path: one that is not a number names no source or selection.
+    let id_of = |id: &str| id.parse::<u64>().ok();
+    let no_source = |id: &str| error(StatusCode::NOT_FOUND, format!("no boot source {id}"));
     let result = match (m, p) {
-        (&Method::POST, ["sources"]) => {
-            let mut s = StoredSource {
-                id: sources.next_source_id(),
-                url: String::new(),
-                keyring_filename: None,
-                keyring_data: None,
-                unsigned: false,
-                selections: vec![],
-            };
-            body::apply_source(&mut s, body)?;
-            let v = json!(s);
-            sources.sources.push(s);
-            v
-        }
+        (&Method::POST, ["sources"]) => json!(sources.add_source(|s| body::apply_source(s, body))?),
         (&Method::PUT, ["sources", id]) => {
-            let i = find(&mut sources, id)?;
-            // Changed on a copy: a refused change leaves nothing half-applied.
-            let mut s = sources.sources[i].clone();
-            body::apply_source(&mut s, body)?;
-            sources.sources[i] = s;
-            json!(sources.sources[i])
+            let id = id_of(id).ok_or_else(|| no_source(id))?;
+            json!(sources.edit_source(id, |s| body::apply_source(s, body))?)
         }
         (&Method::DELETE, ["sources", id]) => {
-            let i = find(&mut sources, id)?;
-            json!(sources.sources.remove(i))
+            let id = id_of(id).ok_or_else(|| no_source(id))?;
+            json!(sources.delete_source(id)?)
         }
         (&Method::POST, ["sources", id, "selections"]) => {
-            let next = sources.next_selection_id();
-            let i = find(&mut sources, id)?;
+            let id = id_of(id).ok_or_else(|| no_source(id))?;
             let sel = body::selection(body, "selection")?;
-            let s = StoredSelection {
-                id: next,
-                selection: sel,
-            };
-            let v = json!(s);
-            sources.sources[i].selections.push(s);
-            v
+            json!(sources.add_selection(id, sel)?)
         }
         (&Method::PUT, ["sources", id, "selections"]) => {
             // Replaces all of the source's selections (the Images page's "Save
@@ -886,7 +897,9 @@ fn write_sources(d: &Daemon, m: &Method, p: &[&str], body: Value) -> Result<Valu
                     "expected a JSON array of selections",
                 ));
             };
-            let i = find(&mut sources, id)?;
+            let i = id_of(id)
+                .and_then(|n| sources.sources.iter().position(|s| s.id == n))
+                .ok_or_else(|| no_source(id))?;
             let first = sources.next_selection_id();
             let mut new = Vec::new();
             for (next, (n, item)) in (first..).zip(list.into_iter().enumerate()) {
@@ -900,26 +913,26 @@ fn write_sources(d: &Daemon, m: &Method, p: &[&str], body: Value) -> Result<Valu
             json!(sources.sources[i].selections)
         }
         (&Method::PUT, ["sources", id, "selections", sid]) => {
-            let i = find(&mut sources, id)?;
-            let sel = sources.sources[i]
-                .selections
-                .iter_mut()
-                .find(|s| s.id.to_string() == *sid)
-                .ok_or_else(|| error(StatusCode::NOT_FOUND, format!("no selection {sid}")))?;
-            let mut changed = sel.selection.clone();
-            body::apply_selection(&mut changed, body, &format!("selection {sid}"))?;
-            sel.selection = changed;
-            json!(sel)
+            let id = id_of(id).ok_or_else(|| no_source(id))?;
+            let no_sel = || {
+                error(
+                    StatusCode::NOT_FOUND,
+                    format!("no selection {sid} in boot source {id}"),
+                )
+            };
+            let sid = id_of(sid).ok_or_else(no_sel)?;
+            let what = format!("selection {sid}");
+            json!(sources.edit_selection(id, sid, |s| body::apply_selection(s, body, &what))?)
         }
         (&Method::DELETE, ["sources", id, "selections", sid]) => {
-            let i = find(&mut sources, id)?;
-            let before = sources.sources[i].selections.len();
-            sources.sources[i]
-                .selections
-                .retain(|s| s.id.to_string() != *sid);
-            if sources.sources[i].selections.len() == before {
-                return Err(error(StatusCode::NOT_FOUND, format!("no selection {sid}")));
-            }
+            let id = id_of(id).ok_or_else(|| no_source(id))?;
+            let no_sel = || {
+                error(
+                    StatusCode::NOT_FOUND,
+                    format!("no selection {sid} in boot source {id}"),
+                )
+            };
+            sources.delete_selection(id, id_of(sid).ok_or_else(no_sel)?)?;
             json!({"deleted": sid})
         }
         _ => {
