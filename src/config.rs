@@ -381,7 +381,7 @@ fn validate(path: &Path, file: Option<PathBuf>, raw: RawConfig) -> Result<Settin
         )?,
         max_blksize,
         max_windowsize,
-        max_transfers: tftp.max_transfers.unwrap_or(4096),
+        max_transfers: tftp.max_transfers.unwrap_or(8192),
         max_transfers_per_client,
     };
     let http = raw.http.unwrap_or_default();

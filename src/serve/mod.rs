@@ -307,6 +307,38 @@ fn jitter_unit() -> f64 {
 }
 
 /// Runs one sync and records its outcome; then serves what `current` names.
+/// Runs one sync as a task of its own: a panic in it (a bug) fails that sync, named
+/// in the status and the log, and the daemon goes on serving what `current` names.
+async fn run_isolated(
+    settings: Arc<Settings>,
+    opts: sync::Options,
+    live: Arc<sync::LiveProgress>,
+) -> anyhow::Result<sync::Report> {
+    let task = tokio::spawn(async move {
+        // Debug builds only: lets the tests show what a panicking sync does.
+        #[cfg(debug_assertions)]
+        if std::env::var_os("RACKBOOT_TEST_PANIC_SYNC").is_some() {
+            panic!("test panic in a sync");
+        }
+        sync::run(&settings, &opts, live).await
+    });
+    match task.await {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => {
+            let payload = e.into_panic();
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            Err(anyhow::anyhow!(
+                "the sync panicked ({what}); this is a bug, please report it"
+            ))
+        }
+        Err(e) => Err(anyhow::anyhow!("the sync task ended: {e}")),
+    }
+}
+
 pub async fn sync_once(d: &Arc<Daemon>) {
     let settings = d.settings();
     {
@@ -339,7 +371,7 @@ pub async fn sync_once(d: &Arc<Daemon>) {
     };
     let t = Instant::now();
     let before = d.snapshot.borrow().as_ref().map(|s| s.generation);
-    let result = sync::run(&settings, &opts, d.live.clone()).await;
+    let result = run_isolated(settings.clone(), opts, d.live.clone()).await;
     *d.sync_stop.lock().expect("lock") = None;
     // Whatever the outcome (a write after publish may have failed), serve what
     // `current` names now.

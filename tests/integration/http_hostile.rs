@@ -564,3 +564,35 @@ fn a_panic_in_a_request_ends_that_connection_only() {
         || s.metric("rackboot_http_connections_open") == 1.0,
     );
 }
+
+/// Issue 10 (panics): a panic inside a sync fails that sync (named in the status) and
+/// the daemon goes on serving the generation it had. Debug builds arm it with
+/// `RACKBOOT_TEST_PANIC_SYNC`.
+#[test]
+fn a_panic_in_a_sync_fails_that_sync_only() {
+    let r = rack_with_token(1 << 16, "auto = false", "");
+    r.env.ok(&["sync"]);
+    let (mut s, _) = r.env.serve_with(&["HTTP"], |c| {
+        c.env("RACKBOOT_TEST_PANIC_SYNC", "1");
+    });
+    s.wait_generation(1, Duration::from_secs(60));
+    assert_eq!(post_sync(&s).0, 202);
+    let mut st = serde_json::Value::Null;
+    wait_until(Duration::from_secs(30), "the sync to fail", || {
+        st = s.status();
+        st["sync"]["last_result"] == "failed"
+    });
+    let e = st["sync"]["last_error"].as_str().unwrap_or_default();
+    assert!(e.contains("the sync panicked"), "{st}");
+    assert!(
+        s.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "rackboot serve exited"
+    );
+    assert_eq!(st["sync_running"], false, "{st}");
+    assert_eq!(s.get(KERNEL).0, 200);
+    // The next sync runs (and fails the same way): the loop is alive.
+    assert_eq!(post_sync(&s).0, 202);
+    wait_until(Duration::from_secs(30), "a second sync", || {
+        s.status()["sync"]["runs"].as_u64() >= Some(2)
+    });
+}

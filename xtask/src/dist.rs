@@ -1,7 +1,7 @@
 //! `cargo xtask dist [--no-smoke]`: the release binaries.
 //!
 //! Builds `rackboot` with the `dist` profile (fat LTO, one codegen unit, stripped,
-//! panic=abort) for `x86_64-unknown-linux-musl` and `aarch64-unknown-linux-musl`,
+//! panics unwind) for `x86_64-unknown-linux-musl` and `aarch64-unknown-linux-musl`,
 //! installing what that needs (the rustup targets, musl-tools, Debian's aarch64 cross
 //! gcc, qemu-user-static, file). The linker and C compiler for aarch64 are set in
 //! `.cargo/config.toml`. Output in `<target dir>/dist/`: `rackboot-<version>-x86_64`,
