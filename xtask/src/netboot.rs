@@ -605,7 +605,7 @@ fn prepare(modes: &[Mode]) -> Result<Prepared> {
     eprintln!("{summary}");
     std::env::set_current_dir(&root)?;
     cmd("cargo", &["build", "--bin", "rackboot"])?;
-    let bin = root.join("target/debug/rackboot");
+    let bin = crate::prereq::target_dir(&root).join("debug/rackboot");
     let bin = bin.to_str().context("utf-8 path")?.to_string();
 
     let state = dir.join("state");
