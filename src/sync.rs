@@ -403,13 +403,12 @@ pub async fn run(
     }
 }
 
-async fn run_inner(
+/// The store, and unless a dry run, its sync lock (leftovers of interrupted runs
+/// removed once it is held).
+async fn open_store(
     settings: &Settings,
     opts: &Options,
-    live: Arc<LiveProgress>,
-) -> anyhow::Result<Report> {
-    let started = Instant::now();
-    crate::fsck::refuse_bad_sync_state(&settings.state_dir)?;
+) -> anyhow::Result<(Store, Option<Arc<crate::store::SyncLock>>)> {
     let store = if opts.dry_run {
         Store::existing(&settings.state_dir)
     } else {
@@ -431,6 +430,54 @@ async fn run_inner(
         }
         Some(Arc::new(lock))
     };
+    Ok((store, lock))
+}
+
+impl Report {
+    /// A run that changed nothing (yet): `current` stays served.
+    fn unchanged(current: Option<u64>) -> Report {
+        Report {
+            generation: current,
+            previous_generation: current,
+            changed: false,
+            requests: 0,
+            files_fetched: 0,
+            bytes_fetched: 0,
+            files_total: 0,
+            bytes_total: 0,
+            elapsed_ms: 0,
+            changes: vec![],
+            gc_blobs: 0,
+            gc_bytes: 0,
+            warnings: vec![],
+            plan: vec![],
+        }
+    }
+}
+
+/// Warnings about the selection: unknown ftypes skipped, nothing matched.
+fn selection_warnings(selected: &Selected) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for f in &selected.skipped_ftypes {
+        warnings.push(format!("skipping items of unknown ftype {f:?}"));
+    }
+    if selected.products.is_empty() {
+        warnings.push("the selections match no image in the boot sources".to_string());
+    }
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
+    warnings
+}
+
+async fn run_inner(
+    settings: &Settings,
+    opts: &Options,
+    live: Arc<LiveProgress>,
+) -> anyhow::Result<Report> {
+    let started = Instant::now();
+    crate::fsck::refuse_bad_sync_state(&settings.state_dir)?;
+    let (store, lock) = open_store(settings, opts).await?;
     let sources = if opts.dry_run {
         Sources::current(settings)?
     } else {
@@ -457,22 +504,7 @@ async fn run_inner(
         && settings.state_dir.join(CATALOG_FILE).exists();
     let fetcher = Fetcher::new(settings.sync.timeout)?;
     let requests = Counter(AtomicU64::new(0));
-    let mut report = Report {
-        generation: current,
-        previous_generation: current,
-        changed: false,
-        requests: 0,
-        files_fetched: 0,
-        bytes_fetched: 0,
-        files_total: 0,
-        bytes_total: 0,
-        elapsed_ms: 0,
-        changes: vec![],
-        gc_blobs: 0,
-        gc_bytes: 0,
-        warnings: vec![],
-        plan: vec![],
-    };
+    let mut report = Report::unchanged(current);
 
     // 1. Indexes, conditionally: an unchanged upstream costs one request per source.
     let conditional = reuse_validators && !opts.dry_run;
@@ -492,16 +524,7 @@ async fn run_inner(
     let meta = load_metadata(&fetcher, &resolved, indexes, &mut state, opts, &requests).await?;
     let selected: Selected = select::select(&meta.per_source);
     let catalog = catalog_json(&meta.per_source, &resolved)?;
-    for f in &selected.skipped_ftypes {
-        let w = format!("skipping items of unknown ftype {f:?}");
-        tracing::warn!("{w}");
-        report.warnings.push(w);
-    }
-    if selected.products.is_empty() {
-        let w = "the selections match no image in the boot sources".to_string();
-        tracing::warn!("{w}");
-        report.warnings.push(w);
-    }
+    report.warnings.extend(selection_warnings(&selected));
     let plan = plan::plan(&selected, &|d| store.has_blob(d, None));
     // Payloads verified by an earlier failed run wait in tmp/ and are not refetched.
     report.files_total = plan.fetch.len() + plan.have.len();
