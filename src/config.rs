@@ -320,18 +320,7 @@ const MAX_TFTP_WINDOWSIZE: u16 = 256;
 
 fn validate(path: &Path, file: Option<PathBuf>, raw: RawConfig) -> Result<Settings, ConfigError> {
     let sync = raw.sync.unwrap_or_default();
-    let dur = |key: &str, v: Option<String>, default: Duration| -> Result<Duration, ConfigError> {
-        match v {
-            None => Ok(default),
-            Some(s) => match parse_duration(&s) {
-                Some(d) if !d.is_zero() => Ok(d),
-                _ => Err(err(
-                    path,
-                    format!("{key}: invalid duration {s:?} (use e.g. \"5m\", \"30s\")"),
-                )),
-            },
-        }
-    };
+    let dur = |key: &str, v: Option<String>, default: Duration| duration(path, key, v, default);
     let drain_timeout = dur("drain_timeout", raw.drain_timeout, Duration::from_secs(30))?;
     let sync = SyncSettings {
         interval: dur("sync.interval", sync.interval, Duration::from_secs(300))?,
@@ -345,7 +334,62 @@ fn validate(path: &Path, file: Option<PathBuf>, raw: RawConfig) -> Result<Settin
             Duration::from_secs(2 * 3600),
         )?,
     };
-    let tftp = raw.tftp.unwrap_or_default();
+    let tftp = validate_tftp(path, raw.tftp.unwrap_or_default())?;
+    let http = validate_http(path, raw.http.unwrap_or_default())?;
+    let boot = raw.boot.unwrap_or_default();
+    let boot = BootSettings {
+        default_image: boot.default_image.unwrap_or_else(|| "ubuntu/noble".into()),
+        kernel_params: boot.kernel_params.unwrap_or_default(),
+    };
+    crate::bootcfg::check_kernel_params(&boot.kernel_params)
+        .map_err(|e| err(path, format!("boot.{e}")))?;
+    let sources = match raw.sources {
+        None => vec![default_source()],
+        Some(list) => list
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| validate_source(s).map_err(|m| err(path, format!("sources[{i}]: {m}"))))
+            .collect::<Result<_, _>>()?,
+    };
+    let machines = validate_machines(path, raw.machines.unwrap_or_default())?;
+    let store = validate_store(path, raw.store.unwrap_or_default())?;
+    Ok(Settings {
+        store,
+        machines,
+        file,
+        state_dir: raw
+            .state_dir
+            .unwrap_or_else(|| PathBuf::from("/var/lib/rackboot")),
+        drain_timeout,
+        sync,
+        tftp,
+        http,
+        boot,
+        sources,
+    })
+}
+
+/// A positive duration setting, `default` when unset.
+fn duration(
+    path: &Path,
+    key: &str,
+    v: Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(s) => match parse_duration(&s) {
+            Some(d) if !d.is_zero() => Ok(d),
+            _ => Err(err(
+                path,
+                format!("{key}: invalid duration {s:?} (use e.g. \"5m\", \"30s\")"),
+            )),
+        },
+    }
+}
+
+/// The `[tftp]` section.
+fn validate_tftp(path: &Path, tftp: RawTftp) -> Result<TftpSettings, ConfigError> {
     let max_blksize = tftp.max_blksize.unwrap_or(1468);
     if !(512..=65464).contains(&max_blksize) {
         return Err(err(
@@ -373,7 +417,7 @@ fn validate(path: &Path, file: Option<PathBuf>, raw: RawConfig) -> Result<Settin
             "tftp.max_transfers_per_client: must be at least 1",
         ));
     }
-    let tftp = TftpSettings {
+    Ok(TftpSettings {
         listen: parse_addrs(
             path,
             "tftp.listen",
@@ -383,8 +427,12 @@ fn validate(path: &Path, file: Option<PathBuf>, raw: RawConfig) -> Result<Settin
         max_windowsize,
         max_transfers: tftp.max_transfers.unwrap_or(8192),
         max_transfers_per_client,
-    };
-    let http = raw.http.unwrap_or_default();
+    })
+}
+
+/// The `[http]` section.
+fn validate_http(path: &Path, http: RawHttp) -> Result<HttpSettings, ConfigError> {
+    let dur = |key: &str, v: Option<String>, default: Duration| duration(path, key, v, default);
     let tls = match (http.tls_cert, http.tls_key) {
         (None, None) => None,
         (Some(cert), Some(key)) => Some(TlsSettings {
@@ -403,7 +451,7 @@ fn validate(path: &Path, file: Option<PathBuf>, raw: RawConfig) -> Result<Settin
             ))
         }
     };
-    let http = HttpSettings {
+    Ok(HttpSettings {
         listen: parse_addrs(
             path,
             "http.listen",
@@ -434,24 +482,16 @@ fn validate(path: &Path, file: Option<PathBuf>, raw: RawConfig) -> Result<Settin
             http.send_timeout,
             Duration::from_secs(60),
         )?,
-    };
-    let boot = raw.boot.unwrap_or_default();
-    let boot = BootSettings {
-        default_image: boot.default_image.unwrap_or_else(|| "ubuntu/noble".into()),
-        kernel_params: boot.kernel_params.unwrap_or_default(),
-    };
-    crate::bootcfg::check_kernel_params(&boot.kernel_params)
-        .map_err(|e| err(path, format!("boot.{e}")))?;
-    let sources = match raw.sources {
-        None => vec![default_source()],
-        Some(list) => list
-            .into_iter()
-            .enumerate()
-            .map(|(i, s)| validate_source(s).map_err(|m| err(path, format!("sources[{i}]: {m}"))))
-            .collect::<Result<_, _>>()?,
-    };
+    })
+}
+
+/// The `[machines]` table: MAC addresses, image references, kernel parameters.
+fn validate_machines(
+    path: &Path,
+    raw: BTreeMap<String, crate::machines::Machine>,
+) -> Result<BTreeMap<crate::bootcfg::Mac, crate::machines::Machine>, ConfigError> {
     let mut machines = BTreeMap::new();
-    for (mac, m) in raw.machines.unwrap_or_default() {
+    for (mac, m) in raw {
         let parsed = crate::bootcfg::Mac::parse(&mac)
             .ok_or_else(|| err(path, format!("machines: {mac:?} is not a MAC address")))?;
         if let Some(image) = &m.image {
@@ -464,8 +504,12 @@ fn validate(path: &Path, file: Option<PathBuf>, raw: RawConfig) -> Result<Settin
         }
         machines.insert(parsed, m);
     }
-    let raw_store = raw.store.unwrap_or_default();
-    let store = StoreSettings {
+    Ok(machines)
+}
+
+/// The `[store]` section.
+fn validate_store(path: &Path, raw_store: RawStore) -> Result<StoreSettings, ConfigError> {
+    Ok(StoreSettings {
         verify_interval: match raw_store.verify_interval.as_deref().map(str::trim) {
             None => Some(Duration::from_secs(7 * 86400)),
             Some("0") => None,
@@ -483,20 +527,6 @@ fn validate(path: &Path, file: Option<PathBuf>, raw: RawConfig) -> Result<Settin
             },
         },
         verify_repair: raw_store.verify_repair.unwrap_or(false),
-    };
-    Ok(Settings {
-        store,
-        machines,
-        file,
-        state_dir: raw
-            .state_dir
-            .unwrap_or_else(|| PathBuf::from("/var/lib/rackboot")),
-        drain_timeout,
-        sync,
-        tftp,
-        http,
-        boot,
-        sources,
     })
 }
 

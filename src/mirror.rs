@@ -517,6 +517,161 @@ fn delete_payload(dest: &Path, path: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Raw metadata documents (path under the root, bytes) and each products file's
+/// items by content id.
+type Metadata = (Vec<(String, Vec<u8>)>, Vec<(String, Vec<RawItem>)>);
+
+/// Fetches the index and every products file it leads to (indexes nest at most
+/// two deep), bounded in total size, each verified per `trust` and kept raw.
+async fn fetch_metadata(
+    fetcher: &Fetcher,
+    src: &SourceUrl,
+    trust: &Trust,
+) -> anyhow::Result<Metadata> {
+    let index_url = src.root.join(&src.index)?;
+    let mut raw_docs: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut products: Vec<(String, Vec<RawItem>)> = Vec::new();
+    let mut pending = vec![(src.index.clone(), index_url, 0u32)];
+    let mut budget = simplestreams::MetadataBudget::default();
+    while let Some((rel, url, depth)) = pending.pop() {
+        let (bytes, text) = fetch_doc(fetcher, trust, &mut budget, &url).await?;
+        raw_docs.push((rel, bytes));
+        let index = simplestreams::parse_index(&text).map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+        for entry in index.entries {
+            let purl = crate::upstream::under_root(&src.root, &entry.path)
+                .map_err(|e| anyhow::anyhow!("{url}: index entry {}: {e}", entry.content_id))?;
+            if entry.format == "index:1.0" {
+                if depth >= 2 {
+                    anyhow::bail!("{purl}: indexes nested too deep");
+                }
+                pending.push((entry.path.to_string(), purl, depth + 1));
+                continue;
+            }
+            let (bytes, text) = fetch_doc(fetcher, trust, &mut budget, &purl).await?;
+            let items = simplestreams::parse_raw_items(&text, &entry.content_id)
+                .map_err(|e| anyhow::anyhow!("{purl}: {e}"))?;
+            raw_docs.push((entry.path.to_string(), bytes));
+            products.push((entry.content_id, items));
+        }
+    }
+    Ok((raw_docs, products))
+}
+
+/// One metadata document: fetched, counted against `budget`, its text per `trust`.
+async fn fetch_doc(
+    fetcher: &Fetcher,
+    trust: &Trust,
+    budget: &mut simplestreams::MetadataBudget,
+    url: &Url,
+) -> anyhow::Result<(Vec<u8>, String)> {
+    let Fetched::Body { bytes, .. } = fetcher.get_meta(url, None).await? else {
+        anyhow::bail!("{url}: unexpected 304 for an unconditional request");
+    };
+    budget
+        .add(bytes.len())
+        .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+    let text = trust.text(url, &bytes)?;
+    Ok((bytes, text))
+}
+
+/// Writes the metadata byte for byte, then the record of what is mirrored per
+/// content id and the references of every payload path.
+fn write_records(
+    dest: &Path,
+    raw_docs: &[(String, Vec<u8>)],
+    selected_by_cid: &BTreeMap<String, Vec<Entry>>,
+) -> anyhow::Result<()> {
+    for (rel, bytes) in raw_docs {
+        let p = dest.join(rel);
+        if let Some(dir) = p.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        atomic_write(&p, bytes).with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    let data = data_dir(dest);
+    std::fs::create_dir_all(&data).with_context(|| format!("cannot create {}", data.display()))?;
+    let mut references: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for (cid, entries) in selected_by_cid {
+        let p = data.join(cid);
+        atomic_write(&p, &serde_json::to_vec_pretty(entries)?)
+            .with_context(|| format!("cannot write {}", p.display()))?;
+        for e in entries {
+            references
+                .entry(&e.path)
+                .or_default()
+                .push(format!("{cid}/{}/{}/{}", e.product, e.version, e.item));
+        }
+    }
+    let refs = data.join("references.json");
+    atomic_write(&refs, &serde_json::to_vec_pretty(&references)?)
+        .with_context(|| format!("cannot write {}", refs.display()))?;
+    Ok(())
+}
+
+/// Downloads `fetch` into DEST, `opts.parallel` at a time; every failure is
+/// named. Returns the bytes fetched.
+async fn download_all(
+    opts: &Options,
+    fetcher: &Fetcher,
+    root: &Url,
+    fetch: &[Entry],
+    change: u64,
+) -> anyhow::Result<u64> {
+    let bar = opts.progress.then(|| {
+        let b = indicatif::ProgressBar::new(change);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
+            )
+            .expect("valid template"),
+        );
+        b
+    });
+    let bytes = Arc::new(AtomicU64::new(0));
+    let progress = {
+        let (bar, bytes) = (bar.clone(), bytes.clone());
+        move |n: u64| {
+            bytes.fetch_add(n, Ordering::Relaxed);
+            if let Some(b) = &bar {
+                b.inc(n);
+            }
+        }
+    };
+    let results: Vec<anyhow::Result<u64>> = futures_util::stream::iter(fetch.iter())
+        .map(|e| {
+            let (fetcher, root, dest, progress) = (fetcher, root, &opts.dest, &progress);
+            async move {
+                let r = fetch_one(fetcher, root, dest, e, progress).await;
+                if r.is_ok() && !opts.progress {
+                    tracing::info!("mirrored {} ({} bytes)", e.path, e.size.unwrap_or(0));
+                }
+                r
+            }
+        })
+        .buffer_unordered(opts.parallel.max(1))
+        .collect()
+        .await;
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let errors: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .map(|e| format!("{e:#}"))
+        .collect();
+    if !errors.is_empty() {
+        anyhow::bail!(
+            "{} of {} downloads failed: {}",
+            errors.len(),
+            fetch.len(),
+            errors.join("; ")
+        );
+    }
+
+    Ok(bytes.load(Ordering::Relaxed))
+}
+
 /// Runs a mirror.
 pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     let started = Instant::now();
@@ -532,44 +687,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     };
     let fetcher = Fetcher::new(opts.timeout)?;
     // Metadata: the index and every products file it leads to, verified, kept raw.
-    let index_url = src.root.join(&src.index)?;
-    let mut raw_docs: Vec<(String, Vec<u8>)> = Vec::new();
-    let mut products: Vec<(String, Vec<RawItem>)> = Vec::new();
-    let mut pending = vec![(src.index.clone(), index_url, 0u32)];
-    let mut budget = simplestreams::MetadataBudget::default();
-    while let Some((rel, url, depth)) = pending.pop() {
-        let Fetched::Body { bytes, .. } = fetcher.get_meta(&url, None).await? else {
-            anyhow::bail!("{url}: unexpected 304 for an unconditional request");
-        };
-        budget
-            .add(bytes.len())
-            .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
-        let text = trust.text(&url, &bytes)?;
-        raw_docs.push((rel, bytes));
-        let index = simplestreams::parse_index(&text).map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
-        for entry in index.entries {
-            let purl = crate::upstream::under_root(&src.root, &entry.path)
-                .map_err(|e| anyhow::anyhow!("{url}: index entry {}: {e}", entry.content_id))?;
-            if entry.format == "index:1.0" {
-                if depth >= 2 {
-                    anyhow::bail!("{purl}: indexes nested too deep");
-                }
-                pending.push((entry.path.to_string(), purl, depth + 1));
-                continue;
-            }
-            let Fetched::Body { bytes, .. } = fetcher.get_meta(&purl, None).await? else {
-                anyhow::bail!("{purl}: unexpected 304 for an unconditional request");
-            };
-            budget
-                .add(bytes.len())
-                .map_err(|e| anyhow::anyhow!("{purl}: {e}"))?;
-            let text = trust.text(&purl, &bytes)?;
-            let items = simplestreams::parse_raw_items(&text, &entry.content_id)
-                .map_err(|e| anyhow::anyhow!("{purl}: {e}"))?;
-            raw_docs.push((entry.path.to_string(), bytes));
-            products.push((entry.content_id, items));
-        }
-    }
+    let (raw_docs, products) = fetch_metadata(&fetcher, &src, &trust).await?;
 
     // One run per DEST at a time: the records are read, changed and written back,
     // and `.part` files are resumed by whoever finds them. Held to the end.
@@ -615,56 +733,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     // Payloads, in parallel (bounded); the first failure stops the run.
     std::fs::create_dir_all(&opts.dest)
         .with_context(|| format!("cannot create {}", opts.dest.display()))?;
-    let bar = opts.progress.then(|| {
-        let b = indicatif::ProgressBar::new(change);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:30} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
-            )
-            .expect("valid template"),
-        );
-        b
-    });
-    let bytes = Arc::new(AtomicU64::new(0));
-    let progress = {
-        let (bar, bytes) = (bar.clone(), bytes.clone());
-        move |n: u64| {
-            bytes.fetch_add(n, Ordering::Relaxed);
-            if let Some(b) = &bar {
-                b.inc(n);
-            }
-        }
-    };
-    let results: Vec<anyhow::Result<u64>> = futures_util::stream::iter(plan.fetch.iter())
-        .map(|e| {
-            let (fetcher, root, dest, progress) = (&fetcher, &src.root, &opts.dest, &progress);
-            async move {
-                let r = fetch_one(fetcher, root, dest, e, progress).await;
-                if r.is_ok() && !opts.progress {
-                    tracing::info!("mirrored {} ({} bytes)", e.path, e.size.unwrap_or(0));
-                }
-                r
-            }
-        })
-        .buffer_unordered(opts.parallel.max(1))
-        .collect()
-        .await;
-    if let Some(b) = &bar {
-        b.finish_and_clear();
-    }
-    let errors: Vec<String> = results
-        .iter()
-        .filter_map(|r| r.as_ref().err())
-        .map(|e| format!("{e:#}"))
-        .collect();
-    if !errors.is_empty() {
-        anyhow::bail!(
-            "{} of {} downloads failed: {}",
-            errors.len(),
-            plan.fetch.len(),
-            errors.join("; ")
-        );
-    }
+    let fetched_bytes = download_all(opts, &fetcher, &src.root, &plan.fetch, change).await?;
 
     // The payloads' new names reach the disk before any metadata names them (one
     // syncfs for all the renames; their data was synced before each rename).
@@ -673,37 +742,13 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             .with_context(|| format!("cannot sync {}", opts.dest.display()))?;
     }
     // Metadata byte for byte, then the record of what is mirrored, then removals.
-    for (rel, bytes) in &raw_docs {
-        let p = opts.dest.join(rel);
-        if let Some(dir) = p.parent() {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-        }
-        atomic_write(&p, bytes).with_context(|| format!("cannot write {}", p.display()))?;
-    }
-    let data = data_dir(&opts.dest);
-    std::fs::create_dir_all(&data).with_context(|| format!("cannot create {}", data.display()))?;
-    let mut references: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    for (cid, entries) in &selected_by_cid {
-        let p = data.join(cid);
-        atomic_write(&p, &serde_json::to_vec_pretty(entries)?)
-            .with_context(|| format!("cannot write {}", p.display()))?;
-        for e in entries {
-            references
-                .entry(&e.path)
-                .or_default()
-                .push(format!("{cid}/{}/{}/{}", e.product, e.version, e.item));
-        }
-    }
-    let refs = data.join("references.json");
-    atomic_write(&refs, &serde_json::to_vec_pretty(&references)?)
-        .with_context(|| format!("cannot write {}", refs.display()))?;
+    write_records(&opts.dest, &raw_docs, &selected_by_cid)?;
     for path in &plan.delete_paths {
         delete_payload(&opts.dest, path)?;
     }
     Ok(Report {
         fetched_files: plan.fetch.len(),
-        fetched_bytes: bytes.load(Ordering::Relaxed),
+        fetched_bytes,
         removed_files: plan.delete_paths.len(),
         metadata_files: raw_docs.len(),
         elapsed_ms: started.elapsed().as_millis() as u64,

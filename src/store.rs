@@ -515,16 +515,29 @@ impl Store {
         format!("another sync is running (lock {} {holder})", path.display())
     }
 
-    /// Takes the sync lock. Without `wait`, fails at once when it is held.
-    pub fn lock(&self, wait: bool, on_wait: impl FnOnce(&str)) -> anyhow::Result<SyncLock> {
+    /// The first attempt of `lock`/`lock_async`: the lock, or (when it is held)
+    /// an error without `wait`, else the busy message after telling `on_wait`.
+    fn first_try(
+        &self,
+        wait: bool,
+        on_wait: impl FnOnce(&str),
+    ) -> anyhow::Result<Result<SyncLock, String>> {
         if let Some(l) = self.try_lock()? {
-            return Ok(l);
+            return Ok(Ok(l));
         }
         let msg = self.busy_message();
         if !wait {
             anyhow::bail!("{msg}");
         }
         on_wait(&msg);
+        Ok(Err(msg))
+    }
+
+    /// Takes the sync lock. Without `wait`, fails at once when it is held.
+    pub fn lock(&self, wait: bool, on_wait: impl FnOnce(&str)) -> anyhow::Result<SyncLock> {
+        if let Ok(l) = self.first_try(wait, on_wait)? {
+            return Ok(l);
+        }
         loop {
             std::thread::sleep(std::time::Duration::from_millis(100));
             if let Some(l) = self.try_lock()? {
@@ -542,14 +555,10 @@ impl Store {
         stop: Option<&tokio_util::sync::CancellationToken>,
         on_wait: impl FnOnce(&str),
     ) -> anyhow::Result<SyncLock> {
-        if let Some(l) = self.try_lock()? {
-            return Ok(l);
-        }
-        let msg = self.busy_message();
-        if !wait {
-            anyhow::bail!("{msg}");
-        }
-        on_wait(&msg);
+        let msg = match self.first_try(wait, on_wait)? {
+            Ok(l) => return Ok(l),
+            Err(msg) => msg,
+        };
         let never = tokio_util::sync::CancellationToken::new();
         let stop = stop.unwrap_or(&never);
         loop {

@@ -403,13 +403,12 @@ pub async fn run(
     }
 }
 
-async fn run_inner(
+/// The store, and unless a dry run, its sync lock (leftovers of interrupted runs
+/// removed once it is held).
+async fn open_store(
     settings: &Settings,
     opts: &Options,
-    live: Arc<LiveProgress>,
-) -> anyhow::Result<Report> {
-    let started = Instant::now();
-    crate::fsck::refuse_bad_sync_state(&settings.state_dir)?;
+) -> anyhow::Result<(Store, Option<Arc<crate::store::SyncLock>>)> {
     let store = if opts.dry_run {
         Store::existing(&settings.state_dir)
     } else {
@@ -431,6 +430,54 @@ async fn run_inner(
         }
         Some(Arc::new(lock))
     };
+    Ok((store, lock))
+}
+
+impl Report {
+    /// A run that changed nothing (yet): `current` stays served.
+    fn unchanged(current: Option<u64>) -> Report {
+        Report {
+            generation: current,
+            previous_generation: current,
+            changed: false,
+            requests: 0,
+            files_fetched: 0,
+            bytes_fetched: 0,
+            files_total: 0,
+            bytes_total: 0,
+            elapsed_ms: 0,
+            changes: vec![],
+            gc_blobs: 0,
+            gc_bytes: 0,
+            warnings: vec![],
+            plan: vec![],
+        }
+    }
+}
+
+/// Warnings about the selection: unknown ftypes skipped, nothing matched.
+fn selection_warnings(selected: &Selected) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for f in &selected.skipped_ftypes {
+        warnings.push(format!("skipping items of unknown ftype {f:?}"));
+    }
+    if selected.products.is_empty() {
+        warnings.push("the selections match no image in the boot sources".to_string());
+    }
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
+    warnings
+}
+
+async fn run_inner(
+    settings: &Settings,
+    opts: &Options,
+    live: Arc<LiveProgress>,
+) -> anyhow::Result<Report> {
+    let started = Instant::now();
+    crate::fsck::refuse_bad_sync_state(&settings.state_dir)?;
+    let (store, lock) = open_store(settings, opts).await?;
     let sources = if opts.dry_run {
         Sources::current(settings)?
     } else {
@@ -457,38 +504,12 @@ async fn run_inner(
         && settings.state_dir.join(CATALOG_FILE).exists();
     let fetcher = Fetcher::new(settings.sync.timeout)?;
     let requests = Counter(AtomicU64::new(0));
-    let mut report = Report {
-        generation: current,
-        previous_generation: current,
-        changed: false,
-        requests: 0,
-        files_fetched: 0,
-        bytes_fetched: 0,
-        files_total: 0,
-        bytes_total: 0,
-        elapsed_ms: 0,
-        changes: vec![],
-        gc_blobs: 0,
-        gc_bytes: 0,
-        warnings: vec![],
-        plan: vec![],
-    };
+    let mut report = Report::unchanged(current);
 
     // 1. Indexes, conditionally: an unchanged upstream costs one request per source.
-    let mut indexes: Vec<Option<(Vec<u8>, Validators)>> = Vec::new();
-    for src in &resolved {
-        let cond = if reuse_validators && !opts.dry_run {
-            state.indexes.get(src.index_url.as_str())
-        } else {
-            None
-        };
-        requests.0.fetch_add(1, Ordering::Relaxed);
-        match fetcher.get_meta(&src.index_url, cond).await? {
-            Fetched::NotModified => indexes.push(None),
-            Fetched::Body { bytes, validators } => indexes.push(Some((bytes, validators))),
-        }
-    }
-    if !indexes.is_empty() && indexes.iter().all(Option::is_none) {
+    let conditional = reuse_validators && !opts.dry_run;
+    let Some(indexes) = fetch_indexes(&fetcher, &resolved, &state, conditional, &requests).await?
+    else {
         // Nothing new; still collect generations that requests held during the last
         // change (cheap when `current` is the only one on disk).
         if !opts.dry_run && store.generations().len() > 1 {
@@ -497,82 +518,13 @@ async fn run_inner(
         report.requests = requests.0.load(Ordering::Relaxed);
         report.elapsed_ms = started.elapsed().as_millis() as u64;
         return Ok(report);
-    }
-    for (i, src) in resolved.iter().enumerate() {
-        if indexes[i].is_none() {
-            requests.0.fetch_add(1, Ordering::Relaxed);
-            match fetcher.get_meta(&src.index_url, None).await? {
-                Fetched::Body { bytes, validators } => indexes[i] = Some((bytes, validators)),
-                Fetched::NotModified => anyhow::bail!("{}: unexpected 304", src.index_url),
-            }
-        }
-    }
+    };
 
     // 2. Verify and parse everything before touching the store.
-    let mut per_source = Vec::new();
-    let mut new_validators = BTreeMap::new();
-    // The first source's metadata, byte for byte, re-exported by the HTTP server.
-    let mut raw_metadata = Vec::new();
-    for (i, (src, fetched)) in resolved.iter().zip(indexes).enumerate() {
-        let (bytes, validators) = fetched.expect("filled above");
-        let index = trust(src, &src.index_url, bytes.clone())?;
-        let mut signed = vec![crate::state::SignedDoc {
-            path: src.url.index.clone(),
-            url: src.index_url.to_string(),
-            updated: crate::state::updated_of(index.get()),
-            text: index.get().clone(),
-        }];
-        let mut raw = vec![(src.url.index.clone(), bytes)];
-        let products =
-            load_products(&fetcher, src, index, &requests, &mut raw, &mut signed).await?;
-        // A replayed older (validly signed) stream must not roll the images back.
-        if src.url.signed {
-            state.check_updated(src.index_url.as_str(), &signed, opts.allow_downgrade)?;
-        }
-        if i == 0 {
-            raw_metadata = raw;
-            // Beside each .sjson, its plain .json (unsigned downstreams read those).
-            if src.url.signed && !opts.dry_run {
-                let docs: Vec<crate::reexport::Doc> = signed
-                    .iter()
-                    .map(|d| crate::reexport::Doc {
-                        path: &d.path,
-                        text: &d.text,
-                    })
-                    .collect();
-                requests.0.fetch_add(docs.len() as u64, Ordering::Relaxed);
-                let plain = crate::reexport::plain_copies(&fetcher, &src.url.root, &docs).await;
-                raw_metadata.extend(plain);
-            }
-        }
-        new_validators.insert(src.index_url.to_string(), validators);
-        let selections = src
-            .stored
-            .selections
-            .iter()
-            .map(|s| s.selection.clone())
-            .collect();
-        per_source.push((products, selections));
-    }
-    let selected: Selected = select::select(&per_source);
-    let mut catalog = select::catalog(&per_source);
-    for e in &mut catalog {
-        if let Some(src) = resolved.get(e.source) {
-            e.source_id = src.stored.id;
-            e.source_url = src.stored.url.clone();
-        }
-    }
-    let catalog = serde_json::to_vec_pretty(&catalog)?;
-    for f in &selected.skipped_ftypes {
-        let w = format!("skipping items of unknown ftype {f:?}");
-        tracing::warn!("{w}");
-        report.warnings.push(w);
-    }
-    if selected.products.is_empty() {
-        let w = "the selections match no image in the boot sources".to_string();
-        tracing::warn!("{w}");
-        report.warnings.push(w);
-    }
+    let meta = load_metadata(&fetcher, &resolved, indexes, &mut state, opts, &requests).await?;
+    let selected: Selected = select::select(&meta.per_source);
+    let catalog = catalog_json(&meta.per_source, &resolved)?;
+    report.warnings.extend(selection_warnings(&selected));
     let plan = plan::plan(&selected, &|d| store.has_blob(d, None));
     // Payloads verified by an earlier failed run wait in tmp/ and are not refetched.
     report.files_total = plan.fetch.len() + plan.have.len();
@@ -584,22 +536,7 @@ async fn run_inner(
     report.changes = product_changes(&old_manifest, &plan);
 
     if opts.dry_run {
-        for item in &plan.fetch {
-            report.plan.push(format!(
-                "+ {} {} {} {} {}",
-                item.product_name,
-                item.version_name,
-                item.item_name,
-                item.path,
-                human_bytes(item.size)
-            ));
-        }
-        for item in &plan.have {
-            report.plan.push(format!(
-                "= {} {} {} {}",
-                item.product_name, item.version_name, item.item_name, item.path
-            ));
-        }
+        report.plan = dry_run_lines(&plan);
         report.elapsed_ms = started.elapsed().as_millis() as u64;
         return Ok(report);
     }
@@ -616,15 +553,218 @@ async fn run_inner(
         // in tmp/ will be wanted.
         store.clean_tmp(&BTreeSet::new())?;
         write_catalog(settings, &catalog)?;
-        state.sources_key = key;
-        state.indexes = new_validators;
-        state.last_success = Some(now_unix());
-        state.save(&settings.state_dir)?;
+        save_success(settings, &mut state, key, meta.validators)?;
         report.elapsed_ms = started.elapsed().as_millis() as u64;
         return Ok(report);
     }
 
     // 3. Download what is missing, in parallel.
+    download_missing(
+        settings,
+        opts,
+        &plan,
+        &resolved,
+        fetcher,
+        &store,
+        live,
+        &mut report,
+    )
+    .await?;
+
+    // 4. Unpack bootloaders, lay out the snapshot, publish it.
+    let (manifest, symlinks) = assemble(&store, &plan, lock, &meta.raw, state.generation).await?;
+    let generation = manifest.generation;
+    store.build_snapshot(&manifest, &symlinks, &plan.meta)?;
+    store.publish(generation)?;
+    // From here `current` names the new generation whatever fails below: a daemon
+    // follows `current`, so the report says so even on error.
+    report.generation = Some(generation);
+    report.changed = true;
+    if let Some(PublishHook(hook)) = opts.on_publish.clone() {
+        let _ = tokio::task::spawn_blocking(move || hook()).await;
+    }
+    // GC after publish (its keep set then holds the new `current` and what every
+    // daemon serves) and before the small writes, which a full disk would fail.
+    collect(&store, opts, &mut report).await?;
+    write_catalog(settings, &catalog)?;
+    state.generation = generation;
+    save_success(settings, &mut state, key, meta.validators)?;
+    report.elapsed_ms = started.elapsed().as_millis() as u64;
+    Ok(report)
+}
+
+/// Records a successful run: the sources it read, their validators, the time.
+fn save_success(
+    settings: &Settings,
+    state: &mut SyncState,
+    key: String,
+    validators: BTreeMap<String, Validators>,
+) -> anyhow::Result<()> {
+    state.sources_key = key;
+    state.indexes = validators;
+    state.last_success = Some(now_unix());
+    state.save(&settings.state_dir)
+}
+
+/// Stage 1: every source's index, conditionally when `conditional`. `None` when
+/// all of them are unchanged; otherwise every index is fetched whole (one changed
+/// source means a new selection over all of them).
+async fn fetch_indexes(
+    fetcher: &Fetcher,
+    resolved: &[Resolved],
+    state: &SyncState,
+    conditional: bool,
+    requests: &Counter,
+) -> anyhow::Result<Option<Vec<(Vec<u8>, Validators)>>> {
+    let mut indexes: Vec<Option<(Vec<u8>, Validators)>> = Vec::new();
+    for src in resolved {
+        let cond = if conditional {
+            state.indexes.get(src.index_url.as_str())
+        } else {
+            None
+        };
+        requests.0.fetch_add(1, Ordering::Relaxed);
+        match fetcher.get_meta(&src.index_url, cond).await? {
+            Fetched::NotModified => indexes.push(None),
+            Fetched::Body { bytes, validators } => indexes.push(Some((bytes, validators))),
+        }
+    }
+    if !indexes.is_empty() && indexes.iter().all(Option::is_none) {
+        return Ok(None);
+    }
+    let mut out = Vec::with_capacity(indexes.len());
+    for (src, fetched) in resolved.iter().zip(indexes) {
+        let fetched = match fetched {
+            Some(f) => f,
+            None => {
+                requests.0.fetch_add(1, Ordering::Relaxed);
+                match fetcher.get_meta(&src.index_url, None).await? {
+                    Fetched::Body { bytes, validators } => (bytes, validators),
+                    Fetched::NotModified => anyhow::bail!("{}: unexpected 304", src.index_url),
+                }
+            }
+        };
+        out.push(fetched);
+    }
+    Ok(Some(out))
+}
+
+/// Stage 2's result: verified products and selections per source, the new
+/// validators, and the metadata documents the HTTP server re-exports.
+struct Metadata {
+    per_source: Vec<(Vec<Verified<Products>>, Vec<crate::select::Selection>)>,
+    validators: BTreeMap<String, Validators>,
+    /// The first source's metadata, byte for byte (plus plain copies of .sjson).
+    raw: Vec<(String, Vec<u8>)>,
+}
+
+/// Stage 2: verifies and parses every source's metadata before the store is
+/// touched; refuses a replayed older signed stream.
+async fn load_metadata(
+    fetcher: &Fetcher,
+    resolved: &[Resolved],
+    indexes: Vec<(Vec<u8>, Validators)>,
+    state: &mut SyncState,
+    opts: &Options,
+    requests: &Counter,
+) -> anyhow::Result<Metadata> {
+    let mut meta = Metadata {
+        per_source: Vec::new(),
+        validators: BTreeMap::new(),
+        raw: Vec::new(),
+    };
+    for (i, (src, (bytes, validators))) in resolved.iter().zip(indexes).enumerate() {
+        let index = trust(src, &src.index_url, bytes.clone())?;
+        let mut signed = vec![crate::state::SignedDoc {
+            path: src.url.index.clone(),
+            url: src.index_url.to_string(),
+            updated: crate::state::updated_of(index.get()),
+            text: index.get().clone(),
+        }];
+        let mut raw = vec![(src.url.index.clone(), bytes)];
+        let products = load_products(fetcher, src, index, requests, &mut raw, &mut signed).await?;
+        // A replayed older (validly signed) stream must not roll the images back.
+        if src.url.signed {
+            state.check_updated(src.index_url.as_str(), &signed, opts.allow_downgrade)?;
+        }
+        if i == 0 {
+            meta.raw = raw;
+            // Beside each .sjson, its plain .json (unsigned downstreams read those).
+            if src.url.signed && !opts.dry_run {
+                let docs: Vec<crate::reexport::Doc> = signed
+                    .iter()
+                    .map(|d| crate::reexport::Doc {
+                        path: &d.path,
+                        text: &d.text,
+                    })
+                    .collect();
+                requests.0.fetch_add(docs.len() as u64, Ordering::Relaxed);
+                let plain = crate::reexport::plain_copies(fetcher, &src.url.root, &docs).await;
+                meta.raw.extend(plain);
+            }
+        }
+        meta.validators
+            .insert(src.index_url.to_string(), validators);
+        let selections = src
+            .stored
+            .selections
+            .iter()
+            .map(|s| s.selection.clone())
+            .collect();
+        meta.per_source.push((products, selections));
+    }
+    Ok(meta)
+}
+
+/// The catalog of everything the sources offer, each entry naming its source.
+fn catalog_json(
+    per_source: &[(Vec<Verified<Products>>, Vec<crate::select::Selection>)],
+    resolved: &[Resolved],
+) -> anyhow::Result<Vec<u8>> {
+    let mut catalog = select::catalog(per_source);
+    for e in &mut catalog {
+        if let Some(src) = resolved.get(e.source) {
+            e.source_id = src.stored.id;
+            e.source_url = src.stored.url.clone();
+        }
+    }
+    Ok(serde_json::to_vec_pretty(&catalog)?)
+}
+
+/// What a dry run would fetch (`+`) and already has (`=`).
+fn dry_run_lines(plan: &Plan) -> Vec<String> {
+    let fetch = plan.fetch.iter().map(|item| {
+        format!(
+            "+ {} {} {} {} {}",
+            item.product_name,
+            item.version_name,
+            item.item_name,
+            item.path,
+            human_bytes(item.size)
+        )
+    });
+    let have = plan.have.iter().map(|item| {
+        format!(
+            "= {} {} {} {}",
+            item.product_name, item.version_name, item.item_name, item.path
+        )
+    });
+    fetch.chain(have).collect()
+}
+
+/// Stage 3: downloads what the plan lacks, `sync.parallel` at a time. The first
+/// failure or a stop request aborts the others; partial files stay in tmp/.
+#[allow(clippy::too_many_arguments)]
+async fn download_missing(
+    settings: &Settings,
+    opts: &Options,
+    plan: &Plan,
+    resolved: &[Resolved],
+    fetcher: Fetcher,
+    store: &Store,
+    live: Arc<LiveProgress>,
+    report: &mut Report,
+) -> anyhow::Result<()> {
     let wanted: BTreeSet<_> = plan.fetch.iter().map(|i| i.sha256).collect();
     store.clean_tmp(&wanted)?;
     let progress = Arc::new(Progress::new(
@@ -716,8 +856,18 @@ async fn run_inner(
     if stop.is_cancelled() {
         anyhow::bail!("stopped by request (downloads are kept for the next run)");
     }
+    Ok(())
+}
 
-    // 4. Unpack bootloaders, lay out the snapshot, publish it.
+/// Stage 4: unpacks bootloader archives, stages the metadata documents, commits
+/// every verified blob and returns the new generation's manifest and symlinks.
+async fn assemble(
+    store: &Store,
+    plan: &Plan,
+    lock: Option<Arc<crate::store::SyncLock>>,
+    raw_metadata: &[(String, Vec<u8>)],
+    recorded_generation: u64,
+) -> anyhow::Result<(Manifest, BTreeMap<String, String>)> {
     let mut files = plan.files.clone();
     let mut symlinks = BTreeMap::new();
     let mut blobs: BTreeSet<_> = plan
@@ -756,7 +906,7 @@ async fn run_inner(
         }
     }
     let mut metadata = BTreeMap::new();
-    for (path, bytes) in &raw_metadata {
+    for (path, bytes) in raw_metadata {
         let d = crate::simplestreams::Sha256::from_bytes(sha2::Sha256::digest(bytes).into());
         if store.verified_path(&d, None).is_none() {
             let staged = store.staged_path(&d);
@@ -768,35 +918,15 @@ async fn run_inner(
     }
     // Everything verified: move staged payloads into the blob store.
     store.commit_staged(&blobs)?;
-    let generation = store.next_generation(state.generation);
     let manifest = Manifest {
-        generation,
+        generation: store.next_generation(recorded_generation),
         created: now_unix(),
         products: plan.products.clone(),
         files,
         blobs,
         metadata,
     };
-    store.build_snapshot(&manifest, &symlinks, &plan.meta)?;
-    store.publish(generation)?;
-    // From here `current` names the new generation whatever fails below: a daemon
-    // follows `current`, so the report says so even on error.
-    report.generation = Some(generation);
-    report.changed = true;
-    if let Some(PublishHook(hook)) = opts.on_publish.clone() {
-        let _ = tokio::task::spawn_blocking(move || hook()).await;
-    }
-    // GC after publish (its keep set then holds the new `current` and what every
-    // daemon serves) and before the small writes, which a full disk would fail.
-    collect(&store, opts, &mut report).await?;
-    write_catalog(settings, &catalog)?;
-    state.generation = generation;
-    state.sources_key = key;
-    state.indexes = new_validators;
-    state.last_success = Some(now_unix());
-    state.save(&settings.state_dir)?;
-    report.elapsed_ms = started.elapsed().as_millis() as u64;
-    Ok(report)
+    Ok((manifest, symlinks))
 }
 
 /// Garbage collection at the end of a run: keeps `current`, what running daemons

@@ -371,32 +371,8 @@ async fn cmd_resources(
     op: &str,
     url: Option<&str>,
 ) -> anyhow::Result<()> {
-    let store = Store::existing(&settings.state_dir);
     match op {
-        "read" => {
-            let Some(g) = store.current_generation() else {
-                if cli.json {
-                    return print_json(&json!([]));
-                }
-                println!("no snapshot yet: run `rackboot sync`");
-                return Ok(());
-            };
-            let m = store.read_manifest(g)?;
-            if cli.json {
-                return print_json(&m.resources_json());
-            }
-            for p in &m.products {
-                let size = p.size();
-                println!(
-                    "{}\t{}\t{}\t{} items",
-                    p.name,
-                    p.version_name,
-                    human_bytes(size),
-                    p.items.len()
-                );
-            }
-            Ok(())
-        }
+        "read" => resources_read(cli, settings),
         "is-importing" => {
             let running = sync_running(settings);
             if cli.json {
@@ -406,88 +382,123 @@ async fn cmd_resources(
                 Ok(())
             }
         }
-        "import" => {
-            let base = daemon_url(settings, url)?;
-            if let Err(e) = fetch_status(&base).await {
-                // A daemon serving this state dir that does not answer (busy, or
-                // listening elsewhere): importing here instead would be a surprise.
-                let servers = Store::existing(&settings.state_dir).servers();
-                if let Some(pid) = servers.first() {
-                    anyhow::bail!(
-                        "the daemon serving {} (pid {pid}) did not answer at {base}: {e:#}; not importing here (retry, pass --url, or run `rackboot sync` to sync from this process)",
-                        settings.state_dir.display()
-                    );
-                }
-                // No daemon to ask: import here, as `rackboot sync` does.
-                return cmd_sync(cli, settings, false, true, false).await;
-            }
-            let v = daemon_call(
-                &base,
-                reqwest::Method::POST,
-                "api/v1/sync",
-                &api_token(settings)?,
-            )
-            .await?;
-            if cli.json {
-                return print_json(&v);
-            }
-            println!(
-                "import started by the daemon at {base}; `rackboot status` shows its progress"
-            );
-            Ok(())
-        }
-        "stop-import" => {
-            let base = daemon_url(settings, url)?;
-            if fetch_status(&base).await.is_ok() {
-                let token = api_token(settings)?;
-                let stopped =
-                    match daemon_call(&base, reqwest::Method::POST, "api/v1/sync/stop", &token)
-                        .await
-                    {
-                        Ok(_) => true,
-                        Err(e)
-                            if e.downcast_ref::<ApiError>()
-                                .is_some_and(|a| a.status == reqwest::StatusCode::CONFLICT) =>
-                        {
-                            false
-                        }
-                        Err(e) => return Err(e),
-                    };
-                if cli.json {
-                    return print_json(&json!({ "stopped": stopped }));
-                }
-                println!(
-                    "{}",
-                    if stopped {
-                        "stopping the daemon's import"
-                    } else {
-                        "no import is running"
-                    }
-                );
-                return Ok(());
-            }
-            // No daemon: stop the `rackboot sync` holding the lock, if any.
-            let holder = Store::existing(&settings.state_dir).lock_holder();
-            if let Some(pid) = holder {
-                nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGTERM,
-                )
-                .map_err(|e| anyhow::anyhow!("cannot stop the sync of pid {pid}: {e}"))?;
-            }
-            if cli.json {
-                return print_json(&json!({ "stopped": holder.is_some() }));
-            }
-            match holder {
-                Some(pid) => println!(
-                    "stopped the sync of pid {pid} (its downloads are kept for the next run)"
-                ),
-                None => println!("no import is running"),
-            }
-            Ok(())
-        }
+        "import" => resources_import(cli, settings, url).await,
+        "stop-import" => resources_stop_import(cli, settings, url).await,
         other => Err(usage(format!(
             "unknown boot-resources operation {other:?} (read, import, is-importing, stop-import)"
         ))),
     }
+}
+
+/// `boot-resources read`: the products of the served snapshot.
+fn resources_read(cli: &Cli, settings: &Settings) -> anyhow::Result<()> {
+    let store = Store::existing(&settings.state_dir);
+    let Some(g) = store.current_generation() else {
+        if cli.json {
+            return print_json(&json!([]));
+        }
+        println!("no snapshot yet: run `rackboot sync`");
+        return Ok(());
+    };
+    let m = store.read_manifest(g)?;
+    if cli.json {
+        return print_json(&m.resources_json());
+    }
+    for p in &m.products {
+        let size = p.size();
+        println!(
+            "{}\t{}\t{}\t{} items",
+            p.name,
+            p.version_name,
+            human_bytes(size),
+            p.items.len()
+        );
+    }
+    Ok(())
+}
+
+/// `boot-resources import`: asks the daemon to sync, or syncs here when no daemon
+/// serves this state dir.
+async fn resources_import(cli: &Cli, settings: &Settings, url: Option<&str>) -> anyhow::Result<()> {
+    let base = daemon_url(settings, url)?;
+    if let Err(e) = fetch_status(&base).await {
+        // A daemon serving this state dir that does not answer (busy, or
+        // listening elsewhere): importing here instead would be a surprise.
+        let servers = Store::existing(&settings.state_dir).servers();
+        if let Some(pid) = servers.first() {
+            anyhow::bail!(
+                "the daemon serving {} (pid {pid}) did not answer at {base}: {e:#}; not importing here (retry, pass --url, or run `rackboot sync` to sync from this process)",
+                settings.state_dir.display()
+            );
+        }
+        // No daemon to ask: import here, as `rackboot sync` does.
+        return cmd_sync(cli, settings, false, true, false).await;
+    }
+    let v = daemon_call(
+        &base,
+        reqwest::Method::POST,
+        "api/v1/sync",
+        &api_token(settings)?,
+    )
+    .await?;
+    if cli.json {
+        return print_json(&v);
+    }
+    println!("import started by the daemon at {base}; `rackboot status` shows its progress");
+    Ok(())
+}
+
+/// `boot-resources stop-import`: stops the daemon's sync, or the `rackboot sync`
+/// holding the lock.
+async fn resources_stop_import(
+    cli: &Cli,
+    settings: &Settings,
+    url: Option<&str>,
+) -> anyhow::Result<()> {
+    let base = daemon_url(settings, url)?;
+    if fetch_status(&base).await.is_ok() {
+        let token = api_token(settings)?;
+        let stopped =
+            match daemon_call(&base, reqwest::Method::POST, "api/v1/sync/stop", &token).await {
+                Ok(_) => true,
+                Err(e)
+                    if e.downcast_ref::<ApiError>()
+                        .is_some_and(|a| a.status == reqwest::StatusCode::CONFLICT) =>
+                {
+                    false
+                }
+                Err(e) => return Err(e),
+            };
+        if cli.json {
+            return print_json(&json!({ "stopped": stopped }));
+        }
+        println!(
+            "{}",
+            if stopped {
+                "stopping the daemon's import"
+            } else {
+                "no import is running"
+            }
+        );
+        return Ok(());
+    }
+    // No daemon: stop the `rackboot sync` holding the lock, if any.
+    let holder = Store::existing(&settings.state_dir).lock_holder();
+    if let Some(pid) = holder {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .map_err(|e| anyhow::anyhow!("cannot stop the sync of pid {pid}: {e}"))?;
+    }
+    if cli.json {
+        return print_json(&json!({ "stopped": holder.is_some() }));
+    }
+    match holder {
+        Some(pid) => {
+            println!("stopped the sync of pid {pid} (its downloads are kept for the next run)")
+        }
+        None => println!("no import is running"),
+    }
+    Ok(())
 }

@@ -66,197 +66,218 @@ fn by_class(counters: &ClassCounters) -> Vec<(&'static str, u64)> {
 impl Collector for DaemonCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
         let d = &self.0;
-        let t = &d.tftp_metrics;
-        let h = &d.http_metrics;
-        let v = &crate::fsck::VERIFY;
-        let problems = v.problems.load(Relaxed);
-        if problems >= 0 {
-            gauge(
-                &mut e,
-                "rackboot_store_problems",
-                "Problems the last store check (fsck) found",
-                problems,
-            )?;
-        }
-        gauge(
-            &mut e,
-            "rackboot_store_verified_timestamp_seconds",
-            "When the last store check finished (Unix seconds; 0: never)",
-            v.finished.load(Relaxed) as i64,
-        )?;
-        labelled_counter(
-            &mut e,
-            "rackboot_tftp_requests",
-            "TFTP transfers started, by file class",
-            "class",
-            &by_class(&t.class_requests),
-        )?;
-        labelled_counter(
-            &mut e,
-            "rackboot_tftp_sent_bytes",
-            "TFTP payload bytes sent, by file class",
-            "class",
-            &by_class(&t.class_bytes),
-        )?;
-        counter(
-            &mut e,
-            "rackboot_tftp_received_requests",
-            "TFTP request packets received",
-            t.requests.load(Relaxed),
-        )?;
-        counter(
-            &mut e,
-            "rackboot_tftp_transfers_ok",
-            "TFTP transfers completed",
-            t.transfers_ok.load(Relaxed),
-        )?;
-        counter(
-            &mut e,
-            "rackboot_tftp_transfers_failed",
-            "TFTP transfers that failed",
-            t.transfers_failed.load(Relaxed),
-        )?;
-        counter(
-            &mut e,
-            "rackboot_tftp_tsize_probes",
-            "TFTP size probes (RRQ, OACK, client ERROR)",
-            t.tsize_probes.load(Relaxed),
-        )?;
-        labelled_counter(
-            &mut e,
-            "rackboot_tftp_errors",
-            "TFTP errors by kind",
-            "kind",
-            &[
-                ("not_found", t.not_found.load(Relaxed)),
-                ("access_violation", t.access_violation.load(Relaxed)),
-                ("illegal_operation", t.illegal_op.load(Relaxed)),
-                ("timeout", t.timeouts.load(Relaxed)),
-                ("unacknowledged", t.unacknowledged.load(Relaxed)),
-                ("aborted", t.aborted.load(Relaxed)),
-                ("busy", t.busy.load(Relaxed)),
-            ],
-        )?;
-        gauge(
-            &mut e,
-            "rackboot_tftp_transfers_in_flight",
-            "TFTP transfers in progress",
-            t.in_flight.load(Relaxed) as i64,
-        )?;
-        counter(
-            &mut e,
-            "rackboot_http_requests",
-            "HTTP requests answered (every path)",
-            h.requests.load(Relaxed),
-        )?;
-        labelled_counter(
-            &mut e,
-            "rackboot_http_file_requests",
-            "HTTP file responses, by file class",
-            "class",
-            &by_class(&h.class_requests),
-        )?;
-        labelled_counter(
-            &mut e,
-            "rackboot_http_sent_bytes",
-            "HTTP file body bytes sent, by file class",
-            "class",
-            &by_class(&h.class_bytes),
-        )?;
-        labelled_counter(
-            &mut e,
-            "rackboot_http_responses",
-            "HTTP responses by status class",
-            "code",
-            &[
-                ("2xx", h.status_2xx.load(Relaxed)),
-                ("3xx", h.status_3xx.load(Relaxed)),
-                ("4xx", h.status_4xx.load(Relaxed)),
-                ("5xx", h.status_5xx.load(Relaxed)),
-            ],
-        )?;
-        let kinds: Vec<(&str, u64)> = HttpErrorKind::ALL
-            .iter()
-            .map(|k| (k.label(), h.error_count(*k)))
-            .collect();
-        labelled_counter(
-            &mut e,
-            "rackboot_http_errors",
-            "HTTP errors by kind: error responses, and connections hyper ended (header_too_large is a 431, header_timeout a slow or silent client)",
-            "kind",
-            &kinds,
-        )?;
-        gauge(
-            &mut e,
-            "rackboot_http_transfers_in_flight",
-            "HTTP file bodies being sent",
-            h.transfers_in_flight.load(Relaxed) as i64,
-        )?;
-        gauge(
-            &mut e,
-            "rackboot_http_connections_open",
-            "HTTP connections open",
-            h.connections_open.load(Relaxed) as i64,
-        )?;
-        counter(
-            &mut e,
-            "rackboot_http_connections_rejected",
-            "HTTP connections refused at the limit",
-            h.connections_rejected.load(Relaxed),
-        )?;
-        let st = d.status();
-        counter(&mut e, "rackboot_sync_runs", "Sync runs finished", st.runs)?;
-        counter(
-            &mut e,
-            "rackboot_sync_failures",
-            "Sync runs that failed",
-            st.failures,
-        )?;
-        counter(
-            &mut e,
-            "rackboot_sync_fetched_bytes",
-            "Payload bytes fetched by syncs",
-            st.bytes_fetched_total,
-        )?;
-        counter(
-            &mut e,
-            "rackboot_sync_duration_milliseconds",
-            "Time spent syncing",
-            d.sync_duration_ms_total.load(Relaxed),
-        )?;
-        gauge(
-            &mut e,
-            "rackboot_sync_in_progress",
-            "1 while a sync runs",
-            i64::from(st.running),
-        )?;
-        gauge(
-            &mut e,
-            "rackboot_sync_last_success",
-            "1 if the last sync succeeded",
-            i64::from(st.last_result.as_deref().is_some_and(|r| r != "failed")),
-        )?;
-        let snap = d.shown();
-        gauge(
-            &mut e,
-            "rackboot_snapshot_generation",
-            "Generation being served (0: none)",
-            snap.as_ref().map(|s| s.generation as i64).unwrap_or(0),
-        )?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|x| x.as_secs())
-            .unwrap_or(0);
-        gauge(
-            &mut e,
-            "rackboot_snapshot_age_seconds",
-            "Age of the served snapshot (-1: none)",
-            snap.as_ref()
-                .map(|s| now.saturating_sub(s.created) as i64)
-                .unwrap_or(-1),
-        )?;
-        Ok(())
+        encode_store(&mut e)?;
+        encode_tftp(&mut e, &d.tftp_metrics)?;
+        encode_http(&mut e, &d.http_metrics)?;
+        encode_sync(&mut e, d)
     }
+}
+
+/// The scheduled store check's results.
+fn encode_store(e: &mut DescriptorEncoder) -> std::fmt::Result {
+    let v = &crate::fsck::VERIFY;
+    let problems = v.problems.load(Relaxed);
+    if problems >= 0 {
+        gauge(
+            e,
+            "rackboot_store_problems",
+            "Problems the last store check (fsck) found",
+            problems,
+        )?;
+    }
+    gauge(
+        e,
+        "rackboot_store_verified_timestamp_seconds",
+        "When the last store check finished (Unix seconds; 0: never)",
+        v.finished.load(Relaxed) as i64,
+    )?;
+    Ok(())
+}
+
+/// TFTP counters and gauges.
+fn encode_tftp(e: &mut DescriptorEncoder, t: &crate::tftp::TftpMetrics) -> std::fmt::Result {
+    labelled_counter(
+        e,
+        "rackboot_tftp_requests",
+        "TFTP transfers started, by file class",
+        "class",
+        &by_class(&t.class_requests),
+    )?;
+    labelled_counter(
+        e,
+        "rackboot_tftp_sent_bytes",
+        "TFTP payload bytes sent, by file class",
+        "class",
+        &by_class(&t.class_bytes),
+    )?;
+    counter(
+        e,
+        "rackboot_tftp_received_requests",
+        "TFTP request packets received",
+        t.requests.load(Relaxed),
+    )?;
+    counter(
+        e,
+        "rackboot_tftp_transfers_ok",
+        "TFTP transfers completed",
+        t.transfers_ok.load(Relaxed),
+    )?;
+    counter(
+        e,
+        "rackboot_tftp_transfers_failed",
+        "TFTP transfers that failed",
+        t.transfers_failed.load(Relaxed),
+    )?;
+    counter(
+        e,
+        "rackboot_tftp_tsize_probes",
+        "TFTP size probes (RRQ, OACK, client ERROR)",
+        t.tsize_probes.load(Relaxed),
+    )?;
+    labelled_counter(
+        e,
+        "rackboot_tftp_errors",
+        "TFTP errors by kind",
+        "kind",
+        &[
+            ("not_found", t.not_found.load(Relaxed)),
+            ("access_violation", t.access_violation.load(Relaxed)),
+            ("illegal_operation", t.illegal_op.load(Relaxed)),
+            ("timeout", t.timeouts.load(Relaxed)),
+            ("unacknowledged", t.unacknowledged.load(Relaxed)),
+            ("aborted", t.aborted.load(Relaxed)),
+            ("busy", t.busy.load(Relaxed)),
+        ],
+    )?;
+    gauge(
+        e,
+        "rackboot_tftp_transfers_in_flight",
+        "TFTP transfers in progress",
+        t.in_flight.load(Relaxed) as i64,
+    )?;
+    Ok(())
+}
+
+/// HTTP counters and gauges.
+fn encode_http(e: &mut DescriptorEncoder, h: &crate::http::HttpMetrics) -> std::fmt::Result {
+    counter(
+        e,
+        "rackboot_http_requests",
+        "HTTP requests answered (every path)",
+        h.requests.load(Relaxed),
+    )?;
+    labelled_counter(
+        e,
+        "rackboot_http_file_requests",
+        "HTTP file responses, by file class",
+        "class",
+        &by_class(&h.class_requests),
+    )?;
+    labelled_counter(
+        e,
+        "rackboot_http_sent_bytes",
+        "HTTP file body bytes sent, by file class",
+        "class",
+        &by_class(&h.class_bytes),
+    )?;
+    labelled_counter(
+        e,
+        "rackboot_http_responses",
+        "HTTP responses by status class",
+        "code",
+        &[
+            ("2xx", h.status_2xx.load(Relaxed)),
+            ("3xx", h.status_3xx.load(Relaxed)),
+            ("4xx", h.status_4xx.load(Relaxed)),
+            ("5xx", h.status_5xx.load(Relaxed)),
+        ],
+    )?;
+    let kinds: Vec<(&str, u64)> = HttpErrorKind::ALL
+        .iter()
+        .map(|k| (k.label(), h.error_count(*k)))
+        .collect();
+    labelled_counter(
+        e,
+        "rackboot_http_errors",
+        "HTTP errors by kind: error responses, and connections hyper ended (header_too_large is a 431, header_timeout a slow or silent client)",
+        "kind",
+        &kinds,
+    )?;
+    gauge(
+        e,
+        "rackboot_http_transfers_in_flight",
+        "HTTP file bodies being sent",
+        h.transfers_in_flight.load(Relaxed) as i64,
+    )?;
+    gauge(
+        e,
+        "rackboot_http_connections_open",
+        "HTTP connections open",
+        h.connections_open.load(Relaxed) as i64,
+    )?;
+    counter(
+        e,
+        "rackboot_http_connections_rejected",
+        "HTTP connections refused at the limit",
+        h.connections_rejected.load(Relaxed),
+    )?;
+    Ok(())
+}
+
+/// Sync runs and the served snapshot.
+fn encode_sync(e: &mut DescriptorEncoder, d: &Daemon) -> std::fmt::Result {
+    let st = d.status();
+    counter(e, "rackboot_sync_runs", "Sync runs finished", st.runs)?;
+    counter(
+        e,
+        "rackboot_sync_failures",
+        "Sync runs that failed",
+        st.failures,
+    )?;
+    counter(
+        e,
+        "rackboot_sync_fetched_bytes",
+        "Payload bytes fetched by syncs",
+        st.bytes_fetched_total,
+    )?;
+    counter(
+        e,
+        "rackboot_sync_duration_milliseconds",
+        "Time spent syncing",
+        d.sync_duration_ms_total.load(Relaxed),
+    )?;
+    gauge(
+        e,
+        "rackboot_sync_in_progress",
+        "1 while a sync runs",
+        i64::from(st.running),
+    )?;
+    gauge(
+        e,
+        "rackboot_sync_last_success",
+        "1 if the last sync succeeded",
+        i64::from(st.last_result.as_deref().is_some_and(|r| r != "failed")),
+    )?;
+    let snap = d.shown();
+    gauge(
+        e,
+        "rackboot_snapshot_generation",
+        "Generation being served (0: none)",
+        snap.as_ref().map(|s| s.generation as i64).unwrap_or(0),
+    )?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|x| x.as_secs())
+        .unwrap_or(0);
+    gauge(
+        e,
+        "rackboot_snapshot_age_seconds",
+        "Age of the served snapshot (-1: none)",
+        snap.as_ref()
+            .map(|s| now.saturating_sub(s.created) as i64)
+            .unwrap_or(-1),
+    )?;
+    Ok(())
 }
 
 /// The `/metrics` response.

@@ -23,6 +23,70 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
+/// When the store was last checked (the stamp's time, restoring its problem
+/// count for the metrics); a first start stamps now, so the first check waits a
+/// whole interval.
+fn last_check(stamp_path: &std::path::Path) -> u64 {
+    let stamp: Option<Stamp> = fs::read(stamp_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    match &stamp {
+        Some(s) => {
+            if let Some(p) = s.problems {
+                crate::fsck::VERIFY
+                    .problems
+                    .store(p as i64, Ordering::Relaxed);
+                crate::fsck::VERIFY
+                    .finished
+                    .store(s.last, Ordering::Relaxed);
+            }
+            s.last
+        }
+        None => {
+            let s = Stamp {
+                last: now_unix(),
+                problems: None,
+            };
+            let json = serde_json::to_vec(&s).expect("stamp serialises");
+            let _ = crate::store::atomic_write(stamp_path, &json);
+            s.last
+        }
+    }
+}
+
+/// Logs a finished check, updates the metrics and the stamp, and starts a sync
+/// when blobs were quarantined.
+fn record_check(d: &super::Daemon, stamp_path: &std::path::Path, r: &crate::fsck::Report) {
+    for p in &r.problems {
+        tracing::warn!("store check: {p}");
+    }
+    tracing::info!(
+        "store check: {} blobs ({}) re-hashed, {} files in {} generations, {} problems",
+        r.blobs,
+        crate::sync::human_bytes(r.bytes),
+        r.files,
+        r.generations,
+        r.problems.len()
+    );
+    let n = r.problems.len() as u64;
+    let end = now_unix();
+    crate::fsck::VERIFY
+        .problems
+        .store(n as i64, Ordering::Relaxed);
+    crate::fsck::VERIFY.finished.store(end, Ordering::Relaxed);
+    let json = serde_json::to_vec(&Stamp {
+        last: end,
+        problems: Some(n),
+    })
+    .expect("stamp serialises");
+    if let Err(e) = crate::store::atomic_write(stamp_path, &json) {
+        tracing::warn!("cannot write {}: {e}", stamp_path.display());
+    }
+    if r.problems.iter().any(|p| p.repaired.is_some()) {
+        d.trigger.notify_one();
+    }
+}
+
 /// The daemon's schedule (`[store] verify_interval`): every interval, on a thread
 /// of its own at idle I/O priority, under the sync lock (retried in a minute when a
 /// sync holds it). Problems are logged one per line and counted in
@@ -41,31 +105,7 @@ pub async fn verify_loop(
             }
         };
         let stamp_path = settings.state_dir.join(STAMP_FILE);
-        let stamp: Option<Stamp> = fs::read(&stamp_path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
-        let last = match &stamp {
-            Some(s) => {
-                if let Some(p) = s.problems {
-                    crate::fsck::VERIFY
-                        .problems
-                        .store(p as i64, Ordering::Relaxed);
-                    crate::fsck::VERIFY
-                        .finished
-                        .store(s.last, Ordering::Relaxed);
-                }
-                s.last
-            }
-            None => {
-                let s = Stamp {
-                    last: now_unix(),
-                    problems: None,
-                };
-                let json = serde_json::to_vec(&s).expect("stamp serialises");
-                let _ = crate::store::atomic_write(&stamp_path, &json);
-                s.last
-            }
-        };
+        let last = last_check(&stamp_path);
         let due = last.saturating_add(interval.as_secs());
         let wait = std::time::Duration::from_secs(due.saturating_sub(now_unix()).clamp(1, 3600));
         tokio::select! {
@@ -104,34 +144,7 @@ pub async fn verify_loop(
         };
         match r {
             Ok(Ok(Some(r))) => {
-                for p in &r.problems {
-                    tracing::warn!("store check: {p}");
-                }
-                tracing::info!(
-                    "store check: {} blobs ({}) re-hashed, {} files in {} generations, {} problems",
-                    r.blobs,
-                    crate::sync::human_bytes(r.bytes),
-                    r.files,
-                    r.generations,
-                    r.problems.len()
-                );
-                let n = r.problems.len() as u64;
-                let end = now_unix();
-                crate::fsck::VERIFY
-                    .problems
-                    .store(n as i64, Ordering::Relaxed);
-                crate::fsck::VERIFY.finished.store(end, Ordering::Relaxed);
-                let json = serde_json::to_vec(&Stamp {
-                    last: end,
-                    problems: Some(n),
-                })
-                .expect("stamp serialises");
-                if let Err(e) = crate::store::atomic_write(&stamp_path, &json) {
-                    tracing::warn!("cannot write {}: {e}", stamp_path.display());
-                }
-                if r.problems.iter().any(|p| p.repaired.is_some()) {
-                    d.trigger.notify_one();
-                }
+                record_check(&d, &stamp_path, &r);
             }
             Ok(Ok(None)) => {
                 tracing::debug!("store check: a sync is running; trying again later");

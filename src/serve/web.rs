@@ -158,6 +158,113 @@ pub fn csp() -> &'static str {
     })
 }
 
+/// One boot source's table: a row per (os, release), a checkbox per arch.
+fn render_source(h: &mut String, p: &Page, i: usize, src: &StoredSource) {
+    let _ = writeln!(
+        h,
+        "<h2>Boot source {}: {}</h2>",
+        src.id,
+        esc(&crate::config::redacted(&src.url))
+    );
+    let entries: Vec<&CatalogEntry> = p
+        .catalog
+        .iter()
+        .filter(|e| match e.source_url.as_str() {
+            "" => e.source == i,
+            url => e.source_id == src.id && url == src.url,
+        })
+        .collect();
+    let selections: Vec<crate::config::Selection> =
+        src.selections.iter().map(|s| s.selection.clone()).collect();
+    if entries.is_empty() {
+        let _ = writeln!(
+            h,
+            "<p>No images listed yet: they appear after a sync has read this source.</p>"
+        );
+        return;
+    }
+    let arches: BTreeSet<&str> = entries.iter().map(|e| e.arch.as_str()).collect();
+    // (os, release) → (title, latest version, arch → selected)
+    type Row<'r> = (&'r str, &'r str, BTreeMap<&'r str, bool>);
+    let mut rows: BTreeMap<(&str, &str), Row> = BTreeMap::new();
+    for e in &entries {
+        let row = rows.entry((e.os.as_str(), e.release.as_str())).or_insert((
+            e.title.as_str(),
+            e.version.as_str(),
+            BTreeMap::new(),
+        ));
+        if e.version.as_str() > row.1 {
+            row.1 = e.version.as_str();
+        }
+        let sel = row.2.entry(e.arch.as_str()).or_insert(false);
+        *sel |= e.selected_by(&selections);
+    }
+    let _ = write!(
+        h,
+        "<table class=\"catalog\" data-source=\"{}\"><tr><th>OS</th><th>Release</th><th>Title</th>",
+        src.id
+    );
+    for a in &arches {
+        let _ = write!(h, "<th>{}</th>", esc(a));
+    }
+    let _ = writeln!(h, "<th>Latest version</th></tr>");
+    for ((os, release), (title, version, by_arch)) in &rows {
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{}</td>",
+            esc(os),
+            esc(release),
+            esc(title)
+        );
+        for a in &arches {
+            match by_arch.get(a) {
+                Some(selected) => {
+                    let _ = write!(
+                        h,
+                        "<td><input type=\"checkbox\" class=\"arch\" data-source=\"{}\" data-os=\"{}\" data-release=\"{}\" data-arch=\"{}\" aria-label=\"{} {} {}\"{}></td>",
+                        src.id,
+                        esc(os),
+                        esc(release),
+                        esc(a),
+                        esc(os),
+                        esc(release),
+                        esc(a),
+                        if *selected { " checked" } else { "" }
+                    );
+                }
+                None => h.push_str("<td></td>"),
+            }
+        }
+        let _ = writeln!(h, "<td>{}</td></tr>", esc(version));
+    }
+    h.push_str("</table>\n");
+}
+
+/// The table of what is synced and served.
+fn render_resources(h: &mut String, resources: &[ManifestProduct]) {
+    let _ = writeln!(h, "<h2>Synced and served</h2>");
+    if resources.is_empty() {
+        let _ = writeln!(h, "<p>Nothing yet.</p>");
+    } else {
+        let _ = writeln!(
+            h,
+            "<table id=\"resources\"><tr><th>Resource</th><th>Version</th><th>Size</th><th>Files</th></tr>"
+        );
+        for r in resources {
+            let size = r.size();
+            let _ = writeln!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
+                esc(&r.name),
+                esc(&r.version_name),
+                esc(&crate::sync::human_bytes(size)),
+                r.items.len()
+            );
+        }
+        h.push_str("</table>\n");
+    }
+}
+
 /// Renders the page.
 pub fn render(p: &Page) -> String {
     let mut h = String::new();
@@ -200,103 +307,10 @@ pub fn render(p: &Page) -> String {
     // them falls back to the source's position). Checkboxes show the selections as
     // they are now, which may be newer than the catalog.
     for (i, src) in p.sources.iter().enumerate() {
-        let _ = writeln!(
-            h,
-            "<h2>Boot source {}: {}</h2>",
-            src.id,
-            esc(&crate::config::redacted(&src.url))
-        );
-        let entries: Vec<&CatalogEntry> = p
-            .catalog
-            .iter()
-            .filter(|e| match e.source_url.as_str() {
-                "" => e.source == i,
-                url => e.source_id == src.id && url == src.url,
-            })
-            .collect();
-        let selections: Vec<crate::config::Selection> =
-            src.selections.iter().map(|s| s.selection.clone()).collect();
-        if entries.is_empty() {
-            let _ = writeln!(
-                h,
-                "<p>No images listed yet: they appear after a sync has read this source.</p>"
-            );
-            continue;
-        }
-        let arches: BTreeSet<&str> = entries.iter().map(|e| e.arch.as_str()).collect();
-        // (os, release) → (title, latest version, arch → selected)
-        type Row<'r> = (&'r str, &'r str, BTreeMap<&'r str, bool>);
-        let mut rows: BTreeMap<(&str, &str), Row> = BTreeMap::new();
-        for e in &entries {
-            let row = rows.entry((e.os.as_str(), e.release.as_str())).or_insert((
-                e.title.as_str(),
-                e.version.as_str(),
-                BTreeMap::new(),
-            ));
-            if e.version.as_str() > row.1 {
-                row.1 = e.version.as_str();
-            }
-            let sel = row.2.entry(e.arch.as_str()).or_insert(false);
-            *sel |= e.selected_by(&selections);
-        }
-        let _ = write!(h, "<table class=\"catalog\" data-source=\"{}\"><tr><th>OS</th><th>Release</th><th>Title</th>", src.id);
-        for a in &arches {
-            let _ = write!(h, "<th>{}</th>", esc(a));
-        }
-        let _ = writeln!(h, "<th>Latest version</th></tr>");
-        for ((os, release), (title, version, by_arch)) in &rows {
-            let _ = write!(
-                h,
-                "<tr><td>{}</td><td>{}</td><td>{}</td>",
-                esc(os),
-                esc(release),
-                esc(title)
-            );
-            for a in &arches {
-                match by_arch.get(a) {
-                    Some(selected) => {
-                        let _ = write!(
-                            h,
-                            "<td><input type=\"checkbox\" class=\"arch\" data-source=\"{}\" data-os=\"{}\" data-release=\"{}\" data-arch=\"{}\" aria-label=\"{} {} {}\"{}></td>",
-                            src.id,
-                            esc(os),
-                            esc(release),
-                            esc(a),
-                            esc(os),
-                            esc(release),
-                            esc(a),
-                            if *selected { " checked" } else { "" }
-                        );
-                    }
-                    None => h.push_str("<td></td>"),
-                }
-            }
-            let _ = writeln!(h, "<td>{}</td></tr>", esc(version));
-        }
-        h.push_str("</table>\n");
+        render_source(&mut h, p, i, src);
     }
 
-    let _ = writeln!(h, "<h2>Synced and served</h2>");
-    if p.resources.is_empty() {
-        let _ = writeln!(h, "<p>Nothing yet.</p>");
-    } else {
-        let _ = writeln!(
-            h,
-            "<table id=\"resources\"><tr><th>Resource</th><th>Version</th><th>Size</th><th>Files</th></tr>"
-        );
-        for r in p.resources {
-            let size = r.size();
-            let _ = writeln!(
-                h,
-                "<tr><td>{}</td><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
-                esc(&r.name),
-                esc(&r.version_name),
-                esc(&crate::sync::human_bytes(size)),
-                r.items.len()
-            );
-        }
-        h.push_str("</table>\n");
-    }
+    render_resources(&mut h, p.resources);
     let _ = write!(
         h,
         "<p>rackboot {}; <a href=\"/api/v1/status\">status</a>, <a href=\"/metrics\">metrics</a></p>\n<script>{SCRIPT}</script>\n</body></html>\n",

@@ -542,6 +542,80 @@ impl Dispatch {
     }
 }
 
+/// One listening socket: receives requests and hands them to the dispatcher until
+/// `shutdown`.
+async fn listen(d: Arc<Dispatch>, sock: UdpSocket, addr: SocketAddr, shutdown: CancellationToken) {
+    let mut buf = vec![0u8; 2048];
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = sock.readable() => if r.is_err() { return },
+        }
+        let got = match recv_with_pktinfo(&sock, &mut buf) {
+            Ok(g) => g,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                tracing::warn!("tftp receive on {addr}: {e}");
+                continue;
+            }
+        };
+        let client = unmap(got.from);
+        let (local, scope) = match got.local {
+            Some((l, scope)) => (unmap(SocketAddr::new(l, 0)).ip(), scope),
+            None => (addr.ip(), 0),
+        };
+        let datagram = buf.get(..got.len).unwrap_or_default();
+        let request = match packet::parse(datagram) {
+            Ok(Packet::Rrq(r)) => Ok((false, r)),
+            Ok(Packet::Wrq(r)) => Ok((true, r)),
+            // Stray ACK/DATA/ERROR to the listening port: not a request.
+            Ok(_) => continue,
+            Err(e) => Err(e.to_string()),
+        };
+        inc(&d.metrics.requests);
+        d.submit(Incoming {
+            request,
+            client,
+            local,
+            scope,
+            listener: addr,
+        });
+    }
+}
+
+/// Waits for the transfers in flight to end, up to `drain_deadline`.
+async fn drain(d: &Dispatch, drain_deadline: Duration) {
+    let running = d
+        .active
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .len();
+    if running > 0 {
+        tracing::info!("tftp: draining {running} transfers");
+        let deadline = tokio::time::Instant::now() + drain_deadline;
+        loop {
+            let notified = d.idle.notified();
+            if d.active
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_empty()
+            {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                tracing::warn!(
+                    "tftp: drain deadline passed; aborting {} transfers",
+                    d.active
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .len()
+                );
+                break;
+            }
+        }
+    }
+}
+
 /// Serves until `shutdown`, then drains transfers for up to `drain_deadline`. Every
 /// transfer holds a socket and a file: the caller raises the open-files limit
 /// (`daemon::serve` does, before binding).
@@ -621,77 +695,12 @@ pub async fn serve(
         let _ = socket::setsockopt(&sock, sockopt::RcvBuf, &(4 << 20));
         tracing::info!("listening for TFTP on {addr}");
         let (d, shutdown) = (d.clone(), shutdown.clone());
-        listeners.spawn(async move {
-            let mut buf = vec![0u8; 2048];
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    r = sock.readable() => if r.is_err() { return },
-                }
-                let got = match recv_with_pktinfo(&sock, &mut buf) {
-                    Ok(g) => g,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                    Err(e) => {
-                        tracing::warn!("tftp receive on {addr}: {e}");
-                        continue;
-                    }
-                };
-                let client = unmap(got.from);
-                let (local, scope) = match got.local {
-                    Some((l, scope)) => (unmap(SocketAddr::new(l, 0)).ip(), scope),
-                    None => (addr.ip(), 0),
-                };
-                let datagram = buf.get(..got.len).unwrap_or_default();
-                let request = match packet::parse(datagram) {
-                    Ok(Packet::Rrq(r)) => Ok((false, r)),
-                    Ok(Packet::Wrq(r)) => Ok((true, r)),
-                    // Stray ACK/DATA/ERROR to the listening port: not a request.
-                    Ok(_) => continue,
-                    Err(e) => Err(e.to_string()),
-                };
-                inc(&d.metrics.requests);
-                d.submit(Incoming {
-                    request,
-                    client,
-                    local,
-                    scope,
-                    listener: addr,
-                });
-            }
-        });
+        listeners.spawn(listen(d, sock, addr, shutdown));
     }
     shutdown.cancelled().await;
     listeners.abort_all();
     while listeners.join_next().await.is_some() {}
-    let running = d
-        .active
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .len();
-    if running > 0 {
-        tracing::info!("tftp: draining {running} transfers");
-        let deadline = tokio::time::Instant::now() + drain_deadline;
-        loop {
-            let notified = d.idle.notified();
-            if d.active
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .is_empty()
-            {
-                break;
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                tracing::warn!(
-                    "tftp: drain deadline passed; aborting {} transfers",
-                    d.active
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .len()
-                );
-                break;
-            }
-        }
-    }
+    drain(&d, drain_deadline).await;
     stop_workers(&d);
     drop(d);
     let _ = tokio::task::spawn_blocking(move || {
