@@ -11,7 +11,10 @@
 # Layout: partition 1 is a 64 MiB ESP with shim (/EFI/BOOT/BOOTX64.EFI), Debian's
 # signed GRUB and a grub.cfg that finds the root filesystem by UUID; partition 2 is the
 # ext4 root (GPT type "Linux root x86-64", grown over the disk at first boot by
-# systemd-repart + x-systemd.growfs). Nothing is mounted and no loop device is used:
+# systemd-repart + x-systemd.growfs); partition 3, placed between the two so the root
+# stays last and can grow, is the 32 MiB FAT settings partition (GPT name RACKBOOT-CFG,
+# type "Microsoft basic data" so any laptop shows it, FAT label RACKBOOTCFG: FAT labels
+# hold 11 characters) seeded from images/appliance/config/. Nothing is mounted and no loop device is used:
 # the root filesystem is written by `mkfs.ext4 -d` at the partition's offset and the
 # ESP by mtools, so a failed build leaves nothing behind but files.
 set -euo pipefail
@@ -22,6 +25,7 @@ repo=$(cd "$here/../.." && pwd)
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 SECURITY_MIRROR=${SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 ESP_MIB=64
+CFG_MIB=32
 SHIM=/usr/lib/shim/shimx64.efi.signed
 MOKMANAGER=/usr/lib/shim/mmx64.efi.signed
 GRUB=/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed
@@ -74,7 +78,10 @@ step "users, directories, enabled units"
 systemd-sysusers --root="$rootfs"
 systemd-tmpfiles --root="$rootfs" --create rackboot.conf
 systemctl --root="$rootfs" enable rackboot.service systemd-networkd.service \
-    systemd-resolved.service systemd-timesyncd.service
+    systemd-resolved.service systemd-timesyncd.service rackboot-config.service \
+    rackboot-issue.timer ssh.service
+# Each appliance makes its own SSH host keys at first boot (ssh.service.d/rackboot.conf).
+rm -f "$rootfs"/etc/ssh/ssh_host_*
 ln -sf ../run/systemd/resolve/stub-resolv.conf "$rootfs/etc/resolv.conf"
 # Each appliance gets its own machine id (and random seed) at first boot.
 : > "$rootfs/etc/machine-id"
@@ -112,12 +119,20 @@ mcopy -i "$esp" "$MOKMANAGER" ::/EFI/BOOT/mmx64.efi
 mcopy -i "$esp" "$GRUB" ::/EFI/BOOT/grubx64.efi
 mcopy -i "$esp" "$WORK/esp-grub.cfg" ::/EFI/debian/grub.cfg
 
-step "disk: GPT, ESP, root filesystem"
+step "settings partition RACKBOOT-CFG (images/appliance/config)"
+cfg=$WORK/cfg.img
+rm -f "$cfg"
+mkfs.fat -F 16 -n RACKBOOTCFG -C "$cfg" $((CFG_MIB * 1024)) >/dev/null
+mcopy -s -i "$cfg" "$here/config/"* ::/
+
+step "disk: GPT, ESP, settings, root filesystem"
 used_mib=$(du -s --block-size=1M "$rootfs" | cut -f1)
 root_mib=$((used_mib * 5 / 4 + 256))
 esp_start=2048
 esp_sectors=$((ESP_MIB * 2048))
-root_start=$((esp_start + esp_sectors))
+cfg_start=$((esp_start + esp_sectors))
+cfg_sectors=$((CFG_MIB * 2048))
+root_start=$((cfg_start + cfg_sectors))
 root_sectors=$((root_mib * 2048))
 # + 1 MiB at the end for the backup GPT.
 total=$(((root_start + root_sectors + 2048) * 512))
@@ -129,12 +144,14 @@ label: gpt
 first-lba: 2048
 start=$esp_start, size=$esp_sectors, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name="esp"
 start=$root_start, size=$root_sectors, type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709, name="root"
+start=$cfg_start, size=$cfg_sectors, type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7, name="RACKBOOT-CFG"
 EOF
 dd if="$esp" of="$tmp" bs=1M seek=1 conv=notrunc,sparse status=none
+dd if="$cfg" of="$tmp" bs=512 seek=$cfg_start conv=notrunc,sparse status=none
 # GRUB 2.06 reads neither orphan_file nor metadata_csum_seed: leave them off.
 mkfs.ext4 -q -F -L rackboot-root -U "$root_uuid" -b 4096 -T default \
     -O ^orphan_file,^metadata_csum_seed \
     -E offset=$((root_start * 512)) -d "$rootfs" "$tmp" "${root_mib}M" &
 wait $!
 mv "$tmp" "$OUT"
-echo "kernel=$kver root_uuid=$root_uuid rootfs_mib=$used_mib root_fs_mib=$root_mib root_offset=$((root_start * 512)) image_bytes=$total"
+echo "kernel=$kver root_uuid=$root_uuid rootfs_mib=$used_mib root_fs_mib=$root_mib root_offset=$((root_start * 512)) cfg_offset=$((cfg_start * 512)) image_bytes=$total"

@@ -13,18 +13,23 @@
 //! virtio disk and NIC, user-mode networking with a hostfwd to the appliance's HTTP
 //! port 5248). KVM is tried first and dropped for TCG when the kernel does not print
 //! its banner within a short limit (on this machine kind /dev/kvm exists but guests
-//! hang). The appliance keeps its shipped config (images.maas.io) plus one drop-in
-//! written into the copy with debugfs, which points its source at a rackboot on this
-//! host (the dist binary serving the signed demo stream on loopback, reached from the
-//! guest as 10.0.2.2) — so the appliance really syncs, as its own user under the
-//! sandboxed unit, through the re-exported stream. The check waits (every wait
-//! bounded) for `/api/v1/status` to answer through the hostfwd (boot time), for the
-//! first sync, fetches a kernel and compares its sha256 with the upstream's, fetches
-//! `/metrics`, waits past the unit's WatchdogSec with the same process, then powers
-//! the VM off over the QEMU monitor and requires a clean stop (rackboot stopped,
-//! "reboot: Power down"). Afterwards the copy's partition table and filesystem must
-//! have grown over the 4 GiB (systemd-repart + x-systemd.growfs). QEMU and the host
-//! rackboot are killed by PID on every exit path.
+//! hang). The appliance keeps its shipped config (images.maas.io); the check sets it
+//! up as an operator would, through the RACKBOOT-CFG partition (written with mtools):
+//! a drop-in pointing its source at a rackboot on this host (the dist binary serving
+//! the signed demo stream on loopback, reached from the guest as 10.0.2.2) — so the
+//! appliance really syncs, as its own user under the sandboxed unit, through the
+//! re-exported stream — a static address, an SSH key, and a bad drop-in and network
+//! file that must be refused. The check waits (every wait bounded) for
+//! `/api/v1/status` to answer through the hostfwd (boot time), checks the settings
+//! (refusals on the console, the token shown on the console allows an API write, SSH
+//! with the key and not with a password, the static address, the login banner), waits
+//! for the first sync, fetches a kernel and compares its sha256 with the upstream's,
+//! fetches `/metrics`, waits past the unit's WatchdogSec with the same process, then
+//! powers the VM off over the QEMU monitor and requires a clean stop (rackboot
+//! stopped, "reboot: Power down"). Afterwards the copy's partition table and
+//! filesystem must have grown over the 4 GiB (systemd-repart + x-systemd.growfs), and
+//! the generated token must be on RACKBOOT-CFG. QEMU and the host rackboot are killed
+//! by PID on every exit path.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -58,7 +63,15 @@ const BUILD_DEBS: &[&str] = &[
 ];
 /// Host tools for the check (QEMU from bookworm-backports: the machine's qemu-utils
 /// comes from there and conflicts with bookworm's qemu-system-common).
-const CHECK_DEBS: &[&str] = &["ovmf", "curl", "e2fsprogs", "fdisk", "util-linux"];
+const CHECK_DEBS: &[&str] = &[
+    "ovmf",
+    "curl",
+    "e2fsprogs",
+    "fdisk",
+    "util-linux",
+    "mtools",
+    "openssh-client",
+];
 const CHECK_BACKPORTS_DEBS: &[&str] = &["qemu-system-x86"];
 
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
@@ -74,6 +87,14 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 const SYNC_TIMEOUT: Duration = Duration::from_secs(600);
 /// The unit's WatchdogSec plus a margin: the daemon must still be the same process.
 const WATCHDOG_WAIT: Duration = Duration::from_secs(75);
+/// The appliance's SSH port.
+const GUEST_SSH_PORT: u16 = 22;
+/// The settings partition's number (physically between the ESP and the root).
+const CFG_PARTITION: usize = 3;
+/// One SSH command against the appliance, connection included.
+const SSH_TIMEOUT: Duration = Duration::from_secs(60);
+/// A MAC address for the check's API write.
+const CHECK_MAC: &str = "52:54:00:0a:b1:01";
 /// From `system_powerdown` until QEMU exits.
 const POWERDOWN_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -381,7 +402,7 @@ struct Vm {
 }
 
 impl Vm {
-    fn start(dir: &Path, disk: &Path, fwd: u16, kvm: bool) -> Result<Vm> {
+    fn start(dir: &Path, disk: &Path, fwd: u16, ssh: u16, kvm: bool) -> Result<Vm> {
         let accel = if kvm { "kvm" } else { "tcg" };
         let serial = dir.join(format!("serial-{accel}.log"));
         let monitor = dir.join(format!("monitor-{accel}.sock"));
@@ -402,7 +423,9 @@ impl Vm {
             "-drive".into(),
             format!("if=virtio,format=raw,file={}", disk.display()),
             "-netdev".into(),
-            format!("user,id=n0,hostfwd=tcp:127.0.0.1:{fwd}-:{GUEST_HTTP_PORT}"),
+            format!(
+                "user,id=n0,hostfwd=tcp:127.0.0.1:{fwd}-:{GUEST_HTTP_PORT},hostfwd=tcp:127.0.0.1:{ssh}-:{GUEST_SSH_PORT}"
+            ),
             "-device".into(),
             "virtio-net-pci,netdev=n0,romfile=".into(),
             "-nographic".into(),
@@ -509,14 +532,14 @@ impl Vm {
 
 /// Boots the check copy with KVM; keeps the VM if the kernel prints its banner in
 /// time, else kills it and boots with TCG.
-fn boot(dir: &Path, disk: &Path, fwd: u16) -> Result<Vm> {
+fn boot(dir: &Path, disk: &Path, fwd: u16, ssh: u16) -> Result<Vm> {
     let kvm_usable = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
         .is_ok();
     if kvm_usable {
-        let mut vm = Vm::start(dir, disk, fwd, true)?;
+        let mut vm = Vm::start(dir, disk, fwd, ssh, true)?;
         let r = vm.wait_for("KVM probe: the kernel banner", KVM_PROBE_TIMEOUT, |vm| {
             serial_text(&vm.serial)
                 .contains("Linux version")
@@ -532,7 +555,317 @@ fn boot(dir: &Path, disk: &Path, fwd: u16) -> Result<Vm> {
     } else {
         eprintln!("no usable /dev/kvm; booting with TCG");
     }
-    Vm::start(dir, disk, fwd, false)
+    Vm::start(dir, disk, fwd, ssh, false)
+}
+
+/// What [`check_settings`] found.
+struct Settings {
+    /// The API token the console showed.
+    token: String,
+    /// Report table rows.
+    report: Vec<String>,
+}
+
+/// The RACKBOOT-CFG partition took effect: good files applied and bad ones refused
+/// (console), the static address without DHCP, SSH as root with the key only (no
+/// password), the login banner, and the token shown on the console allows an API
+/// write (and nothing else does).
+fn check_settings(vm: &mut Vm, key: &Path, ssh_port: u16, base: &str) -> Result<Settings> {
+    let mut report = Vec::new();
+    for needle in [
+        "rackboot-config: rackboot.toml.d/50-check.toml applied",
+        "rackboot-config: REFUSED rackboot.toml.d/60-bad.toml: invalid type: string \"lots\"",
+        "rackboot-config: network/10-static.network applied",
+        "rackboot-config: REFUSED network/11-bad.network: no [Match] section",
+        "rackboot-config: authorized_keys applied (1 keys",
+        "rackboot-config: generated an API token",
+        "rackboot API token (shown once): ",
+    ] {
+        vm.wait_for(
+            &format!("{needle:?} on the serial console"),
+            Duration::from_secs(60),
+            |vm| serial_text(&vm.serial).contains(needle).then_some(()),
+        )?;
+    }
+    report.push(
+        "| RACKBOOT-CFG: drop-in, static network file and SSH key applied before rackboot; bad drop-in and bad network file refused on the console | ok |"
+            .to_string(),
+    );
+    let text = serial_text(&vm.serial);
+    let token = text
+        .split("rackboot API token (shown once): ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .context("no token after the console's token line")?
+        .to_string();
+
+    // The token from the console allows a write; no token and a wrong one do not.
+    let url = format!("{base}/api/v1/machines/{CHECK_MAC}");
+    let put = |auth: Option<&str>| -> Result<String> {
+        let mut c = Command::new("curl");
+        c.args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "20",
+        ]);
+        c.args(["-X", "PUT", "-H", "Content-Type: application/json"]);
+        if let Some(t) = auth {
+            c.args(["-H", &format!("Authorization: Bearer {t}")]);
+        }
+        c.args(["--data", r#"{"local_boot": true}"#, &url]);
+        Ok(String::from_utf8_lossy(&c.output()?.stdout).into_owned())
+    };
+    let without = put(None)?;
+    let wrong = put(Some("not-the-token-0123456789"))?;
+    let with = put(Some(&token))?;
+    if without != "401" || wrong != "401" || !with.starts_with('2') {
+        bail!("API write PUT {url}: without a token {without}, with a wrong one {wrong}, with the console's token {with} (want 401, 401, 2xx)");
+    }
+    let stored = http_get(&url, 10).context("GET of the machine just written")?;
+    let v: serde_json::Value = serde_json::from_slice(&stored)?;
+    if !v.to_string().contains("\"local_boot\":true") {
+        bail!("the API write did not stick: GET {url} gave {v}");
+    }
+    report.push(format!(
+        "| API write with the token shown once on the console (generated at first boot) | PUT machines/{CHECK_MAC} → {with}; without a token {without}, wrong token {wrong} |"
+    ));
+
+    // SSH as root with the key from the partition; the banner and network from inside.
+    let started = Instant::now();
+    let remote = "id -un; cat /etc/issue; for i in /sys/class/net/en*; do networkctl status --no-pager -n 0 \"${i##*/}\"; done; stat -c '%a %U:%G %n' /etc/rackboot/api-token";
+    let out = vm.wait_for("SSH as root with the check's key", SSH_TIMEOUT * 3, |_| {
+        // Until the banner has the static address (the timer rewrites it every 30 s).
+        let o = ssh(key, ssh_port, &[], remote).ok()?;
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        (o.status.success() && out.contains("Images page: http://10.0.2.15:5248/")).then_some(out)
+    })?;
+    let ssh_time = started.elapsed();
+    for want in [
+        "root\n",
+        "Images page: http://10.0.2.15:5248/",
+        "API token: /etc/rackboot/api-token",
+        "10-static.network",
+        "640 root:rackboot /etc/rackboot/api-token",
+    ] {
+        if !out.contains(want) {
+            bail!("over SSH, the appliance's output lacks {want:?}:\n{out}");
+        }
+    }
+    if serial_text(&vm.serial).contains("DHCPv4 address") {
+        bail!(
+            "the appliance took a DHCP address despite network/10-static.network; see {}",
+            vm.serial.display()
+        );
+    }
+    // Passwords are not offered at all.
+    let pw = ssh(
+        key,
+        ssh_port,
+        &[
+            "-o",
+            "PubkeyAuthentication=no",
+            "-o",
+            "PreferredAuthentications=password,keyboard-interactive",
+        ],
+        "true",
+    )?;
+    let pw_err = String::from_utf8_lossy(&pw.stderr);
+    if pw.status.success() || !pw_err.contains("Permission denied (publickey)") {
+        bail!("SSH without the key was not refused as publickey-only: {pw_err}");
+    }
+    report.push(format!(
+        "| SSH as root with the key from RACKBOOT-CFG (password refused: publickey only) | ok, {:.1} s after the API answered |",
+        ssh_time.as_secs_f64()
+    ));
+    report.push(
+        "| static address 10.0.2.15/24 from network/10-static.network, no DHCP; login banner shows the Images page URL and the token's place | ok |"
+            .to_string(),
+    );
+    // The banner on the serial console too (the timer refreshes it; agetty --reload).
+    vm.wait_for(
+        "the login banner with the Images page URL on the serial console",
+        Duration::from_secs(120),
+        |vm| {
+            serial_text(&vm.serial)
+                .contains("Images page: http://10.0.2.15:5248/")
+                .then_some(())
+        },
+    )?;
+    Ok(Settings { token, report })
+}
+
+/// Boots `disk` again through GRUB's "recovery shell on the serial port" entry (made
+/// the default in a copy of the root's grub.cfg put on the ESP): the console must
+/// reach rescue.target and a root shell without a password. Keeps the first
+/// boot's serial log (`first_serial`) as `*-first.log`. Returns power-on to the
+/// shell's first command.
+fn check_recovery(dir: &Path, disk: &Path, root_off: u64, first_serial: &Path) -> Result<Duration> {
+    let kept = first_serial.with_extension("first.log");
+    std::fs::rename(first_serial, &kept)?;
+    let dev = format!("{}?offset={root_off}", disk.display());
+    let grub = output("debugfs", &["-R", "cat /boot/grub/grub.cfg", &dev])?;
+    let entry = grub
+        .lines()
+        .filter(|l| l.starts_with("menuentry "))
+        .position(|l| l.contains("recovery shell on the serial port"))
+        .context("the image's grub.cfg has no serial recovery entry")?;
+    if !grub.contains("set default=0\n") {
+        bail!("the image's grub.cfg does not set default=0");
+    }
+    let cfg = dir.join("recovery-grub.cfg");
+    std::fs::write(
+        &cfg,
+        grub.replace("set default=0\n", &format!("set default={entry}\n")),
+    )?;
+    let (esp_off, _) = partition(disk, 1)?;
+    let out = Command::new("mcopy")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .args(["-o", "-i", &format!("{}@@{esp_off}", disk.display())])
+        .arg(&cfg)
+        .arg("::/EFI/debian/grub.cfg")
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "mcopy of the recovery grub.cfg onto the ESP: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let mut vm = boot(dir, disk, free_port()?, free_port()?)?;
+    // sulogin asks on every console; with the root account locked it lets the person
+    // at the console in without a password only when SYSTEMD_SULOGIN_FORCE is set
+    // (else: "Cannot open access to console, the root account is locked").
+    vm.wait_for(
+        "sulogin's maintenance prompt on ttyS0",
+        BOOT_TIMEOUT,
+        |vm| {
+            serial_text(&vm.serial)
+                .contains("Press Enter for maintenance")
+                .then_some(())
+        },
+    )?;
+    // Enter and a command on the screen's keyboard (the monitor's sendkey); the shell
+    // there writes a marker to the serial port, which proves it is a root shell.
+    let marker = "rackbootrescueok";
+    let mut keys: Vec<String> = vec!["ret".into()];
+    for c in format!("echo {marker} >/dev/ttyS0").chars() {
+        keys.push(match c {
+            ' ' => "spc".into(),
+            '>' => "shift-dot".into(),
+            '/' => "slash".into(),
+            c if c.is_ascii_uppercase() => format!("shift-{}", c.to_ascii_lowercase()),
+            c => c.to_string(),
+        });
+    }
+    keys.push("ret".into());
+    let mut sock = std::os::unix::net::UnixStream::connect(&vm.monitor)
+        .with_context(|| format!("connecting to {}", vm.monitor.display()))?;
+    for (i, k) in keys.iter().enumerate() {
+        sock.write_all(format!("sendkey {k}\n").as_bytes())?;
+        // The shell needs a moment to start after the first Enter.
+        std::thread::sleep(Duration::from_millis(if i == 0 { 5000 } else { 200 }));
+    }
+    vm.wait_for(
+        "the recovery shell's marker on ttyS0",
+        Duration::from_secs(120),
+        |vm| {
+            serial_text(&vm.serial)
+                .lines()
+                .any(|l| l.trim() == marker)
+                .then_some(())
+        },
+    )?;
+    let took = vm.started.elapsed();
+    let t = serial_text(&vm.serial);
+    for bad in ["Cannot open access to console", "Started rackboot.service"] {
+        if t.contains(bad) {
+            bail!(
+                "the recovery boot printed {bad:?}; see {}",
+                vm.serial.display()
+            );
+        }
+    }
+    Ok(took)
+}
+
+/// One SSH command as root on the appliance through the hostfwd, bounded.
+fn ssh(key: &Path, port: u16, extra: &[&str], remote: &str) -> Result<std::process::Output> {
+    let mut c = Command::new("timeout");
+    c.arg(SSH_TIMEOUT.as_secs().to_string()).arg("ssh");
+    c.args([
+        "-i",
+        key.to_str().context("utf-8")?,
+        "-p",
+        &port.to_string(),
+    ]);
+    c.args([
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "ConnectTimeout=20",
+        "-o",
+        "LogLevel=ERROR",
+    ]);
+    c.args(extra);
+    c.args(["root@127.0.0.1", remote]);
+    Ok(c.output()?)
+}
+
+/// Writes files (path on the partition, content) into the FAT settings partition at
+/// `offset` of `disk` with mtools (no mount), replacing what is there.
+fn cfg_write(disk: &Path, offset: u64, files: &[(&str, &str)]) -> Result<()> {
+    let image = format!("{}@@{offset}", disk.display());
+    let tmp = disk.with_extension("cfgfile");
+    for (path, content) in files {
+        std::fs::write(&tmp, content)?;
+        if let Some((dir, _)) = path.rsplit_once('/') {
+            // Exists in the image's seed; mmd fails harmlessly then.
+            let _ = Command::new("mmd")
+                .env("MTOOLS_SKIP_CHECK", "1")
+                .args(["-D", "s", "-i", &image, &format!("::/{dir}")])
+                .output();
+        }
+        let out = Command::new("mcopy")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .args(["-o", "-i", &image, tmp.to_str().context("utf-8")?])
+            .arg(format!("::/{path}"))
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "mcopy {path} into RACKBOOT-CFG of {}: {}",
+                disk.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+    }
+    let _ = std::fs::remove_file(&tmp);
+    Ok(())
+}
+
+/// A file of the FAT settings partition at `offset` of `disk` (mtools, no mount).
+fn cfg_read(disk: &Path, offset: u64, path: &str) -> Result<String> {
+    let out = Command::new("mtype")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .args(["-i", &format!("{}@@{offset}", disk.display())])
+        .arg(format!("::/{path}"))
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "mtype {path} from RACKBOOT-CFG of {}: {}",
+            disk.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The status JSON's `uptime_s` and `generation`.
@@ -583,7 +916,8 @@ fn check(image: &Path) -> Result<String> {
         .context("the host rackboot does not serve the demo kernel")?;
     let want_sha = sha256_bytes(&want);
 
-    // The check's copy: sparse, grown to 4 GiB, one config drop-in.
+    // The check's copy: sparse, grown to 4 GiB; its settings go on the RACKBOOT-CFG
+    // partition as an operator's laptop would put them there.
     let disk = dir.join("appliance.img");
     cmd(
         "cp",
@@ -595,17 +929,49 @@ fn check(image: &Path) -> Result<String> {
     )?;
     let image_bytes = std::fs::metadata(image)?.len();
     let (root_off, root_size_before) = partition(&disk, 2)?;
+    let (cfg_off, _) = partition(&disk, CFG_PARTITION)?;
     let keyring = stream.dir.join("keyring.gpg");
-    let dropin = dir.join("50-check.toml");
-    std::fs::write(
-        &dropin,
-        format!(
+    let key = dir.join("id_check");
+    cmd(
+        "ssh-keygen",
+        &[
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            "rackboot-image-check",
+            "-f",
+            key.to_str().context("utf-8")?,
+        ],
+    )?;
+    let pubkey = std::fs::read_to_string(key.with_extension("pub"))?;
+    let dropin = format!(
             "# Written by `cargo xtask image --check`: sync from the rackboot on the build host.\n\
              [boot]\ndefault_image = \"debian/bookworm\"\n\n\
              [[sources]]\nurl = \"http://10.0.2.2:{up_port}/\"\n\
              keyring_filename = \"/etc/rackboot/check-keyring.gpg\"\n\n\
              [[sources.selections]]\nos = \"debian\"\nrelease = \"bookworm\"\narches = [\"amd64\"]\n"
-        ),
+    );
+    // QEMU user networking's own addresses, set statically (no DHCP on the appliance).
+    let static_net =
+        "[Match]\nName=en*\n\n[Network]\nAddress=10.0.2.15/24\nGateway=10.0.2.2\nDNS=10.0.2.3\n";
+    cfg_write(
+        &disk,
+        cfg_off,
+        &[
+            ("rackboot.toml.d/50-check.toml", dropin.as_str()),
+            // Refused (and rackboot still starts without it).
+            (
+                "rackboot.toml.d/60-bad.toml",
+                "[http]\nmax_connections = \"lots\"\n",
+            ),
+            ("network/10-static.network", static_net),
+            // Refused: no [Match] section.
+            ("network/11-bad.network", "[Network]\nDHCP=yes\n"),
+            ("authorized_keys", pubkey.as_str()),
+        ],
     )?;
     // The journal on the serial console too, so the log shows what rackboot said.
     let journald = dir.join("50-check-console.conf");
@@ -618,7 +984,6 @@ fn check(image: &Path) -> Result<String> {
         root_off,
         &["/etc/systemd/journald.conf.d"],
         &[
-            (&dropin, "/etc/rackboot/rackboot.toml.d", "50-check.toml"),
             (&keyring, "/etc/rackboot", "check-keyring.gpg"),
             (
                 &journald,
@@ -633,7 +998,8 @@ fn check(image: &Path) -> Result<String> {
         .set_len(CHECK_DISK_BYTES)?;
 
     let fwd = free_port()?;
-    let mut vm = boot(&dir, &disk, fwd)?;
+    let ssh_port = free_port()?;
+    let mut vm = boot(&dir, &disk, fwd, ssh_port)?;
     let base = format!("http://127.0.0.1:{fwd}");
 
     let first = vm.wait_for(
@@ -662,6 +1028,7 @@ fn check(image: &Path) -> Result<String> {
             |vm| serial_text(&vm.serial).contains(needle).then_some(()),
         )?;
     }
+    let settings = check_settings(&mut vm, &key, ssh_port, &base)?;
     let metrics = http_get(&format!("{base}/metrics"), 10)
         .context("the appliance does not answer /metrics")?;
     if metrics.is_empty() {
@@ -719,6 +1086,17 @@ fn check(image: &Path) -> Result<String> {
     }
     drop(upstream);
 
+    // The generated token was written back to the settings partition.
+    let on_partition = cfg_read(&disk, cfg_off, "api-token")?;
+    if on_partition.trim() != settings.token {
+        bail!(
+            "api-token on RACKBOOT-CFG is {:?}, not the token the console showed",
+            on_partition.trim()
+        );
+    }
+
+    let recovery = check_recovery(&dir, &disk, root_off, &vm.serial)?;
+
     let (_, root_size_after) = partition(&disk, 2)?;
     let fs_after = ext4_bytes(&disk, root_off)?;
     if root_size_after <= root_size_before || fs_after + (64 << 20) < root_size_after {
@@ -753,6 +1131,9 @@ fn check(image: &Path) -> Result<String> {
         got.len()
     )?;
     writeln!(r, "| `/metrics` | {} bytes |", metrics.len())?;
+    for line in &settings.report {
+        writeln!(r, "{line}")?;
+    }
     writeln!(
         r,
         "| same rackboot process past WatchdogSec=60s | uptime {survived} s |"
@@ -770,6 +1151,11 @@ fn check(image: &Path) -> Result<String> {
         mib(root_size_before),
         mib(root_size_after),
         mib(fs_after)
+    )?;
+    writeln!(
+        r,
+        "| GRUB's serial recovery entry: rescue.target, sulogin lets the console in without a password, a root shell runs a command | {:.1} s from power-on to the command's output |",
+        recovery.as_secs_f64()
     )?;
     std::fs::remove_file(&disk)?;
     eprintln!("image check passed; logs in {}", dir.display());
