@@ -49,16 +49,7 @@ impl Drop for Server {
 type Digests = Arc<Mutex<HashSet<(u64, String)>>>;
 
 fn bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
+    crate::bench::pseudo_random(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), len)
 }
 
 fn digest(d: &[u8]) -> (u64, String) {

@@ -59,7 +59,7 @@ fn spawn(program: &Path, args: &[&str]) -> Result<Proc> {
     Ok(Proc::adopt(&program.display().to_string(), child))
 }
 
-fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
+pub(crate) fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed | 1;
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
@@ -70,6 +70,25 @@ fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
     }
     out.truncate(len);
     out
+}
+
+/// Writes an unsigned stream of one products document: `streams/v1/<name>.json` (the
+/// given products) and an `index.json` naming it as `content_id`.
+pub(crate) fn write_unsigned_stream(
+    stream: &Path,
+    content_id: &str,
+    name: &str,
+    products: &serde_json::Value,
+) -> Result<()> {
+    let rel = format!("streams/v1/{name}.json");
+    std::fs::create_dir_all(stream.join("streams/v1"))?;
+    std::fs::write(stream.join(&rel), serde_json::to_vec(products)?)?;
+    std::fs::write(
+        stream.join("streams/v1/index.json"),
+        serde_json::to_vec(&json!({"format": "index:1.0", "index": {content_id: {
+            "format": "products:1.0", "path": rel}}}))?,
+    )?;
+    Ok(())
 }
 
 fn free_udp_port() -> Result<u16> {

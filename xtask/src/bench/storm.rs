@@ -388,18 +388,7 @@ impl Setup {
                 "bootloader-type": "uefi", "label": "stable",
                 "versions": {"1": {"items": {"grub2-signed": {"ftype": "archive.tar.xz", "path": tar_rel,
                     "size": tw.len, "sha256": tw.sha}}}}}}});
-        std::fs::create_dir_all(stream.join("streams/v1"))?;
-        std::fs::write(
-            stream.join("streams/v1/storm.json"),
-            serde_json::to_vec(&products)?,
-        )?;
-        std::fs::write(
-            stream.join("streams/v1/index.json"),
-            serde_json::to_vec(
-                &json!({"format": "index:1.0", "index": {"storm:v3:download": {
-                "format": "products:1.0", "path": "streams/v1/storm.json"}}}),
-            )?,
-        )?;
+        write_unsigned_stream(&stream, "storm:v3:download", "storm", &products)?;
         let mut s = Setup {
             dir: dir.to_path_buf(),
             bin: bin.to_path_buf(),

@@ -173,18 +173,7 @@ impl Bench {
         let products = json!({"format": "products:1.0", "content_id": "bench:v3:download", "products": {
             "bench:amd64": {"os": "bench", "release": "bench", "arch": "amd64", "subarch": "generic", "label": "stable",
                 "versions": {"1": {"items": imap}}}}});
-        std::fs::create_dir_all(stream.join("streams/v1"))?;
-        std::fs::write(
-            stream.join("streams/v1/bench.json"),
-            serde_json::to_vec(&products)?,
-        )?;
-        std::fs::write(
-            stream.join("streams/v1/index.json"),
-            serde_json::to_vec(
-                &json!({"format": "index:1.0", "index": {"bench:v3:download": {
-                "format": "products:1.0", "path": "streams/v1/bench.json"}}}),
-            )?,
-        )?;
+        write_unsigned_stream(&stream, "bench:v3:download", "bench", &products)?;
         let port = free_tcp_port()?;
         let _nginx = nginx(&self.dir, &stream, port)?;
         let urls = [
