@@ -87,17 +87,25 @@ pub(crate) fn apply_selection_kv(
     Ok(())
 }
 
+/// The boot sources for `op`; unless it only reads, with the state lock, held by the
+/// caller until the changed file is written, so no concurrent edit is lost.
+fn load_for(
+    settings: &Settings,
+    op: &str,
+) -> anyhow::Result<(Option<crate::state::StateLock>, Sources)> {
+    let lock = (op != "read")
+        .then(|| crate::state::StateLock::acquire(&settings.state_dir))
+        .transpose()?;
+    Ok((lock, Sources::current(settings)?))
+}
+
 pub(super) fn cmd_sources(
     cli: &Cli,
     settings: &Settings,
     op: &str,
     args: &[String],
 ) -> anyhow::Result<()> {
-    // Held until the changed file is written: no concurrent edit is lost.
-    let _lock = (op != "read")
-        .then(|| crate::state::StateLock::acquire(&settings.state_dir))
-        .transpose()?;
-    let mut sources = Sources::current(settings)?;
+    let (_lock, mut sources) = load_for(settings, op)?;
     match op {
         "read" => {
             if cli.json {
@@ -157,10 +165,7 @@ pub(super) fn cmd_selections(
     op: &str,
     args: &[String],
 ) -> anyhow::Result<()> {
-    let _lock = (op != "read")
-        .then(|| crate::state::StateLock::acquire(&settings.state_dir))
-        .transpose()?;
-    let mut sources = Sources::current(settings)?;
+    let (_lock, mut sources) = load_for(settings, op)?;
     let source_id = id_arg(args, 0, "boot source id")?;
     match op {
         "read" => {

@@ -16,21 +16,11 @@ use crate::upstream::*;
 const SIZE: usize = 256 << 10;
 const VERSIONS: [&str; 2] = ["20261101", "20261120"];
 
-/// The generation `current` names on disk.
-fn current_generation(env: &Env) -> Option<u64> {
-    std::fs::read_link(env.current())
-        .ok()?
-        .file_name()?
-        .to_str()?
-        .parse()
-        .ok()
-}
-
 /// Waits (at most 1 s) until the API reports the generation `current` names.
 fn assert_follows_current(s: &Served, env: &Env, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(1);
     loop {
-        let want = current_generation(env);
+        let want = env.current_generation();
         let got = s.status()["generation"].as_u64();
         if got == want {
             return;
@@ -515,7 +505,7 @@ fn an_unreadable_current_manifest_serves_the_newest_complete_generation() {
         .success());
     publish_version(&r, 1);
     r.env.ok(&["sync"]);
-    assert_eq!(current_generation(&r.env), Some(2));
+    assert_eq!(r.env.current_generation(), Some(2));
     assert!(std::process::Command::new("cp")
         .args(["-a"])
         .arg(aside.join("1"))
@@ -558,12 +548,12 @@ fn import_does_not_sync_locally_when_a_daemon_serves_but_does_not_answer() {
         err.contains("did not answer") && err.contains("not importing here"),
         "{err}"
     );
-    assert_eq!(current_generation(&r.env), Some(1), "a local sync ran");
+    assert_eq!(r.env.current_generation(), Some(1), "a local sync ran");
     // Without a daemon, import still syncs here.
     drop(s);
     r.env
         .ok(&["boot-resources", "import", "--url", "http://127.0.0.1:9/"]);
-    assert_eq!(current_generation(&r.env), Some(2));
+    assert_eq!(r.env.current_generation(), Some(2));
 }
 
 #[test]

@@ -19,16 +19,6 @@ fn counts(line: &str) {
     let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
 }
 
-/// The generation `current` names.
-fn current_gen(env: &Env) -> Option<u64> {
-    std::fs::read_link(env.current())
-        .ok()?
-        .file_name()?
-        .to_str()?
-        .parse()
-        .ok()
-}
-
 /// `rackboot fsck --json`: (exit code, report, stdout+stderr for messages).
 fn fsck(env: &Env, repair: bool) -> (i32, serde_json::Value, String) {
     let mut args = vec!["--json", "fsck"];
@@ -48,7 +38,9 @@ fn fsck(env: &Env, repair: bool) -> (i32, serde_json::Value, String) {
 /// Checks that `current` names a complete generation whose every file has the
 /// bytes its manifest names; returns how many files were verified.
 fn verify_current(env: &Env) -> usize {
-    let g = current_gen(env).expect("current names a generation");
+    let g = env
+        .current_generation()
+        .expect("current names a generation");
     let snap = env.state.join("snapshots");
     let m: serde_json::Value =
         serde_json::from_slice(&std::fs::read(snap.join(format!("{g}.json"))).unwrap())
@@ -139,7 +131,7 @@ fn fsck_finds_a_flipped_byte_and_a_missing_file_and_repair_recovers_with_the_nex
     // bad inode, although upstream did not change.
     r.mirror.clear_log();
     env.ok(&["sync"]);
-    assert_eq!(current_gen(env), Some(2));
+    assert_eq!(env.current_generation(), Some(2));
     assert_eq!(file_sha256(&kernel_path(env)), want);
     assert!(r
         .mirror
@@ -163,7 +155,7 @@ fn fsck_finds_a_flipped_byte_and_a_missing_file_and_repair_recovers_with_the_nex
         "{text}"
     );
     env.ok(&["sync"]);
-    assert_eq!(current_gen(env), Some(3));
+    assert_eq!(env.current_generation(), Some(3));
     assert!(kernel_path(env).exists());
     let (code, _, text) = fsck(env, false);
     assert_eq!(code, 0, "{text}");
@@ -233,13 +225,13 @@ fn crash_rounds_kill_serve_during_a_sync_and_the_store_stays_whole() {
             p.extend(bootloaders(&format!("2021{:04}.0", round)));
         }
         write_stream(&env.mirror, &p, &r.key, SHA512);
-        let before = current_gen(env);
+        let before = env.current_generation();
         let mut s = env.serve();
         let delay = sync_time.mul_f64(rng.next_f64() * 1.2);
         std::thread::sleep(delay);
         kill9(&mut s);
         kills += 1;
-        let after_kill = current_gen(env);
+        let after_kill = env.current_generation();
         during_sync += usize::from(after_kill == before);
 
         let (code, v, text) = fsck(env, false);

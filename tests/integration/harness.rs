@@ -128,6 +128,16 @@ arches = [{arches}]
         self.state.join("current")
     }
 
+    /// The generation `current` names on disk.
+    pub fn current_generation(&self) -> Option<u64> {
+        std::fs::read_link(self.current())
+            .ok()?
+            .file_name()?
+            .to_str()?
+            .parse()
+            .ok()
+    }
+
     /// Everything a failed sync must leave untouched: where `current` points, every
     /// file of the blob store and the snapshots with its hash, and the state files.
     pub fn fingerprint(&self) -> BTreeMap<String, String> {
