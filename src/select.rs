@@ -202,24 +202,7 @@ pub fn select(sources: &[(Vec<Verified<Products>>, Vec<Selection>)]) -> Selected
     let mut bootloader_candidates: Vec<SelectedProduct> = Vec::new();
 
     for (source, (products, selections)) in sources.iter().enumerate() {
-        // product name -> version -> wanted items
-        let mut grouped: BTreeMap<(&str, &str), BTreeMap<&str, Vec<&Item>>> = BTreeMap::new();
-        for p in products {
-            for item in &p.get().items {
-                let ftype = item.ftype.as_str();
-                let wanted = IMAGE_FTYPES.contains(&ftype) || BOOTLOADER_FTYPES.contains(&ftype);
-                if !wanted && !KNOWN_SKIPPED_FTYPES.contains(&ftype) {
-                    out.skipped_ftypes.insert(ftype.to_string());
-                }
-                let versions = grouped
-                    .entry((item.content_id.as_str(), item.product_name.as_str()))
-                    .or_default();
-                let items = versions.entry(item.version_name.as_str()).or_default();
-                if wanted {
-                    items.push(item);
-                }
-            }
-        }
+        let grouped = group_items(products, &mut out.skipped_ftypes);
         for ((content_id, product_name), versions) in &grouped {
             let Some((version, items)) = latest(versions) else {
                 continue;
@@ -289,10 +272,48 @@ pub fn select(sources: &[(Vec<Verified<Products>>, Vec<Selection>)]) -> Selected
         }
     }
 
-    // Bootloaders for every arch that has an image; first source wins per
-    // (type, arch).
+    out.products
+        .extend(bootloaders_for(bootloader_candidates, &image_arches));
+    out
+}
+
+/// (content id, product name) → version → the wanted items of one source's products.
+type Grouped<'a> = BTreeMap<(&'a str, &'a str), BTreeMap<&'a str, Vec<&'a Item>>>;
+
+/// Groups the items of one source by product and version, keeping the wanted ones
+/// (an unknown ftype goes to `skipped`; a version without wanted items stays, empty).
+fn group_items<'a>(
+    products: &'a [Verified<Products>],
+    skipped: &mut BTreeSet<String>,
+) -> Grouped<'a> {
+    let mut grouped = Grouped::new();
+    for p in products {
+        for item in &p.get().items {
+            let ftype = item.ftype.as_str();
+            let wanted = IMAGE_FTYPES.contains(&ftype) || BOOTLOADER_FTYPES.contains(&ftype);
+            if !wanted && !KNOWN_SKIPPED_FTYPES.contains(&ftype) {
+                skipped.insert(ftype.to_string());
+            }
+            let versions = grouped
+                .entry((item.content_id.as_str(), item.product_name.as_str()))
+                .or_default();
+            let items = versions.entry(item.version_name.as_str()).or_default();
+            if wanted {
+                items.push(item);
+            }
+        }
+    }
+    grouped
+}
+
+/// Bootloaders for every arch that has an image; first source wins per (type, arch).
+fn bootloaders_for(
+    candidates: Vec<SelectedProduct>,
+    image_arches: &BTreeSet<String>,
+) -> Vec<SelectedProduct> {
+    let mut out = Vec::new();
     let mut taken_bootloaders = BTreeSet::new();
-    for bl in bootloader_candidates {
+    for bl in candidates {
         let ProductKind::Bootloader {
             bootloader_type,
             arch,
@@ -306,11 +327,11 @@ pub fn select(sources: &[(Vec<Verified<Products>>, Vec<Selection>)]) -> Selected
             .get("arches")
             .map(|a| a.split(',').map(|s| s.trim().to_string()).collect())
             .unwrap_or_else(|| BTreeSet::from([arch.clone()]));
-        if serves.is_disjoint(&image_arches) {
+        if serves.is_disjoint(image_arches) {
             continue;
         }
         if taken_bootloaders.insert((bootloader_type.clone(), arch.clone())) {
-            out.products.push(bl);
+            out.push(bl);
         }
     }
     out
