@@ -214,14 +214,9 @@ pub fn select(sources: &[(Vec<Verified<Products>>, Vec<Selection>)]) -> Selected
                 if Segment::parse(first.prop("arch")).is_none() || Segment::parse(btype).is_none() {
                     continue; // no directory to unpack it into
                 }
-                let items: Vec<Item> = items
-                    .iter()
-                    .filter(|i| BOOTLOADER_FTYPES.contains(&i.ftype.as_str()))
-                    .map(|i| (*i).clone())
-                    .collect();
-                if items.is_empty() {
+                let Some(items) = of_ftypes(&items, BOOTLOADER_FTYPES) else {
                     continue;
-                }
+                };
                 bootloader_candidates.push(SelectedProduct {
                     source,
                     content_id: content_id.to_string(),
@@ -250,14 +245,9 @@ pub fn select(sources: &[(Vec<Verified<Products>>, Vec<Selection>)]) -> Selected
             if taken_images.contains_key(&key) {
                 continue; // an earlier source provides this image
             }
-            let items: Vec<Item> = items
-                .iter()
-                .filter(|i| IMAGE_FTYPES.contains(&i.ftype.as_str()))
-                .map(|i| (*i).clone())
-                .collect();
-            if items.is_empty() {
+            let Some(items) = of_ftypes(&items, IMAGE_FTYPES) else {
                 continue;
-            }
+            };
             taken_images.insert(key.clone(), ());
             image_arches.insert(key.arch.clone());
             out.products.push(SelectedProduct {
@@ -275,6 +265,16 @@ pub fn select(sources: &[(Vec<Verified<Products>>, Vec<Selection>)]) -> Selected
     out.products
         .extend(bootloaders_for(bootloader_candidates, &image_arches));
     out
+}
+
+/// The items of one of `ftypes`, if there are any.
+fn of_ftypes(items: &[&Item], ftypes: &[&str]) -> Option<Vec<Item>> {
+    let kept: Vec<Item> = items
+        .iter()
+        .filter(|i| ftypes.contains(&i.ftype.as_str()))
+        .map(|i| (*i).clone())
+        .collect();
+    (!kept.is_empty()).then_some(kept)
 }
 
 /// (content id, product name) → version → the wanted items of one source's products.

@@ -174,6 +174,24 @@ fn ident_before(b: &[u8], i: usize) -> bool {
     i > 0 && (b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_')
 }
 
+/// Where the `}` that closes the `{` at `open` stands (`None`: it is not closed).
+fn closing_brace(code: &str, open: usize) -> Option<usize> {
+    let mut depth = 0;
+    for (k, ch) in code[open..].char_indices() {
+        match ch {
+            '{' => depth += 1,
+            '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(open + k);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
 /// `code` without its `#[cfg(test)]` items (modules and functions: the brace block
 /// after the attribute); their line breaks stay.
 fn without_tests(code: &str) -> String {
@@ -191,21 +209,7 @@ fn without_tests(code: &str) -> String {
             rest = &after[open + 1..];
             continue;
         }
-        let mut depth = 0;
-        let mut end = after.len();
-        for (k, ch) in after[open..].char_indices() {
-            match ch {
-                '{' => depth += 1,
-                '}' => {
-                    depth -= 1;
-                    if depth == 0 {
-                        end = open + k + 1;
-                        break;
-                    }
-                }
-                _ => {}
-            }
-        }
+        let end = closing_brace(after, open).map_or(after.len(), |c| c + 1);
         push_newlines(&mut out, &after[..end]);
         rest = &after[end..];
     }
@@ -439,21 +443,7 @@ fn functions(code: &str) -> Vec<(String, usize, usize)> {
             }
         }
         let Some(open) = open else { continue };
-        let mut depth = 0;
-        let mut close = code.len();
-        for (j, c) in code[open..].char_indices() {
-            match c {
-                '{' => depth += 1,
-                '}' => {
-                    depth -= 1;
-                    if depth == 0 {
-                        close = open + j;
-                        break;
-                    }
-                }
-                _ => {}
-            }
-        }
+        let close = closing_brace(code, open).unwrap_or(code.len());
         let first = code[..start].matches('\n').count() + 1;
         let last = code[..close].matches('\n').count() + 1;
         out.push((name, first, last - first + 1));
@@ -477,11 +467,15 @@ fn long_functions(tree: &Tree) -> Vec<String> {
     bad
 }
 
+/// Applies `rule` to this crate's `src/`; fails listing what it found.
+fn check_src(rule: fn(&Tree) -> Vec<String>, what: &str) {
+    let bad = rule(&read_tree(Path::new(env!("CARGO_MANIFEST_DIR"))));
+    assert!(bad.is_empty(), "{what}:\n{}", bad.join("\n"));
+}
+
 #[test]
 fn no_function_in_src_is_over_120_lines() {
-    let tree = read_tree(Path::new(env!("CARGO_MANIFEST_DIR")));
-    let bad = long_functions(&tree);
-    assert!(bad.is_empty(), "functions too long:\n{}", bad.join("\n"));
+    check_src(long_functions, "functions too long");
 }
 
 /// The length check counts real lines: comments, multi-line strings and test modules
@@ -523,9 +517,7 @@ fn the_length_check_measures_functions() {
 
 #[test]
 fn src_follows_the_dependency_rule() {
-    let tree = read_tree(Path::new(env!("CARGO_MANIFEST_DIR")));
-    let bad = violations(&tree);
-    assert!(bad.is_empty(), "layout rules broken:\n{}", bad.join("\n"));
+    check_src(violations, "layout rules broken");
 }
 
 /// The checker itself: each rule fires on a file that breaks it.
