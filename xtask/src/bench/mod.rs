@@ -136,7 +136,7 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     let all = args.is_empty();
     let want = |k: &str| all || args.iter().any(|a| a == k);
-    prereq::ensure_debs(&[
+    let root = setup(&[
         "atftp",
         "tftpd-hpa",
         "dnsmasq-base",
@@ -144,8 +144,6 @@ pub fn run(args: &[String]) -> Result<()> {
         "wrk",
         "curl",
     ])?;
-    let root = crate::root();
-    std::env::set_current_dir(&root)?;
     // The binary that ships: static musl, `dist` profile (fat LTO, mimalloc).
     let shipped = match std::env::consts::ARCH {
         "x86_64" => &crate::dist::X86_64,
@@ -204,6 +202,15 @@ pub fn run(args: &[String]) -> Result<()> {
     println!("{}", b.report);
     println!("written to {}", md.display());
     Ok(())
+}
+
+/// Installs the peers and tools a bench needs (`debs`) and moves to the repository
+/// root, which it returns.
+fn setup(debs: &[&str]) -> Result<PathBuf> {
+    prereq::ensure_debs(debs)?;
+    let root = crate::root();
+    std::env::set_current_dir(&root)?;
+    Ok(root)
 }
 
 fn native_arch() -> Result<String> {

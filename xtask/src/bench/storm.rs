@@ -156,15 +156,13 @@ pub fn run(args: &[String]) -> Result<()> {
         return generator(Path::new(spec));
     }
     let o = parse_opts(args)?;
-    prereq::ensure_debs(&[
+    let root = setup(&[
         "dnsmasq-base",
         "nginx-light",
         "shim-signed",
         "grub-efi-amd64-signed",
         "xz-utils",
     ])?;
-    let root = crate::root();
-    std::env::set_current_dir(&root)?;
     let target = prereq::target_dir(&root);
     let (bin, xtask) = match &o.bin {
         Some(bin) => (std::fs::canonicalize(bin)?, std::env::current_exe()?),
