@@ -610,8 +610,11 @@ async fn run_inner(
     )
     .await?;
 
-    // 4. Unpack bootloaders, lay out the snapshot, publish it.
-    let (manifest, symlinks) = assemble(&store, &plan, lock, &meta.raw, state.generation).await?;
+    // 4. Unpack bootloaders, lay out the snapshot, publish it. `lock` (the sync lock)
+    // is held to the end of the run: the snapshot is built in tmp/, which another
+    // sync cleans as soon as it holds the lock.
+    let (manifest, symlinks) =
+        assemble(&store, &plan, lock.clone(), &meta.raw, state.generation).await?;
     let generation = manifest.generation;
     store.build_snapshot(&manifest, &symlinks, &plan.meta)?;
     store.publish(generation)?;
