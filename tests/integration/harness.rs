@@ -244,10 +244,12 @@ impl Env {
         self.serve_with(&["TFTP", "HTTP"], |_| {}).0
     }
 
-    /// [`Env::serve`], then waits (at most 60 s) until generation 1 is served.
+    /// [`Env::serve`], then waits (at most 60 s) until generation 1 is served and its
+    /// sync has ended (a generation is served from publish on, before the run is
+    /// counted in the status and `/metrics`).
     pub fn serve_synced(&self) -> Served {
         let s = self.serve();
-        s.wait_generation(1, Duration::from_secs(60));
+        s.wait_synced(1, Duration::from_secs(60));
         s
     }
 
