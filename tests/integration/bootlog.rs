@@ -228,3 +228,90 @@ fn the_boot_log_stays_within_its_bounds() {
     );
     assert_eq!(env.state_tree(), before);
 }
+
+#[test]
+fn a_tftp_boot_is_logged_with_bytes_and_a_tftp_error_last() {
+    let (env, _mirror, s) = rack();
+    let before = env.state_tree();
+    let mac = "52:54:00:00:00:31";
+    let from = "127.0.0.31";
+    // BIOS: pxelinux and its module (MAC not known yet), the per-MAC config of the
+    // TFTP-only pxelinux, kernel and initrd over TFTP, the squashfs over HTTP.
+    let cfg_path = format!(
+        "bootloader/pxe/i386/pxelinux.cfg/01-{}",
+        mac.replace(':', "-")
+    );
+    let mut sizes = Vec::new();
+    for path in ["pxelinux.0", "ldlinux.c32", &cfg_path] {
+        let got = tftp_from(&s, from, path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        sizes.push(got.len() as u64);
+    }
+    let cfg = String::from_utf8(tftp_from(&s, from, &cfg_path).unwrap()).unwrap();
+    assert!(
+        cfg.contains(&format!("KERNEL ::/{IMAGE}/boot-kernel")),
+        "{cfg}"
+    );
+    for f in ["boot-kernel", "boot-initrd"] {
+        let got = tftp_from(&s, from, &format!("{IMAGE}/{f}")).unwrap();
+        assert_eq!(got.len() as u64, size_of(&env, &format!("{IMAGE}/{f}")));
+        sizes.push(got.len() as u64);
+    }
+    let (code, _) = curl_from(from, &s.url(&format!("/images/{IMAGE}/squashfs")));
+    assert_eq!(code, 200);
+    let log = s.boots_with(mac, 7);
+    assert_eq!(
+        files(&log),
+        [
+            "pxelinux.0".to_string(),
+            "ldlinux.c32".into(),
+            cfg_path.clone(),
+            cfg_path.clone(),
+            format!("{IMAGE}/boot-kernel"),
+            format!("{IMAGE}/boot-initrd"),
+            format!("{IMAGE}/squashfs"),
+        ],
+        "{log}"
+    );
+    let ev = log["event_list"].as_array().unwrap();
+    let kinds: Vec<&str> = ev.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        ["tftp", "tftp", "tftp", "tftp", "tftp", "tftp", "http"]
+    );
+    let steps: Vec<&str> = ev.iter().map(|e| e["step"].as_str().unwrap()).collect();
+    assert_eq!(
+        steps,
+        ["loader", "loader", "config", "config", "kernel", "initrd", "squashfs"]
+    );
+    for (e, size) in ev
+        .iter()
+        .zip(&sizes[..3])
+        .chain(ev[4..6].iter().zip(&sizes[3..]))
+    {
+        assert_eq!(e["result"], "ok", "{e}");
+        assert_eq!(e["bytes"], *size, "{e}");
+        assert_eq!(e["ip"], from, "{e}");
+    }
+    assert_eq!(ev[2]["config"], "pxelinux");
+    assert_eq!(ev[2]["config_for"], mac);
+    assert_eq!(log["last_step"], "squashfs");
+
+    // A kernel the rack does not have: TFTP ERROR 1 is the machine's last event.
+    let missing = "ubuntu/amd64/generic/oracular/stable/boot-kernel";
+    let err = tftp_from(&s, from, missing).unwrap_err();
+    assert!(err.contains("not found") || err.contains("File"), "{err}");
+    let log = s.boots_with(mac, 8);
+    let last = &log["last_event"];
+    assert_eq!(last["file"], missing, "{log}");
+    assert_eq!(last["kind"], "tftp");
+    assert_eq!(last["ok"], false);
+    assert!(
+        last["result"].as_str().unwrap().starts_with("ERROR 1:"),
+        "{last}"
+    );
+    let table = env.ok(&["boots", "--url", &s.url("/")]);
+    let row = table.lines().find(|l| l.starts_with(mac)).unwrap();
+    assert!(row.contains("ERROR 1") && row.ends_with(missing), "{row}");
+    assert!(s.metric("rackboot_boot_events_total{kind=\"tftp\"}") >= 7.0);
+    assert_eq!(env.state_tree(), before);
+}

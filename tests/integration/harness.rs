@@ -918,3 +918,9 @@ impl Served {
 pub fn curl_from(from: &str, url: &str) -> (u16, Vec<u8>) {
     curl(&["--interface", from, url])
 }
+
+/// Fetches `path` with curl's TFTP client from source address `from`: the bytes, or
+/// curl's complaint (which names the TFTP error).
+pub fn tftp_from(s: &Served, from: &str, path: &str) -> Result<Vec<u8>, String> {
+    curl_download(&format!("tftp://{}/{path}", s.tftp), &["--interface", from])
+}
