@@ -3,10 +3,14 @@
 //! address a request was sent to.
 //!
 //! Written as an I/O-free protocol engine (`packet`, `path`, `engine`: pure) driven by
-//! tokio (`server`). async-tftp was not used: it runs on async-std/async-io rather
-//! than tokio, its handler never learns which local address a request was sent to,
-//! and it binds transfer sockets from the listener address, so a wildcard listener
-//! cannot reply from the address the client talked to.
+//! the server: `server` (settings, counters, start, drain, stop), `listen` (listeners
+//! with packet info, dispatch to a transfer thread), `worker` (the epoll transfer
+//! threads), `window` (a window read with `preadv`, sent with UDP GSO or `sendmmsg`)
+//! and `netascii`. `resolver` is the interface the rest of the crate plugs in: what a
+//! path serves. async-tftp was not used: it runs on async-std/async-io rather than
+//! tokio, its handler never learns which local address a request was sent to, and it
+//! binds transfer sockets from the listener address, so a wildcard listener cannot
+//! reply from the address the client talked to.
 //!
 //! No panic path: the release build aborts on panic (`panic = "abort"`, so
 //! `catch_unwind` per transfer is not an option), and one transfer thread serves many
@@ -38,9 +42,14 @@
 )]
 
 pub mod engine;
+mod listen;
+mod netascii;
 pub mod packet;
 pub mod path;
-pub mod server;
+mod resolver;
+mod server;
+mod window;
+mod worker;
 
 /// Proptest settings for the fuzz-style properties: `cases` by default (bounded, so CI
 /// time stays bounded), or `RACKBOOT_FUZZ_CASES` for a longer local run.
@@ -58,7 +67,14 @@ pub(crate) fn fuzz_config(cases: u32) -> proptest::prelude::ProptestConfig {
     }
 }
 
-pub use server::{
-    from_beneath, open_under, serve, DirResolver, OpenError, Resolver, Source, TftpConfig,
-    TftpMetrics,
-};
+/// Bytes of a recognisable pattern (no period a block size would hide), for tests
+/// that compare what arrived with what was sent.
+#[cfg(test)]
+pub(crate) fn test_pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2654435761).to_be_bytes()[0] ^ seed)
+        .collect()
+}
+
+pub use resolver::{from_beneath, open_under, DirResolver, OpenError, Resolver, Source};
+pub use server::{serve, TftpConfig, TftpMetrics};

@@ -1,0 +1,415 @@
+//! Listeners and dispatch: requests in, handed to a transfer thread.
+//!
+//! Listeners are already-bound UDP sockets (IPv4 and/or IPv6, several addresses).
+//! Each receives with `IP_PKTINFO` / `IPV6_RECVPKTINFO`, so the server knows which of
+//! its addresses a request was sent to; every transfer then gets one new socket bound
+//! to that address (port 0) and connected to the client ([`reply_socket`]), so replies
+//! come from the address the client talked to, as multi-homed racks need. A
+//! retransmitted RRQ from the same client port while its transfer runs is ignored.
+//!
+//! The listeners run on the caller's tokio runtime; [`Dispatch::submit`] applies the
+//! transfer limits (`max_transfers`, `max_transfers_per_client`; a refusal is one
+//! ERROR datagram and a rate-limited warning) and queues the request on the least busy
+//! transfer thread, waking its epoll.
+
+use std::collections::{HashMap, HashSet};
+use std::io::IoSliceMut;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixDatagram;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{self, sockopt, ControlMessageOwned, MsgFlags, SockaddrStorage};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::packet::{self, code, Packet, Request};
+use super::resolver::Resolver;
+use super::server::{inc, TftpConfig, TftpMetrics};
+
+/// Turns IPv4-mapped IPv6 addresses into IPv4 ones.
+fn unmap(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => a,
+        },
+        _ => a,
+    }
+}
+
+struct Received {
+    len: usize,
+    from: SocketAddr,
+    /// The address the datagram was sent to, and the interface it came in on.
+    local: Option<(IpAddr, u32)>,
+}
+
+fn recv_with_pktinfo(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<Received> {
+    sock.try_io(Interest::READABLE, || {
+        let mut iov = [IoSliceMut::new(buf)];
+        let mut cmsg = nix::cmsg_space!(nix::libc::in6_pktinfo, nix::libc::in_pktinfo);
+        let msg = socket::recvmsg::<SockaddrStorage>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::empty(),
+        )
+        .map_err(std::io::Error::from)?;
+        let mut local = None;
+        for c in msg.cmsgs().map_err(std::io::Error::from)? {
+            match c {
+                ControlMessageOwned::Ipv4PacketInfo(pi) => {
+                    local = Some((
+                        IpAddr::V4(Ipv4Addr::from(u32::from_be(pi.ipi_addr.s_addr))),
+                        pi.ipi_ifindex as u32,
+                    ));
+                }
+                ControlMessageOwned::Ipv6PacketInfo(pi) => {
+                    local = Some((
+                        IpAddr::V6(Ipv6Addr::from(pi.ipi6_addr.s6_addr)),
+                        pi.ipi6_ifindex,
+                    ));
+                }
+                _ => {}
+            }
+        }
+        let from = msg
+            .address
+            .and_then(|a: SockaddrStorage| {
+                if let Some(v4) = a.as_sockaddr_in() {
+                    Some(SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
+                } else {
+                    a.as_sockaddr_in6()
+                        .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
+                }
+            })
+            .ok_or_else(|| std::io::Error::other("datagram without a source address"))?;
+        Ok(Received {
+            len: msg.bytes,
+            from,
+            local,
+        })
+    })
+}
+
+pub(super) struct Incoming {
+    pub(super) request: Result<(bool, Request), String>,
+    pub(super) client: SocketAddr,
+    /// The address the request was sent to (replies come from it).
+    pub(super) local: IpAddr,
+    /// Interface index, for IPv6 link-local addresses.
+    pub(super) scope: u32,
+    listener: SocketAddr,
+}
+
+/// One transfer thread, as the listeners see it.
+pub(super) struct Worker {
+    /// Requests handed over and not yet picked up.
+    pub(super) queue: Mutex<Vec<Job>>,
+    /// Written to after a push to `queue` (or to stop): wakes the thread's epoll.
+    pub(super) wake: UnixDatagram,
+    /// Transfers running on it.
+    load: AtomicUsize,
+}
+
+/// A request on its way to a transfer thread, with its place in the active set.
+pub(super) struct Job {
+    pub(super) msg: Incoming,
+    pub(super) guard: ActiveGuard,
+}
+
+/// What the listeners and the transfer threads share.
+pub(super) struct Dispatch {
+    pub(super) resolver: Arc<dyn Resolver>,
+    pub(super) config: TftpConfig,
+    pub(super) metrics: Arc<TftpMetrics>,
+    /// Running transfers.
+    pub(super) active: Mutex<Active>,
+    pub(super) workers: Vec<Worker>,
+    /// Set when the transfer threads must end (whatever still runs is dropped).
+    pub(super) stop: AtomicBool,
+    /// Signalled when the last running transfer ends (for the drain).
+    pub(super) idle: tokio::sync::Notify,
+    busy_log: Mutex<(Option<Instant>, u64)>,
+    /// Same, for refusals by `max_transfers_per_client`.
+    client_cap_log: Mutex<(Option<Instant>, u64)>,
+}
+
+/// The running transfers: (client, listener) of each, and how many each client
+/// address runs.
+#[derive(Default)]
+pub(super) struct Active {
+    keys: HashSet<(SocketAddr, SocketAddr)>,
+    per_client: HashMap<IpAddr, usize>,
+}
+
+impl Active {
+    pub(super) fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+/// Removes a finished transfer from [`Dispatch`], however it ends.
+pub(super) struct ActiveGuard {
+    d: Arc<Dispatch>,
+    key: (SocketAddr, SocketAddr),
+    worker: usize,
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        let empty = {
+            let mut active = self.d.active.lock().unwrap_or_else(PoisonError::into_inner);
+            if active.keys.remove(&self.key) {
+                let ip = self.key.0.ip();
+                if let Some(n) = active.per_client.get_mut(&ip) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        active.per_client.remove(&ip);
+                    }
+                }
+            }
+            active.is_empty()
+        };
+        if let Some(w) = self.d.workers.get(self.worker) {
+            w.load.fetch_sub(1, Ordering::Relaxed);
+        }
+        if empty {
+            self.d.idle.notify_one();
+        }
+    }
+}
+
+impl Dispatch {
+    /// The state shared by the listeners and `n` transfer threads, and the receiving
+    /// ends of the threads' wake-up sockets.
+    pub(super) fn new(
+        resolver: Arc<dyn Resolver>,
+        config: TftpConfig,
+        metrics: Arc<TftpMetrics>,
+        n: usize,
+    ) -> std::io::Result<(Dispatch, Vec<UnixDatagram>)> {
+        let mut workers = Vec::new();
+        let mut wake_rx = Vec::new();
+        for _ in 0..n {
+            let (tx, rx) = UnixDatagram::pair()?;
+            tx.set_nonblocking(true)?;
+            rx.set_nonblocking(true)?;
+            workers.push(Worker {
+                queue: Mutex::default(),
+                wake: tx,
+                load: AtomicUsize::new(0),
+            });
+            wake_rx.push(rx);
+        }
+        let d = Dispatch {
+            resolver,
+            config,
+            metrics,
+            active: Mutex::default(),
+            workers,
+            stop: AtomicBool::new(false),
+            idle: tokio::sync::Notify::new(),
+            busy_log: Mutex::default(),
+            client_cap_log: Mutex::default(),
+        };
+        Ok((d, wake_rx))
+    }
+
+    /// Starts a transfer for `msg` unless it repeats a running one or the limit is hit.
+    fn submit(self: &Arc<Self>, msg: Incoming) {
+        let key = (msg.client, msg.listener);
+        let Some((worker, w)) = self
+            .workers
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, w)| w.load.load(Ordering::Relaxed))
+        else {
+            return; // no transfer thread (serve starts at least one)
+        };
+        {
+            let mut active = self.active.lock().unwrap_or_else(PoisonError::into_inner);
+            if active.keys.contains(&key) {
+                return; // a retransmitted RRQ of a running transfer
+            }
+            if active.len() >= self.config.max_transfers {
+                drop(active);
+                self.refuse_busy(&msg);
+                return;
+            }
+            let mine = active.per_client.entry(msg.client.ip()).or_insert(0);
+            if *mine >= self.config.max_transfers_per_client {
+                drop(active);
+                self.refuse_client_cap(&msg);
+                return;
+            }
+            *mine += 1;
+            active.keys.insert(key);
+        }
+        w.load.fetch_add(1, Ordering::Relaxed);
+        let guard = ActiveGuard {
+            d: self.clone(),
+            key,
+            worker,
+        };
+        let was_empty = {
+            let mut q = w.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            q.push(Job { msg, guard });
+            q.len() == 1
+        };
+        if was_empty {
+            // A full socket buffer means a wake-up is pending anyway.
+            let _ = w.wake.send(&[1]);
+        }
+    }
+
+    fn refuse_client_cap(&self, msg: &Incoming) {
+        inc(&self.metrics.busy);
+        {
+            let mut log = self
+                .client_cap_log
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            log.1 += 1;
+            if log.0.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                tracing::warn!(
+                    client = %msg.client,
+                    "tftp: {} already runs {} transfers (tftp.max_transfers_per_client); refusing more ({} refused so far)",
+                    msg.client.ip(),
+                    self.config.max_transfers_per_client,
+                    log.1
+                );
+                log.0 = Some(Instant::now());
+            }
+        }
+        if let Ok(s) = reply_socket(msg.local, msg.scope, msg.client) {
+            let _ = s.send(&packet::error(
+                code::NOT_DEFINED,
+                "server busy: too many transfers from this address, try again later",
+            ));
+        }
+    }
+
+    fn refuse_busy(&self, msg: &Incoming) {
+        inc(&self.metrics.busy);
+        {
+            let mut log = self.busy_log.lock().unwrap_or_else(PoisonError::into_inner);
+            log.1 += 1;
+            if log.0.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                tracing::warn!(
+                    client = %msg.client,
+                    "tftp: transfer limit reached ({} running, tftp.max_transfers); refusing {} ({} refused so far)",
+                    self.config.max_transfers,
+                    msg.client,
+                    log.1
+                );
+                log.0 = Some(Instant::now());
+            }
+        }
+        // A short non-blocking send from a fresh socket on the address the client used.
+        if let Ok(s) = reply_socket(msg.local, msg.scope, msg.client) {
+            let _ = s.send(&packet::error(
+                code::NOT_DEFINED,
+                "server busy: transfer limit reached, try again later",
+            ));
+        }
+    }
+}
+
+/// Starts a listener task per socket on the current runtime (packet info on, room for
+/// a storm of requests), each handing requests to `d` until `shutdown`.
+pub(super) fn spawn_listeners(
+    d: &Arc<Dispatch>,
+    sockets: Vec<std::net::UdpSocket>,
+    shutdown: &CancellationToken,
+) -> std::io::Result<JoinSet<()>> {
+    let mut listeners = JoinSet::new();
+    for s in sockets {
+        s.set_nonblocking(true)?;
+        let addr = s.local_addr()?;
+        let sock = UdpSocket::from_std(s)?;
+        if addr.is_ipv4() {
+            socket::setsockopt(&sock, sockopt::Ipv4PacketInfo, &true)
+                .map_err(std::io::Error::from)?;
+        } else {
+            socket::setsockopt(&sock, sockopt::Ipv6RecvPacketInfo, &true)
+                .map_err(std::io::Error::from)?;
+        }
+        // Room for a storm of requests (many machines powered on at once); the kernel
+        // caps it at net.core.rmem_max.
+        let _ = socket::setsockopt(&sock, sockopt::RcvBuf, &(4 << 20));
+        tracing::info!("listening for TFTP on {addr}");
+        let (d, shutdown) = (d.clone(), shutdown.clone());
+        listeners.spawn(listen(d, sock, addr, shutdown));
+    }
+    Ok(listeners)
+}
+
+/// One listening socket: receives requests and hands them to the dispatcher until
+/// `shutdown`.
+async fn listen(d: Arc<Dispatch>, sock: UdpSocket, addr: SocketAddr, shutdown: CancellationToken) {
+    let mut buf = vec![0u8; 2048];
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = sock.readable() => if r.is_err() { return },
+        }
+        let got = match recv_with_pktinfo(&sock, &mut buf) {
+            Ok(g) => g,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                tracing::warn!("tftp receive on {addr}: {e}");
+                continue;
+            }
+        };
+        let client = unmap(got.from);
+        let (local, scope) = match got.local {
+            Some((l, scope)) => (unmap(SocketAddr::new(l, 0)).ip(), scope),
+            None => (addr.ip(), 0),
+        };
+        let datagram = buf.get(..got.len).unwrap_or_default();
+        let request = match packet::parse(datagram) {
+            Ok(Packet::Rrq(r)) => Ok((false, r)),
+            Ok(Packet::Wrq(r)) => Ok((true, r)),
+            // Stray ACK/DATA/ERROR to the listening port: not a request.
+            Ok(_) => continue,
+            Err(e) => Err(e.to_string()),
+        };
+        inc(&d.metrics.requests);
+        d.submit(Incoming {
+            request,
+            client,
+            local,
+            scope,
+            listener: addr,
+        });
+    }
+}
+
+/// Binds a socket to the address the client talked to (port 0), connects it to the
+/// client and makes it non-blocking: one per transfer, so replies come from there.
+pub(super) fn reply_socket(
+    local: IpAddr,
+    scope: u32,
+    client: SocketAddr,
+) -> std::io::Result<std::net::UdpSocket> {
+    let bind = match local {
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => {
+            SocketAddr::V6(SocketAddrV6::new(v6, 0, 0, scope))
+        }
+        ip => SocketAddr::new(ip, 0),
+    };
+    let sock = std::net::UdpSocket::bind(bind)?;
+    sock.connect(client)?;
+    sock.set_nonblocking(true)?;
+    Ok(sock)
+}
