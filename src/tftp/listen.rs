@@ -297,6 +297,30 @@ impl Dispatch {
                 "server busy: too many transfers from this address, try again later",
             ));
         }
+        self.tell_refused(
+            msg,
+            "server busy: too many transfers from this address, try again later",
+        );
+    }
+
+    /// Tells the resolver that a read request was refused as busy.
+    fn tell_refused(&self, msg: &Incoming, message: &str) {
+        let Ok((false, req)) = &msg.request else {
+            return;
+        };
+        let Ok(path) = super::path::clean(&req.filename) else {
+            return;
+        };
+        let ending = super::resolver::Ending::Error {
+            code: code::NOT_DEFINED,
+            message,
+        };
+        let how = super::resolver::Finished {
+            bytes: 0,
+            duration: Duration::ZERO,
+            ending,
+        };
+        self.resolver.finished(&path, msg.client, &how);
     }
 
     fn refuse_busy(&self, msg: &Incoming) {
@@ -322,6 +346,7 @@ impl Dispatch {
                 "server busy: transfer limit reached, try again later",
             ));
         }
+        self.tell_refused(msg, "server busy: transfer limit reached, try again later");
     }
 }
 
