@@ -509,7 +509,7 @@ impl BootLog {
             .chain(g.pending.recent().map(|(_, m)| m.summary(None)))
             .collect();
         drop(g);
-        machines.sort_by(|a, b| b.last_seen.cmp(&a.last_seen));
+        machines.sort_by_key(|m| std::cmp::Reverse(m.last_seen));
         Boots {
             machines,
             max_machines: self.caps.machines,
