@@ -452,6 +452,13 @@ impl BootLog {
         g.push_mac(mac, e, self.caps.events);
     }
 
+    /// `ip` is `mac`'s (seen in DHCP: ciaddr, option 50 of a REQUEST, yiaddr of an
+    /// ACK): later requests from it go to `mac`, and those waiting under it move there.
+    /// Adds no event.
+    pub fn dhcp_client_ip(&self, mac: Mac, ip: IpAddr) {
+        self.lock().learn(ip.to_canonical(), mac, self.caps.events);
+    }
+
     /// A TFTP or HTTP file request and how it ended.
     pub fn file(&self, f: FileEvent) {
         self.file_at(f, SystemTime::now())
@@ -894,10 +901,21 @@ mod tests {
         assert_eq!(b.event_list.len(), 2);
         assert_eq!(b.event_list[0].arch, Some(7));
         assert_eq!(b.summary.last_step, Some(Step::Loader));
+        // An address learned from DHCP later: what waited under it moves over.
+        let (m3, a3) = (mac(3), ip(3));
+        log.dhcp_offer_at(m3, None, 0, "pxelinux.0", at(1000));
+        get(&log, a3, "pxelinux.0", FileResult::Status(404), 1100);
+        assert_eq!(log.machine(m3).unwrap().event_list.len(), 1);
+        log.dhcp_client_ip(m3, a3);
+        let b3 = log.machine(m3).unwrap();
+        assert_eq!(b3.event_list.len(), 2);
+        assert_eq!(b3.summary.last_event.unwrap().result, "404");
+        assert_eq!(b3.summary.last_step, Some(Step::Firmware));
         let by = log.by_last_step();
         assert!(by.contains(&(Some(Step::Loader), 1)), "{by:?}");
-        assert_eq!(log.events_total[0].load(Ordering::Relaxed), 1);
-        assert_eq!(log.events_total[2].load(Ordering::Relaxed), 1);
+        assert!(by.contains(&(Some(Step::Firmware), 1)), "{by:?}");
+        assert_eq!(log.events_total[0].load(Ordering::Relaxed), 2);
+        assert_eq!(log.events_total[2].load(Ordering::Relaxed), 2);
     }
 
     #[test]
