@@ -374,6 +374,8 @@ pub enum FileResult {
     TftpError { code: u16, message: String },
     /// The transfer stopped before the end (timeout, client gone).
     Aborted(String),
+    /// An HTTP HEAD answered with this status: a probe, which reaches no step.
+    Head(u16),
 }
 
 /// A file request to record.
@@ -467,7 +469,7 @@ impl BootLog {
     pub fn file_at(&self, f: FileEvent, now: SystemTime) {
         let client = f.client.to_canonical();
         let config = config_of(f.path, f.query);
-        let step = match config {
+        let mut step = match config {
             Some(_) => Some(Step::Config),
             None => Step::of_class(FileClass::of(f.path)),
         };
@@ -480,6 +482,12 @@ impl BootLog {
                 (false, format!("ERROR {code}: {m}"))
             }
             FileResult::Aborted(why) => (false, format!("aborted: {why}")),
+            FileResult::Head(s) => {
+                if *s < 400 {
+                    step = None;
+                }
+                (*s < 400, format!("HEAD {s}"))
+            }
         };
         let e = Event {
             at_ms: unix_ms(now),
@@ -664,6 +672,8 @@ pub struct HttpRequest {
     pub path: String,
     pub query: Option<String>,
     pub started: std::time::Instant,
+    /// A HEAD request (logged as a probe).
+    pub head: bool,
 }
 
 impl HttpRequest {
@@ -732,7 +742,9 @@ impl Drop for Logged {
             return;
         };
         let whole = self.ended || hyper::body::Body::is_end_stream(&self.inner);
-        let result = if self.status >= 400 {
+        let result = if req.head {
+            FileResult::Head(self.status)
+        } else if self.status >= 400 {
             FileResult::Status(self.status)
         } else if whole {
             FileResult::Ok {
@@ -885,6 +897,14 @@ mod tests {
         let last = b.summary.last_event.unwrap();
         assert_eq!((last.ok, last.result.as_str()), (false, "404"));
         assert_eq!(b.event_list[2].config, Some(Loader::Grub));
+        // A HEAD probe of the squashfs reaches no step; its 404 shows.
+        get(&log, a, "x/squashfs", FileResult::Head(200), 6000);
+        get(&log, a, "x/squashfs", FileResult::Head(404), 6001);
+        let b = log.machine(m).unwrap();
+        assert_eq!(b.summary.last_step, Some(Step::Kernel));
+        assert_eq!(b.event_list[5].result, "HEAD 200");
+        assert_eq!(b.event_list[6].step, Some(Step::Squashfs));
+        assert!(!b.event_list[6].ok);
         assert_eq!(
             b.event_list[2].config_for.as_deref(),
             Some(m.to_string().as_str())

@@ -142,6 +142,7 @@ async fn route(d: Arc<Daemon>, req: Request<Incoming>, peer: SocketAddr) -> Resp
         path: dynamic_path.to_string(),
         query: req.uri().query().map(String::from),
         started,
+        head: method == Method::HEAD,
     };
     match crate::serve::boot::dynamic(
         &d.settings(),

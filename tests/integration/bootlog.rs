@@ -119,11 +119,18 @@ fn an_http_boot_is_logged_per_mac_with_steps_bytes_and_a_404_last() {
     );
     assert!(s.metric("rackboot_boot_events_total{kind=\"http\"}") >= 5.0);
 
+    // A HEAD is a probe: logged, but it reaches no step.
+    let (code, _) = curl(&["-I", "--interface", from, &s.url("/grubx64.efi")]);
+    assert_eq!(code, 200);
+    let log = s.boots_with(mac, 6);
+    assert_eq!(log["last_event"]["result"], "HEAD 200", "{log}");
+    assert_eq!(log["last_step"], "squashfs");
+
     // A kernel the rack does not have: the machine's last event is that 404.
     let missing = "ubuntu/amd64/generic/oracular/stable/boot-kernel";
     let (code, _) = curl_from(from, &s.url(&format!("/images/{missing}")));
     assert_eq!(code, 404);
-    let log = s.boots_with(mac, 6);
+    let log = s.boots_with(mac, 7);
     let last = &log["last_event"];
     assert_eq!(last["file"], missing, "{log}");
     assert_eq!(last["result"], "404");
