@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64};
@@ -180,16 +180,8 @@ fn check_blobs(
 }
 
 fn hash_file(path: &Path) -> io::Result<Sha256> {
-    let mut f = fs::File::open(path)?;
     let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
+    crate::fsutil::for_each_chunk(fs::File::open(path)?, |c| h.update(c))?;
     Ok(Sha256::from_bytes(h.finalize().into()))
 }
 

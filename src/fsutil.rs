@@ -181,6 +181,23 @@ pub fn sync_fs(path: &Path) -> io::Result<()> {
 }
 
 /// Adds the path to an I/O error so the message names it.
+/// Reads `r` to its end in 1 MiB chunks, handing each to `f` (to hash a file without
+/// loading it whole); returns the bytes read.
+pub fn for_each_chunk(mut r: impl io::Read, mut f: impl FnMut(&[u8])) -> io::Result<u64> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        f(buf.get(..n).unwrap_or_default());
+        total += n as u64;
+    }
+}
+
 pub fn ctx<T>(r: io::Result<T>, what: &str, path: &Path) -> anyhow::Result<T> {
     r.map_err(|e| anyhow::anyhow!("{what} {}: {e}", path.display()))
 }

@@ -372,7 +372,7 @@ async fn fetch_one(
     e: &Entry,
     progress: &(dyn Fn(u64) + Sync),
 ) -> anyhow::Result<u64> {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let path = simplestreams::RelPath::parse(&e.path)
         .ok_or_else(|| anyhow::anyhow!("unsafe item path {:?}", e.path))?;
     let url = crate::upstream::under_root(root, &path).map_err(|m| anyhow::anyhow!("{m}"))?;
@@ -384,16 +384,8 @@ async fn fetch_one(
     let mut have = 0u64;
     if let Ok(m) = std::fs::metadata(&part) {
         if e.size.is_some_and(|s| m.len() < s) && m.len() > 0 {
-            let mut f = std::fs::File::open(&part)?;
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let n = f.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-                have += n as u64;
-            }
+            let f = std::fs::File::open(&part)?;
+            have = crate::fsutil::for_each_chunk(f, |c| hasher.update(c))?;
         }
     }
     let mut body = fetcher.get_payload(&url, have).await?;

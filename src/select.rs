@@ -202,24 +202,7 @@ pub fn select(sources: &[(Vec<Verified<Products>>, Vec<Selection>)]) -> Selected
     let mut bootloader_candidates: Vec<SelectedProduct> = Vec::new();
 
     for (source, (products, selections)) in sources.iter().enumerate() {
-        // product name -> version -> wanted items
-        let mut grouped: BTreeMap<(&str, &str), BTreeMap<&str, Vec<&Item>>> = BTreeMap::new();
-        for p in products {
-            for item in &p.get().items {
-                let ftype = item.ftype.as_str();
-                let wanted = IMAGE_FTYPES.contains(&ftype) || BOOTLOADER_FTYPES.contains(&ftype);
-                if !wanted && !KNOWN_SKIPPED_FTYPES.contains(&ftype) {
-                    out.skipped_ftypes.insert(ftype.to_string());
-                }
-                let versions = grouped
-                    .entry((item.content_id.as_str(), item.product_name.as_str()))
-                    .or_default();
-                let items = versions.entry(item.version_name.as_str()).or_default();
-                if wanted {
-                    items.push(item);
-                }
-            }
-        }
+        let grouped = group_items(products, &mut out.skipped_ftypes);
         for ((content_id, product_name), versions) in &grouped {
             let Some((version, items)) = latest(versions) else {
                 continue;
@@ -231,14 +214,9 @@ pub fn select(sources: &[(Vec<Verified<Products>>, Vec<Selection>)]) -> Selected
                 if Segment::parse(first.prop("arch")).is_none() || Segment::parse(btype).is_none() {
                     continue; // no directory to unpack it into
                 }
-                let items: Vec<Item> = items
-                    .iter()
-                    .filter(|i| BOOTLOADER_FTYPES.contains(&i.ftype.as_str()))
-                    .map(|i| (*i).clone())
-                    .collect();
-                if items.is_empty() {
+                let Some(items) = of_ftypes(&items, BOOTLOADER_FTYPES) else {
                     continue;
-                }
+                };
                 bootloader_candidates.push(SelectedProduct {
                     source,
                     content_id: content_id.to_string(),
@@ -267,14 +245,9 @@ pub fn select(sources: &[(Vec<Verified<Products>>, Vec<Selection>)]) -> Selected
             if taken_images.contains_key(&key) {
                 continue; // an earlier source provides this image
             }
-            let items: Vec<Item> = items
-                .iter()
-                .filter(|i| IMAGE_FTYPES.contains(&i.ftype.as_str()))
-                .map(|i| (*i).clone())
-                .collect();
-            if items.is_empty() {
+            let Some(items) = of_ftypes(&items, IMAGE_FTYPES) else {
                 continue;
-            }
+            };
             taken_images.insert(key.clone(), ());
             image_arches.insert(key.arch.clone());
             out.products.push(SelectedProduct {
@@ -289,10 +262,58 @@ pub fn select(sources: &[(Vec<Verified<Products>>, Vec<Selection>)]) -> Selected
         }
     }
 
-    // Bootloaders for every arch that has an image; first source wins per
-    // (type, arch).
+    out.products
+        .extend(bootloaders_for(bootloader_candidates, &image_arches));
+    out
+}
+
+/// The items of one of `ftypes`, if there are any.
+fn of_ftypes(items: &[&Item], ftypes: &[&str]) -> Option<Vec<Item>> {
+    let kept: Vec<Item> = items
+        .iter()
+        .filter(|i| ftypes.contains(&i.ftype.as_str()))
+        .map(|i| (*i).clone())
+        .collect();
+    (!kept.is_empty()).then_some(kept)
+}
+
+/// (content id, product name) → version → the wanted items of one source's products.
+type Grouped<'a> = BTreeMap<(&'a str, &'a str), BTreeMap<&'a str, Vec<&'a Item>>>;
+
+/// Groups the items of one source by product and version, keeping the wanted ones
+/// (an unknown ftype goes to `skipped`; a version without wanted items stays, empty).
+fn group_items<'a>(
+    products: &'a [Verified<Products>],
+    skipped: &mut BTreeSet<String>,
+) -> Grouped<'a> {
+    let mut grouped = Grouped::new();
+    for p in products {
+        for item in &p.get().items {
+            let ftype = item.ftype.as_str();
+            let wanted = IMAGE_FTYPES.contains(&ftype) || BOOTLOADER_FTYPES.contains(&ftype);
+            if !wanted && !KNOWN_SKIPPED_FTYPES.contains(&ftype) {
+                skipped.insert(ftype.to_string());
+            }
+            let versions = grouped
+                .entry((item.content_id.as_str(), item.product_name.as_str()))
+                .or_default();
+            let items = versions.entry(item.version_name.as_str()).or_default();
+            if wanted {
+                items.push(item);
+            }
+        }
+    }
+    grouped
+}
+
+/// Bootloaders for every arch that has an image; first source wins per (type, arch).
+fn bootloaders_for(
+    candidates: Vec<SelectedProduct>,
+    image_arches: &BTreeSet<String>,
+) -> Vec<SelectedProduct> {
+    let mut out = Vec::new();
     let mut taken_bootloaders = BTreeSet::new();
-    for bl in bootloader_candidates {
+    for bl in candidates {
         let ProductKind::Bootloader {
             bootloader_type,
             arch,
@@ -306,11 +327,11 @@ pub fn select(sources: &[(Vec<Verified<Products>>, Vec<Selection>)]) -> Selected
             .get("arches")
             .map(|a| a.split(',').map(|s| s.trim().to_string()).collect())
             .unwrap_or_else(|| BTreeSet::from([arch.clone()]));
-        if serves.is_disjoint(&image_arches) {
+        if serves.is_disjoint(image_arches) {
             continue;
         }
         if taken_bootloaders.insert((bootloader_type.clone(), arch.clone())) {
-            out.products.push(bl);
+            out.push(bl);
         }
     }
     out

@@ -470,12 +470,23 @@ fn selection_warnings(selected: &Selected) -> Vec<String> {
     warnings
 }
 
-async fn run_inner(
-    settings: &Settings,
-    opts: &Options,
-    live: Arc<LiveProgress>,
-) -> anyhow::Result<Report> {
-    let started = Instant::now();
+/// What a run starts from: the store (locked unless a dry run), the sources, what the
+/// last run remembered, and whether the served generation is whole.
+struct Start {
+    store: Store,
+    lock: Option<Arc<crate::store::SyncLock>>,
+    state: SyncState,
+    resolved: Vec<Resolved>,
+    /// Identifies the sources (and keyrings) the validators in `state` belong to.
+    key: String,
+    current: Option<u64>,
+    intact: bool,
+    /// The last run's validators may make this run's requests conditional.
+    reuse_validators: bool,
+}
+
+/// 0. Opens the store and loads the sources and the sync state.
+async fn start(settings: &Settings, opts: &Options) -> anyhow::Result<Start> {
     crate::fsck::refuse_bad_sync_state(&settings.state_dir)?;
     let (store, lock) = open_store(settings, opts).await?;
     let sources = if opts.dry_run {
@@ -483,7 +494,7 @@ async fn run_inner(
     } else {
         Sources::load_or_seed(settings)?
     };
-    let mut state = SyncState::load(&settings.state_dir)?;
+    let state = SyncState::load(&settings.state_dir)?;
     let resolved: Vec<Resolved> = sources
         .sources
         .iter()
@@ -502,6 +513,34 @@ async fn run_inner(
         && intact
         && current.is_some()
         && settings.state_dir.join(CATALOG_FILE).exists();
+    Ok(Start {
+        store,
+        lock,
+        state,
+        resolved,
+        key,
+        current,
+        intact,
+        reuse_validators,
+    })
+}
+
+async fn run_inner(
+    settings: &Settings,
+    opts: &Options,
+    live: Arc<LiveProgress>,
+) -> anyhow::Result<Report> {
+    let started = Instant::now();
+    let Start {
+        store,
+        lock,
+        mut state,
+        resolved,
+        key,
+        current,
+        intact,
+        reuse_validators,
+    } = start(settings, opts).await?;
     let fetcher = Fetcher::new(settings.sync.timeout)?;
     let requests = Counter(AtomicU64::new(0));
     let mut report = Report::unchanged(current);

@@ -3,8 +3,9 @@
 //! go one way down the layers, so the graph of top-level modules (a folder counts as
 //! one) has no circle; only `main` imports `cli`; nothing below `serve/` imports it; the
 //! transports (`http/`, `tftp/`) import only `fsutil` and `file_class`; the pure modules
-//! touch no files, sockets, tokio, threads, processes or clocks. Test code
-//! (`#[cfg(test)] mod … { … }`), comments and string literals are not looked at.
+//! touch no files, sockets, tokio, threads, processes or clocks; no function is over
+//! 120 lines. Test code (`#[cfg(test)] mod … { … }`), comments and string literals are
+//! not looked at.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -95,6 +96,9 @@ fn code_only(src: &str) -> String {
                         break;
                     }
                 } else {
+                    if b[i] == b'\n' {
+                        out.push('\n');
+                    }
                     i += 1;
                 }
             }
@@ -115,18 +119,22 @@ fn code_only(src: &str) -> String {
                 .chain(std::iter::repeat_n(b'#', hashes))
                 .collect();
             j += 1;
+            let from = j;
             while j < b.len() && !b[j..].starts_with(&close) {
                 j += 1;
             }
             out.push_str("\"\"");
+            push_newlines(&mut out, &src[from..j.min(src.len())]);
             i = j + close.len();
         } else if c == b'"' {
             i += 1;
+            let from = i;
             while i < b.len() && b[i] != b'"' {
                 i += if b[i] == b'\\' { 2 } else { 1 };
             }
-            i += 1;
             out.push_str("\"\"");
+            push_newlines(&mut out, &src[from..i.min(src.len())]);
+            i += 1;
         } else if c == b'\'' {
             // A char literal ('x', '\n', '\u{7f}'), else a lifetime.
             if next == Some(b'\\') {
@@ -156,12 +164,36 @@ fn code_only(src: &str) -> String {
     out
 }
 
+/// The line breaks of removed text, so that line numbers in the code stay those of the
+/// file.
+fn push_newlines(out: &mut String, removed: &str) {
+    out.extend(std::iter::repeat_n('\n', removed.matches('\n').count()));
+}
+
 fn ident_before(b: &[u8], i: usize) -> bool {
     i > 0 && (b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_')
 }
 
+/// Where the `}` that closes the `{` at `open` stands (`None`: it is not closed).
+fn closing_brace(code: &str, open: usize) -> Option<usize> {
+    let mut depth = 0;
+    for (k, ch) in code[open..].char_indices() {
+        match ch {
+            '{' => depth += 1,
+            '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(open + k);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
 /// `code` without its `#[cfg(test)]` items (modules and functions: the brace block
-/// after the attribute).
+/// after the attribute); their line breaks stay.
 fn without_tests(code: &str) -> String {
     let mut out = String::new();
     let mut rest = code;
@@ -173,24 +205,12 @@ fn without_tests(code: &str) -> String {
             break;
         };
         if after.as_bytes()[open] == b';' {
+            push_newlines(&mut out, &after[..open + 1]);
             rest = &after[open + 1..];
             continue;
         }
-        let mut depth = 0;
-        let mut end = after.len();
-        for (k, ch) in after[open..].char_indices() {
-            match ch {
-                '{' => depth += 1,
-                '}' => {
-                    depth -= 1;
-                    if depth == 0 {
-                        end = open + k + 1;
-                        break;
-                    }
-                }
-                _ => {}
-            }
-        }
+        let end = closing_brace(after, open).map_or(after.len(), |c| c + 1);
+        push_newlines(&mut out, &after[..end]);
         rest = &after[end..];
     }
     out.push_str(rest);
@@ -382,11 +402,122 @@ fn find_circle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>
     None
 }
 
+/// Longest a function in `src/` may be (its tests excepted), from `fn` to its closing
+/// brace: a longer one has stages to name.
+const MAX_FN_LINES: usize = 120;
+
+/// The functions with a body in `code` (comments, literals and tests already out, line
+/// breaks kept): name, first line, length in lines. A nested function counts on its
+/// own and inside its parent.
+fn functions(code: &str) -> Vec<(String, usize, usize)> {
+    let b = code.as_bytes();
+    let mut out = Vec::new();
+    let mut at = 0;
+    while let Some(k) = code[at..].find("fn ") {
+        let start = at + k;
+        at = start + 3;
+        if ident_before(b, start) {
+            continue;
+        }
+        let name: String = code[at..]
+            .trim_start()
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        if name.is_empty() {
+            continue;
+        }
+        // The body is the first `{` outside brackets; a `;` first is a declaration.
+        let mut depth = 0i32;
+        let mut open = None;
+        for (j, c) in code[at..].char_indices() {
+            match c {
+                '(' | '[' => depth += 1,
+                ')' | ']' => depth -= 1,
+                ';' if depth == 0 => break,
+                '{' if depth == 0 => {
+                    open = Some(at + j);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let Some(open) = open else { continue };
+        let close = closing_brace(code, open).unwrap_or(code.len());
+        let first = code[..start].matches('\n').count() + 1;
+        let last = code[..close].matches('\n').count() + 1;
+        out.push((name, first, last - first + 1));
+    }
+    out
+}
+
+/// Every function over [`MAX_FN_LINES`], one line each: file, line, name, length.
+fn long_functions(tree: &Tree) -> Vec<String> {
+    let mut bad = Vec::new();
+    for (rel, code) in &tree.code {
+        for (name, line, len) in functions(code) {
+            if len > MAX_FN_LINES {
+                bad.push(format!(
+                    "src/{}:{line}: fn {name} is {len} lines (at most {MAX_FN_LINES}: split it into named stages)",
+                    rel.display()
+                ));
+            }
+        }
+    }
+    bad
+}
+
+/// Applies `rule` to this crate's `src/`; fails listing what it found.
+fn check_src(rule: fn(&Tree) -> Vec<String>, what: &str) {
+    let bad = rule(&read_tree(Path::new(env!("CARGO_MANIFEST_DIR"))));
+    assert!(bad.is_empty(), "{what}:\n{}", bad.join("\n"));
+}
+
+#[test]
+fn no_function_in_src_is_over_120_lines() {
+    check_src(long_functions, "functions too long");
+}
+
+/// The length check counts real lines: comments, multi-line strings and test modules
+/// before a function do not shift it, braces in literals do not end it.
+#[test]
+fn the_length_check_measures_functions() {
+    let body = |n: usize| "    let _x = 1;\n".repeat(n);
+    let text = format!(
+        "//! doc\n/* a\nblock */\nconst S: &str = \"multi\nline {{\";\n#[cfg(test)]\nmod tests {{\n    fn long() {{\n{}    }}\n}}\ntrait T {{ fn decl(&self) -> [u8; 4]; }}\nfn short() -> [u8; 2] {{\n    let _c = '}}';\n{}}}\nfn long_one() {{\n{}}}\n",
+        body(200),
+        body(MAX_FN_LINES - 3),
+        body(MAX_FN_LINES - 1),
+    );
+    let mut tree = Tree {
+        code: BTreeMap::new(),
+        raw: BTreeMap::new(),
+    };
+    tree.code
+        .insert(PathBuf::from("x.rs"), without_tests(&code_only(&text)));
+    let fns = functions(&tree.code[Path::new("x.rs")]);
+    let names: Vec<&str> = fns.iter().map(|f| f.0.as_str()).collect();
+    assert_eq!(names, ["short", "long_one"], "{fns:?}");
+    let short_line = text
+        .lines()
+        .position(|l| l.starts_with("fn short"))
+        .unwrap()
+        + 1;
+    assert_eq!(fns[0], ("short".into(), short_line, MAX_FN_LINES));
+    assert_eq!(fns[1].2, MAX_FN_LINES + 1);
+    assert_eq!(
+        long_functions(&tree),
+        [format!(
+            "src/x.rs:{}: fn long_one is {} lines (at most {MAX_FN_LINES}: split it into named stages)",
+            short_line + MAX_FN_LINES,
+            MAX_FN_LINES + 1
+        )]
+    );
+}
+
 #[test]
 fn src_follows_the_dependency_rule() {
-    let tree = read_tree(Path::new(env!("CARGO_MANIFEST_DIR")));
-    let bad = violations(&tree);
-    assert!(bad.is_empty(), "layout rules broken:\n{}", bad.join("\n"));
+    check_src(violations, "layout rules broken");
 }
 
 /// The checker itself: each rule fires on a file that breaks it.

@@ -702,6 +702,49 @@ async fn drain_tasks(mut tasks: tokio::task::JoinSet<anyhow::Result<()>>, drain:
     }
 }
 
+impl Daemon {
+    /// The daemon's shared state at start: serving `snapshot` (handed out as the
+    /// first generation requests hold), registered for GC by `registration`.
+    fn new(
+        config_path: &Path,
+        settings: &Settings,
+        snapshot: Option<Snapshot>,
+        registration: crate::store::ServerRegistration,
+        http_addrs: Vec<SocketAddr>,
+    ) -> Arc<Daemon> {
+        let (tx, _rx) = watch::channel(snapshot.map(Arc::new));
+        let daemon = Arc::new(Daemon {
+            config_path: config_path.to_path_buf(),
+            settings: RwLock::new(Arc::new(settings.clone())),
+            snapshot: tx,
+            status: Mutex::new(SyncStatus::default()),
+            live: Arc::new(LiveProgress::default()),
+            trigger: Notify::new(),
+            sync_stop: Mutex::new(None),
+            tftp_metrics: Arc::new(crate::tftp::TftpMetrics::default()),
+            http_metrics: Arc::new(crate::http::HttpMetrics::default()),
+            sync_duration_ms_total: AtomicU64::new(0),
+            http_addrs,
+            handed_out: Mutex::new(Vec::new()),
+            registration: Mutex::new(Some(registration)),
+            failed_load: Mutex::new(None),
+            register_failed: Default::default(),
+            follow_failed: Default::default(),
+            started: Instant::now(),
+            allow_downgrade_once: std::sync::atomic::AtomicBool::new(false),
+            boots: Default::default(),
+        });
+        if let Some(s) = daemon.snapshot.borrow().as_ref() {
+            daemon
+                .handed_out
+                .lock()
+                .expect("lock")
+                .push(Arc::downgrade(s));
+        }
+        daemon
+    }
+}
+
 /// Runs the daemon until SIGTERM/SIGINT.
 pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()> {
     raise_open_files_limit();
@@ -715,38 +758,11 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
         tls_config,
     } = Sockets::take(&settings)?;
 
-    let (tx, _rx) = watch::channel(snapshot.map(Arc::new));
-    let daemon = Arc::new(Daemon {
-        config_path: config_path.to_path_buf(),
-        settings: RwLock::new(Arc::new(settings.clone())),
-        snapshot: tx,
-        status: Mutex::new(SyncStatus::default()),
-        live: Arc::new(LiveProgress::default()),
-        trigger: Notify::new(),
-        sync_stop: Mutex::new(None),
-        tftp_metrics: Arc::new(crate::tftp::TftpMetrics::default()),
-        http_metrics: Arc::new(crate::http::HttpMetrics::default()),
-        sync_duration_ms_total: AtomicU64::new(0),
-        http_addrs: tcp
-            .iter()
-            .filter_map(|group| group.first()?.local_addr().ok())
-            .collect(),
-        handed_out: Mutex::new(Vec::new()),
-        registration: Mutex::new(Some(registration)),
-        failed_load: Mutex::new(None),
-        register_failed: Default::default(),
-        follow_failed: Default::default(),
-        started: Instant::now(),
-        allow_downgrade_once: std::sync::atomic::AtomicBool::new(false),
-        boots: Default::default(),
-    });
-    if let Some(s) = daemon.snapshot.borrow().as_ref() {
-        daemon
-            .handed_out
-            .lock()
-            .expect("lock")
-            .push(Arc::downgrade(s));
-    }
+    let http_addrs = tcp
+        .iter()
+        .filter_map(|group| group.first()?.local_addr().ok())
+        .collect();
+    let daemon = Daemon::new(config_path, &settings, snapshot, registration, http_addrs);
     let shutdown = CancellationToken::new();
     let drain = settings.drain_timeout;
     let mut tasks = tokio::task::JoinSet::new();

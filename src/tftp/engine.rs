@@ -343,16 +343,18 @@ mod tests {
         assert_eq!(n.timeout, Duration::from_secs(3));
     }
 
+    /// What a client asking for `bs` and `ws` gets for a file of `size` bytes.
+    fn negotiate_sizes(size: u64, bs: u16, ws: u16) -> Negotiated {
+        let asked = opts(&[
+            ("blksize", &bs.to_string()),
+            ("windowsize", &ws.to_string()),
+        ]);
+        negotiate(&asked, Some(size), &limits())
+    }
+
     fn run_lossless(size: u64, bs: u16, ws: u16) -> (Outcome, u64) {
         let now = Instant::now();
-        let n = negotiate(
-            &opts(&[
-                ("blksize", &bs.to_string()),
-                ("windowsize", &ws.to_string()),
-            ]),
-            Some(size),
-            &limits(),
-        );
+        let n = negotiate_sizes(size, bs, ws);
         let mut t = Transfer::new(size, &n, 3, now);
         let mut actions = vec![t.start(now)];
         let mut received = 0u64;
@@ -479,14 +481,7 @@ mod tests {
             rng
         };
         let mut now = Instant::now();
-        let n = negotiate(
-            &opts(&[
-                ("blksize", &bs.to_string()),
-                ("windowsize", &ws.to_string()),
-            ]),
-            Some(size),
-            &limits(),
-        );
+        let n = negotiate_sizes(size, bs, ws);
         let mut t = Transfer::new(size, &n, 50, now);
         let mut to_client: Vec<Option<u64>> = vec![]; // None = OACK
         let mut to_server: Vec<u16> = vec![];

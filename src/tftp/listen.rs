@@ -273,34 +273,62 @@ impl Dispatch {
     }
 
     fn refuse_client_cap(&self, msg: &Incoming) {
+        let warn = |refused: u64| {
+            tracing::warn!(
+                client = %msg.client,
+                "tftp: {} already runs {} transfers (tftp.max_transfers_per_client); refusing more ({refused} refused so far)",
+                msg.client.ip(),
+                self.config.max_transfers_per_client,
+            )
+        };
+        self.refuse(
+            msg,
+            &self.client_cap_log,
+            warn,
+            "server busy: too many transfers from this address, try again later",
+        );
+    }
+
+    fn refuse_busy(&self, msg: &Incoming) {
+        let warn = |refused: u64| {
+            tracing::warn!(
+                client = %msg.client,
+                "tftp: transfer limit reached ({} running, tftp.max_transfers); refusing {} ({refused} refused so far)",
+                self.config.max_transfers,
+                msg.client,
+            )
+        };
+        self.refuse(
+            msg,
+            &self.busy_log,
+            warn,
+            "server busy: transfer limit reached, try again later",
+        );
+    }
+
+    /// Refuses `msg` as busy: counted, warned about at most every 10 s per cause
+    /// (`log`: when last, how many so far), answered with one ERROR `text`, a short
+    /// non-blocking send from a fresh socket on the address the client used.
+    fn refuse(
+        &self,
+        msg: &Incoming,
+        log: &Mutex<(Option<Instant>, u64)>,
+        warn: impl FnOnce(u64),
+        text: &str,
+    ) {
         inc(&self.metrics.busy);
         {
-            let mut log = self
-                .client_cap_log
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut log = log.lock().unwrap_or_else(PoisonError::into_inner);
             log.1 += 1;
             if log.0.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                tracing::warn!(
-                    client = %msg.client,
-                    "tftp: {} already runs {} transfers (tftp.max_transfers_per_client); refusing more ({} refused so far)",
-                    msg.client.ip(),
-                    self.config.max_transfers_per_client,
-                    log.1
-                );
+                warn(log.1);
                 log.0 = Some(Instant::now());
             }
         }
         if let Ok(s) = reply_socket(msg.local, msg.scope, msg.client) {
-            let _ = s.send(&packet::error(
-                code::NOT_DEFINED,
-                "server busy: too many transfers from this address, try again later",
-            ));
+            let _ = s.send(&packet::error(code::NOT_DEFINED, text));
         }
-        self.tell_refused(
-            msg,
-            "server busy: too many transfers from this address, try again later",
-        );
+        self.tell_refused(msg, text);
     }
 
     /// Tells the resolver that a read request was refused as busy.
@@ -321,32 +349,6 @@ impl Dispatch {
             ending,
         };
         self.resolver.finished(&path, msg.client, &how);
-    }
-
-    fn refuse_busy(&self, msg: &Incoming) {
-        inc(&self.metrics.busy);
-        {
-            let mut log = self.busy_log.lock().unwrap_or_else(PoisonError::into_inner);
-            log.1 += 1;
-            if log.0.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                tracing::warn!(
-                    client = %msg.client,
-                    "tftp: transfer limit reached ({} running, tftp.max_transfers); refusing {} ({} refused so far)",
-                    self.config.max_transfers,
-                    msg.client,
-                    log.1
-                );
-                log.0 = Some(Instant::now());
-            }
-        }
-        // A short non-blocking send from a fresh socket on the address the client used.
-        if let Ok(s) = reply_socket(msg.local, msg.scope, msg.client) {
-            let _ = s.send(&packet::error(
-                code::NOT_DEFINED,
-                "server busy: transfer limit reached, try again later",
-            ));
-        }
-        self.tell_refused(msg, "server busy: transfer limit reached, try again later");
     }
 }
 

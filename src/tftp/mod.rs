@@ -12,9 +12,9 @@
 //! binds transfer sockets from the listener address, so a wildcard listener cannot
 //! reply from the address the client talked to.
 //!
-//! No panic path: the release build aborts on panic (`panic = "abort"`, so
-//! `catch_unwind` per transfer is not an option), and one transfer thread serves many
-//! machines; a panic on packet input would take the whole rack service down. So this
+//! No panic path: one transfer thread serves many machines, so a panic on packet
+//! input would end all their transfers and the thread (catching it per transfer would
+//! not be enough; see ARCHITECTURE.md, Trust boundaries). So this
 //! module denies `unwrap`, `expect`, indexing and slicing, `panic!`, `unreachable!`
 //! (tests excepted) and handles every case: a malformed packet is a `ParseError`, an
 //! impossible state is an I/O error that ends one transfer. Arithmetic on block

@@ -39,6 +39,15 @@ fn api_errors_are_json_with_a_message() {
     let r = rack_with_token(64 << 10, "auto = false", "");
     let s = r.env.serve_synced();
     let auth = format!("Authorization: Bearer {TOKEN}");
+    // curl arguments of a request with the token: method, then `extra`, then the URL.
+    let authed = |method: &str, extra: &[&str], url: String| -> Vec<String> {
+        let head = ["-X", method, "-H", &auth];
+        head.iter()
+            .chain(extra)
+            .map(|a| a.to_string())
+            .chain([url])
+            .collect()
+    };
     let cases: Vec<(Vec<String>, u16, &str)> = vec![
         (vec![s.url("/api/v1/nope")], 404, "no such endpoint"),
         (
@@ -73,65 +82,38 @@ fn api_errors_are_json_with_a_message() {
             "not a MAC address",
         ),
         (
-            vec![
-                "-X".into(),
-                "PUT".into(),
-                "-H".into(),
-                auth.clone(),
-                "-d".into(),
-                "{not json".into(),
-                s.url("/api/v1/sources/1"),
-            ],
+            authed("PUT", &["-d", "{not json"], s.url("/api/v1/sources/1")),
             400,
             "not JSON",
         ),
         (
-            vec![
-                "-X".into(),
-                "PUT".into(),
-                "-H".into(),
-                auth.clone(),
-                "-d".into(),
-                "[1, 2]".into(),
-                s.url("/api/v1/sources/1"),
-            ],
+            authed("PUT", &["-d", "[1, 2]"], s.url("/api/v1/sources/1")),
             400,
             "must be a JSON object",
         ),
         (
-            vec![
-                "-X".into(),
-                "PUT".into(),
-                "-H".into(),
-                auth.clone(),
-                "-d".into(),
-                "{\"nonsense\": 1}".into(),
+            authed(
+                "PUT",
+                &["-d", "{\"nonsense\": 1}"],
                 s.url("/api/v1/sources/1"),
-            ],
+            ),
             400,
             "nonsense",
         ),
         (
-            vec![
-                "-X".into(),
-                "DELETE".into(),
-                "-H".into(),
-                auth.clone(),
-                s.url("/api/v1/sources/7"),
-            ],
+            authed("DELETE", &[], s.url("/api/v1/sources/7")),
             404,
             "no boot source 7",
         ),
         (
-            vec![
-                "-X".into(),
-                "POST".into(),
-                "-H".into(),
-                auth.clone(),
-                "--data-binary".into(),
-                format!("{{\"x\": \"{}\"}}", "a".repeat(100 << 10)),
+            authed(
+                "POST",
+                &[
+                    "--data-binary",
+                    &format!("{{\"x\": \"{}\"}}", "a".repeat(100 << 10)),
+                ],
                 s.url("/api/v1/sources"),
-            ],
+            ),
             413,
             "request body",
         ),

@@ -439,11 +439,7 @@ fn files_written_as_root_keep_the_state_dirs_owner_and_intended_modes() {
         ))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, "sync under umask 022");
     r.env
         .ok(&["machines", "set", "52:54:00:12:34:56", "local_boot=true"]);
     for name in [
@@ -495,25 +491,22 @@ fn an_unreadable_current_manifest_serves_the_newest_complete_generation() {
     let snaps = r.env.state.join("snapshots");
     let aside = r.env.dir.path().join("aside");
     std::fs::create_dir_all(&aside).unwrap();
-    assert!(std::process::Command::new("cp")
-        .args(["-a"])
-        .arg(snaps.join("1"))
-        .arg(snaps.join("1.json"))
-        .arg(&aside)
-        .status()
-        .unwrap()
-        .success());
+    // Generation 1 (its tree and manifest) copied from one directory to another.
+    let copy_gen1 = |from: &std::path::Path, to: &std::path::Path| {
+        assert!(std::process::Command::new("cp")
+            .args(["-a"])
+            .arg(from.join("1"))
+            .arg(from.join("1.json"))
+            .arg(to)
+            .status()
+            .unwrap()
+            .success());
+    };
+    copy_gen1(&snaps, &aside);
     publish_version(&r, 1);
     r.env.ok(&["sync"]);
     assert_eq!(r.env.current_generation(), Some(2));
-    assert!(std::process::Command::new("cp")
-        .args(["-a"])
-        .arg(aside.join("1"))
-        .arg(aside.join("1.json"))
-        .arg(&snaps)
-        .status()
-        .unwrap()
-        .success());
+    copy_gen1(&aside, &snaps);
     std::fs::write(snaps.join("2.json"), b"{ not json").unwrap();
     // Leftovers of a crash: removed at start.
     let stray = r.env.state.join("tmp/snapshot-9");
@@ -596,11 +589,7 @@ fn two_mirrors_into_one_dest_the_second_is_refused() {
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(err.contains("another rackboot mirror"), "{err}");
     let first = wait_output(first, Duration::from_secs(60));
-    assert!(
-        first.status.success(),
-        "{}",
-        String::from_utf8_lossy(&first.stderr)
-    );
+    assert_success(&first, "the first mirror");
     assert!(dest.join(".data/references.json").is_file());
     for p in &strays {
         assert!(!p.exists(), "{} was left", p.display());

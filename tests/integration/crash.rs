@@ -393,11 +393,7 @@ fn a_full_or_read_only_state_dir_keeps_serving_and_wipes_nothing() {
         .arg(&env.state)
         .output()
         .unwrap();
-    assert!(
-        ro.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ro.stderr)
-    );
+    assert_success(&ro, "remount read-only");
     write_stream(&env.mirror, &products("20261121", 64 << 10), &r.key, SHA512);
     let out = env.run(&["sync"]);
     let err = String::from_utf8_lossy(&out.stderr).to_string();

@@ -83,15 +83,18 @@ arches = [{arches}]
         c
     }
 
-    /// Runs rackboot to completion (at most `limit`), returning its output.
-    pub fn run_for(&self, args: &[&str], limit: Duration) -> Output {
-        let child = self
-            .command(args)
+    /// Starts rackboot with `args`, its output piped (for [`wait_output`]).
+    pub fn spawn(&self, args: &[&str]) -> Child {
+        self.command(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap();
-        wait_output(child, limit)
+            .unwrap()
+    }
+
+    /// Runs rackboot to completion (at most `limit`), returning its output.
+    pub fn run_for(&self, args: &[&str], limit: Duration) -> Output {
+        wait_output(self.spawn(args), limit)
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
@@ -325,6 +328,16 @@ impl Served {
         curl(&[&self.url(path)])
     }
 
+    /// Each path, sent as it is (no client-side cleaning), gets a 400 or 404 and no
+    /// line of `/etc/passwd`.
+    pub fn assert_traversals_refused(&self, paths: &[&str]) {
+        for p in paths {
+            let (code, body) = curl(&["--path-as-is", &self.url(p)]);
+            assert!(code == 400 || code == 404, "{p}: {code}");
+            assert!(!String::from_utf8_lossy(&body).contains("root:"), "{p}");
+        }
+    }
+
     /// The daemon's status document.
     pub fn status(&self) -> serde_json::Value {
         let (code, body) = self.get("/api/v1/status");
@@ -464,6 +477,16 @@ impl Drop for SlowDownload {
             let _ = c.wait();
         }
     }
+}
+
+/// Fails with `what`, the exit status and stderr unless `out` is a success.
+pub fn assert_success(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what}: {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Runs a client program with a time limit; returns its output.
@@ -752,11 +775,7 @@ pub fn self_signed(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
         ],
         Duration::from_secs(30),
     );
-    assert!(
-        out.status.success(),
-        "openssl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, "openssl");
     (cert, key)
 }
 

@@ -210,15 +210,22 @@ fn sync_refuses_hostile_fields(signed: bool) {
     }
 }
 
-#[test]
-fn sync_refuses_hostile_fields_signed() {
-    sync_refuses_hostile_fields(true);
+/// The two tests of one check: over a signed stream and over an unsigned one.
+macro_rules! signed_and_unsigned {
+    ($check:ident: $signed:ident, $unsigned:ident) => {
+        #[test]
+        fn $signed() {
+            $check(true);
+        }
+
+        #[test]
+        fn $unsigned() {
+            $check(false);
+        }
+    };
 }
 
-#[test]
-fn sync_refuses_hostile_fields_unsigned() {
-    sync_refuses_hostile_fields(false);
-}
+signed_and_unsigned!(sync_refuses_hostile_fields: sync_refuses_hostile_fields_signed, sync_refuses_hostile_fields_unsigned);
 
 fn sync_refuses_hostile_item_paths(signed: bool) {
     let rig = Rig::new(signed);
@@ -256,15 +263,7 @@ fn sync_refuses_hostile_item_paths(signed: bool) {
     }
 }
 
-#[test]
-fn sync_refuses_hostile_item_paths_signed() {
-    sync_refuses_hostile_item_paths(true);
-}
-
-#[test]
-fn sync_refuses_hostile_item_paths_unsigned() {
-    sync_refuses_hostile_item_paths(false);
-}
+signed_and_unsigned!(sync_refuses_hostile_item_paths: sync_refuses_hostile_item_paths_signed, sync_refuses_hostile_item_paths_unsigned);
 
 fn sync_refuses_hostile_content_ids(signed: bool) {
     let rig = Rig::new(signed);
@@ -275,15 +274,7 @@ fn sync_refuses_hostile_content_ids(signed: bool) {
     }
 }
 
-#[test]
-fn sync_refuses_hostile_content_ids_signed() {
-    sync_refuses_hostile_content_ids(true);
-}
-
-#[test]
-fn sync_refuses_hostile_content_ids_unsigned() {
-    sync_refuses_hostile_content_ids(false);
-}
+signed_and_unsigned!(sync_refuses_hostile_content_ids: sync_refuses_hostile_content_ids_signed, sync_refuses_hostile_content_ids_unsigned);
 
 /// A `tar.xz` with one member whose name is written into the header as is (the tar
 /// builder refuses `..` and absolute names).

@@ -93,18 +93,14 @@ fn keep_alive_symlinks_out_and_more_hostile_paths() {
     let (code, body) = s.get("/in-tree/amd64/generic/noble/stable/boot-kernel");
     assert_eq!((code, body), (200, kernel_of("20261101", 64 << 10)));
     // Encoded and mixed traversal spellings, NUL, backslash, double encoding.
-    for p in [
+    s.assert_traversals_refused(&[
         "/%2E%2E/%2E%2E/etc/passwd",
         "/ubuntu/%2e%2e%2f%2e%2e%2f%2e%2e%2fetc%2fpasswd",
         "/.%2e/.%2e/etc/passwd",
         "/ubuntu/..%5c..%5cetc%5cpasswd",
         "/maas.meta%00.png",
         "/%252e%252e/%252e%252e/etc/passwd",
-    ] {
-        let (code, body) = curl(&["--path-as-is", &s.url(p)]);
-        assert!(code == 400 || code == 404, "{p}: {code}");
-        assert!(!String::from_utf8_lossy(&body).contains("root:"), "{p}");
-    }
+    ]);
     // `//` and `/./` collapse (UEFI HTTP boot asks for `//grubx64.efi`).
     let (code, _) = curl(&[
         "--path-as-is",

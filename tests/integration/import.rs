@@ -91,12 +91,7 @@ fn stop_import_without_a_daemon_stops_the_running_sync() {
         &["amd64"],
         &format!("[http]\nlisten = [\"127.0.0.1:{port}\"]\n"),
     );
-    let sync = env
-        .command(&["sync"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let sync = env.spawn(&["sync"]);
     let pid = sync.id();
     wait_until(
         Duration::from_secs(30),

@@ -60,38 +60,19 @@ fn signed_mirror_syncs_then_noop_is_one_conditional_request() {
     assert_current_matches(&env, &products, &["amd64", "arm64"]);
     let cur = env.current();
     // Bootloaders unpacked to the names firmware asks for.
-    assert_eq!(
-        std::fs::read(cur.join("pxelinux.0")).unwrap(),
-        b"lpxelinux-bios-http"
-    );
-    assert_eq!(
-        std::fs::read(cur.join("lpxelinux.0")).unwrap(),
-        b"lpxelinux-bios-http"
-    );
-    assert_eq!(
-        std::fs::read(cur.join("bootx64.efi")).unwrap(),
-        payload(3, 5000)
-    );
-    assert_eq!(
-        std::fs::read(cur.join("grubx64.efi")).unwrap(),
-        payload(4, 6000)
-    );
-    assert_eq!(
-        std::fs::read(cur.join("grub/x86_64-efi/http.mod")).unwrap(),
-        payload(5, 700)
-    );
-    assert_eq!(
-        std::fs::read(cur.join("grubaa64.efi")).unwrap(),
-        payload(6, 6000)
-    );
-    assert_eq!(
-        std::fs::read(cur.join("bootaa64.efi")).unwrap(),
-        payload(7, 5000)
-    );
-    assert_eq!(
-        std::fs::read(cur.join("syslinux/ldlinux.c32")).unwrap(),
-        payload(1, 4000)
-    );
+    let bios = b"lpxelinux-bios-http".to_vec();
+    for (name, want) in [
+        ("pxelinux.0", bios.clone()),
+        ("lpxelinux.0", bios),
+        ("bootx64.efi", payload(3, 5000)),
+        ("grubx64.efi", payload(4, 6000)),
+        ("grub/x86_64-efi/http.mod", payload(5, 700)),
+        ("grubaa64.efi", payload(6, 6000)),
+        ("bootaa64.efi", payload(7, 5000)),
+        ("syslinux/ldlinux.c32", payload(1, 4000)),
+    ] {
+        assert!(std::fs::read(cur.join(name)).unwrap() == want, "{name}");
+    }
     let meta: serde_json::Value =
         serde_json::from_slice(&std::fs::read(cur.join("maas.meta")).unwrap()).unwrap();
     assert_eq!(
@@ -559,12 +540,7 @@ fn concurrent_syncs_never_corrupt() {
     let (env, key, server) = setup(&["amd64", "arm64"]);
     let products = standard(&env, &key, "20261101");
     server.fault("squashfs", Fault::Throttle(1 << 20));
-    let a = env
-        .command(&["sync"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let a = env.spawn(&["sync"]);
     // The lock is an flock on state_dir/lock (visible in /proc/locks by inode).
     let locked = || {
         use std::os::unix::fs::MetadataExt;
@@ -598,16 +574,11 @@ fn concurrent_syncs_never_corrupt() {
         "{stderr}"
     );
     // A third waits for the first, then finds nothing to do.
-    let c = env
-        .command(&["sync"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let c = env.spawn(&["sync"]);
     let a = wait_output(a, Duration::from_secs(60));
     let c = wait_output(c, Duration::from_secs(60));
-    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
-    assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+    assert_success(&a, "the first sync");
+    assert_success(&c, "the second sync");
     assert!(
         String::from_utf8_lossy(&c.stderr).contains("waiting"),
         "the waiter said it waits"

@@ -145,11 +145,7 @@ fn ipv6_with_real_clients() {
         &["-6", "::1", &port, "-m", "binary", "-c", "get", KERNEL, o],
         Duration::from_secs(70),
     );
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    assert_success(&res, "tftp-hpa over IPv6");
     assert_eq!(file_sha256(&out), want, "tftp-hpa over ::1");
     // Windowed, from a raw socket: every packet comes from ::1, one transfer port.
     let sock = client("[::1]:0", Duration::from_secs(5));
@@ -368,18 +364,7 @@ fn error_code(reply: &[u8]) -> u16 {
 }
 
 fn rrq(name: &str, opts: &[(&str, &str)]) -> Vec<u8> {
-    let mut v = vec![0, 1];
-    for s in [name, "octet"] {
-        v.extend_from_slice(s.as_bytes());
-        v.push(0);
-    }
-    for (k, val) in opts {
-        v.extend_from_slice(k.as_bytes());
-        v.push(0);
-        v.extend_from_slice(val.as_bytes());
-        v.push(0);
-    }
-    v
+    packet::rrq(name, "octet", opts)
 }
 
 #[test]
@@ -516,10 +501,6 @@ fn tftp_100_mib_with_blksize_512_rolls_over() {
         ],
         Duration::from_secs(320),
     );
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    assert_success(&res, "curl");
     assert_eq!(file_sha256(&out), sha256_hex(&want));
 }

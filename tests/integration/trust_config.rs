@@ -569,11 +569,7 @@ fn concurrent_cli_and_api_writes_are_all_kept() {
         .collect();
     for c in children {
         let out = wait_output(c, Duration::from_secs(60));
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_success(&out, "a concurrent CLI edit");
     }
     for t in api {
         assert_eq!(t.join().unwrap(), (200, 200));

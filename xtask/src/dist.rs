@@ -18,7 +18,7 @@
 //! SIGTERM must stop it with status 0. The x86_64 server's idle RSS is reported.
 
 use std::fmt::Write as _;
-use std::io::Read as _;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -157,11 +157,16 @@ pub fn build_x86_64() -> Result<PathBuf> {
 
 /// The SHA-256 of a file, read 1 MiB at a time.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    Ok(sha256_reader(f)?)
+}
+
+/// The SHA-256 (hex) of what `r` yields to its end, read 1 MiB at a time.
+pub fn sha256_reader(mut r: impl Read) -> std::io::Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf)?;
+        let n = r.read(&mut buf)?;
         if n == 0 {
             break;
         }
@@ -277,14 +282,6 @@ struct Smoke {
     idle_rss_kib: Option<u64>,
 }
 
-fn rss_kib(pid: u32) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
 /// Downloads `url` to `out` with curl (failing on an HTTP error, within 60 s).
 fn curl_to(url: &str, out: &Path) -> Result<()> {
     let out = out.to_str().context("utf-8 path")?;
@@ -349,7 +346,7 @@ fn smoke(t: &Target, bin: &Path, stream: &crate::demo_stream::Summary) -> Result
     }
     std::thread::sleep(Duration::from_millis(500));
     let idle_rss_kib = if t.runner.is_none() {
-        rss_kib(serve.pid())
+        crate::proc::status_kib(serve.pid(), "VmRSS")
     } else {
         None
     };

@@ -20,6 +20,15 @@ pub struct Guard {
     grace: Option<Duration>,
 }
 
+/// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`, …) while `pid` lives.
+pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 impl Guard {
     /// Starts `program args…` in its own process group with stdout and stderr to
     /// `log`; through setpriv's parent-death signal it also dies with xtask.
@@ -63,6 +72,18 @@ impl Guard {
             group: true,
             grace: None,
         })
+    }
+
+    /// Starts `c` with no input and its output discarded (a server whose log is not
+    /// read), guarded as [`Guard::adopt`] does.
+    pub fn spawn_quiet(mut c: Command, what: &str) -> Result<Guard> {
+        let child = c
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {what}"))?;
+        Ok(Guard::adopt(what, child))
     }
 
     /// Guards a child started elsewhere (killed by PID, through its handle).

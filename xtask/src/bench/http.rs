@@ -76,29 +76,13 @@ fn wrk_field(text: &str, label: &str, index: usize) -> String {
 impl Bench {
     fn start_http(&self, server: &str, port: u16) -> Result<Server> {
         Ok(match server {
-            "rackboot" => {
-                let config = self.dir.join("http.toml");
-                std::fs::write(
-                    &config,
-                    format!(
-                        "state_dir = \"{}\"\n[sync]\nauto = false\n[tftp]\nlisten = []\n[http]\nlisten = [\"127.0.0.1:{port}\"]\n# every client is 127.0.0.1\nmax_connections_per_client = 10000\n[[sources]]\nurl = \"file:///nonexistent/streams/v1/index.json\"\nunsigned = true\n",
-                        self.dir.join("state").display()
-                    ),
-                )?;
-                // rackboot raises its own open-files limit.
-                Server::Rackboot(Proc::adopt(
-                    "rackboot",
-                    Command::new(&self.bin)
-                        .arg("--config")
-                        .arg(&config)
-                        .arg("serve")
-                        .stdin(Stdio::null())
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .spawn()
-                        .context("cannot start rackboot")?,
-                ))
-            }
+            "rackboot" => Server::Rackboot(self.serve_rackboot(
+                "http.toml",
+                "listen = []",
+                &format!(
+                    "listen = [\"127.0.0.1:{port}\"]\n# every client is 127.0.0.1\nmax_connections_per_client = 10000"
+                ),
+            )?),
             _ => {
                 let prefix = self.dir.join("nginx");
                 std::fs::create_dir_all(prefix.join("logs"))?;
@@ -106,34 +90,13 @@ impl Bench {
                 std::fs::write(
                     &conf,
                     format!(
-                        "worker_processes {};\nworker_rlimit_nofile 65536;\nerror_log stderr;\npid {}/nginx.pid;\nevents {{ worker_connections 8192; }}\nhttp {{ access_log off; sendfile on; tcp_nopush on; keepalive_requests 100000;\n server {{ listen 127.0.0.1:{port}; root {}; }} }}\n",
+                        "daemon off;\nworker_processes {};\nworker_rlimit_nofile 65536;\nerror_log stderr;\npid {}/nginx.pid;\nevents {{ worker_connections 8192; }}\nhttp {{ access_log off; sendfile on; tcp_nopush on; keepalive_requests 100000;\n server {{ listen 127.0.0.1:{port}; root {}; }} }}\n",
                         num_cpus(),
                         prefix.display(),
                         self.snapshot.display()
                     ),
                 )?;
-                // nginx stops the way it expects: SIGTERM to the master, which
-                // takes its workers down.
-                Server::Nginx(
-                    Proc::adopt(
-                        "nginx",
-                        Command::new("nginx")
-                            .args([
-                                "-p",
-                                prefix.to_str().expect("utf-8"),
-                                "-c",
-                                conf.to_str().expect("utf-8"),
-                                "-g",
-                                "daemon off;",
-                            ])
-                            .stdin(Stdio::null())
-                            .stdout(Stdio::null())
-                            .stderr(Stdio::null())
-                            .spawn()
-                            .context("cannot start nginx")?,
-                    )
-                    .term_first(Duration::from_secs(5)),
-                )
+                Server::Nginx(start_nginx(&prefix, &conf)?)
             }
         })
     }
@@ -141,26 +104,16 @@ impl Bench {
     /// One checked download: a fast wrong answer is worth nothing. Hashed as it
     /// streams from curl (no file written: writeback would disturb the timed runs).
     fn http_check(&self, server: &str, url: &str, want_sha: &str) -> Result<()> {
-        use std::io::Read;
         let mut child = Command::new("curl")
             .args(["-sf", "--max-time", "60", url])
             .stdout(Stdio::piped())
             .spawn()?;
-        let mut out = child.stdout.take().expect("piped");
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = out.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
+        let out = child.stdout.take().expect("piped");
+        let got = crate::dist::sha256_reader(out)?;
         let status = child.wait()?;
         if !status.success() {
             bail!("{server}: curl {url} failed: {status}");
         }
-        let got = hex::encode(h.finalize());
         if got != want_sha {
             bail!("{server}: {url} has sha256 {got}, want {want_sha}");
         }

@@ -49,14 +49,23 @@ struct Bench {
 }
 
 fn spawn(program: &Path, args: &[&str]) -> Result<Proc> {
-    let child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("cannot start {}", program.display()))?;
-    Ok(Proc::adopt(&program.display().to_string(), child))
+    let mut c = Command::new(program);
+    c.args(args);
+    Proc::spawn_quiet(c, &program.display().to_string())
+}
+
+/// nginx with prefix `prefix` and config `conf` (which keeps it in the foreground),
+/// stopped the way it expects: SIGTERM to the master, which takes its workers down (a
+/// SIGKILL would leave them listening).
+fn start_nginx(prefix: &Path, conf: &Path) -> Result<Proc> {
+    let mut c = Command::new("nginx");
+    c.args([
+        "-p",
+        prefix.to_str().context("utf-8")?,
+        "-c",
+        conf.to_str().context("utf-8")?,
+    ]);
+    Ok(Proc::spawn_quiet(c, "nginx")?.term_first(Duration::from_secs(5)))
 }
 
 pub(crate) fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
@@ -114,14 +123,7 @@ fn mib_s(bytes: u64, d: Duration) -> f64 {
 }
 
 fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
+    crate::proc::status_kib(pid, "VmHWM").unwrap_or(0)
 }
 
 pub fn run(args: &[String]) -> Result<()> {
@@ -134,7 +136,7 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     let all = args.is_empty();
     let want = |k: &str| all || args.iter().any(|a| a == k);
-    prereq::ensure_debs(&[
+    let root = setup(&[
         "atftp",
         "tftpd-hpa",
         "dnsmasq-base",
@@ -142,8 +144,6 @@ pub fn run(args: &[String]) -> Result<()> {
         "wrk",
         "curl",
     ])?;
-    let root = crate::root();
-    std::env::set_current_dir(&root)?;
     // The binary that ships: static musl, `dist` profile (fat LTO, mimalloc).
     let shipped = match std::env::consts::ARCH {
         "x86_64" => &crate::dist::X86_64,
@@ -204,6 +204,15 @@ pub fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Installs the peers and tools a bench needs (`debs`) and moves to the repository
+/// root, which it returns.
+fn setup(debs: &[&str]) -> Result<PathBuf> {
+    prereq::ensure_debs(debs)?;
+    let root = crate::root();
+    std::env::set_current_dir(&root)?;
+    Ok(root)
+}
+
 fn native_arch() -> Result<String> {
     Ok(prereq::output("dpkg", &["--print-architecture"])?
         .trim()
@@ -244,25 +253,35 @@ impl Bench {
         Ok(t.elapsed())
     }
 
+    /// Starts the shipped rackboot serving the bench's state dir (no sync) with config
+    /// file `name`; `tftp` and `http` are the lines of its `[tftp]` and `[http]` tables.
+    /// It raises its own open-files limit.
+    fn serve_rackboot(&self, name: &str, tftp: &str, http: &str) -> Result<Proc> {
+        let config = self.dir.join(name);
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir = \"{}\"\n[sync]\nauto = false\n[tftp]\n{tftp}\n[http]\n{http}\n[[sources]]\nurl = \"file:///nonexistent/streams/v1/index.json\"\nunsigned = true\n",
+                self.dir.join("state").display(),
+            ),
+        )?;
+        spawn(
+            &self.bin,
+            &["--config", config.to_str().context("utf-8")?, "serve"],
+        )
+    }
+
     fn start_server(&self, which: &str, port: u16) -> Result<Proc> {
         let root = self.snapshot.to_str().expect("utf-8");
         let addr = format!("127.0.0.1:{port}");
         let p = match which {
-            "rackboot" => {
-                let config = self.dir.join("serve.toml");
-                std::fs::write(
-                    &config,
-                    format!(
-                        "state_dir = \"{}\"\n[sync]\nauto = false\n[tftp]\nlisten = [\"{addr}\"]\n# every load-generator client is 127.0.0.1: one address stands for a whole rack\nmax_transfers_per_client = 10000\n[http]\nlisten = [\"127.0.0.1:{}\"]\n[[sources]]\nurl = \"file:///nonexistent/streams/v1/index.json\"\nunsigned = true\n",
-                        self.dir.join("state").display(),
-                        free_tcp_port()?
-                    ),
-                )?;
-                spawn(
-                    &self.bin,
-                    &["--config", config.to_str().expect("utf-8"), "serve"],
-                )?
-            }
+            "rackboot" => self.serve_rackboot(
+                "serve.toml",
+                &format!(
+                    "listen = [\"{addr}\"]\n# every load-generator client is 127.0.0.1: one address stands for a whole rack\nmax_transfers_per_client = 10000"
+                ),
+                &format!("listen = [\"127.0.0.1:{}\"]", free_tcp_port()?),
+            )?,
             "tftpd-hpa" => spawn(
                 Path::new("/usr/sbin/in.tftpd"),
                 &["-L", "-l", "-a", &addr, "-u", "root", "-s", root],

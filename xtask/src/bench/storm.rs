@@ -156,15 +156,13 @@ pub fn run(args: &[String]) -> Result<()> {
         return generator(Path::new(spec));
     }
     let o = parse_opts(args)?;
-    prereq::ensure_debs(&[
+    let root = setup(&[
         "dnsmasq-base",
         "nginx-light",
         "shim-signed",
         "grub-efi-amd64-signed",
         "xz-utils",
     ])?;
-    let root = crate::root();
-    std::env::set_current_dir(&root)?;
     let target = prereq::target_dir(&root);
     let (bin, xtask) = match &o.bin {
         Some(bin) => (std::fs::canonicalize(bin)?, std::env::current_exe()?),
@@ -517,35 +515,19 @@ impl Setup {
                     root = peer.display()
                 ),
             )?;
-            let ng = Command::new("nginx")
-                .args([
-                    "-p",
-                    self.dir.to_str().context("utf-8")?,
-                    "-c",
-                    conf.to_str().context("utf-8")?,
-                ])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("cannot start nginx")?;
-            let ng_pid = ng.id();
-            nginx_guard = Some(Proc::adopt("nginx", ng).term_first(Duration::from_secs(5)));
+            let ng = start_nginx(&self.dir, &conf)?;
+            let ng_pid = ng.pid();
+            nginx_guard = Some(ng);
             wait_tcp(port)?;
-            let dm = Command::new("sh")
-                .arg("-c")
-                .arg(format!(
-                    "ulimit -n 65536 2>/dev/null || ulimit -n 20000; exec /usr/sbin/dnsmasq --keep-in-foreground --conf-file=/dev/null --port=0 --enable-tftp --tftp-root={} --listen-address=127.0.0.2 --bind-interfaces --tftp-max={} --user=root --pid-file=",
-                    peer.display(),
-                    n + 100
-                ))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("cannot start dnsmasq")?;
-            let dm_pid = dm.id();
-            procs.push(Proc::adopt("dnsmasq", dm));
+            let mut dm = Command::new("sh");
+            dm.arg("-c").arg(format!(
+                "ulimit -n 65536 2>/dev/null || ulimit -n 20000; exec /usr/sbin/dnsmasq --keep-in-foreground --conf-file=/dev/null --port=0 --enable-tftp --tftp-root={} --listen-address=127.0.0.2 --bind-interfaces --tftp-max={} --user=root --pid-file=",
+                peer.display(),
+                n + 100
+            ));
+            let dm = Proc::spawn_quiet(dm, "dnsmasq")?;
+            let dm_pid = dm.pid();
+            procs.push(dm);
             std::thread::sleep(Duration::from_millis(500));
             let mut pids = vec![dm_pid, ng_pid];
             pids.extend(children(ng_pid));

@@ -110,22 +110,7 @@ fn nginx(dir: &Path, root: &Path, port: u16) -> Result<Proc> {
     )?;
     // nginx stops the way it expects: SIGTERM to the master, which takes its workers
     // down (a SIGKILL would leave them listening).
-    let p = Proc::adopt(
-        "nginx",
-        Command::new("nginx")
-            .args([
-                "-p",
-                prefix.to_str().context("utf-8")?,
-                "-c",
-                conf.to_str().context("utf-8")?,
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("cannot start nginx")?,
-    )
-    .term_first(Duration::from_secs(5));
+    let p = start_nginx(&prefix, &conf)?;
     for _ in 0..100 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return Ok(p);
