@@ -12,6 +12,7 @@ use crate::config::{self, Settings};
 use crate::store::Store;
 use crate::sync::{self, human_bytes, LiveProgress, ProgressMode};
 
+mod boots;
 mod fsck;
 mod sources;
 mod status;
@@ -136,6 +137,16 @@ pub enum Command {
         #[arg(long, default_value_t = 4)]
         parallel: usize,
     },
+    /// What booting machines asked for, from the running daemon's boot log: every
+    /// machine with its last step and last file, or one machine's events.
+    Boots {
+        /// One machine's events (any common MAC spelling).
+        #[arg(value_name = "MAC")]
+        mac: Option<String>,
+        /// The daemon's HTTP address (default: from http.listen in the config).
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
+    },
 }
 
 /// An error that exits with status 2 (bad usage or bad config).
@@ -182,6 +193,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }),
         Command::Mirror { .. } => unreachable!("dispatched above"),
+        Command::Boots { mac, url } => {
+            boots::cmd(&cli, &settings, mac.as_deref(), url.as_deref()).await
+        }
     }
 }
 

@@ -35,7 +35,7 @@ use crate::bootcfg::{
 use crate::config::Settings;
 use crate::machines::{self, ImageRef};
 use crate::serve::{Daemon, Snapshot};
-use crate::tftp::{from_beneath, OpenError, Resolver, Source};
+use crate::tftp::{from_beneath, Ending, Finished, OpenError, Resolver, Source};
 
 /// Where this rack answers: the address the request came to and the HTTP port.
 #[derive(Clone, Debug)]
@@ -410,6 +410,29 @@ impl Resolver for TftpResolver {
                 path,
             )),
         }
+    }
+
+    /// Into the boot log (size probes are not: the real transfer follows).
+    fn finished(&self, path: &str, client: SocketAddr, how: &Finished<'_>) {
+        use crate::serve::bootlog::{FileEvent, FileResult, Kind};
+        let result = match &how.ending {
+            Ending::Ok => FileResult::Ok { status: None },
+            Ending::TsizeProbe => return,
+            Ending::Error { code, message } => FileResult::TftpError {
+                code: *code,
+                message: message.to_string(),
+            },
+            Ending::Stopped(why) => FileResult::Aborted(why.to_string()),
+        };
+        self.d.boots.file(FileEvent {
+            kind: Kind::Tftp,
+            client: client.ip(),
+            path,
+            query: None,
+            result,
+            bytes: how.bytes,
+            duration: how.duration,
+        });
     }
 }
 

@@ -1,7 +1,8 @@
 //! `/metrics` in the Prometheus/OpenMetrics text format (prometheus-client): TFTP and
 //! HTTP requests and bytes by file class, errors by kind, tsize probes, in-flight
-//! transfers, HTTP connections, sync runs/failures/duration/bytes, snapshot generation
-//! and age. Values are read from the servers' atomic counters at scrape time.
+//! transfers, HTTP connections, boot log machines by last step and events by kind,
+//! sync runs/failures/duration/bytes, snapshot generation and age. Values are read
+//! from the servers' atomic counters (and the boot log) at scrape time.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -69,6 +70,7 @@ impl Collector for DaemonCollector {
         encode_store(&mut e)?;
         encode_tftp(&mut e, &d.tftp_metrics)?;
         encode_http(&mut e, &d.http_metrics)?;
+        encode_boots(&mut e, &d.boots)?;
         encode_sync(&mut e, d)
     }
 }
@@ -222,6 +224,35 @@ fn encode_http(e: &mut DescriptorEncoder, h: &crate::http::HttpMetrics) -> std::
         h.connections_rejected.load(Relaxed),
     )?;
     Ok(())
+}
+
+/// The boot log: machines by the last step they reached, events by kind.
+fn encode_boots(e: &mut DescriptorEncoder, b: &crate::serve::bootlog::BootLog) -> std::fmt::Result {
+    let mut fam = e.encode_descriptor(
+        "rackboot_boot_machines",
+        "Machines in the boot log by the last step their boot reached (none: no file served yet)",
+        None,
+        prometheus_client::metrics::MetricType::Gauge,
+    )?;
+    for (step, n) in b.by_last_step() {
+        let labels = [(
+            "step".to_string(),
+            step.map_or("none", |s| s.label()).to_string(),
+        )];
+        ConstGauge::new(n as i64).encode(fam.encode_family(&labels)?)?;
+    }
+    let kinds: Vec<(&str, u64)> = crate::serve::bootlog::Kind::ALL
+        .iter()
+        .zip(&b.events_total)
+        .map(|(k, n)| (k.label(), n.load(Relaxed)))
+        .collect();
+    labelled_counter(
+        e,
+        "rackboot_boot_events",
+        "Boot log events recorded, by kind (dhcp_offer, tftp, http)",
+        "kind",
+        &kinds,
+    )
 }
 
 /// Sync runs and the served snapshot.

@@ -9,6 +9,8 @@
 
 /// What a booting machine gets: boot configs from the snapshot + settings, else files.
 pub mod boot;
+/// Per machine, the recent events of its boots (memory only, bounded).
+pub mod bootlog;
 /// `/metrics` (Prometheus text format).
 pub mod metrics;
 /// The HTTP routes (API, metrics, re-exported stream, files).
@@ -130,6 +132,8 @@ pub struct Daemon {
     /// Set by `POST /api/v1/sync` with `{"allow_downgrade": true}`: the next sync
     /// accepts signed metadata older than what was seen before (taken by that sync).
     pub allow_downgrade_once: std::sync::atomic::AtomicBool,
+    /// What booting machines asked for (`/api/v1/boots`, `rackboot boots`).
+    pub boots: Arc<bootlog::BootLog>,
 }
 
 impl Daemon {
@@ -728,6 +732,7 @@ impl Daemon {
             follow_failed: Default::default(),
             started: Instant::now(),
             allow_downgrade_once: std::sync::atomic::AtomicBool::new(false),
+            boots: Default::default(),
         });
         if let Some(s) = daemon.snapshot.borrow().as_ref() {
             daemon

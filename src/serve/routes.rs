@@ -83,7 +83,8 @@ impl App for Api {
     }
 }
 
-async fn route(d: Arc<Daemon>, req: Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
+async fn route(d: Arc<Daemon>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let started = std::time::Instant::now();
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     if let Some(rest) = path.strip_prefix("/api/v1/") {
@@ -134,6 +135,15 @@ async fn route(d: Arc<Daemon>, req: Request<Incoming>, _peer: SocketAddr) -> Res
     };
     let here = crate::serve::boot::Here::from_host(host, port);
     let dynamic_path = decoded.strip_prefix("images/").unwrap_or(&decoded);
+    // Recorded in the boot log when the response body is done.
+    let logged = crate::serve::bootlog::HttpRequest {
+        log: d.boots.clone(),
+        client: peer.ip(),
+        path: dynamic_path.to_string(),
+        query: req.uri().query().map(String::from),
+        started,
+        head: method == Method::HEAD,
+    };
     match crate::serve::boot::dynamic(
         &d.settings(),
         &snap,
@@ -149,14 +159,18 @@ async fn route(d: Arc<Daemon>, req: Request<Incoming>, _peer: SocketAddr) -> Res
             } else {
                 full(text)
             };
-            return Response::builder()
-                .header("content-type", "text/plain; charset=utf-8")
-                .header("content-length", len)
-                .header("cache-control", "no-store")
-                .body(body)
-                .expect("valid response");
+            return logged.answer(
+                Response::builder()
+                    .header("content-type", "text/plain; charset=utf-8")
+                    .header("content-length", len)
+                    .header("cache-control", "no-store")
+                    .body(body)
+                    .expect("valid response"),
+            );
         }
-        crate::serve::boot::Dynamic::NotFound => return error(StatusCode::NOT_FOUND, "not found"),
+        crate::serve::boot::Dynamic::NotFound => {
+            return logged.answer(error(StatusCode::NOT_FOUND, "not found"))
+        }
         crate::serve::boot::Dynamic::Static => {}
     }
     // The body keeps the snapshot: its generation is not collected while it is sent.
@@ -170,7 +184,7 @@ async fn route(d: Arc<Daemon>, req: Request<Incoming>, _peer: SocketAddr) -> Res
             return files.respond_as(&method, headers, &p, Some(rel)).await;
         }
     }
-    resp
+    logged.answer(resp)
 }
 
 fn collapse(path: &str) -> String {
@@ -630,6 +644,7 @@ fn images_page(d: &Daemon, head: bool) -> Response<Body> {
     let status = d.status();
     let sources = Sources::current(&settings).unwrap_or_default();
     let catalog = catalog(d);
+    let boots = d.boots.list().machines;
     let html = crate::serve::web::render(&crate::serve::web::Page {
         version: env!("CARGO_PKG_VERSION"),
         generation: snap.as_ref().map(|s| s.generation),
@@ -643,6 +658,7 @@ fn images_page(d: &Daemon, head: bool) -> Response<Body> {
             .map(|s| s.manifest.products.as_slice())
             .unwrap_or(&[]),
         writes_enabled: settings.http.token_file.is_some(),
+        boots: &boots,
     });
     let len = html.len();
     Response::builder()
@@ -678,6 +694,25 @@ fn api_read(
             &serde_json::to_value(status_doc(d)).expect("status serialises"),
         ),
         (["resources"], true) => json_response(StatusCode::OK, &resources_json(d)),
+        (["boots"], true) => json_response(
+            StatusCode::OK,
+            &serde_json::to_value(d.boots.list()).expect("boots serialise"),
+        ),
+        (["boots", mac], true) => {
+            let Some(mac) = crate::bootcfg::Mac::parse(mac) else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("{mac:?} is not a MAC address"),
+                );
+            };
+            match d.boots.machine(mac) {
+                Some(b) => json_response(
+                    StatusCode::OK,
+                    &serde_json::to_value(b).expect("boots serialise"),
+                ),
+                None => error(StatusCode::NOT_FOUND, format!("no boots logged for {mac}")),
+            }
+        }
         (["catalog"], true) => json_response(StatusCode::OK, &json!(catalog(d))),
         (["machines"], true) => match crate::machines::load(&settings.state_dir) {
             Ok(state) => {

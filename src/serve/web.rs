@@ -13,6 +13,7 @@ use std::fmt::Write as _;
 
 use crate::plan::ManifestProduct;
 use crate::select::CatalogEntry;
+use crate::serve::bootlog::BootSummary;
 use crate::serve::SyncStatus;
 use crate::state::StoredSource;
 
@@ -28,6 +29,8 @@ pub struct Page<'a> {
     pub resources: &'a [ManifestProduct],
     /// Whether the API accepts writes (a token file is configured).
     pub writes_enabled: bool,
+    /// The boot log's machines, most recent first.
+    pub boots: &'a [BootSummary],
 }
 
 /// Escapes text for HTML element content and double-quoted attribute values.
@@ -265,6 +268,44 @@ fn render_resources(h: &mut String, resources: &[ManifestProduct]) {
     }
 }
 
+/// Rows of "Recent boots" shown (the API and `rackboot boots` list them all).
+const BOOT_ROWS: usize = 20;
+
+/// The table of machines that booted lately, from the boot log.
+fn render_boots(h: &mut String, boots: &[BootSummary]) {
+    let _ = writeln!(h, "<h2>Recent boots</h2>");
+    if boots.is_empty() {
+        let _ = writeln!(
+            h,
+            "<p>No machine has asked for a boot file since the start.</p>"
+        );
+        return;
+    }
+    let _ = writeln!(
+        h,
+        "<table id=\"boots\"><tr><th>MAC</th><th>IP</th><th>Last step</th><th>Last file</th><th>Result</th><th>When</th></tr>"
+    );
+    for b in boots.iter().take(BOOT_ROWS) {
+        let (file, result) = match &b.last_event {
+            Some(e) => (e.file.as_str(), e.result.as_str()),
+            None => ("", ""),
+        };
+        let failed = b.last_event.as_ref().is_some_and(|e| !e.ok);
+        let _ = writeln!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td class=\"step\">{}</td><td>{}</td><td class=\"{}\">{}</td><td>{}</td></tr>",
+            esc(b.mac.as_deref().unwrap_or("(not known yet)")),
+            esc(&b.ip.map(|ip| ip.to_string()).unwrap_or_default()),
+            esc(b.last_step.map_or("none", |s| s.label())),
+            esc(file),
+            if failed { "err" } else { "ok" },
+            esc(result),
+            esc(&when(Some(b.last_seen)))
+        );
+    }
+    h.push_str("</table>\n");
+}
+
 /// Renders the page.
 pub fn render(p: &Page) -> String {
     let mut h = String::new();
@@ -311,6 +352,7 @@ pub fn render(p: &Page) -> String {
     }
 
     render_resources(&mut h, p.resources);
+    render_boots(&mut h, p.boots);
     let _ = write!(
         h,
         "<p>rackboot {}; <a href=\"/api/v1/status\">status</a>, <a href=\"/metrics\">metrics</a></p>\n<script>{SCRIPT}</script>\n</body></html>\n",
@@ -377,6 +419,7 @@ mod tests {
             catalog,
             resources: &[],
             writes_enabled: true,
+            boots: &[],
         })
     }
 
@@ -439,6 +482,30 @@ mod tests {
             ..Default::default()
         };
         let sources = [source()];
+        // A file name a client asked for is outside text too.
+        let boots = [crate::serve::bootlog::BootSummary {
+            mac: Some("52:54:00:12:34:56".into()),
+            ip: None,
+            first_seen: 0,
+            last_seen: 0,
+            last_step: Some(crate::serve::bootlog::Step::Config),
+            events: 1,
+            dropped: 0,
+            last_event: Some(crate::serve::bootlog::Event {
+                at_ms: 0,
+                kind: crate::serve::bootlog::Kind::Http,
+                ip: None,
+                file: "x/<script>alert(2)</script>".into(),
+                step: None,
+                ok: false,
+                result: "404".into(),
+                bytes: Some(0),
+                duration_ms: Some(0),
+                config: None,
+                config_for: None,
+                arch: None,
+            }),
+        }];
         let html = render(&Page {
             version: "0.1.0",
             generation: Some(3),
@@ -449,7 +516,12 @@ mod tests {
             catalog: &catalog,
             resources: &[],
             writes_enabled: true,
+            boots: &boots,
         });
+        assert!(
+            html.contains("<td>52:54:00:12:34:56</td><td></td><td class=\"step\">config</td><td>x/&lt;script&gt;alert(2)&lt;/script&gt;</td><td class=\"err\">404</td>"),
+            "{html}"
+        );
         assert!(html.contains("data-os=\"ubuntu\" data-release=\"noble\" data-arch=\"amd64\" aria-label=\"ubuntu noble amd64\" checked>"), "{html}");
         assert!(
             html.contains(
@@ -485,11 +557,13 @@ mod tests {
             catalog: &[],
             resources: &[],
             writes_enabled: false,
+            boots: &[],
         });
         assert!(html.contains("Changes are off"));
         assert!(html.contains("Automatic sync is paused"));
         assert!(html.contains("nothing served yet"));
         assert!(html.contains("No images listed yet"));
+        assert!(html.contains("No machine has asked for a boot file"));
     }
 
     proptest::proptest! {

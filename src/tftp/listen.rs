@@ -328,6 +328,27 @@ impl Dispatch {
         if let Ok(s) = reply_socket(msg.local, msg.scope, msg.client) {
             let _ = s.send(&packet::error(code::NOT_DEFINED, text));
         }
+        self.tell_refused(msg, text);
+    }
+
+    /// Tells the resolver that a read request was refused as busy.
+    fn tell_refused(&self, msg: &Incoming, message: &str) {
+        let Ok((false, req)) = &msg.request else {
+            return;
+        };
+        let Ok(path) = super::path::clean(&req.filename) else {
+            return;
+        };
+        let ending = super::resolver::Ending::Error {
+            code: code::NOT_DEFINED,
+            message,
+        };
+        let how = super::resolver::Finished {
+            bytes: 0,
+            duration: Duration::ZERO,
+            ending,
+        };
+        self.resolver.finished(&path, msg.client, &how);
     }
 }
 

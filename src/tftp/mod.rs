@@ -76,5 +76,7 @@ pub(crate) fn test_pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-pub use resolver::{from_beneath, open_under, DirResolver, OpenError, Resolver, Source};
+pub use resolver::{
+    from_beneath, open_under, DirResolver, Ending, Finished, OpenError, Resolver, Source,
+};
 pub use server::{serve, TftpConfig, TftpMetrics};

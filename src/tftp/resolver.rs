@@ -99,6 +99,34 @@ pub enum OpenError {
 pub trait Resolver: Send + Sync + 'static {
     /// `local` is the address the request was sent to (for URLs in generated files).
     fn open(&self, path: &str, client: SocketAddr, local: IpAddr) -> Result<Source, OpenError>;
+
+    /// Told once per read request, when it ended: after its transfer, or when it was
+    /// refused with an ERROR (`path` is then the name as asked if it did not clean).
+    /// Called on a transfer thread (or the listener, for "server busy"): keep it short.
+    fn finished(&self, _path: &str, _client: SocketAddr, _how: &Finished<'_>) {}
+}
+
+/// How a read request ended, for [`Resolver::finished`].
+#[derive(Debug)]
+pub struct Finished<'a> {
+    /// Payload bytes sent (retransmissions not counted twice).
+    pub bytes: u64,
+    /// From the request's arrival to its end.
+    pub duration: std::time::Duration,
+    pub ending: Ending<'a>,
+}
+
+/// The end of a read request.
+#[derive(Debug)]
+pub enum Ending<'a> {
+    /// Sent whole and acknowledged.
+    Ok,
+    /// A size probe: the client took the OACK's `tsize` and stopped.
+    TsizeProbe,
+    /// The server answered with this ERROR (refused, or failed while reading).
+    Error { code: u16, message: &'a str },
+    /// It stopped before the end: `timeout`, `aborted by the client`, `server stopping`.
+    Stopped(&'static str),
 }
 
 /// Serves a directory; the root may be a symlink (re-resolved per request); symlinks

@@ -26,7 +26,7 @@ use super::engine::{self, Action, Limits, Outcome, Transfer};
 use super::listen::{reply_socket, ActiveGuard, Dispatch, Incoming, Job};
 use super::netascii::{Netascii, MAX_NETASCII_SOURCE};
 use super::packet::{self, code, Mode, Packet};
-use super::resolver::{OpenError, Source};
+use super::resolver::{Ending, Finished, OpenError, Source};
 use super::server::inc;
 use super::window::{gso_supported, send_some, Window};
 use crate::file_class::FileClass;
@@ -265,6 +265,9 @@ struct Xfer {
     class: FileClass,
     started: Instant,
     span: Span,
+    /// For [`super::Resolver::finished`].
+    path: String,
+    client: std::net::SocketAddr,
     _guard: ActiveGuard,
 }
 
@@ -288,6 +291,17 @@ fn open_request(msg: Incoming, d: &Dispatch, sock: &std::net::UdpSocket) -> Opti
     let refuse = |code: u16, text: &str| {
         let _ = sock.send(&packet::error(code, text));
     };
+    // A refused read request: answered, and told to the resolver.
+    let refused = |path: &str, code: u16, message: &str| {
+        refuse(code, message);
+        let ending = Ending::Error { code, message };
+        let how = Finished {
+            bytes: 0,
+            duration: Duration::ZERO,
+            ending,
+        };
+        d.resolver.finished(path, client, &how);
+    };
     let (is_write, req) = match msg.request {
         Ok(r) => r,
         Err(e) => {
@@ -308,7 +322,7 @@ fn open_request(msg: Incoming, d: &Dispatch, sock: &std::net::UdpSocket) -> Opti
         Ok(p) => p,
         Err(e) => {
             inc(&metrics.access_violation);
-            refuse(code::ACCESS_VIOLATION, &e.to_string());
+            refused(&req.filename, code::ACCESS_VIOLATION, &e.to_string());
             span.in_scope(|| tracing::info!(outcome = "denied", "tftp: {e}"));
             return None;
         }
@@ -317,19 +331,19 @@ fn open_request(msg: Incoming, d: &Dispatch, sock: &std::net::UdpSocket) -> Opti
         Ok(s) => s,
         Err(OpenError::NotFound) => {
             inc(&metrics.not_found);
-            refuse(code::NOT_FOUND, "file not found");
+            refused(&path, code::NOT_FOUND, "file not found");
             span.in_scope(|| tracing::debug!(outcome = "not-found", "tftp: file not found"));
             return None;
         }
         Err(OpenError::AccessDenied) => {
             inc(&metrics.access_violation);
-            refuse(code::ACCESS_VIOLATION, "access denied");
+            refused(&path, code::ACCESS_VIOLATION, "access denied");
             span.in_scope(|| tracing::info!(outcome = "denied", "tftp: access denied"));
             return None;
         }
         Err(OpenError::Other(m)) => {
             inc(&metrics.transfers_failed);
-            refuse(code::NOT_DEFINED, &m);
+            refused(&path, code::NOT_DEFINED, &m);
             span.in_scope(|| tracing::warn!(outcome = "error", "tftp: {m}"));
             return None;
         }
@@ -337,7 +351,8 @@ fn open_request(msg: Incoming, d: &Dispatch, sock: &std::net::UdpSocket) -> Opti
     let netascii = if req.mode == Mode::Netascii {
         if source.len() > MAX_NETASCII_SOURCE {
             inc(&metrics.transfers_failed);
-            refuse(
+            refused(
+                &path,
                 code::NOT_DEFINED,
                 "netascii is served for files up to 1 MiB only; use octet mode",
             );
@@ -353,7 +368,7 @@ fn open_request(msg: Incoming, d: &Dispatch, sock: &std::net::UdpSocket) -> Opti
         match Netascii::new(&source) {
             Ok(n) => Some(n),
             Err(e) => {
-                refuse(code::NOT_DEFINED, "read error");
+                refused(&path, code::NOT_DEFINED, "read error");
                 span.in_scope(|| {
                     tracing::warn!(outcome = "error", "tftp: reading for netascii: {e}")
                 });
@@ -419,6 +434,16 @@ impl Xfer {
         ) {
             let _ = sock.send(&packet::error(code::NOT_DEFINED, "server error"));
             span.in_scope(|| tracing::warn!(outcome = "error", "tftp: epoll: {e}"));
+            let ending = Ending::Error {
+                code: code::NOT_DEFINED,
+                message: "server error",
+            };
+            let how = Finished {
+                bytes: 0,
+                duration: now.elapsed(),
+                ending,
+            };
+            d.resolver.finished(&path, client, &how);
             return None;
         }
         let class = FileClass::of(&path);
@@ -446,6 +471,8 @@ impl Xfer {
             class,
             started: now,
             span,
+            path,
+            client,
             _guard: guard,
         };
         x.act(first, ep);
@@ -641,5 +668,22 @@ impl Xfer {
                 "tftp transfer"
             );
         });
+        let ending = match (&self.failed, self.t.outcome()) {
+            (Some(_), _) => Ending::Error {
+                code: code::NOT_DEFINED,
+                message: "read error",
+            },
+            (None, Some(Outcome::Ok)) => Ending::Ok,
+            (None, Some(Outcome::TsizeProbe)) => Ending::TsizeProbe,
+            (None, Some(Outcome::Aborted)) => Ending::Stopped("aborted by the client"),
+            (None, Some(Outcome::Timeout)) => Ending::Stopped("timeout"),
+            (None, None) => Ending::Stopped("server stopping"),
+        };
+        let how = Finished {
+            bytes: self.sent_bytes,
+            duration: self.started.elapsed(),
+            ending,
+        };
+        d.resolver.finished(&self.path, self.client, &how);
     }
 }

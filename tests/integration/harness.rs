@@ -895,3 +895,53 @@ pub fn client(local: &str, timeout: Duration) -> UdpSocket {
     s.set_read_timeout(Some(timeout)).unwrap();
     s
 }
+
+impl Env {
+    /// Every file, directory entry and link under the state dir, files with their
+    /// hash: equal before and after means nothing there was written.
+    pub fn state_tree(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        walk(&self.state, &self.state, &mut out);
+        out
+    }
+}
+
+impl Served {
+    /// The boot log: `GET /api/v1/boots`, or `/api/v1/boots/<mac>`.
+    pub fn boots(&self, mac: Option<&str>) -> serde_json::Value {
+        let path = match mac {
+            Some(m) => format!("/api/v1/boots/{m}"),
+            None => "/api/v1/boots".into(),
+        };
+        let (code, body) = self.get(&path);
+        assert_eq!(code, 200, "{path}: {}", String::from_utf8_lossy(&body));
+        json(&body)
+    }
+
+    /// Waits (at most 30 s) until `mac`'s boot log holds `n` events, and returns it:
+    /// an HTTP request is logged when its response body is dropped, just after the
+    /// client has the last byte.
+    pub fn boots_with(&self, mac: &str, n: usize) -> serde_json::Value {
+        let mut last = serde_json::Value::Null;
+        wait_until(Duration::from_secs(30), "boot log events", || {
+            let (code, body) = self.get(&format!("/api/v1/boots/{mac}"));
+            if code == 200 {
+                last = json(&body);
+            }
+            last["event_list"].as_array().is_some_and(|e| e.len() >= n)
+        });
+        last
+    }
+}
+
+/// curl with its source address set to `from` (any 127.0.0.0/8 address is this
+/// host's), as if another machine asked: (HTTP status, body).
+pub fn curl_from(from: &str, url: &str) -> (u16, Vec<u8>) {
+    curl(&["--interface", from, url])
+}
+
+/// Fetches `path` with curl's TFTP client from source address `from`: the bytes, or
+/// curl's complaint (which names the TFTP error).
+pub fn tftp_from(s: &Served, from: &str, path: &str) -> Result<Vec<u8>, String> {
+    curl_download(&format!("tftp://{}/{path}", s.tftp), &["--interface", from])
+}

@@ -5,6 +5,7 @@
 
 mod api;
 mod bootcfg;
+mod bootlog;
 mod coherence;
 mod crash;
 mod gc;

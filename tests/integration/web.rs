@@ -236,6 +236,17 @@ fn images_page_in_headless_chromium_selects_and_syncs() {
         ),
     );
     let s = env.serve_synced();
+    // A machine boots over HTTP before the page is opened: "Recent boots" shows it.
+    let mac = "52:54:00:00:00:77";
+    let image = "images/ubuntu/amd64/generic/noble/stable";
+    for path in [
+        format!("/grub/grub.cfg-{mac}"),
+        format!("/{image}/boot-kernel"),
+        format!("/{image}/boot-initrd"),
+    ] {
+        assert_eq!(curl_from("127.0.0.77", &s.url(&path)).0, 200, "{path}");
+    }
+    assert_eq!(s.boots_with(mac, 3)["last_step"], "initrd");
 
     let driver = Driver::start();
     let profile = env.dir.path().join("chromium-profile");
@@ -254,6 +265,15 @@ fn images_page_in_headless_chromium_selects_and_syncs() {
         "{resources}"
     );
     assert!(!resources.contains("arm64/ga-24.04"), "{resources}");
+    let boots = browser.text("#boots");
+    let row = boots
+        .lines()
+        .find(|l| l.contains(mac))
+        .unwrap_or_else(|| panic!("{mac} not in Recent boots: {boots}"));
+    assert!(
+        row.contains("127.0.0.77") && row.contains("initrd") && row.contains("boot-initrd 200"),
+        "{row}"
+    );
 
     // Without the token, saving is refused and the page says why.
     browser.click(arm64);
