@@ -41,8 +41,22 @@ fn proxy_rack(dhcp_extra: &str) -> ProxyRack {
     );
     let rack_ns = Netns::new("rack");
     let seg = Netns::new("seg");
-    rack_ns.veth("rb0", "10.77.0.1/24", &seg, "cl0", "52:54:00:77:00:01", "10.77.0.50/24");
-    rack_ns.veth("rb1", "10.78.0.1/24", &seg, "cl1", "52:54:00:78:00:01", "10.78.0.50/24");
+    rack_ns.veth(
+        "rb0",
+        "10.77.0.1/24",
+        &seg,
+        "cl0",
+        "52:54:00:77:00:01",
+        "10.77.0.50/24",
+    );
+    rack_ns.veth(
+        "rb1",
+        "10.78.0.1/24",
+        &seg,
+        "cl1",
+        "52:54:00:78:00:01",
+        "10.78.0.50/24",
+    );
     let (served, _) = rack
         .env
         .serve_via(&rack_ns.exec(), &["HTTP", "DHCP", "PXE"], |_| {});
@@ -67,7 +81,8 @@ impl ProxyRack {
             s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())
                 .unwrap();
             let u: UdpSocket = s.into();
-            u.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+            u.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
             u
         })
     }
@@ -173,8 +188,30 @@ fn busybox_udhcpc_gets_a_proxy_offer_that_assigns_nothing() {
     // on port 68 of the same interface sees it too.
     let sock = r.client("cl0", 68);
     let mut udhcpc = Command::new("ip");
-    udhcpc.args(["netns", "exec", &r.seg.name, "busybox", "udhcpc", "-i", "cl0", "-f", "-q", "-n"]);
-    udhcpc.args(["-t", "3", "-T", "1", "-s", "/bin/true", "-V", BIOS, "-x", "0x5d:0000"]);
+    udhcpc.args([
+        "netns",
+        "exec",
+        &r.seg.name,
+        "busybox",
+        "udhcpc",
+        "-i",
+        "cl0",
+        "-f",
+        "-q",
+        "-n",
+    ]);
+    udhcpc.args([
+        "-t",
+        "3",
+        "-T",
+        "1",
+        "-s",
+        "/bin/true",
+        "-V",
+        BIOS,
+        "-x",
+        "0x5d:0000",
+    ]);
     let child = udhcpc
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -194,7 +231,11 @@ fn busybox_udhcpc_gets_a_proxy_offer_that_assigns_nothing() {
     // udhcpc gets no lease (no site DHCP here): it gives up after its 3 tries.
     let _ = crate::harness::wait_output(child, Duration::from_secs(20));
     let m = got.expect("udhcpc's DISCOVER got no offer");
-    assert_eq!(m.yiaddr(), Ipv4Addr::UNSPECIFIED, "a proxy assigns no address");
+    assert_eq!(
+        m.yiaddr(),
+        Ipv4Addr::UNSPECIFIED,
+        "a proxy assigns no address"
+    );
     assert_eq!(m.siaddr(), RACK_IP);
     assert!(m.flags().broadcast());
     assert_eq!(file(&m), "pxelinux.0");
@@ -224,18 +265,27 @@ fn offers_by_client_architecture_and_the_4011_ack() {
     // BIOS: the README's table, UUID echoed, option 43.
     let m = offer(&sock, &Ask::discover(BIOS, 0), 0x100);
     assert_eq!(file(&m), "pxelinux.0");
-    let Some(DhcpOption::ClientMachineIdentifier(uuid)) = opt(&m, OptionCode::ClientMachineIdentifier)
+    let Some(DhcpOption::ClientMachineIdentifier(uuid)) =
+        opt(&m, OptionCode::ClientMachineIdentifier)
     else {
         panic!("option 97 not echoed: {:?}", m.opts());
     };
     assert_eq!(uuid.len(), 17);
     assert_eq!(uuid[1], 0xa0);
     // UEFI PXE: iPXE by default (Debian's GRUB would not find the rack), no option 43.
-    let m = offer(&sock, &Ask::discover("PXEClient:Arch:00007:UNDI:003016", 7), 0x101);
+    let m = offer(
+        &sock,
+        &Ask::discover("PXEClient:Arch:00007:UNDI:003016", 7),
+        0x101,
+    );
     assert_eq!(file(&m), "ipxe/snponly.efi");
     assert_eq!(m.siaddr(), RACK_IP);
     assert!(opt(&m, OptionCode::VendorExtensions).is_none());
-    let m = offer(&sock, &Ask::discover("PXEClient:Arch:00011:UNDI:003000", 11), 0x102);
+    let m = offer(
+        &sock,
+        &Ask::discover("PXEClient:Arch:00011:UNDI:003000", 11),
+        0x102,
+    );
     assert_eq!(file(&m), "ipxe/ipxe-arm64.efi");
     // iPXE asks again with its user class: the boot script, by HTTP on the rack's port.
     let ask = Ask {
@@ -248,8 +298,15 @@ fn offers_by_client_architecture_and_the_4011_ack() {
         format!("http://{RACK_IP}:{http}/boot.ipxe?mac=52:54:00:77:00:01&arch=amd64")
     );
     // UEFI HTTP boot: a URL, option 60 HTTPClient.
-    let m = offer(&sock, &Ask::discover("HTTPClient:Arch:00016:UNDI:003001", 16), 0x104);
-    assert_eq!(file(&m), format!("http://{RACK_IP}:{http}/ipxe/ipxe-amd64.efi"));
+    let m = offer(
+        &sock,
+        &Ask::discover("HTTPClient:Arch:00016:UNDI:003001", 16),
+        0x104,
+    );
+    assert_eq!(
+        file(&m),
+        format!("http://{RACK_IP}:{http}/ipxe/ipxe-amd64.efi")
+    );
     assert_eq!(
         opt(&m, OptionCode::ClassIdentifier),
         Some(&DhcpOption::ClassIdentifier(b"HTTPClient".to_vec()))
@@ -266,8 +323,14 @@ fn offers_by_client_architecture_and_the_4011_ack() {
     assert_eq!(m.yiaddr(), Ipv4Addr::UNSPECIFIED);
     assert_eq!(file(&m), "ipxe/snponly.efi");
     let text = r.metrics();
-    assert_eq!(metric(&text, "rackboot_dhcp_replies_total{type=\"ack\"}"), 1.0);
-    assert_eq!(metric(&text, "rackboot_dhcp_replies_total{type=\"offer\"}"), 5.0);
+    assert_eq!(
+        metric(&text, "rackboot_dhcp_replies_total{type=\"ack\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&text, "rackboot_dhcp_replies_total{type=\"offer\"}"),
+        5.0
+    );
     // `uefi_loader = "shim"` is the README's shim names (checked in the unit tests
     // too); here the same request on port 67 is not ours to answer.
     broadcast(&sock, &ask.bytes(0x106));
@@ -279,9 +342,17 @@ fn offers_by_client_architecture_and_the_4011_ack() {
 fn shim_loader_offers_the_readme_names() {
     let r = proxy_rack("uefi_loader = \"shim\"\n");
     let sock = r.client("cl0", 68);
-    let m = offer(&sock, &Ask::discover("PXEClient:Arch:00007:UNDI:003016", 7), 0x200);
+    let m = offer(
+        &sock,
+        &Ask::discover("PXEClient:Arch:00007:UNDI:003016", 7),
+        0x200,
+    );
     assert_eq!(file(&m), "bootx64.efi");
-    let m = offer(&sock, &Ask::discover("PXEClient:Arch:00011:UNDI:003000", 11), 0x201);
+    let m = offer(
+        &sock,
+        &Ask::discover("PXEClient:Arch:00011:UNDI:003000", 11),
+        0x201,
+    );
     assert_eq!(file(&m), "bootaa64.efi");
     assert!(r.served.log_text().contains("uefi_loader = \"shim\""));
 }
@@ -309,14 +380,20 @@ fn per_mac_overrides_local_and_ipxe() {
         file(&offer(&sock, &Ask::discover(BIOS, 0), 0x302)),
         "ipxe/undionly.kpxe"
     );
-    r.rack
-        .env
-        .ok(&["machines", "set", mac, "dhcp_boot=bootloader/pxe/i386/pxelinux.0"]);
+    r.rack.env.ok(&[
+        "machines",
+        "set",
+        mac,
+        "dhcp_boot=bootloader/pxe/i386/pxelinux.0",
+    ]);
     assert_eq!(
         file(&offer(&sock, &Ask::discover(BIOS, 0), 0x303)),
         "bootloader/pxe/i386/pxelinux.0"
     );
-    let e = r.rack.env.fails(&["machines", "set", mac, "dhcp_boot=../../etc/passwd"], 2);
+    let e = r
+        .rack
+        .env
+        .fails(&["machines", "set", mac, "dhcp_boot=../../etc/passwd"], 2);
     assert!(e.contains("dhcp_boot"), "{e}");
 }
 
@@ -333,7 +410,13 @@ fn hostile_and_foreign_requests_are_dropped_counted_and_survived() {
     for (i, b) in noise.iter_mut().enumerate() {
         *b = (i * 7 + 3) as u8;
     }
-    for p in [&noise[..], &good[..100], &good[..239], &hlen[..], &vec![1u8; 9000][..]] {
+    for p in [
+        &noise[..],
+        &good[..100],
+        &good[..239],
+        &hlen[..],
+        &vec![1u8; 9000][..],
+    ] {
         broadcast(&sock, p);
     }
     // Not a boot client: a DISCOVER without option 60, and one as Windows sends it.
@@ -370,24 +453,36 @@ fn hostile_and_foreign_requests_are_dropped_counted_and_survived() {
     let other = r.client("cl1", 68);
     broadcast(&other, &Ask::discover(BIOS, 0).bytes(0x403));
     for xid in [0x401, 0x402, 0x403] {
-        assert!(reply(&sock, xid, Duration::from_millis(300)).is_none(), "{xid:#x}");
+        assert!(
+            reply(&sock, xid, Duration::from_millis(300)).is_none(),
+            "{xid:#x}"
+        );
     }
     assert!(reply(&other, 0x403, Duration::from_millis(500)).is_none());
     // Still alive, still answering.
-    assert_eq!(file(&offer(&sock, &Ask::discover(BIOS, 0), 0x404)), "pxelinux.0");
+    assert_eq!(
+        file(&offer(&sock, &Ask::discover(BIOS, 0), 0x404)),
+        "pxelinux.0"
+    );
     wait_until(Duration::from_secs(5), "the drop counters", || {
         r.dropped("malformed") >= 6.0
     });
     let text = r.metrics();
     let dropped = |reason: &str| {
-        metric(&text, &format!("rackboot_dhcp_dropped_total{{reason=\"{reason}\"}}"))
+        metric(
+            &text,
+            &format!("rackboot_dhcp_dropped_total{{reason=\"{reason}\"}}"),
+        )
     };
     assert_eq!(dropped("malformed"), 6.0, "{text}");
     // The flood of options has no option 60 left that says PXEClient: not a boot client.
     assert_eq!(dropped("not_pxe"), 4.0, "{text}");
     assert_eq!(dropped("wrong_interface"), 1.0, "{text}");
     assert!(metric(&text, "rackboot_dhcp_requests_total") >= 12.0);
-    assert!(r.served.log_text().contains("listening for DHCP on 0.0.0.0:67"));
+    assert!(r
+        .served
+        .log_text()
+        .contains("listening for DHCP on 0.0.0.0:67"));
 }
 
 #[test]
@@ -396,7 +491,10 @@ fn proxy_without_interfaces_refuses_to_start() {
     let out = r.rack_env_run(&["serve"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    let line = err.lines().find(|l| l.contains("dhcp.interfaces")).unwrap_or_else(|| panic!("{err}"));
+    let line = err
+        .lines()
+        .find(|l| l.contains("dhcp.interfaces"))
+        .unwrap_or_else(|| panic!("{err}"));
     assert!(line.contains("rackboot.toml"), "{line}");
 }
 
@@ -419,7 +517,12 @@ fn ipxe_binaries_are_served_from_ipxe_dir_over_tftp_and_http() {
     );
     let (code, body) = s.get("/ipxe/snponly.efi");
     assert_eq!((code, body.as_slice()), (200, &b"fake snponly\n"[..]));
-    for bad in ["/ipxe/missing.efi", "/ipxe/escape.efi", "/ipxe/..%2frackboot.toml", "/ipxe/.x"] {
+    for bad in [
+        "/ipxe/missing.efi",
+        "/ipxe/escape.efi",
+        "/ipxe/..%2frackboot.toml",
+        "/ipxe/.x",
+    ] {
         let (code, body) = s.get(bad);
         assert!(
             [400, 403, 404].contains(&code),

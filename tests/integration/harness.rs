@@ -927,7 +927,7 @@ impl Netns {
 
     /// The launcher that runs a program inside: `ip netns exec NAME`.
     pub fn exec(&self) -> [&str; 4] {
-        ["ip", "netns", "exec", self.name.as_str(), ]
+        ["ip", "netns", "exec", self.name.as_str()]
     }
 
     /// Runs `f` on a thread that entered the namespace: sockets it makes live there
@@ -948,12 +948,31 @@ impl Netns {
 
     /// A `veth` pair, `here` in this namespace with `here_addr` (CIDR), `there` in
     /// `other` with `there_mac` and `there_addr`; both up.
-    pub fn veth(&self, here: &str, here_addr: &str, other: &Netns, there: &str, there_mac: &str, there_addr: &str) {
+    pub fn veth(
+        &self,
+        here: &str,
+        here_addr: &str,
+        other: &Netns,
+        there: &str,
+        there_mac: &str,
+        there_addr: &str,
+    ) {
         run_ok(
             "ip",
             &[
-                "link", "add", "name", here, "netns", &self.name, "type", "veth", "peer", "name",
-                there, "netns", &other.name,
+                "link",
+                "add",
+                "name",
+                here,
+                "netns",
+                &self.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                there,
+                "netns",
+                &other.name,
             ],
         );
         self.ip(&["addr", "add", here_addr, "dev", here]);
@@ -970,19 +989,34 @@ impl Netns {
         let out = run_client(
             "ip",
             &[
-                "netns", "exec", &self.name, "curl", "-s", "--max-time", "20", "-o",
-                body.to_str().unwrap(), "-w", "%{http_code}", url,
+                "netns",
+                "exec",
+                &self.name,
+                "curl",
+                "-s",
+                "--max-time",
+                "20",
+                "-o",
+                body.to_str().unwrap(),
+                "-w",
+                "%{http_code}",
+                url,
             ],
             Duration::from_secs(30),
         );
-        let code = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
+        let code = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0);
         (code, std::fs::read(&body).unwrap_or_default())
     }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
