@@ -123,7 +123,11 @@ impl Ask<'_> {
 
     fn bytes(&self, xid: u32) -> Vec<u8> {
         let mut m = v4::Message::default();
-        m.set_chaddr(&self.mac).set_xid(xid);
+        // The broadcast flag, as firmware without an IP stack sets it: the site's
+        // DHCP then broadcasts its offer too, which this test's socket can see.
+        m.set_chaddr(&self.mac)
+            .set_xid(xid)
+            .set_flags(v4::Flags::default().set_broadcast());
         let o = m.opts_mut();
         o.insert(DhcpOption::MessageType(self.message));
         if let Some(c) = self.class {
@@ -540,4 +544,127 @@ impl Rack {
     fn rack_env_run(&self, args: &[&str]) -> std::process::Output {
         self.env.run_for(args, Duration::from_secs(30))
     }
+}
+
+/// A child process killed (by its PID) and reaped on drop.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn beside_the_sites_dnsmasq_each_answers_its_part() {
+    // One segment (a bridge in the rack's namespace): the rack, the site's DHCP
+    // (dnsmasq, addresses only, its own namespace) and a client.
+    let ipxe_dir = tempfile::tempdir().unwrap();
+    let rack = rack(
+        4096,
+        "auto = false",
+        &format!(
+            "[dhcp]\nproxy = true\ninterfaces = [\"br0\"]\nipxe_dir = \"{}\"\n",
+            ipxe_dir.path().display()
+        ),
+    );
+    let (rack_ns, site, seg) = (Netns::new("rack"), Netns::new("site"), Netns::new("seg"));
+    rack_ns.ip(&["link", "add", "br0", "type", "bridge"]);
+    rack_ns.ip(&["addr", "add", "10.79.0.1/24", "dev", "br0"]);
+    rack_ns.ip(&["link", "set", "br0", "up"]);
+    for (port, other, dev, mac, addr) in [
+        ("rs", &site, "vs0", "52:54:00:79:00:02", "10.79.0.2/24"),
+        ("rc", &seg, "cl0", "52:54:00:77:00:01", "10.79.0.60/24"),
+    ] {
+        rack_ns.veth_port(port, other, dev, mac, addr);
+        rack_ns.ip(&["link", "set", port, "master", "br0"]);
+    }
+    let leases = rack.env.dir.path().join("dnsmasq.leases");
+    let _dnsmasq = Killed(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &site.name,
+                "dnsmasq",
+                "--no-daemon",
+                "--conf-file=/dev/null",
+            ])
+            .args([
+                "--port=0",
+                "--interface=vs0",
+                "--bind-interfaces",
+                "--no-ping",
+                "--user=root",
+            ])
+            .args(["--dhcp-range=10.79.0.100,10.79.0.150,255.255.255.0,1h"])
+            .arg(format!("--dhcp-leasefile={}", leases.display()))
+            .arg(format!(
+                "--pid-file={}",
+                rack.env.dir.path().join("dnsmasq.pid").display()
+            ))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("dnsmasq must be installed"),
+    );
+    let (_served, _) = rack
+        .env
+        .serve_via(&rack_ns.exec(), &["HTTP", "DHCP", "PXE"], |_| {});
+    let sock = seg.within(|| {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+        s.set_reuse_address(true).unwrap();
+        s.set_broadcast(true).unwrap();
+        s.bind_device(Some(b"cl0")).unwrap();
+        s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 68)).into())
+            .unwrap();
+        let u: UdpSocket = s.into();
+        u.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        u
+    });
+    // All offers to `xid`, asking again (dnsmasq may still be starting) up to 10 s.
+    let offers = |ask: &Ask, xid: u32, want: usize| {
+        let mut got: Vec<v4::Message> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while got.len() < want && Instant::now() < deadline {
+            broadcast(&sock, &ask.bytes(xid));
+            let round = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < round {
+                if let Some((m, _)) = reply(&sock, xid, Duration::from_millis(200)) {
+                    if !got
+                        .iter()
+                        .any(|g| g.siaddr() == m.siaddr() && g.yiaddr() == m.yiaddr())
+                    {
+                        got.push(m);
+                    }
+                }
+            }
+        }
+        got
+    };
+    let got = offers(&Ask::discover(BIOS, 0), 0x500, 2);
+    let site_offer = got
+        .iter()
+        .find(|m| !m.yiaddr().is_unspecified())
+        .unwrap_or_else(|| panic!("no address offer from the site's dnsmasq: {got:?}"));
+    assert!(site_offer.yiaddr().octets()[..3] == [10, 79, 0]);
+    let ours = got
+        .iter()
+        .find(|m| m.yiaddr().is_unspecified())
+        .unwrap_or_else(|| panic!("no proxy offer: {got:?}"));
+    assert_eq!(ours.siaddr(), Ipv4Addr::new(10, 79, 0, 1));
+    assert_eq!(file(ours), "pxelinux.0");
+    assert_eq!(got.len(), 2, "{got:?}");
+    // A machine that is not netbooting hears from the site only.
+    let plain = Ask {
+        class: None,
+        arch: None,
+        ..Ask::discover(BIOS, 0)
+    };
+    let got = offers(&plain, 0x501, 1);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(!got[0].yiaddr().is_unspecified());
 }

@@ -957,6 +957,19 @@ impl Netns {
         there_mac: &str,
         there_addr: &str,
     ) {
+        self.veth_port(here, other, there, there_mac, there_addr);
+        self.ip(&["addr", "add", here_addr, "dev", here]);
+    }
+
+    /// [`Netns::veth`] without an address on `here` (a bridge port).
+    pub fn veth_port(
+        &self,
+        here: &str,
+        other: &Netns,
+        there: &str,
+        there_mac: &str,
+        there_addr: &str,
+    ) {
         run_ok(
             "ip",
             &[
@@ -975,7 +988,6 @@ impl Netns {
                 &other.name,
             ],
         );
-        self.ip(&["addr", "add", here_addr, "dev", here]);
         self.ip(&["link", "set", here, "up"]);
         other.ip(&["link", "set", there, "address", there_mac]);
         other.ip(&["addr", "add", there_addr, "dev", there]);
