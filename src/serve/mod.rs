@@ -11,6 +11,8 @@
 pub mod boot;
 /// Per machine, the recent events of its boots (memory only, bounded).
 pub mod bootlog;
+/// ProxyDHCP's hooks into the daemon (per-MAC overrides, the boot report).
+pub mod dhcp;
 /// `/metrics` (Prometheus text format).
 pub mod metrics;
 /// The HTTP routes (API, metrics, re-exported stream, files).
@@ -116,6 +118,7 @@ pub struct Daemon {
     pub sync_stop: Mutex<Option<CancellationToken>>,
     pub tftp_metrics: Arc<crate::tftp::TftpMetrics>,
     pub http_metrics: Arc<crate::http::HttpMetrics>,
+    pub dhcp_metrics: Arc<crate::dhcp::DhcpMetrics>,
     pub sync_duration_ms_total: AtomicU64,
     /// The HTTP listeners' addresses (for URLs in boot configs).
     http_addrs: Vec<SocketAddr>,
@@ -723,6 +726,7 @@ impl Daemon {
             sync_stop: Mutex::new(None),
             tftp_metrics: Arc::new(crate::tftp::TftpMetrics::default()),
             http_metrics: Arc::new(crate::http::HttpMetrics::default()),
+            dhcp_metrics: Arc::new(crate::dhcp::DhcpMetrics::default()),
             sync_duration_ms_total: AtomicU64::new(0),
             http_addrs,
             handed_out: Mutex::new(Vec::new()),
@@ -757,6 +761,7 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
         tls_listeners,
         tls_config,
     } = Sockets::take(&settings)?;
+    let dhcp_sockets = dhcp::bind(&settings)?;
 
     let http_addrs = tcp
         .iter()
@@ -811,6 +816,7 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
                 .map_err(|e| anyhow::anyhow!("http server: {e}"))
         });
     }
+    dhcp::spawn(&daemon, dhcp_sockets, &shutdown, &mut tasks);
     // The sockets are bound and the last snapshot (or none) is loaded: ready, before
     // the first sync can report anything.
     let generation = daemon.snapshot.borrow().as_ref().map(|s| s.generation);
@@ -891,6 +897,14 @@ fn reload(d: &Daemon) {
                     d.config_path.display()
                 );
             }
+            let proxy =
+                |s: &Settings| (s.dhcp.proxy, s.dhcp.interfaces.clone(), s.dhcp.uefi_loader);
+            if proxy(&new) != proxy(&old) {
+                tracing::warn!(
+                    "dhcp.proxy, dhcp.interfaces or dhcp.uefi_loader changed in {}: restart rackboot to apply them",
+                    d.config_path.display()
+                );
+            }
             if new.state_dir != old.state_dir {
                 tracing::warn!(
                     "state_dir changed in {}: restart rackboot to apply it",
@@ -911,6 +925,9 @@ fn reload(d: &Daemon) {
             new.tftp.max_windowsize = old.tftp.max_windowsize;
             new.tftp.max_transfers = old.tftp.max_transfers;
             new.drain_timeout = old.drain_timeout;
+            new.dhcp.proxy = old.dhcp.proxy;
+            new.dhcp.interfaces = old.dhcp.interfaces.clone();
+            new.dhcp.uefi_loader = old.dhcp.uefi_loader;
             *d.settings.write().expect("settings lock") = Arc::new(new);
             tracing::info!("reloaded {}", d.config_path.display());
             d.trigger.notify_one();
