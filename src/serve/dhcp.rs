@@ -1,9 +1,9 @@
 //! The daemon's side of ProxyDHCP ([`crate::dhcp::Hooks`]): a machine's `dhcp_boot`
 //! override from its settings (config entries overlaid by `machines.json`, read per
 //! request like the boot configs), the HTTP port URLs name, and the report of every
-//! answered or dropped request (logged at debug level; the counters are the
-//! server's, on `/metrics`). Also binds the server's ports before READY and runs it
-//! as one of the daemon's tasks.
+//! answered or dropped request (logged at debug level, answers also into the boot
+//! log; the counters are the server's, on `/metrics`). Also binds the server's
+//! ports before READY and runs it as one of the daemon's tasks.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -98,10 +98,20 @@ impl crate::dhcp::Hooks for DhcpHooks {
                 message,
                 server,
                 boot_file,
-            } => tracing::debug!(
-                "dhcp: {message:?} to {mac} ({}) on {on}: server {server}, boot file {boot_file}",
-                e.source
-            ),
+            } => {
+                tracing::debug!(
+                    "dhcp: {message:?} to {mac} ({}) on {on}: server {server}, boot file {boot_file}",
+                    e.source
+                );
+                // The boot log's first step: the offer, and the address the client
+                // already has (a REQUEST to 4011 comes from it).
+                if let Some(r) = e.request {
+                    let ip = (!r.ciaddr.is_unspecified()).then_some(IpAddr::V4(r.ciaddr));
+                    self.d
+                        .boots
+                        .dhcp_offer(Mac(r.mac), ip, r.arch.unwrap_or(0), boot_file);
+                }
+            }
             Outcome::Dropped(reason) => tracing::debug!(
                 "dhcp: no answer to {mac} ({}, port {:?}): {}",
                 e.source,
