@@ -209,6 +209,9 @@ pub struct Request {
     pub uuid: Option<[u8; 17]>,
     /// Option 54: the server the client addresses.
     pub server_id: Option<Ipv4Addr>,
+    /// Option 50: the address a REQUEST asks the site's server for (a boot client's
+    /// broadcast REQUEST tells the rack which address that MAC will use).
+    pub requested_ip: Option<Ipv4Addr>,
 }
 
 /// Reads one datagram. Only Ethernet BOOTREQUESTs with a message type parse; a
@@ -233,6 +236,7 @@ pub fn parse(packet: &[u8]) -> Result<Request, DropReason> {
         ipxe: false,
         uuid: None,
         server_id: None,
+        requested_ip: None,
     };
     let mut class_text: Option<Vec<u8>> = None;
     let mut message = None;
@@ -259,6 +263,11 @@ pub fn parse(packet: &[u8]) -> Result<Request, DropReason> {
             OptionCode::ServerIdentifier => {
                 if let Ok(a) = <[u8; 4]>::try_from(opt.data()) {
                     req.server_id = Some(Ipv4Addr::from(a));
+                }
+            }
+            OptionCode::RequestedIpAddress => {
+                if let Ok(a) = <[u8; 4]>::try_from(opt.data()) {
+                    req.requested_ip = Some(Ipv4Addr::from(a)).filter(|a| !a.is_unspecified());
                 }
             }
             _ => {}

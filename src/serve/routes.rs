@@ -104,13 +104,25 @@ async fn route(d: Arc<Daemon>, req: Request<Incoming>, peer: SocketAddr) -> Resp
     }
     // iPXE binaries for ProxyDHCP's UEFI clients, from `[dhcp] ipxe_dir`.
     let decoded = crate::http::files::clean_path(&path).unwrap_or_default();
+    // Recorded in the boot log when the response body is done.
+    let logged = crate::serve::bootlog::HttpRequest {
+        log: d.boots.clone(),
+        client: peer.ip(),
+        path: decoded
+            .strip_prefix("images/")
+            .unwrap_or(&decoded)
+            .to_string(),
+        query: req.uri().query().map(String::from),
+        started,
+        head: method == Method::HEAD,
+    };
     if let Some(name) = crate::serve::boot::ipxe_name(&decoded) {
         let Some(name) = name else {
-            return error(StatusCode::NOT_FOUND, "not found");
+            return logged.answer(error(StatusCode::NOT_FOUND, "not found"));
         };
         let files =
             StaticFiles::new(d.settings().dhcp.ipxe_dir.clone()).counting(d.http_metrics.clone());
-        return files.respond(&method, req.headers(), name).await;
+        return logged.answer(files.respond(&method, req.headers(), name).await);
     }
     let Some(snap) = d.current() else {
         return error(
@@ -144,15 +156,6 @@ async fn route(d: Arc<Daemon>, req: Request<Incoming>, peer: SocketAddr) -> Resp
     };
     let here = crate::serve::boot::Here::from_host(host, port);
     let dynamic_path = decoded.strip_prefix("images/").unwrap_or(&decoded);
-    // Recorded in the boot log when the response body is done.
-    let logged = crate::serve::bootlog::HttpRequest {
-        log: d.boots.clone(),
-        client: peer.ip(),
-        path: dynamic_path.to_string(),
-        query: req.uri().query().map(String::from),
-        started,
-        head: method == Method::HEAD,
-    };
     match crate::serve::boot::dynamic(
         &d.settings(),
         &snap,
