@@ -271,6 +271,12 @@ fn new_version(env: &Env, key: &TestKey) -> Vec<ProductSpec> {
     standard(env, key, "20261120")
 }
 
+/// The signed products document of the fake upstream's stream.
+fn products_doc(env: &Env) -> std::path::PathBuf {
+    env.mirror
+        .join("streams/v1/com.ubuntu.maas:stable:v3:download.sjson")
+}
+
 #[test]
 fn fails_safely_on_unknown_key() {
     failing_sync_changes_nothing("unknown key", "", |env, _key, _s| {
@@ -286,9 +292,7 @@ fn fails_safely_on_wrong_signature() {
     failing_sync_changes_nothing("bad signature", "", |env, key, _s| {
         new_version(env, key);
         let idx = env.mirror.join("streams/v1/index.sjson");
-        let other = env
-            .mirror
-            .join("streams/v1/com.ubuntu.maas:stable:v3:download.sjson");
+        let other = products_doc(env);
         let idx_text = String::from_utf8(std::fs::read(&idx).unwrap()).unwrap();
         let other_text = String::from_utf8(std::fs::read(&other).unwrap()).unwrap();
         let sig_start = |t: &str| t.find("-----BEGIN PGP SIGNATURE-----").unwrap();
@@ -305,9 +309,7 @@ fn fails_safely_on_wrong_signature() {
 fn fails_safely_on_tampered_index() {
     failing_sync_changes_nothing("bad signature", "", |env, key, _s| {
         new_version(env, key);
-        let p = env
-            .mirror
-            .join("streams/v1/com.ubuntu.maas:stable:v3:download.sjson");
+        let p = products_doc(env);
         let text = String::from_utf8(std::fs::read(&p).unwrap()).unwrap();
         std::fs::write(&p, text.replacen("20261120", "20261121", 1)).unwrap();
     });
@@ -412,9 +414,7 @@ fn fails_safely_on_redirect_to_another_host() {
 fn fails_safely_on_malformed_json() {
     failing_sync_changes_nothing("malformed json", "", |env, key, _s| {
         new_version(env, key);
-        let p = env
-            .mirror
-            .join("streams/v1/com.ubuntu.maas:stable:v3:download.sjson");
+        let p = products_doc(env);
         std::fs::write(
             &p,
             key.clearsign(b"{\"format\": \"products:1.0\", ", HashAlgorithm::SHA512),
