@@ -97,7 +97,9 @@ impl crate::dhcp::Hooks for DhcpHooks {
         // REQUEST to the site's server, which the proxy does not answer): what it asks
         // for over TFTP and HTTP from there is logged under its MAC.
         if let Some(r) = e.request.filter(|r| r.class.is_some()) {
-            let ip = r.requested_ip.or((!r.ciaddr.is_unspecified()).then_some(r.ciaddr));
+            let ip = r
+                .requested_ip
+                .or((!r.ciaddr.is_unspecified()).then_some(r.ciaddr));
             if let Some(ip) = ip {
                 self.d.boots.dhcp_client_ip(Mac(r.mac), IpAddr::V4(ip));
             }

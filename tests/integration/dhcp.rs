@@ -30,6 +30,12 @@ struct ProxyRack {
 
 /// Starts the rack with `dhcp_extra` in its `[dhcp]` table.
 fn proxy_rack(dhcp_extra: &str) -> ProxyRack {
+    proxy_rack_on(dhcp_extra, &[])
+}
+
+/// [`proxy_rack`], its HTTP server also listening on `http_also` (addresses of the
+/// rack's namespace, which the segment can reach).
+fn proxy_rack_on(dhcp_extra: &str, http_also: &[&str]) -> ProxyRack {
     let ipxe_dir = tempfile::tempdir().unwrap();
     let rack = rack(
         4096,
@@ -39,6 +45,13 @@ fn proxy_rack(dhcp_extra: &str) -> ProxyRack {
             ipxe_dir.path().display()
         ),
     );
+    for addr in http_also {
+        crate::harness::edit_config(
+            &rack.env,
+            "[http]\nlisten = [\"127.0.0.1:0\"",
+            &format!("[http]\nlisten = [\"127.0.0.1:0\", \"{addr}\""),
+        );
+    }
     let rack_ns = Netns::new("rack");
     let seg = Netns::new("seg");
     rack_ns.veth(
@@ -667,4 +680,57 @@ fn beside_the_sites_dnsmasq_each_answers_its_part() {
     let got = offers(&plain, 0x501, 1);
     assert_eq!(got.len(), 1, "{got:?}");
     assert!(!got[0].yiaddr().is_unspecified());
+}
+
+#[test]
+fn a_proxy_boot_is_logged_under_its_mac_up_to_the_file_that_was_missing() {
+    // HTTP on the rack's segment address too, at a port of its own.
+    let seg_http = "10.77.0.1:45248";
+    let r = proxy_rack_on("", &[seg_http]);
+    std::fs::write(r._ipxe_dir.path().join("snponly.efi"), b"fake snponly\n").unwrap();
+    let sock = r.client("cl0", 68);
+    let mac = "52:54:00:77:00:01";
+    // UEFI PXE: the offer names iPXE (the boot log's first step).
+    let uefi = "PXEClient:Arch:00007:UNDI:003016";
+    let m = offer(&sock, &Ask::discover(uefi, 7), 0x300);
+    assert_eq!(file(&m), "ipxe/snponly.efi");
+    // The firmware's broadcast REQUEST to the site's server (not the rack's to
+    // answer) names the address it takes: 10.77.0.50, the segment's address here.
+    let mut req = v4::Message::default();
+    req.set_chaddr(&CLIENT_MAC)
+        .set_xid(0x301)
+        .set_flags(v4::Flags::default().set_broadcast());
+    let o = req.opts_mut();
+    o.insert(DhcpOption::MessageType(MessageType::Request));
+    o.insert(DhcpOption::ClassIdentifier(uefi.as_bytes().to_vec()));
+    o.insert(DhcpOption::ClientSystemArchitecture(7u16.into()));
+    o.insert(DhcpOption::ServerIdentifier(Ipv4Addr::new(10, 77, 0, 99)));
+    o.insert(DhcpOption::RequestedIpAddress(Ipv4Addr::new(10, 77, 0, 50)));
+    broadcast(&sock, &req.to_vec().unwrap());
+    assert!(reply(&sock, 0x301, Duration::from_millis(800)).is_none());
+    // From that address: the loader, then a file the rack does not have.
+    let (code, _) = r.seg.curl(&format!("http://{seg_http}/ipxe/snponly.efi"));
+    assert_eq!(code, 200);
+    let (code, _) = r
+        .seg
+        .curl(&format!("http://{seg_http}/ipxe/ipxe-missing.efi"));
+    assert_eq!(code, 404);
+    let url = r.served.url(&format!("/api/v1/boots/{mac}"));
+    let mut log = serde_json::Value::Null;
+    wait_until(Duration::from_secs(20), "three boot log events", || {
+        let (code, body) = r.rack_ns.curl(&url);
+        if code == 200 {
+            log = serde_json::from_slice(&body).unwrap();
+        }
+        log["event_list"].as_array().is_some_and(|e| e.len() >= 3)
+    });
+    let events = log["event_list"].as_array().unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["dhcp_offer", "http", "http"], "{log}");
+    assert_eq!(events[1]["file"], "ipxe/snponly.efi", "{log}");
+    assert_eq!(events[1]["result"], "200", "{log}");
+    assert_eq!(log["last_event"]["file"], "ipxe/ipxe-missing.efi", "{log}");
+    assert_eq!(log["last_event"]["result"], "404", "{log}");
+    assert_eq!(log["last_step"], "loader", "{log}");
+    assert_eq!(log["ip"], "10.77.0.50", "{log}");
 }
