@@ -46,6 +46,7 @@ struct RawConfig {
     sources: Option<Vec<RawSource>>,
     machines: Option<BTreeMap<String, crate::machines::Machine>>,
     store: Option<RawStore>,
+    dhcp: Option<RawDhcp>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -53,6 +54,15 @@ struct RawConfig {
 struct RawStore {
     verify_interval: Option<String>,
     verify_repair: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDhcp {
+    proxy: Option<bool>,
+    interfaces: Option<Vec<String>>,
+    uefi_loader: Option<String>,
+    ipxe_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -133,6 +143,18 @@ pub struct Settings {
     /// Per-MAC boot settings from the config (the state's `machines.json` wins).
     pub machines: BTreeMap<crate::bootcfg::Mac, crate::machines::Machine>,
     pub store: StoreSettings,
+    pub dhcp: DhcpSettings,
+}
+
+/// `[dhcp]`: the ProxyDHCP (off by default) and the iPXE binaries served as `ipxe/…`.
+#[derive(Debug, Clone)]
+pub struct DhcpSettings {
+    pub proxy: bool,
+    /// Interfaces ProxyDHCP answers on (non-empty when `proxy`).
+    pub interfaces: Vec<String>,
+    pub uefi_loader: crate::dhcp::UefiLoader,
+    /// Where `ipxe/<name>` is served from (TFTP and HTTP).
+    pub ipxe_dir: PathBuf,
 }
 
 /// `[store]`: the daemon's scheduled `fsck`.
@@ -353,7 +375,9 @@ fn validate(path: &Path, file: Option<PathBuf>, raw: RawConfig) -> Result<Settin
     };
     let machines = validate_machines(path, raw.machines.unwrap_or_default())?;
     let store = validate_store(path, raw.store.unwrap_or_default())?;
+    let dhcp = validate_dhcp(path, raw.dhcp.unwrap_or_default())?;
     Ok(Settings {
+        dhcp,
         store,
         machines,
         file,
@@ -502,6 +526,10 @@ fn validate_machines(
             crate::bootcfg::check_kernel_params(p)
                 .map_err(|e| err(path, format!("machines.{mac:?}.{e}")))?;
         }
+        if let Some(b) = &m.dhcp_boot {
+            crate::dhcp::Override::parse(b)
+                .map_err(|e| err(path, format!("machines.{mac:?}.{e}")))?;
+        }
         machines.insert(parsed, m);
     }
     Ok(machines)
@@ -527,6 +555,51 @@ fn validate_store(path: &Path, raw_store: RawStore) -> Result<StoreSettings, Con
             },
         },
         verify_repair: raw_store.verify_repair.unwrap_or(false),
+    })
+}
+
+/// The `[dhcp]` section.
+fn validate_dhcp(path: &Path, raw: RawDhcp) -> Result<DhcpSettings, ConfigError> {
+    let proxy = raw.proxy.unwrap_or(false);
+    let interfaces = raw.interfaces.unwrap_or_default();
+    for name in &interfaces {
+        // IFNAMSIZ is 16 with the NUL; the kernel refuses `/`, `:` and spaces.
+        let ok = !name.is_empty()
+            && name.len() <= 15
+            && name != "."
+            && name != ".."
+            && name
+                .chars()
+                .all(|c| c.is_ascii_graphic() && !matches!(c, '/' | ':'));
+        if !ok {
+            return Err(err(
+                path,
+                format!("dhcp.interfaces: {name:?} is not an interface name"),
+            ));
+        }
+    }
+    if proxy && interfaces.is_empty() {
+        return Err(err(
+            path,
+            "dhcp.interfaces: list the interfaces ProxyDHCP answers on (e.g. [\"br0\"]) when dhcp.proxy = true",
+        ));
+    }
+    let uefi_loader = match raw.uefi_loader.as_deref() {
+        None => crate::dhcp::UefiLoader::Ipxe,
+        Some(v) => crate::dhcp::UefiLoader::parse(v).ok_or_else(|| {
+            err(
+                path,
+                format!("dhcp.uefi_loader: {v:?} is neither \"ipxe\" nor \"shim\""),
+            )
+        })?,
+    };
+    Ok(DhcpSettings {
+        proxy,
+        interfaces,
+        uefi_loader,
+        ipxe_dir: raw
+            .ipxe_dir
+            .unwrap_or_else(|| PathBuf::from("/usr/lib/ipxe")),
     })
 }
 
@@ -762,6 +835,38 @@ mod tests {
             let e = from_str(p, &format!("[store]\nverify_interval = {bad}\n")).unwrap_err();
             assert!(e.to_string().contains("store.verify_interval"), "{e}");
         }
+    }
+
+    #[test]
+    fn dhcp_section() {
+        let p = Path::new("x.toml");
+        let s = from_str(p, "").unwrap();
+        assert!(!s.dhcp.proxy);
+        assert_eq!(s.dhcp.uefi_loader, crate::dhcp::UefiLoader::Ipxe);
+        assert_eq!(s.dhcp.ipxe_dir, PathBuf::from("/usr/lib/ipxe"));
+        let s = from_str(
+            p,
+            "[dhcp]\nproxy = true\ninterfaces = [\"br0\", \"eth1\"]\nuefi_loader = \"shim\"\n",
+        )
+        .unwrap();
+        assert!(s.dhcp.proxy);
+        assert_eq!(s.dhcp.interfaces, ["br0", "eth1"]);
+        assert_eq!(s.dhcp.uefi_loader, crate::dhcp::UefiLoader::Shim);
+        for (bad, key) in [
+            ("proxy = true\n", "dhcp.interfaces"),
+            ("proxy = true\ninterfaces = []\n", "dhcp.interfaces"),
+            ("interfaces = [\"../x\"]\n", "dhcp.interfaces"),
+            ("interfaces = [\"a-very-long-interface\"]\n", "dhcp.interfaces"),
+            ("uefi_loader = \"grub\"\n", "dhcp.uefi_loader"),
+            ("proxi = true\n", "proxi"),
+        ] {
+            let e = from_str(p, &format!("[dhcp]\n{bad}")).unwrap_err().to_string();
+            assert!(e.contains(key) && !e.contains('\n'), "{bad}: {e}");
+        }
+        let e = from_str(p, "[machines.\"52:54:00:00:00:01\"]\ndhcp_boot = \"/etc/x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("dhcp_boot"), "{e}");
     }
 
     #[test]

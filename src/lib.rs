@@ -13,6 +13,8 @@ pub mod bootcfg;
 pub mod cli;
 /// Configuration file, drop-ins and validated settings.
 pub mod config;
+/// ProxyDHCP for PXE and HTTP boot clients (UDP 67 and 4011).
+pub mod dhcp;
 /// Streaming, resumable, hash-checked downloads into the blob store.
 pub mod download;
 /// The class of a served file (labels per-class counters).

@@ -3,7 +3,8 @@
 //! config's `[machines."<mac>"]` tables and from `state_dir/machines.json` (written
 //! atomically by the CLI and the API; it wins over the config). Read at every boot
 //! request, so changes apply without a restart. `kernel_params` is checked when set
-//! (length, no control characters: [`crate::bootcfg::check_kernel_params`]).
+//! (length, no control characters: [`crate::bootcfg::check_kernel_params`]);
+//! `dhcp_boot` (what ProxyDHCP offers the machine) as a [`crate::dhcp::Override`].
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -23,6 +24,10 @@ pub struct Machine {
     pub kernel_params: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local_boot: Option<bool>,
+    /// What ProxyDHCP offers this machine: `ipxe`, `local` (no answer) or a boot
+    /// file ([`crate::dhcp::Override::parse`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhcp_boot: Option<String>,
 }
 
 /// An image reference: `os/release[/arch[/subarch[/label]]]`.
@@ -83,9 +88,17 @@ pub fn apply_kv(m: &mut Machine, pairs: &[(String, String)]) -> Result<(), Strin
                         .map_err(|_| format!("local_boot={v:?}: expected true or false"))?,
                 )
             }
+            "dhcp_boot" => {
+                if v.is_empty() {
+                    m.dhcp_boot = None;
+                } else {
+                    crate::dhcp::Override::parse(v)?;
+                    m.dhcp_boot = Some(v.clone());
+                }
+            }
             _ => {
                 return Err(format!(
-                    "unknown machine field {k:?} (image, kernel_params, local_boot)"
+                    "unknown machine field {k:?} (image, kernel_params, local_boot, dhcp_boot)"
                 ))
             }
         }
@@ -155,6 +168,7 @@ pub fn effective(
             image: s.image.clone().or(base.image),
             kernel_params: s.kernel_params.clone().or(base.kernel_params),
             local_boot: s.local_boot.or(base.local_boot),
+            dhcp_boot: s.dhcp_boot.clone().or(base.dhcp_boot),
         },
     }
 }
@@ -199,6 +213,7 @@ mod tests {
                 image: Some("a/b".into()),
                 kernel_params: Some("x=1".into()),
                 local_boot: None,
+                dhcp_boot: Some("local".into()),
             },
         )]);
         let state = BTreeMap::from([(
@@ -211,5 +226,17 @@ mod tests {
         let e = effective(&config, &state, &mac);
         assert_eq!(e.image.as_deref(), Some("a/b"));
         assert_eq!(e.kernel_params.as_deref(), Some("y=2"));
+        assert_eq!(e.dhcp_boot.as_deref(), Some("local"));
+    }
+
+    #[test]
+    fn dhcp_boot_is_checked_when_set() {
+        let mut m = Machine::default();
+        apply_kv(&mut m, &[("dhcp_boot".into(), "ipxe".into())]).unwrap();
+        assert_eq!(m.dhcp_boot.as_deref(), Some("ipxe"));
+        let e = apply_kv(&mut m, &[("dhcp_boot".into(), "../x".into())]).unwrap_err();
+        assert!(e.contains("dhcp_boot"), "{e}");
+        apply_kv(&mut m, &[("dhcp_boot".into(), String::new())]).unwrap();
+        assert_eq!(m.dhcp_boot, None);
     }
 }

@@ -2,7 +2,7 @@
 //! the source, as rust-analyzer's `tidy` test does: every file has a module doc; imports
 //! go one way down the layers, so the graph of top-level modules (a folder counts as
 //! one) has no circle; only `main` imports `cli`; nothing below `serve/` imports it; the
-//! transports (`http/`, `tftp/`) import only `fsutil` and `file_class`; the pure modules
+//! transports (`http/`, `tftp/`, `dhcp/`) import only `fsutil` and `file_class`; the pure modules
 //! touch no files, sockets, tokio, threads, processes or clocks. Test code
 //! (`#[cfg(test)] mod … { … }`), comments and string literals are not looked at.
 
@@ -17,7 +17,7 @@ const LAYERS: &[&[&str]] = &[
     &["sync", "mirror"],
     &[
         "store", "state", "machines", "config", "upstream", "download", "archive", "reexport",
-        "fsck", "systemd", "http", "tftp",
+        "fsck", "systemd", "http", "tftp", "dhcp",
     ],
     &["select", "plan", "verify"],
     &["simplestreams", "bootcfg", "fsutil", "file_class"],
@@ -34,6 +34,7 @@ const PURE: &[&str] = &[
     "src/tftp/path.rs",
     "src/tftp/engine.rs",
     "src/serve/web.rs",
+    "src/dhcp/proxy.rs",
 ];
 
 /// What a pure file may not name (in code, outside its tests).
@@ -55,7 +56,7 @@ const IMPURE: &[&str] = &[
 ];
 
 /// Transports are building blocks: of the crate they use only these.
-const TRANSPORTS: &[&str] = &["http", "tftp"];
+const TRANSPORTS: &[&str] = &["http", "tftp", "dhcp"];
 const TRANSPORT_MAY_USE: &[&str] = &["fsutil", "file_class"];
 
 fn src_files(dir: &Path, out: &mut Vec<PathBuf>) {

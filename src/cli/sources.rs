@@ -259,10 +259,11 @@ pub(super) fn cmd_machines(
             }
             for (mac, m) in &all {
                 println!(
-                    "{mac}\timage={}\tkernel_params={}\tlocal_boot={}",
+                    "{mac}\timage={}\tkernel_params={}\tlocal_boot={}\tdhcp_boot={}",
                     m["image"].as_str().unwrap_or("(default)"),
                     m["kernel_params"].as_str().unwrap_or(""),
-                    m["local_boot"].as_bool().unwrap_or(false)
+                    m["local_boot"].as_bool().unwrap_or(false),
+                    m["dhcp_boot"].as_str().unwrap_or("(default)")
                 );
             }
             Ok(())

@@ -19,6 +19,10 @@
 //! A MAC without settings (or an unparseable one) gets the default config; a machine
 //! set to local boot gets a config that boots its disk.
 //!
+//! `ipxe/<name>` (what ProxyDHCP offers UEFI machines) is served over TFTP and HTTP
+//! from `[dhcp] ipxe_dir` (Debian's `ipxe` package), whatever the snapshot: `<name>`
+//! must be one plain file name ([`ipxe_name`]), opened beneath that directory.
+//!
 //! Only the known architectures (`amd64`, `arm64` and their aliases) are looked up,
 //! and only snapshot directories whose names pass [`bootcfg::segment_ok`] are
 //! candidates: a name from the stream with a space, `;`, `#` or `$` never reaches a
@@ -111,6 +115,14 @@ pub fn host_ip(host: &str) -> Option<IpAddr> {
         return rest.split(']').next()?.parse().ok();
     }
     host.split(':').next()?.parse().ok()
+}
+
+/// The file name in `ipxe/<name>`, when `path` (cleaned, no leading `/`) is one: a
+/// single segment of `[A-Za-z0-9._+~-]`, not starting with `.`. `Some(None)`: under
+/// `ipxe/` but not a name that is served (not found).
+pub fn ipxe_name(path: &str) -> Option<Option<&str>> {
+    let name = path.strip_prefix("ipxe/")?;
+    Some((bootcfg::segment_ok(name) && !name.starts_with('.')).then_some(name))
 }
 
 /// The result of looking at a path: a generated file, a definite "not found", or
@@ -410,6 +422,11 @@ impl TftpResolver {
 
 impl Resolver for TftpResolver {
     fn open(&self, path: &str, _client: SocketAddr, local: IpAddr) -> Result<Source, OpenError> {
+        if let Some(name) = ipxe_name(path) {
+            let name = name.ok_or(OpenError::NotFound)?;
+            let dir = self.d.settings().dhcp.ipxe_dir.clone();
+            return from_beneath(crate::fsutil::open_beneath_path(&dir, name));
+        }
         let Some(snap) = self.d.current() else {
             return Err(OpenError::NotFound);
         };
@@ -429,6 +446,15 @@ impl Resolver for TftpResolver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipxe_names_are_single_plain_segments() {
+        assert_eq!(ipxe_name("ipxe/snponly.efi"), Some(Some("snponly.efi")));
+        assert_eq!(ipxe_name("ipxe.cfg"), None);
+        for bad in ["ipxe/", "ipxe/../x", "ipxe/a/b", "ipxe/.hidden", "ipxe/a b", "ipxe/.."] {
+            assert_eq!(ipxe_name(bad), Some(None), "{bad}");
+        }
+    }
 
     #[test]
     fn authority_from_the_host_header() {

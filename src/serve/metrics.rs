@@ -1,7 +1,8 @@
 //! `/metrics` in the Prometheus/OpenMetrics text format (prometheus-client): TFTP and
 //! HTTP requests and bytes by file class, errors by kind, tsize probes, in-flight
-//! transfers, HTTP connections, sync runs/failures/duration/bytes, snapshot generation
-//! and age. Values are read from the servers' atomic counters at scrape time.
+//! transfers, HTTP connections, ProxyDHCP requests/replies/drops by reason, sync
+//! runs/failures/duration/bytes, snapshot generation and age. Values are read from the
+//! servers' atomic counters at scrape time.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -69,6 +70,7 @@ impl Collector for DaemonCollector {
         encode_store(&mut e)?;
         encode_tftp(&mut e, &d.tftp_metrics)?;
         encode_http(&mut e, &d.http_metrics)?;
+        encode_dhcp(&mut e, &d.dhcp_metrics)?;
         encode_sync(&mut e, d)
     }
 }
@@ -156,6 +158,43 @@ fn encode_tftp(e: &mut DescriptorEncoder, t: &crate::tftp::TftpMetrics) -> std::
         t.in_flight.load(Relaxed) as i64,
     )?;
     Ok(())
+}
+
+/// ProxyDHCP counters (zero while `dhcp.proxy` is off).
+fn encode_dhcp(e: &mut DescriptorEncoder, m: &crate::dhcp::DhcpMetrics) -> std::fmt::Result {
+    counter(
+        e,
+        "rackboot_dhcp_requests",
+        "DHCP datagrams received on ports 67 and 4011",
+        m.requests.load(Relaxed),
+    )?;
+    labelled_counter(
+        e,
+        "rackboot_dhcp_replies",
+        "ProxyDHCP replies sent, by message type",
+        "type",
+        &[
+            ("offer", m.offers.load(Relaxed)),
+            ("ack", m.acks.load(Relaxed)),
+        ],
+    )?;
+    let drops: Vec<(&str, u64)> = crate::dhcp::DropReason::ALL
+        .iter()
+        .map(|r| (r.label(), m.dropped(*r)))
+        .collect();
+    labelled_counter(
+        e,
+        "rackboot_dhcp_dropped",
+        "DHCP requests not answered, by reason",
+        "reason",
+        &drops,
+    )?;
+    counter(
+        e,
+        "rackboot_dhcp_send_errors",
+        "ProxyDHCP replies that could not be sent",
+        m.send_errors.load(Relaxed),
+    )
 }
 
 /// HTTP counters and gauges.

@@ -9,6 +9,8 @@
 
 /// What a booting machine gets: boot configs from the snapshot + settings, else files.
 pub mod boot;
+/// ProxyDHCP's hooks into the daemon (per-MAC overrides, the boot report).
+pub mod dhcp;
 /// `/metrics` (Prometheus text format).
 pub mod metrics;
 /// The HTTP routes (API, metrics, re-exported stream, files).
@@ -114,6 +116,7 @@ pub struct Daemon {
     pub sync_stop: Mutex<Option<CancellationToken>>,
     pub tftp_metrics: Arc<crate::tftp::TftpMetrics>,
     pub http_metrics: Arc<crate::http::HttpMetrics>,
+    pub dhcp_metrics: Arc<crate::dhcp::DhcpMetrics>,
     pub sync_duration_ms_total: AtomicU64,
     /// The HTTP listeners' addresses (for URLs in boot configs).
     http_addrs: Vec<SocketAddr>,
@@ -710,6 +713,13 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
         tls_listeners,
         tls_config,
     } = Sockets::take(&settings)?;
+    // ProxyDHCP's ports are bound before READY too: a rack that cannot answer refuses
+    // to start.
+    let dhcp_sockets = if settings.dhcp.proxy {
+        Some(crate::dhcp::bind().map_err(|e| anyhow::anyhow!("{e}"))?)
+    } else {
+        None
+    };
 
     let (tx, _rx) = watch::channel(snapshot.map(Arc::new));
     let daemon = Arc::new(Daemon {
@@ -722,6 +732,7 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
         sync_stop: Mutex::new(None),
         tftp_metrics: Arc::new(crate::tftp::TftpMetrics::default()),
         http_metrics: Arc::new(crate::http::HttpMetrics::default()),
+        dhcp_metrics: Arc::new(crate::dhcp::DhcpMetrics::default()),
         sync_duration_ms_total: AtomicU64::new(0),
         http_addrs: tcp
             .iter()
@@ -788,6 +799,20 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
             crate::http::serve(http_listeners, app, limits, m, s, drain)
                 .await
                 .map_err(|e| anyhow::anyhow!("http server: {e}"))
+        });
+    }
+    if let Some(sockets) = dhcp_sockets {
+        let hooks: Arc<dyn crate::dhcp::Hooks> =
+            Arc::new(crate::serve::dhcp::DhcpHooks::new(daemon.clone()));
+        let cfg = crate::dhcp::Config {
+            interfaces: settings.dhcp.interfaces.clone(),
+            uefi_loader: settings.dhcp.uefi_loader,
+        };
+        let (m, s) = (daemon.dhcp_metrics.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            crate::dhcp::serve(sockets, cfg, hooks, m, s)
+                .await
+                .map_err(|e| anyhow::anyhow!("dhcp server: {e}"))
         });
     }
     // The sockets are bound and the last snapshot (or none) is loaded: ready, before
@@ -870,6 +895,19 @@ fn reload(d: &Daemon) {
                     d.config_path.display()
                 );
             }
+            let proxy = |s: &Settings| {
+                (
+                    s.dhcp.proxy,
+                    s.dhcp.interfaces.clone(),
+                    s.dhcp.uefi_loader,
+                )
+            };
+            if proxy(&new) != proxy(&old) {
+                tracing::warn!(
+                    "dhcp.proxy, dhcp.interfaces or dhcp.uefi_loader changed in {}: restart rackboot to apply them",
+                    d.config_path.display()
+                );
+            }
             if new.state_dir != old.state_dir {
                 tracing::warn!(
                     "state_dir changed in {}: restart rackboot to apply it",
@@ -890,6 +928,9 @@ fn reload(d: &Daemon) {
             new.tftp.max_windowsize = old.tftp.max_windowsize;
             new.tftp.max_transfers = old.tftp.max_transfers;
             new.drain_timeout = old.drain_timeout;
+            new.dhcp.proxy = old.dhcp.proxy;
+            new.dhcp.interfaces = old.dhcp.interfaces.clone();
+            new.dhcp.uefi_loader = old.dhcp.uefi_loader;
             *d.settings.write().expect("settings lock") = Arc::new(new);
             tracing::info!("reloaded {}", d.config_path.display());
             d.trigger.notify_one();

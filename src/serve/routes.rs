@@ -101,6 +101,16 @@ async fn route(d: Arc<Daemon>, req: Request<Incoming>, _peer: SocketAddr) -> Res
             _ => error(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
         };
     }
+    // iPXE binaries for ProxyDHCP's UEFI clients, from `[dhcp] ipxe_dir`.
+    let decoded = crate::http::files::clean_path(&path).unwrap_or_default();
+    if let Some(name) = crate::serve::boot::ipxe_name(&decoded) {
+        let Some(name) = name else {
+            return error(StatusCode::NOT_FOUND, "not found");
+        };
+        let files =
+            StaticFiles::new(d.settings().dhcp.ipxe_dir.clone()).counting(d.http_metrics.clone());
+        return files.respond(&method, req.headers(), name).await;
+    }
     let Some(snap) = d.current() else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -118,7 +128,6 @@ async fn route(d: Arc<Daemon>, req: Request<Incoming>, _peer: SocketAddr) -> Res
         (files, format!("/{}/{}", &hex[..2], hex))
     };
     // Lookups by name use the percent-decoded path (iPXE sends `%3A` for `:`).
-    let decoded = crate::http::files::clean_path(&path).unwrap_or_default();
     if let Some(digest) = snap.manifest.metadata.get(decoded.as_str()) {
         let (files, p) = blob(digest);
         return files.respond_as(&method, headers, &p, Some(rel)).await;
@@ -435,7 +444,8 @@ mod body {
         let image = f.string("image")?;
         let kernel_params = f.string("kernel_params")?;
         let local_boot = f.boolean("local_boot")?;
-        f.done(&["image", "kernel_params", "local_boot"])?;
+        let dhcp_boot = f.string("dhcp_boot")?;
+        f.done(&["image", "kernel_params", "local_boot", "dhcp_boot"])?;
         match image {
             Patch::Keep => {}
             Patch::Clear => m.image = None,
@@ -459,6 +469,16 @@ mod body {
             Patch::Keep => {}
             Patch::Clear => m.local_boot = None,
             Patch::Set(b) => m.local_boot = Some(b),
+        }
+        match dhcp_boot {
+            Patch::Keep => {}
+            Patch::Clear => m.dhcp_boot = None,
+            Patch::Set(s) if s.is_empty() => m.dhcp_boot = None,
+            Patch::Set(s) => {
+                crate::dhcp::Override::parse(&s)
+                    .map_err(|e| bad(format!("machine: field \"dhcp_boot\": {e}")))?;
+                m.dhcp_boot = Some(s);
+            }
         }
         Ok(())
     }
@@ -976,6 +996,7 @@ mod tests {
             image: Some("ubuntu/noble".into()),
             kernel_params: Some("console=ttyS0".into()),
             local_boot: Some(true),
+            dhcp_boot: None,
         };
         apply_machine(&mut m, json!({"kernel_params": null, "local_boot": false})).unwrap();
         assert_eq!(m.kernel_params, None);
@@ -990,6 +1011,7 @@ mod tests {
             (json!({"kernel_params": {"a": 1}}), "kernel_params"),
             (json!({"local_boot": "true"}), "local_boot"),
             (json!({"image": 3}), "image"),
+            (json!({"dhcp_boot": "../x"}), "dhcp_boot"),
             (json!({"imagee": "x"}), "imagee"),
         ] {
             let r = apply_machine(&mut m, body).unwrap_err();

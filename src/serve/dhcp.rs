@@ -1,0 +1,76 @@
+//! The daemon's side of ProxyDHCP ([`crate::dhcp::Hooks`]): a machine's `dhcp_boot`
+//! override from its settings (config entries overlaid by `machines.json`, read per
+//! request like the boot configs), the HTTP port URLs name, and the report of every
+//! answered or dropped request (logged at debug level; the counters are the
+//! server's, on `/metrics`).
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+
+use crate::bootcfg::Mac;
+use crate::dhcp::{Event, Outcome, Override};
+use crate::serve::Daemon;
+
+pub struct DhcpHooks {
+    d: Arc<Daemon>,
+}
+
+impl DhcpHooks {
+    pub fn new(d: Arc<Daemon>) -> DhcpHooks {
+        DhcpHooks { d }
+    }
+}
+
+impl crate::dhcp::Hooks for DhcpHooks {
+    fn override_for(&self, mac: [u8; 6]) -> Option<Override> {
+        let settings = self.d.settings();
+        let mac = Mac(mac);
+        let state = match crate::machines::load(&settings.state_dir) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!("dhcp: {e:#}; using the config's machine settings only");
+                Default::default()
+            }
+        };
+        let raw = crate::machines::effective(&settings.machines, &state, &mac).dhcp_boot?;
+        // Checked when it was set; a hand-edited machines.json is checked here.
+        match Override::parse(&raw) {
+            Ok(o) => Some(o),
+            Err(e) => {
+                tracing::debug!("dhcp: machine {mac}: {e}; offering the default");
+                None
+            }
+        }
+    }
+
+    fn http_port(&self, server: Ipv4Addr) -> u16 {
+        self.d.http_port_for(IpAddr::V4(server))
+    }
+
+    fn answered(&self, e: &Event<'_>) {
+        let mac = e
+            .mac()
+            .map(|m| Mac(m).to_string())
+            .unwrap_or_else(|| "?".into());
+        let on = e.interface.unwrap_or("?");
+        match &e.outcome {
+            Outcome::Replied {
+                message,
+                server,
+                boot_file,
+            } => tracing::debug!(
+                "dhcp: {message:?} to {mac} ({}) on {on}: server {server}, boot file {boot_file}",
+                e.source
+            ),
+            Outcome::Dropped(reason) => tracing::debug!(
+                "dhcp: no answer to {mac} ({}, port {:?}): {}",
+                e.source,
+                e.port,
+                reason.label()
+            ),
+            Outcome::SendFailed => {
+                tracing::debug!("dhcp: the reply to {mac} ({}) was not sent", e.source)
+            }
+        }
+    }
+}
