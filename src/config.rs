@@ -856,16 +856,24 @@ mod tests {
             ("proxy = true\n", "dhcp.interfaces"),
             ("proxy = true\ninterfaces = []\n", "dhcp.interfaces"),
             ("interfaces = [\"../x\"]\n", "dhcp.interfaces"),
-            ("interfaces = [\"a-very-long-interface\"]\n", "dhcp.interfaces"),
+            (
+                "interfaces = [\"a-very-long-interface\"]\n",
+                "dhcp.interfaces",
+            ),
             ("uefi_loader = \"grub\"\n", "dhcp.uefi_loader"),
             ("proxi = true\n", "proxi"),
         ] {
-            let e = from_str(p, &format!("[dhcp]\n{bad}")).unwrap_err().to_string();
+            let e = from_str(p, &format!("[dhcp]\n{bad}"))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(key) && !e.contains('\n'), "{bad}: {e}");
         }
-        let e = from_str(p, "[machines.\"52:54:00:00:00:01\"]\ndhcp_boot = \"/etc/x\"\n")
-            .unwrap_err()
-            .to_string();
+        let e = from_str(
+            p,
+            "[machines.\"52:54:00:00:00:01\"]\ndhcp_boot = \"/etc/x\"\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("dhcp_boot"), "{e}");
     }
 

@@ -217,8 +217,7 @@ pub struct Request {
 pub fn parse(packet: &[u8]) -> Result<Request, DropReason> {
     let msg = v4::borrowed::Message::new(packet).map_err(|_| DropReason::Malformed)?;
     // Checked before `chaddr()`, which slices `hlen` bytes.
-    if msg.opcode() != v4::Opcode::BootRequest || msg.htype() != v4::HType::Eth || msg.hlen() != 6
-    {
+    if msg.opcode() != v4::Opcode::BootRequest || msg.htype() != v4::HType::Eth || msg.hlen() != 6 {
         return Err(DropReason::Malformed);
     }
     let mac: [u8; 6] = msg.chaddr().try_into().map_err(|_| DropReason::Malformed)?;
@@ -517,7 +516,8 @@ fn encode(
             m.set_flags(v4::Flags::new(req.flags).set_broadcast());
         }
         _ => {
-            m.set_flags(v4::Flags::new(req.flags)).set_ciaddr(req.ciaddr);
+            m.set_flags(v4::Flags::new(req.flags))
+                .set_ciaddr(req.ciaddr);
         }
     }
     if boot_file.len() > MAX_BOOT_FILE {
@@ -527,7 +527,9 @@ fn encode(
     let opts = m.opts_mut();
     opts.insert(DhcpOption::MessageType(message));
     opts.insert(DhcpOption::ServerIdentifier(server));
-    opts.insert(DhcpOption::ClassIdentifier(class.name().as_bytes().to_vec()));
+    opts.insert(DhcpOption::ClassIdentifier(
+        class.name().as_bytes().to_vec(),
+    ));
     if let Some(uuid) = req.uuid {
         opts.insert(DhcpOption::ClientMachineIdentifier(uuid.to_vec()));
     }
@@ -577,7 +579,12 @@ mod tests {
         }
     }
 
-    fn answer(p: &[u8], port: Port, loader: UefiLoader, over: Option<&Override>) -> Result<Reply, DropReason> {
+    fn answer(
+        p: &[u8],
+        port: Port,
+        loader: UefiLoader,
+        over: Option<&Override>,
+    ) -> Result<Reply, DropReason> {
         decide(&parse(p)?, port, RACK, &policy(loader), over)
     }
 
@@ -663,11 +670,21 @@ mod tests {
 
     #[test]
     fn uefi_and_http_offers_carry_no_vendor_options_and_http_echoes_httpclient() {
-        let p = packet(MessageType::Discover, Some("PXEClient:Arch:00007"), Some(7), false);
+        let p = packet(
+            MessageType::Discover,
+            Some("PXEClient:Arch:00007"),
+            Some(7),
+            false,
+        );
         let r = answer(&p, Port::Dhcp, UefiLoader::Ipxe, None).unwrap();
         let m = v4::Message::decode(&mut Decoder::new(&r.bytes)).unwrap();
         assert!(m.opts().get(OptionCode::VendorExtensions).is_none());
-        let p = packet(MessageType::Discover, Some("HTTPClient:Arch:00016"), Some(16), false);
+        let p = packet(
+            MessageType::Discover,
+            Some("HTTPClient:Arch:00016"),
+            Some(16),
+            false,
+        );
         let r = answer(&p, Port::Dhcp, UefiLoader::Ipxe, None).unwrap();
         let m = v4::Message::decode(&mut Decoder::new(&r.bytes)).unwrap();
         assert_eq!(
@@ -678,7 +695,12 @@ mod tests {
 
     #[test]
     fn the_pxe_port_acks_requests_only() {
-        let req = packet(MessageType::Request, Some("PXEClient:Arch:00007"), Some(7), false);
+        let req = packet(
+            MessageType::Request,
+            Some("PXEClient:Arch:00007"),
+            Some(7),
+            false,
+        );
         let r = answer(&req, Port::Pxe, UefiLoader::Ipxe, None).unwrap();
         assert_eq!((r.dest, r.message), (Dest::Source, MessageType::Ack));
         assert_eq!(
@@ -711,23 +733,50 @@ mod tests {
             Err(DropReason::UnsupportedArch)
         );
         // The architecture comes from option 60 when option 93 is missing.
-        let p = packet(MessageType::Discover, Some("PXEClient:Arch:00011:UNDI:003016"), None, false);
+        let p = packet(
+            MessageType::Discover,
+            Some("PXEClient:Arch:00011:UNDI:003016"),
+            None,
+            false,
+        );
         assert_eq!(parse(&p).unwrap().arch, Some(11));
     }
 
     #[test]
     fn overrides() {
-        let p = packet(MessageType::Discover, Some("PXEClient:Arch:00000"), Some(0), false);
-        let ipxe = packet(MessageType::Discover, Some("PXEClient:Arch:00000"), Some(0), true);
-        let efi = packet(MessageType::Discover, Some("PXEClient:Arch:00007"), Some(7), false);
-        let http = packet(MessageType::Discover, Some("HTTPClient:Arch:00016"), Some(16), false);
+        let p = packet(
+            MessageType::Discover,
+            Some("PXEClient:Arch:00000"),
+            Some(0),
+            false,
+        );
+        let ipxe = packet(
+            MessageType::Discover,
+            Some("PXEClient:Arch:00000"),
+            Some(0),
+            true,
+        );
+        let efi = packet(
+            MessageType::Discover,
+            Some("PXEClient:Arch:00007"),
+            Some(7),
+            false,
+        );
+        let http = packet(
+            MessageType::Discover,
+            Some("HTTPClient:Arch:00016"),
+            Some(16),
+            false,
+        );
         let file = |p: &[u8], o: &Override| {
             answer(p, Port::Dhcp, UefiLoader::Shim, Some(o)).map(|r| r.boot_file)
         };
         assert_eq!(file(&p, &Override::Local), Err(DropReason::Local));
         assert_eq!(file(&p, &Override::Ipxe).unwrap(), "ipxe/undionly.kpxe");
         assert_eq!(file(&efi, &Override::Ipxe).unwrap(), "ipxe/snponly.efi");
-        assert!(file(&ipxe, &Override::Ipxe).unwrap().contains("/boot.ipxe?"));
+        assert!(file(&ipxe, &Override::Ipxe)
+            .unwrap()
+            .contains("/boot.ipxe?"));
         let own = Override::parse("bootloader/pxe/i386/pxelinux.0").unwrap();
         assert_eq!(file(&p, &own).unwrap(), "bootloader/pxe/i386/pxelinux.0");
         assert_eq!(file(&ipxe, &own).unwrap(), "bootloader/pxe/i386/pxelinux.0");
@@ -737,7 +786,15 @@ mod tests {
         );
         let looped = Override::parse("ipxe/snponly.efi").unwrap();
         assert!(file(&ipxe, &looped).unwrap().contains("/boot.ipxe?"));
-        for bad in ["", "/etc/passwd", "a/../b", "a b", "x;y", "$x", &"a".repeat(128)] {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "a/../b",
+            "a b",
+            "x;y",
+            "$x",
+            &"a".repeat(128),
+        ] {
             assert!(Override::parse(bad).is_err(), "{bad:?}");
         }
     }
@@ -746,7 +803,8 @@ mod tests {
     fn hostile_packets_are_dropped_not_panicked_on() {
         let good = packet(MessageType::Discover, Some("PXEClient"), Some(0), false);
         for cut in 0..good.len() {
-            let _ = parse(&good[..cut]).map(|r| decide(&r, Port::Dhcp, RACK, &policy(UefiLoader::Ipxe), None));
+            let _ = parse(&good[..cut])
+                .map(|r| decide(&r, Port::Dhcp, RACK, &policy(UefiLoader::Ipxe), None));
         }
         assert_eq!(parse(&good[..239]), Err(DropReason::Malformed));
         // A huge hlen must not reach chaddr().

@@ -451,7 +451,14 @@ mod tests {
     fn ipxe_names_are_single_plain_segments() {
         assert_eq!(ipxe_name("ipxe/snponly.efi"), Some(Some("snponly.efi")));
         assert_eq!(ipxe_name("ipxe.cfg"), None);
-        for bad in ["ipxe/", "ipxe/../x", "ipxe/a/b", "ipxe/.hidden", "ipxe/a b", "ipxe/.."] {
+        for bad in [
+            "ipxe/",
+            "ipxe/../x",
+            "ipxe/a/b",
+            "ipxe/.hidden",
+            "ipxe/a b",
+            "ipxe/..",
+        ] {
             assert_eq!(ipxe_name(bad), Some(None), "{bad}");
         }
     }

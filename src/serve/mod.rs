@@ -895,13 +895,8 @@ fn reload(d: &Daemon) {
                     d.config_path.display()
                 );
             }
-            let proxy = |s: &Settings| {
-                (
-                    s.dhcp.proxy,
-                    s.dhcp.interfaces.clone(),
-                    s.dhcp.uefi_loader,
-                )
-            };
+            let proxy =
+                |s: &Settings| (s.dhcp.proxy, s.dhcp.interfaces.clone(), s.dhcp.uefi_loader);
             if proxy(&new) != proxy(&old) {
                 tracing::warn!(
                     "dhcp.proxy, dhcp.interfaces or dhcp.uefi_loader changed in {}: restart rackboot to apply them",

@@ -38,10 +38,13 @@
 //!   IPv4 first: this VM's IPv4 offer names a URL that 404s, so it moves on at once.
 //!   Both IPv6 modes also require the marker's command line to be the one rendered for
 //!   an IPv6 request (`root=squash:http://[fd52::1]:5248/…`, `ip6=dhcp`).
-//! - `proxy-{dnsmasq,isc}-bios` SeaBIOS, the NIC's iPXE ROM, rackboot's ProxyDHCP
-//! - `proxy-{dnsmasq,isc}-uefi-amd64` OVMF PXE → ProxyDHCP → iPXE `snponly.efi`
-//! - `proxy-{dnsmasq,isc}-uefi-arm64` AAVMF PXE → ProxyDHCP → iPXE `ipxe-arm64.efi`
-//! - `proxy-{dnsmasq,isc}-http-amd64` OVMF HTTP boot → ProxyDHCP's URL → iPXE
+//! - `proxy-{dnsmasq,isc}-bios` SeaBIOS, the NIC's iPXE ROM (user class `iPXE`) →
+//!   ProxyDHCP → `boot.ipxe?mac=…` over HTTP (a plain PXE ROM would get pxelinux.0)
+//! - `proxy-{dnsmasq,isc}-uefi-amd64` OVMF PXE → ProxyDHCP → iPXE `snponly.efi` (TFTP)
+//!   → ProxyDHCP again as iPXE → `boot.ipxe` over HTTP
+//! - `proxy-{dnsmasq,isc}-uefi-arm64` the same on AAVMF with `ipxe-arm64.efi`
+//! - `proxy-{dnsmasq,isc}-http-amd64` OVMF HTTP boot → ProxyDHCP's `HTTPClient` offer
+//!   with the iPXE URL → `boot.ipxe`
 //!
 //! KVM is used for amd64 when a short probe boot reaches the marker with it; TCG
 //! otherwise (arm64 is always TCG here); `RACKBOOT_NETBOOT_ACCEL=tcg|kvm` decides
@@ -301,7 +304,7 @@ const MODES: &[Mode] = &[
         Site::Dnsmasq,
         Firmware::SeaBios,
         false,
-        "site dnsmasq (siaddr = itself) + rackboot ProxyDHCP: SeaBIOS iPXE ROM",
+        "site dnsmasq (siaddr = itself) + rackboot ProxyDHCP: SeaBIOS iPXE ROM → boot.ipxe (HTTP)",
     ),
     proxy_mode(
         "proxy-dnsmasq-uefi-amd64",
@@ -329,7 +332,7 @@ const MODES: &[Mode] = &[
         Site::Isc,
         Firmware::SeaBios,
         false,
-        "site ISC dhcpd (siaddr 0.0.0.0) + rackboot ProxyDHCP: SeaBIOS iPXE ROM",
+        "site ISC dhcpd (siaddr 0.0.0.0) + rackboot ProxyDHCP: SeaBIOS iPXE ROM → boot.ipxe (HTTP)",
     ),
     proxy_mode(
         "proxy-isc-uefi-amd64",
@@ -1026,15 +1029,16 @@ fn start_network(ns: &Netns, p: &Prepared, setup: Setup) -> Result<Network> {
         ],
         &dir.join(format!("tcpdump-{name}.log")),
     )?;
-    let config = match setup {
-        Setup::Direct => &p.config,
-        Setup::Proxy(_) => &p.proxy_config,
+    // In a proxy setup, up once its ProxyDHCP listens on 4011 (after 67).
+    let (config, ready) = match setup {
+        Setup::Direct => (&p.config, "listening for HTTP"),
+        Setup::Proxy(_) => (&p.proxy_config, "listening for PXE"),
     };
     let serve = ns.spawn_ready(
         ("rackboot serve", &p.bin),
         &["--config", config, "serve"],
         &dir.join(format!("rackboot-{name}.log")),
-        "listening for HTTP",
+        ready,
     )?;
     let mut dhcp = Vec::new();
     let mut site_ns = None;
