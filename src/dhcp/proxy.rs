@@ -407,6 +407,10 @@ pub fn decide(
     if server.is_unspecified() {
         return Err(DropReason::NoAddress);
     }
+    // A REQUEST to 4011 names the proxy it asks (iPXE does); another's is not ours.
+    if port == Port::Pxe && req.server_id.is_some_and(|s| s != server) {
+        return Err(DropReason::NotForUs);
+    }
     let boot_file = boot_file(req, class, fw, server, policy, over)?;
     if boot_file.len() > MAX_BOOT_FILE {
         return Err(DropReason::Internal);
@@ -707,6 +711,15 @@ mod tests {
             answer(&req, Port::Dhcp, UefiLoader::Ipxe, None),
             Err(DropReason::NotForUs)
         );
+        let mut other = parse(&req).unwrap();
+        other.server_id = Some(Ipv4Addr::new(10, 0, 0, 9));
+        let p = policy(UefiLoader::Ipxe);
+        assert_eq!(
+            decide(&other, Port::Pxe, RACK, &p, None),
+            Err(DropReason::NotForUs)
+        );
+        other.server_id = Some(RACK);
+        assert!(decide(&other, Port::Pxe, RACK, &p, None).is_ok());
         let disc = packet(MessageType::Discover, Some("PXEClient"), Some(7), false);
         assert_eq!(
             answer(&disc, Port::Pxe, UefiLoader::Ipxe, None),

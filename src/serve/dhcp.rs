@@ -2,14 +2,54 @@
 //! override from its settings (config entries overlaid by `machines.json`, read per
 //! request like the boot configs), the HTTP port URLs name, and the report of every
 //! answered or dropped request (logged at debug level; the counters are the
-//! server's, on `/metrics`).
+//! server's, on `/metrics`). Also binds the server's ports before READY and runs it
+//! as one of the daemon's tasks.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::bootcfg::Mac;
+use crate::config::Settings;
 use crate::dhcp::{Event, Outcome, Override};
 use crate::serve::Daemon;
+
+/// Binds ProxyDHCP's ports when `[dhcp] proxy` is on: before READY, like the other
+/// sockets, so a rack that cannot answer refuses to start.
+pub fn bind(settings: &Settings) -> anyhow::Result<Option<crate::dhcp::Sockets>> {
+    if !settings.dhcp.proxy {
+        return Ok(None);
+    }
+    crate::dhcp::bind()
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Runs the ProxyDHCP server (when its sockets were bound) as one of the daemon's
+/// tasks.
+pub fn spawn(
+    d: &Arc<Daemon>,
+    sockets: Option<crate::dhcp::Sockets>,
+    shutdown: &CancellationToken,
+    tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>,
+) {
+    let Some(sockets) = sockets else {
+        return;
+    };
+    let settings = d.settings();
+    let hooks: Arc<dyn crate::dhcp::Hooks> = Arc::new(DhcpHooks::new(d.clone()));
+    let cfg = crate::dhcp::Config {
+        interfaces: settings.dhcp.interfaces.clone(),
+        uefi_loader: settings.dhcp.uefi_loader,
+    };
+    let (m, s) = (d.dhcp_metrics.clone(), shutdown.clone());
+    tasks.spawn(async move {
+        crate::dhcp::serve(sockets, cfg, hooks, m, s)
+            .await
+            .map_err(|e| anyhow::anyhow!("dhcp server: {e}"))
+    });
+}
 
 pub struct DhcpHooks {
     d: Arc<Daemon>,

@@ -713,13 +713,7 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
         tls_listeners,
         tls_config,
     } = Sockets::take(&settings)?;
-    // ProxyDHCP's ports are bound before READY too: a rack that cannot answer refuses
-    // to start.
-    let dhcp_sockets = if settings.dhcp.proxy {
-        Some(crate::dhcp::bind().map_err(|e| anyhow::anyhow!("{e}"))?)
-    } else {
-        None
-    };
+    let dhcp_sockets = dhcp::bind(&settings)?;
 
     let (tx, _rx) = watch::channel(snapshot.map(Arc::new));
     let daemon = Arc::new(Daemon {
@@ -801,20 +795,7 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
                 .map_err(|e| anyhow::anyhow!("http server: {e}"))
         });
     }
-    if let Some(sockets) = dhcp_sockets {
-        let hooks: Arc<dyn crate::dhcp::Hooks> =
-            Arc::new(crate::serve::dhcp::DhcpHooks::new(daemon.clone()));
-        let cfg = crate::dhcp::Config {
-            interfaces: settings.dhcp.interfaces.clone(),
-            uefi_loader: settings.dhcp.uefi_loader,
-        };
-        let (m, s) = (daemon.dhcp_metrics.clone(), shutdown.clone());
-        tasks.spawn(async move {
-            crate::dhcp::serve(sockets, cfg, hooks, m, s)
-                .await
-                .map_err(|e| anyhow::anyhow!("dhcp server: {e}"))
-        });
-    }
+    dhcp::spawn(&daemon, dhcp_sockets, &shutdown, &mut tasks);
     // The sockets are bound and the last snapshot (or none) is loaded: ready, before
     // the first sync can report anything.
     let generation = daemon.snapshot.borrow().as_ref().map(|s| s.generation);

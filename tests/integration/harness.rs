@@ -75,7 +75,20 @@ arches = [{arches}]
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(BIN);
+        self.command_via(&[], args)
+    }
+
+    /// [`Env::command`] run through `launcher` (such as `ip netns exec NAME`, which
+    /// execs it: the PID is rackboot's).
+    pub fn command_via(&self, launcher: &[&str], args: &[&str]) -> Command {
+        let mut c = match launcher.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
         c.arg("--config").arg(&self.config).args(args);
         c.env("RACKBOOT_LOG", "info");
         c.env_remove("RACKBOOT_CONFIG");
@@ -255,6 +268,16 @@ impl Env {
         what: &[&str],
         customize: impl FnOnce(&mut Command),
     ) -> (Served, Vec<SocketAddr>) {
+        self.serve_via(&[], what, customize)
+    }
+
+    /// [`Env::serve_with`], started through `launcher` ([`Env::command_via`]).
+    pub fn serve_via(
+        &self,
+        launcher: &[&str],
+        what: &[&str],
+        customize: impl FnOnce(&mut Command),
+    ) -> (Served, Vec<SocketAddr>) {
         let log = self.dir.path().join(format!(
             "serve-{}.log",
             std::time::SystemTime::now()
@@ -262,7 +285,7 @@ impl Env {
                 .unwrap()
                 .as_nanos()
         ));
-        let mut cmd = self.command(&["serve"]);
+        let mut cmd = self.command_via(launcher, &["serve"]);
         cmd.env("RACKBOOT_LOG", "info,rackboot=debug")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
@@ -873,4 +896,164 @@ pub fn client(local: &str, timeout: Duration) -> UdpSocket {
     let s = UdpSocket::bind(local).unwrap();
     s.set_read_timeout(Some(timeout)).unwrap();
     s
+}
+
+// ---------------------------------------------------------------------------
+// Network namespaces (ProxyDHCP needs real interfaces and ports 67/4011)
+
+/// A network namespace of this test run (a unique name), deleted on drop, also when
+/// the test panics. Namespaces left by a run that was killed are swept by the next.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Netns {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        sweep_stale_namespaces();
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ns = Netns {
+            name: format!("rbt-{}-{n}-{tag}", std::process::id()),
+        };
+        run_ok("ip", &["netns", "add", &ns.name]);
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `ip -n NAME ARGS…`, which must succeed.
+    pub fn ip(&self, args: &[&str]) {
+        run_ok("ip", &[&["-n", self.name.as_str()], args].concat());
+    }
+
+    /// The launcher that runs a program inside: `ip netns exec NAME`.
+    pub fn exec(&self) -> [&str; 4] {
+        ["ip", "netns", "exec", self.name.as_str()]
+    }
+
+    /// Runs `f` on a thread that entered the namespace: sockets it makes live there
+    /// (and keep working from any thread).
+    pub fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let fd = std::fs::File::open(&path).unwrap();
+            // SAFETY: setns on this thread only, with a namespace fd we own.
+            let rc = unsafe { nix::libc::setns(fd.as_raw_fd(), nix::libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// A `veth` pair, `here` in this namespace with `here_addr` (CIDR), `there` in
+    /// `other` with `there_mac` and `there_addr`; both up.
+    pub fn veth(
+        &self,
+        here: &str,
+        here_addr: &str,
+        other: &Netns,
+        there: &str,
+        there_mac: &str,
+        there_addr: &str,
+    ) {
+        self.veth_port(here, other, there, there_mac, there_addr);
+        self.ip(&["addr", "add", here_addr, "dev", here]);
+    }
+
+    /// [`Netns::veth`] without an address on `here` (a bridge port).
+    pub fn veth_port(
+        &self,
+        here: &str,
+        other: &Netns,
+        there: &str,
+        there_mac: &str,
+        there_addr: &str,
+    ) {
+        run_ok(
+            "ip",
+            &[
+                "link",
+                "add",
+                "name",
+                here,
+                "netns",
+                &self.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                there,
+                "netns",
+                &other.name,
+            ],
+        );
+        self.ip(&["link", "set", here, "up"]);
+        other.ip(&["link", "set", there, "address", there_mac]);
+        other.ip(&["addr", "add", there_addr, "dev", there]);
+        other.ip(&["link", "set", there, "up"]);
+    }
+
+    /// GET `url` with curl from inside; (status, body).
+    pub fn curl(&self, url: &str) -> (u16, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let body = dir.path().join("body");
+        let out = run_client(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.name,
+                "curl",
+                "-s",
+                "--max-time",
+                "20",
+                "-o",
+                body.to_str().unwrap(),
+                "-w",
+                "%{http_code}",
+                url,
+            ],
+            Duration::from_secs(30),
+        );
+        let code = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        (code, std::fs::read(&body).unwrap_or_default())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Runs `program` (at most 30 s) and asserts it succeeded.
+fn run_ok(program: &str, args: &[&str]) {
+    let out = run_client(program, args, Duration::from_secs(30));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Deletes `rbt-PID-…` namespaces whose test process is gone.
+fn sweep_stale_namespaces() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(pid) = name.strip_prefix("rbt-").and_then(|r| r.split('-').next()) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
 }

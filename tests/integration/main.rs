@@ -1,5 +1,5 @@
 //! Integration tests: the real `rackboot` binary against fake upstreams and real
-//! clients on 127.0.0.1. All of them build into this one test binary. Shared helpers
+//! clients on 127.0.0.1 (and in network namespaces the tests create, for DHCP). All of them build into this one test binary. Shared helpers
 //! live in `harness.rs`, the fake upstream in `upstream.rs`; every other file is one
 //! subject.
 
@@ -7,6 +7,7 @@ mod api;
 mod bootcfg;
 mod coherence;
 mod crash;
+mod dhcp;
 mod gc;
 mod harness;
 mod hostile_upstream;

@@ -28,6 +28,7 @@ pub const TARGETS: &[&str] = &[
     "tar_members",
     "bootcfg_quote",
     "config",
+    "dhcp_packet",
 ];
 
 pub fn run(args: &[String]) -> Result<()> {

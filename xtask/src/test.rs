@@ -16,6 +16,9 @@ pub const TEST_DEBS: &[&str] = &[
     "xz-utils",
     "cpio",
     "openssl",
+    // ProxyDHCP tests: network namespaces and veth pairs, and busybox's udhcpc.
+    "iproute2",
+    "busybox-static",
     // The Images page test drives a real headless Chromium.
     "chromium",
     "chromium-driver",
