@@ -44,7 +44,7 @@
 //!   → ProxyDHCP again as iPXE → `boot.ipxe` over HTTP
 //! - `proxy-{dnsmasq,isc}-uefi-arm64` the same on AAVMF with `ipxe-arm64.efi`
 //! - `proxy-{dnsmasq,isc}-http-amd64` OVMF HTTP boot → ProxyDHCP's `HTTPClient` offer
-//!   with the iPXE URL → `boot.ipxe`
+//!   with the URL of iPXE (`ipxe/ipxe-amd64.efi`) → `boot.ipxe`
 //!
 //! KVM is used for amd64 when a short probe boot reaches the marker with it; TCG
 //! otherwise (arm64 is always TCG here); `RACKBOOT_NETBOOT_ACCEL=tcg|kvm` decides

@@ -229,12 +229,13 @@ const IPXE_DEB_SHA256: &str = "eeaca79dbde0fb86c102bf1d362c6f6a67ed0ddab38b3dd12
 
 /// Downloads the pinned `ipxe` .deb once (into the target directory, checked against
 /// [`IPXE_DEB_SHA256`]), unpacks it, and returns the directory holding
-/// `snponly.efi` and `ipxe-arm64.efi`.
+/// `snponly.efi`, `ipxe-amd64.efi` and `ipxe-arm64.efi`.
 pub fn ensure_ipxe_efi() -> Result<PathBuf> {
     use sha2::{Digest, Sha256};
     let cache = target_dir(&crate::root()).join("xtask-cache/ipxe");
     let dir = cache.join("root/usr/lib/ipxe");
-    if dir.join("snponly.efi").is_file() && dir.join("ipxe-arm64.efi").is_file() {
+    let all = ["snponly.efi", "ipxe-amd64.efi", "ipxe-arm64.efi"];
+    if all.iter().all(|f| dir.join(f).is_file()) {
         return Ok(dir);
     }
     std::fs::create_dir_all(&cache)?;
@@ -260,7 +261,7 @@ pub fn ensure_ipxe_efi() -> Result<PathBuf> {
             root.to_str().context("utf-8 path")?,
         ],
     )?;
-    for f in ["snponly.efi", "ipxe-arm64.efi"] {
+    for f in all {
         if !dir.join(f).is_file() {
             bail!("{} has no {f}", deb.display());
         }
