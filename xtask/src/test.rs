@@ -16,9 +16,11 @@ pub const TEST_DEBS: &[&str] = &[
     "xz-utils",
     "cpio",
     "openssl",
-    // ProxyDHCP tests: network namespaces and veth pairs, and busybox's udhcpc.
+    // ProxyDHCP tests: network namespaces and veth pairs, busybox's udhcpc, and
+    // dnsmasq as the site's DHCP beside the rack.
     "iproute2",
     "busybox-static",
+    "dnsmasq",
     // The Images page test drives a real headless Chromium.
     "chromium",
     "chromium-driver",
