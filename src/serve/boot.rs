@@ -50,8 +50,13 @@ pub struct Here {
 
 impl Here {
     pub fn from_ip(ip: IpAddr, port: u16) -> Here {
+        // An IPv4 client on a dual-stack socket shows up as `::ffff:a.b.c.d`: its
+        // loaders need the IPv4 form (and the IPv4 kernel parameters).
         let host = match ip {
-            IpAddr::V6(v6) => format!("[{v6}]"),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => v4.to_string(),
+                None => format!("[{v6}]"),
+            },
             IpAddr::V4(v4) => v4.to_string(),
         };
         Here {
@@ -72,6 +77,11 @@ impl Here {
                 http_authority: format!("127.0.0.1:{port}"),
             };
         };
+        // A bare IPv6 literal (a client that forgot the brackets): bracket it, or
+        // its last group would read as a port.
+        if let Ok(ip @ IpAddr::V6(_)) = host.parse::<IpAddr>() {
+            return Here::from_ip(ip, port);
+        }
         let has_port = match host.rfind(']') {
             Some(end) => host[end..].contains(':'),
             None => host.contains(':'),
@@ -98,6 +108,9 @@ impl Here {
 
 /// The IP address in a `Host` header (`10.0.0.1:5248`, `[fd00::1]`), if it is one.
 pub fn host_ip(host: &str) -> Option<IpAddr> {
+    if let Ok(ip) = host.parse() {
+        return Some(ip); // a bare address, IPv6 without brackets included
+    }
     if let Some(rest) = host.strip_prefix('[') {
         return rest.split(']').next()?.parse().ok();
     }
@@ -486,5 +499,28 @@ mod tests {
         assert_eq!(host_ip("10.0.0.1:80"), Some("10.0.0.1".parse().unwrap()));
         assert_eq!(host_ip("[fd00::1]:80"), Some("fd00::1".parse().unwrap()));
         assert_eq!(host_ip("rack.example"), None);
+    }
+
+    #[test]
+    fn ipv6_racks_get_bracketed_urls_every_loader_parses() {
+        // A bare IPv6 literal in `Host` (no brackets): its last group is not a port.
+        let a = |h: &str| Here::from_host(Some(h), 5248).http_authority;
+        assert_eq!(a("fd52::1"), "[fd52::1]:5248");
+        assert_eq!(a("fd52::1:5248"), "[fd52::1:5248]:5248");
+        assert_eq!(host_ip("fd52::1"), Some("fd52::1".parse().unwrap()));
+        assert_eq!(host_ip("10.0.0.1"), Some("10.0.0.1".parse().unwrap()));
+        // Over TFTP the rack's own address: bracketed for v6, plain for a mapped v4.
+        let v6 = Here::from_ip("fd52::1".parse().unwrap(), 5248);
+        assert_eq!(v6.http_images(), "http://[fd52::1]:5248/images/");
+        // The form Debian's GRUB 2.06 parses (its net.c reads `[addr]:port`), as
+        // `cargo xtask netboot ipv6-uefi-amd64-tftp` proves.
+        assert_eq!(v6.grub_http_images(), "(http,[fd52::1]:5248)/images/");
+        let mapped = Here::from_ip("::ffff:10.77.0.1".parse().unwrap(), 5248);
+        assert_eq!(mapped.http_authority, "10.77.0.1:5248");
+        assert_eq!(
+            Here::from_host(Some("[::ffff:10.77.0.1]:5248"), 5248).http_authority,
+            "[::ffff:10.77.0.1]:5248",
+            "a client that named the mapped form keeps it"
+        );
     }
 }

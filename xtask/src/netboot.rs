@@ -1,12 +1,22 @@
 //! `cargo xtask netboot [MODE...] [--keep]`: real firmware boots from rackboot.
 //!
-//! In a private network namespace (`rbnb-<pid>`): a bridge with the rack's address,
-//! one tap per VM, dnsmasq as DHCP only (boot file by client architecture, option 93;
-//! the HTTP boot URL and vendor class `HTTPClient` for HTTP-boot clients), tcpdump,
-//! and the real rackboot binary serving the signed demo stream on TFTP 69 and HTTP
-//! 5248. Every VM has its own MAC, set up with `rackboot machines set` to a kernel
+//! In a private network namespace (`rbnb-<pid>`): a bridge with the rack's addresses
+//! (`10.77.0.1/24`, `fd52::1/64`), one tap per VM, tcpdump, and the real rackboot
+//! binary serving the signed demo stream on TFTP 69 and HTTP 5248 on both addresses.
+//! Every VM has its own MAC, set up with `rackboot machines set` to a kernel
 //! parameter that only that MAC gets; its initramfs prints the marker line with
 //! `/proc/cmdline`, and the mode passes when that line carries the parameter.
+//!
+//! The modes run in setups, one after the other, each with its own DHCP servers:
+//! - direct: dnsmasq in the rack's namespace as the site's DHCP with the boot options
+//!   (boot file by client architecture, option 93; the HTTP boot URL and vendor class
+//!   `HTTPClient` for HTTP-boot clients), and for IPv6 dnsmasq's router advertisements
+//!   plus ISC dhcpd's DHCPv6 with the boot file URL (option 59);
+//! - proxy-dnsmasq, proxy-isc: the site's DHCP is another host (namespace `rbns-<pid>`,
+//!   a veth on the bridge, `10.77.0.2`) serving addresses only, no boot option at all:
+//!   dnsmasq (puts its own address in `siaddr`) or ISC dhcpd (leaves it 0.0.0.0); the
+//!   rack runs with `[dhcp] proxy = true` and its ProxyDHCP answers the PXE and
+//!   HTTP-boot requests (UEFI machines get iPXE from Debian's `ipxe` package).
 //!
 //! Modes:
 //! - `bios-tftp`       SeaBIOS PXE → pxelinux.0 (TFTP only) → kernel/initrd over TFTP
@@ -21,14 +31,28 @@
 //! - `uefi-arm64-tftp` AAVMF PXE → shim → signed GRUB → kernel/initrd
 //! - `uefi-arm64-secureboot` the same chain on AAVMF with Secure Boot on
 //! - `uefi-arm64-http` AAVMF HTTP boot → GRUB (HTTP) → kernel/initrd over HTTP
+//! - `ipv6-uefi-amd64-tftp` OVMF PXE over IPv6 (IPv4 PXE off) → `tftp://[fd52::1]/`
+//!   shim → signed GRUB (TFTP over IPv6) → kernel/initrd from `(http,[fd52::1]:5248)`
+//! - `ipv6-uefi-amd64-http` OVMF HTTP boot over IPv6 → GRUB from
+//!   `http://[fd52::1]:5248/` → kernel/initrd over HTTP. OVMF tries HTTP boot over
+//!   IPv4 first: this VM's IPv4 offer names a URL that 404s, so it moves on at once.
+//!   Both IPv6 modes also require the marker's command line to be the one rendered for
+//!   an IPv6 request (`root=squash:http://[fd52::1]:5248/…`, `ip6=dhcp`).
+//! - `proxy-{dnsmasq,isc}-bios` SeaBIOS, the NIC's iPXE ROM (user class `iPXE`) →
+//!   ProxyDHCP → `boot.ipxe?mac=…` over HTTP (a plain PXE ROM would get pxelinux.0)
+//! - `proxy-{dnsmasq,isc}-uefi-amd64` OVMF PXE → ProxyDHCP → iPXE `snponly.efi` (TFTP)
+//!   → ProxyDHCP again as iPXE → `boot.ipxe` over HTTP
+//! - `proxy-{dnsmasq,isc}-uefi-arm64` the same on AAVMF with `ipxe-arm64.efi`
+//! - `proxy-{dnsmasq,isc}-http-amd64` OVMF HTTP boot → ProxyDHCP's `HTTPClient` offer
+//!   with the URL of iPXE (`ipxe/ipxe-amd64.efi`) → `boot.ipxe`
 //!
 //! KVM is used for amd64 when a short probe boot reaches the marker with it; TCG
 //! otherwise (arm64 is always TCG here); `RACKBOOT_NETBOOT_ACCEL=tcg|kvm` decides
-//! without the probe. Every wait has a timeout. Serial logs,
-//! rackboot's and dnsmasq's logs and a pcap stay under `target/netboot/` when a mode
-//! fails (or with `--keep`). The namespace and every process are removed on every
-//! exit path: processes by PID (and by parent-death signal if xtask itself dies),
-//! the namespace by name, and stale namespaces of dead runs at the next start.
+//! without the probe. Every wait has a timeout. Serial logs, rackboot's and the DHCP
+//! servers' logs and a pcap per setup stay under `target/netboot/` when a mode fails
+//! (or with `--keep`). The namespaces and every process are removed on every exit
+//! path: processes by PID (and by parent-death signal if xtask itself dies), the
+//! namespaces by name, and stale namespaces of dead runs at the next start.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -43,6 +67,11 @@ use crate::proc::Guard;
 
 /// The rack's address on the bridge, and the DHCP range for the VMs.
 const RACK_IP: &str = "10.77.0.1";
+/// The rack's IPv6 address on the bridge (a ULA prefix, `fd52::/64`).
+const RACK_IP6: &str = "fd52::1";
+const PREFIX6: &str = "fd52::";
+/// The site's DHCP host in the proxy modes (its own namespace, a veth on the bridge).
+const SITE_IP: &str = "10.77.0.2";
 const HTTP_PORT: u16 = 5248;
 /// What the kernel prints when the firmware booted it with Secure Boot on.
 const SECURE_BOOT_LINE: &str = "Secure boot enabled";
@@ -57,6 +86,8 @@ const DEBS: &[&str] = &[
     "ipxe-qemu",
     "seabios",
     "dnsmasq-base",
+    "isc-dhcp-server",
+    "curl",
     "iproute2",
     "tcpdump",
     "util-linux",
@@ -86,7 +117,86 @@ struct Mode {
     secure_boot: bool,
     /// A dnsmasq tag for this VM's MAC (for the BIOS modes that share client arch 0).
     tag: Option<&'static str>,
+    /// How the VM finds the rack.
+    net: Net,
     what: &'static str,
+}
+
+/// How a mode's VM finds the rack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Net {
+    /// The rack's dnsmasq hands out IPv4 addresses and the boot options.
+    V4,
+    /// IPv6 only: dnsmasq's router advertisements, ISC dhcpd's DHCPv6 with the boot
+    /// file URL (option 59; dnsmasq cannot send the binary vendor class option 16
+    /// that UEFI HTTP boot over IPv6 requires).
+    V6,
+    /// The site's DHCP server on another host hands out addresses only; rackboot's
+    /// ProxyDHCP answers the PXE and HTTP-boot requests.
+    Proxy(Site),
+}
+
+/// The site's DHCP server in the proxy modes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Site {
+    /// dnsmasq: puts its own address in `siaddr`.
+    Dnsmasq,
+    /// ISC dhcpd: leaves `siaddr` 0.0.0.0 (as Kea and most enterprise servers do).
+    Isc,
+}
+
+impl Site {
+    fn name(self) -> &'static str {
+        match self {
+            Site::Dnsmasq => "dnsmasq",
+            Site::Isc => "isc",
+        }
+    }
+}
+
+/// The modes that share one set of servers on the bridge boot together: the direct
+/// modes (IPv4 and IPv6 side by side), then each site server's proxy modes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Setup {
+    Direct,
+    Proxy(Site),
+}
+
+impl Mode {
+    fn setup(&self) -> Setup {
+        match self.net {
+            Net::V4 | Net::V6 => Setup::Direct,
+            Net::Proxy(site) => Setup::Proxy(site),
+        }
+    }
+}
+
+impl Setup {
+    fn name(self) -> String {
+        match self {
+            Setup::Direct => "direct".into(),
+            Setup::Proxy(site) => format!("proxy-{}", site.name()),
+        }
+    }
+}
+
+/// A proxy mode: the site's DHCP serves addresses only, rackboot's ProxyDHCP the rest.
+const fn proxy_mode(
+    name: &'static str,
+    site: Site,
+    firmware: Firmware,
+    http_boot: bool,
+    what: &'static str,
+) -> Mode {
+    Mode {
+        name,
+        firmware,
+        http_boot,
+        secure_boot: false,
+        tag: None,
+        net: Net::Proxy(site),
+        what,
+    }
 }
 
 const MODES: &[Mode] = &[
@@ -96,6 +206,7 @@ const MODES: &[Mode] = &[
         http_boot: false,
         secure_boot: false,
         tag: Some("pxetftp"),
+        net: Net::V4,
         what: "BIOS PXE, pxelinux.0, kernel over TFTP",
     },
     Mode {
@@ -104,6 +215,7 @@ const MODES: &[Mode] = &[
         http_boot: false,
         secure_boot: false,
         tag: None,
+        net: Net::V4,
         what: "BIOS PXE, lpxelinux.0, kernel over HTTP",
     },
     Mode {
@@ -112,6 +224,7 @@ const MODES: &[Mode] = &[
         http_boot: false,
         secure_boot: false,
         tag: Some("ipxemode"),
+        net: Net::V4,
         what: "iPXE chainload: ipxe.cfg, per-MAC script over HTTP",
     },
     Mode {
@@ -120,6 +233,7 @@ const MODES: &[Mode] = &[
         http_boot: false,
         secure_boot: false,
         tag: None,
+        net: Net::V4,
         what: "OVMF PXE, shim + signed GRUB over TFTP",
     },
     Mode {
@@ -128,6 +242,7 @@ const MODES: &[Mode] = &[
         http_boot: false,
         secure_boot: true,
         tag: None,
+        net: Net::V4,
         what: "OVMF PXE with Secure Boot on: MS-signed shim, signed GRUB, signed kernel",
     },
     Mode {
@@ -136,6 +251,7 @@ const MODES: &[Mode] = &[
         http_boot: true,
         secure_boot: false,
         tag: None,
+        net: Net::V4,
         what: "OVMF UEFI HTTP boot, GRUB over HTTP",
     },
     Mode {
@@ -144,6 +260,7 @@ const MODES: &[Mode] = &[
         http_boot: false,
         secure_boot: false,
         tag: None,
+        net: Net::V4,
         what: "AAVMF PXE, shim + signed GRUB over TFTP",
     },
     Mode {
@@ -152,6 +269,7 @@ const MODES: &[Mode] = &[
         http_boot: false,
         secure_boot: true,
         tag: None,
+        net: Net::V4,
         what: "AAVMF PXE with Secure Boot on: MS-signed shim, signed GRUB, signed kernel",
     },
     Mode {
@@ -160,8 +278,83 @@ const MODES: &[Mode] = &[
         http_boot: true,
         secure_boot: false,
         tag: None,
+        net: Net::V4,
         what: "AAVMF UEFI HTTP boot, GRUB over HTTP",
     },
+    Mode {
+        name: "ipv6-uefi-amd64-tftp",
+        firmware: Firmware::Ovmf,
+        http_boot: false,
+        secure_boot: false,
+        tag: Some("v6only"),
+        net: Net::V6,
+        what: "OVMF PXE over IPv6 (DHCPv6 tftp://[fd52::1]/bootx64.efi), shim + signed GRUB, kernel over HTTP to [fd52::1]",
+    },
+    Mode {
+        name: "ipv6-uefi-amd64-http",
+        firmware: Firmware::Ovmf,
+        http_boot: true,
+        secure_boot: false,
+        tag: Some("v6only"),
+        net: Net::V6,
+        what: "OVMF UEFI HTTP boot over IPv6 (DHCPv6 http://[fd52::1]:5248/…), GRUB over HTTP",
+    },
+    proxy_mode(
+        "proxy-dnsmasq-bios",
+        Site::Dnsmasq,
+        Firmware::SeaBios,
+        false,
+        "site dnsmasq (siaddr = itself) + rackboot ProxyDHCP: SeaBIOS iPXE ROM → boot.ipxe (HTTP)",
+    ),
+    proxy_mode(
+        "proxy-dnsmasq-uefi-amd64",
+        Site::Dnsmasq,
+        Firmware::Ovmf,
+        false,
+        "site dnsmasq + rackboot ProxyDHCP: OVMF PXE → iPXE snponly.efi",
+    ),
+    proxy_mode(
+        "proxy-dnsmasq-uefi-arm64",
+        Site::Dnsmasq,
+        Firmware::Aavmf,
+        false,
+        "site dnsmasq + rackboot ProxyDHCP: AAVMF PXE → iPXE ipxe-arm64.efi",
+    ),
+    proxy_mode(
+        "proxy-dnsmasq-http-amd64",
+        Site::Dnsmasq,
+        Firmware::Ovmf,
+        true,
+        "site dnsmasq + rackboot ProxyDHCP: OVMF HTTP boot → iPXE",
+    ),
+    proxy_mode(
+        "proxy-isc-bios",
+        Site::Isc,
+        Firmware::SeaBios,
+        false,
+        "site ISC dhcpd (siaddr 0.0.0.0) + rackboot ProxyDHCP: SeaBIOS iPXE ROM → boot.ipxe (HTTP)",
+    ),
+    proxy_mode(
+        "proxy-isc-uefi-amd64",
+        Site::Isc,
+        Firmware::Ovmf,
+        false,
+        "site ISC dhcpd + rackboot ProxyDHCP: OVMF PXE → iPXE snponly.efi",
+    ),
+    proxy_mode(
+        "proxy-isc-uefi-arm64",
+        Site::Isc,
+        Firmware::Aavmf,
+        false,
+        "site ISC dhcpd + rackboot ProxyDHCP: AAVMF PXE → iPXE ipxe-arm64.efi",
+    ),
+    proxy_mode(
+        "proxy-isc-http-amd64",
+        Site::Isc,
+        Firmware::Ovmf,
+        true,
+        "site ISC dhcpd + rackboot ProxyDHCP: OVMF HTTP boot → iPXE",
+    ),
 ];
 
 /// The private network namespace, deleted (with its bridge and taps) on drop.
@@ -184,8 +377,36 @@ impl Netns {
             "link", "add", "br0", "address", BRIDGE_MAC, "type", "bridge",
         ])?;
         ns.ip(&["addr", "add", &format!("{RACK_IP}/24"), "dev", "br0"])?;
+        // `nodad`: usable at once (rackboot binds it before the bridge has a port).
+        ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{RACK_IP6}/64"),
+            "dev",
+            "br0",
+            "nodad",
+        ])?;
         ns.ip(&["link", "set", "br0", "up"])?;
         Ok(ns)
+    }
+
+    /// Another host on the bridge: the namespace `name` with a veth whose peer is a
+    /// port of `self`'s bridge, addressed `ip`/24. Deleted (with the veth) on drop.
+    fn create_host(&self, name: &str, ip: &str) -> Result<Netns> {
+        cmd("ip", &["netns", "add", name])?;
+        let host = Netns {
+            name: name.to_string(),
+        };
+        host.ip(&["link", "set", "lo", "up"])?;
+        self.ip(&[
+            "link", "add", "vsite-br", "type", "veth", "peer", "name", "vsite", "netns", name,
+        ])?;
+        self.ip(&["link", "set", "vsite-br", "master", "br0"])?;
+        self.ip(&["link", "set", "vsite-br", "up"])?;
+        host.ip(&["addr", "add", &format!("{ip}/24"), "dev", "vsite"])?;
+        host.ip(&["link", "set", "vsite", "up"])?;
+        Ok(host)
     }
 
     fn ip(&self, args: &[&str]) -> Result<()> {
@@ -242,7 +463,11 @@ fn sweep_stale_namespaces() {
     };
     for line in list.lines() {
         let name = line.split_whitespace().next().unwrap_or("");
-        if let Some(pid) = name.strip_prefix("rbnb-") {
+        // rbnb-<pid>: the rack's namespace; rbns-<pid>: the site's DHCP host.
+        if let Some(pid) = name
+            .strip_prefix("rbnb-")
+            .or_else(|| name.strip_prefix("rbns-"))
+        {
             if pid.parse::<u32>().is_ok() && !Path::new(&format!("/proc/{pid}")).exists() {
                 eprintln!("removing the stale namespace {name}");
                 let _ = Command::new("ip").args(["netns", "del", name]).status();
@@ -329,6 +554,8 @@ bind-interfaces
 log-facility=-
 log-dhcp
 dhcp-range=10.77.0.100,10.77.0.200,255.255.255.0,1h
+dhcp-range={PREFIX6},ra-only,64
+enable-ra
 dhcp-leasefile={leases}
 dhcp-match=set:bios,option:client-arch,0
 dhcp-match=set:efi64,option:client-arch,7
@@ -343,7 +570,8 @@ dhcp-boot=tag:ipxe,tag:ipxemode,ipxe.cfg,,{RACK_IP}
 dhcp-boot=tag:efi64,bootx64.efi,,{RACK_IP}
 dhcp-boot=tag:efiarm,bootaa64.efi,,{RACK_IP}
 dhcp-option-force=tag:efi64http,60,HTTPClient
-dhcp-boot=tag:efi64http,{http}/bootloader/uefi/amd64/grubhttpx64.efi
+dhcp-boot=tag:efi64http,tag:!v6only,{http}/bootloader/uefi/amd64/grubhttpx64.efi
+dhcp-boot=tag:efi64http,tag:v6only,{http}/{V6ONLY_404}
 dhcp-option-force=tag:efiarmhttp,60,HTTPClient
 dhcp-boot=tag:efiarmhttp,{http}/bootloader/uefi/arm64/grubhttpaa64.efi
 ",
@@ -355,6 +583,60 @@ dhcp-boot=tag:efiarmhttp,{http}/bootloader/uefi/arm64/grubhttpaa64.efi
         }
     }
     c
+}
+
+/// What an IPv6 mode's VM gets offered over IPv4 HTTP boot (OVMF tries HTTPv4
+/// before HTTPv6 and has no switch for it): a URL that 404s, so the firmware moves
+/// on to IPv6 at once instead of waiting a minute for an offer it can use.
+const V6ONLY_404: &str = "this-vm-boots-over-ipv6";
+
+/// ISC dhcpd's DHCPv6 config for the IPv6 modes: addresses from `fd52::/64`, and the
+/// boot file URL (option 59) by vendor class (option 16, enterprise 343 as EDK2
+/// sends it): `HTTPClient` gets the HTTP-boot GRUB and the `HTTPClient` vendor class
+/// back (EDK2 takes no HTTP offer without it), PXE clients get shim over TFTP.
+fn dhcpd6_config() -> String {
+    let http = format!("http://[{RACK_IP6}]:{HTTP_PORT}");
+    format!(
+        "default-lease-time 3600;
+preferred-lifetime 3600;
+option dhcp6.vendor-class code 16 = {{ integer 32, integer 16, string }};
+subnet6 {PREFIX6}/64 {{
+  range6 fd52::100 fd52::1ff;
+  if substring(option dhcp6.vendor-class, 6, 10) = \"HTTPClient\" {{
+    option dhcp6.bootfile-url \"{http}/bootloader/uefi/amd64/grubhttpx64.efi\";
+    option dhcp6.vendor-class 343 10 \"HTTPClient\";
+  }} else {{
+    option dhcp6.bootfile-url \"tftp://[{RACK_IP6}]/bootx64.efi\";
+  }}
+}}
+"
+    )
+}
+
+/// The site's DHCP server in the proxy modes: addresses only, not one boot option.
+/// dnsmasq puts its own address in `siaddr`; ISC dhcpd leaves it 0.0.0.0.
+fn site_dhcp_config(site: Site, dir: &Path) -> String {
+    match site {
+        Site::Dnsmasq => format!(
+            "port=0
+interface=vsite
+bind-interfaces
+log-facility=-
+log-dhcp
+dhcp-range=10.77.0.100,10.77.0.200,255.255.255.0,1h
+dhcp-leasefile={}
+",
+            dir.join("site-dnsmasq.leases").display()
+        ),
+        Site::Isc => "authoritative;
+default-lease-time 3600;
+max-lease-time 3600;
+subnet 10.77.0.0 netmask 255.255.255.0 {
+  range 10.77.0.100 10.77.0.200;
+}
+"
+        .to_string(),
+    }
 }
 
 /// A UEFI mode's firmware image and the template of its variable store (Debian's
@@ -441,6 +723,9 @@ fn qemu_args(
     if mode.http_boot {
         push(&["-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=n"]);
         push(&["-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=n"]);
+    } else if mode.net == Net::V6 {
+        // PXE over IPv6 only (OVMF would try IPv4 first).
+        push(&["-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=n"]);
     }
     push(&[
         "-nographic",
@@ -529,17 +814,21 @@ struct Prepared {
     dir: std::path::PathBuf,
     bin: String,
     config: String,
+    /// The rack's config for the proxy modes: the same plus `[dhcp] proxy = true`.
+    proxy_config: String,
     kvm: bool,
     macs: Vec<(Mode, String)>,
     expected: Vec<String>,
 }
 
-/// The servers on the namespace's bridge, stopped on drop in field order: DHCP
-/// first, then the server, then the capture (so it holds the end).
+/// The servers on the namespace's bridge for one [`Setup`], stopped on drop in field
+/// order: DHCP first, then the server, then the capture (so it holds the end), then
+/// the site's host (its namespace, by name).
 struct Network {
-    _dnsmasq: Guard,
+    _dhcp: Vec<Guard>,
     _serve: Guard,
     _tcpdump: Guard,
+    _site: Option<Netns>,
 }
 
 /// One VM booting.
@@ -560,9 +849,23 @@ pub fn run(args: &[String]) -> Result<()> {
     sweep_stale_namespaces();
     let p = prepare(&modes)?;
     let ns = Netns::create(&format!("rbnb-{}", std::process::id()))?;
-    let net = start_network(&ns, &p)?;
-    let outcomes = boot_all(&ns, &p)?;
-    drop(net);
+    // One setup after the other: the direct modes share the rack's DHCP; each proxy
+    // setup has its own site host and rackboot's ProxyDHCP.
+    let mut setups: Vec<Setup> = Vec::new();
+    for m in &modes {
+        if !setups.contains(&m.setup()) {
+            setups.push(m.setup());
+        }
+    }
+    let mut outcomes = Vec::new();
+    for setup in setups {
+        let which: Vec<usize> = (0..p.macs.len())
+            .filter(|i| p.macs[*i].0.setup() == setup)
+            .collect();
+        let net = start_network(&ns, &p, setup)?;
+        outcomes.extend(boot_all(&ns, &p, &which)?);
+        drop(net);
+    }
     drop(ns);
     report(&p, &outcomes, keep)
 }
@@ -610,7 +913,11 @@ fn prepare(modes: &[Mode]) -> Result<Prepared> {
 
     let state = dir.join("state");
     let config = dir.join("rackboot.toml");
-    let (tftp, http) = (format!("{RACK_IP}:69"), format!("{RACK_IP}:{HTTP_PORT}"));
+    // Both addresses of the bridge (two TOML array items in the one field).
+    let (tftp, http) = (
+        format!("{RACK_IP}:69\", \"[{RACK_IP6}]:69"),
+        format!("{RACK_IP}:{HTTP_PORT}\", \"[{RACK_IP6}]:{HTTP_PORT}"),
+    );
     let rack = DemoRack {
         sync: "auto = false",
         tftp_listen: &tftp,
@@ -620,6 +927,23 @@ fn prepare(modes: &[Mode]) -> Result<Prepared> {
     };
     std::fs::write(&config, rack.config(&stream, &state))?;
     let config = config.to_str().context("utf-8 path")?.to_string();
+    // The proxy modes' rack: rackboot's ProxyDHCP on the bridge, chaining UEFI
+    // machines to iPXE (Debian's signed GRUB cannot follow a proxy offer).
+    let proxy_config = dir.join("rackboot-proxy.toml");
+    let ipxe_dir = if modes.iter().any(|m| matches!(m.net, Net::Proxy(_))) {
+        prereq::ensure_ipxe_efi()?
+    } else {
+        Default::default()
+    };
+    std::fs::write(
+        &proxy_config,
+        format!(
+            "{}\n[dhcp]\nproxy = true\ninterfaces = [\"br0\"]\nuefi_loader = \"ipxe\"\nipxe_dir = \"{}\"\n",
+            rack.config(&stream, &state),
+            ipxe_dir.display()
+        ),
+    )?;
+    let proxy_config = proxy_config.to_str().context("utf-8 path")?.to_string();
     let rb = |args: &[&str]| -> Result<()> {
         let mut full = vec!["--config", config.as_str()];
         full.extend_from_slice(args);
@@ -676,16 +1000,21 @@ fn prepare(modes: &[Mode]) -> Result<Prepared> {
         dir,
         bin,
         config,
+        proxy_config,
         kvm,
         macs,
         expected,
     })
 }
 
-/// tcpdump on the bridge, `rackboot serve` and dnsmasq (DHCP) in the namespace, each
-/// up before the next starts.
-fn start_network(ns: &Netns, p: &Prepared) -> Result<Network> {
+/// tcpdump on the bridge, `rackboot serve` and the DHCP servers of `setup`, each up
+/// before the next starts. Direct: dnsmasq (IPv4 DHCP with boot options, router
+/// advertisements) and ISC dhcpd for DHCPv6 in the rack's namespace. Proxy: the
+/// site's server on its own host (namespace) and rackboot with its ProxyDHCP on.
+fn start_network(ns: &Netns, p: &Prepared, setup: Setup) -> Result<Network> {
     let dir = &p.dir;
+    let name = setup.name();
+    let pcap = dir.join(format!("netboot-{name}.pcap"));
     let tcpdump = ns.spawn(
         "tcpdump",
         "tcpdump",
@@ -696,37 +1025,94 @@ fn start_network(ns: &Netns, p: &Prepared) -> Result<Network> {
             "-s",
             "512",
             "-w",
-            dir.join("netboot.pcap").to_str().context("utf-8")?,
+            pcap.to_str().context("utf-8")?,
         ],
-        &dir.join("tcpdump.log"),
+        &dir.join(format!("tcpdump-{name}.log")),
     )?;
+    // In a proxy setup, up once its ProxyDHCP listens on 4011 (after 67).
+    let (config, ready) = match setup {
+        Setup::Direct => (&p.config, "listening for HTTP"),
+        Setup::Proxy(_) => (&p.proxy_config, "listening for PXE"),
+    };
     let serve = ns.spawn_ready(
         ("rackboot serve", &p.bin),
-        &["--config", &p.config, "serve"],
-        &dir.join("rackboot.log"),
-        "listening for HTTP",
+        &["--config", config, "serve"],
+        &dir.join(format!("rackboot-{name}.log")),
+        ready,
     )?;
-    std::fs::write(dir.join("dnsmasq.conf"), dnsmasq_config(dir, &p.macs))?;
-    let dnsmasq = ns.spawn_ready(
-        ("dnsmasq", "dnsmasq"),
-        &[
-            "--keep-in-foreground",
-            &format!("--conf-file={}", dir.join("dnsmasq.conf").display()),
-        ],
-        &dir.join("dnsmasq.log"),
-        "DHCP, sockets bound",
-    )?;
+    let mut dhcp = Vec::new();
+    let mut site_ns = None;
+    match setup {
+        Setup::Direct => {
+            std::fs::write(dir.join("dnsmasq.conf"), dnsmasq_config(dir, &p.macs))?;
+            dhcp.push(ns.spawn_ready(
+                ("dnsmasq", "dnsmasq"),
+                &[
+                    "--keep-in-foreground",
+                    &format!("--conf-file={}", dir.join("dnsmasq.conf").display()),
+                ],
+                &dir.join("dnsmasq.log"),
+                "DHCP, sockets bound",
+            )?);
+            std::fs::write(dir.join("dhcpd6.conf"), dhcpd6_config())?;
+            dhcp.push(isc_dhcpd(ns, dir, "-6", "dhcpd6", "br0")?);
+        }
+        Setup::Proxy(site) => {
+            let host = ns.create_host(&format!("rbns-{}", std::process::id()), SITE_IP)?;
+            let conf = format!("site-{}.conf", site.name());
+            std::fs::write(dir.join(&conf), site_dhcp_config(site, dir))?;
+            dhcp.push(match site {
+                Site::Dnsmasq => host.spawn_ready(
+                    ("site dnsmasq", "dnsmasq"),
+                    &[
+                        "--keep-in-foreground",
+                        &format!("--conf-file={}", dir.join(&conf).display()),
+                    ],
+                    &dir.join("site-dnsmasq.log"),
+                    "DHCP, sockets bound",
+                )?,
+                Site::Isc => isc_dhcpd(&host, dir, "-4", "site-isc", "vsite")?,
+            });
+            site_ns = Some(host);
+        }
+    }
     Ok(Network {
-        _dnsmasq: dnsmasq,
+        _dhcp: dhcp,
         _serve: serve,
         _tcpdump: tcpdump,
+        _site: site_ns,
     })
+}
+
+/// ISC dhcpd in the foreground in `ns` (`family` `-4` or `-6`) with `dir/<name>.conf`
+/// on `interface`, its leases and PID file in `dir`.
+fn isc_dhcpd(ns: &Netns, dir: &Path, family: &str, name: &str, interface: &str) -> Result<Guard> {
+    let leases = dir.join(format!("{name}.leases"));
+    std::fs::write(&leases, "")?;
+    let path = |p: std::path::PathBuf| p.to_str().map(String::from).context("utf-8 path");
+    ns.spawn_ready(
+        (name, "dhcpd"),
+        &[
+            family,
+            "-f",
+            "-d",
+            "-cf",
+            &path(dir.join(format!("{name}.conf")))?,
+            "-lf",
+            &path(leases)?,
+            "-pf",
+            &path(dir.join(format!("{name}.pid")))?,
+            interface,
+        ],
+        &dir.join(format!("{name}.log")),
+        "Server starting service",
+    )
 }
 
 /// Boots every mode's VM, [`PARALLEL`] at a time, until each reaches its marker,
 /// fails or times out.
-fn boot_all(ns: &Netns, p: &Prepared) -> Result<Vec<Outcome>> {
-    let mut queue = 0..p.macs.len();
+fn boot_all(ns: &Netns, p: &Prepared, which: &[usize]) -> Result<Vec<Outcome>> {
+    let mut queue = which.iter().copied();
     let mut running: Vec<Vm> = Vec::new();
     let mut outcomes: Vec<Outcome> = Vec::new();
     loop {
@@ -796,6 +1182,13 @@ fn finish_vm(vm: &Vm, r: Result<String>) -> Outcome {
         if !line.contains(&vm.param) {
             bail!("the marker line lacks {:?}: {line}", vm.param)
         }
+        if vm.mode.net == Net::V6 {
+            // The config was rendered for a request that came over IPv6.
+            let root = format!("root=squash:http://[{RACK_IP6}]:{HTTP_PORT}/");
+            if !line.contains(&root) || !line.contains("ip6=dhcp") {
+                bail!("the marker line lacks the IPv6 config ({root}…, ip6=dhcp): {line}")
+            }
+        }
         if vm.mode.secure_boot {
             let serial = std::fs::read(&vm.serial).unwrap_or_default();
             if !String::from_utf8_lossy(&serial).contains(SECURE_BOOT_LINE) {
@@ -862,7 +1255,7 @@ fn report(p: &Prepared, outcomes: &[Outcome], keep: bool) -> Result<()> {
         Ok(())
     } else {
         bail!(
-            "netboot: {} failed ({}); serial logs, rackboot.log, dnsmasq.log and netboot.pcap are in {}",
+            "netboot: {} failed ({}); serial logs, rackboot's and the DHCP servers' logs and a pcap per setup are in {}",
             failed.len(),
             failed.join(", "),
             p.dir.display()
@@ -902,7 +1295,43 @@ fn readable_tail(path: &Path, lines: usize) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::line_with;
+    use super::*;
+
+    #[test]
+    fn the_site_dhcp_of_the_proxy_modes_serves_addresses_only() {
+        for site in [Site::Dnsmasq, Site::Isc] {
+            let c = site_dhcp_config(site, Path::new("/tmp/x"));
+            assert!(c.contains("10.77.0.100"), "{c}");
+            for boot in [
+                "boot",
+                "next-server",
+                "filename",
+                "option",
+                "pxe",
+                "HTTPClient",
+                "tag",
+            ] {
+                assert!(!c.contains(boot), "{site:?} config has {boot:?}:\n{c}");
+            }
+        }
+        // Every site and mode kind is there, once per site.
+        for site in ["dnsmasq", "isc"] {
+            for kind in ["bios", "uefi-amd64", "uefi-arm64", "http-amd64"] {
+                let name = format!("proxy-{site}-{kind}");
+                assert_eq!(MODES.iter().filter(|m| m.name == name).count(), 1, "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn ipv6_boot_urls_name_the_rack_in_brackets() {
+        let c = dhcpd6_config();
+        assert!(c.contains("\"tftp://[fd52::1]/bootx64.efi\""), "{c}");
+        assert!(c.contains("\"http://[fd52::1]:5248/bootloader/uefi/amd64/grubhttpx64.efi\""));
+        // EDK2 compares the text after the enterprise number and length.
+        assert!(c.contains("substring(option dhcp6.vendor-class, 6, 10) = \"HTTPClient\""));
+        assert!(c.contains("option dhcp6.vendor-class 343 10 \"HTTPClient\";"));
+    }
 
     #[test]
     fn a_marker_line_counts_once_it_has_its_newline() {

@@ -219,6 +219,56 @@ pub fn ensure_foreign_debs(arch: &str, pkgs: &[&str], dest: &Path) -> Result<Vec
     Ok(debs)
 }
 
+/// Debian trixie's `ipxe` package (architecture `all`): the iPXE EFI binaries a
+/// ProxyDHCP rack chains UEFI machines to (`snponly.efi`, `ipxe-arm64.efi`). Bookworm's
+/// `ipxe` has no arm64 build, so this one .deb is fetched by URL and checked against
+/// its SHA-256 (computed when the URL was pinned).
+const IPXE_DEB_URL: &str =
+    "http://deb.debian.org/debian/pool/main/i/ipxe/ipxe_1.21.1+git20250501.dad20602+dfsg-1_all.deb";
+const IPXE_DEB_SHA256: &str = "eeaca79dbde0fb86c102bf1d362c6f6a67ed0ddab38b3dd12e1b332339f5dd99";
+
+/// Downloads the pinned `ipxe` .deb once (into the target directory, checked against
+/// [`IPXE_DEB_SHA256`]), unpacks it, and returns the directory holding
+/// `snponly.efi`, `ipxe-amd64.efi` and `ipxe-arm64.efi`.
+pub fn ensure_ipxe_efi() -> Result<PathBuf> {
+    use sha2::{Digest, Sha256};
+    let cache = target_dir(&crate::root()).join("xtask-cache/ipxe");
+    let dir = cache.join("root/usr/lib/ipxe");
+    let all = ["snponly.efi", "ipxe-amd64.efi", "ipxe-arm64.efi"];
+    if all.iter().all(|f| dir.join(f).is_file()) {
+        return Ok(dir);
+    }
+    std::fs::create_dir_all(&cache)?;
+    let deb = cache.join("ipxe_all.deb");
+    let part = cache.join(format!("ipxe_all.deb.{}", std::process::id()));
+    let part_s = part.to_str().context("utf-8 path")?;
+    cmd(
+        "curl",
+        &["-sSfL", "--max-time", "300", "-o", part_s, IPXE_DEB_URL],
+    )?;
+    let got = hex::encode(Sha256::digest(std::fs::read(&part)?));
+    if got != IPXE_DEB_SHA256 {
+        let _ = std::fs::remove_file(&part);
+        bail!("{IPXE_DEB_URL}: SHA-256 {got}, expected {IPXE_DEB_SHA256}");
+    }
+    std::fs::rename(&part, &deb)?;
+    let root = cache.join("root");
+    cmd(
+        "dpkg-deb",
+        &[
+            "-x",
+            deb.to_str().context("utf-8 path")?,
+            root.to_str().context("utf-8 path")?,
+        ],
+    )?;
+    for f in all {
+        if !dir.join(f).is_file() {
+            bail!("{} has no {f}", deb.display());
+        }
+    }
+    Ok(dir)
+}
+
 /// Installs rustup components (rustfmt, clippy) when rustup is there.
 pub fn ensure_rustup_components(components: &[&str]) -> Result<()> {
     let Ok(list) = output("rustup", &["component", "list", "--installed"]) else {
