@@ -28,7 +28,9 @@ fn auto_false_pauses_the_periodic_sync_and_post_sync_still_works() {
     let (code, body) = post_sync(&s);
     assert_eq!(code, 202);
     assert_eq!(json(&body)["sync"], "started");
-    s.wait_generation(2, Duration::from_secs(60));
+    // Generation 2 is served before the sync that published it has ended (and
+    // been counted): wait for both.
+    s.wait_synced(2, Duration::from_secs(60));
     assert_eq!(s.get(KERNEL).1, kernel_of("20261120", 64 << 10));
     assert_eq!(s.status()["sync"]["runs"], 2);
     assert!(!r.mirror.requests().is_empty());
