@@ -578,9 +578,11 @@ fn a_panic_in_a_sync_fails_that_sync_only() {
     s.wait_generation(1, Duration::from_secs(60));
     assert_eq!(post_sync(&s).0, 202);
     let mut st = serde_json::Value::Null;
-    wait_until(Duration::from_secs(30), "the sync to fail", || {
+    // The result is recorded just before the running flag drops: wait for both
+    // (a sync stuck "running" after its panic fails here).
+    wait_until(Duration::from_secs(30), "the sync to fail and stop", || {
         st = s.status();
-        st["sync"]["last_result"] == "failed"
+        st["sync"]["last_result"] == "failed" && st["sync_running"] == false
     });
     let e = st["sync"]["last_error"].as_str().unwrap_or_default();
     assert!(e.contains("the sync panicked"), "{st}");
