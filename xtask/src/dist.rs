@@ -135,7 +135,10 @@ fn cargo_build_suffixed(t: &Target, suffix: Option<&str>) -> Result<PathBuf> {
     };
     let status = c.status().context("running cargo build")?;
     if !status.success() {
-        bail!("cargo build --profile dist --target {} failed ({status})", t.triple);
+        bail!(
+            "cargo build --profile dist --target {} failed ({status})",
+            t.triple
+        );
     }
     eprintln!(
         "built {} in {:.0} s (wall, including a no-op when fresh)",

@@ -92,8 +92,13 @@ const CHECK_DEBS: &[&str] = &[
 ];
 const CHECK_BACKPORTS_DEBS: &[&str] = &["qemu-system-x86"];
 
-const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
-const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// Every boot of the check runs with Secure Boot on: OVMF's Secure Boot build (its
+/// variables live in SMM) with Secure Boot enabled and Microsoft's keys enrolled, so
+/// only the chain shim → Debian-signed GRUB → Debian-signed kernel boots.
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd";
+const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd";
+/// What the kernel prints when the firmware booted it with Secure Boot on.
+const SECURE_BOOT_LINE: &str = "secureboot: Secure boot enabled";
 
 /// The whole build script (mmdebstrap fetches a few hundred MiB).
 const BUILD_TIMEOUT: Duration = Duration::from_secs(40 * 60);
@@ -272,11 +277,9 @@ fn build(image: &Path) -> Result<String> {
         mib(meta.len()),
         mib(allocated)
     )?;
-    if let (Some(rootfs), Some(fs), Some(slot)) = (
-        field("rootfs_mib"),
-        field("root_fs_mib"),
-        field("slot_mib"),
-    ) {
+    if let (Some(rootfs), Some(fs), Some(slot)) =
+        (field("rootfs_mib"), field("root_fs_mib"), field("slot_mib"))
+    {
         writeln!(
             r,
             "| root tree / filesystem | {rootfs} MiB in a {fs} MiB ext4, in a {slot} MiB slot (A; B is empty) |"
@@ -485,7 +488,9 @@ impl Vm {
         std::fs::copy(OVMF_VARS, &vars).with_context(|| format!("copying {OVMF_VARS}"))?;
         let args: Vec<String> = vec![
             "-machine".into(),
-            format!("q35,accel={accel}"),
+            format!("q35,smm=on,accel={accel}"),
+            "-global".into(),
+            "driver=cfi.pflash01,property=secure,value=on".into(),
             "-smp".into(),
             "2".into(),
             "-m".into(),
@@ -1146,6 +1151,12 @@ fn check(image: &Path) -> Result<String> {
             |vm| serial_text(&vm.serial).contains(needle).then_some(()),
         )?;
     }
+    if !serial_text(&vm.serial).contains(SECURE_BOOT_LINE) {
+        bail!(
+            "the kernel did not print {SECURE_BOOT_LINE:?}; see {}",
+            vm.serial.display()
+        );
+    }
     let settings = check_settings(&mut vm, &key, ssh_port, &base)?;
     let metrics = http_get(&format!("{base}/metrics"), 10)
         .context("the appliance does not answer /metrics")?;
@@ -1245,6 +1256,10 @@ fn check(image: &Path) -> Result<String> {
     writeln!(
         r,
         "| rackboot.service started (Type=notify), TFTP on [::]:69 and HTTP on [::]:5248 as user rackboot, serial login on ttyS0 | ok |"
+    )?;
+    writeln!(
+        r,
+        "| Secure Boot on (OVMF secboot build, Microsoft keys): shim → Debian-signed GRUB → Debian-signed kernel, the kernel prints `{SECURE_BOOT_LINE}` | ok |"
     )?;
     writeln!(
         r,

@@ -91,7 +91,12 @@ fn ssh_ok(s: &Setup, port: u16, remote: &str, limit: Duration) -> Result<String>
 /// the serial log stood at the reboot.
 fn update(s: &Setup, vm: &Vm, ssh_port: u16, url: &str) -> Result<(Duration, usize)> {
     let started = Instant::now();
-    let out = ssh_ok(s, ssh_port, &format!("rackboot-update {url}"), INSTALL_TIMEOUT)?;
+    let out = ssh_ok(
+        s,
+        ssh_port,
+        &format!("rackboot-update {url}"),
+        INSTALL_TIMEOUT,
+    )?;
     if !out.contains("rackboot-update: installed") {
         bail!("rackboot-update {url} did not say it installed:\n{out}");
     }
@@ -169,13 +174,20 @@ pub(super) fn check(s: &Setup) -> Result<Vec<String>> {
     let reboot_started = Instant::now();
     let generation = wait_version(&mut vm, fwd, &v2, BOOT_TIMEOUT)?;
     let to_v2 = reboot_started.elapsed();
-    vm.wait_for("rackboot-healthy marking slot B good", HEALTHY_TIMEOUT, |vm| {
-        serial_since(vm, mark)
-            .contains("rackboot-healthy: slot B (image ")
-            .then_some(())
-    })?;
+    vm.wait_for(
+        "rackboot-healthy marking slot B good",
+        HEALTHY_TIMEOUT,
+        |vm| {
+            serial_since(vm, mark)
+                .contains("rackboot-healthy: slot B (image ")
+                .then_some(())
+        },
+    )?;
     if !serial_since(&vm, mark).contains(" is good: rackboot serves") {
-        bail!("rackboot-healthy did not confirm slot B; see {}", vm.serial.display());
+        bail!(
+            "rackboot-healthy did not confirm slot B; see {}",
+            vm.serial.display()
+        );
     }
     if generation != Some(s.generation) {
         bail!(
@@ -204,7 +216,12 @@ pub(super) fn check(s: &Setup) -> Result<Vec<String>> {
         "cat /etc/rackboot-image; rauc status; grub-editenv /boot/efi/EFI/debian/grubenv list",
         Duration::from_secs(60),
     )?;
-    for want in ["Booted from: rootfs.1 (B)", "B_OK=1", "B_TRY=0", "ORDER=B A"] {
+    for want in [
+        "Booted from: rootfs.1 (B)",
+        "B_OK=1",
+        "B_TRY=0",
+        "ORDER=B A",
+    ] {
         if !inside.contains(want) {
             bail!("after the update to v2, the appliance's RAUC state lacks {want:?}:\n{inside}");
         }
@@ -239,7 +256,10 @@ pub(super) fn check(s: &Setup) -> Result<Vec<String>> {
     let to_fallback = reboot_started.elapsed();
     let text = serial_since(&vm, mark);
     if !text.contains("slot A failed 3 boots in a row") {
-        bail!("GRUB did not say it gave up slot A; see {}", vm.serial.display());
+        bail!(
+            "GRUB did not say it gave up slot A; see {}",
+            vm.serial.display()
+        );
     }
     let journal = ssh_ok(
         s,
@@ -254,7 +274,9 @@ pub(super) fn check(s: &Setup) -> Result<Vec<String>> {
         "Booted from: rootfs.1 (B)",
     ] {
         if !journal.contains(want) {
-            bail!("after the fallback, the journal and RAUC state over SSH lack {want:?}:\n{journal}");
+            bail!(
+                "after the fallback, the journal and RAUC state over SSH lack {want:?}:\n{journal}"
+            );
         }
     }
     let why = journal
