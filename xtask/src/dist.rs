@@ -112,13 +112,40 @@ pub fn cargo_build(t: &Target) -> Result<PathBuf> {
 }
 
 /// [`cargo_build`], with `RACKBOOT_VERSION_SUFFIX` set to `suffix` (or removed) for the
-/// build: the binary reports `<version>+<suffix>`. Cargo rebuilds the rackboot crate
-/// (not its dependencies) whenever the suffix differs from the last build's.
+/// build: the binary reports `<version>+<suffix>`. A suffixed build has its own target
+/// dir (`<target dir>/suffixed/`, first seeded with a copy of the target dir's dist
+/// artefacts so that only rackboot itself compiles): in one dir, cargo would rebuild
+/// the rackboot crate each time the suffix changes.
 fn cargo_build_suffixed(t: &Target, suffix: Option<&str>) -> Result<PathBuf> {
     let root = crate::root();
     std::env::set_current_dir(&root)?;
     let started = Instant::now();
+    let mut target_dir = prereq::target_dir(&root);
     let mut c = std::process::Command::new("cargo");
+    if suffix.is_some() {
+        let own = target_dir.join("suffixed");
+        if !own.exists() {
+            let tmp = target_dir.join(".suffixed.tmp");
+            let _ = std::fs::remove_dir_all(&tmp);
+            std::fs::create_dir_all(&tmp)?;
+            for sub in [t.triple, "dist"] {
+                let from = target_dir.join(sub);
+                if from.exists() {
+                    cmd(
+                        "cp",
+                        &[
+                            "-a",
+                            from.to_str().context("utf-8 path")?,
+                            tmp.to_str().context("utf-8 path")?,
+                        ],
+                    )?;
+                }
+            }
+            std::fs::rename(&tmp, &own)?;
+        }
+        c.env("CARGO_TARGET_DIR", &own);
+        target_dir = own;
+    }
     c.args([
         "build",
         "--locked",
@@ -145,9 +172,7 @@ fn cargo_build_suffixed(t: &Target, suffix: Option<&str>) -> Result<PathBuf> {
         t.triple,
         started.elapsed().as_secs_f64()
     );
-    Ok(prereq::target_dir(&root)
-        .join(t.triple)
-        .join("dist/rackboot"))
+    Ok(target_dir.join(t.triple).join("dist/rackboot"))
 }
 
 /// Builds one target with the `dist` profile and copies it to
