@@ -396,7 +396,7 @@ fn debugfs_write(
     // debugfs reports failures on stdout and still exits 0: read each file back.
     let back = disk.with_extension("readback");
     for (host, dir, name) in files {
-        let path = format!("{dir}/{name}");
+        let path = format!("{}/{name}", dir.trim_end_matches('/'));
         let _ = std::fs::remove_file(&back);
         output(
             "debugfs",
@@ -875,7 +875,9 @@ fn recovery_shell(dir: &Path, disk: &Path) -> Result<Duration> {
         |vm| {
             serial_text(&vm.serial)
                 .lines()
-                .any(|l| l.trim() == marker)
+                // Its own line, or after sulogin's prompt on ttyS0 (the shell runs
+                // on the screen, so the prompt there is not followed by a newline).
+                .any(|l| l.trim() == marker || l.trim_end().ends_with(&format!(": {marker}")))
                 .then_some(())
         },
     )?;
