@@ -295,7 +295,7 @@ pub(super) fn check(s: &Setup) -> Result<Vec<String>> {
         "| bad update v3 (rackboot refuses its config): {TRIES} failed tries, then GRUB boots v2 by itself | install {:.0} s; reboot to v2 serving again {:.0} s; the journal says `{}` |",
         install_v3.as_secs_f64(),
         to_fallback.as_secs_f64(),
-        why.replace('|', "/").chars().take(160).collect::<String>()
+        why.replace('|', "/").replace('`', "'").chars().take(160).collect::<String>()
     ));
     vm.power_down()?;
     Ok(rows)
