@@ -54,3 +54,14 @@ pub mod tftp;
 pub mod upstream;
 /// OpenPGP verification; the only producer of `Verified` documents.
 pub mod verify;
+
+/// rackboot's version: the crate's, then `+SUFFIX` when the build had
+/// `RACKBOOT_VERSION_SUFFIX=SUFFIX` in its environment (a build of the same source that
+/// must say it is another one, as the appliance image check's "v2" update).
+pub fn version() -> &'static str {
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSION.get_or_init(|| match option_env!("RACKBOOT_VERSION_SUFFIX") {
+        Some(s) if !s.is_empty() => format!("{}+{s}", env!("CARGO_PKG_VERSION")),
+        _ => env!("CARGO_PKG_VERSION").to_string(),
+    })
+}

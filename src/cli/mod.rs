@@ -23,7 +23,7 @@ use status::{api_token, cmd_status, daemon_call, daemon_url, fetch_status, ApiEr
 #[derive(Debug, Parser)]
 #[command(
     name = "rackboot",
-    version,
+    version = crate::version(),
     about = "Boot server for a rack: verified image sync + TFTP/HTTP"
 )]
 pub struct Cli {

@@ -616,7 +616,7 @@ fn status_doc(d: &Daemon) -> Status {
         .ok()
         .and_then(|s| s.last_success);
     Status {
-        version: Some(env!("CARGO_PKG_VERSION").into()),
+        version: Some(crate::version().into()),
         uptime_s: Some(d.started.elapsed().as_secs()),
         state_dir: settings.state_dir.clone(),
         generation: snap.as_ref().map(|s| s.generation),
@@ -669,7 +669,7 @@ fn images_page(d: &Daemon, head: bool) -> Response<Body> {
     let catalog = catalog(d);
     let boots = d.boots.list().machines;
     let html = crate::serve::web::render(&crate::serve::web::Page {
-        version: env!("CARGO_PKG_VERSION"),
+        version: crate::version(),
         generation: snap.as_ref().map(|s| s.generation),
         snapshot_created: snap.as_ref().map(|s| s.created),
         status: &status,

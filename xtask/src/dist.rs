@@ -108,30 +108,71 @@ pub fn prerequisites(targets: &[&Target]) -> Result<()> {
 
 /// Builds one target with the `dist` profile; returns where cargo left the binary.
 pub fn cargo_build(t: &Target) -> Result<PathBuf> {
+    cargo_build_suffixed(t, None)
+}
+
+/// [`cargo_build`], with `RACKBOOT_VERSION_SUFFIX` set to `suffix` (or removed) for the
+/// build: the binary reports `<version>+<suffix>`. A suffixed build has its own target
+/// dir (`<target dir>/suffixed/`, first seeded with a copy of the target dir's dist
+/// artefacts so that only rackboot itself compiles): in one dir, cargo would rebuild
+/// the rackboot crate each time the suffix changes.
+fn cargo_build_suffixed(t: &Target, suffix: Option<&str>) -> Result<PathBuf> {
     let root = crate::root();
     std::env::set_current_dir(&root)?;
     let started = Instant::now();
-    cmd(
-        "cargo",
-        &[
-            "build",
-            "--locked",
-            "--profile",
-            "dist",
-            "--target",
-            t.triple,
-            "--bin",
-            "rackboot",
-        ],
-    )?;
+    let mut target_dir = prereq::target_dir(&root);
+    let mut c = std::process::Command::new("cargo");
+    if suffix.is_some() {
+        let own = target_dir.join("suffixed");
+        if !own.exists() {
+            let tmp = target_dir.join(".suffixed.tmp");
+            let _ = std::fs::remove_dir_all(&tmp);
+            std::fs::create_dir_all(&tmp)?;
+            for sub in [t.triple, "dist"] {
+                let from = target_dir.join(sub);
+                if from.exists() {
+                    cmd(
+                        "cp",
+                        &[
+                            "-a",
+                            from.to_str().context("utf-8 path")?,
+                            tmp.to_str().context("utf-8 path")?,
+                        ],
+                    )?;
+                }
+            }
+            std::fs::rename(&tmp, &own)?;
+        }
+        c.env("CARGO_TARGET_DIR", &own);
+        target_dir = own;
+    }
+    c.args([
+        "build",
+        "--locked",
+        "--profile",
+        "dist",
+        "--target",
+        t.triple,
+        "--bin",
+        "rackboot",
+    ]);
+    match suffix {
+        Some(s) => c.env("RACKBOOT_VERSION_SUFFIX", s),
+        None => c.env_remove("RACKBOOT_VERSION_SUFFIX"),
+    };
+    let status = c.status().context("running cargo build")?;
+    if !status.success() {
+        bail!(
+            "cargo build --profile dist --target {} failed ({status})",
+            t.triple
+        );
+    }
     eprintln!(
         "built {} in {:.0} s (wall, including a no-op when fresh)",
         t.triple,
         started.elapsed().as_secs_f64()
     );
-    Ok(prereq::target_dir(&root)
-        .join(t.triple)
-        .join("dist/rackboot"))
+    Ok(target_dir.join(t.triple).join("dist/rackboot"))
 }
 
 /// Builds one target with the `dist` profile and copies it to
@@ -153,6 +194,33 @@ pub fn build(t: &Target, version: &str) -> Result<PathBuf> {
 pub fn build_x86_64() -> Result<PathBuf> {
     prerequisites(&[&X86_64])?;
     build(&X86_64, &version()?)
+}
+
+/// The x86_64 binary `build_x86_64` left in `<target dir>/dist/` (built when missing):
+/// what the appliance image was built with, without rebuilding it after a suffixed build.
+pub fn built_x86_64() -> Result<PathBuf> {
+    let out = dist_dir().join(format!("rackboot-{}-{}", version()?, X86_64.arch));
+    if out.exists() {
+        return Ok(out);
+    }
+    build_x86_64()
+}
+
+/// The x86_64 binary built with `RACKBOOT_VERSION_SUFFIX=suffix`, copied to
+/// `<target dir>/dist/rackboot-<version>+<suffix>-x86_64` (the appliance check's "v2":
+/// the same source, saying it is another version).
+pub fn build_x86_64_suffixed(suffix: &str) -> Result<PathBuf> {
+    prerequisites(&[&X86_64])?;
+    let built = cargo_build_suffixed(&X86_64, Some(suffix))?;
+    let dir = dist_dir();
+    std::fs::create_dir_all(&dir)?;
+    let name = format!("rackboot-{}+{suffix}-{}", version()?, X86_64.arch);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let out = dir.join(name);
+    std::fs::copy(&built, &tmp)
+        .with_context(|| format!("copying {} to {}", built.display(), tmp.display()))?;
+    std::fs::rename(&tmp, &out)?;
+    Ok(out)
 }
 
 /// The SHA-256 of a file, read 1 MiB at a time.

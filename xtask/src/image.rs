@@ -1,35 +1,41 @@
 //! `cargo xtask image [--check | --no-check]`: the rackboot appliance disk image.
 //!
-//! Builds `<target dir>/image/rackboot-appliance-amd64.img` from the definition in
-//! `images/appliance/` (package list, dpkg excludes, files, GRUB configs) with its
-//! `build.sh`: mmdebstrap (Debian 12 from the package mirror), the static x86_64
-//! binary from `cargo xtask dist` at /usr/bin/rackboot, the unit, sysusers.d,
-//! tmpfiles.d and default config from `systemd/`, systemd-networkd DHCP, serial
-//! console on ttyS0, and a GPT disk with a shim + signed GRUB ESP and an ext4 root,
-//! written without mounts or loop devices. Then (unless `--no-check`) it checks the
-//! image; `--check` checks the image already built (building it when missing).
+//! Builds `<target dir>/image/rackboot-appliance-amd64.img` and its update artefacts
+//! (`<target dir>/image/updates/`: signed RAUC bundles, `SHA256SUMS`, `SHA256SUMS.sig`)
+//! from the definition in `images/appliance/` (package list, dpkg excludes, files, the
+//! GRUB A/B script) with its `build.sh`: mmdebstrap (Debian 12 from the package
+//! mirror), the static x86_64 binary from `cargo xtask dist` at /usr/bin/rackboot, the
+//! unit, sysusers.d, tmpfiles.d and default config from `systemd/`, RAUC with its GRUB
+//! backend, systemd-networkd, serial console on ttyS0, and a GPT disk (ESP with shim +
+//! signed GRUB, root slots A and B, the settings partition, the data partition),
+//! written without mounts or loop devices. The check's v2 is the same tree with the
+//! binary built with `RACKBOOT_VERSION_SUFFIX`; v3 is v2 with a config rackboot
+//! refuses. Then (unless `--no-check`) it checks the image; `--check` checks the image
+//! already built (building it when missing).
 //!
-//! The check boots a sparse copy of the image, enlarged to 4 GiB, in QEMU (q35, OVMF,
-//! virtio disk and NIC, user-mode networking with a hostfwd to the appliance's HTTP
-//! port 5248). KVM is tried first and dropped for TCG when the kernel does not print
-//! its banner within a short limit (on this machine kind /dev/kvm exists but guests
-//! hang). The appliance keeps its shipped config (images.maas.io); the check sets it
-//! up as an operator would, through the RACKBOOT-CFG partition (written with mtools):
-//! a drop-in pointing its source at a rackboot on this host (the dist binary serving
-//! the signed demo stream on loopback, reached from the guest as 10.0.2.2) — so the
-//! appliance really syncs, as its own user under the sandboxed unit, through the
-//! re-exported stream — a static address, an SSH key, and a bad drop-in and network
-//! file that must be refused. The check waits (every wait bounded) for
-//! `/api/v1/status` to answer through the hostfwd (boot time), checks the settings
-//! (refusals on the console, the token shown on the console allows an API write, SSH
-//! with the key and not with a password, the static address, the login banner), waits
-//! for the first sync, fetches a kernel and compares its sha256 with the upstream's,
-//! fetches `/metrics`, waits past the unit's WatchdogSec with the same process, then
-//! powers the VM off over the QEMU monitor and requires a clean stop (rackboot
-//! stopped, "reboot: Power down"). Afterwards the copy's partition table and
-//! filesystem must have grown over the 4 GiB (systemd-repart + x-systemd.growfs), and
-//! the generated token must be on RACKBOOT-CFG. QEMU and the host rackboot are killed
-//! by PID on every exit path.
+//! The check boots a sparse copy of the image, enlarged to 6 GiB, in QEMU (q35, OVMF,
+//! virtio disk and NIC, user-mode networking with hostfwds to the appliance's HTTP
+//! port 5248 and SSH). KVM is tried first and dropped for TCG when the kernel does not
+//! print its banner within a short limit (on this machine kind /dev/kvm exists but
+//! guests hang). The appliance keeps its shipped config (images.maas.io); the check
+//! sets it up as an operator would, through the RACKBOOT-CFG partition (written with
+//! mtools): a drop-in pointing its source at a rackboot on this host (the dist binary
+//! serving the signed demo stream on loopback, reached from the guest as 10.0.2.2,
+//! its keyring put on the data partition) — so the appliance really syncs, as its own
+//! user under the sandboxed unit, through the re-exported stream — a static address,
+//! an SSH key, and a bad drop-in and network file that must be refused. The check
+//! waits (every wait bounded) for `/api/v1/status` to answer through the hostfwd (boot
+//! time), checks the settings (refusals on the console, the token shown on the console
+//! allows an API write, SSH with the key and not with a password, the static address,
+//! the login banner), waits for the first sync, fetches a kernel and compares its
+//! sha256 with the upstream's, fetches `/metrics`, waits past the unit's WatchdogSec
+//! with the same process, then powers the VM off over the QEMU monitor and requires a
+//! clean stop (rackboot stopped, "reboot: Power down"). Afterwards the copy's data
+//! partition and its filesystem must have grown over the 6 GiB (systemd-repart +
+//! x-systemd.growfs), and the generated token must be on RACKBOOT-CFG. A second boot
+//! goes through GRUB's serial recovery entry; a third updates the appliance
+//! (`updates`). QEMU, the HTTP server and the host rackboot are killed by PID on every
+//! exit path.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -44,11 +50,15 @@ use crate::dist;
 use crate::prereq::{self, cmd, output};
 use crate::proc::Guard;
 
+mod updates;
+
 const IMAGE_NAME: &str = "rackboot-appliance-amd64.img";
 /// The appliance's HTTP port (systemd/rackboot.toml).
 const GUEST_HTTP_PORT: u16 = 5248;
 /// The size the check's copy of the image is grown to before booting.
-const CHECK_DISK_BYTES: u64 = 4 << 30;
+const CHECK_DISK_BYTES: u64 = 6 << 30;
+/// The version suffix of the check's v2 (`RACKBOOT_VERSION_SUFFIX`).
+const V2_SUFFIX: &str = "image-check-v2";
 
 /// Host tools for the build.
 const BUILD_DEBS: &[&str] = &[
@@ -60,6 +70,12 @@ const BUILD_DEBS: &[&str] = &[
     "fdisk",
     "shim-signed",
     "grub-efi-amd64-signed",
+    // The update bundles (rauc bundle runs mksquashfs), the GRUB environment block,
+    // the signing CA and SHA256SUMS.sig.
+    "rauc",
+    "squashfs-tools",
+    "grub-common",
+    "openssl",
 ];
 /// Host tools for the check (QEMU from bookworm-backports: the machine's qemu-utils
 /// comes from there and conflicts with bookworm's qemu-system-common).
@@ -71,11 +87,18 @@ const CHECK_DEBS: &[&str] = &[
     "util-linux",
     "mtools",
     "openssh-client",
+    // The update server of the check.
+    "python3",
 ];
 const CHECK_BACKPORTS_DEBS: &[&str] = &["qemu-system-x86"];
 
-const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
-const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// Every boot of the check runs with Secure Boot on: OVMF's Secure Boot build (its
+/// variables live in SMM) with Secure Boot enabled and Microsoft's keys enrolled, so
+/// only the chain shim → Debian-signed GRUB → Debian-signed kernel boots.
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd";
+const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd";
+/// What the kernel prints when the firmware booted it with Secure Boot on.
+const SECURE_BOOT_LINE: &str = "secureboot: Secure boot enabled";
 
 /// The whole build script (mmdebstrap fetches a few hundred MiB).
 const BUILD_TIMEOUT: Duration = Duration::from_secs(40 * 60);
@@ -89,8 +112,12 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(600);
 const WATCHDOG_WAIT: Duration = Duration::from_secs(75);
 /// The appliance's SSH port.
 const GUEST_SSH_PORT: u16 = 22;
-/// The settings partition's number (physically between the ESP and the root).
+/// The settings partition's number (physically between the ESP and root slot A).
 const CFG_PARTITION: usize = 3;
+/// Root slot A's partition number (the image's version is in it).
+const SLOT_A_PARTITION: usize = 2;
+/// The data partition (the last; grown at first boot).
+const DATA_PARTITION: usize = 5;
 /// One SSH command against the appliance, connection included.
 const SSH_TIMEOUT: Duration = Duration::from_secs(60);
 /// A MAC address for the check's API write.
@@ -100,6 +127,11 @@ const POWERDOWN_TIMEOUT: Duration = Duration::from_secs(180);
 
 fn image_dir() -> PathBuf {
     prereq::target_dir(&crate::root()).join("image")
+}
+
+/// The update artefacts: `release/` (this version's bundle), the check's `v2/`, `v3/`.
+fn updates_dir() -> PathBuf {
+    image_dir().join("updates")
 }
 
 pub fn run(args: &[String]) -> Result<()> {
@@ -177,7 +209,10 @@ fn mib(bytes: u64) -> f64 {
 /// Builds the image with `images/appliance/build.sh`; returns the report lines.
 fn build(image: &Path) -> Result<String> {
     prereq::ensure_debs(BUILD_DEBS)?;
+    // This version, then v2 (cargo rebuilds the rackboot crate for each: the version
+    // suffix is compiled in). The check runs the copy of this version in dist/.
     let bin = dist::build_x86_64()?;
+    let bin_v2 = dist::build_x86_64_suffixed(V2_SUFFIX)?;
     let root = crate::root();
     let dir = image_dir();
     let work = dir.join("work");
@@ -195,8 +230,12 @@ fn build(image: &Path) -> Result<String> {
         let mut c = Command::new("setpriv");
         c.args(["--pdeathsig", "TERM", "--"]).arg(&script);
         c.env("RACKBOOT_BIN", &bin)
+            .env("RACKBOOT_BIN_V2", &bin_v2)
             .env("OUT", image)
-            .env("WORK", &work);
+            .env("WORK", &work)
+            .env("CACHE", dir.join("cache"))
+            .env("UPDATES", updates_dir())
+            .env("KEYS", dir.join("keys"));
         Guard::spawn_logged(c, "images/appliance/build.sh", &log)?
     };
     let status = run_bounded(&mut g, BUILD_TIMEOUT);
@@ -238,11 +277,27 @@ fn build(image: &Path) -> Result<String> {
         mib(meta.len()),
         mib(allocated)
     )?;
-    if let (Some(rootfs), Some(fs)) = (field("rootfs_mib"), field("root_fs_mib")) {
+    if let (Some(rootfs), Some(fs), Some(slot)) =
+        (field("rootfs_mib"), field("root_fs_mib"), field("slot_mib"))
+    {
         writeln!(
             r,
-            "| root tree / filesystem | {rootfs} MiB in a {fs} MiB ext4 |"
+            "| root tree / filesystem | {rootfs} MiB in a {fs} MiB ext4, in a {slot} MiB slot (A; B is empty) |"
         )?;
+    }
+    for sub in ["release", "v2", "v3"] {
+        let d = updates_dir().join(sub);
+        let mut files: Vec<String> = Vec::new();
+        for e in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
+            let e = e?;
+            files.push(format!(
+                "`{}` {:.1} MiB",
+                e.file_name().to_string_lossy(),
+                mib(e.metadata()?.len())
+            ));
+        }
+        files.sort();
+        writeln!(r, "| update artefacts `{sub}/` | {} |", files.join(", "))?;
     }
     writeln!(
         r,
@@ -341,7 +396,7 @@ fn debugfs_write(
     // debugfs reports failures on stdout and still exits 0: read each file back.
     let back = disk.with_extension("readback");
     for (host, dir, name) in files {
-        let path = format!("{dir}/{name}");
+        let path = format!("{}/{name}", dir.trim_end_matches('/'));
         let _ = std::fs::remove_file(&back);
         output(
             "debugfs",
@@ -392,8 +447,28 @@ const SERIAL_FAILURES: &[&str] = &[
     "rackboot.service: Main process exited",
 ];
 
+/// What a boot of the update check must not print (rackboot failing is expected there).
+const BOOT_FAILURES: &[&str] = &[
+    "Kernel panic",
+    "fsck not present",
+    "grub>",
+    "You are in emergency mode",
+];
+
+/// How a check VM boots.
+#[derive(Clone, Copy)]
+struct BootOpts<'a> {
+    /// Names the logs (`serial-<tag>-<accel>.log`).
+    tag: &'a str,
+    /// The guest may reboot (else QEMU exits on a reboot: `-no-reboot`).
+    reboot: bool,
+    /// Serial console lines that fail the check.
+    failures: &'static [&'static str],
+}
+
 struct Vm {
     qemu: Guard,
+    failures: &'static [&'static str],
     qemu_log: PathBuf,
     serial: PathBuf,
     monitor: PathBuf,
@@ -402,16 +477,20 @@ struct Vm {
 }
 
 impl Vm {
-    fn start(dir: &Path, disk: &Path, fwd: u16, ssh: u16, kvm: bool) -> Result<Vm> {
+    fn start(dir: &Path, disk: &Path, ports: (u16, u16), o: BootOpts, kvm: bool) -> Result<Vm> {
+        let (fwd, ssh) = ports;
         let accel = if kvm { "kvm" } else { "tcg" };
-        let serial = dir.join(format!("serial-{accel}.log"));
-        let monitor = dir.join(format!("monitor-{accel}.sock"));
+        let tag = o.tag;
+        let serial = dir.join(format!("serial-{tag}-{accel}.log"));
+        let monitor = dir.join(format!("monitor-{tag}-{accel}.sock"));
         let _ = std::fs::remove_file(&monitor);
         let vars = dir.join("OVMF_VARS.fd");
         std::fs::copy(OVMF_VARS, &vars).with_context(|| format!("copying {OVMF_VARS}"))?;
         let args: Vec<String> = vec![
             "-machine".into(),
-            format!("q35,accel={accel}"),
+            format!("q35,smm=on,accel={accel}"),
+            "-global".into(),
+            "driver=cfi.pflash01,property=secure,value=on".into(),
             "-smp".into(),
             "2".into(),
             "-m".into(),
@@ -429,15 +508,17 @@ impl Vm {
             "-device".into(),
             "virtio-net-pci,netdev=n0,romfile=".into(),
             "-nographic".into(),
-            "-no-reboot".into(),
             "-serial".into(),
             format!("file:{}", serial.display()),
             "-monitor".into(),
             format!("unix:{},server=on,wait=off", monitor.display()),
         ];
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+        if !o.reboot {
+            args.push("-no-reboot");
+        }
         eprintln!("$ qemu-system-x86_64 {}", args.join(" "));
-        let qemu_log = dir.join(format!("qemu-{accel}.log"));
+        let qemu_log = dir.join(format!("qemu-{tag}-{accel}.log"));
         let qemu = Guard::spawn(
             &format!("QEMU ({accel})"),
             "qemu-system-x86_64",
@@ -446,6 +527,7 @@ impl Vm {
         )?;
         Ok(Vm {
             qemu,
+            failures: o.failures,
             qemu_log,
             serial,
             monitor,
@@ -457,7 +539,7 @@ impl Vm {
     /// Fails when QEMU exited or the serial log shows a failure.
     fn healthy(&mut self) -> Result<()> {
         let text = serial_text(&self.serial);
-        if let Some(f) = SERIAL_FAILURES.iter().find(|f| text.contains(*f)) {
+        if let Some(f) = self.failures.iter().find(|f| text.contains(*f)) {
             bail!(
                 "the appliance's console printed {f:?} ({}); see {}",
                 self.accel,
@@ -532,14 +614,14 @@ impl Vm {
 
 /// Boots the check copy with KVM; keeps the VM if the kernel prints its banner in
 /// time, else kills it and boots with TCG.
-fn boot(dir: &Path, disk: &Path, fwd: u16, ssh: u16) -> Result<Vm> {
+fn boot(dir: &Path, disk: &Path, ports: (u16, u16), o: BootOpts) -> Result<Vm> {
     let kvm_usable = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
         .is_ok();
     if kvm_usable {
-        let mut vm = Vm::start(dir, disk, fwd, ssh, true)?;
+        let mut vm = Vm::start(dir, disk, ports, o, true)?;
         let r = vm.wait_for("KVM probe: the kernel banner", KVM_PROBE_TIMEOUT, |vm| {
             serial_text(&vm.serial)
                 .contains("Linux version")
@@ -555,7 +637,7 @@ fn boot(dir: &Path, disk: &Path, fwd: u16, ssh: u16) -> Result<Vm> {
     } else {
         eprintln!("no usable /dev/kvm; booting with TCG");
     }
-    Vm::start(dir, disk, fwd, ssh, false)
+    Vm::start(dir, disk, ports, o, false)
 }
 
 /// What [`check_settings`] found.
@@ -698,16 +780,34 @@ fn check_settings(vm: &mut Vm, key: &Path, ssh_port: u16, base: &str) -> Result<
     Ok(Settings { token, report })
 }
 
+/// Copies `file` to `path` on the FAT file system at `offset` of `disk` (mtools).
+fn fat_put(disk: &Path, offset: u64, file: &Path, path: &str) -> Result<()> {
+    let out = Command::new("mcopy")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .args(["-o", "-i", &format!("{}@@{offset}", disk.display())])
+        .arg(file)
+        .arg(format!("::/{path}"))
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "mcopy {} to {path} of {}: {}",
+            file.display(),
+            disk.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// Boots `disk` again through GRUB's "recovery shell on the serial port" entry (made
-/// the default in a copy of the root's grub.cfg put on the ESP): the console must
-/// reach rescue.target and a root shell without a password. Keeps the first
-/// boot's serial log (`first_serial`) as `*-first.log`. Returns power-on to the
+/// the default in a copy of the ESP's grub.cfg, put back afterwards): the console must
+/// reach rescue.target and a root shell without a password. Returns power-on to the
 /// shell's first command.
-fn check_recovery(dir: &Path, disk: &Path, root_off: u64, first_serial: &Path) -> Result<Duration> {
-    let kept = first_serial.with_extension("first.log");
-    std::fs::rename(first_serial, &kept)?;
-    let dev = format!("{}?offset={root_off}", disk.display());
-    let grub = output("debugfs", &["-R", "cat /boot/grub/grub.cfg", &dev])?;
+fn check_recovery(dir: &Path, disk: &Path) -> Result<Duration> {
+    let (esp_off, _) = partition(disk, 1)?;
+    let grub = cfg_read(disk, esp_off, "EFI/debian/grub.cfg")?;
+    let original = dir.join("esp-grub.cfg");
+    std::fs::write(&original, &grub)?;
     let entry = grub
         .lines()
         .filter(|l| l.starts_with("menuentry "))
@@ -721,20 +821,21 @@ fn check_recovery(dir: &Path, disk: &Path, root_off: u64, first_serial: &Path) -
         &cfg,
         grub.replace("set default=0\n", &format!("set default={entry}\n")),
     )?;
-    let (esp_off, _) = partition(disk, 1)?;
-    let out = Command::new("mcopy")
-        .env("MTOOLS_SKIP_CHECK", "1")
-        .args(["-o", "-i", &format!("{}@@{esp_off}", disk.display())])
-        .arg(&cfg)
-        .arg("::/EFI/debian/grub.cfg")
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "mcopy of the recovery grub.cfg onto the ESP: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let mut vm = boot(dir, disk, free_port()?, free_port()?)?;
+    fat_put(disk, esp_off, &cfg, "EFI/debian/grub.cfg")?;
+    let took = recovery_shell(dir, disk);
+    fat_put(disk, esp_off, &original, "EFI/debian/grub.cfg")?;
+    took
+}
+
+/// The recovery boot of [`check_recovery`]: sulogin's prompt, then a command typed on
+/// the screen's keyboard writes a marker to ttyS0.
+fn recovery_shell(dir: &Path, disk: &Path) -> Result<Duration> {
+    let opts = BootOpts {
+        tag: "recovery",
+        reboot: false,
+        failures: SERIAL_FAILURES,
+    };
+    let mut vm = boot(dir, disk, (free_port()?, free_port()?), opts)?;
     // sulogin asks on every console; with the root account locked it lets the person
     // at the console in without a password only when SYSTEMD_SULOGIN_FORCE is set
     // (else: "Cannot open access to console, the root account is locked").
@@ -774,7 +875,9 @@ fn check_recovery(dir: &Path, disk: &Path, root_off: u64, first_serial: &Path) -
         |vm| {
             serial_text(&vm.serial)
                 .lines()
-                .any(|l| l.trim() == marker)
+                // Its own line, or after sulogin's prompt on ttyS0 (the shell runs
+                // on the screen, so the prompt there is not followed by a newline).
+                .any(|l| l.trim() == marker || l.trim_end().ends_with(&format!(": {marker}")))
                 .then_some(())
         },
     )?;
@@ -793,8 +896,19 @@ fn check_recovery(dir: &Path, disk: &Path, root_off: u64, first_serial: &Path) -
 
 /// One SSH command as root on the appliance through the hostfwd, bounded.
 fn ssh(key: &Path, port: u16, extra: &[&str], remote: &str) -> Result<std::process::Output> {
+    ssh_bounded(key, port, extra, remote, SSH_TIMEOUT)
+}
+
+/// [`ssh`] with its own time limit.
+fn ssh_bounded(
+    key: &Path,
+    port: u16,
+    extra: &[&str],
+    remote: &str,
+    limit: Duration,
+) -> Result<std::process::Output> {
     let mut c = Command::new("timeout");
-    c.arg(SSH_TIMEOUT.as_secs().to_string()).arg("ssh");
+    c.arg(limit.as_secs().to_string()).arg("ssh");
     c.args([
         "-i",
         key.to_str().context("utf-8")?,
@@ -851,7 +965,7 @@ fn cfg_write(disk: &Path, offset: u64, files: &[(&str, &str)]) -> Result<()> {
     Ok(())
 }
 
-/// A file of the FAT settings partition at `offset` of `disk` (mtools, no mount).
+/// A file of the FAT partition at `offset` of `disk` (mtools, no mount).
 fn cfg_read(disk: &Path, offset: u64, path: &str) -> Result<String> {
     let out = Command::new("mtype")
         .env("MTOOLS_SKIP_CHECK", "1")
@@ -860,7 +974,7 @@ fn cfg_read(disk: &Path, offset: u64, path: &str) -> Result<String> {
         .output()?;
     if !out.status.success() {
         bail!(
-            "mtype {path} from RACKBOOT-CFG of {}: {}",
+            "mtype {path} from the FAT partition at {offset} of {}: {}",
             disk.display(),
             String::from_utf8_lossy(&out.stderr).trim()
         );
@@ -879,7 +993,7 @@ fn status(fwd: u16) -> Option<(u64, Option<u64>)> {
 fn check(image: &Path) -> Result<String> {
     prereq::ensure_debs(CHECK_DEBS)?;
     prereq::ensure_backports_debs(CHECK_BACKPORTS_DEBS)?;
-    let bin = dist::build_x86_64()?;
+    let bin = dist::built_x86_64()?;
     let dir = image_dir().join("check");
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;
@@ -928,7 +1042,8 @@ fn check(image: &Path) -> Result<String> {
         ],
     )?;
     let image_bytes = std::fs::metadata(image)?.len();
-    let (root_off, root_size_before) = partition(&disk, 2)?;
+    let (root_off, _) = partition(&disk, SLOT_A_PARTITION)?;
+    let (data_off, data_size_before) = partition(&disk, DATA_PARTITION)?;
     let (cfg_off, _) = partition(&disk, CFG_PARTITION)?;
     let keyring = stream.dir.join("keyring.gpg");
     let key = dir.join("id_check");
@@ -951,7 +1066,7 @@ fn check(image: &Path) -> Result<String> {
             "# Written by `cargo xtask image --check`: sync from the rackboot on the build host.\n\
              [boot]\ndefault_image = \"debian/bookworm\"\n\n\
              [[sources]]\nurl = \"http://10.0.2.2:{up_port}/\"\n\
-             keyring_filename = \"/etc/rackboot/check-keyring.gpg\"\n\n\
+             keyring_filename = \"/data/check-keyring.gpg\"\n\n\
              [[sources.selections]]\nos = \"debian\"\nrelease = \"bookworm\"\narches = [\"amd64\"]\n"
     );
     // QEMU user networking's own addresses, set statically (no DHCP on the appliance).
@@ -979,18 +1094,23 @@ fn check(image: &Path) -> Result<String> {
         &journald,
         "# Written by `cargo xtask image --check`.\n[Journal]\nForwardToConsole=yes\nTTYPath=/dev/ttyS0\nMaxLevelConsole=info\n",
     )?;
+    // The demo keyring on the data partition, where every slot's rackboot finds it;
+    // the journal on the console in slot A only (this version's first boot).
+    debugfs_write(
+        &disk,
+        data_off,
+        &[],
+        &[(&keyring, "/", "check-keyring.gpg")],
+    )?;
     debugfs_write(
         &disk,
         root_off,
         &["/etc/systemd/journald.conf.d"],
-        &[
-            (&keyring, "/etc/rackboot", "check-keyring.gpg"),
-            (
-                &journald,
-                "/etc/systemd/journald.conf.d",
-                "50-check-console.conf",
-            ),
-        ],
+        &[(
+            &journald,
+            "/etc/systemd/journald.conf.d",
+            "50-check-console.conf",
+        )],
     )?;
     std::fs::OpenOptions::new()
         .write(true)
@@ -999,7 +1119,12 @@ fn check(image: &Path) -> Result<String> {
 
     let fwd = free_port()?;
     let ssh_port = free_port()?;
-    let mut vm = boot(&dir, &disk, fwd, ssh_port)?;
+    let opts = BootOpts {
+        tag: "first",
+        reboot: false,
+        failures: SERIAL_FAILURES,
+    };
+    let mut vm = boot(&dir, &disk, (fwd, ssh_port), opts)?;
     let base = format!("http://127.0.0.1:{fwd}");
 
     let first = vm.wait_for(
@@ -1027,6 +1152,12 @@ fn check(image: &Path) -> Result<String> {
             Duration::from_secs(60),
             |vm| serial_text(&vm.serial).contains(needle).then_some(()),
         )?;
+    }
+    if !serial_text(&vm.serial).contains(SECURE_BOOT_LINE) {
+        bail!(
+            "the kernel did not print {SECURE_BOOT_LINE:?}; see {}",
+            vm.serial.display()
+        );
     }
     let settings = check_settings(&mut vm, &key, ssh_port, &base)?;
     let metrics = http_get(&format!("{base}/metrics"), 10)
@@ -1084,7 +1215,6 @@ fn check(image: &Path) -> Result<String> {
             );
         }
     }
-    drop(upstream);
 
     // The generated token was written back to the settings partition.
     let on_partition = cfg_read(&disk, cfg_off, "api-token")?;
@@ -1095,15 +1225,24 @@ fn check(image: &Path) -> Result<String> {
         );
     }
 
-    let recovery = check_recovery(&dir, &disk, root_off, &vm.serial)?;
+    let recovery = check_recovery(&dir, &disk)?;
 
-    let (_, root_size_after) = partition(&disk, 2)?;
-    let fs_after = ext4_bytes(&disk, root_off)?;
-    if root_size_after <= root_size_before || fs_after + (64 << 20) < root_size_after {
+    let (_, data_size_after) = partition(&disk, DATA_PARTITION)?;
+    let fs_after = ext4_bytes(&disk, data_off)?;
+    if data_size_after <= data_size_before || fs_after + (64 << 20) < data_size_after {
         bail!(
-            "the root did not grow over the disk: partition {root_size_before} → {root_size_after} bytes, filesystem {fs_after} bytes"
+            "the data partition did not grow over the disk: partition {data_size_before} → {data_size_after} bytes, filesystem {fs_after} bytes"
         );
     }
+    let upd = updates::check(&updates::Setup {
+        dir: &dir,
+        disk: &disk,
+        key: &key,
+        kernel_path,
+        want_sha: &want_sha,
+        generation,
+    })?;
+    drop(upstream);
 
     let mut r = String::new();
     writeln!(
@@ -1119,6 +1258,10 @@ fn check(image: &Path) -> Result<String> {
     writeln!(
         r,
         "| rackboot.service started (Type=notify), TFTP on [::]:69 and HTTP on [::]:5248 as user rackboot, serial login on ttyS0 | ok |"
+    )?;
+    writeln!(
+        r,
+        "| Secure Boot on (OVMF secboot build, Microsoft keys): shim → Debian-signed GRUB → Debian-signed kernel, the kernel prints `{SECURE_BOOT_LINE}` | ok |"
     )?;
     writeln!(
         r,
@@ -1145,11 +1288,11 @@ fn check(image: &Path) -> Result<String> {
     )?;
     writeln!(
         r,
-        "| root grown at first boot (image {:.0} MiB, disk {:.0} MiB) | partition {:.0} → {:.0} MiB, ext4 {:.0} MiB |",
+        "| data partition grown at first boot (image {:.0} MiB, disk {:.0} MiB) | partition {:.0} → {:.0} MiB, ext4 {:.0} MiB |",
         mib(image_bytes),
         mib(CHECK_DISK_BYTES),
-        mib(root_size_before),
-        mib(root_size_after),
+        mib(data_size_before),
+        mib(data_size_after),
         mib(fs_after)
     )?;
     writeln!(
@@ -1157,6 +1300,9 @@ fn check(image: &Path) -> Result<String> {
         "| GRUB's serial recovery entry: rescue.target, sulogin lets the console in without a password, a root shell runs a command | {:.1} s from power-on to the command's output |",
         recovery.as_secs_f64()
     )?;
+    for line in &upd {
+        writeln!(r, "{line}")?;
+    }
     std::fs::remove_file(&disk)?;
     eprintln!("image check passed; logs in {}", dir.display());
     Ok(r)
