@@ -45,6 +45,15 @@
 //! - `proxy-{dnsmasq,isc}-uefi-arm64` the same on AAVMF with `ipxe-arm64.efi`
 //! - `proxy-{dnsmasq,isc}-http-amd64` OVMF HTTP boot → ProxyDHCP's `HTTPClient` offer
 //!   with the URL of iPXE (`ipxe/ipxe-amd64.efi`) → `boot.ipxe`
+//! - `proxy-{dnsmasq,isc}-bios-pxelinux` the BIOS VM's MAC has `dhcp_boot =
+//!   pxelinux.0`: the iPXE ROM → pxelinux.0 → kernel/initrd over TFTP
+//! - `proxy-isc-uefi-amd64-missing-file` the MAC's `dhcp_boot` names a loader the rack
+//!   does not have: no marker; the mode passes when `rackboot boots MAC` ends at that
+//!   file's TFTP ERROR 1
+//!
+//! After every proxy mode, `rackboot boots MAC --json` (run against the rack's API)
+//! must show the VM's boot: the ProxyDHCP offer first, its TFTP/HTTP requests, and
+//! the last step "initrd" (or "squashfs").
 //!
 //! KVM is used for amd64 when a short probe boot reaches the marker with it; TCG
 //! otherwise (arm64 is always TCG here); `RACKBOOT_NETBOOT_ACCEL=tcg|kvm` decides
@@ -119,8 +128,16 @@ struct Mode {
     tag: Option<&'static str>,
     /// How the VM finds the rack.
     net: Net,
+    /// A per-MAC `dhcp_boot` override for this VM (proxy modes): what rackboot's
+    /// ProxyDHCP offers it instead of the loader for its architecture.
+    dhcp_boot: Option<&'static str>,
     what: &'static str,
 }
+
+/// The boot file the `*-missing-file` modes are offered: the rack does not have it,
+/// so the VM never reaches a marker; the boot log must show that file's error as the
+/// machine's last event.
+const MISSING_LOADER: &str = "ipxe/not-shipped.efi";
 
 /// How a mode's VM finds the rack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -195,8 +212,22 @@ const fn proxy_mode(
         secure_boot: false,
         tag: None,
         net: Net::Proxy(site),
+        dhcp_boot: None,
         what,
     }
+}
+
+/// [`proxy_mode`] whose VM's MAC gets `dhcp_boot` as its ProxyDHCP boot file.
+const fn proxy_mode_booting(
+    name: &'static str,
+    site: Site,
+    firmware: Firmware,
+    dhcp_boot: &'static str,
+    what: &'static str,
+) -> Mode {
+    let mut m = proxy_mode(name, site, firmware, false, what);
+    m.dhcp_boot = Some(dhcp_boot);
+    m
 }
 
 const MODES: &[Mode] = &[
@@ -207,6 +238,7 @@ const MODES: &[Mode] = &[
         secure_boot: false,
         tag: Some("pxetftp"),
         net: Net::V4,
+        dhcp_boot: None,
         what: "BIOS PXE, pxelinux.0, kernel over TFTP",
     },
     Mode {
@@ -216,6 +248,7 @@ const MODES: &[Mode] = &[
         secure_boot: false,
         tag: None,
         net: Net::V4,
+        dhcp_boot: None,
         what: "BIOS PXE, lpxelinux.0, kernel over HTTP",
     },
     Mode {
@@ -225,6 +258,7 @@ const MODES: &[Mode] = &[
         secure_boot: false,
         tag: Some("ipxemode"),
         net: Net::V4,
+        dhcp_boot: None,
         what: "iPXE chainload: ipxe.cfg, per-MAC script over HTTP",
     },
     Mode {
@@ -234,6 +268,7 @@ const MODES: &[Mode] = &[
         secure_boot: false,
         tag: None,
         net: Net::V4,
+        dhcp_boot: None,
         what: "OVMF PXE, shim + signed GRUB over TFTP",
     },
     Mode {
@@ -243,6 +278,7 @@ const MODES: &[Mode] = &[
         secure_boot: true,
         tag: None,
         net: Net::V4,
+        dhcp_boot: None,
         what: "OVMF PXE with Secure Boot on: MS-signed shim, signed GRUB, signed kernel",
     },
     Mode {
@@ -252,6 +288,7 @@ const MODES: &[Mode] = &[
         secure_boot: false,
         tag: None,
         net: Net::V4,
+        dhcp_boot: None,
         what: "OVMF UEFI HTTP boot, GRUB over HTTP",
     },
     Mode {
@@ -261,6 +298,7 @@ const MODES: &[Mode] = &[
         secure_boot: false,
         tag: None,
         net: Net::V4,
+        dhcp_boot: None,
         what: "AAVMF PXE, shim + signed GRUB over TFTP",
     },
     Mode {
@@ -270,6 +308,7 @@ const MODES: &[Mode] = &[
         secure_boot: true,
         tag: None,
         net: Net::V4,
+        dhcp_boot: None,
         what: "AAVMF PXE with Secure Boot on: MS-signed shim, signed GRUB, signed kernel",
     },
     Mode {
@@ -279,6 +318,7 @@ const MODES: &[Mode] = &[
         secure_boot: false,
         tag: None,
         net: Net::V4,
+        dhcp_boot: None,
         what: "AAVMF UEFI HTTP boot, GRUB over HTTP",
     },
     Mode {
@@ -288,6 +328,7 @@ const MODES: &[Mode] = &[
         secure_boot: false,
         tag: Some("v6only"),
         net: Net::V6,
+        dhcp_boot: None,
         what: "OVMF PXE over IPv6 (DHCPv6 tftp://[fd52::1]/bootx64.efi), shim + signed GRUB, kernel over HTTP to [fd52::1]",
     },
     Mode {
@@ -297,6 +338,7 @@ const MODES: &[Mode] = &[
         secure_boot: false,
         tag: Some("v6only"),
         net: Net::V6,
+        dhcp_boot: None,
         what: "OVMF UEFI HTTP boot over IPv6 (DHCPv6 http://[fd52::1]:5248/…), GRUB over HTTP",
     },
     proxy_mode(
@@ -354,6 +396,27 @@ const MODES: &[Mode] = &[
         Firmware::Ovmf,
         true,
         "site ISC dhcpd + rackboot ProxyDHCP: OVMF HTTP boot → iPXE",
+    ),
+    proxy_mode_booting(
+        "proxy-dnsmasq-bios-pxelinux",
+        Site::Dnsmasq,
+        Firmware::SeaBios,
+        "pxelinux.0",
+        "site dnsmasq + rackboot ProxyDHCP, the MAC's dhcp_boot = pxelinux.0: SeaBIOS iPXE ROM → pxelinux (TFTP)",
+    ),
+    proxy_mode_booting(
+        "proxy-isc-bios-pxelinux",
+        Site::Isc,
+        Firmware::SeaBios,
+        "pxelinux.0",
+        "site ISC dhcpd + rackboot ProxyDHCP, the MAC's dhcp_boot = pxelinux.0: SeaBIOS iPXE ROM → pxelinux (TFTP)",
+    ),
+    proxy_mode_booting(
+        "proxy-isc-uefi-amd64-missing-file",
+        Site::Isc,
+        Firmware::Ovmf,
+        MISSING_LOADER,
+        "site ISC dhcpd + rackboot ProxyDHCP offering a loader the rack lacks: the boot log ends at its ERROR 1",
     ),
 ];
 
@@ -834,6 +897,9 @@ struct Network {
 /// One VM booting.
 struct Vm {
     mode: Mode,
+    mac: String,
+    /// When the boot log was last asked (the missing-file mode polls it).
+    last_look: Option<Instant>,
     param: String,
     serial: std::path::PathBuf,
     proc: Guard,
@@ -972,12 +1038,11 @@ fn prepare(modes: &[Mode]) -> Result<Prepared> {
             _ => "console=ttyS0,115200",
         };
         let param = format!("rackboot.netboot={}-{token}", mode.name);
-        rb(&[
-            "machines",
-            "set",
-            mac,
-            &format!("kernel_params={console} {param}"),
-        ])?;
+        let params = format!("kernel_params={console} {param}");
+        let mut set = vec!["machines", "set", mac.as_str(), params.as_str()];
+        let dhcp_boot = mode.dhcp_boot.map(|f| format!("dhcp_boot={f}"));
+        set.extend(dhcp_boot.as_deref());
+        rb(&set)?;
         expected.push(param);
     }
 
@@ -1127,16 +1192,21 @@ fn boot_all(ns: &Netns, p: &Prepared, which: &[usize]) -> Result<Vec<Outcome>> {
         }
         let mut still = Vec::new();
         for mut vm in running {
-            match poll_line(
-                &vm.serial,
-                MARKER,
-                BOOT_FAILURES,
-                &mut vm.proc,
-                vm.started,
-                MODE_TIMEOUT,
-            ) {
+            let polled = if vm.mode.dhcp_boot == Some(MISSING_LOADER) {
+                poll_missing_file(ns, p, &mut vm)
+            } else {
+                poll_line(
+                    &vm.serial,
+                    MARKER,
+                    BOOT_FAILURES,
+                    &mut vm.proc,
+                    vm.started,
+                    MODE_TIMEOUT,
+                )
+            };
+            match polled {
                 None => still.push(vm),
-                Some(r) => outcomes.push(finish_vm(&vm, r)),
+                Some(r) => outcomes.push(finish_vm(ns, p, &vm, r)),
             }
         }
         running = still;
@@ -1166,6 +1236,8 @@ fn start_vm(ns: &Netns, p: &Prepared, i: usize) -> Result<Vm> {
     )?;
     Ok(Vm {
         mode: *mode,
+        mac: mac.clone(),
+        last_look: None,
         param: param.clone(),
         serial,
         proc,
@@ -1174,10 +1246,121 @@ fn start_vm(ns: &Netns, p: &Prepared, i: usize) -> Result<Vm> {
     })
 }
 
+/// The rack's boot log of `mac`: `rackboot boots MAC --json`, run in the namespace
+/// against the rack's HTTP API (the command a user runs).
+fn boot_log(ns: &Netns, p: &Prepared, mac: &str) -> Result<serde_json::Value> {
+    let url = format!("http://{RACK_IP}:{HTTP_PORT}");
+    let out = output(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &ns.name,
+            &p.bin,
+            "--config",
+            &p.proxy_config,
+            "--json",
+            "boots",
+            mac,
+            "--url",
+            &url,
+        ],
+    )?;
+    serde_json::from_str(&out).context("`rackboot boots --json` printed no JSON")
+}
+
+/// A `*-missing-file` VM (no marker to wait for): done when the boot log's last
+/// event is the missing loader's failure; a marker or the timeout fails it. Asks the
+/// boot log every 2 s.
+fn poll_missing_file(ns: &Netns, p: &Prepared, vm: &mut Vm) -> Option<Result<String>> {
+    let limit = MODE_TIMEOUT;
+    if vm.started.elapsed() > limit {
+        let log = boot_log(ns, p, &vm.mac).map(|l| l.to_string());
+        return Some(Err(anyhow::anyhow!(
+            "the boot log did not end at {MISSING_LOADER} within {} s: {}",
+            limit.as_secs(),
+            log.unwrap_or_else(|e| format!("{e:#}"))
+        )));
+    }
+    let now = Instant::now();
+    if vm
+        .last_look
+        .is_some_and(|t| now - t < Duration::from_secs(2))
+    {
+        return None;
+    }
+    vm.last_look = Some(now);
+    let Ok(log) = boot_log(ns, p, &vm.mac) else {
+        return None;
+    };
+    let last = &log["last_event"];
+    if last["file"] == MISSING_LOADER && last["ok"] == false {
+        return Some(Ok(format!(
+            "{} {}: {}",
+            last["kind"].as_str().unwrap_or("?"),
+            MISSING_LOADER,
+            last["result"].as_str().unwrap_or("?")
+        )));
+    }
+    None
+}
+
+/// What a proxy mode's boot left in the rack's boot log: the ProxyDHCP offer, the
+/// files over TFTP/HTTP, and the last step reached (the marker initramfs reads no
+/// squashfs, so "initrd"; "squashfs" would do too). For the missing-file mode: the
+/// missing loader's TFTP ERROR 1 (or HTTP 404) as the last event.
+fn check_boot_log(ns: &Netns, p: &Prepared, vm: &Vm) -> Result<String> {
+    let log = boot_log(ns, p, &vm.mac)?;
+    let events = log["event_list"].as_array().cloned().unwrap_or_default();
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["kind"].as_str()).collect();
+    if kinds.first() != Some(&"dhcp_offer") {
+        bail!(
+            "the boot log of {} does not start with the ProxyDHCP offer: {log}",
+            vm.mac
+        );
+    }
+    if !kinds.iter().any(|k| *k == "tftp" || *k == "http") {
+        bail!(
+            "the boot log of {} has no TFTP or HTTP request: {log}",
+            vm.mac
+        );
+    }
+    let last_step = log["last_step"].as_str().unwrap_or("none");
+    let last = &log["last_event"];
+    if vm.mode.dhcp_boot == Some(MISSING_LOADER) {
+        let result = last["result"].as_str().unwrap_or("");
+        if last["file"] != MISSING_LOADER || !(result.starts_with("ERROR 1") || result == "404") {
+            bail!(
+                "the boot log of {} does not end at {MISSING_LOADER}'s ERROR 1 / 404: {log}",
+                vm.mac
+            );
+        }
+    } else if !matches!(last_step, "initrd" | "squashfs") {
+        bail!(
+            "the boot log of {} reached {last_step:?}, not initrd/squashfs: {log}",
+            vm.mac
+        );
+    }
+    Ok(format!(
+        "boot log: {} events ({}), last step {last_step}, last {} {}",
+        kinds.len(),
+        kinds.join(" "),
+        last["file"].as_str().unwrap_or("?"),
+        last["result"].as_str().unwrap_or("?")
+    ))
+}
+
 /// Judges a VM that stopped waiting: its marker line must carry its parameter (and,
-/// with Secure Boot, the kernel must have said so); a failure shows the serial tail.
-fn finish_vm(vm: &Vm, r: Result<String>) -> Outcome {
+/// with Secure Boot, the kernel must have said so; in a proxy mode the boot log must
+/// show the boot); a failure shows the serial tail.
+fn finish_vm(ns: &Netns, p: &Prepared, vm: &Vm, r: Result<String>) -> Outcome {
     let t = vm.started.elapsed();
+    if vm.mode.dhcp_boot == Some(MISSING_LOADER) {
+        let result = r
+            .and_then(|_| check_boot_log(ns, p, vm))
+            .map(|summary| (t, summary));
+        return report_vm(vm, result);
+    }
     let result = r.and_then(|line| {
         if !line.contains(&vm.param) {
             bail!("the marker line lacks {:?}: {line}", vm.param)
@@ -1195,9 +1378,22 @@ fn finish_vm(vm: &Vm, r: Result<String>) -> Outcome {
                 bail!("the kernel did not say {SECURE_BOOT_LINE:?}");
             }
         }
+        if matches!(vm.mode.net, Net::Proxy(_)) {
+            eprintln!("{}: {}", vm.mode.name, check_boot_log(ns, p, vm)?);
+        }
         Ok((t, line))
     });
+    report_vm(vm, result)
+}
+
+/// Prints how a VM ended (the serial tail when it failed) and makes its outcome.
+fn report_vm(vm: &Vm, result: Result<(Duration, String)>) -> Outcome {
     match &result {
+        Ok((t, _)) if vm.mode.dhcp_boot == Some(MISSING_LOADER) => eprintln!(
+            "{}: the boot log ended at {MISSING_LOADER} after {:.1} s",
+            vm.mode.name,
+            t.as_secs_f64()
+        ),
         Ok((t, _)) => {
             eprintln!("{}: marker after {:.1} s", vm.mode.name, t.as_secs_f64())
         }
