@@ -214,6 +214,14 @@ pub struct Request {
     pub requested_ip: Option<Ipv4Addr>,
 }
 
+impl Request {
+    /// The address the client has or asks for: option 50, else a non-zero ciaddr.
+    pub fn client_ip(&self) -> Option<Ipv4Addr> {
+        self.requested_ip
+            .or((!self.ciaddr.is_unspecified()).then_some(self.ciaddr))
+    }
+}
+
 /// Reads one datagram. Only Ethernet BOOTREQUESTs with a message type parse; a
 /// request without a boot client's option 60 parses too (with `class: None`), so
 /// its drop can name the MAC.

@@ -93,17 +93,12 @@ impl crate::dhcp::Hooks for DhcpHooks {
             .map(|m| Mac(m).to_string())
             .unwrap_or_else(|| "?".into());
         let on = e.interface.unwrap_or("?");
-        // A boot client's address, whoever it was talking to (most often its broadcast
-        // REQUEST to the site's server, which the proxy does not answer): what it asks
-        // for over TFTP and HTTP from there is logged under its MAC.
-        if let Some(r) = e.request.filter(|r| r.class.is_some()) {
-            let ip = r
-                .requested_ip
-                .or((!r.ciaddr.is_unspecified()).then_some(r.ciaddr));
-            if let Some(ip) = ip {
-                self.d.boots.dhcp_client_ip(Mac(r.mac), IpAddr::V4(ip));
-            }
-        }
+        // A boot client's address, whoever it was talking to (its REQUEST to 4011 comes
+        // from it; its broadcast REQUEST to the site's server, which the proxy does not
+        // answer, names it in option 50): what it asks for over TFTP and HTTP from
+        // there is logged under its MAC.
+        let boot_client = e.request.filter(|r| r.class.is_some());
+        let client_ip = boot_client.and_then(|r| r.client_ip()).map(IpAddr::V4);
         match &e.outcome {
             Outcome::Replied {
                 message,
@@ -114,14 +109,13 @@ impl crate::dhcp::Hooks for DhcpHooks {
                     "dhcp: {message:?} to {mac} ({}) on {on}: server {server}, boot file {boot_file}",
                     e.source
                 );
-                // The boot log's first step: the offer, and the address the client
-                // already has (a REQUEST to 4011 comes from it).
-                if let Some(r) = e.request {
-                    let ip = (!r.ciaddr.is_unspecified()).then_some(IpAddr::V4(r.ciaddr));
+                // The boot log's first step: the offer (which also learns the address).
+                if let Some(r) = boot_client {
                     self.d
                         .boots
-                        .dhcp_offer(Mac(r.mac), ip, r.arch.unwrap_or(0), boot_file);
+                        .dhcp_offer(Mac(r.mac), client_ip, r.arch.unwrap_or(0), boot_file);
                 }
+                return;
             }
             Outcome::Dropped(reason) => tracing::debug!(
                 "dhcp: no answer to {mac} ({}, port {:?}): {}",
@@ -132,6 +126,9 @@ impl crate::dhcp::Hooks for DhcpHooks {
             Outcome::SendFailed => {
                 tracing::debug!("dhcp: the reply to {mac} ({}) was not sent", e.source)
             }
+        }
+        if let (Some(r), Some(ip)) = (boot_client, client_ip) {
+            self.d.boots.dhcp_client_ip(Mac(r.mac), ip);
         }
     }
 }
