@@ -13,7 +13,16 @@
 //! Memory only, bounded: at most [`Caps::events`] events per machine (a ring), and
 //! at most [`Caps::machines`] MACs, [`Caps::ips`] IPs waiting for their MAC and
 //! [`Caps::ips`] IP→MAC entries, each evicting the least recently seen. Nothing is
-//! written to disk. One short mutex guards it all; nothing is allocated or formatted
+//! written to disk.
+//!
+//! MACs cost an attacker nothing (any DHCP packet or `boot.ipxe?mac=` request names
+//! one), so a flood of made-up MACs must not push real machines out. A machine is
+//! *established* once a file it asked for (a loader, config, kernel, initrd or
+//! squashfs, not a DHCP offer or a HEAD) was served whole; when the log is full, the
+//! least recently seen machine that is not established goes first. One client address
+//! establishes at most [`Caps::per_source`] machines; past that its MACs stay
+//! unestablished (still logged, evicted first) and
+//! `rackboot_boot_unestablished_total` counts them. One short mutex guards it all; nothing is allocated or formatted
 //! while it is held other than the map and ring entries themselves.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -173,6 +182,9 @@ pub struct Boots {
     pub machines: Vec<BootSummary>,
     pub max_machines: usize,
     pub max_events: usize,
+    /// Machines one client address may establish (protect from eviction).
+    #[serde(default)]
+    pub max_established_per_source: usize,
 }
 
 /// `GET /api/v1/boots/<MAC>`: one machine and its events, oldest first.
@@ -192,6 +204,8 @@ pub struct Caps {
     pub machines: usize,
     /// IPs waiting for their MAC, and IP→MAC entries (each).
     pub ips: usize,
+    /// Machines one client address may establish.
+    pub per_source: usize,
 }
 
 impl Default for Caps {
@@ -200,14 +214,19 @@ impl Default for Caps {
             events: 64,
             machines: 4096,
             ips: 4096,
+            per_source: 8,
         }
     }
 }
 
-/// A map that keeps at most `cap` entries, dropping the least recently touched.
+/// A map that keeps at most `cap` entries, dropping the least recently touched: first
+/// among those not marked kept ([`Lru::keep`]), then among the kept.
 struct Lru<K, V> {
-    map: HashMap<K, (V, u64)>,
+    /// Value, tick of its last touch, kept.
+    map: HashMap<K, (V, u64, bool)>,
+    /// Ticks of the entries not kept, and of the kept.
     order: BTreeMap<u64, K>,
+    kept: BTreeMap<u64, K>,
     cap: usize,
 }
 
@@ -216,44 +235,69 @@ impl<K: Hash + Eq + Clone, V> Lru<K, V> {
         Lru {
             map: HashMap::new(),
             order: BTreeMap::new(),
+            kept: BTreeMap::new(),
             cap: cap.max(1),
         }
     }
 
     /// The entry of `k`, made the most recent (`tick` is a fresh, larger number).
     fn touch(&mut self, k: &K, tick: u64) -> Option<&mut V> {
-        let (_, t) = self.map.get_mut(k)?;
-        self.order.remove(t);
+        let (_, t, kept) = self.map.get_mut(k)?;
+        let order = if *kept {
+            &mut self.kept
+        } else {
+            &mut self.order
+        };
+        order.remove(t);
+        order.insert(tick, k.clone());
         *t = tick;
-        self.order.insert(tick, k.clone());
-        self.map.get_mut(k).map(|(v, _)| v)
+        self.map.get_mut(k).map(|(v, _, _)| v)
     }
 
-    /// The entry of `k`, created with `make` if absent (evicting the oldest when full).
+    /// The entry of `k`, created with `make` if absent (evicting when full).
     fn entry(&mut self, k: K, tick: u64, make: impl FnOnce() -> V) -> &mut V {
         if self.map.contains_key(&k) {
             self.touch(&k, tick);
         } else {
             while self.map.len() >= self.cap {
-                let Some((_, old)) = self.order.pop_first() else {
+                let Some((_, old)) = self.order.pop_first().or_else(|| self.kept.pop_first())
+                else {
                     break;
                 };
                 self.map.remove(&old);
             }
             self.order.insert(tick, k.clone());
-            self.map.insert(k.clone(), (make(), tick));
+            self.map.insert(k.clone(), (make(), tick, false));
         }
         &mut self.map.get_mut(&k).expect("just inserted").0
     }
 
+    /// Marks `k` kept: it is evicted only when every entry is kept.
+    fn keep(&mut self, k: &K) {
+        if let Some((_, t, kept @ false)) = self.map.get_mut(k) {
+            *kept = true;
+            self.order.remove(t);
+            self.kept.insert(*t, k.clone());
+        }
+    }
+
+    fn is_kept(&self, k: &K) -> bool {
+        self.map.get(k).is_some_and(|(_, _, kept)| *kept)
+    }
+
     fn remove(&mut self, k: &K) -> Option<V> {
-        let (v, t) = self.map.remove(k)?;
-        self.order.remove(&t);
+        let (v, t, kept) = self.map.remove(k)?;
+        if kept {
+            &mut self.kept
+        } else {
+            &mut self.order
+        }
+        .remove(&t);
         Some(v)
     }
 
     fn get(&self, k: &K) -> Option<&V> {
-        self.map.get(k).map(|(v, _)| v)
+        self.map.get(k).map(|(v, _, _)| v)
     }
 
     fn len(&self) -> usize {
@@ -262,10 +306,11 @@ impl<K: Hash + Eq + Clone, V> Lru<K, V> {
 
     /// Entries, most recent first.
     fn recent(&self) -> impl Iterator<Item = (&K, &V)> {
-        self.order
-            .values()
-            .rev()
-            .filter_map(|k| self.map.get_key_value(k).map(|(k, (v, _))| (k, v)))
+        let mut ticks: Vec<(&u64, &K)> = self.order.iter().chain(self.kept.iter()).collect();
+        ticks.sort_unstable_by(|a, b| b.0.cmp(a.0));
+        ticks
+            .into_iter()
+            .filter_map(|(_, k)| self.map.get_key_value(k).map(|(k, (v, _, _))| (k, v)))
     }
 }
 
@@ -278,6 +323,10 @@ struct Machine {
     /// (sequence number, event), oldest first.
     events: VecDeque<(u64, Event)>,
     dropped: u64,
+    /// The client address that established it (see the module doc).
+    established_by: Option<IpAddr>,
+    /// Counted in [`Inner::unestablished`] already.
+    refused: bool,
 }
 
 impl Machine {
@@ -289,6 +338,8 @@ impl Machine {
             last_step: None,
             events: VecDeque::new(),
             dropped: 0,
+            established_by: None,
+            refused: false,
         }
     }
 
@@ -341,6 +392,9 @@ struct Inner {
     pending: Lru<IpAddr, Machine>,
     ip_mac: Lru<IpAddr, Mac>,
     tick: u64,
+    /// Machines not established because their client address had established
+    /// [`Caps::per_source`] others.
+    unestablished: u64,
 }
 
 /// The boot log of the daemon.
@@ -398,6 +452,7 @@ impl BootLog {
                 pending: Lru::new(caps.ips),
                 ip_mac: Lru::new(caps.ips),
                 tick: 0,
+                unestablished: 0,
             }),
             caps,
             events_total: Default::default(),
@@ -449,16 +504,16 @@ impl BootLog {
         self.count(Kind::DhcpOffer);
         let mut g = self.lock();
         if let Some(ip) = client_ip {
-            g.learn(ip, mac, self.caps.events);
+            g.learn(ip, mac, &self.caps);
         }
-        g.push_mac(mac, e, self.caps.events);
+        g.push_mac(mac, e, &self.caps);
     }
 
     /// `ip` is `mac`'s (seen in DHCP: ciaddr, option 50 of a REQUEST, yiaddr of an
     /// ACK): later requests from it go to `mac`, and those waiting under it move there.
     /// Adds no event.
     pub fn dhcp_client_ip(&self, mac: Mac, ip: IpAddr) {
-        self.lock().learn(ip.to_canonical(), mac, self.caps.events);
+        self.lock().learn(ip.to_canonical(), mac, &self.caps);
     }
 
     /// A TFTP or HTTP file request and how it ended.
@@ -509,9 +564,9 @@ impl BootLog {
         self.count(f.kind);
         let mut g = self.lock();
         if let Some((_, Some(mac))) = config {
-            g.learn(client, mac, self.caps.events);
+            g.learn(client, mac, &self.caps);
         }
-        g.push_ip(client, e, self.caps.events);
+        g.push_ip(client, e, &self.caps);
     }
 
     /// Every machine, most recently seen first.
@@ -529,6 +584,7 @@ impl BootLog {
             machines,
             max_machines: self.caps.machines,
             max_events: self.caps.events,
+            max_established_per_source: self.caps.per_source,
         }
     }
 
@@ -560,6 +616,12 @@ impl BootLog {
             .collect()
     }
 
+    /// Machines not established because their client address had established
+    /// [`Caps::per_source`] already.
+    pub fn unestablished(&self) -> u64 {
+        self.lock().unestablished
+    }
+
     /// (MACs, IPs waiting for their MAC, IP→MAC entries): for tests of the bounds.
     pub fn sizes(&self) -> (usize, usize, usize) {
         let g = self.lock();
@@ -575,12 +637,13 @@ impl Inner {
 
     /// `ip` is `mac`'s: later requests from it go to `mac`, and what waited under it
     /// joins `mac`'s events (in order).
-    fn learn(&mut self, ip: IpAddr, mac: Mac, cap: usize) {
+    fn learn(&mut self, ip: IpAddr, mac: Mac, caps: &Caps) {
         let t = self.next();
         *self.ip_mac.entry(ip, t, || mac) = mac;
         let Some(waiting) = self.pending.remove(&ip) else {
             return;
         };
+        let cap = caps.events;
         let t = self.next();
         let m = self
             .machines
@@ -591,29 +654,68 @@ impl Inner {
         m.dropped += waiting.dropped + extra as u64;
         m.first_ms = m.first_ms.min(waiting.first_ms);
         m.last_step = None;
+        let served = all.iter().any(|(_, e)| establishes(e));
         for (seq, e) in all.into_iter().skip(extra) {
             m.push(seq, e, cap);
         }
+        if served {
+            self.establish(mac, ip, caps);
+        }
     }
 
-    fn push_mac(&mut self, mac: Mac, e: Event, cap: usize) {
+    fn push_mac(&mut self, mac: Mac, e: Event, caps: &Caps) {
         let t = self.next();
         let at = e.at_ms;
+        let by = e.ip.filter(|_| establishes(&e));
         self.machines
             .entry(mac, t, || Machine::new(at))
-            .push(t, e, cap);
+            .push(t, e, caps.events);
+        if let Some(ip) = by {
+            self.establish(mac, ip, caps);
+        }
     }
 
-    fn push_ip(&mut self, ip: IpAddr, e: Event, cap: usize) {
+    fn push_ip(&mut self, ip: IpAddr, e: Event, caps: &Caps) {
         let t = self.next();
         if let Some(mac) = self.ip_mac.touch(&ip, t).copied() {
-            return self.push_mac(mac, e, cap);
+            return self.push_mac(mac, e, caps);
         }
         let at = e.at_ms;
         self.pending
             .entry(ip, t, || Machine::new(at))
-            .push(t, e, cap);
+            .push(t, e, caps.events);
     }
+
+    /// `mac` was served a file asked for from `ip`: it is established, unless `ip`
+    /// established [`Caps::per_source`] others already.
+    fn establish(&mut self, mac: Mac, ip: IpAddr, caps: &Caps) {
+        if self.machines.is_kept(&mac) {
+            return;
+        }
+        let by_ip = self
+            .machines
+            .map
+            .values()
+            .filter(|(m, _, kept)| *kept && m.established_by == Some(ip))
+            .count();
+        let Some((m, _, _)) = self.machines.map.get_mut(&mac) else {
+            return;
+        };
+        if by_ip >= caps.per_source {
+            if !m.refused {
+                m.refused = true;
+                self.unestablished += 1;
+            }
+            return;
+        }
+        m.established_by = Some(ip);
+        self.machines.keep(&mac);
+    }
+}
+
+/// Whether `e` establishes its machine: a file past the firmware step served whole.
+fn establishes(e: &Event) -> bool {
+    e.ok && e.kind != Kind::DhcpOffer && e.step.is_some_and(|s| s > Step::Firmware)
 }
 
 /// The loader and MAC of a boot config path (cleaned, no leading `/`), as
@@ -944,6 +1046,7 @@ mod tests {
             events: 8,
             machines: 16,
             ips: 16,
+            per_source: 2,
         };
         let log = BootLog::new(caps);
         for n in 0..100u32 {
@@ -968,5 +1071,84 @@ mod tests {
         assert_eq!(b.event_list.len(), 8);
         assert_eq!(b.summary.dropped, 43);
         assert_eq!(log.list().machines.len(), 32);
+    }
+
+    fn small() -> BootLog {
+        BootLog::new(Caps {
+            events: 8,
+            machines: 16,
+            ips: 64,
+            per_source: 2,
+        })
+    }
+
+    /// `mac` boots from `ip`: a config naming it and a kernel, both served.
+    fn boot(log: &BootLog, mac: Mac, ip: IpAddr, t: u64) {
+        let cfg = format!("pxelinux.cfg/01-{}", mac.dashed());
+        get(log, ip, &cfg, OK, t);
+        get(log, ip, "x/boot-kernel", OK, t + 1);
+    }
+
+    #[test]
+    fn a_dhcp_flood_of_made_up_macs_does_not_evict_machines_that_booted() {
+        let log = small();
+        boot(&log, mac(7), ip(7), 1);
+        // Offered but never served a file: evicted first.
+        log.dhcp_offer_at(mac(8), None, 7, "shimx64.efi", at(2));
+        for n in 0..1000 {
+            log.dhcp_offer_at(mac(100 + n), None, 7, "shimx64.efi", at(10 + n as u64));
+        }
+        assert_eq!(log.sizes().0, 16);
+        let m = log.machine(mac(7)).expect("the booted machine is kept");
+        assert_eq!(m.summary.last_step, Some(Step::Kernel));
+        assert!(log.machine(mac(8)).is_none());
+        assert!(log.machine(mac(1099)).is_some());
+        // Offers never establish, so none was refused.
+        assert_eq!(log.unestablished(), 0);
+    }
+
+    #[test]
+    fn one_client_address_establishes_at_most_per_source_machines() {
+        let log = small();
+        boot(&log, mac(500), ip(500), 1);
+        // One address claims 50 MACs, each config served whole.
+        for n in 0..50 {
+            boot(&log, mac(n), ip(1), 10 + 2 * n as u64);
+        }
+        assert_eq!(log.unestablished(), 48);
+        assert_eq!(log.sizes().0, 16);
+        // The other client's machine and the first two of that address stay; the
+        // rest evict each other, the newest kept.
+        for kept in [500, 0, 1, 49] {
+            assert!(log.machine(mac(kept)).is_some(), "{kept}");
+        }
+        assert!(log.machine(mac(2)).is_none());
+        // Past the cap, a full log evicts the least recent established machine.
+        for n in 0..20 {
+            boot(&log, mac(1000 + n), ip(1000 + n), 1000 + 2 * n as u64);
+        }
+        assert!(log.machine(mac(500)).is_none());
+        assert!(log.machine(mac(1019)).is_some());
+        assert_eq!(log.sizes().0, 16);
+    }
+
+    #[test]
+    fn files_served_before_the_mac_was_known_establish_it() {
+        let log = small();
+        get(&log, ip(3), "pxelinux.0", OK, 1);
+        log.dhcp_client_ip(mac(3), ip(3));
+        for n in 0..100 {
+            log.dhcp_offer_at(mac(100 + n), None, 0, "pxelinux.0", at(10 + n as u64));
+        }
+        let m = log.machine(mac(3)).expect("established through its IP");
+        assert_eq!(m.summary.last_step, Some(Step::Loader));
+        // A HEAD probe or a 404 establishes nothing.
+        get(&log, ip(4), "pxelinux.0", FileResult::Head(200), 200);
+        get(&log, ip(4), "pxelinux.0", FileResult::Status(404), 201);
+        log.dhcp_client_ip(mac(4), ip(4));
+        for n in 0..100 {
+            log.dhcp_offer_at(mac(300 + n), None, 0, "pxelinux.0", at(300 + n as u64));
+        }
+        assert!(log.machine(mac(4)).is_none());
     }
 }

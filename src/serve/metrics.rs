@@ -291,6 +291,12 @@ fn encode_boots(e: &mut DescriptorEncoder, b: &crate::serve::bootlog::BootLog) -
         "Boot log events recorded, by kind (dhcp_offer, tftp, http)",
         "kind",
         &kinds,
+    )?;
+    counter(
+        e,
+        "rackboot_boot_unestablished",
+        "Machines the boot log did not protect from eviction because their client address had established its cap of machines already",
+        b.unestablished(),
     )
 }
 

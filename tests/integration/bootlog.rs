@@ -325,3 +325,78 @@ fn a_tftp_boot_is_logged_with_bytes_and_a_tftp_error_last() {
     assert!(s.metric("rackboot_boot_events_total{kind=\"tftp\"}") >= 7.0);
     assert_eq!(env.state_tree(), before);
 }
+
+/// A client that names thousands of made-up MACs (each per-MAC config is served, so
+/// each would establish its machine) fills the log, but evicts only its own: the
+/// machine that booted from another address keeps its record, and the flooder keeps
+/// at most `max_established_per_source` of its MACs protected.
+#[test]
+fn made_up_macs_from_one_address_do_not_push_out_a_machine_that_booted() {
+    let (env, _mirror, s) = rack();
+    let mac = "52:54:00:00:00:31";
+    let from = "127.0.0.31";
+    assert_eq!(curl_from(from, &s.url("/bootx64.efi")).0, 200);
+    assert_eq!(
+        curl_from(from, &s.url(&format!("/grub/grub.cfg-{mac}"))).0,
+        200
+    );
+    assert_eq!(
+        curl_from(from, &s.url(&format!("/images/{IMAGE}/boot-kernel"))).0,
+        200
+    );
+    s.boots_with(mac, 3);
+    let caps = s.boots(None);
+    let max_machines = caps["max_machines"].as_u64().unwrap();
+    let per_source = caps["max_established_per_source"].as_u64().unwrap();
+    assert!(per_source >= 1 && per_source < max_machines, "{caps}");
+    let fake = |i: u64| {
+        let b = i.to_be_bytes();
+        format!("02:00:{:02x}:{:02x}:{:02x}:{:02x}", b[4], b[5], b[6], b[7])
+    };
+    let n = max_machines + 100;
+    let list = env.dir.path().join("flood");
+    let mut text = String::new();
+    for i in 0..n {
+        text.push_str(&format!(
+            "url = \"{}\"\noutput = \"/dev/null\"\n",
+            s.url(&format!("/grub/grub.cfg-{}", fake(i)))
+        ));
+    }
+    std::fs::write(&list, text).unwrap();
+    let out = run_client(
+        "curl",
+        &[
+            "-sS",
+            "--fail",
+            "--interface",
+            "127.0.0.32",
+            "--max-time",
+            "300",
+            "-K",
+            list.to_str().unwrap(),
+        ],
+        Duration::from_secs(310),
+    );
+    assert!(out.status.success(), "{out:?}");
+    wait_until(Duration::from_secs(30), "the last fake MAC", || {
+        s.get(&format!("/api/v1/boots/{}", fake(n - 1))).0 == 200
+    });
+    // The log is full, and the machine that booted is still in it, whole.
+    let all = s.boots(None);
+    assert_eq!(
+        all["machines"].as_array().unwrap().len() as u64,
+        max_machines
+    );
+    let log = s.boots(Some(mac));
+    assert_eq!(files(&log).len(), 3, "{log}");
+    assert_eq!(log["last_step"], "kernel");
+    // The flooder's first MACs were established and kept; the rest were not.
+    for i in 0..per_source {
+        assert_eq!(s.get(&format!("/api/v1/boots/{}", fake(i))).0, 200, "{i}");
+    }
+    assert_eq!(s.get(&format!("/api/v1/boots/{}", fake(per_source))).0, 404);
+    assert_eq!(
+        s.metric("rackboot_boot_unestablished_total"),
+        (n - per_source) as f64
+    );
+}
