@@ -134,9 +134,7 @@ fn per_mac_configs_defaults_and_local_boot() {
         .contains("chainloader"));
     // (curl refuses an OACK with tsize 0, so the empty file is fetched with atftp,
     // asking for tsize as GRUB does; atftp exits non-zero on a TFTP error.)
-    let dir = tempfile::tempdir().unwrap();
-    let lst = dir.path().join("command.lst");
-    let res = run_client(
+    let (res, lst) = run_client_to_file(
         "atftp",
         &[
             "--option",
@@ -145,14 +143,14 @@ fn per_mac_configs_defaults_and_local_boot() {
             "-r",
             "/grub/x86_64-efi/command.lst",
             "-l",
-            lst.to_str().unwrap(),
+            OUT,
             "127.0.0.1",
             &s.tftp.port().to_string(),
         ],
         Duration::from_secs(20),
     );
     assert!(res.status.success(), "{res:?}");
-    assert_eq!(std::fs::read(&lst).unwrap(), b"");
+    assert_eq!(lst.as_deref(), Some(&b""[..]));
     // Over HTTP (UEFI HTTP boot): HTTP paths.
     let (code, body) = s.get("/grub/grub.cfg-52:54:00:00:00:01");
     assert_eq!(code, 200);

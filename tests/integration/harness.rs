@@ -440,20 +440,23 @@ impl Drop for Served {
 
 /// Runs curl (with a time limit) and returns (HTTP status, body).
 pub fn curl(args: &[&str]) -> (u16, Vec<u8>) {
-    let dir = tempfile::tempdir().unwrap();
-    let body = dir.path().join("body");
-    let out = Command::new("curl")
-        .args(["-s", "--max-time", "60", "-o"])
-        .arg(&body)
-        .args(["-w", "%{http_code}"])
-        .args(args)
-        .output()
-        .expect("curl is installed");
+    curl_via(&[], 60, args)
+}
+
+/// curl started through `launcher` (nothing, or `ip netns exec NAME`), given
+/// `max_time` seconds: (HTTP status, body).
+fn curl_via(launcher: &[&str], max_time: u64, args: &[&str]) -> (u16, Vec<u8>) {
+    let max = max_time.to_string();
+    let mut all = launcher.to_vec();
+    all.extend(["curl", "-s", "--max-time", &max, "-o", OUT, "-w", "%{http_code}"]);
+    all.extend_from_slice(args);
+    let (out, body) =
+        run_client_to_file(all[0], &all[1..], Duration::from_secs(max_time + 10));
     let code = String::from_utf8_lossy(&out.stdout)
         .trim()
         .parse()
         .unwrap_or(0);
-    (code, std::fs::read(&body).unwrap_or_default())
+    (code, body.unwrap_or_default())
 }
 
 /// A curl download held to `--limit-rate`, so that it spans what a test does next
@@ -524,6 +527,27 @@ pub fn run_client(program: &str, args: &[&str], limit: Duration) -> Output {
         .spawn()
         .unwrap_or_else(|e| panic!("{program} must be installed: {e}"));
     wait_output(child, limit)
+}
+
+/// The argument of [`run_client_to_file`] that stands for the file the client writes.
+pub const OUT: &str = "{OUT}";
+
+/// [`run_client`] with [`OUT`] in `args` replaced by a fresh temporary file: the
+/// output, and what the client wrote there (`None` when it wrote no file).
+pub fn run_client_to_file(
+    program: &str,
+    args: &[&str],
+    limit: Duration,
+) -> (Output, Option<Vec<u8>>) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("out");
+    let path = file.to_str().unwrap();
+    let args: Vec<&str> = args
+        .iter()
+        .map(|&a| if a == OUT { path } else { a })
+        .collect();
+    let out = run_client(program, &args, limit);
+    (out, std::fs::read(&file).ok())
 }
 
 // ---------------------------------------------------------------------------
@@ -757,16 +781,20 @@ pub fn tftp_get_at(authority: &str, path: &str) -> Option<String> {
 /// Downloads `url` with curl (`extra` options before it, such as `--tftp-blksize`);
 /// the bytes, or curl's complaint.
 pub fn curl_download(url: &str, extra: &[&str]) -> Result<Vec<u8>, String> {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("f");
-    let mut args = vec!["-sS", "--max-time", "60"];
+    curl_download_within(url, extra, 60)
+}
+
+/// [`curl_download`] given `max_time` seconds.
+pub fn curl_download_within(url: &str, extra: &[&str], max_time: u64) -> Result<Vec<u8>, String> {
+    let max = max_time.to_string();
+    let mut args = vec!["-sS", "--max-time", &max];
     args.extend_from_slice(extra);
-    args.extend_from_slice(&["-o", out.to_str().unwrap(), url]);
-    let res = run_client("curl", &args, Duration::from_secs(70));
+    args.extend_from_slice(&["-o", OUT, url]);
+    let (res, data) = run_client_to_file("curl", &args, Duration::from_secs(max_time + 10));
     if !res.status.success() {
         return Err(String::from_utf8_lossy(&res.stderr).into_owned());
     }
-    Ok(std::fs::read(&out).unwrap_or_default())
+    Ok(data.unwrap_or_default())
 }
 
 /// [`curl_download`] that must succeed; `what` names the download in the failure.
@@ -1067,31 +1095,7 @@ impl Netns {
 
     /// GET `url` with curl from inside; (status, body).
     pub fn curl(&self, url: &str) -> (u16, Vec<u8>) {
-        let dir = tempfile::tempdir().unwrap();
-        let body = dir.path().join("body");
-        let out = run_client(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &self.name,
-                "curl",
-                "-s",
-                "--max-time",
-                "20",
-                "-o",
-                body.to_str().unwrap(),
-                "-w",
-                "%{http_code}",
-                url,
-            ],
-            Duration::from_secs(30),
-        );
-        let code = String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .unwrap_or(0);
-        (code, std::fs::read(&body).unwrap_or_default())
+        curl_via(&["ip", "netns", "exec", &self.name], 20, &[url])
     }
 }
 

@@ -125,9 +125,6 @@ fn ipv6_with_real_clients() {
     let s = &r.served;
     assert_eq!(s.tftp.ip(), "::1".parse::<IpAddr>().unwrap());
     let want = kernel_sha();
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("k");
-    let o = out.to_str().unwrap();
     let url = format!("tftp://[::1]:{}{KERNEL}", s.tftp.port());
     for bs in ["512", "1468"] {
         let got = curl_fetch(
@@ -138,15 +135,15 @@ fn ipv6_with_real_clients() {
         assert_eq!(sha256_hex(&got), want, "curl over ::1, blksize {bs}");
     }
     // tftp-hpa exits 0 even on a TFTP error: the contents are what counts.
-    let _ = std::fs::remove_file(&out);
     let port = s.tftp.port().to_string();
-    let res = run_client(
+    let (res, got) = run_client_to_file(
         "tftp",
-        &["-6", "::1", &port, "-m", "binary", "-c", "get", KERNEL, o],
+        &["-6", "::1", &port, "-m", "binary", "-c", "get", KERNEL, OUT],
         Duration::from_secs(70),
     );
     assert_success(&res, "tftp-hpa over IPv6");
-    assert_eq!(file_sha256(&out), want, "tftp-hpa over ::1");
+    let got = got.expect("tftp-hpa wrote the file");
+    assert_eq!(sha256_hex(&got), want, "tftp-hpa over ::1");
     // Windowed, from a raw socket: every packet comes from ::1, one transfer port.
     let sock = client("[::1]:0", Duration::from_secs(5));
     let (first, peer) = first_reply(
@@ -482,25 +479,14 @@ fn tftp_100_mib_with_blksize_512_rolls_over() {
         .data
         .clone();
     assert!(want.len() > 65535 * 512);
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("sq");
-    let res = run_client(
-        "curl",
-        &[
-            "-s",
-            "--max-time",
-            "300",
-            "--tftp-blksize",
-            "512",
-            "-o",
-            out.to_str().unwrap(),
-            &format!(
-                "tftp://{}/ubuntu/amd64/generic/noble/stable/squashfs",
-                s.tftp
-            ),
-        ],
-        Duration::from_secs(320),
-    );
-    assert_success(&res, "curl");
-    assert_eq!(file_sha256(&out), sha256_hex(&want));
+    let got = curl_download_within(
+        &format!(
+            "tftp://{}/ubuntu/amd64/generic/noble/stable/squashfs",
+            s.tftp
+        ),
+        &["--tftp-blksize", "512"],
+        300,
+    )
+    .unwrap_or_else(|e| panic!("curl: {e}"));
+    assert_eq!(sha256_hex(&got), sha256_hex(&want));
 }
