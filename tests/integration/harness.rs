@@ -448,10 +448,18 @@ pub fn curl(args: &[&str]) -> (u16, Vec<u8>) {
 fn curl_via(launcher: &[&str], max_time: u64, args: &[&str]) -> (u16, Vec<u8>) {
     let max = max_time.to_string();
     let mut all = launcher.to_vec();
-    all.extend(["curl", "-s", "--max-time", &max, "-o", OUT, "-w", "%{http_code}"]);
+    all.extend([
+        "curl",
+        "-s",
+        "--max-time",
+        &max,
+        "-o",
+        OUT,
+        "-w",
+        "%{http_code}",
+    ]);
     all.extend_from_slice(args);
-    let (out, body) =
-        run_client_to_file(all[0], &all[1..], Duration::from_secs(max_time + 10));
+    let (out, body) = run_client_to_file(all[0], &all[1..], Duration::from_secs(max_time + 10));
     let code = String::from_utf8_lossy(&out.stdout)
         .trim()
         .parse()

@@ -48,11 +48,7 @@ fn serve_starts_empty_syncs_and_serves_over_tftp_and_http() {
         );
         assert_success(&res, &format!("atftp windowsize {ws}"));
         let got = got.unwrap_or_else(|| panic!("atftp windowsize {ws} wrote no file"));
-        assert_eq!(
-            sha256_hex(&got),
-            sha256_hex(&want),
-            "atftp windowsize {ws}"
-        );
+        assert_eq!(sha256_hex(&got), sha256_hex(&want), "atftp windowsize {ws}");
     }
     let (res, got) = run_client_to_file(
         "tftp",

@@ -8,7 +8,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use sequoia_openpgp as openpgp;
 
@@ -60,6 +60,11 @@ impl TestKey {
 
     /// Clearsigns `text` with the given data hash.
     pub fn clearsign(&self, text: &[u8], hash: HashAlgorithm) -> Vec<u8> {
+        self.clearsign_at(text, hash, SystemTime::now())
+    }
+
+    /// [`TestKey::clearsign`], the signature dated `at`.
+    pub fn clearsign_at(&self, text: &[u8], hash: HashAlgorithm, at: SystemTime) -> Vec<u8> {
         let keypair = self
             .cert
             .primary_key()
@@ -77,6 +82,7 @@ impl TestKey {
                 .cleartext()
                 .hash_algo(hash)
                 .expect("hash algo")
+                .creation_time(at)
                 .build()
                 .expect("build signer");
             signer.write_all(text).unwrap();
