@@ -47,31 +47,40 @@ impl Env {
     /// Writes a config with one source and the given selection arches; `extra` is
     /// appended verbatim (other tables).
     pub fn write_config(&self, url: &str, arches: &[&str], extra: &str) {
+        let head = format!(
+            "state_dir = \"{}\"\n\n[sync]\ntimeout = \"5s\"\n{extra}\n",
+            self.state.display()
+        );
+        std::fs::write(&self.config, head).unwrap();
+        self.add_source(url, "noble", arches);
+    }
+
+    /// Appends a `[[sources]]` table to the config: `url`, checked with the keyring,
+    /// and one selection of Ubuntu `release` for `arches`.
+    pub fn add_source(&self, url: &str, release: &str, arches: &[&str]) {
         let arches = arches
             .iter()
             .map(|a| format!("\"{a}\""))
             .collect::<Vec<_>>()
             .join(", ");
-        let text = format!(
-            r#"state_dir = "{state}"
-
-[sync]
-timeout = "5s"
-{extra}
-
+        let table = format!(
+            r#"
 [[sources]]
 url = "{url}"
 keyring_filename = "{keyring}"
 
 [[sources.selections]]
 os = "ubuntu"
-release = "noble"
+release = "{release}"
 arches = [{arches}]
 "#,
-            state = self.state.display(),
             keyring = self.keyring.display(),
         );
-        std::fs::write(&self.config, text).unwrap();
+        let mut config = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.config)
+            .unwrap();
+        std::io::Write::write_all(&mut config, table.as_bytes()).unwrap();
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
