@@ -152,9 +152,7 @@ fn per_mac_configs_defaults_and_local_boot() {
     assert!(res.status.success(), "{res:?}");
     assert_eq!(lst.as_deref(), Some(&b""[..]));
     // Over HTTP (UEFI HTTP boot): HTTP paths.
-    let (code, body) = s.get("/grub/grub.cfg-52:54:00:00:00:01");
-    assert_eq!(code, 200);
-    let g = String::from_utf8(body).unwrap();
+    let g = s.get_text("/grub/grub.cfg-52:54:00:00:00:01");
     assert!(
         g.contains(&format!(
             "\n    linux '(http,127.0.0.1:{})/images/ubuntu/amd64/generic/noble/stable/boot-kernel'",
@@ -165,9 +163,7 @@ fn per_mac_configs_defaults_and_local_boot() {
     assert!(!g.contains("insmod"), "{g}");
 
     // iPXE.
-    let (code, body) = s.get("/boot.ipxe?mac=52:54:00:00:00:01");
-    assert_eq!(code, 200);
-    let i = String::from_utf8(body).unwrap();
+    let i = s.get_text("/boot.ipxe?mac=52:54:00:00:00:01");
     assert!(i.starts_with("#!ipxe\nkernel http://"), "{i}");
     assert!(
         i.contains("rackboot.test=one") && i.contains("initrd http://") && i.ends_with("boot\n"),
@@ -182,25 +178,19 @@ fn per_mac_configs_defaults_and_local_boot() {
         "{chain}"
     );
     // The chain passes iPXE's build architecture.
-    let (code, body) = s.get("/ipxe.cfg-52:54:00:00:00:01?arch=arm64");
-    assert_eq!(code, 200);
-    let i = String::from_utf8(body).unwrap();
+    let i = s.get_text("/ipxe.cfg-52:54:00:00:00:01?arch=arm64");
     assert!(
         i.contains("/images/ubuntu/arm64/generic/noble/stable/boot-kernel "),
         "{i}"
     );
     // iPXE percent-encodes the `:` of `${mac}` in URLs.
-    let (code, body) = s.get("/ipxe.cfg-52%3A54%3A00%3A00%3A00%3A01?arch=i386");
-    assert_eq!(code, 200);
-    let i = String::from_utf8(body).unwrap();
+    let i = s.get_text("/ipxe.cfg-52%3A54%3A00%3A00%3A00%3A01?arch=i386");
     assert!(
         i.contains("/images/ubuntu/amd64/generic/noble/stable/boot-kernel ")
             && i.contains("rackboot.test=one"),
         "{i}"
     );
-    let (code, body) = s.get("/ipxe.cfg-default-x86_64");
-    assert_eq!(code, 200);
-    let i = String::from_utf8(body).unwrap();
+    let i = s.get_text("/ipxe.cfg-default-x86_64");
     assert!(
         i.contains("/images/ubuntu/amd64/generic/noble/stable/boot-kernel ")
             && !i.contains("rackboot.test"),
@@ -261,18 +251,14 @@ fn ipv6_and_host_without_port_name_the_right_address() {
     );
     assert!(cfg.contains(" ip=off ip6=dhcp "), "{cfg}");
     // Over HTTP on ::1 the Host header decides.
-    let (code, body) = curl(&[&format!("http://{http6}/ipxe.cfg-default-amd64")]);
-    assert_eq!(code, 200);
-    let i = String::from_utf8(body).unwrap();
+    let i = curl_text(&[&format!("http://{http6}/ipxe.cfg-default-amd64")]);
     assert!(i.contains(&format!("kernel http://{http6}/images/")), "{i}");
     // GRUB sends Host without a port: the listener's port is used.
-    let (code, body) = curl(&[
+    let g = curl_text(&[
         "-H",
         "Host: 10.9.8.7",
         &s.url("/grub/grub.cfg-default-amd64"),
     ]);
-    assert_eq!(code, 200);
-    let g = String::from_utf8(body).unwrap();
     assert!(
         g.contains(&format!(
             "linux '(http,10.9.8.7:{})/images/ubuntu/amd64/",

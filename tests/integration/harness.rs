@@ -362,6 +362,13 @@ impl Served {
         curl(&[&self.url(path)])
     }
 
+    /// GET `path`, which must answer 200 with UTF-8: the text.
+    pub fn get_text(&self, path: &str) -> String {
+        let (code, body) = self.get(path);
+        assert_eq!(code, 200, "GET {path}");
+        String::from_utf8(body).unwrap()
+    }
+
     /// Each path, sent as it is (no client-side cleaning), gets a 400 or 404 and no
     /// line of `/etc/passwd`.
     pub fn assert_traversals_refused(&self, paths: &[&str]) {
@@ -450,6 +457,13 @@ impl Drop for Served {
 /// Runs curl (with a time limit) and returns (HTTP status, body).
 pub fn curl(args: &[&str]) -> (u16, Vec<u8>) {
     curl_via(&[], 60, args)
+}
+
+/// [`curl`] that must answer 200 with UTF-8: the text.
+pub fn curl_text(args: &[&str]) -> String {
+    let (code, body) = curl(args);
+    assert_eq!(code, 200, "curl {args:?}");
+    String::from_utf8(body).unwrap()
 }
 
 /// curl started through `launcher` (nothing, or `ip netns exec NAME`), given
@@ -738,9 +752,7 @@ pub fn metric(text: &str, sample: &str) -> f64 {
 impl Served {
     /// The `/metrics` text.
     pub fn metrics(&self) -> String {
-        let (code, body) = self.get("/metrics");
-        assert_eq!(code, 200);
-        String::from_utf8(body).unwrap()
+        self.get_text("/metrics")
     }
 
     /// One sample of `/metrics` (see [`metric`]).

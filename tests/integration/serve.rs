@@ -68,9 +68,7 @@ fn serve_starts_empty_syncs_and_serves_over_tftp_and_http() {
     assert_eq!(got.as_deref(), Some(&b"lpxelinux-bios-http"[..]));
 
     // The metrics saw it all.
-    let (code, body) = s.get("/metrics");
-    assert_eq!(code, 200);
-    let m = String::from_utf8(body).unwrap();
+    let m = s.metrics();
     assert!(m.contains("rackboot_snapshot_generation 1"), "{m}");
     assert!(m.contains("rackboot_tftp_transfers_ok_total 8"), "{m}");
     assert!(
