@@ -234,12 +234,11 @@ pub fn image(release: &str, arch: &str, version: &str, size: usize) -> ProductSp
 
 /// The bootloader products for amd64 (pxelinux, shim+grub) and arm64 (grub).
 pub fn bootloaders(version: &str) -> Vec<ProductSpec> {
-    let mk = |name: &str,
-              os: &str,
-              btype: &str,
-              arch: &str,
-              arches: &str,
-              items: Vec<(&str, Vec<u8>)>| {
+    // `name` is MAAS's `os:bootloader-type:arch`.
+    let mk = |name: &str, arches: &str, items: Vec<(&str, Vec<u8>)>| {
+        let [os, btype, arch] = name.split(':').collect::<Vec<_>>()[..] else {
+            panic!("{name} is not os:type:arch")
+        };
         let path = |item: &str| format!("bootloaders/{btype}/{arch}/{version}/{item}.tar.xz");
         ProductSpec::new(
             "com.ubuntu.maas:stable:1:bootloader-download",
@@ -261,9 +260,6 @@ pub fn bootloaders(version: &str) -> Vec<ProductSpec> {
     vec![
         mk(
             "pxelinux:pxe:i386",
-            "pxelinux",
-            "pxe",
-            "i386",
             "i386,amd64",
             vec![(
                 "pxelinux",
@@ -277,9 +273,6 @@ pub fn bootloaders(version: &str) -> Vec<ProductSpec> {
         ),
         mk(
             "grub-efi-signed:uefi:amd64",
-            "grub-efi-signed",
-            "uefi",
-            "amd64",
             "amd64",
             vec![
                 (
@@ -297,9 +290,6 @@ pub fn bootloaders(version: &str) -> Vec<ProductSpec> {
         ),
         mk(
             "grub-efi:uefi:arm64",
-            "grub-efi",
-            "uefi",
-            "arm64",
             "arm64",
             vec![(
                 "grub2-signed",
