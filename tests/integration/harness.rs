@@ -259,6 +259,8 @@ pub struct Served {
 
 use std::net::{SocketAddr, UdpSocket};
 
+use rackboot::tftp::packet::{self, Packet};
+
 impl Env {
     /// Starts `rackboot serve` (the config must listen on port 0) and waits for its
     /// listening lines.
@@ -974,6 +976,94 @@ pub fn client(local: &str, timeout: Duration) -> UdpSocket {
     let s = UdpSocket::bind(local).unwrap();
     s.set_read_timeout(Some(timeout)).unwrap();
     s
+}
+
+/// The next datagram on `sock` and where it came from; fails naming `what` when
+/// none comes within the socket's timeout.
+pub fn recv(sock: &UdpSocket, what: &str) -> (Vec<u8>, SocketAddr) {
+    let mut buf = [0u8; 70000];
+    let (n, from) = sock
+        .recv_from(&mut buf)
+        .unwrap_or_else(|e| panic!("no {what}: {e}"));
+    (buf[..n].to_vec(), from)
+}
+
+/// Sends an RRQ for `name` to `server` and returns the first reply and where it came
+/// from.
+pub fn first_reply(
+    sock: &UdpSocket,
+    server: SocketAddr,
+    name: &str,
+    opts: &[(&str, &str)],
+) -> (Vec<u8>, SocketAddr) {
+    sock.send_to(&packet::rrq(name, "octet", opts), server)
+        .unwrap();
+    recv(sock, &format!("reply from {server}"))
+}
+
+/// Finishes a download the server has answered (OACK or DATA 1 in `first`, from the
+/// transfer port `peer`) as an RFC 7440 client; `poke` runs once, after the first
+/// window. Returns the file; fails on a packet from any other port.
+pub fn finish_download(
+    sock: &UdpSocket,
+    first: Vec<u8>,
+    peer: SocketAddr,
+    mut poke: impl FnMut(),
+) -> Vec<u8> {
+    let (mut bs, mut ws) = (512usize, 1u64);
+    let mut out = Vec::new();
+    let (mut expect, mut in_window) = (1u64, 0u64);
+    let mut pending = Some(first);
+    let mut poked = false;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let pkt = match pending.take() {
+            Some(p) => p,
+            None => {
+                let (pkt, from) = recv(sock, "packet within the timeout");
+                assert_eq!(from, peer, "a packet from a second transfer port");
+                pkt
+            }
+        };
+        match packet::parse(&pkt).expect("a TFTP packet") {
+            Packet::Oack { options } => {
+                assert!(expect == 1, "an OACK in the middle of the transfer");
+                for (k, v) in options {
+                    match k.as_str() {
+                        "blksize" => bs = v.parse().unwrap(),
+                        "windowsize" => ws = v.parse().unwrap(),
+                        _ => {}
+                    }
+                }
+                sock.send_to(&packet::ack(0), peer).unwrap();
+            }
+            Packet::Data { block, data } => {
+                if block == (expect % 65536) as u16 {
+                    out.extend_from_slice(data);
+                    in_window += 1;
+                    if data.len() < bs {
+                        sock.send_to(&packet::ack(block), peer).unwrap();
+                        return out;
+                    }
+                    expect += 1;
+                    if in_window == ws {
+                        in_window = 0;
+                        if !poked {
+                            poked = true;
+                            poke();
+                        }
+                        sock.send_to(&packet::ack(block), peer).unwrap();
+                    }
+                } else if block != ((expect - 1) % 65536) as u16 {
+                    in_window = 0;
+                    sock.send_to(&packet::ack(((expect - 1) % 65536) as u16), peer)
+                        .unwrap();
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    panic!("download did not finish within 60 s");
 }
 
 impl Env {

@@ -4,7 +4,7 @@
 //! 100 MiB file whose block number rolls over.
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rackboot::tftp::packet::{self, Packet};
 
@@ -32,91 +32,6 @@ fn tftp_addrs(s: &Served, n: usize) -> Vec<SocketAddr> {
         addrs.len() >= n
     });
     addrs
-}
-
-/// Sends an RRQ for `name` to `server` and returns the first reply and where it came
-/// from.
-fn first_reply(
-    sock: &UdpSocket,
-    server: SocketAddr,
-    name: &str,
-    opts: &[(&str, &str)],
-) -> (Vec<u8>, SocketAddr) {
-    sock.send_to(&packet::rrq(name, "octet", opts), server)
-        .unwrap();
-    let mut buf = [0u8; 2048];
-    let (n, from) = sock
-        .recv_from(&mut buf)
-        .unwrap_or_else(|e| panic!("no reply from {server}: {e}"));
-    (buf[..n].to_vec(), from)
-}
-
-/// Finishes a download the server has answered (OACK or DATA 1 in `first`, from the
-/// transfer port `peer`) as an RFC 7440 client; `poke` runs once, after the first
-/// window. Returns the file; fails on a packet from any other port.
-fn finish_download(
-    sock: &UdpSocket,
-    first: Vec<u8>,
-    peer: SocketAddr,
-    mut poke: impl FnMut(),
-) -> Vec<u8> {
-    let (mut bs, mut ws) = (512usize, 1u64);
-    let mut out = Vec::new();
-    let (mut expect, mut in_window) = (1u64, 0u64);
-    let mut pending = Some(first);
-    let mut buf = [0u8; 70000];
-    let mut poked = false;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        let pkt = match pending.take() {
-            Some(p) => p,
-            None => {
-                let (n, from) = sock
-                    .recv_from(&mut buf)
-                    .expect("a packet within the timeout");
-                assert_eq!(from, peer, "a packet from a second transfer port");
-                buf[..n].to_vec()
-            }
-        };
-        match packet::parse(&pkt).expect("a TFTP packet") {
-            Packet::Oack { options } => {
-                assert!(expect == 1, "an OACK in the middle of the transfer");
-                for (k, v) in options {
-                    match k.as_str() {
-                        "blksize" => bs = v.parse().unwrap(),
-                        "windowsize" => ws = v.parse().unwrap(),
-                        _ => {}
-                    }
-                }
-                sock.send_to(&packet::ack(0), peer).unwrap();
-            }
-            Packet::Data { block, data } => {
-                if block == (expect % 65536) as u16 {
-                    out.extend_from_slice(data);
-                    in_window += 1;
-                    if data.len() < bs {
-                        sock.send_to(&packet::ack(block), peer).unwrap();
-                        return out;
-                    }
-                    expect += 1;
-                    if in_window == ws {
-                        in_window = 0;
-                        if !poked {
-                            poked = true;
-                            poke();
-                        }
-                        sock.send_to(&packet::ack(block), peer).unwrap();
-                    }
-                } else if block != ((expect - 1) % 65536) as u16 {
-                    in_window = 0;
-                    sock.send_to(&packet::ack(((expect - 1) % 65536) as u16), peer)
-                        .unwrap();
-                }
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    panic!("download did not finish within 60 s");
 }
 
 #[test]
