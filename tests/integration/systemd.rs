@@ -1,6 +1,7 @@
 //! Running under systemd: `sd_notify` READY/STATUS/WATCHDOG/STOPPING messages and
 //! socket activation (plain and TLS sockets passed as `$LISTEN_FDS`).
 
+use std::net::SocketAddr;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -162,6 +163,26 @@ fn spawn_activated(
     cmd.spawn().unwrap()
 }
 
+/// [`spawn_activated`] as a rack to talk to at `http` and `tftp` (the addresses of
+/// the passed sockets), its log `log_name` in the rack's directory.
+fn serve_activated(
+    env: &Env,
+    fds: &[std::os::fd::RawFd],
+    names: Option<&str>,
+    notify: Option<&Path>,
+    log_name: &str,
+    (http, tftp): (SocketAddr, SocketAddr),
+) -> Served {
+    let log = env.dir.path().join(log_name);
+    let child = spawn_activated(env, fds, names, notify, &log);
+    Served {
+        child: Some(child),
+        log,
+        tftp,
+        http,
+    }
+}
+
 #[test]
 fn socket_activation_serves_on_the_passed_sockets() {
     use std::os::fd::AsRawFd;
@@ -172,20 +193,14 @@ fn socket_activation_serves_on_the_passed_sockets() {
     let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let tftp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let (http_addr, tftp_addr) = (http.local_addr().unwrap(), tftp.local_addr().unwrap());
-    let log = r.env.dir.path().join("activated.log");
-    let child = spawn_activated(
+    let s = serve_activated(
         &r.env,
         &[http.as_raw_fd(), tftp.as_raw_fd()],
         None,
         Some(&n.path),
-        &log,
+        "activated.log",
+        (http_addr, tftp_addr),
     );
-    let s = Served {
-        child: Some(child),
-        log,
-        tftp: tftp_addr,
-        http: http_addr,
-    };
     // Only the daemon holds the sockets now: if it ignored them, nothing would answer.
     drop(http);
     drop(tftp);
@@ -233,20 +248,14 @@ fn socket_activation_serves_tls_on_a_socket_named_https() {
     let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let https = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let (http_addr, https_addr) = (http.local_addr().unwrap(), https.local_addr().unwrap());
-    let log = r.env.dir.path().join("activated-tls.log");
-    let child = spawn_activated(
+    let s = serve_activated(
         &r.env,
         &[http.as_raw_fd(), https.as_raw_fd()],
         Some("http:https"),
         None,
-        &log,
+        "activated-tls.log",
+        (http_addr, "127.0.0.1:9".parse().unwrap()),
     );
-    let s = Served {
-        child: Some(child),
-        log,
-        tftp: "127.0.0.1:9".parse().unwrap(),
-        http: http_addr,
-    };
     drop((http, https));
     s.wait_generation(1, Duration::from_secs(60));
     let want = kernel_of("20261101", 64 << 10);
