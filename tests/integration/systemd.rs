@@ -108,15 +108,18 @@ fn systemd_notify_ready_status_after_every_sync_watchdog_and_stopping() {
 
 /// `rackboot serve` started the way systemd starts it with socket activation: `fds`
 /// become descriptors 3, 4, … with `$LISTEN_FDS` (and `$LISTEN_FDNAMES` when `names`
-/// is given); stderr goes to `log`.
-fn spawn_activated(
+/// is given); stderr goes to `log_name` in the rack's directory. The rack is talked
+/// to at `http` and `tftp` (the addresses of the passed sockets).
+fn serve_activated(
     env: &Env,
     fds: &[std::os::fd::RawFd],
     names: Option<&str>,
     notify: Option<&Path>,
-    log: &Path,
-) -> std::process::Child {
+    log_name: &str,
+    (http, tftp): (SocketAddr, SocketAddr),
+) -> Served {
     use std::os::unix::process::CommandExt;
+    let log = env.dir.path().join(log_name);
     let names = names
         .map(|n| format!(" LISTEN_FDNAMES={n}"))
         .unwrap_or_default();
@@ -132,7 +135,7 @@ fn spawn_activated(
         .env_remove("RACKBOOT_CONFIG")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap());
+        .stderr(std::fs::File::create(&log).unwrap());
     if let Some(n) = notify {
         cmd.env("NOTIFY_SOCKET", n);
     }
@@ -160,23 +163,8 @@ fn spawn_activated(
             Ok(())
         });
     }
-    cmd.spawn().unwrap()
-}
-
-/// [`spawn_activated`] as a rack to talk to at `http` and `tftp` (the addresses of
-/// the passed sockets), its log `log_name` in the rack's directory.
-fn serve_activated(
-    env: &Env,
-    fds: &[std::os::fd::RawFd],
-    names: Option<&str>,
-    notify: Option<&Path>,
-    log_name: &str,
-    (http, tftp): (SocketAddr, SocketAddr),
-) -> Served {
-    let log = env.dir.path().join(log_name);
-    let child = spawn_activated(env, fds, names, notify, &log);
     Served {
-        child: Some(child),
+        child: Some(cmd.spawn().unwrap()),
         log,
         tftp,
         http,
@@ -277,11 +265,17 @@ fn socket_activation_serves_tls_on_a_socket_named_https() {
     // A socket named https without a certificate configured is a clear error.
     let plain = rack(64 << 10, "auto = false", "");
     let lone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let log = plain.env.dir.path().join("activated-no-tls.log");
-    let child = spawn_activated(&plain.env, &[lone.as_raw_fd()], Some("https"), None, &log);
-    let status = wait_output(child, Duration::from_secs(30)).status;
+    let mut refused = serve_activated(
+        &plain.env,
+        &[lone.as_raw_fd()],
+        Some("https"),
+        None,
+        "activated-no-tls.log",
+        (lone.local_addr().unwrap(), "127.0.0.1:9".parse().unwrap()),
+    );
+    let status = refused.wait_exit(Duration::from_secs(30));
     assert_eq!(status.code(), Some(1));
-    let err = std::fs::read_to_string(&log).unwrap();
+    let err = refused.log_text();
     assert!(
         err.contains(
             "systemd passed a socket named https, but http.tls_cert and http.tls_key are not set"
