@@ -239,7 +239,7 @@ pub fn sha256_reader(mut r: impl Read) -> std::io::Result<String> {
 /// Runs the binary (under its runner) with `args`, bounded by `limit`; returns
 /// (exit code, stdout, stderr).
 fn run_bin(t: &Target, bin: &Path, args: &[&str], limit: Duration) -> Result<(i32, String)> {
-    let bin = prereq::utf8(&bin)?;
+    let bin = prereq::utf8(bin)?;
     let (program, mut full) = match t.runner {
         Some(r) => (r, vec![bin]),
         None => (bin, vec![]),
@@ -280,7 +280,7 @@ struct Checked {
 /// The static checks: `file`, size, `--version`, `--help`, exit 2 on a bad config.
 fn check(t: &Target, bin: &Path, version: &str) -> Result<Checked> {
     let size = std::fs::metadata(bin)?.len();
-    let file = output("file", &["-b", prereq::utf8(&bin)?])?
+    let file = output("file", &["-b", prereq::utf8(bin)?])?
         .trim()
         .to_string();
     let name = bin.display();
@@ -345,7 +345,7 @@ struct Smoke {
 
 /// Downloads `url` to `out` with curl (failing on an HTTP error, within 60 s).
 fn curl_to(url: &str, out: &Path) -> Result<()> {
-    let out = prereq::utf8(&out)?;
+    let out = prereq::utf8(out)?;
     cmd("curl", &["-sSf", "--max-time", "60", "-o", out, url])
 }
 
@@ -374,7 +374,7 @@ fn smoke(t: &Target, bin: &Path, stream: &crate::demo_stream::Summary) -> Result
         );
     }
 
-    let bin_s = prereq::utf8(&bin)?;
+    let bin_s = prereq::utf8(bin)?;
     let (program, mut args) = match t.runner {
         Some(r) => (r, vec![bin_s]),
         None => (bin_s, vec![]),
