@@ -5,6 +5,10 @@ use std::time::Duration;
 use crate::harness::*;
 use crate::upstream::*;
 
+/// The kernels of the rack's images, as paths in the served tree.
+const AMD64_KERNEL: &str = "ubuntu/amd64/generic/noble/stable/boot-kernel";
+const ARM64_KERNEL: &str = "ubuntu/arm64/generic/noble/stable/boot-kernel";
+
 /// A rack with noble amd64 + arm64 images and bootloaders, synced and serving;
 /// `listen` is the `[tftp]`/`[http]` listen list.
 fn rack(listen: &str, extra: &str) -> (Env, MirrorServer, Served) {
@@ -47,10 +51,9 @@ fn per_mac_configs_defaults_and_local_boot() {
 
     // pxelinux over TFTP: per MAC, HTTP URLs for the host:port asked.
     let cfg = tftp_get(&s, "pxelinux.cfg/01-52-54-00-00-00-01").expect("per-MAC pxelinux config");
-    let http = format!(
-        "http://127.0.0.1:{}/images/ubuntu/amd64/generic/noble/stable/",
-        s.http.port()
-    );
+    // The HTTP address the configs name (the one the client asked).
+    let host = format!("127.0.0.1:{}", s.http.port());
+    let http = format!("http://{host}/images/ubuntu/amd64/generic/noble/stable/");
     assert!(cfg.contains(&format!("KERNEL {http}boot-kernel")), "{cfg}");
     assert!(cfg.contains(&format!("INITRD {http}boot-initrd")), "{cfg}");
     assert!(
@@ -64,10 +67,7 @@ fn per_mac_configs_defaults_and_local_boot() {
     assert!(cfg.contains("IPAPPEND 2"));
     // …TFTP paths for the TFTP-only pxelinux under bootloader/pxe/i386/.
     let cfg = tftp_get(&s, "bootloader/pxe/i386/pxelinux.cfg/01-52-54-00-00-00-01").unwrap();
-    assert!(
-        cfg.contains("KERNEL ::/ubuntu/amd64/generic/noble/stable/boot-kernel"),
-        "{cfg}"
-    );
+    assert!(cfg.contains(&format!("KERNEL ::/{AMD64_KERNEL}")), "{cfg}");
     // Unknown MAC and `default`: the default config; UUID / hex IP probes: not found.
     let cfg = tftp_get(&s, "pxelinux.cfg/01-aa-bb-cc-dd-ee-ff").unwrap();
     assert!(
@@ -102,28 +102,21 @@ fn per_mac_configs_defaults_and_local_boot() {
     let g = tftp_get(&s, "/grub/grub.cfg-52:54:00:00:00:01").unwrap();
     assert!(g.contains("if [ \"$grub_cpu\" = 'x86_64' ]"), "{g}");
     assert!(g.contains("elif [ \"$grub_cpu\" = 'arm64' ]"), "{g}");
-    assert!(
-        g.contains("linux '/ubuntu/amd64/generic/noble/stable/boot-kernel'"),
-        "{g}"
-    );
-    assert!(
-        g.contains("linux '/ubuntu/arm64/generic/noble/stable/boot-kernel'"),
-        "{g}"
-    );
+    assert!(g.contains(&format!("linux '/{AMD64_KERNEL}'")), "{g}");
+    assert!(g.contains(&format!("linux '/{ARM64_KERNEL}'")), "{g}");
     // Kernel double quotes become GRUB quoting (GRUB re-quotes for the kernel).
     assert!(g.contains("'rackboot.test=one' 'quoted=a b'"), "{g}");
     // Loaded over TFTP: HTTP after `insmod http`, TFTP under Secure Boot (locked
     // down, GRUB loads no modules).
     assert!(
-        g.contains(
-            "    if [ \"$lockdown\" = y ]; then\n      linux '/ubuntu/amd64/generic/noble/stable/boot-kernel'"
-        ),
+        g.contains(&format!(
+            "    if [ \"$lockdown\" = y ]; then\n      linux '/{AMD64_KERNEL}'"
+        )),
         "{g}"
     );
     assert!(
         g.contains(&format!(
-            "    else\n      insmod http\n      linux '(http,127.0.0.1:{})/images/ubuntu/amd64/generic/noble/stable/boot-kernel'",
-            s.http.port()
+            "    else\n      insmod http\n      linux '(http,{host})/images/{AMD64_KERNEL}'"
         )),
         "{g}"
     );
@@ -134,9 +127,7 @@ fn per_mac_configs_defaults_and_local_boot() {
         .contains("chainloader"));
     // (curl refuses an OACK with tsize 0, so the empty file is fetched with atftp,
     // asking for tsize as GRUB does; atftp exits non-zero on a TFTP error.)
-    let dir = tempfile::tempdir().unwrap();
-    let lst = dir.path().join("command.lst");
-    let res = run_client(
+    let (res, lst) = run_client_to_file(
         "atftp",
         &[
             "--option",
@@ -145,31 +136,26 @@ fn per_mac_configs_defaults_and_local_boot() {
             "-r",
             "/grub/x86_64-efi/command.lst",
             "-l",
-            lst.to_str().unwrap(),
+            OUT,
             "127.0.0.1",
             &s.tftp.port().to_string(),
         ],
         Duration::from_secs(20),
     );
     assert!(res.status.success(), "{res:?}");
-    assert_eq!(std::fs::read(&lst).unwrap(), b"");
+    assert_eq!(lst.as_deref(), Some(&b""[..]));
     // Over HTTP (UEFI HTTP boot): HTTP paths.
-    let (code, body) = s.get("/grub/grub.cfg-52:54:00:00:00:01");
-    assert_eq!(code, 200);
-    let g = String::from_utf8(body).unwrap();
+    let g = s.get_text("/grub/grub.cfg-52:54:00:00:00:01");
     assert!(
         g.contains(&format!(
-            "\n    linux '(http,127.0.0.1:{})/images/ubuntu/amd64/generic/noble/stable/boot-kernel'",
-            s.http.port()
+            "\n    linux '(http,{host})/images/{AMD64_KERNEL}'"
         )),
         "{g}"
     );
     assert!(!g.contains("insmod"), "{g}");
 
     // iPXE.
-    let (code, body) = s.get("/boot.ipxe?mac=52:54:00:00:00:01");
-    assert_eq!(code, 200);
-    let i = String::from_utf8(body).unwrap();
+    let i = s.get_text("/boot.ipxe?mac=52:54:00:00:00:01");
     assert!(i.starts_with("#!ipxe\nkernel http://"), "{i}");
     assert!(
         i.contains("rackboot.test=one") && i.contains("initrd http://") && i.ends_with("boot\n"),
@@ -178,34 +164,22 @@ fn per_mac_configs_defaults_and_local_boot() {
     let chain = tftp_get(&s, "ipxe.cfg").unwrap();
     assert!(
         chain.contains(&format!(
-            "chain http://127.0.0.1:{}/ipxe.cfg-${{mac}}?arch=${{buildarch}} ||",
-            s.http.port()
+            "chain http://{host}/ipxe.cfg-${{mac}}?arch=${{buildarch}} ||"
         )),
         "{chain}"
     );
     // The chain passes iPXE's build architecture.
-    let (code, body) = s.get("/ipxe.cfg-52:54:00:00:00:01?arch=arm64");
-    assert_eq!(code, 200);
-    let i = String::from_utf8(body).unwrap();
-    assert!(
-        i.contains("/images/ubuntu/arm64/generic/noble/stable/boot-kernel "),
-        "{i}"
-    );
+    let i = s.get_text("/ipxe.cfg-52:54:00:00:00:01?arch=arm64");
+    assert!(i.contains(&format!("/images/{ARM64_KERNEL} ")), "{i}");
     // iPXE percent-encodes the `:` of `${mac}` in URLs.
-    let (code, body) = s.get("/ipxe.cfg-52%3A54%3A00%3A00%3A00%3A01?arch=i386");
-    assert_eq!(code, 200);
-    let i = String::from_utf8(body).unwrap();
+    let i = s.get_text("/ipxe.cfg-52%3A54%3A00%3A00%3A00%3A01?arch=i386");
     assert!(
-        i.contains("/images/ubuntu/amd64/generic/noble/stable/boot-kernel ")
-            && i.contains("rackboot.test=one"),
+        i.contains(&format!("/images/{AMD64_KERNEL} ")) && i.contains("rackboot.test=one"),
         "{i}"
     );
-    let (code, body) = s.get("/ipxe.cfg-default-x86_64");
-    assert_eq!(code, 200);
-    let i = String::from_utf8(body).unwrap();
+    let i = s.get_text("/ipxe.cfg-default-x86_64");
     assert!(
-        i.contains("/images/ubuntu/amd64/generic/noble/stable/boot-kernel ")
-            && !i.contains("rackboot.test"),
+        i.contains(&format!("/images/{AMD64_KERNEL} ")) && !i.contains("rackboot.test"),
         "{i}"
     );
     let (code, body) = s.get("/ipxe.cfg-52:54:00:00:00:02");
@@ -263,18 +237,14 @@ fn ipv6_and_host_without_port_name_the_right_address() {
     );
     assert!(cfg.contains(" ip=off ip6=dhcp "), "{cfg}");
     // Over HTTP on ::1 the Host header decides.
-    let (code, body) = curl(&[&format!("http://{http6}/ipxe.cfg-default-amd64")]);
-    assert_eq!(code, 200);
-    let i = String::from_utf8(body).unwrap();
+    let i = curl_text(&[&format!("http://{http6}/ipxe.cfg-default-amd64")]);
     assert!(i.contains(&format!("kernel http://{http6}/images/")), "{i}");
     // GRUB sends Host without a port: the listener's port is used.
-    let (code, body) = curl(&[
+    let g = curl_text(&[
         "-H",
         "Host: 10.9.8.7",
         &s.url("/grub/grub.cfg-default-amd64"),
     ]);
-    assert_eq!(code, 200);
-    let g = String::from_utf8(body).unwrap();
     assert!(
         g.contains(&format!(
             "linux '(http,10.9.8.7:{})/images/ubuntu/amd64/",

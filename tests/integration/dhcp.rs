@@ -18,6 +18,39 @@ const RACK_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 const CLIENT_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x77, 0x00, 0x01];
 const BIOS: &str = "PXEClient:Arch:00000:UNDI:002001";
 
+/// A rack configured to answer ProxyDHCP on `interface` (`dhcp_extra` added to its
+/// `[dhcp]` table), and its `ipxe_dir`.
+fn proxy_config(interface: &str, dhcp_extra: &str) -> (Rack, tempfile::TempDir) {
+    let ipxe_dir = tempfile::tempdir().unwrap();
+    let rack = rack(
+        4096,
+        "auto = false",
+        &format!(
+            "[dhcp]\nproxy = true\ninterfaces = [\"{interface}\"]\nipxe_dir = \"{}\"\n{dhcp_extra}",
+            ipxe_dir.path().display()
+        ),
+    );
+    (rack, ipxe_dir)
+}
+
+/// A UDP socket in `ns` bound to `dev` and `port`, broadcasts allowed, reads
+/// waiting 200 ms.
+fn broadcast_socket(ns: &Netns, dev: &'static str, port: u16) -> UdpSocket {
+    ns.within(move || {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+        s.set_reuse_address(true).unwrap();
+        s.set_broadcast(true).unwrap();
+        s.bind_device(Some(dev.as_bytes())).unwrap();
+        s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())
+            .unwrap();
+        let u: UdpSocket = s.into();
+        u.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        u
+    })
+}
+
 /// A rack answering ProxyDHCP on `rb0` in its namespace, and the segment's.
 struct ProxyRack {
     // Field order is drop order: the daemon stops before its namespaces go.
@@ -36,15 +69,7 @@ fn proxy_rack(dhcp_extra: &str) -> ProxyRack {
 /// [`proxy_rack`], its HTTP server also listening on `http_also` (addresses of the
 /// rack's namespace, which the segment can reach).
 fn proxy_rack_on(dhcp_extra: &str, http_also: &[&str]) -> ProxyRack {
-    let ipxe_dir = tempfile::tempdir().unwrap();
-    let rack = rack(
-        4096,
-        "auto = false",
-        &format!(
-            "[dhcp]\nproxy = true\ninterfaces = [\"rb0\"]\nipxe_dir = \"{}\"\n{dhcp_extra}",
-            ipxe_dir.path().display()
-        ),
-    );
+    let (rack, ipxe_dir) = proxy_config("rb0", dhcp_extra);
     for addr in http_also {
         crate::harness::edit_config(
             &rack.env,
@@ -85,19 +110,7 @@ fn proxy_rack_on(dhcp_extra: &str, http_also: &[&str]) -> ProxyRack {
 impl ProxyRack {
     /// A client socket in the segment on `dev`, port `port`, broadcasts allowed.
     fn client(&self, dev: &'static str, port: u16) -> UdpSocket {
-        self.seg.within(move || {
-            use socket2::{Domain, Protocol, Socket, Type};
-            let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
-            s.set_reuse_address(true).unwrap();
-            s.set_broadcast(true).unwrap();
-            s.bind_device(Some(dev.as_bytes())).unwrap();
-            s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())
-                .unwrap();
-            let u: UdpSocket = s.into();
-            u.set_read_timeout(Some(Duration::from_millis(200)))
-                .unwrap();
-            u
-        })
+        broadcast_socket(&self.seg, dev, port)
     }
 
     fn metrics(&self) -> String {
@@ -573,15 +586,7 @@ impl Drop for Killed {
 fn beside_the_sites_dnsmasq_each_answers_its_part() {
     // One segment (a bridge in the rack's namespace): the rack, the site's DHCP
     // (dnsmasq, addresses only, its own namespace) and a client.
-    let ipxe_dir = tempfile::tempdir().unwrap();
-    let rack = rack(
-        4096,
-        "auto = false",
-        &format!(
-            "[dhcp]\nproxy = true\ninterfaces = [\"br0\"]\nipxe_dir = \"{}\"\n",
-            ipxe_dir.path().display()
-        ),
-    );
+    let (rack, _ipxe_dir) = proxy_config("br0", "");
     let (rack_ns, site, seg) = (Netns::new("rack"), Netns::new("site"), Netns::new("seg"));
     rack_ns.ip(&["link", "add", "br0", "type", "bridge"]);
     rack_ns.ip(&["addr", "add", "10.79.0.1/24", "dev", "br0"]);
@@ -625,19 +630,7 @@ fn beside_the_sites_dnsmasq_each_answers_its_part() {
     let (_served, _) = rack
         .env
         .serve_via(&rack_ns.exec(), &["HTTP", "DHCP", "PXE"], |_| {});
-    let sock = seg.within(|| {
-        use socket2::{Domain, Protocol, Socket, Type};
-        let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
-        s.set_reuse_address(true).unwrap();
-        s.set_broadcast(true).unwrap();
-        s.bind_device(Some(b"cl0")).unwrap();
-        s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 68)).into())
-            .unwrap();
-        let u: UdpSocket = s.into();
-        u.set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        u
-    });
+    let sock = broadcast_socket(&seg, "cl0", 68);
     // All offers to `xid`, asking again (dnsmasq may still be starting) up to 10 s.
     let offers = |ask: &Ask, xid: u32, want: usize| {
         let mut got: Vec<v4::Message> = Vec::new();

@@ -47,31 +47,40 @@ impl Env {
     /// Writes a config with one source and the given selection arches; `extra` is
     /// appended verbatim (other tables).
     pub fn write_config(&self, url: &str, arches: &[&str], extra: &str) {
+        let head = format!(
+            "state_dir = \"{}\"\n\n[sync]\ntimeout = \"5s\"\n{extra}\n",
+            self.state.display()
+        );
+        std::fs::write(&self.config, head).unwrap();
+        self.add_source(url, "noble", arches);
+    }
+
+    /// Appends a `[[sources]]` table to the config: `url`, checked with the keyring,
+    /// and one selection of Ubuntu `release` for `arches`.
+    pub fn add_source(&self, url: &str, release: &str, arches: &[&str]) {
         let arches = arches
             .iter()
             .map(|a| format!("\"{a}\""))
             .collect::<Vec<_>>()
             .join(", ");
-        let text = format!(
-            r#"state_dir = "{state}"
-
-[sync]
-timeout = "5s"
-{extra}
-
+        let table = format!(
+            r#"
 [[sources]]
 url = "{url}"
 keyring_filename = "{keyring}"
 
 [[sources.selections]]
 os = "ubuntu"
-release = "noble"
+release = "{release}"
 arches = [{arches}]
 "#,
-            state = self.state.display(),
             keyring = self.keyring.display(),
         );
-        std::fs::write(&self.config, text).unwrap();
+        let mut config = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.config)
+            .unwrap();
+        std::io::Write::write_all(&mut config, table.as_bytes()).unwrap();
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
@@ -250,6 +259,8 @@ pub struct Served {
 
 use std::net::{SocketAddr, UdpSocket};
 
+use rackboot::tftp::packet::{self, Packet};
+
 impl Env {
     /// Starts `rackboot serve` (the config must listen on port 0) and waits for its
     /// listening lines.
@@ -353,6 +364,13 @@ impl Served {
         curl(&[&self.url(path)])
     }
 
+    /// GET `path`, which must answer 200 with UTF-8: the text.
+    pub fn get_text(&self, path: &str) -> String {
+        let (code, body) = self.get(path);
+        assert_eq!(code, 200, "GET {path}");
+        String::from_utf8(body).unwrap()
+    }
+
     /// Each path, sent as it is (no client-side cleaning), gets a 400 or 404 and no
     /// line of `/etc/passwd`.
     pub fn assert_traversals_refused(&self, paths: &[&str]) {
@@ -440,20 +458,38 @@ impl Drop for Served {
 
 /// Runs curl (with a time limit) and returns (HTTP status, body).
 pub fn curl(args: &[&str]) -> (u16, Vec<u8>) {
-    let dir = tempfile::tempdir().unwrap();
-    let body = dir.path().join("body");
-    let out = Command::new("curl")
-        .args(["-s", "--max-time", "60", "-o"])
-        .arg(&body)
-        .args(["-w", "%{http_code}"])
-        .args(args)
-        .output()
-        .expect("curl is installed");
+    curl_via(&[], 60, args)
+}
+
+/// [`curl`] that must answer 200 with UTF-8: the text.
+pub fn curl_text(args: &[&str]) -> String {
+    let (code, body) = curl(args);
+    assert_eq!(code, 200, "curl {args:?}");
+    String::from_utf8(body).unwrap()
+}
+
+/// curl started through `launcher` (nothing, or `ip netns exec NAME`), given
+/// `max_time` seconds: (HTTP status, body).
+fn curl_via(launcher: &[&str], max_time: u64, args: &[&str]) -> (u16, Vec<u8>) {
+    let max = max_time.to_string();
+    let mut all = launcher.to_vec();
+    all.extend([
+        "curl",
+        "-s",
+        "--max-time",
+        &max,
+        "-o",
+        OUT,
+        "-w",
+        "%{http_code}",
+    ]);
+    all.extend_from_slice(args);
+    let (out, body) = run_client_to_file(all[0], &all[1..], Duration::from_secs(max_time + 10));
     let code = String::from_utf8_lossy(&out.stdout)
         .trim()
         .parse()
         .unwrap_or(0);
-    (code, std::fs::read(&body).unwrap_or_default())
+    (code, body.unwrap_or_default())
 }
 
 /// A curl download held to `--limit-rate`, so that it spans what a test does next
@@ -524,6 +560,27 @@ pub fn run_client(program: &str, args: &[&str], limit: Duration) -> Output {
         .spawn()
         .unwrap_or_else(|e| panic!("{program} must be installed: {e}"));
     wait_output(child, limit)
+}
+
+/// The argument of [`run_client_to_file`] that stands for the file the client writes.
+pub const OUT: &str = "{OUT}";
+
+/// [`run_client`] with [`OUT`] in `args` replaced by a fresh temporary file: the
+/// output, and what the client wrote there (`None` when it wrote no file).
+pub fn run_client_to_file(
+    program: &str,
+    args: &[&str],
+    limit: Duration,
+) -> (Output, Option<Vec<u8>>) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("out");
+    let path = file.to_str().unwrap();
+    let args: Vec<&str> = args
+        .iter()
+        .map(|&a| if a == OUT { path } else { a })
+        .collect();
+    let out = run_client(program, &args, limit);
+    (out, std::fs::read(&file).ok())
 }
 
 // ---------------------------------------------------------------------------
@@ -697,9 +754,7 @@ pub fn metric(text: &str, sample: &str) -> f64 {
 impl Served {
     /// The `/metrics` text.
     pub fn metrics(&self) -> String {
-        let (code, body) = self.get("/metrics");
-        assert_eq!(code, 200);
-        String::from_utf8(body).unwrap()
+        self.get_text("/metrics")
     }
 
     /// One sample of `/metrics` (see [`metric`]).
@@ -757,16 +812,20 @@ pub fn tftp_get_at(authority: &str, path: &str) -> Option<String> {
 /// Downloads `url` with curl (`extra` options before it, such as `--tftp-blksize`);
 /// the bytes, or curl's complaint.
 pub fn curl_download(url: &str, extra: &[&str]) -> Result<Vec<u8>, String> {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("f");
-    let mut args = vec!["-sS", "--max-time", "60"];
+    curl_download_within(url, extra, 60)
+}
+
+/// [`curl_download`] given `max_time` seconds.
+pub fn curl_download_within(url: &str, extra: &[&str], max_time: u64) -> Result<Vec<u8>, String> {
+    let max = max_time.to_string();
+    let mut args = vec!["-sS", "--max-time", &max];
     args.extend_from_slice(extra);
-    args.extend_from_slice(&["-o", out.to_str().unwrap(), url]);
-    let res = run_client("curl", &args, Duration::from_secs(70));
+    args.extend_from_slice(&["-o", OUT, url]);
+    let (res, data) = run_client_to_file("curl", &args, Duration::from_secs(max_time + 10));
     if !res.status.success() {
         return Err(String::from_utf8_lossy(&res.stderr).into_owned());
     }
-    Ok(std::fs::read(&out).unwrap_or_default())
+    Ok(data.unwrap_or_default())
 }
 
 /// [`curl_download`] that must succeed; `what` names the download in the failure.
@@ -919,6 +978,94 @@ pub fn client(local: &str, timeout: Duration) -> UdpSocket {
     s
 }
 
+/// The next datagram on `sock` and where it came from; fails naming `what` when
+/// none comes within the socket's timeout.
+pub fn recv(sock: &UdpSocket, what: &str) -> (Vec<u8>, SocketAddr) {
+    let mut buf = [0u8; 70000];
+    let (n, from) = sock
+        .recv_from(&mut buf)
+        .unwrap_or_else(|e| panic!("no {what}: {e}"));
+    (buf[..n].to_vec(), from)
+}
+
+/// Sends an RRQ for `name` to `server` and returns the first reply and where it came
+/// from.
+pub fn first_reply(
+    sock: &UdpSocket,
+    server: SocketAddr,
+    name: &str,
+    opts: &[(&str, &str)],
+) -> (Vec<u8>, SocketAddr) {
+    sock.send_to(&packet::rrq(name, "octet", opts), server)
+        .unwrap();
+    recv(sock, &format!("reply from {server}"))
+}
+
+/// Finishes a download the server has answered (OACK or DATA 1 in `first`, from the
+/// transfer port `peer`) as an RFC 7440 client; `poke` runs once, after the first
+/// window. Returns the file; fails on a packet from any other port.
+pub fn finish_download(
+    sock: &UdpSocket,
+    first: Vec<u8>,
+    peer: SocketAddr,
+    mut poke: impl FnMut(),
+) -> Vec<u8> {
+    let (mut bs, mut ws) = (512usize, 1u64);
+    let mut out = Vec::new();
+    let (mut expect, mut in_window) = (1u64, 0u64);
+    let mut pending = Some(first);
+    let mut poked = false;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let pkt = match pending.take() {
+            Some(p) => p,
+            None => {
+                let (pkt, from) = recv(sock, "packet within the timeout");
+                assert_eq!(from, peer, "a packet from a second transfer port");
+                pkt
+            }
+        };
+        match packet::parse(&pkt).expect("a TFTP packet") {
+            Packet::Oack { options } => {
+                assert!(expect == 1, "an OACK in the middle of the transfer");
+                for (k, v) in options {
+                    match k.as_str() {
+                        "blksize" => bs = v.parse().unwrap(),
+                        "windowsize" => ws = v.parse().unwrap(),
+                        _ => {}
+                    }
+                }
+                sock.send_to(&packet::ack(0), peer).unwrap();
+            }
+            Packet::Data { block, data } => {
+                if block == (expect % 65536) as u16 {
+                    out.extend_from_slice(data);
+                    in_window += 1;
+                    if data.len() < bs {
+                        sock.send_to(&packet::ack(block), peer).unwrap();
+                        return out;
+                    }
+                    expect += 1;
+                    if in_window == ws {
+                        in_window = 0;
+                        if !poked {
+                            poked = true;
+                            poke();
+                        }
+                        sock.send_to(&packet::ack(block), peer).unwrap();
+                    }
+                } else if block != ((expect - 1) % 65536) as u16 {
+                    in_window = 0;
+                    sock.send_to(&packet::ack(((expect - 1) % 65536) as u16), peer)
+                        .unwrap();
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    panic!("download did not finish within 60 s");
+}
+
 impl Env {
     /// Every file, directory entry and link under the state dir, files with their
     /// hash: equal before and after means nothing there was written.
@@ -1067,31 +1214,7 @@ impl Netns {
 
     /// GET `url` with curl from inside; (status, body).
     pub fn curl(&self, url: &str) -> (u16, Vec<u8>) {
-        let dir = tempfile::tempdir().unwrap();
-        let body = dir.path().join("body");
-        let out = run_client(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &self.name,
-                "curl",
-                "-s",
-                "--max-time",
-                "20",
-                "-o",
-                body.to_str().unwrap(),
-                "-w",
-                "%{http_code}",
-                url,
-            ],
-            Duration::from_secs(30),
-        );
-        let code = String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .unwrap_or(0);
-        (code, std::fs::read(&body).unwrap_or_default())
+        curl_via(&["ip", "netns", "exec", &self.name], 20, &[url])
     }
 }
 

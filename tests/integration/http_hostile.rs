@@ -407,39 +407,14 @@ fn the_page_keys_rows_by_source_and_shows_the_current_selection() {
     ];
     write_stream(&root_two, &two_products, &key, SHA512);
     let two = MirrorServer::start(&root_two);
-    let text = format!(
-        r#"state_dir = "{state}"
-
-[sync]
-timeout = "5s"
-auto = false
-{listen}token_file = "{token}"
-
-[[sources]]
-url = "{one}"
-keyring_filename = "{keyring}"
-
-[[sources.selections]]
-release = "noble"
-arches = ["amd64"]
-
-[[sources]]
-url = "{two}"
-keyring_filename = "{keyring}"
-
-[[sources.selections]]
-release = "jammy"
-arches = ["amd64"]
-"#,
-        state = env.state.display(),
-        listen = LISTEN,
-        token = env.dir.path().join("token").display(),
-        one = one.url(),
-        two = two.url(),
-        keyring = env.keyring.display(),
+    let token = env.dir.path().join("token");
+    env.write_config(
+        &one.url(),
+        &["amd64"],
+        &format!("auto = false\n{LISTEN}token_file = \"{}\"", token.display()),
     );
-    std::fs::write(&env.config, text).unwrap();
-    std::fs::write(env.dir.path().join("token"), TOKEN).unwrap();
+    env.add_source(&two.url(), "jammy", &["amd64"]);
+    std::fs::write(&token, TOKEN).unwrap();
     let s = env.serve_synced();
     let (_, page) = s.get("/");
     let boxes = checkboxes(&String::from_utf8(page).unwrap());

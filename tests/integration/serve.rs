@@ -22,9 +22,6 @@ fn serve_starts_empty_syncs_and_serves_over_tftp_and_http() {
     let (code, body) = s.get("//grubx64.efi");
     assert_eq!((code, body), (200, payload(4, 6000)));
 
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("f");
-    let o = out.to_str().unwrap();
     let tftp_url = format!("tftp://{}{KERNEL}", s.tftp);
     for bs in ["512", "1468", "8192"] {
         let got = curl_fetch(&tftp_url, &["--tftp-blksize", bs], &format!("blksize {bs}"));
@@ -32,15 +29,14 @@ fn serve_starts_empty_syncs_and_serves_over_tftp_and_http() {
     }
     let port = s.tftp.port().to_string();
     for ws in ["1", "4", "8", "16"] {
-        let _ = std::fs::remove_file(&out);
-        let res = run_client(
+        let (res, got) = run_client_to_file(
             "atftp",
             &[
                 "--get",
                 "-r",
                 KERNEL,
                 "-l",
-                o,
+                OUT,
                 "--option",
                 "blksize 1468",
                 "--option",
@@ -51,14 +47,10 @@ fn serve_starts_empty_syncs_and_serves_over_tftp_and_http() {
             Duration::from_secs(70),
         );
         assert_success(&res, &format!("atftp windowsize {ws}"));
-        assert_eq!(
-            file_sha256(&out),
-            sha256_hex(&want),
-            "atftp windowsize {ws}"
-        );
+        let got = got.unwrap_or_else(|| panic!("atftp windowsize {ws} wrote no file"));
+        assert_eq!(sha256_hex(&got), sha256_hex(&want), "atftp windowsize {ws}");
     }
-    let _ = std::fs::remove_file(&out);
-    let res = run_client(
+    let (res, got) = run_client_to_file(
         "tftp",
         &[
             "127.0.0.1",
@@ -68,17 +60,15 @@ fn serve_starts_empty_syncs_and_serves_over_tftp_and_http() {
             "-c",
             "get",
             "pxelinux.0",
-            o,
+            OUT,
         ],
         Duration::from_secs(30),
     );
     assert_success(&res, "tftp-hpa");
-    assert_eq!(std::fs::read(&out).unwrap(), b"lpxelinux-bios-http");
+    assert_eq!(got.as_deref(), Some(&b"lpxelinux-bios-http"[..]));
 
     // The metrics saw it all.
-    let (code, body) = s.get("/metrics");
-    assert_eq!(code, 200);
-    let m = String::from_utf8(body).unwrap();
+    let m = s.metrics();
     assert!(m.contains("rackboot_snapshot_generation 1"), "{m}");
     assert!(m.contains("rackboot_tftp_transfers_ok_total 8"), "{m}");
     assert!(

@@ -1,6 +1,7 @@
 //! Running under systemd: `sd_notify` READY/STATUS/WATCHDOG/STOPPING messages and
 //! socket activation (plain and TLS sockets passed as `$LISTEN_FDS`).
 
+use std::net::SocketAddr;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -107,15 +108,18 @@ fn systemd_notify_ready_status_after_every_sync_watchdog_and_stopping() {
 
 /// `rackboot serve` started the way systemd starts it with socket activation: `fds`
 /// become descriptors 3, 4, … with `$LISTEN_FDS` (and `$LISTEN_FDNAMES` when `names`
-/// is given); stderr goes to `log`.
-fn spawn_activated(
+/// is given); stderr goes to `log_name` in the rack's directory. The rack is talked
+/// to at `http` and `tftp` (the addresses of the passed sockets).
+fn serve_activated(
     env: &Env,
     fds: &[std::os::fd::RawFd],
     names: Option<&str>,
     notify: Option<&Path>,
-    log: &Path,
-) -> std::process::Child {
+    log_name: &str,
+    (http, tftp): (SocketAddr, SocketAddr),
+) -> Served {
     use std::os::unix::process::CommandExt;
+    let log = env.dir.path().join(log_name);
     let names = names
         .map(|n| format!(" LISTEN_FDNAMES={n}"))
         .unwrap_or_default();
@@ -131,7 +135,7 @@ fn spawn_activated(
         .env_remove("RACKBOOT_CONFIG")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap());
+        .stderr(std::fs::File::create(&log).unwrap());
     if let Some(n) = notify {
         cmd.env("NOTIFY_SOCKET", n);
     }
@@ -159,7 +163,12 @@ fn spawn_activated(
             Ok(())
         });
     }
-    cmd.spawn().unwrap()
+    Served {
+        child: Some(cmd.spawn().unwrap()),
+        log,
+        tftp,
+        http,
+    }
 }
 
 #[test]
@@ -172,20 +181,14 @@ fn socket_activation_serves_on_the_passed_sockets() {
     let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let tftp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let (http_addr, tftp_addr) = (http.local_addr().unwrap(), tftp.local_addr().unwrap());
-    let log = r.env.dir.path().join("activated.log");
-    let child = spawn_activated(
+    let s = serve_activated(
         &r.env,
         &[http.as_raw_fd(), tftp.as_raw_fd()],
         None,
         Some(&n.path),
-        &log,
+        "activated.log",
+        (http_addr, tftp_addr),
     );
-    let s = Served {
-        child: Some(child),
-        log,
-        tftp: tftp_addr,
-        http: http_addr,
-    };
     // Only the daemon holds the sockets now: if it ignored them, nothing would answer.
     drop(http);
     drop(tftp);
@@ -233,20 +236,14 @@ fn socket_activation_serves_tls_on_a_socket_named_https() {
     let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let https = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let (http_addr, https_addr) = (http.local_addr().unwrap(), https.local_addr().unwrap());
-    let log = r.env.dir.path().join("activated-tls.log");
-    let child = spawn_activated(
+    let s = serve_activated(
         &r.env,
         &[http.as_raw_fd(), https.as_raw_fd()],
         Some("http:https"),
         None,
-        &log,
+        "activated-tls.log",
+        (http_addr, "127.0.0.1:9".parse().unwrap()),
     );
-    let s = Served {
-        child: Some(child),
-        log,
-        tftp: "127.0.0.1:9".parse().unwrap(),
-        http: http_addr,
-    };
     drop((http, https));
     s.wait_generation(1, Duration::from_secs(60));
     let want = kernel_of("20261101", 64 << 10);
@@ -268,11 +265,17 @@ fn socket_activation_serves_tls_on_a_socket_named_https() {
     // A socket named https without a certificate configured is a clear error.
     let plain = rack(64 << 10, "auto = false", "");
     let lone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let log = plain.env.dir.path().join("activated-no-tls.log");
-    let child = spawn_activated(&plain.env, &[lone.as_raw_fd()], Some("https"), None, &log);
-    let status = wait_output(child, Duration::from_secs(30)).status;
+    let mut refused = serve_activated(
+        &plain.env,
+        &[lone.as_raw_fd()],
+        Some("https"),
+        None,
+        "activated-no-tls.log",
+        (lone.local_addr().unwrap(), "127.0.0.1:9".parse().unwrap()),
+    );
+    let status = refused.wait_exit(Duration::from_secs(30));
     assert_eq!(status.code(), Some(1));
-    let err = std::fs::read_to_string(&log).unwrap();
+    let err = refused.log_text();
     assert!(
         err.contains(
             "systemd passed a socket named https, but http.tls_cert and http.tls_key are not set"

@@ -4,7 +4,7 @@
 //! 100 MiB file whose block number rolls over.
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rackboot::tftp::packet::{self, Packet};
 
@@ -34,100 +34,12 @@ fn tftp_addrs(s: &Served, n: usize) -> Vec<SocketAddr> {
     addrs
 }
 
-/// Sends an RRQ for `name` to `server` and returns the first reply and where it came
-/// from.
-fn first_reply(
-    sock: &UdpSocket,
-    server: SocketAddr,
-    name: &str,
-    opts: &[(&str, &str)],
-) -> (Vec<u8>, SocketAddr) {
-    sock.send_to(&packet::rrq(name, "octet", opts), server)
-        .unwrap();
-    let mut buf = [0u8; 2048];
-    let (n, from) = sock
-        .recv_from(&mut buf)
-        .unwrap_or_else(|e| panic!("no reply from {server}: {e}"));
-    (buf[..n].to_vec(), from)
-}
-
-/// Finishes a download the server has answered (OACK or DATA 1 in `first`, from the
-/// transfer port `peer`) as an RFC 7440 client; `poke` runs once, after the first
-/// window. Returns the file; fails on a packet from any other port.
-fn finish_download(
-    sock: &UdpSocket,
-    first: Vec<u8>,
-    peer: SocketAddr,
-    mut poke: impl FnMut(),
-) -> Vec<u8> {
-    let (mut bs, mut ws) = (512usize, 1u64);
-    let mut out = Vec::new();
-    let (mut expect, mut in_window) = (1u64, 0u64);
-    let mut pending = Some(first);
-    let mut buf = [0u8; 70000];
-    let mut poked = false;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        let pkt = match pending.take() {
-            Some(p) => p,
-            None => {
-                let (n, from) = sock
-                    .recv_from(&mut buf)
-                    .expect("a packet within the timeout");
-                assert_eq!(from, peer, "a packet from a second transfer port");
-                buf[..n].to_vec()
-            }
-        };
-        match packet::parse(&pkt).expect("a TFTP packet") {
-            Packet::Oack { options } => {
-                assert!(expect == 1, "an OACK in the middle of the transfer");
-                for (k, v) in options {
-                    match k.as_str() {
-                        "blksize" => bs = v.parse().unwrap(),
-                        "windowsize" => ws = v.parse().unwrap(),
-                        _ => {}
-                    }
-                }
-                sock.send_to(&packet::ack(0), peer).unwrap();
-            }
-            Packet::Data { block, data } => {
-                if block == (expect % 65536) as u16 {
-                    out.extend_from_slice(data);
-                    in_window += 1;
-                    if data.len() < bs {
-                        sock.send_to(&packet::ack(block), peer).unwrap();
-                        return out;
-                    }
-                    expect += 1;
-                    if in_window == ws {
-                        in_window = 0;
-                        if !poked {
-                            poked = true;
-                            poke();
-                        }
-                        sock.send_to(&packet::ack(block), peer).unwrap();
-                    }
-                } else if block != ((expect - 1) % 65536) as u16 {
-                    in_window = 0;
-                    sock.send_to(&packet::ack(((expect - 1) % 65536) as u16), peer)
-                        .unwrap();
-                }
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    panic!("download did not finish within 60 s");
-}
-
 #[test]
 fn ipv6_with_real_clients() {
     let r = listen_rack(&["[::1]:0"], "");
     let s = &r.served;
     assert_eq!(s.tftp.ip(), "::1".parse::<IpAddr>().unwrap());
     let want = kernel_sha();
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("k");
-    let o = out.to_str().unwrap();
     let url = format!("tftp://[::1]:{}{KERNEL}", s.tftp.port());
     for bs in ["512", "1468"] {
         let got = curl_fetch(
@@ -138,15 +50,15 @@ fn ipv6_with_real_clients() {
         assert_eq!(sha256_hex(&got), want, "curl over ::1, blksize {bs}");
     }
     // tftp-hpa exits 0 even on a TFTP error: the contents are what counts.
-    let _ = std::fs::remove_file(&out);
     let port = s.tftp.port().to_string();
-    let res = run_client(
+    let (res, got) = run_client_to_file(
         "tftp",
-        &["-6", "::1", &port, "-m", "binary", "-c", "get", KERNEL, o],
+        &["-6", "::1", &port, "-m", "binary", "-c", "get", KERNEL, OUT],
         Duration::from_secs(70),
     );
     assert_success(&res, "tftp-hpa over IPv6");
-    assert_eq!(file_sha256(&out), want, "tftp-hpa over ::1");
+    let got = got.expect("tftp-hpa wrote the file");
+    assert_eq!(sha256_hex(&got), want, "tftp-hpa over ::1");
     // Windowed, from a raw socket: every packet comes from ::1, one transfer port.
     let sock = client("[::1]:0", Duration::from_secs(5));
     let (first, peer) = first_reply(
@@ -482,25 +394,14 @@ fn tftp_100_mib_with_blksize_512_rolls_over() {
         .data
         .clone();
     assert!(want.len() > 65535 * 512);
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("sq");
-    let res = run_client(
-        "curl",
-        &[
-            "-s",
-            "--max-time",
-            "300",
-            "--tftp-blksize",
-            "512",
-            "-o",
-            out.to_str().unwrap(),
-            &format!(
-                "tftp://{}/ubuntu/amd64/generic/noble/stable/squashfs",
-                s.tftp
-            ),
-        ],
-        Duration::from_secs(320),
-    );
-    assert_success(&res, "curl");
-    assert_eq!(file_sha256(&out), sha256_hex(&want));
+    let got = curl_download_within(
+        &format!(
+            "tftp://{}/ubuntu/amd64/generic/noble/stable/squashfs",
+            s.tftp
+        ),
+        &["--tftp-blksize", "512"],
+        300,
+    )
+    .unwrap_or_else(|e| panic!("curl: {e}"));
+    assert_eq!(sha256_hex(&got), sha256_hex(&want));
 }

@@ -14,14 +14,6 @@ use crate::upstream::*;
 /// A 6000-byte bootloader file in the served tree (`payload(4, 6000)`).
 const SMALL: &str = "grubx64.efi";
 
-fn recv(sock: &UdpSocket, what: &str) -> (Vec<u8>, SocketAddr) {
-    let mut buf = [0u8; 70000];
-    let (n, from) = sock
-        .recv_from(&mut buf)
-        .unwrap_or_else(|e| panic!("no {what}: {e}"));
-    (buf[..n].to_vec(), from)
-}
-
 /// RFC 1350 netascii of `data` (LF → CR LF, CR → CR NUL).
 fn netascii(data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -35,29 +27,13 @@ fn netascii(data: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A complete lockstep download (blksize 512, options `opts`) in `mode`; panics on an
-/// ERROR or when nothing comes for 5 s.
+/// A complete download (blksize 512, no options) in `mode`; panics on an ERROR or
+/// when nothing comes for 5 s.
 fn download(server: SocketAddr, local: &str, name: &str, mode: &str) -> Vec<u8> {
     let sock = client(local, Duration::from_secs(5));
     sock.send_to(&packet::rrq(name, mode, &[]), server).unwrap();
-    let mut out = Vec::new();
-    let mut expect = 1u16;
-    loop {
-        let (pkt, from) = recv(&sock, &format!("DATA {expect} of {name}"));
-        match packet::parse(&pkt).unwrap() {
-            Packet::Data { block, data } => {
-                if block == expect {
-                    out.extend_from_slice(data);
-                    sock.send_to(&packet::ack(block), from).unwrap();
-                    if data.len() < 512 {
-                        return out;
-                    }
-                    expect = expect.wrapping_add(1);
-                }
-            }
-            other => panic!("{name}: unexpected {other:?}"),
-        }
-    }
+    let (first, peer) = recv(&sock, &format!("DATA 1 of {name}"));
+    finish_download(&sock, first, peer, || {})
 }
 
 /// Row 5: one address sends far more RRQs than there are transfer slots, each asking

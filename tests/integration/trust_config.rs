@@ -2,7 +2,6 @@
 //! boot configs, signatures, replays and concurrent state writes; and the re-export
 //! an unsigned downstream rack syncs from. Each test drives the real binary.
 
-use std::io::Write as _;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
@@ -10,7 +9,6 @@ use sequoia_openpgp as openpgp;
 
 use openpgp::cert::prelude::*;
 use openpgp::parse::Parse as _;
-use openpgp::serialize::stream::{Message, Signer};
 use openpgp::serialize::Serialize as _;
 use openpgp::types::{HashAlgorithm, KeyFlags};
 
@@ -19,32 +17,6 @@ use crate::upstream::*;
 
 const TOKEN: &str = "h4-token";
 const UPDATED: &str = "Mon, 24 Nov 2026 12:00:00 +0000";
-
-/// Clearsigns `text` with `cert`'s primary key, the signature dated `at`.
-fn sign_at(cert: &openpgp::Cert, text: &[u8], at: SystemTime) -> Vec<u8> {
-    let keypair = cert
-        .primary_key()
-        .key()
-        .clone()
-        .parts_into_secret()
-        .unwrap()
-        .into_keypair()
-        .unwrap();
-    let mut sink = Vec::new();
-    {
-        let mut signer = Signer::new(Message::new(&mut sink), keypair)
-            .unwrap()
-            .cleartext()
-            .hash_algo(HashAlgorithm::SHA512)
-            .unwrap()
-            .creation_time(at)
-            .build()
-            .unwrap();
-        signer.write_all(text).unwrap();
-        signer.finalize().unwrap();
-    }
-    sink
-}
 
 /// Rewrites every `.sjson` of the stream under `root` from its `.json` with `sign`
 /// (the index's entries name the `.sjson` files, as `write_stream` makes them).
@@ -363,7 +335,9 @@ fn a_signature_by_a_key_expired_since_is_refused() {
     let key = TestKey { cert };
     let (env, _mirror) = sync_env(&key);
     // Signed 7 days ago, when the key (expired 5 days ago) was alive.
-    resign(&env.mirror, &|t| sign_at(&key.cert, t, now - 7 * day));
+    resign(&env.mirror, &|t| {
+        key.clearsign_at(t, HashAlgorithm::SHA512, now - 7 * day)
+    });
     let e = env.fails(&["sync"], 1);
     assert!(
         e.contains("index.sjson") && e.contains("not alive now"),

@@ -8,7 +8,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use sequoia_openpgp as openpgp;
 
@@ -60,6 +60,11 @@ impl TestKey {
 
     /// Clearsigns `text` with the given data hash.
     pub fn clearsign(&self, text: &[u8], hash: HashAlgorithm) -> Vec<u8> {
+        self.clearsign_at(text, hash, SystemTime::now())
+    }
+
+    /// [`TestKey::clearsign`], the signature dated `at`.
+    pub fn clearsign_at(&self, text: &[u8], hash: HashAlgorithm, at: SystemTime) -> Vec<u8> {
         let keypair = self
             .cert
             .primary_key()
@@ -77,6 +82,7 @@ impl TestKey {
                 .cleartext()
                 .hash_algo(hash)
                 .expect("hash algo")
+                .creation_time(at)
                 .build()
                 .expect("build signer");
             signer.write_all(text).unwrap();
@@ -150,6 +156,41 @@ pub struct ProductSpec {
     pub versions: BTreeMap<String, Vec<ItemSpec>>,
 }
 
+impl ItemSpec {
+    /// An item the index lists as it is.
+    fn new(name: &str, ftype: &str, path: String, data: Vec<u8>) -> ItemSpec {
+        ItemSpec {
+            name: name.into(),
+            ftype: ftype.into(),
+            path,
+            data,
+            listed_size: None,
+            listed_sha256: None,
+        }
+    }
+}
+
+impl ProductSpec {
+    /// A product with one version holding `items`; `fields` are its string fields.
+    fn new(
+        content_id: &str,
+        name: String,
+        fields: &[(&str, &str)],
+        version: &str,
+        items: Vec<ItemSpec>,
+    ) -> ProductSpec {
+        ProductSpec {
+            content_id: content_id.into(),
+            name,
+            fields: fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect(),
+            versions: BTreeMap::from([(version.to_string(), items)]),
+        }
+    }
+}
+
 /// A boot image product (kernel, initrd, squashfs) with a GA generic kernel.
 pub fn image(release: &str, arch: &str, version: &str, size: usize) -> ProductSpec {
     let seed = |s: &str| {
@@ -157,95 +198,68 @@ pub fn image(release: &str, arch: &str, version: &str, size: usize) -> ProductSp
         u64::from_le_bytes(h[..8].try_into().unwrap())
     };
     let base = format!("{release}/{arch}/{version}");
-    let item = |name: &str, path: String, len: usize| ItemSpec {
-        name: name.into(),
-        ftype: name.into(),
-        path,
-        data: payload(seed(name), len),
-        listed_size: None,
-        listed_sha256: None,
+    let item = |name: &str, path: String, len: usize| {
+        ItemSpec::new(name, name, path, payload(seed(name), len))
     };
-    let mut fields = Map::new();
-    for (k, v) in [
-        ("os", "ubuntu"),
-        ("release", release),
-        ("version", "24.04"),
-        ("arch", arch),
-        ("subarch", "ga-24.04"),
-        ("subarches", "generic,ga-24.04"),
-        ("kflavor", "generic"),
-        ("label", "stable"),
-        ("release_title", "24.04 LTS"),
-    ] {
-        fields.insert(k.into(), json!(v));
-    }
-    ProductSpec {
-        content_id: "com.ubuntu.maas:stable:v3:download".into(),
-        name: format!("com.ubuntu.maas.stable:v3:boot:24.04:{arch}:ga-24.04"),
-        fields,
-        versions: BTreeMap::from([(
-            version.to_string(),
-            vec![
-                item(
-                    "boot-kernel",
-                    format!("{base}/ga-24.04/generic/boot-kernel"),
-                    size,
-                ),
-                item(
-                    "boot-initrd",
-                    format!("{base}/ga-24.04/generic/boot-initrd"),
-                    size / 2 + 3,
-                ),
-                item("squashfs", format!("{base}/squashfs"), size * 2 + 1),
-            ],
-        )]),
-    }
+    ProductSpec::new(
+        "com.ubuntu.maas:stable:v3:download",
+        format!("com.ubuntu.maas.stable:v3:boot:24.04:{arch}:ga-24.04"),
+        &[
+            ("os", "ubuntu"),
+            ("release", release),
+            ("version", "24.04"),
+            ("arch", arch),
+            ("subarch", "ga-24.04"),
+            ("subarches", "generic,ga-24.04"),
+            ("kflavor", "generic"),
+            ("label", "stable"),
+            ("release_title", "24.04 LTS"),
+        ],
+        version,
+        vec![
+            item(
+                "boot-kernel",
+                format!("{base}/ga-24.04/generic/boot-kernel"),
+                size,
+            ),
+            item(
+                "boot-initrd",
+                format!("{base}/ga-24.04/generic/boot-initrd"),
+                size / 2 + 3,
+            ),
+            item("squashfs", format!("{base}/squashfs"), size * 2 + 1),
+        ],
+    )
 }
 
 /// The bootloader products for amd64 (pxelinux, shim+grub) and arm64 (grub).
 pub fn bootloaders(version: &str) -> Vec<ProductSpec> {
-    let mk = |name: &str,
-              os: &str,
-              btype: &str,
-              arch: &str,
-              arches: &str,
-              items: Vec<(&str, Vec<u8>)>| {
-        let mut fields = Map::new();
-        for (k, v) in [
-            ("os", os),
-            ("arch", arch),
-            ("arches", arches),
-            ("bootloader-type", btype),
-            ("label", "stable"),
-        ] {
-            fields.insert(k.into(), json!(v));
-        }
-        ProductSpec {
-            content_id: "com.ubuntu.maas:stable:1:bootloader-download".into(),
-            name: format!("com.ubuntu.maas.stable:1:{name}"),
-            fields,
-            versions: BTreeMap::from([(
-                version.to_string(),
-                items
-                    .into_iter()
-                    .map(|(item, data)| ItemSpec {
-                        name: item.into(),
-                        ftype: "archive.tar.xz".into(),
-                        path: format!("bootloaders/{btype}/{arch}/{version}/{item}.tar.xz"),
-                        data,
-                        listed_size: None,
-                        listed_sha256: None,
-                    })
-                    .collect(),
-            )]),
-        }
+    // `name` is MAAS's `os:bootloader-type:arch`.
+    let mk = |name: &str, arches: &str, items: Vec<(&str, Vec<u8>)>| {
+        let [os, btype, arch] = name.split(':').collect::<Vec<_>>()[..] else {
+            panic!("{name} is not os:type:arch")
+        };
+        let path = |item: &str| format!("bootloaders/{btype}/{arch}/{version}/{item}.tar.xz");
+        ProductSpec::new(
+            "com.ubuntu.maas:stable:1:bootloader-download",
+            format!("com.ubuntu.maas.stable:1:{name}"),
+            &[
+                ("os", os),
+                ("arch", arch),
+                ("arches", arches),
+                ("bootloader-type", btype),
+                ("label", "stable"),
+            ],
+            version,
+            items
+                .into_iter()
+                .map(|(item, data)| ItemSpec::new(item, "archive.tar.xz", path(item), data))
+                .collect(),
+        )
     };
     vec![
         mk(
             "pxelinux:pxe:i386",
-            "pxelinux",
-            "pxe",
-            "i386",
             "i386,amd64",
             vec![(
                 "pxelinux",
@@ -259,9 +273,6 @@ pub fn bootloaders(version: &str) -> Vec<ProductSpec> {
         ),
         mk(
             "grub-efi-signed:uefi:amd64",
-            "grub-efi-signed",
-            "uefi",
-            "amd64",
             "amd64",
             vec![
                 (
@@ -279,9 +290,6 @@ pub fn bootloaders(version: &str) -> Vec<ProductSpec> {
         ),
         mk(
             "grub-efi:uefi:arm64",
-            "grub-efi",
-            "uefi",
-            "arm64",
             "arm64",
             vec![(
                 "grub2-signed",

@@ -131,14 +131,7 @@ fn cargo_build_suffixed(t: &Target, suffix: Option<&str>) -> Result<PathBuf> {
             for sub in [t.triple, "dist"] {
                 let from = target_dir.join(sub);
                 if from.exists() {
-                    cmd(
-                        "cp",
-                        &[
-                            "-a",
-                            from.to_str().context("utf-8 path")?,
-                            tmp.to_str().context("utf-8 path")?,
-                        ],
-                    )?;
+                    cmd("cp", &["-a", prereq::utf8(&from)?, prereq::utf8(&tmp)?])?;
                 }
             }
             std::fs::rename(&tmp, &own)?;
@@ -246,7 +239,7 @@ pub fn sha256_reader(mut r: impl Read) -> std::io::Result<String> {
 /// Runs the binary (under its runner) with `args`, bounded by `limit`; returns
 /// (exit code, stdout, stderr).
 fn run_bin(t: &Target, bin: &Path, args: &[&str], limit: Duration) -> Result<(i32, String)> {
-    let bin = bin.to_str().context("utf-8 path")?;
+    let bin = prereq::utf8(bin)?;
     let (program, mut full) = match t.runner {
         Some(r) => (r, vec![bin]),
         None => (bin, vec![]),
@@ -287,7 +280,7 @@ struct Checked {
 /// The static checks: `file`, size, `--version`, `--help`, exit 2 on a bad config.
 fn check(t: &Target, bin: &Path, version: &str) -> Result<Checked> {
     let size = std::fs::metadata(bin)?.len();
-    let file = output("file", &["-b", bin.to_str().context("utf-8 path")?])?
+    let file = output("file", &["-b", prereq::utf8(bin)?])?
         .trim()
         .to_string();
     let name = bin.display();
@@ -321,7 +314,7 @@ fn check(t: &Target, bin: &Path, version: &str) -> Result<Checked> {
     }
     let bad = check_dir().join("bad.toml");
     std::fs::write(&bad, "state_dir = \"/nonexistent\"\nno_such_key = 1\n")?;
-    let bad = bad.to_str().context("utf-8 path")?;
+    let bad = prereq::utf8(&bad)?;
     let (code, out) = run_bin(t, bin, &["--config", bad, "status"], CHECK_TIMEOUT)?;
     if code != 2 || !out.contains("no_such_key") {
         bail!(
@@ -352,7 +345,7 @@ struct Smoke {
 
 /// Downloads `url` to `out` with curl (failing on an HTTP error, within 60 s).
 fn curl_to(url: &str, out: &Path) -> Result<()> {
-    let out = out.to_str().context("utf-8 path")?;
+    let out = prereq::utf8(out)?;
     cmd("curl", &["-sSf", "--max-time", "60", "-o", out, url])
 }
 
@@ -369,7 +362,7 @@ fn smoke(t: &Target, bin: &Path, stream: &crate::demo_stream::Summary) -> Result
         &config,
         DemoRack::loopback("\"amd64\"").config(&stream.dir, &state),
     )?;
-    let config = config.to_str().context("utf-8 path")?;
+    let config = prereq::utf8(&config)?;
 
     let started = Instant::now();
     let (code, out) = run_bin(t, bin, &["--config", config, "sync"], SMOKE_SYNC_TIMEOUT)?;
@@ -381,7 +374,7 @@ fn smoke(t: &Target, bin: &Path, stream: &crate::demo_stream::Summary) -> Result
         );
     }
 
-    let bin_s = bin.to_str().context("utf-8 path")?;
+    let bin_s = prereq::utf8(bin)?;
     let (program, mut args) = match t.runner {
         Some(r) => (r, vec![bin_s]),
         None => (bin_s, vec![]),

@@ -975,7 +975,7 @@ fn prepare(modes: &[Mode]) -> Result<Prepared> {
     std::env::set_current_dir(&root)?;
     cmd("cargo", &["build", "--bin", "rackboot"])?;
     let bin = crate::prereq::target_dir(&root).join("debug/rackboot");
-    let bin = bin.to_str().context("utf-8 path")?.to_string();
+    let bin = prereq::utf8(&bin)?.to_string();
 
     let state = dir.join("state");
     let config = dir.join("rackboot.toml");
@@ -992,7 +992,7 @@ fn prepare(modes: &[Mode]) -> Result<Prepared> {
         arches: "\"amd64\", \"arm64\"",
     };
     std::fs::write(&config, rack.config(&stream, &state))?;
-    let config = config.to_str().context("utf-8 path")?.to_string();
+    let config = prereq::utf8(&config)?.to_string();
     // The proxy modes' rack: rackboot's ProxyDHCP on the bridge, chaining UEFI
     // machines to iPXE (Debian's signed GRUB cannot follow a proxy offer).
     let proxy_config = dir.join("rackboot-proxy.toml");
@@ -1009,7 +1009,7 @@ fn prepare(modes: &[Mode]) -> Result<Prepared> {
             ipxe_dir.display()
         ),
     )?;
-    let proxy_config = proxy_config.to_str().context("utf-8 path")?.to_string();
+    let proxy_config = prereq::utf8(&proxy_config)?.to_string();
     let rb = |args: &[&str]| -> Result<()> {
         let mut full = vec!["--config", config.as_str()];
         full.extend_from_slice(args);

@@ -48,6 +48,12 @@ pub fn output(program: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// `path` as an argument of [`cmd`] or [`output`]; fails on a path that is not UTF-8.
+pub fn utf8(path: &Path) -> Result<&str> {
+    path.to_str()
+        .with_context(|| format!("not a UTF-8 path: {}", path.display()))
+}
+
 fn is_root() -> bool {
     output("id", &["-u"])
         .map(|s| s.trim() == "0")
@@ -241,7 +247,7 @@ pub fn ensure_ipxe_efi() -> Result<PathBuf> {
     std::fs::create_dir_all(&cache)?;
     let deb = cache.join("ipxe_all.deb");
     let part = cache.join(format!("ipxe_all.deb.{}", std::process::id()));
-    let part_s = part.to_str().context("utf-8 path")?;
+    let part_s = utf8(&part)?;
     cmd(
         "curl",
         &["-sSfL", "--max-time", "300", "-o", part_s, IPXE_DEB_URL],
@@ -253,14 +259,7 @@ pub fn ensure_ipxe_efi() -> Result<PathBuf> {
     }
     std::fs::rename(&part, &deb)?;
     let root = cache.join("root");
-    cmd(
-        "dpkg-deb",
-        &[
-            "-x",
-            deb.to_str().context("utf-8 path")?,
-            root.to_str().context("utf-8 path")?,
-        ],
-    )?;
+    cmd("dpkg-deb", &["-x", utf8(&deb)?, utf8(&root)?])?;
     for f in all {
         if !dir.join(f).is_file() {
             bail!("{} has no {f}", deb.display());

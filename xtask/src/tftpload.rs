@@ -46,9 +46,26 @@ struct Client {
     state: State,
 }
 
-fn ack(block: u16) -> [u8; 4] {
+/// An ACK of `block`.
+pub(crate) fn ack(block: u16) -> [u8; 4] {
     let b = block.to_be_bytes();
     [0, 4, b[0], b[1]]
+}
+
+/// An octet RRQ for `path` asking for `blksize`, the size (`tsize 0`) and, above 1,
+/// `windowsize`: what both TFTP load generators send.
+pub(crate) fn rrq(path: &str, blksize: u16, windowsize: u16) -> Vec<u8> {
+    let (bs, ws) = (blksize.to_string(), windowsize.to_string());
+    let mut fields = vec![path, "octet", "blksize", &bs, "tsize", "0"];
+    if windowsize > 1 {
+        fields.extend(["windowsize", &ws]);
+    }
+    let mut p = vec![0u8, 1];
+    for f in fields {
+        p.extend_from_slice(f.as_bytes());
+        p.push(0);
+    }
+    p
 }
 
 impl Client {
@@ -58,26 +75,11 @@ impl Client {
         } else {
             "[::1]:0"
         })?;
-        let mut rrq = vec![0u8, 1];
-        let mut field = |s: &str| {
-            rrq.extend_from_slice(s.as_bytes());
-            rrq.push(0);
-        };
-        field(path);
-        field("octet");
-        field("blksize");
-        field(&blksize.to_string());
-        field("tsize");
-        field("0");
-        if windowsize > 1 {
-            field("windowsize");
-            field(&windowsize.to_string());
-        }
         Ok(Client {
             sock,
             server,
             path: path.to_string(),
-            rrq,
+            rrq: rrq(path, blksize, windowsize),
             peer: None,
             bs: 512,
             ws: 1,

@@ -624,21 +624,6 @@ pub(crate) struct Got {
     pub data: Option<Vec<u8>>,
 }
 
-fn rrq(path: &str, opts: &[(&str, String)]) -> Vec<u8> {
-    let mut p = vec![0u8, 1];
-    for s in [path, "octet"] {
-        p.extend_from_slice(s.as_bytes());
-        p.push(0);
-    }
-    for (k, v) in opts {
-        p.extend_from_slice(k.as_bytes());
-        p.push(0);
-        p.extend_from_slice(v.as_bytes());
-        p.push(0);
-    }
-    p
-}
-
 /// One TFTP read from `src` (RFC 1350 + 2347/2348/2349/7440 receiver rules).
 pub(crate) fn tftp_get(
     src: IpAddr,
@@ -650,11 +635,7 @@ pub(crate) fn tftp_get(
 ) -> Result<Got> {
     let sock = UdpSocket::bind(SocketAddr::new(src, 0))?;
     sock.set_read_timeout(Some(RETRY_AFTER))?;
-    let mut opts = vec![("blksize", blksize.to_string()), ("tsize", "0".to_string())];
-    if ws > 1 {
-        opts.push(("windowsize", ws.to_string()));
-    }
-    let req = rrq(path, &opts);
+    let req = crate::tftpload::rrq(path, blksize, ws);
     sock.send_to(&req, server)?;
     let (mut bs, mut win) = (512usize, 1u16);
     let mut peer: Option<SocketAddr> = None;
@@ -665,10 +646,7 @@ pub(crate) fn tftp_get(
     let mut keep = matches!(mode, Fetch::Keep).then(Vec::new);
     let mut retries = 0;
     let mut buf = vec![0u8; 65536];
-    let ack = |b: u16| {
-        let b = b.to_be_bytes();
-        [0, 4, b[0], b[1]]
-    };
+    let ack = crate::tftpload::ack;
     loop {
         let (n, from) = match sock.recv_from(&mut buf) {
             Ok(x) => x,
