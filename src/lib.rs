@@ -7,8 +7,8 @@
 
 /// Declares a module with no panic path: `unwrap`, `expect`, indexing and slicing,
 /// `panic!`, `unreachable!`, `todo!` and `unimplemented!` are denied in it outside
-/// tests. For the transports that read packets from the network (`dhcp`, `tftp`), where
-/// one bad packet must not end a listener or a transfer thread.
+/// tests. For the modules that read packets from the network (`dhcp`, `tftp`, `pktinfo`),
+/// where one bad packet must not end a listener or a transfer thread.
 macro_rules! no_panic_path {
     ($(#[$attr:meta])* pub mod $name:ident;) => {
         $(#[$attr])*
@@ -60,6 +60,10 @@ pub mod http;
 pub mod machines;
 /// `rackboot mirror`: sstream-mirror's job (filters, --max, byte-identical metadata).
 pub mod mirror;
+no_panic_path! {
+    /// UDP datagrams with their packet info (`IP_PKTINFO`): what `dhcp` and `tftp` share.
+    pub mod pktinfo;
+}
 /// Selection + store contents → what to fetch and the snapshot layout (pure).
 pub mod plan;
 /// The re-exported stream's plain `.json` documents beside the `.sjson` ones.
