@@ -59,22 +59,16 @@ mod tests {
     /// Names built from the pieces that matter (separators of both kinds, `.` and
     /// `..`, case, non-ASCII, control characters), plus arbitrary strings.
     fn name() -> impl Strategy<Value = String> {
+        const PIECES: &[&str] = &[
+            "/", "\\", "//", ".", "..", "...", "..a", "grub", "Grub.CFG", "é", " ",
+        ];
+        // Each piece as likely as each pattern.
         prop_oneof![
             proptest::collection::vec(
                 prop_oneof![
-                    Just("/".to_string()),
-                    Just("\\".to_string()),
-                    Just("//".to_string()),
-                    Just(".".to_string()),
-                    Just("..".to_string()),
-                    Just("...".to_string()),
-                    Just("..a".to_string()),
-                    Just("grub".to_string()),
-                    Just("Grub.CFG".to_string()),
-                    Just("é".to_string()),
-                    Just(" ".to_string()),
-                    "[\\x00-\\x1f\\x7f]",
-                    "[a-zA-Z0-9._-]{1,6}",
+                    PIECES.len() as u32 => proptest::sample::select(PIECES).prop_map(String::from),
+                    1 => "[\\x00-\\x1f\\x7f]",
+                    1 => "[a-zA-Z0-9._-]{1,6}",
                 ],
                 0..16,
             )
