@@ -970,37 +970,29 @@ mod tests {
         assert_eq!(s.drain_timeout, Duration::from_secs(30));
         assert_eq!(s.http.max_connections, 10_000);
         assert_eq!(s.http.header_timeout, Duration::from_secs(10));
-        let s = from_str(
-            p,
-            &format!("[http]\nmax_connections = 64\nheader_timeout = \"3s\"\n{src}"),
-        )
-        .unwrap();
-        assert_eq!(s.http.max_connections, 64);
-        assert_eq!(s.http.header_timeout, Duration::from_secs(3));
-        let e = from_str(p, &format!("[http]\nmax_connections = 0\n{src}")).unwrap_err();
-        assert!(e.to_string().contains("http.max_connections"), "{e}");
-        let e = from_str(p, &format!("[http]\nheader_timeout = \"soon\"\n{src}")).unwrap_err();
-        assert!(e.to_string().contains("http.header_timeout"), "{e}");
         assert_eq!(s.http.max_connections_per_client, 64);
         assert_eq!(s.http.send_timeout, Duration::from_secs(60));
-        let s = from_str(
-            p,
-            &format!("[http]\nmax_connections_per_client = 8\nsend_timeout = \"2s\"\n{src}"),
-        )
-        .unwrap();
+        let set = "drain_timeout = \"2m\"\n[http]\nmax_connections = 64\nheader_timeout = \"3s\"\n\
+                   max_connections_per_client = 8\nsend_timeout = \"2s\"\n";
+        let s = from_str(p, &format!("{set}{src}")).unwrap();
+        assert_eq!(s.drain_timeout, Duration::from_secs(120));
+        assert_eq!(s.http.max_connections, 64);
+        assert_eq!(s.http.header_timeout, Duration::from_secs(3));
         assert_eq!(s.http.max_connections_per_client, 8);
         assert_eq!(s.http.send_timeout, Duration::from_secs(2));
-        let e = from_str(p, &format!("[http]\nmax_connections_per_client = 0\n{src}")).unwrap_err();
-        assert!(
-            e.to_string().contains("http.max_connections_per_client"),
-            "{e}"
-        );
-        let e = from_str(p, &format!("[http]\nsend_timeout = \"0s\"\n{src}")).unwrap_err();
-        assert!(e.to_string().contains("http.send_timeout"), "{e}");
-        let s = from_str(p, &format!("drain_timeout = \"2m\"\n{src}")).unwrap();
-        assert_eq!(s.drain_timeout, Duration::from_secs(120));
-        let e = from_str(p, &format!("drain_timeout = \"never\"\n{src}")).unwrap_err();
-        assert!(e.to_string().contains("drain_timeout"), "{e}");
+        for (bad, key) in [
+            ("[http]\nmax_connections = 0", "http.max_connections"),
+            ("[http]\nheader_timeout = \"soon\"", "http.header_timeout"),
+            (
+                "[http]\nmax_connections_per_client = 0",
+                "http.max_connections_per_client",
+            ),
+            ("[http]\nsend_timeout = \"0s\"", "http.send_timeout"),
+            ("drain_timeout = \"never\"", "drain_timeout"),
+        ] {
+            let e = from_str(p, &format!("{bad}\n{src}")).unwrap_err();
+            assert!(e.to_string().contains(key), "{bad}: {e}");
+        }
     }
 
     #[test]
