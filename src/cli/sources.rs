@@ -4,6 +4,7 @@
 use serde_json::json;
 
 use crate::config::{self, Selection, Settings};
+use crate::select::split_list;
 use crate::state::{Sources, StoredSource};
 
 use super::{print_json, usage, Cli};
@@ -15,13 +16,6 @@ fn kv(args: &[String]) -> anyhow::Result<Vec<(String, String)>> {
                 .map(|(k, v)| (k.trim().to_string(), v.to_string()))
                 .ok_or_else(|| usage(format!("argument {a:?} is not key=value")))
         })
-        .collect()
-}
-
-fn list(v: &str) -> Vec<String> {
-    v.split(',')
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
         .collect()
 }
 
@@ -56,13 +50,7 @@ pub(crate) fn apply_source_kv(
 /// A new selection made from `key=value` pairs over MAAS's defaults (ubuntu, every
 /// arch, subarch and label; the release must be given).
 pub(crate) fn selection_from_kv(pairs: &[(String, String)]) -> anyhow::Result<Selection> {
-    let mut sel = Selection {
-        os: "ubuntu".into(),
-        release: String::new(),
-        arches: vec!["*".into()],
-        subarches: vec!["*".into()],
-        labels: vec!["*".into()],
-    };
+    let mut sel = Selection::maas_default();
     apply_selection_kv(&mut sel, pairs)?;
     Ok(sel)
 }
@@ -75,9 +63,9 @@ pub(crate) fn apply_selection_kv(
         match k.as_str() {
             "os" => s.os = v.clone(),
             "release" => s.release = v.clone(),
-            "arches" => s.arches = list(v),
-            "subarches" => s.subarches = list(v),
-            "labels" => s.labels = list(v),
+            "arches" => s.arches = split_list(v).collect(),
+            "subarches" => s.subarches = split_list(v).collect(),
+            "labels" => s.labels = split_list(v).collect(),
             _ => return Err(usage(format!("unknown selection field {k:?}"))),
         }
     }

@@ -454,11 +454,7 @@ mod body {
             let mut out = Vec::new();
             for item in items {
                 match item {
-                    Value::String(s) => out.extend(
-                        s.split(',')
-                            .map(|x| x.trim().to_string())
-                            .filter(|x| !x.is_empty()),
-                    ),
+                    Value::String(s) => out.extend(crate::select::split_list(&s)),
                     other => {
                         return Err(self.wrong(
                             k,
@@ -545,16 +541,17 @@ mod body {
         let mut f = Fields::new(v, what)?;
         let os = f.string("os")?;
         let release = f.string("release")?;
-        let lists = [f.list("arches")?, f.list("subarches")?, f.list("labels")?];
+        let arches = f.list("arches")?;
+        let subarches = f.list("subarches")?;
+        let labels = f.list("labels")?;
         f.done()?;
-        os.apply(&mut sel.os, "ubuntu".into(), |s| s);
-        release.apply(&mut sel.release, String::new(), |s| s);
-        for (field, patch) in [&mut sel.arches, &mut sel.subarches, &mut sel.labels]
-            .into_iter()
-            .zip(lists)
-        {
-            patch.apply(field, vec!["*".into()], |v| v);
-        }
+        // `null` puts MAAS's default back.
+        let default = crate::config::Selection::maas_default();
+        os.apply(&mut sel.os, default.os, |s| s);
+        release.apply(&mut sel.release, default.release, |s| s);
+        arches.apply(&mut sel.arches, default.arches, |v| v);
+        subarches.apply(&mut sel.subarches, default.subarches, |v| v);
+        labels.apply(&mut sel.labels, default.labels, |v| v);
         if sel.release.is_empty() || sel.os.is_empty() {
             return Err(bad(format!("{what}: a selection needs os and release")));
         }
@@ -563,13 +560,7 @@ mod body {
 
     /// A new selection from a body, over MAAS's defaults.
     pub fn selection(v: Value, what: &str) -> Result<crate::config::Selection, Response<Body>> {
-        let mut sel = crate::config::Selection {
-            os: "ubuntu".into(),
-            release: String::new(),
-            arches: vec!["*".into()],
-            subarches: vec!["*".into()],
-            labels: vec!["*".into()],
-        };
+        let mut sel = crate::config::Selection::maas_default();
         apply_selection(&mut sel, v, what)?;
         Ok(sel)
     }
