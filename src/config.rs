@@ -790,6 +790,14 @@ pub fn describe_sources(sources: &[SourceConfig]) -> BTreeMap<String, usize> {
 mod tests {
     use super::*;
 
+    /// A config: `head` (settings before the sources), then one unsigned local source.
+    fn with_source(head: &str) -> Result<Settings, ConfigError> {
+        from_str(
+            Path::new("c.toml"),
+            &format!("{head}[[sources]]\nurl = \"http://127.0.0.1/streams/v1/index.json\"\nunsigned = true\n"),
+        )
+    }
+
     #[test]
     fn tftp_limits_are_validated() {
         let p = Path::new("rackboot.toml");
@@ -948,59 +956,45 @@ mod tests {
 
     #[test]
     fn sync_deadline_defaults_and_is_checked() {
-        let src =
-            "[[sources]]\nurl = \"http://127.0.0.1/streams/v1/index.json\"\nunsigned = true\n";
-        let p = Path::new("c.toml");
         assert_eq!(
-            from_str(p, src).unwrap().sync.deadline,
+            with_source("").unwrap().sync.deadline,
             Duration::from_secs(7200)
         );
-        let s = from_str(p, &format!("[sync]\ndeadline = \"30m\"\n{src}")).unwrap();
+        let s = with_source("[sync]\ndeadline = \"30m\"\n").unwrap();
         assert_eq!(s.sync.deadline, Duration::from_secs(1800));
-        let e = from_str(p, &format!("[sync]\ndeadline = \"0s\"\n{src}")).unwrap_err();
+        let e = with_source("[sync]\ndeadline = \"0s\"\n").unwrap_err();
         assert!(e.to_string().contains("sync.deadline"), "{e}");
     }
 
     #[test]
     fn http_limits_default_parse_and_are_checked() {
-        let src =
-            "[[sources]]\nurl = \"http://127.0.0.1/streams/v1/index.json\"\nunsigned = true\n";
-        let p = Path::new("c.toml");
-        let s = from_str(p, src).unwrap();
+        let s = with_source("").unwrap();
         assert_eq!(s.drain_timeout, Duration::from_secs(30));
         assert_eq!(s.http.max_connections, 10_000);
         assert_eq!(s.http.header_timeout, Duration::from_secs(10));
-        let s = from_str(
-            p,
-            &format!("[http]\nmax_connections = 64\nheader_timeout = \"3s\"\n{src}"),
-        )
-        .unwrap();
-        assert_eq!(s.http.max_connections, 64);
-        assert_eq!(s.http.header_timeout, Duration::from_secs(3));
-        let e = from_str(p, &format!("[http]\nmax_connections = 0\n{src}")).unwrap_err();
-        assert!(e.to_string().contains("http.max_connections"), "{e}");
-        let e = from_str(p, &format!("[http]\nheader_timeout = \"soon\"\n{src}")).unwrap_err();
-        assert!(e.to_string().contains("http.header_timeout"), "{e}");
         assert_eq!(s.http.max_connections_per_client, 64);
         assert_eq!(s.http.send_timeout, Duration::from_secs(60));
-        let s = from_str(
-            p,
-            &format!("[http]\nmax_connections_per_client = 8\nsend_timeout = \"2s\"\n{src}"),
-        )
-        .unwrap();
+        let set = "drain_timeout = \"2m\"\n[http]\nmax_connections = 64\nheader_timeout = \"3s\"\n\
+                   max_connections_per_client = 8\nsend_timeout = \"2s\"\n";
+        let s = with_source(set).unwrap();
+        assert_eq!(s.drain_timeout, Duration::from_secs(120));
+        assert_eq!(s.http.max_connections, 64);
+        assert_eq!(s.http.header_timeout, Duration::from_secs(3));
         assert_eq!(s.http.max_connections_per_client, 8);
         assert_eq!(s.http.send_timeout, Duration::from_secs(2));
-        let e = from_str(p, &format!("[http]\nmax_connections_per_client = 0\n{src}")).unwrap_err();
-        assert!(
-            e.to_string().contains("http.max_connections_per_client"),
-            "{e}"
-        );
-        let e = from_str(p, &format!("[http]\nsend_timeout = \"0s\"\n{src}")).unwrap_err();
-        assert!(e.to_string().contains("http.send_timeout"), "{e}");
-        let s = from_str(p, &format!("drain_timeout = \"2m\"\n{src}")).unwrap();
-        assert_eq!(s.drain_timeout, Duration::from_secs(120));
-        let e = from_str(p, &format!("drain_timeout = \"never\"\n{src}")).unwrap_err();
-        assert!(e.to_string().contains("drain_timeout"), "{e}");
+        for (bad, key) in [
+            ("[http]\nmax_connections = 0", "http.max_connections"),
+            ("[http]\nheader_timeout = \"soon\"", "http.header_timeout"),
+            (
+                "[http]\nmax_connections_per_client = 0",
+                "http.max_connections_per_client",
+            ),
+            ("[http]\nsend_timeout = \"0s\"", "http.send_timeout"),
+            ("drain_timeout = \"never\"", "drain_timeout"),
+        ] {
+            let e = with_source(&format!("{bad}\n")).unwrap_err();
+            assert!(e.to_string().contains(key), "{bad}: {e}");
+        }
     }
 
     #[test]
@@ -1027,11 +1021,6 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("unsigned = true"), "{e}");
-        let s = from_str(
-            Path::new("c.toml"),
-            "[[sources]]\nurl = \"http://127.0.0.1/streams/v1/index.json\"\nunsigned = true\n",
-        )
-        .unwrap();
-        assert!(s.sources[0].unsigned);
+        assert!(with_source("").unwrap().sources[0].unsigned);
     }
 }

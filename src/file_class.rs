@@ -34,22 +34,8 @@ impl FileClass {
             "boot-kernel" => FileClass::Kernel,
             "boot-initrd" => FileClass::Initrd,
             "squashfs" => FileClass::Squashfs,
-            _ if name.starts_with("grub.cfg")
-                || name.starts_with("ipxe.cfg")
-                || name.ends_with(".ipxe")
-                || name.ends_with(".lst")
-                || path.starts_with("pxelinux.cfg/") =>
-            {
-                FileClass::Config
-            }
-            _ if name.ends_with(".efi")
-                || name.ends_with(".0")
-                || name.ends_with(".c32")
-                || name.ends_with(".mod")
-                || path.starts_with("bootloader/") =>
-            {
-                FileClass::Bootloader
-            }
+            _ if CONFIG.marks(path, name) => FileClass::Config,
+            _ if BOOTLOADER.marks(path, name) => FileClass::Bootloader,
             _ => FileClass::Other,
         }
     }
@@ -64,6 +50,34 @@ impl FileClass {
             FileClass::Config => "config",
             FileClass::Other => "other",
         }
+    }
+}
+
+/// What makes a path a config or a bootloader: its file name starts or ends with one
+/// of these, or the path is under `dir`.
+struct Marks {
+    name_starts: &'static [&'static str],
+    name_ends: &'static [&'static str],
+    dir: &'static str,
+}
+
+const CONFIG: Marks = Marks {
+    name_starts: &["grub.cfg", "ipxe.cfg"],
+    name_ends: &[".ipxe", ".lst"],
+    dir: "pxelinux.cfg/",
+};
+
+const BOOTLOADER: Marks = Marks {
+    name_starts: &[],
+    name_ends: &[".efi", ".0", ".c32", ".mod"],
+    dir: "bootloader/",
+};
+
+impl Marks {
+    fn marks(&self, path: &str, name: &str) -> bool {
+        self.name_starts.iter().any(|p| name.starts_with(p))
+            || self.name_ends.iter().any(|s| name.ends_with(s))
+            || path.starts_with(self.dir)
     }
 }
 

@@ -201,3 +201,15 @@ pub fn for_each_chunk(mut r: impl io::Read, mut f: impl FnMut(&[u8])) -> io::Res
 pub fn ctx<T>(r: io::Result<T>, what: &str, path: &Path) -> anyhow::Result<T> {
     r.map_err(|e| anyhow::anyhow!("{what} {}: {e}", path.display()))
 }
+
+/// For the tests of errors that carry an I/O error (a file's `NotFound`, wrapped by
+/// `wrap`): the chain `{e:#}` prints says it once, not again as a cause.
+#[cfg(test)]
+pub(crate) fn assert_io_cause_said_once<E>(wrap: impl FnOnce(std::io::Error) -> E)
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let e = anyhow::Error::from(wrap(std::io::Error::from(std::io::ErrorKind::NotFound)));
+    let shown = format!("{e:#}");
+    assert_eq!(shown.matches("entity not found").count(), 1, "{shown}");
+}

@@ -5,6 +5,35 @@
 //! `simplestreams`, `select` and `plan` are pure (no I/O, no clock); `sync` drives the
 //! pipeline; the servers only read the published snapshot.
 
+/// Declares a module with no panic path: `unwrap`, `expect`, indexing and slicing,
+/// `panic!`, `unreachable!`, `todo!` and `unimplemented!` are denied in it outside
+/// tests. For the modules that read packets from the network (`dhcp`, `tftp`, `pktinfo`),
+/// where one bad packet must not end a listener or a transfer thread.
+macro_rules! no_panic_path {
+    ($(#[$attr:meta])* pub mod $name:ident;) => {
+        $(#[$attr])*
+        #[deny(
+            clippy::unwrap_used,
+            clippy::expect_used,
+            clippy::indexing_slicing,
+            clippy::panic,
+            clippy::unreachable,
+            clippy::todo,
+            clippy::unimplemented
+        )]
+        #[cfg_attr(
+            test,
+            allow(
+                clippy::unwrap_used,
+                clippy::expect_used,
+                clippy::indexing_slicing,
+                clippy::panic
+            )
+        )]
+        pub mod $name;
+    };
+}
+
 /// Bootloader archive unpacking into the blob store.
 pub mod archive;
 /// Typed pxelinux/GRUB/iPXE configs; escaping of outside strings (pure).
@@ -13,8 +42,10 @@ pub mod bootcfg;
 pub mod cli;
 /// Configuration file, drop-ins and validated settings.
 pub mod config;
-/// ProxyDHCP for PXE and HTTP boot clients (UDP 67 and 4011).
-pub mod dhcp;
+no_panic_path! {
+    /// ProxyDHCP for PXE and HTTP boot clients (UDP 67 and 4011).
+    pub mod dhcp;
+}
 /// Streaming, resumable, hash-checked downloads into the blob store.
 pub mod download;
 /// The class of a served file (labels per-class counters).
@@ -29,6 +60,10 @@ pub mod http;
 pub mod machines;
 /// `rackboot mirror`: sstream-mirror's job (filters, --max, byte-identical metadata).
 pub mod mirror;
+no_panic_path! {
+    /// UDP datagrams with their packet info (`IP_PKTINFO`): what `dhcp` and `tftp` share.
+    pub mod pktinfo;
+}
 /// Selection + store contents → what to fetch and the snapshot layout (pure).
 pub mod plan;
 /// The re-exported stream's plain `.json` documents beside the `.sjson` ones.
@@ -48,8 +83,10 @@ pub mod store;
 pub mod sync;
 /// sd_notify, watchdog and socket activation.
 pub mod systemd;
-/// TFTP server: pure protocol engine + tokio driver.
-pub mod tftp;
+no_panic_path! {
+    /// TFTP server: pure protocol engine + tokio driver.
+    pub mod tftp;
+}
 /// Fetching metadata and payloads from an upstream mirror (HTTP(S), file://).
 pub mod upstream;
 /// OpenPGP verification; the only producer of `Verified` documents.

@@ -66,41 +66,45 @@ impl ImageRef {
     }
 }
 
-/// Applies `key=value` pairs (CLI and API).
-pub fn apply_kv(m: &mut Machine, pairs: &[(String, String)]) -> Result<(), String> {
-    for (k, v) in pairs {
-        match k.as_str() {
-            "image" => {
-                if v.is_empty() {
-                    m.image = None;
-                } else {
-                    ImageRef::parse(v)?;
-                    m.image = Some(v.clone());
-                }
-            }
-            "kernel_params" => {
-                crate::bootcfg::check_kernel_params(v)?;
-                m.kernel_params = (!v.is_empty()).then(|| v.clone())
-            }
-            "local_boot" => {
-                m.local_boot = Some(
-                    v.parse()
-                        .map_err(|_| format!("local_boot={v:?}: expected true or false"))?,
-                )
-            }
-            "dhcp_boot" => {
-                if v.is_empty() {
-                    m.dhcp_boot = None;
-                } else {
-                    crate::dhcp::Override::parse(v)?;
-                    m.dhcp_boot = Some(v.clone());
-                }
-            }
+impl Machine {
+    /// Sets a text field (`image`, `kernel_params`, `dhcp_boot`), for the CLI and the
+    /// API alike: `None` or an empty value clears it, another is checked first (an image
+    /// reference, kernel parameters, a `dhcp_boot` override).
+    pub fn set_text(&mut self, field: &str, value: Option<&str>) -> Result<(), String> {
+        type Check = fn(&str) -> Result<(), String>;
+        let (slot, check): (_, Check) = match field {
+            "image" => (&mut self.image, |v| ImageRef::parse(v).map(drop)),
+            "kernel_params" => (&mut self.kernel_params, crate::bootcfg::check_kernel_params),
+            "dhcp_boot" => (&mut self.dhcp_boot, |v| {
+                crate::dhcp::Override::parse(v).map(drop)
+            }),
             _ => {
                 return Err(format!(
-                    "unknown machine field {k:?} (image, kernel_params, local_boot, dhcp_boot)"
+                    "unknown machine field {field:?} (image, kernel_params, local_boot, dhcp_boot)"
                 ))
             }
+        };
+        match value.filter(|v| !v.is_empty()) {
+            None => *slot = None,
+            Some(v) => {
+                check(v)?;
+                *slot = Some(v.to_string());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Applies `key=value` pairs (the CLI).
+pub fn apply_kv(m: &mut Machine, pairs: &[(String, String)]) -> Result<(), String> {
+    for (k, v) in pairs {
+        if k == "local_boot" {
+            m.local_boot = Some(
+                v.parse()
+                    .map_err(|_| format!("local_boot={v:?}: expected true or false"))?,
+            );
+        } else {
+            m.set_text(k, Some(v))?;
         }
     }
     Ok(())

@@ -217,6 +217,44 @@ pub fn plan(selected: &Selected, have: &dyn Fn(&Sha256) -> bool) -> Plan {
     p
 }
 
+/// Loaders served under a fixed name, by bootloader type and arch: the name, and the
+/// archive members it is taken from (first found wins). MAAS serves lpxelinux.0
+/// (HTTP-capable) as pxelinux.0.
+fn fixed_names(
+    bootloader_type: &str,
+    arch: &str,
+) -> &'static [(&'static str, &'static [&'static str])] {
+    match (bootloader_type, arch) {
+        ("pxe", _) => &[("pxelinux.0", &["lpxelinux.0", "pxelinux.0"])],
+        ("uefi", "amd64") => &[
+            (
+                "bootx64.efi",
+                &["bootx64.efi", "shimx64.efi.signed", "shimx64.efi"],
+            ),
+            (
+                "grubx64.efi",
+                &["grubx64.efi", "grubnetx64.efi.signed", "grubx64.efi.signed"],
+            ),
+        ],
+        ("uefi", "arm64") => &[
+            (
+                "bootaa64.efi",
+                &["bootaa64.efi", "shimaa64.efi.signed", "shimaa64.efi"],
+            ),
+            (
+                "grubaa64.efi",
+                &[
+                    "grubaa64.efi",
+                    "grubnetaa64.efi.signed",
+                    "grubaa64.efi.signed",
+                ],
+            ),
+        ],
+        ("open-firmware", _) => &[("bootppc64.bin", &["bootppc64.bin", "grub.elf"])],
+        _ => &[],
+    }
+}
+
 /// Served names of bootloader archive members: (path at the snapshot root, member
 /// path inside the archive). Firmware asks for the final names; archives may carry
 /// either those or Debian's package names.
@@ -229,45 +267,15 @@ pub fn root_links(bootloader_type: &str, arch: &str, members: &[String]) -> Vec<
             out.push((served.to_string(), m));
         }
     };
-    match (bootloader_type, arch) {
-        ("pxe", _) => {
-            for m in members {
-                if !m.contains('/')
-                    && (m.ends_with(".c32") || m.ends_with(".0"))
-                    && m != "pxelinux.0"
-                {
-                    link(m, Some(m.clone()));
-                }
+    if bootloader_type == "pxe" {
+        for m in members {
+            if !m.contains('/') && (m.ends_with(".c32") || m.ends_with(".0")) && m != "pxelinux.0" {
+                link(m, Some(m.clone()));
             }
-            // MAAS serves lpxelinux.0 (HTTP-capable) as pxelinux.0.
-            link("pxelinux.0", first(&["lpxelinux.0", "pxelinux.0"]));
         }
-        ("uefi", "amd64") => {
-            link(
-                "bootx64.efi",
-                first(&["bootx64.efi", "shimx64.efi.signed", "shimx64.efi"]),
-            );
-            link(
-                "grubx64.efi",
-                first(&["grubx64.efi", "grubnetx64.efi.signed", "grubx64.efi.signed"]),
-            );
-        }
-        ("uefi", "arm64") => {
-            link(
-                "bootaa64.efi",
-                first(&["bootaa64.efi", "shimaa64.efi.signed", "shimaa64.efi"]),
-            );
-            link(
-                "grubaa64.efi",
-                first(&[
-                    "grubaa64.efi",
-                    "grubnetaa64.efi.signed",
-                    "grubaa64.efi.signed",
-                ]),
-            );
-        }
-        ("open-firmware", _) => link("bootppc64.bin", first(&["bootppc64.bin", "grub.elf"])),
-        _ => {}
+    }
+    for (served, cands) in fixed_names(bootloader_type, arch) {
+        link(served, first(cands));
     }
     // GRUB module trees (grub/x86_64-efi/http.mod, …) are served at the root too.
     for m in members {
@@ -324,17 +332,21 @@ mod tests {
 
     fn field() -> impl proptest::strategy::Strategy<Value = String> {
         use proptest::prelude::*;
+        const TRICKY: &[&str] = &[
+            "amd64",
+            "../../x",
+            "/tmp/x",
+            ".",
+            "..",
+            "file:/etc/passwd",
+            "http://other/x",
+            "",
+        ];
+        // Each tricky value as likely as each pattern.
         prop_oneof![
-            Just("amd64".to_string()),
-            Just("../../x".to_string()),
-            Just("/tmp/x".to_string()),
-            Just(".".to_string()),
-            Just("..".to_string()),
-            Just("file:/etc/passwd".to_string()),
-            Just("http://other/x".to_string()),
-            Just(String::new()),
-            "[a-z0-9./:%~_+\\-]{0,12}",
-            ".{0,8}",
+            TRICKY.len() as u32 => proptest::sample::select(TRICKY).prop_map(String::from),
+            1 => "[a-z0-9./:%~_+\\-]{0,12}",
+            1 => ".{0,8}",
         ]
     }
 

@@ -21,6 +21,28 @@ pub struct Selection {
     pub labels: Vec<String>,
 }
 
+impl Selection {
+    /// MAAS's defaults for a new selection (the CLI's and the API's): ubuntu, every
+    /// arch, subarch and label; the release is left to be given.
+    pub fn maas_default() -> Selection {
+        Selection {
+            os: "ubuntu".into(),
+            release: String::new(),
+            arches: vec!["*".into()],
+            subarches: vec!["*".into()],
+            labels: vec!["*".into()],
+        }
+    }
+}
+
+/// A comma-separated list as the CLI and the API take one: items trimmed, empty ones
+/// dropped.
+pub fn split_list(v: &str) -> impl Iterator<Item = String> + '_ {
+    v.split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
 /// Item types a rack downloads for boot images.
 pub const IMAGE_FTYPES: &[&str] = &["boot-kernel", "boot-initrd", "boot-dtb", "squashfs"];
 /// Item types of bootloader products.

@@ -462,6 +462,23 @@ impl Checksum {
     }
 }
 
+/// One level of the product tree (a product, a version, an item; `field` names the
+/// map it is in): its object, and its properties over those it inherits.
+fn level<'a>(
+    value: &'a Value,
+    context: &str,
+    field: &'static str,
+    inherited: &Props,
+) -> Result<(&'a Map<String, Value>, Props), ParseError> {
+    let obj = value.as_object().ok_or_else(|| ParseError::Field {
+        context: context.to_string(),
+        field,
+    })?;
+    let mut props = inherited.clone();
+    inherit(&mut props, obj);
+    Ok((obj, props))
+}
+
 /// Parses a `products:1.0` document that the index listed under `content_id` into
 /// flattened raw items. A single unsafe path rejects the whole document.
 pub fn parse_raw_items(text: &str, content_id: &str) -> Result<Vec<RawItem>, ParseError> {
@@ -486,34 +503,19 @@ pub fn parse_raw_items(text: &str, content_id: &str) -> Result<Vec<RawItem>, Par
     let mut items = Vec::new();
     for (pname, product) in products {
         let ctx = format!("product {pname}");
-        let product = product.as_object().ok_or_else(|| ParseError::Field {
-            context: ctx.clone(),
-            field: "products",
-        })?;
-        let mut pprops = base.clone();
-        inherit(&mut pprops, product);
+        let (product, pprops) = level(product, &ctx, "products", &base)?;
         let Some(versions) = product.get("versions").and_then(Value::as_object) else {
             continue; // a product without versions is dropped
         };
         for (vname, version) in versions {
             let vctx = format!("{ctx} version {vname}");
-            let version = version.as_object().ok_or_else(|| ParseError::Field {
-                context: vctx.clone(),
-                field: "versions",
-            })?;
-            let mut vprops = pprops.clone();
-            inherit(&mut vprops, version);
+            let (version, vprops) = level(version, &vctx, "versions", &pprops)?;
             let Some(vitems) = version.get("items").and_then(Value::as_object) else {
                 continue;
             };
             for (iname, item) in vitems {
                 let ictx = format!("{vctx} item {iname}");
-                let item = item.as_object().ok_or_else(|| ParseError::Field {
-                    context: ictx.clone(),
-                    field: "items",
-                })?;
-                let mut props = vprops.clone();
-                inherit(&mut props, item);
+                let (item, mut props) = level(item, &ictx, "items", &vprops)?;
                 props.insert("content_id".into(), content_id.to_string());
                 props.insert("product_name".into(), pname.clone());
                 props.insert("version_name".into(), vname.clone());

@@ -4,6 +4,7 @@
 use serde_json::json;
 
 use crate::config::{self, Selection, Settings};
+use crate::select::split_list;
 use crate::state::{Sources, StoredSource};
 
 use super::{print_json, usage, Cli};
@@ -18,13 +19,6 @@ fn kv(args: &[String]) -> anyhow::Result<Vec<(String, String)>> {
         .collect()
 }
 
-fn list(v: &str) -> Vec<String> {
-    v.split(',')
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .collect()
-}
-
 fn id_arg(args: &[String], i: usize, what: &str) -> anyhow::Result<u64> {
     let a = args
         .get(i)
@@ -33,58 +27,76 @@ fn id_arg(args: &[String], i: usize, what: &str) -> anyhow::Result<u64> {
         .map_err(|_| usage(format!("{what} {a:?} is not a number")))
 }
 
-pub(crate) fn apply_source_kv(
-    s: &mut StoredSource,
-    pairs: &[(String, String)],
-) -> anyhow::Result<()> {
+/// What `key=value` arguments edit: a field at a time, then the whole is checked.
+trait KvFields {
+    /// Its name in errors.
+    const WHAT: &'static str;
+    /// Sets field `k` to `v`; `Ok(false)`: no such field.
+    fn set(&mut self, k: &str, v: &str) -> anyhow::Result<bool>;
+    fn check(&self) -> anyhow::Result<()>;
+}
+
+fn apply_kv<T: KvFields>(t: &mut T, pairs: &[(String, String)]) -> anyhow::Result<()> {
     for (k, v) in pairs {
-        match k.as_str() {
-            "url" => s.url = v.clone(),
-            "keyring_filename" => s.keyring_filename = (!v.is_empty()).then(|| v.into()),
-            "keyring_data" => s.keyring_data = (!v.is_empty()).then(|| v.clone()),
+        if !t.set(k, v)? {
+            return Err(usage(format!("unknown {} field {k:?}", T::WHAT)));
+        }
+    }
+    t.check()
+}
+
+impl KvFields for StoredSource {
+    const WHAT: &'static str = "boot-source";
+
+    fn set(&mut self, k: &str, v: &str) -> anyhow::Result<bool> {
+        match k {
+            "url" => self.url = v.to_string(),
+            "keyring_filename" => self.keyring_filename = (!v.is_empty()).then(|| v.into()),
+            "keyring_data" => self.keyring_data = (!v.is_empty()).then(|| v.to_string()),
             "unsigned" => {
-                s.unsigned = v
+                self.unsigned = v
                     .parse()
                     .map_err(|_| usage(format!("unsigned={v:?}: expected true or false")))?
             }
-            _ => return Err(usage(format!("unknown boot-source field {k:?}"))),
+            _ => return Ok(false),
         }
+        Ok(true)
     }
-    config::check_source(&s.config()).map_err(usage)
+
+    fn check(&self) -> anyhow::Result<()> {
+        config::check_source(&self.config()).map_err(usage)
+    }
+}
+
+impl KvFields for Selection {
+    const WHAT: &'static str = "selection";
+
+    fn set(&mut self, k: &str, v: &str) -> anyhow::Result<bool> {
+        match k {
+            "os" => self.os = v.to_string(),
+            "release" => self.release = v.to_string(),
+            "arches" => self.arches = split_list(v).collect(),
+            "subarches" => self.subarches = split_list(v).collect(),
+            "labels" => self.labels = split_list(v).collect(),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        if self.release.is_empty() {
+            return Err(usage("a selection needs release=…"));
+        }
+        Ok(())
+    }
 }
 
 /// A new selection made from `key=value` pairs over MAAS's defaults (ubuntu, every
 /// arch, subarch and label; the release must be given).
-pub(crate) fn selection_from_kv(pairs: &[(String, String)]) -> anyhow::Result<Selection> {
-    let mut sel = Selection {
-        os: "ubuntu".into(),
-        release: String::new(),
-        arches: vec!["*".into()],
-        subarches: vec!["*".into()],
-        labels: vec!["*".into()],
-    };
-    apply_selection_kv(&mut sel, pairs)?;
+fn selection_from_kv(pairs: &[(String, String)]) -> anyhow::Result<Selection> {
+    let mut sel = Selection::maas_default();
+    apply_kv(&mut sel, pairs)?;
     Ok(sel)
-}
-
-pub(crate) fn apply_selection_kv(
-    s: &mut Selection,
-    pairs: &[(String, String)],
-) -> anyhow::Result<()> {
-    for (k, v) in pairs {
-        match k.as_str() {
-            "os" => s.os = v.clone(),
-            "release" => s.release = v.clone(),
-            "arches" => s.arches = list(v),
-            "subarches" => s.subarches = list(v),
-            "labels" => s.labels = list(v),
-            _ => return Err(usage(format!("unknown selection field {k:?}"))),
-        }
-    }
-    if s.release.is_empty() {
-        return Err(usage("a selection needs release=…"));
-    }
-    Ok(())
 }
 
 /// The boot sources for `op`; unless it only reads, with the state lock, held by the
@@ -133,12 +145,12 @@ pub(super) fn cmd_sources(
         }
         "create" => {
             let pairs = kv(args)?;
-            sources.add_source(|s| apply_source_kv(s, &pairs))?;
+            sources.add_source(|s| apply_kv(s, &pairs))?;
         }
         "update" => {
             let id = id_arg(args, 0, "boot source id")?;
             let pairs = kv(&args[1..])?;
-            sources.edit_source(id, |s| apply_source_kv(s, &pairs))?;
+            sources.edit_source(id, |s| apply_kv(s, &pairs))?;
         }
         "delete" => {
             sources.delete_source(id_arg(args, 0, "boot source id")?)?;
@@ -198,7 +210,7 @@ pub(super) fn cmd_selections(
         "update" => {
             let id = id_arg(args, 1, "selection id")?;
             let pairs = kv(&args[2..])?;
-            sources.edit_selection(source_id, id, |s| apply_selection_kv(s, &pairs))?;
+            sources.edit_selection(source_id, id, |s| apply_kv(s, &pairs))?;
         }
         "delete" => {
             sources.delete_selection(source_id, id_arg(args, 1, "selection id")?)?;

@@ -593,6 +593,16 @@ mod tests {
         m.to_vec().unwrap()
     }
 
+    /// A DISCOVER from a boot client that is not iPXE.
+    fn discover(class: &str, arch: u16) -> Vec<u8> {
+        packet(MessageType::Discover, Some(class), Some(arch), false)
+    }
+
+    /// The message of a reply, decoded.
+    fn decoded(r: &Reply) -> v4::Message {
+        v4::Message::decode(&mut Decoder::new(&r.bytes)).unwrap()
+    }
+
     fn policy(uefi_loader: UefiLoader) -> Policy {
         Policy {
             uefi_loader,
@@ -619,46 +629,36 @@ mod tests {
         let pxe = "PXEClient:Arch:00000:UNDI:002001";
         let http = "HTTPClient:Arch:00016:UNDI:003001";
         use UefiLoader::{Ipxe, Shim};
-        assert_eq!(file_for(pxe, 0, false, Ipxe), "pxelinux.0");
-        assert_eq!(
-            file_for(pxe, 0, true, Ipxe),
-            "http://10.0.0.2:5248/boot.ipxe?mac=52:54:00:12:34:56&arch=amd64"
-        );
-        assert_eq!(
-            file_for(pxe, 11, true, Shim),
-            "http://10.0.0.2:5248/boot.ipxe?mac=52:54:00:12:34:56&arch=arm64"
-        );
-        assert_eq!(file_for(pxe, 7, false, Ipxe), "ipxe/snponly.efi");
-        assert_eq!(file_for(pxe, 9, false, Ipxe), "ipxe/snponly.efi");
-        assert_eq!(file_for(pxe, 11, false, Ipxe), "ipxe/ipxe-arm64.efi");
-        assert_eq!(file_for(pxe, 7, false, Shim), "bootx64.efi");
-        assert_eq!(file_for(pxe, 11, false, Shim), "bootaa64.efi");
-        assert_eq!(
-            file_for(http, 16, false, Ipxe),
-            "http://10.0.0.2:5248/ipxe/ipxe-amd64.efi"
-        );
-        assert_eq!(
-            file_for(http, 19, false, Ipxe),
-            "http://10.0.0.2:5248/ipxe/ipxe-arm64.efi"
-        );
-        assert_eq!(
-            file_for(http, 16, false, Shim),
-            "http://10.0.0.2:5248/bootx64.efi"
-        );
+        let ipxe_script = "http://10.0.0.2:5248/boot.ipxe?mac=52:54:00:12:34:56";
+        let table: &[(&str, u16, bool, UefiLoader, &str)] = &[
+            (pxe, 0, false, Ipxe, "pxelinux.0"),
+            (pxe, 0, true, Ipxe, &format!("{ipxe_script}&arch=amd64")),
+            (pxe, 11, true, Shim, &format!("{ipxe_script}&arch=arm64")),
+            (pxe, 7, false, Ipxe, "ipxe/snponly.efi"),
+            (pxe, 9, false, Ipxe, "ipxe/snponly.efi"),
+            (pxe, 11, false, Ipxe, "ipxe/ipxe-arm64.efi"),
+            (pxe, 7, false, Shim, "bootx64.efi"),
+            (pxe, 11, false, Shim, "bootaa64.efi"),
+            (http, 16, false, Ipxe, "http://10.0.0.2:5248/ipxe/ipxe-amd64.efi"),
+            (http, 19, false, Ipxe, "http://10.0.0.2:5248/ipxe/ipxe-arm64.efi"),
+            (http, 16, false, Shim, "http://10.0.0.2:5248/bootx64.efi"),
+        ];
+        for &(class, arch, ipxe, loader, want) in table {
+            assert_eq!(
+                file_for(class, arch, ipxe, loader),
+                want,
+                "{class} arch {arch} ipxe {ipxe} {loader:?}"
+            );
+        }
     }
 
     #[test]
     fn an_offer_assigns_nothing_and_echoes_the_client() {
-        let p = packet(
-            MessageType::Discover,
-            Some("PXEClient:Arch:00000:UNDI:002001"),
-            Some(0),
-            false,
-        );
+        let p = discover("PXEClient:Arch:00000:UNDI:002001", 0);
         let r = answer(&p, Port::Dhcp, UefiLoader::Ipxe, None).unwrap();
         assert_eq!((r.dest, r.message), (Dest::Broadcast, MessageType::Offer));
         assert!(r.bytes.len() >= MIN_REPLY);
-        let m = v4::Message::decode(&mut Decoder::new(&r.bytes)).unwrap();
+        let m = decoded(&r);
         assert_eq!(m.opcode(), v4::Opcode::BootReply);
         assert_eq!(m.yiaddr(), Ipv4Addr::UNSPECIFIED);
         assert_eq!(m.siaddr(), RACK);
@@ -691,23 +691,13 @@ mod tests {
 
     #[test]
     fn uefi_and_http_offers_carry_no_vendor_options_and_http_echoes_httpclient() {
-        let p = packet(
-            MessageType::Discover,
-            Some("PXEClient:Arch:00007"),
-            Some(7),
-            false,
-        );
+        let p = discover("PXEClient:Arch:00007", 7);
         let r = answer(&p, Port::Dhcp, UefiLoader::Ipxe, None).unwrap();
-        let m = v4::Message::decode(&mut Decoder::new(&r.bytes)).unwrap();
+        let m = decoded(&r);
         assert!(m.opts().get(OptionCode::VendorExtensions).is_none());
-        let p = packet(
-            MessageType::Discover,
-            Some("HTTPClient:Arch:00016"),
-            Some(16),
-            false,
-        );
+        let p = discover("HTTPClient:Arch:00016", 16);
         let r = answer(&p, Port::Dhcp, UefiLoader::Ipxe, None).unwrap();
-        let m = v4::Message::decode(&mut Decoder::new(&r.bytes)).unwrap();
+        let m = decoded(&r);
         assert_eq!(
             m.opts().get(OptionCode::ClassIdentifier),
             Some(&DhcpOption::ClassIdentifier(b"HTTPClient".to_vec()))
@@ -737,7 +727,7 @@ mod tests {
         );
         other.server_id = Some(RACK);
         assert!(decide(&other, Port::Pxe, RACK, &p, None).is_ok());
-        let disc = packet(MessageType::Discover, Some("PXEClient"), Some(7), false);
+        let disc = discover("PXEClient", 7);
         assert_eq!(
             answer(&disc, Port::Pxe, UefiLoader::Ipxe, None),
             Err(DropReason::NotForUs)
@@ -757,7 +747,7 @@ mod tests {
             answer(&other, Port::Dhcp, UefiLoader::Ipxe, None),
             Err(DropReason::NotPxe)
         );
-        let itanium = packet(MessageType::Discover, Some("PXEClient"), Some(2), false);
+        let itanium = discover("PXEClient", 2);
         assert_eq!(
             answer(&itanium, Port::Dhcp, UefiLoader::Ipxe, None),
             Err(DropReason::UnsupportedArch)
@@ -774,30 +764,15 @@ mod tests {
 
     #[test]
     fn overrides() {
-        let p = packet(
-            MessageType::Discover,
-            Some("PXEClient:Arch:00000"),
-            Some(0),
-            false,
-        );
+        let p = discover("PXEClient:Arch:00000", 0);
         let ipxe = packet(
             MessageType::Discover,
             Some("PXEClient:Arch:00000"),
             Some(0),
             true,
         );
-        let efi = packet(
-            MessageType::Discover,
-            Some("PXEClient:Arch:00007"),
-            Some(7),
-            false,
-        );
-        let http = packet(
-            MessageType::Discover,
-            Some("HTTPClient:Arch:00016"),
-            Some(16),
-            false,
-        );
+        let efi = discover("PXEClient:Arch:00007", 7);
+        let http = discover("HTTPClient:Arch:00016", 16);
         let file = |p: &[u8], o: &Override| {
             answer(p, Port::Dhcp, UefiLoader::Shim, Some(o)).map(|r| r.boot_file)
         };
@@ -831,7 +806,7 @@ mod tests {
 
     #[test]
     fn hostile_packets_are_dropped_not_panicked_on() {
-        let good = packet(MessageType::Discover, Some("PXEClient"), Some(0), false);
+        let good = discover("PXEClient", 0);
         for cut in 0..good.len() {
             let _ = parse(&good[..cut])
                 .map(|r| decide(&r, Port::Dhcp, RACK, &policy(UefiLoader::Ipxe), None));

@@ -16,19 +16,19 @@
 //! Every request is counted, and every answer or drop is reported to
 //! [`Hooks::answered`]; nothing here logs per packet above debug level.
 
-use std::io::{IoSlice, IoSliceMut};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::io::IoSlice;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{
-    self, sockopt, ControlMessage, ControlMessageOwned, MsgFlags, SockaddrIn, SockaddrStorage,
-};
+use nix::sys::socket::{self, ControlMessage, MsgFlags, SockaddrIn};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
+
+use crate::pktinfo;
 
 use super::proxy::{self, Dest, DropReason, Override, Policy, Port, Reply, Request, UefiLoader};
 
@@ -125,7 +125,7 @@ pub fn bind() -> Result<Sockets, String> {
         s.set_broadcast(true)
             .and_then(|()| s.set_nonblocking(true))
             .map_err(|e| format!("DHCP socket on {addr}: {e}"))?;
-        socket::setsockopt(&s, sockopt::Ipv4PacketInfo, &true)
+        pktinfo::enable(&s, false)
             .map_err(|e| format!("DHCP socket on {addr}: IP_PKTINFO: {e}"))?;
         Ok(s)
     };
@@ -231,39 +231,22 @@ struct Received {
     spec_dst: Ipv4Addr,
 }
 
-fn recv(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<Received> {
-    sock.try_io(Interest::READABLE, || {
-        let mut iov = [IoSliceMut::new(buf)];
-        let mut cmsg = nix::cmsg_space!(nix::libc::in_pktinfo);
-        let msg = socket::recvmsg::<SockaddrStorage>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::empty(),
-        )
-        .map_err(std::io::Error::from)?;
-        let mut ifindex = 0;
-        let mut spec_dst = Ipv4Addr::UNSPECIFIED;
-        for c in msg.cmsgs().map_err(std::io::Error::from)? {
-            if let ControlMessageOwned::Ipv4PacketInfo(pi) = c {
-                ifindex = u32::try_from(pi.ipi_ifindex).unwrap_or(0);
-                spec_dst = Ipv4Addr::from(u32::from_be(pi.ipi_spec_dst.s_addr));
-            }
-        }
-        let from = msg
-            .address
-            .as_ref()
-            .and_then(|a| a.as_sockaddr_in())
-            .map(|a| SocketAddrV4::new(a.ip(), a.port()))
-            .ok_or_else(|| std::io::Error::other("datagram without an IPv4 source"))?;
+impl Received {
+    fn of(d: pktinfo::Datagram) -> std::io::Result<Received> {
+        let SocketAddr::V4(from) = d.from else {
+            return Err(std::io::Error::other("datagram without an IPv4 source"));
+        };
         Ok(Received {
-            len: msg.bytes,
-            truncated: msg.flags.contains(MsgFlags::MSG_TRUNC),
+            len: d.len,
+            truncated: d.truncated,
             from,
-            ifindex,
-            spec_dst,
+            ifindex: d.info.map_or(0, |i| i.ifindex),
+            spec_dst: d
+                .info
+                .and_then(|i| i.spec_dst)
+                .unwrap_or(Ipv4Addr::UNSPECIFIED),
         })
-    })
+    }
 }
 
 /// Sends `bytes` to `dest` out of interface `ifindex`, from `src`.
@@ -399,14 +382,9 @@ async fn listen(shared: Arc<Shared>, sock: UdpSocket, port: Port, shutdown: Canc
     // Larger than any DHCP message a client sends; a longer datagram is truncated
     // and dropped as malformed.
     let mut buf = vec![0u8; 8192];
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = sock.readable() => if r.is_err() { return },
-        }
-        let got = match recv(&sock, &mut buf) {
+    while let Some(got) = pktinfo::next(&sock, &mut buf, &shutdown).await {
+        let got = match got.and_then(Received::of) {
             Ok(g) => g,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => {
                 tracing::debug!("dhcp: receive on port {port:?}: {e}");
                 continue;

@@ -735,23 +735,17 @@ pub fn config_of(path: &str, query: Option<&str>) -> Option<(Loader, Option<Mac>
             name.strip_prefix("01-").and_then(Mac::parse),
         ));
     }
-    if path == "grub/grub.cfg" {
-        return Some((Loader::Grub, None));
-    }
-    if let Some(rest) = path.strip_prefix("grub/grub.cfg-") {
-        let mac = (!rest.starts_with("default"))
-            .then(|| Mac::parse(rest))
-            .flatten();
-        return Some((Loader::Grub, mac));
-    }
-    if path == "ipxe.cfg" {
-        return Some((Loader::Ipxe, None));
-    }
-    if let Some(rest) = path.strip_prefix("ipxe.cfg-") {
-        let mac = (!rest.starts_with("default"))
-            .then(|| Mac::parse(rest))
-            .flatten();
-        return Some((Loader::Ipxe, mac));
+    // `NAME`, `NAME-<mac>`, `NAME-default…`.
+    for (name, loader) in [("grub/grub.cfg", Loader::Grub), ("ipxe.cfg", Loader::Ipxe)] {
+        if path == name {
+            return Some((loader, None));
+        }
+        if let Some(rest) = path.strip_prefix(name).and_then(|r| r.strip_prefix('-')) {
+            let mac = (!rest.starts_with("default"))
+                .then(|| Mac::parse(rest))
+                .flatten();
+            return Some((loader, mac));
+        }
     }
     if path == "boot.ipxe" {
         let mac = query.and_then(|q| {
@@ -903,45 +897,25 @@ mod tests {
 
     #[test]
     fn configs_name_their_loader_and_mac() {
+        use Loader::{Grub, Ipxe, Pxelinux};
         let m = Mac::parse("52:54:00:12:34:56");
-        assert_eq!(
-            config_of("pxelinux.cfg/01-52-54-00-12-34-56", None),
-            Some((Loader::Pxelinux, m))
-        );
-        assert_eq!(
-            config_of(
+        let cases = [
+            ("pxelinux.cfg/01-52-54-00-12-34-56", Some((Pxelinux, m))),
+            (
                 "bootloader/pxe/amd64/pxelinux.cfg/01-52-54-00-12-34-56",
-                None
+                Some((Pxelinux, m)),
             ),
-            Some((Loader::Pxelinux, m))
-        );
-        assert_eq!(
-            config_of("pxelinux.cfg/default", None),
-            Some((Loader::Pxelinux, None))
-        );
-        assert_eq!(
-            config_of("grub/grub.cfg-52:54:00:12:34:56", None),
-            Some((Loader::Grub, m))
-        );
-        assert_eq!(
-            config_of("grub/grub.cfg-default-x86_64", None),
-            Some((Loader::Grub, None))
-        );
-        assert_eq!(
-            config_of("ipxe.cfg-525400123456", None),
-            Some((Loader::Ipxe, m))
-        );
-        assert_eq!(
-            config_of(
-                "boot.ipxe",
-                Some("arch=x86_64&mac=52%3A54%3A00%3A12%3A34%3A56")
-            ),
-            Some((Loader::Ipxe, m))
-        );
-        assert_eq!(
-            config_of("ubuntu/amd64/ga/noble/stable/boot-kernel", None),
-            None
-        );
+            ("pxelinux.cfg/default", Some((Pxelinux, None))),
+            ("grub/grub.cfg-52:54:00:12:34:56", Some((Grub, m))),
+            ("grub/grub.cfg-default-x86_64", Some((Grub, None))),
+            ("ipxe.cfg-525400123456", Some((Ipxe, m))),
+            ("ubuntu/amd64/ga/noble/stable/boot-kernel", None),
+        ];
+        for (path, want) in cases {
+            assert_eq!(config_of(path, None), want, "{path}");
+        }
+        let query = "arch=x86_64&mac=52%3A54%3A00%3A12%3A34%3A56";
+        assert_eq!(config_of("boot.ipxe", Some(query)), Some((Ipxe, m)));
     }
 
     #[test]

@@ -139,6 +139,18 @@ pub struct Daemon {
     pub boots: Arc<bootlog::BootLog>,
 }
 
+/// A generation as the log and STATUS= lines say it: its number, or `none`.
+struct Generation(Option<u64>);
+
+impl std::fmt::Display for Generation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(g) => write!(f, "{g}"),
+            None => f.write_str("none"),
+        }
+    }
+}
+
 impl Daemon {
     pub fn settings(&self) -> Arc<Settings> {
         self.settings.read().expect("settings lock").clone()
@@ -148,6 +160,11 @@ impl Daemon {
     /// that serves its files takes [`Daemon::current`] instead.
     pub fn shown(&self) -> Option<Arc<Snapshot>> {
         self.snapshot.borrow().clone()
+    }
+
+    /// The generation served now.
+    fn served_generation(&self) -> Option<u64> {
+        self.snapshot.borrow().as_ref().map(|s| s.generation)
     }
 
     /// The snapshot to serve a request from (kept alive by the returned Arc).
@@ -182,7 +199,7 @@ impl Daemon {
                 return;
             }
         };
-        let served = self.snapshot.borrow().as_ref().map(|s| s.generation);
+        let served = self.served_generation();
         let current = store.current_generation();
         let mut keep = self.pinned();
         keep.extend(served);
@@ -205,12 +222,7 @@ impl Daemon {
                     .lock()
                     .expect("lock")
                     .push(Arc::downgrade(&snap));
-                tracing::info!(
-                    "serving generation {g} (was {})",
-                    served
-                        .map(|g| g.to_string())
-                        .unwrap_or_else(|| "none".into())
-                );
+                tracing::info!("serving generation {g} (was {})", Generation(served));
                 self.snapshot.send_replace(Some(snap));
                 // The old generation stays registered only while a request holds it.
                 let mut now = self.pinned();
@@ -225,7 +237,7 @@ impl Daemon {
                 if *failed != Some(g) {
                     tracing::error!(
                         "current names generation {g} but it cannot be loaded; still serving generation {}: {e:#}",
-                        served.map(|g| g.to_string()).unwrap_or_else(|| "none".into())
+                        Generation(served)
                     );
                     *failed = Some(g);
                 }
@@ -377,13 +389,13 @@ pub async fn sync_once(d: &Arc<Daemon>) {
         })),
     };
     let t = Instant::now();
-    let before = d.snapshot.borrow().as_ref().map(|s| s.generation);
+    let before = d.served_generation();
     let result = run_isolated(settings.clone(), opts, d.live.clone()).await;
     *d.sync_stop.lock().expect("lock") = None;
     // Whatever the outcome (a write after publish may have failed), serve what
     // `current` names now.
     follow(d).await;
-    let after = d.snapshot.borrow().as_ref().map(|s| s.generation);
+    let after = d.served_generation();
     let elapsed = t.elapsed();
     d.sync_duration_ms_total
         .fetch_add(elapsed.as_millis() as u64, Ordering::Relaxed);
@@ -409,21 +421,16 @@ pub async fn sync_once(d: &Arc<Daemon>) {
                 if after != report.generation {
                     tracing::error!(
                         "serving generation {} although the sync published {}",
-                        after
-                            .map(|g| g.to_string())
-                            .unwrap_or_else(|| "none".into()),
+                        Generation(after),
                         report.generation.map(|g| g.to_string()).unwrap_or_default()
                     );
                 }
             } else {
                 tracing::info!("sync: up to date ({} ms)", report.elapsed_ms);
             }
-            let generation = d.snapshot.borrow().as_ref().map(|s| s.generation);
             systemd::notify(&format!(
                 "STATUS=serving generation {}; last sync ok",
-                generation
-                    .map(|g| g.to_string())
-                    .unwrap_or_else(|| "none".into())
+                Generation(d.served_generation())
             ));
         }
         Err(e) => {
@@ -439,9 +446,7 @@ pub async fn sync_once(d: &Arc<Daemon>) {
             } else {
                 tracing::error!(
                     "sync failed after publishing generation {}, which is served: {e}",
-                    after
-                        .map(|g| g.to_string())
-                        .unwrap_or_else(|| "none".into())
+                    Generation(after)
                 );
             }
             systemd::notify(&format!("STATUS=last sync failed: {e}"));
@@ -819,12 +824,9 @@ pub async fn serve(config_path: &Path, settings: Settings) -> anyhow::Result<()>
     dhcp::spawn(&daemon, dhcp_sockets, &shutdown, &mut tasks);
     // The sockets are bound and the last snapshot (or none) is loaded: ready, before
     // the first sync can report anything.
-    let generation = daemon.snapshot.borrow().as_ref().map(|s| s.generation);
     systemd::notify(&format!(
         "READY=1\nSTATUS=serving generation {}",
-        generation
-            .map(|g| g.to_string())
-            .unwrap_or_else(|| "none".into())
+        Generation(daemon.served_generation())
     ));
     {
         let (d, s) = (daemon.clone(), shutdown.clone());

@@ -351,6 +351,18 @@ mod body {
         Set(T),
     }
 
+    impl<T> Patch<T> {
+        /// Applies the field to `slot`: `null` stores `cleared`, a value what `set` makes
+        /// of it.
+        fn apply<U>(self, slot: &mut U, cleared: U, set: impl FnOnce(T) -> U) {
+            match self {
+                Patch::Keep => {}
+                Patch::Clear => *slot = cleared,
+                Patch::Set(v) => *slot = set(v),
+            }
+        }
+    }
+
     fn kind(v: &Value) -> &'static str {
         match v {
             Value::Null => "null",
@@ -366,6 +378,8 @@ mod body {
     pub struct Fields {
         obj: serde_json::Map<String, Value>,
         what: String,
+        /// The fields taken so far: the known ones.
+        known: Vec<&'static str>,
     }
 
     pub fn bad(msg: impl std::fmt::Display) -> Response<Body> {
@@ -378,6 +392,7 @@ mod body {
                 Value::Object(obj) => Ok(Fields {
                     obj,
                     what: what.to_string(),
+                    known: Vec::new(),
                 }),
                 other => Err(bad(format!(
                     "{what}: request body must be a JSON object, not {}",
@@ -394,42 +409,52 @@ mod body {
             ))
         }
 
-        pub fn string(&mut self, k: &str) -> Result<Patch<String>, Response<Body>> {
+        /// Takes field `k`: absent, `null`, or what `of` makes of its value (which
+        /// gives the value back when it is not `want`).
+        fn take<T>(
+            &mut self,
+            k: &'static str,
+            want: &str,
+            of: fn(Value) -> Result<T, Value>,
+        ) -> Result<Patch<T>, Response<Body>> {
+            self.known.push(k);
             match self.obj.remove(k) {
                 None => Ok(Patch::Keep),
                 Some(Value::Null) => Ok(Patch::Clear),
-                Some(Value::String(s)) => Ok(Patch::Set(s)),
-                Some(v) => Err(self.wrong(k, "a string or null", &v)),
+                Some(v) => of(v).map(Patch::Set).map_err(|v| self.wrong(k, want, &v)),
             }
         }
 
-        pub fn boolean(&mut self, k: &str) -> Result<Patch<bool>, Response<Body>> {
-            match self.obj.remove(k) {
-                None => Ok(Patch::Keep),
-                Some(Value::Null) => Ok(Patch::Clear),
-                Some(Value::Bool(b)) => Ok(Patch::Set(b)),
-                Some(v) => Err(self.wrong(k, "true, false or null", &v)),
-            }
+        pub fn string(&mut self, k: &'static str) -> Result<Patch<String>, Response<Body>> {
+            self.take(k, "a string or null", |v| match v {
+                Value::String(s) => Ok(s),
+                v => Err(v),
+            })
+        }
+
+        pub fn boolean(&mut self, k: &'static str) -> Result<Patch<bool>, Response<Body>> {
+            self.take(k, "true, false or null", |v| match v {
+                Value::Bool(b) => Ok(b),
+                v => Err(v),
+            })
         }
 
         /// An array of strings (or one string, a comma-separated list, as the CLI
         /// takes it).
-        pub fn list(&mut self, k: &str) -> Result<Patch<Vec<String>>, Response<Body>> {
-            let items = match self.obj.remove(k) {
-                None => return Ok(Patch::Keep),
-                Some(Value::Null) => return Ok(Patch::Clear),
-                Some(Value::String(s)) => vec![Value::String(s)],
-                Some(Value::Array(a)) => a,
-                Some(v) => return Err(self.wrong(k, "an array of strings or null", &v)),
+        pub fn list(&mut self, k: &'static str) -> Result<Patch<Vec<String>>, Response<Body>> {
+            let items = match self.take(k, "an array of strings or null", |v| match v {
+                Value::String(s) => Ok(vec![Value::String(s)]),
+                Value::Array(a) => Ok(a),
+                v => Err(v),
+            })? {
+                Patch::Keep => return Ok(Patch::Keep),
+                Patch::Clear => return Ok(Patch::Clear),
+                Patch::Set(items) => items,
             };
             let mut out = Vec::new();
             for item in items {
                 match item {
-                    Value::String(s) => out.extend(
-                        s.split(',')
-                            .map(|x| x.trim().to_string())
-                            .filter(|x| !x.is_empty()),
-                    ),
+                    Value::String(s) => out.extend(crate::select::split_list(&s)),
                     other => {
                         return Err(self.wrong(
                             k,
@@ -443,13 +468,13 @@ mod body {
         }
 
         /// Refuses whatever field was not taken.
-        pub fn done(self, known: &[&str]) -> Result<(), Response<Body>> {
+        pub fn done(self) -> Result<(), Response<Body>> {
             match self.obj.keys().next() {
                 None => Ok(()),
                 Some(k) => Err(bad(format!(
                     "{}: unknown field {k:?} (known: {})",
                     self.what,
-                    known.join(", ")
+                    self.known.join(", ")
                 ))),
             }
         }
@@ -462,40 +487,20 @@ mod body {
         let kernel_params = f.string("kernel_params")?;
         let local_boot = f.boolean("local_boot")?;
         let dhcp_boot = f.string("dhcp_boot")?;
-        f.done(&["image", "kernel_params", "local_boot", "dhcp_boot"])?;
-        match image {
-            Patch::Keep => {}
-            Patch::Clear => m.image = None,
-            Patch::Set(s) if s.is_empty() => m.image = None,
-            Patch::Set(s) => {
-                crate::machines::ImageRef::parse(&s)
-                    .map_err(|e| bad(format!("machine: field \"image\": {e}")))?;
-                m.image = Some(s);
-            }
-        }
-        match kernel_params {
-            Patch::Keep => {}
-            Patch::Clear => m.kernel_params = None,
-            Patch::Set(s) => {
-                crate::bootcfg::check_kernel_params(&s)
-                    .map_err(|e| bad(format!("machine: field \"kernel_params\": {e}")))?;
-                m.kernel_params = (!s.is_empty()).then_some(s)
-            }
-        }
-        match local_boot {
-            Patch::Keep => {}
-            Patch::Clear => m.local_boot = None,
-            Patch::Set(b) => m.local_boot = Some(b),
-        }
-        match dhcp_boot {
-            Patch::Keep => {}
-            Patch::Clear => m.dhcp_boot = None,
-            Patch::Set(s) if s.is_empty() => m.dhcp_boot = None,
-            Patch::Set(s) => {
-                crate::dhcp::Override::parse(&s)
-                    .map_err(|e| bad(format!("machine: field \"dhcp_boot\": {e}")))?;
-                m.dhcp_boot = Some(s);
-            }
+        f.done()?;
+        local_boot.apply(&mut m.local_boot, None, Some);
+        for (field, patch) in [
+            ("image", image),
+            ("kernel_params", kernel_params),
+            ("dhcp_boot", dhcp_boot),
+        ] {
+            let value = match &patch {
+                Patch::Keep => continue,
+                Patch::Clear => None,
+                Patch::Set(s) => Some(s.as_str()),
+            };
+            m.set_text(field, value)
+                .map_err(|e| bad(format!("machine: field {field:?}: {e}")))?;
         }
         Ok(())
     }
@@ -508,7 +513,7 @@ mod body {
         let keyring_filename = f.string("keyring_filename")?;
         let keyring_data = f.string("keyring_data")?;
         let unsigned = f.boolean("unsigned")?;
-        f.done(&["url", "keyring_filename", "keyring_data", "unsigned"])?;
+        f.done()?;
         match url {
             Patch::Keep => {}
             Patch::Clear => return Err(bad("boot source: field \"url\" cannot be null")),
@@ -517,21 +522,11 @@ mod body {
         if s.url.is_empty() {
             return Err(bad("boot source: field \"url\" is required"));
         }
-        match keyring_filename {
-            Patch::Keep => {}
-            Patch::Clear => s.keyring_filename = None,
-            Patch::Set(p) => s.keyring_filename = (!p.is_empty()).then(|| p.into()),
-        }
-        match keyring_data {
-            Patch::Keep => {}
-            Patch::Clear => s.keyring_data = None,
-            Patch::Set(d) => s.keyring_data = (!d.is_empty()).then_some(d),
-        }
-        match unsigned {
-            Patch::Keep => {}
-            Patch::Clear => s.unsigned = false,
-            Patch::Set(b) => s.unsigned = b,
-        }
+        keyring_filename.apply(&mut s.keyring_filename, None, |p| {
+            (!p.is_empty()).then(|| p.into())
+        });
+        keyring_data.apply(&mut s.keyring_data, None, |d| (!d.is_empty()).then_some(d));
+        unsigned.apply(&mut s.unsigned, false, |b| b);
         crate::config::check_source(&s.config())
             .map_err(|e| bad(format!("boot source {}: {e}", s.id)))
     }
@@ -546,28 +541,17 @@ mod body {
         let mut f = Fields::new(v, what)?;
         let os = f.string("os")?;
         let release = f.string("release")?;
-        let lists = [f.list("arches")?, f.list("subarches")?, f.list("labels")?];
-        f.done(&["os", "release", "arches", "subarches", "labels"])?;
-        match os {
-            Patch::Keep => {}
-            Patch::Clear => sel.os = "ubuntu".into(),
-            Patch::Set(s) => sel.os = s,
-        }
-        match release {
-            Patch::Keep => {}
-            Patch::Clear => sel.release = String::new(),
-            Patch::Set(s) => sel.release = s,
-        }
-        for (field, patch) in [&mut sel.arches, &mut sel.subarches, &mut sel.labels]
-            .into_iter()
-            .zip(lists)
-        {
-            match patch {
-                Patch::Keep => {}
-                Patch::Clear => *field = vec!["*".into()],
-                Patch::Set(v) => *field = v,
-            }
-        }
+        let arches = f.list("arches")?;
+        let subarches = f.list("subarches")?;
+        let labels = f.list("labels")?;
+        f.done()?;
+        // `null` puts MAAS's default back.
+        let default = crate::config::Selection::maas_default();
+        os.apply(&mut sel.os, default.os, |s| s);
+        release.apply(&mut sel.release, default.release, |s| s);
+        arches.apply(&mut sel.arches, default.arches, |v| v);
+        subarches.apply(&mut sel.subarches, default.subarches, |v| v);
+        labels.apply(&mut sel.labels, default.labels, |v| v);
         if sel.release.is_empty() || sel.os.is_empty() {
             return Err(bad(format!("{what}: a selection needs os and release")));
         }
@@ -576,13 +560,7 @@ mod body {
 
     /// A new selection from a body, over MAAS's defaults.
     pub fn selection(v: Value, what: &str) -> Result<crate::config::Selection, Response<Body>> {
-        let mut sel = crate::config::Selection {
-            os: "ubuntu".into(),
-            release: String::new(),
-            arches: vec!["*".into()],
-            subarches: vec!["*".into()],
-            labels: vec!["*".into()],
-        };
+        let mut sel = crate::config::Selection::maas_default();
         apply_selection(&mut sel, v, what)?;
         Ok(sel)
     }

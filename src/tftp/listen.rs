@@ -13,21 +13,19 @@
 //! transfer thread, waking its epoll.
 
 use std::collections::{HashMap, HashSet};
-use std::io::IoSliceMut;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
-use std::os::fd::AsRawFd;
+use std::net::{IpAddr, SocketAddr, SocketAddrV6};
 use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{self, sockopt, ControlMessageOwned, MsgFlags, SockaddrStorage};
-use tokio::io::Interest;
+use nix::sys::socket::{self, sockopt};
 use tokio::net::UdpSocket;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::packet::{self, code, Packet, Request};
+use crate::pktinfo;
 use super::resolver::Resolver;
 use super::server::{inc, TftpConfig, TftpMetrics};
 
@@ -40,61 +38,6 @@ fn unmap(a: SocketAddr) -> SocketAddr {
         },
         _ => a,
     }
-}
-
-struct Received {
-    len: usize,
-    from: SocketAddr,
-    /// The address the datagram was sent to, and the interface it came in on.
-    local: Option<(IpAddr, u32)>,
-}
-
-fn recv_with_pktinfo(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<Received> {
-    sock.try_io(Interest::READABLE, || {
-        let mut iov = [IoSliceMut::new(buf)];
-        let mut cmsg = nix::cmsg_space!(nix::libc::in6_pktinfo, nix::libc::in_pktinfo);
-        let msg = socket::recvmsg::<SockaddrStorage>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::empty(),
-        )
-        .map_err(std::io::Error::from)?;
-        let mut local = None;
-        for c in msg.cmsgs().map_err(std::io::Error::from)? {
-            match c {
-                ControlMessageOwned::Ipv4PacketInfo(pi) => {
-                    local = Some((
-                        IpAddr::V4(Ipv4Addr::from(u32::from_be(pi.ipi_addr.s_addr))),
-                        pi.ipi_ifindex as u32,
-                    ));
-                }
-                ControlMessageOwned::Ipv6PacketInfo(pi) => {
-                    local = Some((
-                        IpAddr::V6(Ipv6Addr::from(pi.ipi6_addr.s6_addr)),
-                        pi.ipi6_ifindex,
-                    ));
-                }
-                _ => {}
-            }
-        }
-        let from = msg
-            .address
-            .and_then(|a: SockaddrStorage| {
-                if let Some(v4) = a.as_sockaddr_in() {
-                    Some(SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
-                } else {
-                    a.as_sockaddr_in6()
-                        .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
-                }
-            })
-            .ok_or_else(|| std::io::Error::other("datagram without a source address"))?;
-        Ok(Received {
-            len: msg.bytes,
-            from,
-            local,
-        })
-    })
 }
 
 pub(super) struct Incoming {
@@ -364,13 +307,7 @@ pub(super) fn spawn_listeners(
         s.set_nonblocking(true)?;
         let addr = s.local_addr()?;
         let sock = UdpSocket::from_std(s)?;
-        if addr.is_ipv4() {
-            socket::setsockopt(&sock, sockopt::Ipv4PacketInfo, &true)
-                .map_err(std::io::Error::from)?;
-        } else {
-            socket::setsockopt(&sock, sockopt::Ipv6RecvPacketInfo, &true)
-                .map_err(std::io::Error::from)?;
-        }
+        pktinfo::enable(&sock, addr.is_ipv6()).map_err(std::io::Error::from)?;
         // Room for a storm of requests (many machines powered on at once); the kernel
         // caps it at net.core.rmem_max.
         let _ = socket::setsockopt(&sock, sockopt::RcvBuf, &(4 << 20));
@@ -385,22 +322,18 @@ pub(super) fn spawn_listeners(
 /// `shutdown`.
 async fn listen(d: Arc<Dispatch>, sock: UdpSocket, addr: SocketAddr, shutdown: CancellationToken) {
     let mut buf = vec![0u8; 2048];
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = sock.readable() => if r.is_err() { return },
-        }
-        let got = match recv_with_pktinfo(&sock, &mut buf) {
+    while let Some(got) = pktinfo::next(&sock, &mut buf, &shutdown).await {
+        let got = match got {
             Ok(g) => g,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => {
                 tracing::warn!("tftp receive on {addr}: {e}");
                 continue;
             }
         };
         let client = unmap(got.from);
-        let (local, scope) = match got.local {
-            Some((l, scope)) => (unmap(SocketAddr::new(l, 0)).ip(), scope),
+        // The address the datagram was sent to, and the interface it came in on.
+        let (local, scope) = match got.info {
+            Some(i) => (unmap(SocketAddr::new(i.dst, 0)).ip(), i.ifindex),
             None => (addr.ip(), 0),
         };
         let datagram = buf.get(..got.len).unwrap_or_default();
