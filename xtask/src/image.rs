@@ -294,6 +294,18 @@ fn build(image: &Path, arch: &Arch) -> Result<String> {
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         );
     }
+    std::fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
+    eprintln!(
+        "built {} in {:.0} s",
+        image.display(),
+        elapsed.as_secs_f64()
+    );
+    build_report(image, arch, &text, elapsed)
+}
+
+/// The build's report rows: the image's size, the root, the update artefacts, the
+/// kernel (from build.sh's summary line in its log `text`), the build time.
+fn build_report(image: &Path, arch: &Arch, text: &str, elapsed: Duration) -> Result<String> {
     let summary = text
         .lines()
         .rev()
@@ -306,7 +318,6 @@ fn build(image: &Path, arch: &Arch) -> Result<String> {
             .find_map(|w| w.strip_prefix(&format!("{k}=")))
             .and_then(|v| v.parse().ok())
     };
-    std::fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
     let meta = std::fs::metadata(image)?;
     let allocated = std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
     let mut r = String::new();
@@ -354,11 +365,6 @@ fn build(image: &Path, arch: &Arch) -> Result<String> {
             .unwrap_or("?")
     )?;
     writeln!(r, "| build time | {:.0} s |", elapsed.as_secs_f64())?;
-    eprintln!(
-        "built {} in {:.0} s",
-        image.display(),
-        elapsed.as_secs_f64()
-    );
     Ok(r)
 }
 
@@ -705,6 +711,44 @@ struct Settings {
     report: Vec<String>,
 }
 
+/// The token from the console allows an API write; no token and a wrong one do not.
+/// Returns the report row.
+fn check_api_write(base: &str, token: &str) -> Result<String> {
+    let url = format!("{base}/api/v1/machines/{CHECK_MAC}");
+    let put = |auth: Option<&str>| -> Result<String> {
+        let mut c = Command::new("curl");
+        c.args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "20",
+        ]);
+        c.args(["-X", "PUT", "-H", "Content-Type: application/json"]);
+        if let Some(t) = auth {
+            c.args(["-H", &format!("Authorization: Bearer {t}")]);
+        }
+        c.args(["--data", r#"{"local_boot": true}"#, &url]);
+        Ok(String::from_utf8_lossy(&c.output()?.stdout).into_owned())
+    };
+    let without = put(None)?;
+    let wrong = put(Some("not-the-token-0123456789"))?;
+    let with = put(Some(token))?;
+    if without != "401" || wrong != "401" || !with.starts_with('2') {
+        bail!("API write PUT {url}: without a token {without}, with a wrong one {wrong}, with the console's token {with} (want 401, 401, 2xx)");
+    }
+    let stored = http_get(&url, 10).context("GET of the machine just written")?;
+    let v: serde_json::Value = serde_json::from_slice(&stored)?;
+    if !v.to_string().contains("\"local_boot\":true") {
+        bail!("the API write did not stick: GET {url} gave {v}");
+    }
+    Ok(format!(
+        "| API write with the token shown once on the console (generated at first boot) | PUT machines/{CHECK_MAC} → {with}; without a token {without}, wrong token {wrong} |"
+    ))
+}
+
 /// The RACKBOOT-CFG partition took effect: good files applied and bad ones refused
 /// (console), the static address without DHCP, SSH as root with the key only (no
 /// password), the login banner, and the token shown on the console allows an API
@@ -738,40 +782,7 @@ fn check_settings(vm: &mut Vm, key: &Path, ssh_port: u16, base: &str) -> Result<
         .context("no token after the console's token line")?
         .to_string();
 
-    // The token from the console allows a write; no token and a wrong one do not.
-    let url = format!("{base}/api/v1/machines/{CHECK_MAC}");
-    let put = |auth: Option<&str>| -> Result<String> {
-        let mut c = Command::new("curl");
-        c.args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "20",
-        ]);
-        c.args(["-X", "PUT", "-H", "Content-Type: application/json"]);
-        if let Some(t) = auth {
-            c.args(["-H", &format!("Authorization: Bearer {t}")]);
-        }
-        c.args(["--data", r#"{"local_boot": true}"#, &url]);
-        Ok(String::from_utf8_lossy(&c.output()?.stdout).into_owned())
-    };
-    let without = put(None)?;
-    let wrong = put(Some("not-the-token-0123456789"))?;
-    let with = put(Some(&token))?;
-    if without != "401" || wrong != "401" || !with.starts_with('2') {
-        bail!("API write PUT {url}: without a token {without}, with a wrong one {wrong}, with the console's token {with} (want 401, 401, 2xx)");
-    }
-    let stored = http_get(&url, 10).context("GET of the machine just written")?;
-    let v: serde_json::Value = serde_json::from_slice(&stored)?;
-    if !v.to_string().contains("\"local_boot\":true") {
-        bail!("the API write did not stick: GET {url} gave {v}");
-    }
-    report.push(format!(
-        "| API write with the token shown once on the console (generated at first boot) | PUT machines/{CHECK_MAC} → {with}; without a token {without}, wrong token {wrong} |"
-    ));
+    report.push(check_api_write(base, &token)?);
 
     // SSH as root with the key from the partition; the banner and network from inside.
     let started = Instant::now();
@@ -1061,8 +1072,266 @@ fn check(image: &Path, arch: &'static Arch) -> Result<String> {
         std::fs::remove_dir_all(&dir)?;
     }
     std::fs::create_dir_all(&dir)?;
+    let up = start_upstream(&dir, &bin)?;
+    let prep = prepare_disk(image, &dir, arch, up.port, &up.keyring)?;
+    let disk = &prep.disk;
+    let mut r = String::new();
+    let (generation, token) = first_boot(&dir, &prep, arch, &up, &mut r)?;
 
-    // The upstream: the dist binary serving the signed demo stream on loopback.
+    // The generated token was written back to the settings partition.
+    let on_partition = cfg_read(disk, prep.cfg_off, "api-token")?;
+    if on_partition.trim() != token {
+        bail!(
+            "api-token on RACKBOOT-CFG is {:?}, not the token the console showed",
+            on_partition.trim()
+        );
+    }
+
+    // The recovery boot types on the screen's keyboard, which the arm64 virt machine
+    // does not have; it and the updates run on amd64.
+    let recovery = match arch.full_check {
+        true => Some(check_recovery(&dir, disk)?),
+        false => None,
+    };
+
+    let (_, data_size_after) = partition(disk, DATA_PARTITION)?;
+    let fs_after = ext4_bytes(disk, prep.data_off)?;
+    let before = prep.data_size_before;
+    if data_size_after <= before || fs_after + (64 << 20) < data_size_after {
+        bail!(
+            "the data partition did not grow over the disk: partition {before} → {data_size_after} bytes, filesystem {fs_after} bytes"
+        );
+    }
+    writeln!(
+        r,
+        "| data partition grown at first boot (image {:.0} MiB, disk {:.0} MiB) | partition {:.0} → {:.0} MiB, ext4 {:.0} MiB |",
+        mib(prep.image_bytes),
+        mib(CHECK_DISK_BYTES),
+        mib(before),
+        mib(data_size_after),
+        mib(fs_after)
+    )?;
+    if let Some(recovery) = recovery {
+        writeln!(
+            r,
+            "| GRUB's serial recovery entry: rescue.target, sulogin lets the console in without a password, a root shell runs a command | {:.1} s from power-on to the command's output |",
+            recovery.as_secs_f64()
+        )?;
+        let upd = updates::check(&updates::Setup {
+            dir: &dir,
+            disk,
+            key: &prep.key,
+            kernel_path: KERNEL_PATH,
+            want_sha: &up.want_sha,
+            generation,
+        })?;
+        for line in &upd {
+            writeln!(r, "{line}")?;
+        }
+    } else {
+        writeln!(
+            r,
+            "| recovery boot, v2/v3 updates | not run for {} (amd64 only) |",
+            arch.name
+        )?;
+    }
+    drop(up);
+    std::fs::remove_file(disk)?;
+    eprintln!("image check passed; logs in {}", dir.display());
+    Ok(r)
+}
+
+/// The first boot of the check's copy, up to the power-off: serving, the settings,
+/// the first sync, the watchdog, a clean shutdown; writes its report rows to `r` and
+/// returns the synced generation and the token the console showed.
+fn first_boot(
+    dir: &Path,
+    prep: &CheckDisk,
+    arch: &'static Arch,
+    up: &Upstream,
+    r: &mut String,
+) -> Result<(u64, String)> {
+    let fwd = free_port()?;
+    let ssh_port = free_port()?;
+    let opts = BootOpts {
+        tag: "first",
+        reboot: false,
+        failures: SERIAL_FAILURES,
+        arch,
+    };
+    let mut vm = boot(dir, &prep.disk, (fwd, ssh_port), opts)?;
+    let base = format!("http://127.0.0.1:{fwd}");
+
+    let first = vm.wait_for(
+        "the appliance answering /api/v1/status",
+        BOOT_TIMEOUT,
+        |_| status(fwd),
+    )?;
+    let to_serving = vm.started.elapsed();
+    eprintln!(
+        "the appliance answers /api/v1/status after {:.1} s ({}), rackboot up {} s",
+        to_serving.as_secs_f64(),
+        vm.accel,
+        first.0
+    );
+    writeln!(
+        r,
+        "\n| check ({} {}, {}, {}) | result |\n|---|---|",
+        arch.qemu, arch.machine, arch.firmware_code, vm.accel
+    )?;
+    writeln!(
+        r,
+        "| power-on to `/api/v1/status` answering through the hostfwd | {:.1} s |",
+        to_serving.as_secs_f64()
+    )?;
+    check_started(&mut vm, r)?;
+    let settings = check_settings(&mut vm, &prep.key, ssh_port, &base)?;
+    let metrics = http_get(&format!("{base}/metrics"), 10)
+        .context("the appliance does not answer /metrics")?;
+    if metrics.is_empty() {
+        bail!("the appliance's /metrics is empty");
+    }
+    let (uptime, generation) = check_sync(&mut vm, fwd, &up.want_sha, r)?;
+    writeln!(r, "| `/metrics` | {} bytes |", metrics.len())?;
+    for line in &settings.report {
+        writeln!(r, "{line}")?;
+    }
+
+    // Past WatchdogSec with the same process (a restart would reset uptime_s).
+    let mut previous = uptime;
+    let survived = vm.wait_for(
+        "rackboot running past its WatchdogSec",
+        WATCHDOG_WAIT + Duration::from_secs(60),
+        |_| {
+            let (u, _) = status(fwd)?;
+            if u < previous {
+                // Reported as a failure below.
+                return Some(Err(anyhow::anyhow!(
+                    "rackboot restarted: uptime went from {previous} s to {u} s"
+                )));
+            }
+            previous = u;
+            (u >= WATCHDOG_WAIT.as_secs()).then_some(Ok(u))
+        },
+    )??;
+    writeln!(
+        r,
+        "| same rackboot process past WatchdogSec=60s | uptime {survived} s |"
+    )?;
+
+    let shutdown = vm.power_down()?;
+    let text = serial_text(&vm.serial);
+    for needle in ["Stopped rackboot.service", "reboot: Power down"] {
+        if !text.contains(needle) {
+            bail!(
+                "the appliance's shutdown did not print {needle:?}; see {}",
+                vm.serial.display()
+            );
+        }
+    }
+    writeln!(
+        r,
+        "| ACPI power-off, rackboot stopped cleanly | {:.1} s |",
+        shutdown.as_secs_f64()
+    )?;
+    Ok((generation, settings.token))
+}
+
+/// rackboot.service started (after READY=1), the privileged ports bound as the
+/// rackboot user through the unit's ambient CAP_NET_BIND_SERVICE, a login prompt on
+/// the serial console, and (amd64) the kernel booted with Secure Boot on.
+fn check_started(vm: &mut Vm, r: &mut String) -> Result<()> {
+    let arch = vm.arch;
+    for needle in [
+        "Started rackboot.service",
+        "listening for TFTP on [::]:69",
+        "listening for HTTP on [::]:5248",
+        "rackboot login:",
+    ] {
+        vm.wait_for(
+            &format!("{needle:?} on the serial console"),
+            Duration::from_secs(60),
+            |vm| serial_text(&vm.serial).contains(needle).then_some(()),
+        )?;
+    }
+    writeln!(
+        r,
+        "| rackboot.service started (Type=notify), TFTP on [::]:69 and HTTP on [::]:5248 as user rackboot, serial login on {} | ok |",
+        arch.console
+    )?;
+    if !arch.secure_boot {
+        writeln!(
+            r,
+            "| Secure Boot off (this firmware has no Microsoft keys enrolled): shim → Debian-signed GRUB → kernel | ok |"
+        )?;
+        return Ok(());
+    }
+    if !serial_text(&vm.serial).contains(SECURE_BOOT_LINE) {
+        bail!(
+            "the kernel did not print {SECURE_BOOT_LINE:?}; see {}",
+            vm.serial.display()
+        );
+    }
+    writeln!(
+        r,
+        "| Secure Boot on (OVMF secboot build, Microsoft keys): shim → Debian-signed GRUB → Debian-signed kernel, the kernel prints `{SECURE_BOOT_LINE}` | ok |"
+    )?;
+    Ok(())
+}
+
+/// Waits for the first sync from the host and compares a kernel the appliance serves
+/// with the upstream's; returns rackboot's uptime then and the generation.
+fn check_sync(vm: &mut Vm, fwd: u16, want_sha: &str, r: &mut String) -> Result<(u64, u64)> {
+    let sync_started = Instant::now();
+    let (uptime, generation) = vm.wait_for(
+        "the appliance's first sync from the host",
+        SYNC_TIMEOUT,
+        |_| {
+            let (u, g) = status(fwd)?;
+            g.map(|g| (u, g))
+        },
+    )?;
+    let sync_time = sync_started.elapsed();
+    let got = http_get(&format!("http://127.0.0.1:{fwd}/{KERNEL_PATH}"), 120)
+        .context("the appliance does not serve the kernel it synced")?;
+    let got_sha = sha256_bytes(&got);
+    if got_sha != want_sha {
+        bail!("the kernel served by the appliance has sha256 {got_sha}, the upstream's {want_sha}");
+    }
+    eprintln!(
+        "the appliance synced (generation {generation}) and serves the kernel ({} bytes, sha256 matches)",
+        got.len()
+    );
+    writeln!(
+        r,
+        "| first sync from the host's rackboot (re-exported signed demo stream) | {:.1} s after the first answer, generation {generation} |",
+        sync_time.as_secs_f64()
+    )?;
+    writeln!(
+        r,
+        "| kernel fetched from the appliance | {} bytes, sha256 matches the upstream |",
+        got.len()
+    )?;
+    Ok((uptime, generation))
+}
+
+/// The check's upstream: the x86_64 dist binary serving the signed demo stream on
+/// loopback (the guest reaches it as 10.0.2.2).
+struct Upstream {
+    /// Killed (by PID) when dropped.
+    _guard: Guard,
+    port: u16,
+    /// The sha256 of the demo kernel it serves ([`KERNEL_PATH`]).
+    want_sha: String,
+    /// The demo stream's keyring (the appliance needs it to check the stream).
+    keyring: PathBuf,
+}
+
+/// A kernel of the demo stream, fetched from the upstream and from the appliance.
+const KERNEL_PATH: &str = "images/debian/amd64/generic/bookworm/stable/boot-kernel";
+
+/// Syncs and starts the check's upstream in `dir`.
+fn start_upstream(dir: &Path, bin: &Path) -> Result<Upstream> {
     let stream = crate::demo_stream::build(&image_dir().join("check-stream"))?;
     let up_state = dir.join("upstream-state");
     let up_config = dir.join("upstream.toml");
@@ -1087,11 +1356,38 @@ fn check(image: &Path, arch: &'static Arch) -> Result<String> {
         .next()
         .and_then(|p| p.parse::<u16>().ok())
         .with_context(|| format!("no port in {up_http:?}"))?;
-    let kernel_path = "images/debian/amd64/generic/bookworm/stable/boot-kernel";
-    let want = http_get(&format!("http://{up_http}/{kernel_path}"), 60)
+    let want = http_get(&format!("http://{up_http}/{KERNEL_PATH}"), 60)
         .context("the host rackboot does not serve the demo kernel")?;
-    let want_sha = sha256_bytes(&want);
+    Ok(Upstream {
+        _guard: upstream,
+        port: up_port,
+        want_sha: sha256_bytes(&want),
+        keyring: stream.dir.join("keyring.gpg"),
+    })
+}
 
+/// The check's copy of the image and what it needs to know about it.
+struct CheckDisk {
+    disk: PathBuf,
+    /// The SSH key the settings partition authorises.
+    key: PathBuf,
+    image_bytes: u64,
+    cfg_off: u64,
+    data_off: u64,
+    data_size_before: u64,
+}
+
+/// Makes the check's copy of `image` in `dir`: sparse, set up through RACKBOOT-CFG as
+/// an operator would (upstream on the host's `up_port`, static address, SSH key, a bad
+/// drop-in and network file), the demo `keyring` on the data partition, the journal
+/// on the console, grown to [`CHECK_DISK_BYTES`].
+fn prepare_disk(
+    image: &Path,
+    dir: &Path,
+    arch: &Arch,
+    up_port: u16,
+    keyring: &Path,
+) -> Result<CheckDisk> {
     // The check's copy: sparse, grown to 4 GiB; its settings go on the RACKBOOT-CFG
     // partition as an operator's laptop would put them there.
     let disk = dir.join("appliance.img");
@@ -1107,7 +1403,6 @@ fn check(image: &Path, arch: &'static Arch) -> Result<String> {
     let (root_off, _) = partition(&disk, SLOT_A_PARTITION)?;
     let (data_off, data_size_before) = partition(&disk, DATA_PARTITION)?;
     let (cfg_off, _) = partition(&disk, CFG_PARTITION)?;
-    let keyring = stream.dir.join("keyring.gpg");
     let key = dir.join("id_check");
     cmd(
         "ssh-keygen",
@@ -1158,12 +1453,7 @@ fn check(image: &Path, arch: &'static Arch) -> Result<String> {
     )?;
     // The demo keyring on the data partition, where every slot's rackboot finds it;
     // the journal on the console in slot A only (this version's first boot).
-    debugfs_write(
-        &disk,
-        data_off,
-        &[],
-        &[(&keyring, "/", "check-keyring.gpg")],
-    )?;
+    debugfs_write(&disk, data_off, &[], &[(keyring, "/", "check-keyring.gpg")])?;
     debugfs_write(
         &disk,
         root_off,
@@ -1178,219 +1468,12 @@ fn check(image: &Path, arch: &'static Arch) -> Result<String> {
         .write(true)
         .open(&disk)?
         .set_len(CHECK_DISK_BYTES)?;
-
-    let fwd = free_port()?;
-    let ssh_port = free_port()?;
-    let opts = BootOpts {
-        tag: "first",
-        reboot: false,
-        failures: SERIAL_FAILURES,
-        arch,
-    };
-    let mut vm = boot(&dir, &disk, (fwd, ssh_port), opts)?;
-    let base = format!("http://127.0.0.1:{fwd}");
-
-    let first = vm.wait_for(
-        "the appliance answering /api/v1/status",
-        BOOT_TIMEOUT,
-        |_| status(fwd),
-    )?;
-    let to_serving = vm.started.elapsed();
-    eprintln!(
-        "the appliance answers /api/v1/status after {:.1} s ({}), rackboot up {} s",
-        to_serving.as_secs_f64(),
-        vm.accel,
-        first.0
-    );
-    // Started (after READY=1), the privileged ports bound as the rackboot user through
-    // the unit's ambient CAP_NET_BIND_SERVICE, and a login prompt on the serial console.
-    for needle in [
-        "Started rackboot.service",
-        "listening for TFTP on [::]:69",
-        "listening for HTTP on [::]:5248",
-        "rackboot login:",
-    ] {
-        vm.wait_for(
-            &format!("{needle:?} on the serial console"),
-            Duration::from_secs(60),
-            |vm| serial_text(&vm.serial).contains(needle).then_some(()),
-        )?;
-    }
-    if arch.secure_boot && !serial_text(&vm.serial).contains(SECURE_BOOT_LINE) {
-        bail!(
-            "the kernel did not print {SECURE_BOOT_LINE:?}; see {}",
-            vm.serial.display()
-        );
-    }
-    let settings = check_settings(&mut vm, &key, ssh_port, &base)?;
-    let metrics = http_get(&format!("{base}/metrics"), 10)
-        .context("the appliance does not answer /metrics")?;
-    if metrics.is_empty() {
-        bail!("the appliance's /metrics is empty");
-    }
-
-    let sync_started = Instant::now();
-    let (uptime, generation) = vm.wait_for(
-        "the appliance's first sync from the host",
-        SYNC_TIMEOUT,
-        |_| {
-            let (u, g) = status(fwd)?;
-            g.map(|g| (u, g))
-        },
-    )?;
-    let sync_time = sync_started.elapsed();
-    let got = http_get(&format!("{base}/{kernel_path}"), 120)
-        .context("the appliance does not serve the kernel it synced")?;
-    let got_sha = sha256_bytes(&got);
-    if got_sha != want_sha {
-        bail!("the kernel served by the appliance has sha256 {got_sha}, the upstream's {want_sha}");
-    }
-    eprintln!(
-        "the appliance synced (generation {generation}) and serves the kernel ({} bytes, sha256 matches)",
-        got.len()
-    );
-
-    // Past WatchdogSec with the same process (a restart would reset uptime_s).
-    let mut previous = uptime;
-    let survived = vm.wait_for(
-        "rackboot running past its WatchdogSec",
-        WATCHDOG_WAIT + Duration::from_secs(60),
-        |_| {
-            let (u, _) = status(fwd)?;
-            if u < previous {
-                // Reported as a failure below.
-                return Some(Err(anyhow::anyhow!(
-                    "rackboot restarted: uptime went from {previous} s to {u} s"
-                )));
-            }
-            previous = u;
-            (u >= WATCHDOG_WAIT.as_secs()).then_some(Ok(u))
-        },
-    )??;
-
-    let shutdown = vm.power_down()?;
-    let text = serial_text(&vm.serial);
-    for needle in ["Stopped rackboot.service", "reboot: Power down"] {
-        if !text.contains(needle) {
-            bail!(
-                "the appliance's shutdown did not print {needle:?}; see {}",
-                vm.serial.display()
-            );
-        }
-    }
-
-    // The generated token was written back to the settings partition.
-    let on_partition = cfg_read(&disk, cfg_off, "api-token")?;
-    if on_partition.trim() != settings.token {
-        bail!(
-            "api-token on RACKBOOT-CFG is {:?}, not the token the console showed",
-            on_partition.trim()
-        );
-    }
-
-    // The recovery boot types on the screen's keyboard, which the arm64 virt machine
-    // does not have; it and the updates run on amd64.
-    let recovery = match arch.full_check {
-        true => Some(check_recovery(&dir, &disk)?),
-        false => None,
-    };
-
-    let (_, data_size_after) = partition(&disk, DATA_PARTITION)?;
-    let fs_after = ext4_bytes(&disk, data_off)?;
-    if data_size_after <= data_size_before || fs_after + (64 << 20) < data_size_after {
-        bail!(
-            "the data partition did not grow over the disk: partition {data_size_before} → {data_size_after} bytes, filesystem {fs_after} bytes"
-        );
-    }
-    let upd = match arch.full_check {
-        true => updates::check(&updates::Setup {
-            dir: &dir,
-            disk: &disk,
-            key: &key,
-            kernel_path,
-            want_sha: &want_sha,
-            generation,
-        })?,
-        false => Vec::new(),
-    };
-    drop(upstream);
-
-    let mut r = String::new();
-    writeln!(
-        r,
-        "\n| check ({} {}, {}, {}) | result |\n|---|---|",
-        arch.qemu, arch.machine, arch.firmware_code, vm.accel
-    )?;
-    writeln!(
-        r,
-        "| power-on to `/api/v1/status` answering through the hostfwd | {:.1} s |",
-        to_serving.as_secs_f64()
-    )?;
-    writeln!(
-        r,
-        "| rackboot.service started (Type=notify), TFTP on [::]:69 and HTTP on [::]:5248 as user rackboot, serial login on {} | ok |",
-        arch.console
-    )?;
-    if arch.secure_boot {
-        writeln!(
-            r,
-            "| Secure Boot on (OVMF secboot build, Microsoft keys): shim → Debian-signed GRUB → Debian-signed kernel, the kernel prints `{SECURE_BOOT_LINE}` | ok |"
-        )?;
-    } else {
-        writeln!(
-            r,
-            "| Secure Boot off (this firmware has no Microsoft keys enrolled): shim → Debian-signed GRUB → kernel | ok |"
-        )?;
-    }
-    writeln!(
-        r,
-        "| first sync from the host's rackboot (re-exported signed demo stream) | {:.1} s after the first answer, generation {generation} |",
-        sync_time.as_secs_f64()
-    )?;
-    writeln!(
-        r,
-        "| kernel fetched from the appliance | {} bytes, sha256 matches the upstream |",
-        got.len()
-    )?;
-    writeln!(r, "| `/metrics` | {} bytes |", metrics.len())?;
-    for line in &settings.report {
-        writeln!(r, "{line}")?;
-    }
-    writeln!(
-        r,
-        "| same rackboot process past WatchdogSec=60s | uptime {survived} s |"
-    )?;
-    writeln!(
-        r,
-        "| ACPI power-off, rackboot stopped cleanly | {:.1} s |",
-        shutdown.as_secs_f64()
-    )?;
-    writeln!(
-        r,
-        "| data partition grown at first boot (image {:.0} MiB, disk {:.0} MiB) | partition {:.0} → {:.0} MiB, ext4 {:.0} MiB |",
-        mib(image_bytes),
-        mib(CHECK_DISK_BYTES),
-        mib(data_size_before),
-        mib(data_size_after),
-        mib(fs_after)
-    )?;
-    if let Some(recovery) = recovery {
-        writeln!(
-            r,
-            "| GRUB's serial recovery entry: rescue.target, sulogin lets the console in without a password, a root shell runs a command | {:.1} s from power-on to the command's output |",
-            recovery.as_secs_f64()
-        )?;
-    } else {
-        writeln!(
-            r,
-            "| recovery boot, v2/v3 updates | not run for {} (amd64 only) |",
-            arch.name
-        )?;
-    }
-    for line in &upd {
-        writeln!(r, "{line}")?;
-    }
-    std::fs::remove_file(&disk)?;
-    eprintln!("image check passed; logs in {}", dir.display());
-    Ok(r)
+    Ok(CheckDisk {
+        disk,
+        key,
+        image_bytes,
+        cfg_off,
+        data_off,
+        data_size_before,
+    })
 }
