@@ -148,11 +148,12 @@ fn updates_dir() -> PathBuf {
 }
 
 /// A per-architecture name in the image directory: `name` for amd64 (as before
-/// arm64 existed), `name-<arch>` otherwise.
+/// arm64 existed), otherwise `<stem>-<arch>[.<extension>]` (`build-arm64.log`).
 fn arch_dir(arch: &Arch, name: &str) -> PathBuf {
-    match arch.name {
-        "amd64" => image_dir().join(name),
-        other => image_dir().join(format!("{name}-{other}")),
+    match (arch.name, name.split_once('.')) {
+        ("amd64", _) => image_dir().join(name),
+        (other, Some((stem, ext))) => image_dir().join(format!("{stem}-{other}.{ext}")),
+        (other, None) => image_dir().join(format!("{name}-{other}")),
     }
 }
 
@@ -188,11 +189,7 @@ pub fn run(args: &[String]) -> Result<()> {
         let checked = check(&image, arch)?;
         writeln!(report, "{checked}")?;
     }
-    let name = match arch.name {
-        "amd64" => "report.md".to_string(),
-        other => format!("report-{other}.md"),
-    };
-    std::fs::write(dir.join(name), &report)?;
+    std::fs::write(arch_dir(arch, "report.md"), &report)?;
     println!("\n{report}");
     Ok(())
 }
@@ -1186,6 +1183,28 @@ fn first_boot(
     )?;
     check_started(&mut vm, r)?;
     let settings = check_settings(&mut vm, &prep.key, ssh_port, &base)?;
+    // RAUC takes only bundles made for this architecture.
+    let want = format!("rackboot-appliance-{}", arch.name);
+    let limit = arch.limit(SSH_TIMEOUT);
+    let o = ssh_bounded(
+        &prep.key,
+        ssh_port,
+        &[],
+        "rauc status --output-format=shell",
+        limit,
+    )?;
+    let out = String::from_utf8_lossy(&o.stdout);
+    let compatible = out
+        .lines()
+        .find_map(|l| l.strip_prefix("RAUC_SYSTEM_COMPATIBLE="))
+        .map(|v| v.trim_matches('\''));
+    if !o.status.success() || compatible != Some(want.as_str()) {
+        bail!(
+            "`rauc status` on the appliance does not say RAUC_SYSTEM_COMPATIBLE={want}: {out}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    writeln!(r, "| RAUC's compatible (`rauc status`): bundles for another architecture are refused | `{want}` |")?;
     let metrics = http_get(&format!("{base}/metrics"), 10)
         .context("the appliance does not answer /metrics")?;
     if metrics.is_empty() {
