@@ -1298,6 +1298,14 @@ fn check_started(vm: &mut Vm, r: &mut String) -> Result<()> {
     Ok(())
 }
 
+/// The kernel's timestamp (`[   76.180980] ...`) on the first console line holding
+/// `needle`, in seconds.
+fn kernel_time(text: &str, needle: &str) -> Option<f64> {
+    let line = text.lines().find(|l| l.contains(needle))?;
+    let stamp = line.trim_start().strip_prefix('[')?.split(']').next()?;
+    stamp.trim().parse().ok()
+}
+
 /// Waits for the first sync from the host and compares a kernel the appliance serves
 /// with the upstream's; returns rackboot's uptime then and the generation.
 fn check_sync(vm: &mut Vm, fwd: u16, want_sha: &str, r: &mut String) -> Result<(u64, u64)> {
@@ -1321,9 +1329,19 @@ fn check_sync(vm: &mut Vm, fwd: u16, want_sha: &str, r: &mut String) -> Result<(
         "the appliance synced (generation {generation}) and serves the kernel ({} bytes, sha256 matches)",
         got.len()
     );
+    // How long the sync itself took: the kernel's clock on rackboot's console lines
+    // (the poll above only notices it between the other checks).
+    let text = serial_text(&vm.serial);
+    let took = match (
+        kernel_time(&text, "INFO listening for HTTP on"),
+        kernel_time(&text, "INFO sync published generation"),
+    ) {
+        (Some(a), Some(b)) => format!("{:.1} s after rackboot started (kernel clock)", b - a),
+        _ => "? (no timestamps on the console)".to_string(),
+    };
     writeln!(
         r,
-        "| first sync from the host's rackboot (re-exported signed demo stream) | {:.1} s after the first answer, generation {generation} |",
+        "| first sync from the host's rackboot (re-exported signed demo stream) | published {took}; seen {:.1} s after the first answer, generation {generation} |",
         sync_time.as_secs_f64()
     )?;
     writeln!(
@@ -1495,4 +1513,35 @@ fn prepare_disk(
         data_off,
         data_size_before,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_time_reads_the_console_timestamp() {
+        let text = "[   67.666682] rackboot[370]: 2026-12-05T03:25:32Z  INFO listening for HTTP on [::]:5248\n\
+                    [  176.180980] rackboot[370]: 2026-12-05T03:25:40Z  INFO sync published generation 1: + a\n";
+        assert_eq!(kernel_time(text, "listening for HTTP on"), Some(67.666682));
+        assert_eq!(
+            kernel_time(text, "sync published generation"),
+            Some(176.18098)
+        );
+        assert_eq!(kernel_time(text, "not there"), None);
+        assert_eq!(
+            kernel_time("no stamp: sync published generation", "sync published"),
+            None
+        );
+    }
+
+    #[test]
+    fn arch_names_and_directories() {
+        assert_eq!(Arch::parse("arm64").unwrap().console, "ttyAMA0");
+        assert!(Arch::parse("x86_64").is_err());
+        assert_eq!(arch::ARM64.image_name(), "rackboot-appliance-arm64.img");
+        assert!(arch_dir(&arch::ARM64, "build.log").ends_with("image/build-arm64.log"));
+        assert!(arch_dir(&arch::AMD64, "build.log").ends_with("image/build.log"));
+        assert!(arch_dir(&arch::ARM64, "check").ends_with("image/check-arm64"));
+    }
 }
