@@ -23,8 +23,8 @@
 #   MIRROR           Debian mirror (default http://deb.debian.org/debian)
 #   SECURITY_MIRROR  (default http://deb.debian.org/debian-security)
 #
-# Layout (GPT): 1 the 64 MiB ESP with shim (/EFI/BOOT/BOOTX64.EFI or BOOTAA64.EFI), Debian's signed
-# GRUB, the A/B boot-selection script /EFI/debian/grub.cfg and its variables
+# Layout (GPT): 1 the 64 MiB ESP with shim (/EFI/BOOT/BOOTX64.EFI; arm64:
+# BOOTAA64.EFI), Debian's signed GRUB, the A/B boot-selection script /EFI/debian/grub.cfg and its variables
 # /EFI/debian/grubenv (RAUC's GRUB backend); 2 root slot A; 3 the 32 MiB FAT settings
 # partition (GPT name RACKBOOT-CFG, type "Microsoft basic data" so any laptop shows it,
 # FAT label RACKBOOTCFG: FAT labels hold 11 characters) seeded from
