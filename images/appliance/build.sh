@@ -1,10 +1,16 @@
 #!/bin/bash
-# Builds the rackboot appliance: a bootable raw GPT disk image for amd64 UEFI machines,
-# and its RAUC update bundles. Run by `cargo xtask image` (which installs the tools and
-# builds the binaries); as root.
+# Builds the rackboot appliance: a bootable raw GPT disk image for amd64 or arm64 UEFI
+# machines, and its RAUC update bundles. Run by `cargo xtask image [--arch arm64]` (which
+# installs the tools and builds the binaries); as root.
 #
+#   ARCH             the Debian architecture: amd64 (default) or arm64. One definition
+#                    serves both; what differs is chosen in the `case` below. arm64 on
+#                    an amd64 host runs the root's maintainer scripts under
+#                    qemu-aarch64-static through binfmt_misc (`cargo xtask image`
+#                    registers the handler).
 #   RACKBOOT_BIN     the static rackboot binary (`cargo xtask dist`) of this version
-#   RACKBOOT_BIN_V2  the same source built with another version string (the check's v2)
+#   RACKBOOT_BIN_V2  the same source built with another version string (the check's v2);
+#                    optional: without it only this version's bundle is made (arm64)
 #   OUT              the image to write (written as OUT.tmp, renamed when complete)
 #   WORK             a scratch directory (emptied first)
 #   CACHE            keeps the Debian base tarball between builds (see below)
@@ -12,11 +18,13 @@
 #                    SHA256SUMS, SHA256SUMS.sig) and the check's UPDATES/v2/, UPDATES/v3/
 #   KEYS             the signing CA and key (made here when missing; keep them: every
 #                    image trusts the CA it was built with, ca.cert.pem)
+#   EFI_ROOT         where shim-signed and grub-efi-<ARCH>-signed of ARCH are unpacked
+#                    (default /: the host's installed packages, right for amd64)
 #   MIRROR           Debian mirror (default http://deb.debian.org/debian)
 #   SECURITY_MIRROR  (default http://deb.debian.org/debian-security)
 #
-# Layout (GPT): 1 the 64 MiB ESP with shim (/EFI/BOOT/BOOTX64.EFI), Debian's signed
-# GRUB, the A/B boot-selection script /EFI/debian/grub.cfg and its variables
+# Layout (GPT): 1 the 64 MiB ESP with shim (/EFI/BOOT/BOOTX64.EFI; arm64:
+# BOOTAA64.EFI), Debian's signed GRUB, the A/B boot-selection script /EFI/debian/grub.cfg and its variables
 # /EFI/debian/grubenv (RAUC's GRUB backend); 2 root slot A; 3 the 32 MiB FAT settings
 # partition (GPT name RACKBOOT-CFG, type "Microsoft basic data" so any laptop shows it,
 # FAT label RACKBOOTCFG: FAT labels hold 11 characters) seeded from
@@ -32,7 +40,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 : "${RACKBOOT_BIN:?RACKBOOT_BIN is not set}" "${OUT:?OUT is not set}" "${WORK:?WORK is not set}"
-: "${RACKBOOT_BIN_V2:?RACKBOOT_BIN_V2 is not set}" "${CACHE:?CACHE is not set}" "${UPDATES:?UPDATES is not set}" "${KEYS:?KEYS is not set}"
+: "${CACHE:?CACHE is not set}" "${UPDATES:?UPDATES is not set}" "${KEYS:?KEYS is not set}"
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 SECURITY_MIRROR=${SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 ESP_MIB=64
@@ -41,11 +49,28 @@ CFG_MIB=32
 # and grows over the disk at first boot.
 SLOT_MIB=1536
 DATA_MIB=256
-ROOT_TYPE=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709 # "Linux root (x86-64)"
-COMPATIBLE=rackboot-appliance-amd64
-SHIM=/usr/lib/shim/shimx64.efi.signed
-MOKMANAGER=/usr/lib/shim/mmx64.efi.signed
-GRUB=/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed
+ARCH=${ARCH:-amd64}
+EFI_ROOT=${EFI_ROOT:-}
+# What differs between the architectures: the GPT root type, the EFI file names (the
+# removable-media path the firmware boots, and shim's second stage), the signed GRUB's
+# directory and the serial console.
+case $ARCH in
+amd64)
+    ROOT_TYPE=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709 # "Linux root (x86-64)"
+    EFI_SUFFIX=x64 GRUB_DIR=x86_64-efi-signed CONSOLE=ttyS0 ;;
+arm64)
+    ROOT_TYPE=B921B045-1DF0-41C3-AF44-4C6F280D3FAE # "Linux root (ARM-64)"
+    EFI_SUFFIX=aa64 GRUB_DIR=arm64-efi-signed CONSOLE=ttyAMA0 ;;
+*)
+    echo "build.sh: ARCH must be amd64 or arm64, not $ARCH" >&2
+    exit 1 ;;
+esac
+EFI_UPPER=$(echo "$EFI_SUFFIX" | tr a-z A-Z)
+# RAUC refuses a bundle whose compatible differs: an amd64 bundle never goes on arm64.
+COMPATIBLE=rackboot-appliance-$ARCH
+SHIM=$EFI_ROOT/usr/lib/shim/shim$EFI_SUFFIX.efi.signed
+MOKMANAGER=$EFI_ROOT/usr/lib/shim/mm$EFI_SUFFIX.efi.signed
+GRUB=$EFI_ROOT/usr/lib/grub/$GRUB_DIR/grub$EFI_SUFFIX.efi.signed
 
 step() { echo "== $*" >&2; }
 
@@ -55,28 +80,29 @@ step() { echo "== $*" >&2; }
 # background + `wait` so the trap runs at once.
 trap 'trap - TERM INT; kill -TERM 0 2>/dev/null; exit 143' TERM INT
 
-for f in "$RACKBOOT_BIN" "$RACKBOOT_BIN_V2" "$SHIM" "$MOKMANAGER" "$GRUB"; do
+for f in "$RACKBOOT_BIN" ${RACKBOOT_BIN_V2:+"$RACKBOOT_BIN_V2"} "$SHIM" "$MOKMANAGER" "$GRUB"; do
     [ -f "$f" ] || { echo "build.sh: $f is missing" >&2; exit 1; }
 done
 
 rm -rf "$WORK"
 mkdir -p "$WORK" "$CACHE"
 rootfs=$WORK/rootfs
-packages=$(sed 's/#.*//' "$here/packages.txt" | xargs | tr ' ' ,)
+# packages.txt names the kernel as linux-image-@ARCH@.
+packages=$(sed -e 's/#.*//' -e "s/@ARCH@/$ARCH/g" "$here/packages.txt" | xargs | tr ' ' ,)
 
 # The Debian base (mmdebstrap) is kept in CACHE as a tarball named by the hash of what
-# makes it (package list, dpkg excludes, initramfs settings, mirrors) and the day, so
+# makes it (architecture, package list, dpkg excludes, initramfs settings, mirrors) and the day, so
 # rebuilding the image the same day reuses it and a new day picks up security updates.
 key=$( (cat "$here/packages.txt" "$here/dpkg.cfg" "$here/rootfs/etc/initramfs-tools/conf.d/rackboot.conf"
-    echo "$MIRROR $SECURITY_MIRROR $(date -u +%Y%m%d)") | sha256sum | cut -c1-16)
-base=$CACHE/base-amd64-$key.tar
+    echo "$ARCH $MIRROR $SECURITY_MIRROR $(date -u +%Y%m%d)") | sha256sum | cut -c1-16)
+base=$CACHE/base-$ARCH-$key.tar
 if [ ! -f "$base" ]; then
-    step "mmdebstrap bookworm: $packages"
-    rm -f "$CACHE"/base-amd64-*.tar
+    step "mmdebstrap bookworm ($ARCH): $packages"
+    rm -f "$CACHE"/base-"$ARCH"-*.tar
     # bookworm-backports only for what bookworm lacks (ubuntu-keyring): its default
     # priority (100) keeps every other package on bookworm.
     # The initramfs settings go in before the kernel package builds its first initramfs.
-    mmdebstrap --variant=apt --format=tar \
+    mmdebstrap --variant=apt --format=tar --architectures="$ARCH" \
         --aptopt='APT::Install-Recommends "false"' \
         --dpkgopt="$here/dpkg.cfg" \
         --include="$packages" \
@@ -106,6 +132,7 @@ install -D -m 0644 "$repo/systemd/rackboot.toml" "$rootfs/etc/rackboot/rackboot.
 install -d -m 0755 "$rootfs/etc/rackboot/rackboot.toml.d"
 install -D -m 0644 "$repo/README.md" "$rootfs/usr/share/doc/rackboot/README.md"
 cp -r --no-preserve=ownership "$here/rootfs/." "$rootfs/"
+sed -i "s/@COMPATIBLE@/$COMPATIBLE/" "$rootfs/etc/rauc/system.conf"
 
 step "users, directories, enabled units"
 systemd-sysusers --root="$rootfs"
@@ -149,8 +176,12 @@ install -D -m 0644 "$KEYS/ca.cert.pem" "$rootfs/etc/rauc/keyring.pem"
 
 # Version markers: the one rackboot reports, and the image's.
 version=$("$RACKBOOT_BIN" --version | awk '{print $2}')
-version_v2=$("$RACKBOOT_BIN_V2" --version | awk '{print $2}')
-[ "$version" != "$version_v2" ] || { echo "build.sh: RACKBOOT_BIN_V2 reports the same version $version" >&2; exit 1; }
+if [ -n "${RACKBOOT_BIN_V2:-}" ]; then
+    version_v2=$("$RACKBOOT_BIN_V2" --version | awk '{print $2}')
+    [ "$version" != "$version_v2" ] || { echo "build.sh: RACKBOOT_BIN_V2 reports the same version $version" >&2; exit 1; }
+else
+    version_v2=none
+fi
 
 # The disk's fixed identities: partition UUIDs (GRUB and the kernel find slots by them)
 # and the ESP's FAT serial.
@@ -184,7 +215,7 @@ slot_image() { # VERSION OUTFILE
 # A signed RAUC bundle of a slot image, with SHA256SUMS and its detached CMS signature
 # (openssl cms, the same key) next to it, in DIR: what an update server serves.
 bundle() { # VERSION SLOTIMAGE DIR
-    local d=$WORK/bundle-$1 name="rackboot-appliance-amd64-$1.raucb"
+    local d=$WORK/bundle-$1 name="rackboot-appliance-$ARCH-$1.raucb"
     rm -rf "$d" "$3"
     mkdir -p "$d" "$3"
     ln "$2" "$d/rootfs.ext4"
@@ -210,38 +241,41 @@ EOF
     rm -rf "$d"
 }
 
-step "slot images: this version ($version), v2 ($version_v2), v3 (rackboot cannot start)"
+step "slot images and bundles: this version ($version); v2 ($version_v2), v3 (rackboot cannot start)"
 slot_image "$version" "$WORK/root-v1.ext4"
 root_v1_mib=$root_mib
-# v2: the same tree with the rackboot built with another version string.
-install -m 0755 "$RACKBOOT_BIN_V2" "$rootfs/usr/bin/rackboot"
-slot_image "$version_v2-image2" "$WORK/root-v2.ext4"
-# v3: v2 with a config rackboot refuses (an unknown key), so rackboot.service fails.
-v3_version="${version_v2}-image3-broken"
-printf '# The check'"'"'s v3: rackboot refuses this key, so it cannot start.\n[http]\nno_such_key = true\n' \
-    >"$rootfs/etc/rackboot/rackboot.toml.d/05-broken.toml"
-slot_image "$v3_version" "$WORK/root-v3.ext4"
-
-step "update bundles and signed SHA256SUMS"
 bundle "$version" "$WORK/root-v1.ext4" "$UPDATES/release"
-bundle "$version_v2-image2" "$WORK/root-v2.ext4" "$UPDATES/v2"
-bundle "$v3_version" "$WORK/root-v3.ext4" "$UPDATES/v3"
-rm -f "$WORK/root-v2.ext4" "$WORK/root-v3.ext4"
+# The check's v2 and v3 (the update check), when a v2 binary is given.
+if [ -n "${RACKBOOT_BIN_V2:-}" ]; then
+    # v2: the same tree with the rackboot built with another version string.
+    install -m 0755 "$RACKBOOT_BIN_V2" "$rootfs/usr/bin/rackboot"
+    slot_image "$version_v2-image2" "$WORK/root-v2.ext4"
+    # v3: v2 with a config rackboot refuses (an unknown key), so rackboot.service fails.
+    v3_version="${version_v2}-image3-broken"
+    printf '# The check'"'"'s v3: rackboot refuses this key, so it cannot start.\n[http]\nno_such_key = true\n' \
+        >"$rootfs/etc/rackboot/rackboot.toml.d/05-broken.toml"
+    slot_image "$v3_version" "$WORK/root-v3.ext4"
+    bundle "$version_v2-image2" "$WORK/root-v2.ext4" "$UPDATES/v2"
+    bundle "$v3_version" "$WORK/root-v3.ext4" "$UPDATES/v3"
+    rm -f "$WORK/root-v2.ext4" "$WORK/root-v3.ext4"
+else
+    rm -rf "$UPDATES/v2" "$UPDATES/v3"
+fi
 
 step "ESP (shim, signed GRUB, A/B script, grubenv)"
 esp=$WORK/esp.img
 rm -f "$esp"
 mkfs.vfat -F 32 -S 512 -s 1 -n ESP -i "$esp_id" -C "$esp" $((ESP_MIB * 1024)) >/dev/null
-sed -e "s/@ESP_UUID@/$esp_uuid/g" -e "s/@SLOT_A@/$slot_a/g" -e "s/@SLOT_B@/$slot_b/g" \
+sed -e "s/@ESP_UUID@/$esp_uuid/g" -e "s/@CONSOLE@/$CONSOLE/g" -e "s/@SLOT_A@/$slot_a/g" -e "s/@SLOT_B@/$slot_b/g" \
     "$here/boot/esp-grub.cfg" > "$WORK/esp-grub.cfg"
 # RAUC's GRUB backend keeps ORDER and <slot>_OK / <slot>_TRY here; GRUB's save_env
 # rewrites the file in place, so it must exist at its full 1 KiB.
 grub-editenv "$WORK/grubenv" create
 grub-editenv "$WORK/grubenv" set ORDER="A B" A_OK=1 A_TRY=0 B_OK=0 B_TRY=0
 mmd -i "$esp" ::/EFI ::/EFI/BOOT ::/EFI/debian
-mcopy -i "$esp" "$SHIM" ::/EFI/BOOT/BOOTX64.EFI
-mcopy -i "$esp" "$MOKMANAGER" ::/EFI/BOOT/mmx64.efi
-mcopy -i "$esp" "$GRUB" ::/EFI/BOOT/grubx64.efi
+mcopy -i "$esp" "$SHIM" "::/EFI/BOOT/BOOT$EFI_UPPER.EFI"
+mcopy -i "$esp" "$MOKMANAGER" "::/EFI/BOOT/mm$EFI_SUFFIX.efi"
+mcopy -i "$esp" "$GRUB" "::/EFI/BOOT/grub$EFI_SUFFIX.efi"
 mcopy -i "$esp" "$WORK/esp-grub.cfg" ::/EFI/debian/grub.cfg
 mcopy -i "$esp" "$WORK/grubenv" ::/EFI/debian/grubenv
 
@@ -288,4 +322,4 @@ mkfs.ext4 -q -F -L rackboot-data -b 4096 -O ^orphan_file,^metadata_csum_seed \
     -E offset=$((data_start * 512)) -d "$data" "$tmp" "${DATA_MIB}M"
 mv "$tmp" "$OUT"
 used_mib=$(du -s --block-size=1M "$rootfs" | cut -f1)
-echo "kernel=$kver version=$version version_v2=$version_v2 rootfs_mib=$used_mib root_fs_mib=$root_v1_mib slot_mib=$SLOT_MIB root_offset=$((a_start * 512)) cfg_offset=$((cfg_start * 512)) image_bytes=$total"
+echo "arch=$ARCH kernel=$kver version=$version version_v2=$version_v2 rootfs_mib=$used_mib root_fs_mib=$root_v1_mib slot_mib=$SLOT_MIB root_offset=$((a_start * 512)) cfg_offset=$((cfg_start * 512)) image_bytes=$total"

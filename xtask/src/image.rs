@@ -1,4 +1,5 @@
-//! `cargo xtask image [--check | --no-check]`: the rackboot appliance disk image.
+//! `cargo xtask image [--arch amd64|arm64] [--check | --no-check]`: the rackboot
+//! appliance disk image.
 //!
 //! Builds `<target dir>/image/rackboot-appliance-amd64.img` and its update artefacts
 //! (`<target dir>/image/updates/`: signed RAUC bundles, `SHA256SUMS`, `SHA256SUMS.sig`)
@@ -36,6 +37,11 @@
 //! goes through GRUB's serial recovery entry; a third updates the appliance
 //! (`updates`). QEMU, the HTTP server and the host rackboot are killed by PID on every
 //! exit path.
+//!
+//! `--arch arm64` builds `rackboot-appliance-arm64.img` (and `updates-arm64/release/`)
+//! from the same definition with the aarch64 dist binary, and checks its first boot
+//! (everything up to the recovery boot) under `qemu-system-aarch64 -M virt` with
+//! AAVMF, TCG, Secure Boot off, every limit scaled (see `arch`).
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -50,9 +56,11 @@ use crate::dist;
 use crate::prereq::{self, cmd, output};
 use crate::proc::Guard;
 
+mod arch;
 mod updates;
 
-const IMAGE_NAME: &str = "rackboot-appliance-amd64.img";
+use arch::Arch;
+
 /// The appliance's HTTP port (systemd/rackboot.toml).
 const GUEST_HTTP_PORT: u16 = 5248;
 /// The size the check's copy of the image is grown to before booting.
@@ -80,7 +88,6 @@ const BUILD_DEBS: &[&str] = &[
 /// Host tools for the check (QEMU from bookworm-backports: the machine's qemu-utils
 /// comes from there and conflicts with bookworm's qemu-system-common).
 const CHECK_DEBS: &[&str] = &[
-    "ovmf",
     "curl",
     "e2fsprogs",
     "fdisk",
@@ -90,13 +97,10 @@ const CHECK_DEBS: &[&str] = &[
     // The update server of the check.
     "python3",
 ];
-const CHECK_BACKPORTS_DEBS: &[&str] = &["qemu-system-x86"];
-
-/// Every boot of the check runs with Secure Boot on: OVMF's Secure Boot build (its
-/// variables live in SMM) with Secure Boot enabled and Microsoft's keys enrolled, so
-/// only the chain shim → Debian-signed GRUB → Debian-signed kernel boots.
-const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd";
-const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd";
+// The firmware and QEMU of each architecture are in `arch`. Every amd64 boot of the
+// check runs with Secure Boot on: OVMF's Secure Boot build (its variables live in SMM)
+// with Secure Boot enabled and Microsoft's keys enrolled, so only the chain shim →
+// Debian-signed GRUB → Debian-signed kernel boots.
 /// What the kernel prints when the firmware booted it with Secure Boot on.
 const SECURE_BOOT_LINE: &str = "secureboot: Secure boot enabled";
 
@@ -129,39 +133,63 @@ fn image_dir() -> PathBuf {
     prereq::target_dir(&crate::root()).join("image")
 }
 
-/// The update artefacts: `release/` (this version's bundle), the check's `v2/`, `v3/`.
+/// The update artefacts: `release/` (this version's bundle), the check's `v2/`, `v3/`
+/// (amd64: `updates/`; another architecture: `updates-<arch>/`, `release/` only).
+fn updates_dir_of(arch: &Arch) -> PathBuf {
+    match arch.name {
+        "amd64" => image_dir().join("updates"),
+        other => image_dir().join(format!("updates-{other}")),
+    }
+}
+
+/// amd64's update artefacts (the update check runs on amd64).
 fn updates_dir() -> PathBuf {
-    image_dir().join("updates")
+    updates_dir_of(&arch::AMD64)
+}
+
+/// A per-architecture name in the image directory: `name` for amd64 (as before
+/// arm64 existed), otherwise `<stem>-<arch>[.<extension>]` (`build-arm64.log`).
+fn arch_dir(arch: &Arch, name: &str) -> PathBuf {
+    match (arch.name, name.split_once('.')) {
+        ("amd64", _) => image_dir().join(name),
+        (other, Some((stem, ext))) => image_dir().join(format!("{stem}-{other}.{ext}")),
+        (other, None) => image_dir().join(format!("{name}-{other}")),
+    }
 }
 
 pub fn run(args: &[String]) -> Result<()> {
+    const USAGE: &str = "usage: cargo xtask image [--arch amd64|arm64] [--check | --no-check]";
     let mut check_only = false;
     let mut no_check = false;
-    for a in args {
+    let mut arch = &arch::AMD64;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
         match a.as_str() {
             "--check" => check_only = true,
             "--no-check" => no_check = true,
-            _ => bail!(
-                "unknown image argument {a:?} (usage: cargo xtask image [--check | --no-check])"
-            ),
+            "--arch" => arch = Arch::parse(it.next().context(USAGE)?)?,
+            _ => match a.strip_prefix("--arch=") {
+                Some(v) => arch = Arch::parse(v)?,
+                None => bail!("unknown image argument {a:?} ({USAGE})"),
+            },
         }
     }
     let dir = image_dir();
     std::fs::create_dir_all(&dir)?;
-    let image = dir.join(IMAGE_NAME);
+    let image = dir.join(arch.image_name());
     let mut report = String::new();
-    writeln!(report, "# rackboot appliance image\n")?;
+    writeln!(report, "# rackboot appliance image ({})\n", arch.name)?;
     if !check_only || !image.exists() {
-        let built = build(&image)?;
+        let built = build(&image, arch)?;
         writeln!(report, "{built}")?;
     } else {
         writeln!(report, "image: {} (already built)", image.display())?;
     }
     if !no_check {
-        let checked = check(&image)?;
+        let checked = check(&image, arch)?;
         writeln!(report, "{checked}")?;
     }
-    std::fs::write(dir.join("report.md"), &report)?;
+    std::fs::write(arch_dir(arch, "report.md"), &report)?;
     println!("\n{report}");
     Ok(())
 }
@@ -207,16 +235,21 @@ fn mib(bytes: u64) -> f64 {
 }
 
 /// Builds the image with `images/appliance/build.sh`; returns the report lines.
-fn build(image: &Path) -> Result<String> {
+fn build(image: &Path, arch: &Arch) -> Result<String> {
     prereq::ensure_debs(BUILD_DEBS)?;
-    // This version, then v2 (cargo rebuilds the rackboot crate for each: the version
-    // suffix is compiled in). The check runs the copy of this version in dist/.
-    let bin = dist::build_x86_64()?;
-    let bin_v2 = dist::build_x86_64_suffixed(V2_SUFFIX)?;
-    let root = crate::root();
     let dir = image_dir();
-    let work = dir.join("work");
-    let log = dir.join("build.log");
+    let efi_root = arch.build_prerequisites(&dir)?;
+    // This version, then (amd64, for the update check) v2 (cargo rebuilds the rackboot
+    // crate for each: the version suffix is compiled in). The check runs the copy of
+    // this version in dist/.
+    let bin = arch.binary()?;
+    let bin_v2 = match arch.full_check {
+        true => Some(dist::build_x86_64_suffixed(V2_SUFFIX)?),
+        false => None,
+    };
+    let root = crate::root();
+    let work = arch_dir(arch, "work");
+    let log = arch_dir(arch, "build.log");
     eprintln!(
         "building {} with images/appliance/build.sh (log: {})",
         image.display(),
@@ -229,13 +262,19 @@ fn build(image: &Path) -> Result<String> {
         // unmounts its chroot's filesystems on it).
         let mut c = Command::new("setpriv");
         c.args(["--pdeathsig", "TERM", "--"]).arg(&script);
-        c.env("RACKBOOT_BIN", &bin)
-            .env("RACKBOOT_BIN_V2", &bin_v2)
+        c.env("ARCH", arch.name)
+            .env("RACKBOOT_BIN", &bin)
             .env("OUT", image)
             .env("WORK", &work)
             .env("CACHE", dir.join("cache"))
-            .env("UPDATES", updates_dir())
+            .env("UPDATES", updates_dir_of(arch))
             .env("KEYS", dir.join("keys"));
+        if let Some(v2) = &bin_v2 {
+            c.env("RACKBOOT_BIN_V2", v2);
+        }
+        if let Some(efi) = &efi_root {
+            c.env("EFI_ROOT", efi);
+        }
         Guard::spawn_logged(c, "images/appliance/build.sh", &log)?
     };
     let status = run_bounded(&mut g, BUILD_TIMEOUT);
@@ -252,10 +291,22 @@ fn build(image: &Path) -> Result<String> {
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         );
     }
+    std::fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
+    eprintln!(
+        "built {} in {:.0} s",
+        image.display(),
+        elapsed.as_secs_f64()
+    );
+    build_report(image, arch, &text, elapsed)
+}
+
+/// The build's report rows: the image's size, the root, the update artefacts, the
+/// kernel (from build.sh's summary line in its log `text`), the build time.
+fn build_report(image: &Path, arch: &Arch, text: &str, elapsed: Duration) -> Result<String> {
     let summary = text
         .lines()
         .rev()
-        .find(|l| l.starts_with("kernel="))
+        .find(|l| l.starts_with("arch="))
         .unwrap_or("")
         .to_string();
     let field = |k: &str| -> Option<u64> {
@@ -264,7 +315,6 @@ fn build(image: &Path) -> Result<String> {
             .find_map(|w| w.strip_prefix(&format!("{k}=")))
             .and_then(|v| v.parse().ok())
     };
-    std::fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
     let meta = std::fs::metadata(image)?;
     let allocated = std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
     let mut r = String::new();
@@ -285,8 +335,12 @@ fn build(image: &Path) -> Result<String> {
             "| root tree / filesystem | {rootfs} MiB in a {fs} MiB ext4, in a {slot} MiB slot (A; B is empty) |"
         )?;
     }
-    for sub in ["release", "v2", "v3"] {
-        let d = updates_dir().join(sub);
+    let subs: &[&str] = match arch.full_check {
+        true => &["release", "v2", "v3"],
+        false => &["release"],
+    };
+    for sub in subs {
+        let d = updates_dir_of(arch).join(sub);
         let mut files: Vec<String> = Vec::new();
         for e in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
             let e = e?;
@@ -308,11 +362,6 @@ fn build(image: &Path) -> Result<String> {
             .unwrap_or("?")
     )?;
     writeln!(r, "| build time | {:.0} s |", elapsed.as_secs_f64())?;
-    eprintln!(
-        "built {} in {:.0} s",
-        image.display(),
-        elapsed.as_secs_f64()
-    );
     Ok(r)
 }
 
@@ -464,10 +513,13 @@ struct BootOpts<'a> {
     reboot: bool,
     /// Serial console lines that fail the check.
     failures: &'static [&'static str],
+    /// The QEMU machine, firmware and console; its `time_scale` scales every wait.
+    arch: &'static Arch,
 }
 
 struct Vm {
     qemu: Guard,
+    arch: &'static Arch,
     failures: &'static [&'static str],
     qemu_log: PathBuf,
     serial: PathBuf,
@@ -484,19 +536,28 @@ impl Vm {
         let serial = dir.join(format!("serial-{tag}-{accel}.log"));
         let monitor = dir.join(format!("monitor-{tag}-{accel}.sock"));
         let _ = std::fs::remove_file(&monitor);
-        let vars = dir.join("OVMF_VARS.fd");
-        std::fs::copy(OVMF_VARS, &vars).with_context(|| format!("copying {OVMF_VARS}"))?;
-        let args: Vec<String> = vec![
-            "-machine".into(),
-            format!("q35,smm=on,accel={accel}"),
-            "-global".into(),
-            "driver=cfi.pflash01,property=secure,value=on".into(),
+        let a = o.arch;
+        let vars = dir.join(format!("VARS-{}.fd", a.name));
+        std::fs::copy(a.firmware_vars, &vars)
+            .with_context(|| format!("copying {}", a.firmware_vars))?;
+        let mut args: Vec<String> = vec!["-machine".into(), format!("{},accel={accel}", a.machine)];
+        if a.secure_boot {
+            // The Secure Boot build's variable store is writable from SMM only.
+            args.extend([
+                "-global".into(),
+                "driver=cfi.pflash01,property=secure,value=on".into(),
+            ]);
+        }
+        if let Some(cpu) = a.cpu {
+            args.extend(["-cpu".into(), cpu.into()]);
+        }
+        args.extend([
             "-smp".into(),
             "2".into(),
             "-m".into(),
             "1024".into(),
             "-drive".into(),
-            format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"),
+            format!("if=pflash,format=raw,readonly=on,file={}", a.firmware_code),
             "-drive".into(),
             format!("if=pflash,format=raw,file={}", vars.display()),
             "-drive".into(),
@@ -512,21 +573,17 @@ impl Vm {
             format!("file:{}", serial.display()),
             "-monitor".into(),
             format!("unix:{},server=on,wait=off", monitor.display()),
-        ];
+        ]);
         let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
         if !o.reboot {
             args.push("-no-reboot");
         }
-        eprintln!("$ qemu-system-x86_64 {}", args.join(" "));
+        eprintln!("$ {} {}", a.qemu, args.join(" "));
         let qemu_log = dir.join(format!("qemu-{tag}-{accel}.log"));
-        let qemu = Guard::spawn(
-            &format!("QEMU ({accel})"),
-            "qemu-system-x86_64",
-            &args,
-            &qemu_log,
-        )?;
+        let qemu = Guard::spawn(&format!("QEMU ({accel})"), a.qemu, &args, &qemu_log)?;
         Ok(Vm {
             qemu,
+            arch: a,
             failures: o.failures,
             qemu_log,
             serial,
@@ -564,14 +621,15 @@ impl Vm {
         Ok(())
     }
 
-    /// Polls `f` every second until it yields, bounded by `limit`; fails when the VM
-    /// fails first.
+    /// Polls `f` every second until it yields, bounded by `limit` (scaled for the
+    /// architecture); fails when the VM fails first.
     fn wait_for<T>(
         &mut self,
         what: &str,
         limit: Duration,
         mut f: impl FnMut(&mut Vm) -> Option<T>,
     ) -> Result<T> {
+        let limit = self.arch.limit(limit);
         let started = Instant::now();
         loop {
             self.healthy()?;
@@ -596,14 +654,15 @@ impl Vm {
         let mut sock = std::os::unix::net::UnixStream::connect(&self.monitor)
             .with_context(|| format!("connecting to {}", self.monitor.display()))?;
         sock.write_all(b"system_powerdown\n")?;
+        let limit = self.arch.limit(POWERDOWN_TIMEOUT);
         loop {
             if self.qemu.child.try_wait()?.is_some() {
                 return Ok(started.elapsed());
             }
-            if started.elapsed() > POWERDOWN_TIMEOUT {
+            if started.elapsed() > limit {
                 bail!(
                     "the appliance did not power off within {} s of system_powerdown; see {}",
-                    POWERDOWN_TIMEOUT.as_secs(),
+                    limit.as_secs(),
                     self.serial.display()
                 );
             }
@@ -613,13 +672,14 @@ impl Vm {
 }
 
 /// Boots the check copy with KVM; keeps the VM if the kernel prints its banner in
-/// time, else kills it and boots with TCG.
+/// time, else kills it and boots with TCG. A foreign architecture boots with TCG.
 fn boot(dir: &Path, disk: &Path, ports: (u16, u16), o: BootOpts) -> Result<Vm> {
-    let kvm_usable = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
+    let kvm_usable = o.arch.name == "amd64"
+        && std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok();
     if kvm_usable {
         let mut vm = Vm::start(dir, disk, ports, o, true)?;
         let r = vm.wait_for("KVM probe: the kernel banner", KVM_PROBE_TIMEOUT, |vm| {
@@ -646,6 +706,44 @@ struct Settings {
     token: String,
     /// Report table rows.
     report: Vec<String>,
+}
+
+/// The token from the console allows an API write; no token and a wrong one do not.
+/// Returns the report row.
+fn check_api_write(base: &str, token: &str) -> Result<String> {
+    let url = format!("{base}/api/v1/machines/{CHECK_MAC}");
+    let put = |auth: Option<&str>| -> Result<String> {
+        let mut c = Command::new("curl");
+        c.args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "20",
+        ]);
+        c.args(["-X", "PUT", "-H", "Content-Type: application/json"]);
+        if let Some(t) = auth {
+            c.args(["-H", &format!("Authorization: Bearer {t}")]);
+        }
+        c.args(["--data", r#"{"local_boot": true}"#, &url]);
+        Ok(String::from_utf8_lossy(&c.output()?.stdout).into_owned())
+    };
+    let without = put(None)?;
+    let wrong = put(Some("not-the-token-0123456789"))?;
+    let with = put(Some(token))?;
+    if without != "401" || wrong != "401" || !with.starts_with('2') {
+        bail!("API write PUT {url}: without a token {without}, with a wrong one {wrong}, with the console's token {with} (want 401, 401, 2xx)");
+    }
+    let stored = http_get(&url, 10).context("GET of the machine just written")?;
+    let v: serde_json::Value = serde_json::from_slice(&stored)?;
+    if !v.to_string().contains("\"local_boot\":true") {
+        bail!("the API write did not stick: GET {url} gave {v}");
+    }
+    Ok(format!(
+        "| API write with the token shown once on the console (generated at first boot) | PUT machines/{CHECK_MAC} → {with}; without a token {without}, wrong token {wrong} |"
+    ))
 }
 
 /// The RACKBOOT-CFG partition took effect: good files applied and bad ones refused
@@ -681,47 +779,14 @@ fn check_settings(vm: &mut Vm, key: &Path, ssh_port: u16, base: &str) -> Result<
         .context("no token after the console's token line")?
         .to_string();
 
-    // The token from the console allows a write; no token and a wrong one do not.
-    let url = format!("{base}/api/v1/machines/{CHECK_MAC}");
-    let put = |auth: Option<&str>| -> Result<String> {
-        let mut c = Command::new("curl");
-        c.args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "20",
-        ]);
-        c.args(["-X", "PUT", "-H", "Content-Type: application/json"]);
-        if let Some(t) = auth {
-            c.args(["-H", &format!("Authorization: Bearer {t}")]);
-        }
-        c.args(["--data", r#"{"local_boot": true}"#, &url]);
-        Ok(String::from_utf8_lossy(&c.output()?.stdout).into_owned())
-    };
-    let without = put(None)?;
-    let wrong = put(Some("not-the-token-0123456789"))?;
-    let with = put(Some(&token))?;
-    if without != "401" || wrong != "401" || !with.starts_with('2') {
-        bail!("API write PUT {url}: without a token {without}, with a wrong one {wrong}, with the console's token {with} (want 401, 401, 2xx)");
-    }
-    let stored = http_get(&url, 10).context("GET of the machine just written")?;
-    let v: serde_json::Value = serde_json::from_slice(&stored)?;
-    if !v.to_string().contains("\"local_boot\":true") {
-        bail!("the API write did not stick: GET {url} gave {v}");
-    }
-    report.push(format!(
-        "| API write with the token shown once on the console (generated at first boot) | PUT machines/{CHECK_MAC} → {with}; without a token {without}, wrong token {wrong} |"
-    ));
+    report.push(check_api_write(base, &token)?);
 
     // SSH as root with the key from the partition; the banner and network from inside.
     let started = Instant::now();
     let remote = "id -un; cat /etc/issue; for i in /sys/class/net/en*; do networkctl status --no-pager -n 0 \"${i##*/}\"; done; stat -c '%a %U:%G %n' /etc/rackboot/api-token";
-    let out = vm.wait_for("SSH as root with the check's key", SSH_TIMEOUT * 3, |_| {
+    let out = vm.wait_for("SSH as root with the check's key", SSH_TIMEOUT * 3, |vm| {
         // Until the banner has the static address (the timer rewrites it every 30 s).
-        let o = ssh(key, ssh_port, &[], remote).ok()?;
+        let o = ssh_bounded(key, ssh_port, &[], remote, vm.arch.limit(SSH_TIMEOUT)).ok()?;
         let out = String::from_utf8_lossy(&o.stdout).into_owned();
         (o.status.success() && out.contains("Images page: http://10.0.2.15:5248/")).then_some(out)
     })?;
@@ -744,7 +809,7 @@ fn check_settings(vm: &mut Vm, key: &Path, ssh_port: u16, base: &str) -> Result<
         );
     }
     // Passwords are not offered at all.
-    let pw = ssh(
+    let pw = ssh_bounded(
         key,
         ssh_port,
         &[
@@ -754,6 +819,7 @@ fn check_settings(vm: &mut Vm, key: &Path, ssh_port: u16, base: &str) -> Result<
             "PreferredAuthentications=password,keyboard-interactive",
         ],
         "true",
+        vm.arch.limit(SSH_TIMEOUT),
     )?;
     let pw_err = String::from_utf8_lossy(&pw.stderr);
     if pw.status.success() || !pw_err.contains("Permission denied (publickey)") {
@@ -834,6 +900,7 @@ fn recovery_shell(dir: &Path, disk: &Path) -> Result<Duration> {
         tag: "recovery",
         reboot: false,
         failures: SERIAL_FAILURES,
+        arch: &arch::AMD64,
     };
     let mut vm = boot(dir, disk, (free_port()?, free_port()?), opts)?;
     // sulogin asks on every console; with the root account locked it lets the person
@@ -990,17 +1057,318 @@ fn status(fwd: u16) -> Option<(u64, Option<u64>)> {
 }
 
 /// Boots the image and checks it serves; returns the report lines.
-fn check(image: &Path) -> Result<String> {
+fn check(image: &Path, arch: &'static Arch) -> Result<String> {
     prereq::ensure_debs(CHECK_DEBS)?;
-    prereq::ensure_backports_debs(CHECK_BACKPORTS_DEBS)?;
+    prereq::ensure_debs(arch.check_debs)?;
+    prereq::ensure_backports_debs(arch.check_backports_debs)?;
+    // The host's upstream rackboot: the x86_64 dist binary, whatever the appliance's
+    // architecture.
     let bin = dist::built_x86_64()?;
-    let dir = image_dir().join("check");
+    let dir = arch_dir(arch, "check");
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;
     }
     std::fs::create_dir_all(&dir)?;
+    let up = start_upstream(&dir, &bin)?;
+    let prep = prepare_disk(image, &dir, arch, up.port, &up.keyring)?;
+    let disk = &prep.disk;
+    let mut r = String::new();
+    let (generation, token) = first_boot(&dir, &prep, arch, &up, &mut r)?;
 
-    // The upstream: the dist binary serving the signed demo stream on loopback.
+    // The generated token was written back to the settings partition.
+    let on_partition = cfg_read(disk, prep.cfg_off, "api-token")?;
+    if on_partition.trim() != token {
+        bail!(
+            "api-token on RACKBOOT-CFG is {:?}, not the token the console showed",
+            on_partition.trim()
+        );
+    }
+
+    // The recovery boot types on the screen's keyboard, which the arm64 virt machine
+    // does not have; it and the updates run on amd64.
+    let recovery = match arch.full_check {
+        true => Some(check_recovery(&dir, disk)?),
+        false => None,
+    };
+
+    let (_, data_size_after) = partition(disk, DATA_PARTITION)?;
+    let fs_after = ext4_bytes(disk, prep.data_off)?;
+    let before = prep.data_size_before;
+    if data_size_after <= before || fs_after + (64 << 20) < data_size_after {
+        bail!(
+            "the data partition did not grow over the disk: partition {before} → {data_size_after} bytes, filesystem {fs_after} bytes"
+        );
+    }
+    writeln!(
+        r,
+        "| data partition grown at first boot (image {:.0} MiB, disk {:.0} MiB) | partition {:.0} → {:.0} MiB, ext4 {:.0} MiB |",
+        mib(prep.image_bytes),
+        mib(CHECK_DISK_BYTES),
+        mib(before),
+        mib(data_size_after),
+        mib(fs_after)
+    )?;
+    if let Some(recovery) = recovery {
+        writeln!(
+            r,
+            "| GRUB's serial recovery entry: rescue.target, sulogin lets the console in without a password, a root shell runs a command | {:.1} s from power-on to the command's output |",
+            recovery.as_secs_f64()
+        )?;
+        let upd = updates::check(&updates::Setup {
+            dir: &dir,
+            disk,
+            key: &prep.key,
+            kernel_path: KERNEL_PATH,
+            want_sha: &up.want_sha,
+            generation,
+        })?;
+        for line in &upd {
+            writeln!(r, "{line}")?;
+        }
+    } else {
+        writeln!(
+            r,
+            "| recovery boot, v2/v3 updates | not run for {} (amd64 only) |",
+            arch.name
+        )?;
+    }
+    drop(up);
+    std::fs::remove_file(disk)?;
+    eprintln!("image check passed; logs in {}", dir.display());
+    Ok(r)
+}
+
+/// The first boot of the check's copy, up to the power-off: serving, the settings,
+/// the first sync, the watchdog, a clean shutdown; writes its report rows to `r` and
+/// returns the synced generation and the token the console showed.
+fn first_boot(
+    dir: &Path,
+    prep: &CheckDisk,
+    arch: &'static Arch,
+    up: &Upstream,
+    r: &mut String,
+) -> Result<(u64, String)> {
+    let fwd = free_port()?;
+    let ssh_port = free_port()?;
+    let opts = BootOpts {
+        tag: "first",
+        reboot: false,
+        failures: SERIAL_FAILURES,
+        arch,
+    };
+    let mut vm = boot(dir, &prep.disk, (fwd, ssh_port), opts)?;
+    let base = format!("http://127.0.0.1:{fwd}");
+
+    let first = vm.wait_for(
+        "the appliance answering /api/v1/status",
+        BOOT_TIMEOUT,
+        |_| status(fwd),
+    )?;
+    let to_serving = vm.started.elapsed();
+    eprintln!(
+        "the appliance answers /api/v1/status after {:.1} s ({}), rackboot up {} s",
+        to_serving.as_secs_f64(),
+        vm.accel,
+        first.0
+    );
+    writeln!(
+        r,
+        "\n| check ({} {}, {}, {}) | result |\n|---|---|",
+        arch.qemu, arch.machine, arch.firmware_code, vm.accel
+    )?;
+    writeln!(
+        r,
+        "| power-on to `/api/v1/status` answering through the hostfwd | {:.1} s |",
+        to_serving.as_secs_f64()
+    )?;
+    check_started(&mut vm, r)?;
+    let settings = check_settings(&mut vm, &prep.key, ssh_port, &base)?;
+    // RAUC takes only bundles made for this architecture.
+    let want = format!("rackboot-appliance-{}", arch.name);
+    let limit = arch.limit(SSH_TIMEOUT);
+    let o = ssh_bounded(
+        &prep.key,
+        ssh_port,
+        &[],
+        "rauc status --output-format=shell",
+        limit,
+    )?;
+    let out = String::from_utf8_lossy(&o.stdout);
+    let compatible = out
+        .lines()
+        .find_map(|l| l.strip_prefix("RAUC_SYSTEM_COMPATIBLE="))
+        .map(|v| v.trim_matches('\''));
+    if !o.status.success() || compatible != Some(want.as_str()) {
+        bail!(
+            "`rauc status` on the appliance does not say RAUC_SYSTEM_COMPATIBLE={want}: {out}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    writeln!(r, "| RAUC's compatible (`rauc status`): bundles for another architecture are refused | `{want}` |")?;
+    let metrics = http_get(&format!("{base}/metrics"), 10)
+        .context("the appliance does not answer /metrics")?;
+    if metrics.is_empty() {
+        bail!("the appliance's /metrics is empty");
+    }
+    let (uptime, generation) = check_sync(&mut vm, fwd, &up.want_sha, r)?;
+    writeln!(r, "| `/metrics` | {} bytes |", metrics.len())?;
+    for line in &settings.report {
+        writeln!(r, "{line}")?;
+    }
+
+    // Past WatchdogSec with the same process (a restart would reset uptime_s).
+    let mut previous = uptime;
+    let survived = vm.wait_for(
+        "rackboot running past its WatchdogSec",
+        WATCHDOG_WAIT + Duration::from_secs(60),
+        |_| {
+            let (u, _) = status(fwd)?;
+            if u < previous {
+                // Reported as a failure below.
+                return Some(Err(anyhow::anyhow!(
+                    "rackboot restarted: uptime went from {previous} s to {u} s"
+                )));
+            }
+            previous = u;
+            (u >= WATCHDOG_WAIT.as_secs()).then_some(Ok(u))
+        },
+    )??;
+    writeln!(
+        r,
+        "| same rackboot process past WatchdogSec=60s | uptime {survived} s |"
+    )?;
+
+    let shutdown = vm.power_down()?;
+    let text = serial_text(&vm.serial);
+    for needle in ["Stopped rackboot.service", "reboot: Power down"] {
+        if !text.contains(needle) {
+            bail!(
+                "the appliance's shutdown did not print {needle:?}; see {}",
+                vm.serial.display()
+            );
+        }
+    }
+    writeln!(
+        r,
+        "| ACPI power-off, rackboot stopped cleanly | {:.1} s |",
+        shutdown.as_secs_f64()
+    )?;
+    Ok((generation, settings.token))
+}
+
+/// rackboot.service started (after READY=1), the privileged ports bound as the
+/// rackboot user through the unit's ambient CAP_NET_BIND_SERVICE, a login prompt on
+/// the serial console, and (amd64) the kernel booted with Secure Boot on.
+fn check_started(vm: &mut Vm, r: &mut String) -> Result<()> {
+    let arch = vm.arch;
+    for needle in [
+        "Started rackboot.service",
+        "listening for TFTP on [::]:69",
+        "listening for HTTP on [::]:5248",
+        "rackboot login:",
+    ] {
+        vm.wait_for(
+            &format!("{needle:?} on the serial console"),
+            Duration::from_secs(60),
+            |vm| serial_text(&vm.serial).contains(needle).then_some(()),
+        )?;
+    }
+    writeln!(
+        r,
+        "| rackboot.service started (Type=notify), TFTP on [::]:69 and HTTP on [::]:5248 as user rackboot, serial login on {} | ok |",
+        arch.console
+    )?;
+    if !arch.secure_boot {
+        writeln!(
+            r,
+            "| Secure Boot off (this firmware has no Microsoft keys enrolled): shim → Debian-signed GRUB → kernel | ok |"
+        )?;
+        return Ok(());
+    }
+    if !serial_text(&vm.serial).contains(SECURE_BOOT_LINE) {
+        bail!(
+            "the kernel did not print {SECURE_BOOT_LINE:?}; see {}",
+            vm.serial.display()
+        );
+    }
+    writeln!(
+        r,
+        "| Secure Boot on (OVMF secboot build, Microsoft keys): shim → Debian-signed GRUB → Debian-signed kernel, the kernel prints `{SECURE_BOOT_LINE}` | ok |"
+    )?;
+    Ok(())
+}
+
+/// The kernel's timestamp (`[   76.180980] ...`) on the first console line holding
+/// `needle`, in seconds.
+fn kernel_time(text: &str, needle: &str) -> Option<f64> {
+    let line = text.lines().find(|l| l.contains(needle))?;
+    let stamp = line.trim_start().strip_prefix('[')?.split(']').next()?;
+    stamp.trim().parse().ok()
+}
+
+/// Waits for the first sync from the host and compares a kernel the appliance serves
+/// with the upstream's; returns rackboot's uptime then and the generation.
+fn check_sync(vm: &mut Vm, fwd: u16, want_sha: &str, r: &mut String) -> Result<(u64, u64)> {
+    let sync_started = Instant::now();
+    let (uptime, generation) = vm.wait_for(
+        "the appliance's first sync from the host",
+        SYNC_TIMEOUT,
+        |_| {
+            let (u, g) = status(fwd)?;
+            g.map(|g| (u, g))
+        },
+    )?;
+    let sync_time = sync_started.elapsed();
+    let got = http_get(&format!("http://127.0.0.1:{fwd}/{KERNEL_PATH}"), 120)
+        .context("the appliance does not serve the kernel it synced")?;
+    let got_sha = sha256_bytes(&got);
+    if got_sha != want_sha {
+        bail!("the kernel served by the appliance has sha256 {got_sha}, the upstream's {want_sha}");
+    }
+    eprintln!(
+        "the appliance synced (generation {generation}) and serves the kernel ({} bytes, sha256 matches)",
+        got.len()
+    );
+    // How long the sync itself took: the kernel's clock on rackboot's console lines
+    // (the poll above only notices it between the other checks).
+    let text = serial_text(&vm.serial);
+    let took = match (
+        kernel_time(&text, "INFO listening for HTTP on"),
+        kernel_time(&text, "INFO sync published generation"),
+    ) {
+        (Some(a), Some(b)) => format!("{:.1} s after rackboot started (kernel clock)", b - a),
+        _ => "? (no timestamps on the console)".to_string(),
+    };
+    writeln!(
+        r,
+        "| first sync from the host's rackboot (re-exported signed demo stream) | published {took}; seen {:.1} s after the first answer, generation {generation} |",
+        sync_time.as_secs_f64()
+    )?;
+    writeln!(
+        r,
+        "| kernel fetched from the appliance | {} bytes, sha256 matches the upstream |",
+        got.len()
+    )?;
+    Ok((uptime, generation))
+}
+
+/// The check's upstream: the x86_64 dist binary serving the signed demo stream on
+/// loopback (the guest reaches it as 10.0.2.2).
+struct Upstream {
+    /// Killed (by PID) when dropped.
+    _guard: Guard,
+    port: u16,
+    /// The sha256 of the demo kernel it serves ([`KERNEL_PATH`]).
+    want_sha: String,
+    /// The demo stream's keyring (the appliance needs it to check the stream).
+    keyring: PathBuf,
+}
+
+/// A kernel of the demo stream, fetched from the upstream and from the appliance.
+const KERNEL_PATH: &str = "images/debian/amd64/generic/bookworm/stable/boot-kernel";
+
+/// Syncs and starts the check's upstream in `dir`.
+fn start_upstream(dir: &Path, bin: &Path) -> Result<Upstream> {
     let stream = crate::demo_stream::build(&image_dir().join("check-stream"))?;
     let up_state = dir.join("upstream-state");
     let up_config = dir.join("upstream.toml");
@@ -1025,11 +1393,38 @@ fn check(image: &Path) -> Result<String> {
         .next()
         .and_then(|p| p.parse::<u16>().ok())
         .with_context(|| format!("no port in {up_http:?}"))?;
-    let kernel_path = "images/debian/amd64/generic/bookworm/stable/boot-kernel";
-    let want = http_get(&format!("http://{up_http}/{kernel_path}"), 60)
+    let want = http_get(&format!("http://{up_http}/{KERNEL_PATH}"), 60)
         .context("the host rackboot does not serve the demo kernel")?;
-    let want_sha = sha256_bytes(&want);
+    Ok(Upstream {
+        _guard: upstream,
+        port: up_port,
+        want_sha: sha256_bytes(&want),
+        keyring: stream.dir.join("keyring.gpg"),
+    })
+}
 
+/// The check's copy of the image and what it needs to know about it.
+struct CheckDisk {
+    disk: PathBuf,
+    /// The SSH key the settings partition authorises.
+    key: PathBuf,
+    image_bytes: u64,
+    cfg_off: u64,
+    data_off: u64,
+    data_size_before: u64,
+}
+
+/// Makes the check's copy of `image` in `dir`: sparse, set up through RACKBOOT-CFG as
+/// an operator would (upstream on the host's `up_port`, static address, SSH key, a bad
+/// drop-in and network file), the demo `keyring` on the data partition, the journal
+/// on the console, grown to [`CHECK_DISK_BYTES`].
+fn prepare_disk(
+    image: &Path,
+    dir: &Path,
+    arch: &Arch,
+    up_port: u16,
+    keyring: &Path,
+) -> Result<CheckDisk> {
     // The check's copy: sparse, grown to 4 GiB; its settings go on the RACKBOOT-CFG
     // partition as an operator's laptop would put them there.
     let disk = dir.join("appliance.img");
@@ -1045,7 +1440,6 @@ fn check(image: &Path) -> Result<String> {
     let (root_off, _) = partition(&disk, SLOT_A_PARTITION)?;
     let (data_off, data_size_before) = partition(&disk, DATA_PARTITION)?;
     let (cfg_off, _) = partition(&disk, CFG_PARTITION)?;
-    let keyring = stream.dir.join("keyring.gpg");
     let key = dir.join("id_check");
     cmd(
         "ssh-keygen",
@@ -1092,16 +1486,11 @@ fn check(image: &Path) -> Result<String> {
     let journald = dir.join("50-check-console.conf");
     std::fs::write(
         &journald,
-        "# Written by `cargo xtask image --check`.\n[Journal]\nForwardToConsole=yes\nTTYPath=/dev/ttyS0\nMaxLevelConsole=info\n",
+        format!("# Written by `cargo xtask image --check`.\n[Journal]\nForwardToConsole=yes\nTTYPath=/dev/{}\nMaxLevelConsole=info\n", arch.console),
     )?;
     // The demo keyring on the data partition, where every slot's rackboot finds it;
     // the journal on the console in slot A only (this version's first boot).
-    debugfs_write(
-        &disk,
-        data_off,
-        &[],
-        &[(&keyring, "/", "check-keyring.gpg")],
-    )?;
+    debugfs_write(&disk, data_off, &[], &[(keyring, "/", "check-keyring.gpg")])?;
     debugfs_write(
         &disk,
         root_off,
@@ -1116,194 +1505,43 @@ fn check(image: &Path) -> Result<String> {
         .write(true)
         .open(&disk)?
         .set_len(CHECK_DISK_BYTES)?;
+    Ok(CheckDisk {
+        disk,
+        key,
+        image_bytes,
+        cfg_off,
+        data_off,
+        data_size_before,
+    })
+}
 
-    let fwd = free_port()?;
-    let ssh_port = free_port()?;
-    let opts = BootOpts {
-        tag: "first",
-        reboot: false,
-        failures: SERIAL_FAILURES,
-    };
-    let mut vm = boot(&dir, &disk, (fwd, ssh_port), opts)?;
-    let base = format!("http://127.0.0.1:{fwd}");
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    let first = vm.wait_for(
-        "the appliance answering /api/v1/status",
-        BOOT_TIMEOUT,
-        |_| status(fwd),
-    )?;
-    let to_serving = vm.started.elapsed();
-    eprintln!(
-        "the appliance answers /api/v1/status after {:.1} s ({}), rackboot up {} s",
-        to_serving.as_secs_f64(),
-        vm.accel,
-        first.0
-    );
-    // Started (after READY=1), the privileged ports bound as the rackboot user through
-    // the unit's ambient CAP_NET_BIND_SERVICE, and a login prompt on the serial console.
-    for needle in [
-        "Started rackboot.service",
-        "listening for TFTP on [::]:69",
-        "listening for HTTP on [::]:5248",
-        "rackboot login:",
-    ] {
-        vm.wait_for(
-            &format!("{needle:?} on the serial console"),
-            Duration::from_secs(60),
-            |vm| serial_text(&vm.serial).contains(needle).then_some(()),
-        )?;
-    }
-    if !serial_text(&vm.serial).contains(SECURE_BOOT_LINE) {
-        bail!(
-            "the kernel did not print {SECURE_BOOT_LINE:?}; see {}",
-            vm.serial.display()
+    #[test]
+    fn kernel_time_reads_the_console_timestamp() {
+        let text = "[   67.666682] rackboot[370]: 2026-12-05T03:25:32Z  INFO listening for HTTP on [::]:5248\n\
+                    [  176.180980] rackboot[370]: 2026-12-05T03:25:40Z  INFO sync published generation 1: + a\n";
+        assert_eq!(kernel_time(text, "listening for HTTP on"), Some(67.666682));
+        assert_eq!(
+            kernel_time(text, "sync published generation"),
+            Some(176.18098)
         );
-    }
-    let settings = check_settings(&mut vm, &key, ssh_port, &base)?;
-    let metrics = http_get(&format!("{base}/metrics"), 10)
-        .context("the appliance does not answer /metrics")?;
-    if metrics.is_empty() {
-        bail!("the appliance's /metrics is empty");
-    }
-
-    let sync_started = Instant::now();
-    let (uptime, generation) = vm.wait_for(
-        "the appliance's first sync from the host",
-        SYNC_TIMEOUT,
-        |_| {
-            let (u, g) = status(fwd)?;
-            g.map(|g| (u, g))
-        },
-    )?;
-    let sync_time = sync_started.elapsed();
-    let got = http_get(&format!("{base}/{kernel_path}"), 120)
-        .context("the appliance does not serve the kernel it synced")?;
-    let got_sha = sha256_bytes(&got);
-    if got_sha != want_sha {
-        bail!("the kernel served by the appliance has sha256 {got_sha}, the upstream's {want_sha}");
-    }
-    eprintln!(
-        "the appliance synced (generation {generation}) and serves the kernel ({} bytes, sha256 matches)",
-        got.len()
-    );
-
-    // Past WatchdogSec with the same process (a restart would reset uptime_s).
-    let mut previous = uptime;
-    let survived = vm.wait_for(
-        "rackboot running past its WatchdogSec",
-        WATCHDOG_WAIT + Duration::from_secs(60),
-        |_| {
-            let (u, _) = status(fwd)?;
-            if u < previous {
-                // Reported as a failure below.
-                return Some(Err(anyhow::anyhow!(
-                    "rackboot restarted: uptime went from {previous} s to {u} s"
-                )));
-            }
-            previous = u;
-            (u >= WATCHDOG_WAIT.as_secs()).then_some(Ok(u))
-        },
-    )??;
-
-    let shutdown = vm.power_down()?;
-    let text = serial_text(&vm.serial);
-    for needle in ["Stopped rackboot.service", "reboot: Power down"] {
-        if !text.contains(needle) {
-            bail!(
-                "the appliance's shutdown did not print {needle:?}; see {}",
-                vm.serial.display()
-            );
-        }
-    }
-
-    // The generated token was written back to the settings partition.
-    let on_partition = cfg_read(&disk, cfg_off, "api-token")?;
-    if on_partition.trim() != settings.token {
-        bail!(
-            "api-token on RACKBOOT-CFG is {:?}, not the token the console showed",
-            on_partition.trim()
+        assert_eq!(kernel_time(text, "not there"), None);
+        assert_eq!(
+            kernel_time("no stamp: sync published generation", "sync published"),
+            None
         );
     }
 
-    let recovery = check_recovery(&dir, &disk)?;
-
-    let (_, data_size_after) = partition(&disk, DATA_PARTITION)?;
-    let fs_after = ext4_bytes(&disk, data_off)?;
-    if data_size_after <= data_size_before || fs_after + (64 << 20) < data_size_after {
-        bail!(
-            "the data partition did not grow over the disk: partition {data_size_before} → {data_size_after} bytes, filesystem {fs_after} bytes"
-        );
+    #[test]
+    fn arch_names_and_directories() {
+        assert_eq!(Arch::parse("arm64").unwrap().console, "ttyAMA0");
+        assert!(Arch::parse("x86_64").is_err());
+        assert_eq!(arch::ARM64.image_name(), "rackboot-appliance-arm64.img");
+        assert!(arch_dir(&arch::ARM64, "build.log").ends_with("image/build-arm64.log"));
+        assert!(arch_dir(&arch::AMD64, "build.log").ends_with("image/build.log"));
+        assert!(arch_dir(&arch::ARM64, "check").ends_with("image/check-arm64"));
     }
-    let upd = updates::check(&updates::Setup {
-        dir: &dir,
-        disk: &disk,
-        key: &key,
-        kernel_path,
-        want_sha: &want_sha,
-        generation,
-    })?;
-    drop(upstream);
-
-    let mut r = String::new();
-    writeln!(
-        r,
-        "\n| check (QEMU q35 + OVMF, {}) | result |\n|---|---|",
-        vm.accel
-    )?;
-    writeln!(
-        r,
-        "| power-on to `/api/v1/status` answering through the hostfwd | {:.1} s |",
-        to_serving.as_secs_f64()
-    )?;
-    writeln!(
-        r,
-        "| rackboot.service started (Type=notify), TFTP on [::]:69 and HTTP on [::]:5248 as user rackboot, serial login on ttyS0 | ok |"
-    )?;
-    writeln!(
-        r,
-        "| Secure Boot on (OVMF secboot build, Microsoft keys): shim → Debian-signed GRUB → Debian-signed kernel, the kernel prints `{SECURE_BOOT_LINE}` | ok |"
-    )?;
-    writeln!(
-        r,
-        "| first sync from the host's rackboot (re-exported signed demo stream) | {:.1} s after the first answer, generation {generation} |",
-        sync_time.as_secs_f64()
-    )?;
-    writeln!(
-        r,
-        "| kernel fetched from the appliance | {} bytes, sha256 matches the upstream |",
-        got.len()
-    )?;
-    writeln!(r, "| `/metrics` | {} bytes |", metrics.len())?;
-    for line in &settings.report {
-        writeln!(r, "{line}")?;
-    }
-    writeln!(
-        r,
-        "| same rackboot process past WatchdogSec=60s | uptime {survived} s |"
-    )?;
-    writeln!(
-        r,
-        "| ACPI power-off, rackboot stopped cleanly | {:.1} s |",
-        shutdown.as_secs_f64()
-    )?;
-    writeln!(
-        r,
-        "| data partition grown at first boot (image {:.0} MiB, disk {:.0} MiB) | partition {:.0} → {:.0} MiB, ext4 {:.0} MiB |",
-        mib(image_bytes),
-        mib(CHECK_DISK_BYTES),
-        mib(data_size_before),
-        mib(data_size_after),
-        mib(fs_after)
-    )?;
-    writeln!(
-        r,
-        "| GRUB's serial recovery entry: rescue.target, sulogin lets the console in without a password, a root shell runs a command | {:.1} s from power-on to the command's output |",
-        recovery.as_secs_f64()
-    )?;
-    for line in &upd {
-        writeln!(r, "{line}")?;
-    }
-    std::fs::remove_file(&disk)?;
-    eprintln!("image check passed; logs in {}", dir.display());
-    Ok(r)
 }

@@ -172,6 +172,7 @@ pub(super) fn check(s: &Setup) -> Result<Vec<String>> {
         tag: "update",
         reboot: true,
         failures: BOOT_FAILURES,
+        arch: &super::arch::AMD64,
     };
     let mut vm = boot(s.dir, s.disk, (fwd, ssh_port), opts)?;
     wait_version(&mut vm, fwd, &v1, BOOT_TIMEOUT)?;
