@@ -43,6 +43,7 @@
 //! (everything up to the recovery boot) under `qemu-system-aarch64 -M virt` with
 //! AAVMF, TCG, Secure Boot off, every limit scaled (see `arch`).
 
+use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -520,6 +521,9 @@ struct BootOpts<'a> {
 struct Vm {
     qemu: Guard,
     arch: &'static Arch,
+    /// Host ports forwarded to the appliance's HTTP port and to its SSH.
+    http_port: u16,
+    ssh_port: u16,
     failures: &'static [&'static str],
     qemu_log: PathBuf,
     serial: PathBuf,
@@ -584,6 +588,8 @@ impl Vm {
         Ok(Vm {
             qemu,
             arch: a,
+            http_port: fwd,
+            ssh_port: ssh,
             failures: o.failures,
             qemu_log,
             serial,
@@ -648,6 +654,19 @@ impl Vm {
         }
     }
 
+    /// Waits for each of `lines` on the serial console in turn, up to a minute each
+    /// (scaled for the architecture).
+    fn wait_console(&mut self, lines: &[&str]) -> Result<()> {
+        for needle in lines {
+            self.wait_for(
+                &format!("{needle:?} on the serial console"),
+                Duration::from_secs(60),
+                |vm| serial_text(&vm.serial).contains(needle).then_some(()),
+            )?;
+        }
+        Ok(())
+    }
+
     /// ACPI power button through the monitor; waits (bounded) for QEMU to exit.
     fn power_down(&mut self) -> Result<Duration> {
         let started = Instant::now();
@@ -673,7 +692,10 @@ impl Vm {
 
 /// Boots the check copy with KVM; keeps the VM if the kernel prints its banner in
 /// time, else kills it and boots with TCG. A foreign architecture boots with TCG.
-fn boot(dir: &Path, disk: &Path, ports: (u16, u16), o: BootOpts) -> Result<Vm> {
+/// Boots a check VM, its HTTP and SSH forwarded to free host ports (`Vm::http_port`,
+/// `Vm::ssh_port`).
+fn boot(dir: &Path, disk: &Path, o: BootOpts) -> Result<Vm> {
+    let ports = (free_port()?, free_port()?);
     let kvm_usable = o.arch.name == "amd64"
         && std::fs::OpenOptions::new()
             .read(true)
@@ -752,7 +774,7 @@ fn check_api_write(base: &str, token: &str) -> Result<String> {
 /// write (and nothing else does).
 fn check_settings(vm: &mut Vm, key: &Path, ssh_port: u16, base: &str) -> Result<Settings> {
     let mut report = Vec::new();
-    for needle in [
+    vm.wait_console(&[
         "rackboot-config: rackboot.toml.d/50-check.toml applied",
         "rackboot-config: REFUSED rackboot.toml.d/60-bad.toml: invalid type: string \"lots\"",
         "rackboot-config: network/10-static.network applied",
@@ -760,13 +782,7 @@ fn check_settings(vm: &mut Vm, key: &Path, ssh_port: u16, base: &str) -> Result<
         "rackboot-config: authorized_keys applied (1 keys",
         "rackboot-config: generated an API token",
         "rackboot API token (shown once): ",
-    ] {
-        vm.wait_for(
-            &format!("{needle:?} on the serial console"),
-            Duration::from_secs(60),
-            |vm| serial_text(&vm.serial).contains(needle).then_some(()),
-        )?;
-    }
+    ])?;
     report.push(
         "| RACKBOOT-CFG: drop-in, static network file and SSH key applied before rackboot; bad drop-in and bad network file refused on the console | ok |"
             .to_string(),
@@ -846,22 +862,37 @@ fn check_settings(vm: &mut Vm, key: &Path, ssh_port: u16, base: &str) -> Result<
     Ok(Settings { token, report })
 }
 
-/// Copies `file` to `path` on the FAT file system at `offset` of `disk` (mtools).
-fn fat_put(disk: &Path, offset: u64, file: &Path, path: &str) -> Result<()> {
-    let out = Command::new("mcopy")
+/// Runs an mtools command on the FAT file system at `offset` of `disk` (`-i
+/// disk@@offset`, no mount): its stdout, or an error naming what it did (`what`) and
+/// mtools' complaint.
+fn mtools(tool: &str, disk: &Path, offset: u64, args: &[&OsStr], what: &str) -> Result<Vec<u8>> {
+    let out = Command::new(tool)
         .env("MTOOLS_SKIP_CHECK", "1")
-        .args(["-o", "-i", &format!("{}@@{offset}", disk.display())])
-        .arg(file)
-        .arg(format!("::/{path}"))
+        .arg("-i")
+        .arg(format!("{}@@{offset}", disk.display()))
+        .args(args)
         .output()?;
     if !out.status.success() {
         bail!(
-            "mcopy {} to {path} of {}: {}",
-            file.display(),
+            "{tool} {what} of {}: {}",
             disk.display(),
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
+    Ok(out.stdout)
+}
+
+/// Copies `file` to `path` on the FAT file system at `offset` of `disk`, replacing it.
+fn fat_put(disk: &Path, offset: u64, file: &Path, path: &str) -> Result<()> {
+    let dest = format!("::/{path}");
+    let what = format!("{} to {path}", file.display());
+    mtools(
+        "mcopy",
+        disk,
+        offset,
+        &["-o".as_ref(), file.as_os_str(), dest.as_ref()],
+        &what,
+    )?;
     Ok(())
 }
 
@@ -902,7 +933,7 @@ fn recovery_shell(dir: &Path, disk: &Path) -> Result<Duration> {
         failures: SERIAL_FAILURES,
         arch: &arch::AMD64,
     };
-    let mut vm = boot(dir, disk, (free_port()?, free_port()?), opts)?;
+    let mut vm = boot(dir, disk, opts)?;
     // sulogin asks on every console; with the root account locked it lets the person
     // at the console in without a password only when SYSTEMD_SULOGIN_FORCE is set
     // (else: "Cannot open access to console, the root account is locked").
@@ -1004,29 +1035,21 @@ fn ssh_bounded(
 /// Writes files (path on the partition, content) into the FAT settings partition at
 /// `offset` of `disk` with mtools (no mount), replacing what is there.
 fn cfg_write(disk: &Path, offset: u64, files: &[(&str, &str)]) -> Result<()> {
-    let image = format!("{}@@{offset}", disk.display());
     let tmp = disk.with_extension("cfgfile");
     for (path, content) in files {
         std::fs::write(&tmp, content)?;
         if let Some((dir, _)) = path.rsplit_once('/') {
             // Exists in the image's seed; mmd fails harmlessly then.
-            let _ = Command::new("mmd")
-                .env("MTOOLS_SKIP_CHECK", "1")
-                .args(["-D", "s", "-i", &image, &format!("::/{dir}")])
-                .output();
-        }
-        let out = Command::new("mcopy")
-            .env("MTOOLS_SKIP_CHECK", "1")
-            .args(["-o", "-i", &image, tmp.to_str().context("utf-8")?])
-            .arg(format!("::/{path}"))
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "mcopy {path} into RACKBOOT-CFG of {}: {}",
-                disk.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
+            let dir = format!("::/{dir}");
+            let _ = mtools(
+                "mmd",
+                disk,
+                offset,
+                &["-D".as_ref(), "s".as_ref(), dir.as_ref()],
+                dir.as_str(),
             );
         }
+        fat_put(disk, offset, &tmp, path)?;
     }
     let _ = std::fs::remove_file(&tmp);
     Ok(())
@@ -1034,19 +1057,10 @@ fn cfg_write(disk: &Path, offset: u64, files: &[(&str, &str)]) -> Result<()> {
 
 /// A file of the FAT partition at `offset` of `disk` (mtools, no mount).
 fn cfg_read(disk: &Path, offset: u64, path: &str) -> Result<String> {
-    let out = Command::new("mtype")
-        .env("MTOOLS_SKIP_CHECK", "1")
-        .args(["-i", &format!("{}@@{offset}", disk.display())])
-        .arg(format!("::/{path}"))
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "mtype {path} from the FAT partition at {offset} of {}: {}",
-            disk.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    let src = format!("::/{path}");
+    let what = format!("{path} from the FAT partition at {offset}");
+    let out = mtools("mtype", disk, offset, &[src.as_ref()], &what)?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
 /// The status JSON's `uptime_s` and `generation`.
@@ -1148,15 +1162,14 @@ fn first_boot(
     up: &Upstream,
     r: &mut String,
 ) -> Result<(u64, String)> {
-    let fwd = free_port()?;
-    let ssh_port = free_port()?;
     let opts = BootOpts {
         tag: "first",
         reboot: false,
         failures: SERIAL_FAILURES,
         arch,
     };
-    let mut vm = boot(dir, &prep.disk, (fwd, ssh_port), opts)?;
+    let mut vm = boot(dir, &prep.disk, opts)?;
+    let (fwd, ssh_port) = (vm.http_port, vm.ssh_port);
     let base = format!("http://127.0.0.1:{fwd}");
 
     let first = vm.wait_for(
@@ -1261,18 +1274,12 @@ fn first_boot(
 /// the serial console, and (amd64) the kernel booted with Secure Boot on.
 fn check_started(vm: &mut Vm, r: &mut String) -> Result<()> {
     let arch = vm.arch;
-    for needle in [
+    vm.wait_console(&[
         "Started rackboot.service",
         "listening for TFTP on [::]:69",
         "listening for HTTP on [::]:5248",
         "rackboot login:",
-    ] {
-        vm.wait_for(
-            &format!("{needle:?} on the serial console"),
-            Duration::from_secs(60),
-            |vm| serial_text(&vm.serial).contains(needle).then_some(()),
-        )?;
-    }
+    ])?;
     writeln!(
         r,
         "| rackboot.service started (Type=notify), TFTP on [::]:69 and HTTP on [::]:5248 as user rackboot, serial login on {} | ok |",

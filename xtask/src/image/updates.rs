@@ -87,6 +87,25 @@ fn ssh_ok(s: &Setup, port: u16, remote: &str, limit: Duration) -> Result<String>
     Ok(out)
 }
 
+/// Waits for SSH, runs `remote` (up to `limit`) and requires each of `wants` in its
+/// output, which it returns; `what` names the output in the error.
+fn ssh_shows(
+    s: &Setup,
+    vm: &mut Vm,
+    port: u16,
+    remote: &str,
+    limit: Duration,
+    what: &str,
+    wants: &[&str],
+) -> Result<String> {
+    wait_ssh(s, vm, port)?;
+    let out = ssh_ok(s, port, remote, limit)?;
+    if let Some(want) = wants.iter().find(|w| !out.contains(**w)) {
+        bail!("{what} lack {want:?}:\n{out}");
+    }
+    Ok(out)
+}
+
 /// Waits until SSH as root answers (sshd starts after the API on a fresh boot).
 fn wait_ssh(s: &Setup, vm: &mut Vm, port: u16) -> Result<()> {
     vm.wait_for("SSH as root", Duration::from_secs(180), |_| {
@@ -166,15 +185,14 @@ pub(super) fn check(s: &Setup) -> Result<Vec<String>> {
         std::thread::sleep(Duration::from_millis(300));
     }
 
-    let fwd = free_port()?;
-    let ssh_port = free_port()?;
     let opts = BootOpts {
         tag: "update",
         reboot: true,
         failures: BOOT_FAILURES,
         arch: &super::arch::AMD64,
     };
-    let mut vm = boot(s.dir, s.disk, (fwd, ssh_port), opts)?;
+    let mut vm = boot(s.dir, s.disk, opts)?;
+    let (fwd, ssh_port) = (vm.http_port, vm.ssh_port);
     wait_version(&mut vm, fwd, &v1, BOOT_TIMEOUT)?;
     let mut rows = Vec::new();
 
@@ -220,18 +238,15 @@ pub(super) fn check(s: &Setup) -> Result<Vec<String>> {
     if sha256_bytes(&got) != s.want_sha {
         bail!("after the update the kernel's sha256 differs from the upstream's");
     }
-    wait_ssh(s, &mut vm, ssh_port)?;
-    let inside = ssh_ok(
+    ssh_shows(
         s,
+        &mut vm,
         ssh_port,
         "cat /etc/rackboot-image; rauc status --output-format=json; echo; grub-editenv /boot/efi/EFI/debian/grubenv list",
         Duration::from_secs(60),
+        "after the update to v2, the appliance's RAUC state and GRUB environment",
+        &["\"booted\":\"B\"", "B_OK=1", "B_TRY=0", "ORDER=B A"],
     )?;
-    for want in ["\"booted\":\"B\"", "B_OK=1", "B_TRY=0", "ORDER=B A"] {
-        if !inside.contains(want) {
-            bail!("after the update to v2, the appliance's RAUC state lacks {want:?}:\n{inside}");
-        }
-    }
     rows.push(format!(
         "| update v1 → v2 from `python3 -m http.server` (`rackboot-update`: signed SHA256SUMS, RAUC bundle into slot B) | install {:.0} s; reboot to the API reporting `{v2}` {:.0} s; slot B marked good by rackboot-healthy |",
         install_v2.as_secs_f64(),
@@ -267,25 +282,20 @@ pub(super) fn check(s: &Setup) -> Result<Vec<String>> {
             vm.serial.display()
         );
     }
-    wait_ssh(s, &mut vm, ssh_port)?;
-    let journal = ssh_ok(
+    let journal = ssh_shows(
         s,
+        &mut vm,
         ssh_port,
         "journalctl -m --no-pager -o cat -u rackboot-healthy.service -u rackboot.service -u rackboot-config.service | tail -n 400; grub-editenv /boot/efi/EFI/debian/grubenv list; rauc status --output-format=json",
         Duration::from_secs(120),
+        "after the fallback, the journal and RAUC state over SSH",
+        &[
+            "rackboot did not serve within",
+            "no_such_key",
+            "A_TRY=3",
+            "\"booted\":\"B\"",
+        ],
     )?;
-    for want in [
-        "rackboot did not serve within",
-        "no_such_key",
-        "A_TRY=3",
-        "\"booted\":\"B\"",
-    ] {
-        if !journal.contains(want) {
-            bail!(
-                "after the fallback, the journal and RAUC state over SSH lack {want:?}:\n{journal}"
-            );
-        }
-    }
     let why = journal
         .lines()
         .find(|l| l.contains("no_such_key"))
