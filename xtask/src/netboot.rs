@@ -606,20 +606,29 @@ fn mac_of(i: usize) -> String {
     format!("52:54:00:77:00:{:02x}", i + 1)
 }
 
-fn dnsmasq_config(dir: &Path, macs: &[(Mode, String)]) -> String {
-    let mut c = String::new();
-    let http = format!("http://{RACK_IP}:{HTTP_PORT}");
-    let _ = write!(
-        c,
+/// What every dnsmasq of the harness runs with: DHCP only (no DNS) on `interface`,
+/// each exchange logged, IPv4 addresses 10.77.0.100–200 for an hour, leases in `leases`.
+fn dnsmasq_base(interface: &str, leases: &Path) -> String {
+    format!(
         "port=0
-interface=br0
+interface={interface}
 bind-interfaces
 log-facility=-
 log-dhcp
 dhcp-range=10.77.0.100,10.77.0.200,255.255.255.0,1h
-dhcp-range={PREFIX6},ra-only,64
+dhcp-leasefile={}
+",
+        leases.display()
+    )
+}
+
+fn dnsmasq_config(dir: &Path, macs: &[(Mode, String)]) -> String {
+    let mut c = dnsmasq_base("br0", &dir.join("dnsmasq.leases"));
+    let http = format!("http://{RACK_IP}:{HTTP_PORT}");
+    let _ = write!(
+        c,
+        "dhcp-range={PREFIX6},ra-only,64
 enable-ra
-dhcp-leasefile={leases}
 dhcp-match=set:bios,option:client-arch,0
 dhcp-match=set:efi64,option:client-arch,7
 dhcp-match=set:efi64,option:client-arch,9
@@ -637,8 +646,7 @@ dhcp-boot=tag:efi64http,tag:!v6only,{http}/bootloader/uefi/amd64/grubhttpx64.efi
 dhcp-boot=tag:efi64http,tag:v6only,{http}/{V6ONLY_404}
 dhcp-option-force=tag:efiarmhttp,60,HTTPClient
 dhcp-boot=tag:efiarmhttp,{http}/bootloader/uefi/arm64/grubhttpaa64.efi
-",
-        leases = dir.join("dnsmasq.leases").display(),
+"
     );
     for (mode, mac) in macs {
         if let Some(tag) = mode.tag {
@@ -680,17 +688,7 @@ subnet6 {PREFIX6}/64 {{
 /// dnsmasq puts its own address in `siaddr`; ISC dhcpd leaves it 0.0.0.0.
 fn site_dhcp_config(site: Site, dir: &Path) -> String {
     match site {
-        Site::Dnsmasq => format!(
-            "port=0
-interface=vsite
-bind-interfaces
-log-facility=-
-log-dhcp
-dhcp-range=10.77.0.100,10.77.0.200,255.255.255.0,1h
-dhcp-leasefile={}
-",
-            dir.join("site-dnsmasq.leases").display()
-        ),
+        Site::Dnsmasq => dnsmasq_base("vsite", &dir.join("site-dnsmasq.leases")),
         Site::Isc => "authoritative;
 default-lease-time 3600;
 max-lease-time 3600;
