@@ -256,6 +256,17 @@ impl<K: Hash + Eq + Clone, V> Lru<K, V> {
 
     /// The entry of `k`, created with `make` if absent (evicting when full).
     fn entry(&mut self, k: K, tick: u64, make: impl FnOnce() -> V) -> &mut V {
+        self.entry_evicting(k, tick, make, |_| {})
+    }
+
+    /// [`Lru::entry`], handing what it evicts to `evicted`.
+    fn entry_evicting(
+        &mut self,
+        k: K,
+        tick: u64,
+        make: impl FnOnce() -> V,
+        mut evicted: impl FnMut(V),
+    ) -> &mut V {
         if self.map.contains_key(&k) {
             self.touch(&k, tick);
         } else {
@@ -264,7 +275,9 @@ impl<K: Hash + Eq + Clone, V> Lru<K, V> {
                 else {
                     break;
                 };
-                self.map.remove(&old);
+                if let Some((v, _, _)) = self.map.remove(&old) {
+                    evicted(v);
+                }
             }
             self.order.insert(tick, k.clone());
             self.map.insert(k.clone(), (make(), tick, false));
@@ -395,6 +408,9 @@ struct Inner {
     /// Machines not established because their client address had established
     /// [`Caps::per_source`] others.
     unestablished: u64,
+    /// Established machines in the log by the address that established them (no
+    /// zero counts: at most one entry per machine).
+    established: HashMap<IpAddr, usize>,
 }
 
 /// The boot log of the daemon.
@@ -453,6 +469,7 @@ impl BootLog {
                 ip_mac: Lru::new(caps.ips),
                 tick: 0,
                 unestablished: 0,
+                established: HashMap::new(),
             }),
             caps,
             events_total: Default::default(),
@@ -645,9 +662,13 @@ impl Inner {
         };
         let cap = caps.events;
         let t = self.next();
-        let m = self
-            .machines
-            .entry(mac, t, || Machine::new(waiting.first_ms));
+        let established = &mut self.established;
+        let m = self.machines.entry_evicting(
+            mac,
+            t,
+            || Machine::new(waiting.first_ms),
+            |old| forget(established, &old),
+        );
         let mut all: Vec<(u64, Event)> = m.events.drain(..).chain(waiting.events).collect();
         all.sort_by_key(|(seq, _)| *seq);
         let extra = all.len().saturating_sub(cap);
@@ -667,8 +688,9 @@ impl Inner {
         let t = self.next();
         let at = e.at_ms;
         let by = e.ip.filter(|_| establishes(&e));
+        let established = &mut self.established;
         self.machines
-            .entry(mac, t, || Machine::new(at))
+            .entry_evicting(mac, t, || Machine::new(at), |old| forget(established, &old))
             .push(t, e, caps.events);
         if let Some(ip) = by {
             self.establish(mac, ip, caps);
@@ -692,12 +714,7 @@ impl Inner {
         if self.machines.is_kept(&mac) {
             return;
         }
-        let by_ip = self
-            .machines
-            .map
-            .values()
-            .filter(|(m, _, kept)| *kept && m.established_by == Some(ip))
-            .count();
+        let by_ip = self.established.get(&ip).copied().unwrap_or(0);
         let Some((m, _, _)) = self.machines.map.get_mut(&mac) else {
             return;
         };
@@ -710,6 +727,20 @@ impl Inner {
         }
         m.established_by = Some(ip);
         self.machines.keep(&mac);
+        *self.established.entry(ip).or_default() += 1;
+    }
+}
+
+/// An evicted machine no longer counts for the address that established it.
+fn forget(established: &mut HashMap<IpAddr, usize>, old: &Machine) {
+    let Some(ip) = old.established_by else {
+        return;
+    };
+    if let Some(n) = established.get_mut(&ip) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            established.remove(&ip);
+        }
     }
 }
 
@@ -1104,6 +1135,15 @@ mod tests {
         assert!(log.machine(mac(500)).is_none());
         assert!(log.machine(mac(1019)).is_some());
         assert_eq!(log.sizes().0, 16);
+        // Its established machines were evicted with the rest: that address
+        // establishes again, and the per-address counts hold only what is in the log.
+        assert!(log.machine(mac(0)).is_none() && log.machine(mac(1)).is_none());
+        boot(&log, mac(2000), ip(1), 5000);
+        assert_eq!(log.unestablished(), 48);
+        let g = log.lock();
+        let kept = g.machines.map.values().filter(|(_, _, k)| *k).count();
+        assert_eq!(g.established.values().sum::<usize>(), kept);
+        assert_eq!(g.established.get(&ip(1)), Some(&1));
     }
 
     #[test]
