@@ -317,6 +317,11 @@ impl<K: Hash + Eq + Clone, V> Lru<K, V> {
         self.map.len()
     }
 
+    /// Entries in no order (no allocation, no sort).
+    fn values(&self) -> impl Iterator<Item = &V> {
+        self.map.values().map(|(v, _, _)| v)
+    }
+
     /// Entries, most recent first.
     fn recent(&self) -> impl Iterator<Item = (&K, &V)> {
         let mut ticks: Vec<(&u64, &K)> = self.order.iter().chain(self.kept.iter()).collect();
@@ -619,7 +624,7 @@ impl BootLog {
     pub fn by_last_step(&self) -> Vec<(Option<Step>, u64)> {
         let g = self.lock();
         let mut counts = [0u64; Step::ALL.len() + 1];
-        for (_, m) in g.machines.recent() {
+        for m in g.machines.values() {
             let i = match m.last_step {
                 Some(s) => Step::ALL.iter().position(|x| *x == s).map_or(0, |i| i + 1),
                 None => 0,
